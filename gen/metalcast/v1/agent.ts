@@ -108,6 +108,23 @@ export const GetInventoryRequest: MessageFns<GetInventoryRequest> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(_: any): GetInventoryRequest {
+    return {};
+  },
+
+  toJSON(_: GetInventoryRequest): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetInventoryRequest>): GetInventoryRequest {
+    return GetInventoryRequest.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<GetInventoryRequest>): GetInventoryRequest {
+    const message = createBaseGetInventoryRequest();
+    return message;
+  },
 };
 
 function createBaseGetInventoryResponse(): GetInventoryResponse {
@@ -153,6 +170,29 @@ export const GetInventoryResponse: MessageFns<GetInventoryResponse> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): GetInventoryResponse {
+    return { inventory: isSet(object.inventory) ? Inventory.fromJSON(object.inventory) : undefined };
+  },
+
+  toJSON(message: GetInventoryResponse): unknown {
+    const obj: any = {};
+    if (message.inventory !== undefined) {
+      obj.inventory = Inventory.toJSON(message.inventory);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetInventoryResponse>): GetInventoryResponse {
+    return GetInventoryResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetInventoryResponse>): GetInventoryResponse {
+    const message = createBaseGetInventoryResponse();
+    message.inventory = (object.inventory !== undefined && object.inventory !== null)
+      ? Inventory.fromPartial(object.inventory)
+      : undefined;
+    return message;
   },
 };
 
@@ -211,6 +251,40 @@ export const RunCommandRequest: MessageFns<RunCommandRequest> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): RunCommandRequest {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      parameters: isSet(object.parameters) ? CommandParameters.fromJSON(object.parameters) : undefined,
+    };
+  },
+
+  toJSON(message: RunCommandRequest): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.parameters !== undefined) {
+      obj.parameters = CommandParameters.toJSON(message.parameters);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RunCommandRequest>): RunCommandRequest {
+    return RunCommandRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RunCommandRequest>): RunCommandRequest {
+    const message = createBaseRunCommandRequest();
+    message.requestId = object.requestId ?? "";
+    message.parameters = (object.parameters !== undefined && object.parameters !== null)
+      ? CommandParameters.fromPartial(object.parameters)
+      : undefined;
+    return message;
+  },
 };
 
 function createBaseRunCommandResponse(): RunCommandResponse {
@@ -256,6 +330,29 @@ export const RunCommandResponse: MessageFns<RunCommandResponse> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): RunCommandResponse {
+    return { command: isSet(object.command) ? Command.fromJSON(object.command) : undefined };
+  },
+
+  toJSON(message: RunCommandResponse): unknown {
+    const obj: any = {};
+    if (message.command !== undefined) {
+      obj.command = Command.toJSON(message.command);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RunCommandResponse>): RunCommandResponse {
+    return RunCommandResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RunCommandResponse>): RunCommandResponse {
+    const message = createBaseRunCommandResponse();
+    message.command = (object.command !== undefined && object.command !== null)
+      ? Command.fromPartial(object.command)
+      : undefined;
+    return message;
   },
 };
 
@@ -303,6 +400,27 @@ export const WatchCommandRequest: MessageFns<WatchCommandRequest> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): WatchCommandRequest {
+    return { id: isSet(object.id) ? globalThis.String(object.id) : "" };
+  },
+
+  toJSON(message: WatchCommandRequest): unknown {
+    const obj: any = {};
+    if (message.id !== "") {
+      obj.id = message.id;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<WatchCommandRequest>): WatchCommandRequest {
+    return WatchCommandRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<WatchCommandRequest>): WatchCommandRequest {
+    const message = createBaseWatchCommandRequest();
+    message.id = object.id ?? "";
+    return message;
+  },
 };
 
 function createBaseWatchCommandResponse(): WatchCommandResponse {
@@ -348,6 +466,29 @@ export const WatchCommandResponse: MessageFns<WatchCommandResponse> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): WatchCommandResponse {
+    return { command: isSet(object.command) ? Command.fromJSON(object.command) : undefined };
+  },
+
+  toJSON(message: WatchCommandResponse): unknown {
+    const obj: any = {};
+    if (message.command !== undefined) {
+      obj.command = Command.toJSON(message.command);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<WatchCommandResponse>): WatchCommandResponse {
+    return WatchCommandResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<WatchCommandResponse>): WatchCommandResponse {
+    const message = createBaseWatchCommandResponse();
+    message.command = (object.command !== undefined && object.command !== null)
+      ? Command.fromPartial(object.command)
+      : undefined;
+    return message;
   },
 };
 
@@ -395,6 +536,27 @@ export const GetCommandRequest: MessageFns<GetCommandRequest> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): GetCommandRequest {
+    return { id: isSet(object.id) ? globalThis.String(object.id) : "" };
+  },
+
+  toJSON(message: GetCommandRequest): unknown {
+    const obj: any = {};
+    if (message.id !== "") {
+      obj.id = message.id;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetCommandRequest>): GetCommandRequest {
+    return GetCommandRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetCommandRequest>): GetCommandRequest {
+    const message = createBaseGetCommandRequest();
+    message.id = object.id ?? "";
+    return message;
+  },
 };
 
 function createBaseGetCommandResponse(): GetCommandResponse {
@@ -441,6 +603,29 @@ export const GetCommandResponse: MessageFns<GetCommandResponse> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): GetCommandResponse {
+    return { command: isSet(object.command) ? Command.fromJSON(object.command) : undefined };
+  },
+
+  toJSON(message: GetCommandResponse): unknown {
+    const obj: any = {};
+    if (message.command !== undefined) {
+      obj.command = Command.toJSON(message.command);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetCommandResponse>): GetCommandResponse {
+    return GetCommandResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetCommandResponse>): GetCommandResponse {
+    const message = createBaseGetCommandResponse();
+    message.command = (object.command !== undefined && object.command !== null)
+      ? Command.fromPartial(object.command)
+      : undefined;
+    return message;
+  },
 };
 
 function createBaseListCommandsRequest(): ListCommandsRequest {
@@ -475,6 +660,23 @@ export const ListCommandsRequest: MessageFns<ListCommandsRequest> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(_: any): ListCommandsRequest {
+    return {};
+  },
+
+  toJSON(_: ListCommandsRequest): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<ListCommandsRequest>): ListCommandsRequest {
+    return ListCommandsRequest.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<ListCommandsRequest>): ListCommandsRequest {
+    const message = createBaseListCommandsRequest();
+    return message;
   },
 };
 
@@ -521,6 +723,29 @@ export const ListCommandsResponse: MessageFns<ListCommandsResponse> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): ListCommandsResponse {
+    return {
+      commands: globalThis.Array.isArray(object?.commands) ? object.commands.map((e: any) => Command.fromJSON(e)) : [],
+    };
+  },
+
+  toJSON(message: ListCommandsResponse): unknown {
+    const obj: any = {};
+    if (message.commands?.length) {
+      obj.commands = message.commands.map((e) => Command.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ListCommandsResponse>): ListCommandsResponse {
+    return ListCommandsResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ListCommandsResponse>): ListCommandsResponse {
+    const message = createBaseListCommandsResponse();
+    message.commands = object.commands?.map((e) => Command.fromPartial(e)) || [];
+    return message;
   },
 };
 
@@ -587,40 +812,77 @@ export const AgentServiceDefinition = {
 
 export interface AgentServiceImplementation<CallContextExt = {}> {
   /** GetInventory returns the hardware the agent discovered. */
-  getInventory(request: GetInventoryRequest, context: CallContext & CallContextExt): Promise<GetInventoryResponse>;
+  getInventory(
+    request: GetInventoryRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<GetInventoryResponse>>;
   /**
    * RunCommand starts a command in the background and returns at once. One
    * command runs at a time: another answers FAILED_PRECONDITION.
    */
-  runCommand(request: RunCommandRequest, context: CallContext & CallContextExt): Promise<RunCommandResponse>;
+  runCommand(
+    request: RunCommandRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<RunCommandResponse>>;
   /** WatchCommand streams a command's state and progress until it ends. */
   watchCommand(
     request: WatchCommandRequest,
     context: CallContext & CallContextExt,
-  ): ServerStreamingMethodResult<WatchCommandResponse>;
+  ): ServerStreamingMethodResult<DeepPartial<WatchCommandResponse>>;
   /** GetCommand returns one command. */
-  getCommand(request: GetCommandRequest, context: CallContext & CallContextExt): Promise<GetCommandResponse>;
+  getCommand(
+    request: GetCommandRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<GetCommandResponse>>;
   /** ListCommands returns the recent commands, newest first. */
-  listCommands(request: ListCommandsRequest, context: CallContext & CallContextExt): Promise<ListCommandsResponse>;
+  listCommands(
+    request: ListCommandsRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<ListCommandsResponse>>;
 }
 
 export interface AgentServiceClient<CallOptionsExt = {}> {
   /** GetInventory returns the hardware the agent discovered. */
-  getInventory(request: GetInventoryRequest, options?: CallOptions & CallOptionsExt): Promise<GetInventoryResponse>;
+  getInventory(
+    request: DeepPartial<GetInventoryRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<GetInventoryResponse>;
   /**
    * RunCommand starts a command in the background and returns at once. One
    * command runs at a time: another answers FAILED_PRECONDITION.
    */
-  runCommand(request: RunCommandRequest, options?: CallOptions & CallOptionsExt): Promise<RunCommandResponse>;
+  runCommand(
+    request: DeepPartial<RunCommandRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<RunCommandResponse>;
   /** WatchCommand streams a command's state and progress until it ends. */
   watchCommand(
-    request: WatchCommandRequest,
+    request: DeepPartial<WatchCommandRequest>,
     options?: CallOptions & CallOptionsExt,
   ): AsyncIterable<WatchCommandResponse>;
   /** GetCommand returns one command. */
-  getCommand(request: GetCommandRequest, options?: CallOptions & CallOptionsExt): Promise<GetCommandResponse>;
+  getCommand(
+    request: DeepPartial<GetCommandRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<GetCommandResponse>;
   /** ListCommands returns the recent commands, newest first. */
-  listCommands(request: ListCommandsRequest, options?: CallOptions & CallOptionsExt): Promise<ListCommandsResponse>;
+  listCommands(
+    request: DeepPartial<ListCommandsRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<ListCommandsResponse>;
+}
+
+type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;
+
+export type DeepPartial<T> = T extends Builtin ? T
+  : T extends globalThis.Array<infer U> ? globalThis.Array<DeepPartial<U>>
+  : T extends ReadonlyArray<infer U> ? ReadonlyArray<DeepPartial<U>>
+  : T extends { $case: string; value: unknown } ? { $case: T["$case"]; value?: DeepPartial<T["value"]> }
+  : T extends {} ? { [K in keyof T]?: DeepPartial<T[K]> }
+  : Partial<T>;
+
+function isSet(value: any): boolean {
+  return value !== null && value !== undefined;
 }
 
 export type ServerStreamingMethodResult<Response> = { [Symbol.asyncIterator](): AsyncIterator<Response, void> };
@@ -628,4 +890,8 @@ export type ServerStreamingMethodResult<Response> = { [Symbol.asyncIterator](): 
 export interface MessageFns<T> {
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
+  fromJSON(object: any): T;
+  toJSON(message: T): unknown;
+  create(base?: DeepPartial<T>): T;
+  fromPartial(object: DeepPartial<T>): T;
 }

@@ -24,6 +24,38 @@ export enum AgentStatus {
   UNRECOGNIZED = -1,
 }
 
+export function agentStatusFromJSON(object: any): AgentStatus {
+  switch (object) {
+    case 0:
+    case "AGENT_STATUS_UNSPECIFIED":
+      return AgentStatus.AGENT_STATUS_UNSPECIFIED;
+    case 1:
+    case "AGENT_STATUS_IDLE":
+      return AgentStatus.AGENT_STATUS_IDLE;
+    case 2:
+    case "AGENT_STATUS_BUSY":
+      return AgentStatus.AGENT_STATUS_BUSY;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return AgentStatus.UNRECOGNIZED;
+  }
+}
+
+export function agentStatusToJSON(object: AgentStatus): string {
+  switch (object) {
+    case AgentStatus.AGENT_STATUS_UNSPECIFIED:
+      return "AGENT_STATUS_UNSPECIFIED";
+    case AgentStatus.AGENT_STATUS_IDLE:
+      return "AGENT_STATUS_IDLE";
+    case AgentStatus.AGENT_STATUS_BUSY:
+      return "AGENT_STATUS_BUSY";
+    case AgentStatus.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** LookupRequest says which machine is asking. */
 export interface LookupRequest {
   /** MAC addresses of the machine's physical NICs; at least one, at most 64. */
@@ -217,6 +249,60 @@ export const LookupRequest: MessageFns<LookupRequest> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): LookupRequest {
+    return {
+      macAddresses: globalThis.Array.isArray(object?.macAddresses)
+        ? object.macAddresses.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.mac_addresses)
+        ? object.mac_addresses.map((e: any) => globalThis.String(e))
+        : [],
+      systemSerial: isSet(object.systemSerial)
+        ? globalThis.String(object.systemSerial)
+        : isSet(object.system_serial)
+        ? globalThis.String(object.system_serial)
+        : "",
+      systemUuid: isSet(object.systemUuid)
+        ? globalThis.String(object.systemUuid)
+        : isSet(object.system_uuid)
+        ? globalThis.String(object.system_uuid)
+        : "",
+      agentVersion: isSet(object.agentVersion)
+        ? globalThis.String(object.agentVersion)
+        : isSet(object.agent_version)
+        ? globalThis.String(object.agent_version)
+        : "",
+    };
+  },
+
+  toJSON(message: LookupRequest): unknown {
+    const obj: any = {};
+    if (message.macAddresses?.length) {
+      obj.macAddresses = message.macAddresses;
+    }
+    if (message.systemSerial !== "") {
+      obj.systemSerial = message.systemSerial;
+    }
+    if (message.systemUuid !== "") {
+      obj.systemUuid = message.systemUuid;
+    }
+    if (message.agentVersion !== "") {
+      obj.agentVersion = message.agentVersion;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<LookupRequest>): LookupRequest {
+    return LookupRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<LookupRequest>): LookupRequest {
+    const message = createBaseLookupRequest();
+    message.macAddresses = object.macAddresses?.map((e) => e) || [];
+    message.systemSerial = object.systemSerial ?? "";
+    message.systemUuid = object.systemUuid ?? "";
+    message.agentVersion = object.agentVersion ?? "";
+    return message;
+  },
 };
 
 function createBaseAgentConfig(): AgentConfig {
@@ -262,6 +348,33 @@ export const AgentConfig: MessageFns<AgentConfig> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): AgentConfig {
+    return {
+      logLevel: isSet(object.logLevel)
+        ? globalThis.String(object.logLevel)
+        : isSet(object.log_level)
+        ? globalThis.String(object.log_level)
+        : "",
+    };
+  },
+
+  toJSON(message: AgentConfig): unknown {
+    const obj: any = {};
+    if (message.logLevel !== "") {
+      obj.logLevel = message.logLevel;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AgentConfig>): AgentConfig {
+    return AgentConfig.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AgentConfig>): AgentConfig {
+    const message = createBaseAgentConfig();
+    message.logLevel = object.logLevel ?? "";
+    return message;
   },
 };
 
@@ -371,6 +484,76 @@ export const LookupResponse: MessageFns<LookupResponse> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): LookupResponse {
+    return {
+      nodeUuid: isSet(object.nodeUuid)
+        ? globalThis.String(object.nodeUuid)
+        : isSet(object.node_uuid)
+        ? globalThis.String(object.node_uuid)
+        : "",
+      agentToken: isSet(object.agentToken)
+        ? globalThis.String(object.agentToken)
+        : isSet(object.agent_token)
+        ? globalThis.String(object.agent_token)
+        : "",
+      heartbeatIntervalMinMs: isSet(object.heartbeatIntervalMinMs)
+        ? globalThis.Number(object.heartbeatIntervalMinMs)
+        : isSet(object.heartbeat_interval_min_ms)
+        ? globalThis.Number(object.heartbeat_interval_min_ms)
+        : 0,
+      heartbeatIntervalMaxMs: isSet(object.heartbeatIntervalMaxMs)
+        ? globalThis.Number(object.heartbeatIntervalMaxMs)
+        : isSet(object.heartbeat_interval_max_ms)
+        ? globalThis.Number(object.heartbeat_interval_max_ms)
+        : 0,
+      heartbeatTimeoutMs: isSet(object.heartbeatTimeoutMs)
+        ? globalThis.Number(object.heartbeatTimeoutMs)
+        : isSet(object.heartbeat_timeout_ms)
+        ? globalThis.Number(object.heartbeat_timeout_ms)
+        : 0,
+      config: isSet(object.config) ? AgentConfig.fromJSON(object.config) : undefined,
+    };
+  },
+
+  toJSON(message: LookupResponse): unknown {
+    const obj: any = {};
+    if (message.nodeUuid !== "") {
+      obj.nodeUuid = message.nodeUuid;
+    }
+    if (message.agentToken !== "") {
+      obj.agentToken = message.agentToken;
+    }
+    if (message.heartbeatIntervalMinMs !== 0) {
+      obj.heartbeatIntervalMinMs = Math.round(message.heartbeatIntervalMinMs);
+    }
+    if (message.heartbeatIntervalMaxMs !== 0) {
+      obj.heartbeatIntervalMaxMs = Math.round(message.heartbeatIntervalMaxMs);
+    }
+    if (message.heartbeatTimeoutMs !== 0) {
+      obj.heartbeatTimeoutMs = Math.round(message.heartbeatTimeoutMs);
+    }
+    if (message.config !== undefined) {
+      obj.config = AgentConfig.toJSON(message.config);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<LookupResponse>): LookupResponse {
+    return LookupResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<LookupResponse>): LookupResponse {
+    const message = createBaseLookupResponse();
+    message.nodeUuid = object.nodeUuid ?? "";
+    message.agentToken = object.agentToken ?? "";
+    message.heartbeatIntervalMinMs = object.heartbeatIntervalMinMs ?? 0;
+    message.heartbeatIntervalMaxMs = object.heartbeatIntervalMaxMs ?? 0;
+    message.heartbeatTimeoutMs = object.heartbeatTimeoutMs ?? 0;
+    message.config = (object.config !== undefined && object.config !== null)
+      ? AgentConfig.fromPartial(object.config)
+      : undefined;
+    return message;
+  },
 };
 
 function createBaseHeartbeatRequest(): HeartbeatRequest {
@@ -461,6 +644,59 @@ export const HeartbeatRequest: MessageFns<HeartbeatRequest> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): HeartbeatRequest {
+    return {
+      sequence: isSet(object.sequence) ? globalThis.Number(object.sequence) : 0,
+      agentAddress: isSet(object.agentAddress)
+        ? globalThis.String(object.agentAddress)
+        : isSet(object.agent_address)
+        ? globalThis.String(object.agent_address)
+        : "",
+      agentVersion: isSet(object.agentVersion)
+        ? globalThis.String(object.agentVersion)
+        : isSet(object.agent_version)
+        ? globalThis.String(object.agent_version)
+        : "",
+      status: isSet(object.status) ? agentStatusFromJSON(object.status) : 0,
+      command: isSet(object.command) ? Command.fromJSON(object.command) : undefined,
+    };
+  },
+
+  toJSON(message: HeartbeatRequest): unknown {
+    const obj: any = {};
+    if (message.sequence !== 0) {
+      obj.sequence = Math.round(message.sequence);
+    }
+    if (message.agentAddress !== "") {
+      obj.agentAddress = message.agentAddress;
+    }
+    if (message.agentVersion !== "") {
+      obj.agentVersion = message.agentVersion;
+    }
+    if (message.status !== 0) {
+      obj.status = agentStatusToJSON(message.status);
+    }
+    if (message.command !== undefined) {
+      obj.command = Command.toJSON(message.command);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<HeartbeatRequest>): HeartbeatRequest {
+    return HeartbeatRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<HeartbeatRequest>): HeartbeatRequest {
+    const message = createBaseHeartbeatRequest();
+    message.sequence = object.sequence ?? 0;
+    message.agentAddress = object.agentAddress ?? "";
+    message.agentVersion = object.agentVersion ?? "";
+    message.status = object.status ?? 0;
+    message.command = (object.command !== undefined && object.command !== null)
+      ? Command.fromPartial(object.command)
+      : undefined;
+    return message;
+  },
 };
 
 function createBaseHeartbeatResponse(): HeartbeatResponse {
@@ -529,6 +765,45 @@ export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): HeartbeatResponse {
+    return {
+      sequence: isSet(object.sequence) ? globalThis.Number(object.sequence) : 0,
+      nextIntervalMs: isSet(object.nextIntervalMs)
+        ? globalThis.Number(object.nextIntervalMs)
+        : isSet(object.next_interval_ms)
+        ? globalThis.Number(object.next_interval_ms)
+        : 0,
+      config: isSet(object.config) ? AgentConfig.fromJSON(object.config) : undefined,
+    };
+  },
+
+  toJSON(message: HeartbeatResponse): unknown {
+    const obj: any = {};
+    if (message.sequence !== 0) {
+      obj.sequence = Math.round(message.sequence);
+    }
+    if (message.nextIntervalMs !== 0) {
+      obj.nextIntervalMs = Math.round(message.nextIntervalMs);
+    }
+    if (message.config !== undefined) {
+      obj.config = AgentConfig.toJSON(message.config);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<HeartbeatResponse>): HeartbeatResponse {
+    return HeartbeatResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<HeartbeatResponse>): HeartbeatResponse {
+    const message = createBaseHeartbeatResponse();
+    message.sequence = object.sequence ?? 0;
+    message.nextIntervalMs = object.nextIntervalMs ?? 0;
+    message.config = (object.config !== undefined && object.config !== null)
+      ? AgentConfig.fromPartial(object.config)
+      : undefined;
+    return message;
+  },
 };
 
 function createBaseStatImageRequest(): StatImageRequest {
@@ -574,6 +849,27 @@ export const StatImageRequest: MessageFns<StatImageRequest> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): StatImageRequest {
+    return { image: isSet(object.image) ? globalThis.String(object.image) : "" };
+  },
+
+  toJSON(message: StatImageRequest): unknown {
+    const obj: any = {};
+    if (message.image !== "") {
+      obj.image = message.image;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<StatImageRequest>): StatImageRequest {
+    return StatImageRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<StatImageRequest>): StatImageRequest {
+    const message = createBaseStatImageRequest();
+    message.image = object.image ?? "";
+    return message;
   },
 };
 
@@ -654,6 +950,52 @@ export const StatImageResponse: MessageFns<StatImageResponse> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): StatImageResponse {
+    return {
+      image: isSet(object.image) ? globalThis.String(object.image) : "",
+      sizeBytes: isSet(object.sizeBytes)
+        ? globalThis.Number(object.sizeBytes)
+        : isSet(object.size_bytes)
+        ? globalThis.Number(object.size_bytes)
+        : 0,
+      sha256: isSet(object.sha256) ? globalThis.String(object.sha256) : "",
+      chunkSizeBytes: isSet(object.chunkSizeBytes)
+        ? globalThis.Number(object.chunkSizeBytes)
+        : isSet(object.chunk_size_bytes)
+        ? globalThis.Number(object.chunk_size_bytes)
+        : 0,
+    };
+  },
+
+  toJSON(message: StatImageResponse): unknown {
+    const obj: any = {};
+    if (message.image !== "") {
+      obj.image = message.image;
+    }
+    if (message.sizeBytes !== 0) {
+      obj.sizeBytes = Math.round(message.sizeBytes);
+    }
+    if (message.sha256 !== "") {
+      obj.sha256 = message.sha256;
+    }
+    if (message.chunkSizeBytes !== 0) {
+      obj.chunkSizeBytes = Math.round(message.chunkSizeBytes);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<StatImageResponse>): StatImageResponse {
+    return StatImageResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<StatImageResponse>): StatImageResponse {
+    const message = createBaseStatImageResponse();
+    message.image = object.image ?? "";
+    message.sizeBytes = object.sizeBytes ?? 0;
+    message.sha256 = object.sha256 ?? "";
+    message.chunkSizeBytes = object.chunkSizeBytes ?? 0;
+    return message;
+  },
 };
 
 function createBaseReadImageRequest(): ReadImageRequest {
@@ -721,6 +1063,39 @@ export const ReadImageRequest: MessageFns<ReadImageRequest> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): ReadImageRequest {
+    return {
+      image: isSet(object.image) ? globalThis.String(object.image) : "",
+      offset: isSet(object.offset) ? globalThis.Number(object.offset) : 0,
+      length: isSet(object.length) ? globalThis.Number(object.length) : 0,
+    };
+  },
+
+  toJSON(message: ReadImageRequest): unknown {
+    const obj: any = {};
+    if (message.image !== "") {
+      obj.image = message.image;
+    }
+    if (message.offset !== 0) {
+      obj.offset = Math.round(message.offset);
+    }
+    if (message.length !== 0) {
+      obj.length = Math.round(message.length);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReadImageRequest>): ReadImageRequest {
+    return ReadImageRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReadImageRequest>): ReadImageRequest {
+    const message = createBaseReadImageRequest();
+    message.image = object.image ?? "";
+    message.offset = object.offset ?? 0;
+    message.length = object.length ?? 0;
+    return message;
   },
 };
 
@@ -801,6 +1176,44 @@ export const ReadImageResponse: MessageFns<ReadImageResponse> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): ReadImageResponse {
+    return {
+      offset: isSet(object.offset) ? globalThis.Number(object.offset) : 0,
+      data: isSet(object.data) ? Buffer.from(bytesFromBase64(object.data)) : Buffer.alloc(0),
+      length: isSet(object.length) ? globalThis.Number(object.length) : 0,
+      zero: isSet(object.zero) ? globalThis.Boolean(object.zero) : false,
+    };
+  },
+
+  toJSON(message: ReadImageResponse): unknown {
+    const obj: any = {};
+    if (message.offset !== 0) {
+      obj.offset = Math.round(message.offset);
+    }
+    if (message.data.length !== 0) {
+      obj.data = base64FromBytes(message.data);
+    }
+    if (message.length !== 0) {
+      obj.length = Math.round(message.length);
+    }
+    if (message.zero !== false) {
+      obj.zero = message.zero;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReadImageResponse>): ReadImageResponse {
+    return ReadImageResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReadImageResponse>): ReadImageResponse {
+    const message = createBaseReadImageResponse();
+    message.offset = object.offset ?? 0;
+    message.data = object.data ?? Buffer.alloc(0);
+    message.length = object.length ?? 0;
+    message.zero = object.zero ?? false;
+    return message;
+  },
 };
 
 /**
@@ -868,7 +1281,7 @@ export interface AgentGatewayServiceImplementation<CallContextExt = {}> {
    * a fresh agent token. It succeeds only for nodes in a state that expects
    * an agent; any other case answers NOT_FOUND.
    */
-  lookup(request: LookupRequest, context: CallContext & CallContextExt): Promise<LookupResponse>;
+  lookup(request: LookupRequest, context: CallContext & CallContextExt): Promise<DeepPartial<LookupResponse>>;
   /**
    * Heartbeat is a long-lived stream: the agent sends a heartbeat at the
    * interval the controller asks for, the controller acknowledges each one.
@@ -876,9 +1289,9 @@ export interface AgentGatewayServiceImplementation<CallContextExt = {}> {
   heartbeat(
     request: AsyncIterable<HeartbeatRequest>,
     context: CallContext & CallContextExt,
-  ): ServerStreamingMethodResult<HeartbeatResponse>;
+  ): ServerStreamingMethodResult<DeepPartial<HeartbeatResponse>>;
   /** StatImage describes an image the agent is about to read. */
-  statImage(request: StatImageRequest, context: CallContext & CallContextExt): Promise<StatImageResponse>;
+  statImage(request: StatImageRequest, context: CallContext & CallContextExt): Promise<DeepPartial<StatImageResponse>>;
   /**
    * ReadImage streams a byte range of an image in chunks. It may be called
    * again at any offset to resume.
@@ -886,7 +1299,7 @@ export interface AgentGatewayServiceImplementation<CallContextExt = {}> {
   readImage(
     request: ReadImageRequest,
     context: CallContext & CallContextExt,
-  ): ServerStreamingMethodResult<ReadImageResponse>;
+  ): ServerStreamingMethodResult<DeepPartial<ReadImageResponse>>;
 }
 
 export interface AgentGatewayServiceClient<CallOptionsExt = {}> {
@@ -895,23 +1308,43 @@ export interface AgentGatewayServiceClient<CallOptionsExt = {}> {
    * a fresh agent token. It succeeds only for nodes in a state that expects
    * an agent; any other case answers NOT_FOUND.
    */
-  lookup(request: LookupRequest, options?: CallOptions & CallOptionsExt): Promise<LookupResponse>;
+  lookup(request: DeepPartial<LookupRequest>, options?: CallOptions & CallOptionsExt): Promise<LookupResponse>;
   /**
    * Heartbeat is a long-lived stream: the agent sends a heartbeat at the
    * interval the controller asks for, the controller acknowledges each one.
    */
   heartbeat(
-    request: AsyncIterable<HeartbeatRequest>,
+    request: AsyncIterable<DeepPartial<HeartbeatRequest>>,
     options?: CallOptions & CallOptionsExt,
   ): AsyncIterable<HeartbeatResponse>;
   /** StatImage describes an image the agent is about to read. */
-  statImage(request: StatImageRequest, options?: CallOptions & CallOptionsExt): Promise<StatImageResponse>;
+  statImage(request: DeepPartial<StatImageRequest>, options?: CallOptions & CallOptionsExt): Promise<StatImageResponse>;
   /**
    * ReadImage streams a byte range of an image in chunks. It may be called
    * again at any offset to resume.
    */
-  readImage(request: ReadImageRequest, options?: CallOptions & CallOptionsExt): AsyncIterable<ReadImageResponse>;
+  readImage(
+    request: DeepPartial<ReadImageRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): AsyncIterable<ReadImageResponse>;
 }
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
+
+type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;
+
+export type DeepPartial<T> = T extends Builtin ? T
+  : T extends globalThis.Array<infer U> ? globalThis.Array<DeepPartial<U>>
+  : T extends ReadonlyArray<infer U> ? ReadonlyArray<DeepPartial<U>>
+  : T extends { $case: string; value: unknown } ? { $case: T["$case"]; value?: DeepPartial<T["value"]> }
+  : T extends {} ? { [K in keyof T]?: DeepPartial<T[K]> }
+  : Partial<T>;
 
 function longToNumber(int64: { toString(): string }): number {
   const num = globalThis.Number(int64.toString());
@@ -924,9 +1357,17 @@ function longToNumber(int64: { toString(): string }): number {
   return num;
 }
 
+function isSet(value: any): boolean {
+  return value !== null && value !== undefined;
+}
+
 export type ServerStreamingMethodResult<Response> = { [Symbol.asyncIterator](): AsyncIterator<Response, void> };
 
 export interface MessageFns<T> {
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
+  fromJSON(object: any): T;
+  toJSON(message: T): unknown;
+  create(base?: DeepPartial<T>): T;
+  fromPartial(object: DeepPartial<T>): T;
 }

@@ -26,6 +26,43 @@ export enum CommandState {
   UNRECOGNIZED = -1,
 }
 
+export function commandStateFromJSON(object: any): CommandState {
+  switch (object) {
+    case 0:
+    case "COMMAND_STATE_UNSPECIFIED":
+      return CommandState.COMMAND_STATE_UNSPECIFIED;
+    case 1:
+    case "COMMAND_STATE_RUNNING":
+      return CommandState.COMMAND_STATE_RUNNING;
+    case 2:
+    case "COMMAND_STATE_SUCCEEDED":
+      return CommandState.COMMAND_STATE_SUCCEEDED;
+    case 3:
+    case "COMMAND_STATE_FAILED":
+      return CommandState.COMMAND_STATE_FAILED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return CommandState.UNRECOGNIZED;
+  }
+}
+
+export function commandStateToJSON(object: CommandState): string {
+  switch (object) {
+    case CommandState.COMMAND_STATE_UNSPECIFIED:
+      return "COMMAND_STATE_UNSPECIFIED";
+    case CommandState.COMMAND_STATE_RUNNING:
+      return "COMMAND_STATE_RUNNING";
+    case CommandState.COMMAND_STATE_SUCCEEDED:
+      return "COMMAND_STATE_SUCCEEDED";
+    case CommandState.COMMAND_STATE_FAILED:
+      return "COMMAND_STATE_FAILED";
+    case CommandState.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** EraseMode says how thoroughly disks are erased. */
 export enum EraseMode {
   /** ERASE_MODE_UNSPECIFIED - Not set; the agent treats it as QUICK. */
@@ -35,6 +72,38 @@ export enum EraseMode {
   /** ERASE_MODE_FULL - Write zeros over every byte of each disk. */
   ERASE_MODE_FULL = 2,
   UNRECOGNIZED = -1,
+}
+
+export function eraseModeFromJSON(object: any): EraseMode {
+  switch (object) {
+    case 0:
+    case "ERASE_MODE_UNSPECIFIED":
+      return EraseMode.ERASE_MODE_UNSPECIFIED;
+    case 1:
+    case "ERASE_MODE_QUICK":
+      return EraseMode.ERASE_MODE_QUICK;
+    case 2:
+    case "ERASE_MODE_FULL":
+      return EraseMode.ERASE_MODE_FULL;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return EraseMode.UNRECOGNIZED;
+  }
+}
+
+export function eraseModeToJSON(object: EraseMode): string {
+  switch (object) {
+    case EraseMode.ERASE_MODE_UNSPECIFIED:
+      return "ERASE_MODE_UNSPECIFIED";
+    case EraseMode.ERASE_MODE_QUICK:
+      return "ERASE_MODE_QUICK";
+    case EraseMode.ERASE_MODE_FULL:
+      return "ERASE_MODE_FULL";
+    case EraseMode.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
 }
 
 /**
@@ -322,6 +391,86 @@ export const CommandParameters: MessageFns<CommandParameters> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): CommandParameters {
+    return {
+      command: isSet(object.getInventory)
+        ? { $case: "getInventory", value: GetInventoryCommand.fromJSON(object.getInventory) }
+        : isSet(object.get_inventory)
+        ? { $case: "getInventory", value: GetInventoryCommand.fromJSON(object.get_inventory) }
+        : isSet(object.writeImage)
+        ? { $case: "writeImage", value: WriteImageCommand.fromJSON(object.writeImage) }
+        : isSet(object.write_image)
+        ? { $case: "writeImage", value: WriteImageCommand.fromJSON(object.write_image) }
+        : isSet(object.eraseDisks)
+        ? { $case: "eraseDisks", value: EraseDisksCommand.fromJSON(object.eraseDisks) }
+        : isSet(object.erase_disks)
+        ? { $case: "eraseDisks", value: EraseDisksCommand.fromJSON(object.erase_disks) }
+        : isSet(object.powerOff)
+        ? { $case: "powerOff", value: PowerOffCommand.fromJSON(object.powerOff) }
+        : isSet(object.power_off)
+        ? { $case: "powerOff", value: PowerOffCommand.fromJSON(object.power_off) }
+        : isSet(object.reboot)
+        ? { $case: "reboot", value: RebootCommand.fromJSON(object.reboot) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: CommandParameters): unknown {
+    const obj: any = {};
+    if (message.command?.$case === "getInventory") {
+      obj.getInventory = GetInventoryCommand.toJSON(message.command.value);
+    } else if (message.command?.$case === "writeImage") {
+      obj.writeImage = WriteImageCommand.toJSON(message.command.value);
+    } else if (message.command?.$case === "eraseDisks") {
+      obj.eraseDisks = EraseDisksCommand.toJSON(message.command.value);
+    } else if (message.command?.$case === "powerOff") {
+      obj.powerOff = PowerOffCommand.toJSON(message.command.value);
+    } else if (message.command?.$case === "reboot") {
+      obj.reboot = RebootCommand.toJSON(message.command.value);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CommandParameters>): CommandParameters {
+    return CommandParameters.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CommandParameters>): CommandParameters {
+    const message = createBaseCommandParameters();
+    switch (object.command?.$case) {
+      case "getInventory": {
+        if (object.command?.value !== undefined && object.command?.value !== null) {
+          message.command = { $case: "getInventory", value: GetInventoryCommand.fromPartial(object.command.value) };
+        }
+        break;
+      }
+      case "writeImage": {
+        if (object.command?.value !== undefined && object.command?.value !== null) {
+          message.command = { $case: "writeImage", value: WriteImageCommand.fromPartial(object.command.value) };
+        }
+        break;
+      }
+      case "eraseDisks": {
+        if (object.command?.value !== undefined && object.command?.value !== null) {
+          message.command = { $case: "eraseDisks", value: EraseDisksCommand.fromPartial(object.command.value) };
+        }
+        break;
+      }
+      case "powerOff": {
+        if (object.command?.value !== undefined && object.command?.value !== null) {
+          message.command = { $case: "powerOff", value: PowerOffCommand.fromPartial(object.command.value) };
+        }
+        break;
+      }
+      case "reboot": {
+        if (object.command?.value !== undefined && object.command?.value !== null) {
+          message.command = { $case: "reboot", value: RebootCommand.fromPartial(object.command.value) };
+        }
+        break;
+      }
+    }
+    return message;
+  },
 };
 
 function createBaseGetInventoryCommand(): GetInventoryCommand {
@@ -356,6 +505,23 @@ export const GetInventoryCommand: MessageFns<GetInventoryCommand> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(_: any): GetInventoryCommand {
+    return {};
+  },
+
+  toJSON(_: GetInventoryCommand): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetInventoryCommand>): GetInventoryCommand {
+    return GetInventoryCommand.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<GetInventoryCommand>): GetInventoryCommand {
+    const message = createBaseGetInventoryCommand();
+    return message;
   },
 };
 
@@ -392,6 +558,23 @@ export const PowerOffCommand: MessageFns<PowerOffCommand> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(_: any): PowerOffCommand {
+    return {};
+  },
+
+  toJSON(_: PowerOffCommand): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<PowerOffCommand>): PowerOffCommand {
+    return PowerOffCommand.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<PowerOffCommand>): PowerOffCommand {
+    const message = createBasePowerOffCommand();
+    return message;
+  },
 };
 
 function createBaseRebootCommand(): RebootCommand {
@@ -426,6 +609,23 @@ export const RebootCommand: MessageFns<RebootCommand> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(_: any): RebootCommand {
+    return {};
+  },
+
+  toJSON(_: RebootCommand): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<RebootCommand>): RebootCommand {
+    return RebootCommand.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<RebootCommand>): RebootCommand {
+    const message = createBaseRebootCommand();
+    return message;
   },
 };
 
@@ -546,6 +746,71 @@ export const DiskHints: MessageFns<DiskHints> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): DiskHints {
+    return {
+      devicePath: isSet(object.devicePath)
+        ? globalThis.String(object.devicePath)
+        : isSet(object.device_path)
+        ? globalThis.String(object.device_path)
+        : undefined,
+      name: isSet(object.name) ? globalThis.String(object.name) : undefined,
+      sizeBytes: isSet(object.sizeBytes)
+        ? globalThis.Number(object.sizeBytes)
+        : isSet(object.size_bytes)
+        ? globalThis.Number(object.size_bytes)
+        : undefined,
+      minSizeBytes: isSet(object.minSizeBytes)
+        ? globalThis.Number(object.minSizeBytes)
+        : isSet(object.min_size_bytes)
+        ? globalThis.Number(object.min_size_bytes)
+        : undefined,
+      serial: isSet(object.serial) ? globalThis.String(object.serial) : undefined,
+      model: isSet(object.model) ? globalThis.String(object.model) : undefined,
+      rotational: isSet(object.rotational) ? globalThis.Boolean(object.rotational) : undefined,
+    };
+  },
+
+  toJSON(message: DiskHints): unknown {
+    const obj: any = {};
+    if (message.devicePath !== undefined) {
+      obj.devicePath = message.devicePath;
+    }
+    if (message.name !== undefined) {
+      obj.name = message.name;
+    }
+    if (message.sizeBytes !== undefined) {
+      obj.sizeBytes = Math.round(message.sizeBytes);
+    }
+    if (message.minSizeBytes !== undefined) {
+      obj.minSizeBytes = Math.round(message.minSizeBytes);
+    }
+    if (message.serial !== undefined) {
+      obj.serial = message.serial;
+    }
+    if (message.model !== undefined) {
+      obj.model = message.model;
+    }
+    if (message.rotational !== undefined) {
+      obj.rotational = message.rotational;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DiskHints>): DiskHints {
+    return DiskHints.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DiskHints>): DiskHints {
+    const message = createBaseDiskHints();
+    message.devicePath = object.devicePath ?? undefined;
+    message.name = object.name ?? undefined;
+    message.sizeBytes = object.sizeBytes ?? undefined;
+    message.minSizeBytes = object.minSizeBytes ?? undefined;
+    message.serial = object.serial ?? undefined;
+    message.model = object.model ?? undefined;
+    message.rotational = object.rotational ?? undefined;
+    return message;
   },
 };
 
@@ -691,6 +956,95 @@ export const WriteImageCommand: MessageFns<WriteImageCommand> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): WriteImageCommand {
+    return {
+      image: isSet(object.image) ? globalThis.String(object.image) : "",
+      target: isSet(object.target) ? DiskHints.fromJSON(object.target) : undefined,
+      sha256: isSet(object.sha256) ? globalThis.String(object.sha256) : "",
+      sizeBytes: isSet(object.sizeBytes)
+        ? globalThis.Number(object.sizeBytes)
+        : isSet(object.size_bytes)
+        ? globalThis.Number(object.size_bytes)
+        : 0,
+      verifyReadback: isSet(object.verifyReadback)
+        ? globalThis.Boolean(object.verifyReadback)
+        : isSet(object.verify_readback)
+        ? globalThis.Boolean(object.verify_readback)
+        : false,
+      diskIsZeroed: isSet(object.diskIsZeroed)
+        ? globalThis.Boolean(object.diskIsZeroed)
+        : isSet(object.disk_is_zeroed)
+        ? globalThis.Boolean(object.disk_is_zeroed)
+        : false,
+      stallTimeoutMs: isSet(object.stallTimeoutMs)
+        ? globalThis.Number(object.stallTimeoutMs)
+        : isSet(object.stall_timeout_ms)
+        ? globalThis.Number(object.stall_timeout_ms)
+        : 0,
+      maxAttempts: isSet(object.maxAttempts)
+        ? globalThis.Number(object.maxAttempts)
+        : isSet(object.max_attempts)
+        ? globalThis.Number(object.max_attempts)
+        : 0,
+      timeLimitMs: isSet(object.timeLimitMs)
+        ? globalThis.Number(object.timeLimitMs)
+        : isSet(object.time_limit_ms)
+        ? globalThis.Number(object.time_limit_ms)
+        : 0,
+    };
+  },
+
+  toJSON(message: WriteImageCommand): unknown {
+    const obj: any = {};
+    if (message.image !== "") {
+      obj.image = message.image;
+    }
+    if (message.target !== undefined) {
+      obj.target = DiskHints.toJSON(message.target);
+    }
+    if (message.sha256 !== "") {
+      obj.sha256 = message.sha256;
+    }
+    if (message.sizeBytes !== 0) {
+      obj.sizeBytes = Math.round(message.sizeBytes);
+    }
+    if (message.verifyReadback !== false) {
+      obj.verifyReadback = message.verifyReadback;
+    }
+    if (message.diskIsZeroed !== false) {
+      obj.diskIsZeroed = message.diskIsZeroed;
+    }
+    if (message.stallTimeoutMs !== 0) {
+      obj.stallTimeoutMs = Math.round(message.stallTimeoutMs);
+    }
+    if (message.maxAttempts !== 0) {
+      obj.maxAttempts = Math.round(message.maxAttempts);
+    }
+    if (message.timeLimitMs !== 0) {
+      obj.timeLimitMs = Math.round(message.timeLimitMs);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<WriteImageCommand>): WriteImageCommand {
+    return WriteImageCommand.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<WriteImageCommand>): WriteImageCommand {
+    const message = createBaseWriteImageCommand();
+    message.image = object.image ?? "";
+    message.target = (object.target !== undefined && object.target !== null)
+      ? DiskHints.fromPartial(object.target)
+      : undefined;
+    message.sha256 = object.sha256 ?? "";
+    message.sizeBytes = object.sizeBytes ?? 0;
+    message.verifyReadback = object.verifyReadback ?? false;
+    message.diskIsZeroed = object.diskIsZeroed ?? false;
+    message.stallTimeoutMs = object.stallTimeoutMs ?? 0;
+    message.maxAttempts = object.maxAttempts ?? 0;
+    message.timeLimitMs = object.timeLimitMs ?? 0;
+    return message;
+  },
 };
 
 function createBaseEraseDisksCommand(): EraseDisksCommand {
@@ -747,6 +1101,38 @@ export const EraseDisksCommand: MessageFns<EraseDisksCommand> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): EraseDisksCommand {
+    return {
+      mode: isSet(object.mode) ? eraseModeFromJSON(object.mode) : 0,
+      devicePaths: globalThis.Array.isArray(object?.devicePaths)
+        ? object.devicePaths.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.device_paths)
+        ? object.device_paths.map((e: any) => globalThis.String(e))
+        : [],
+    };
+  },
+
+  toJSON(message: EraseDisksCommand): unknown {
+    const obj: any = {};
+    if (message.mode !== 0) {
+      obj.mode = eraseModeToJSON(message.mode);
+    }
+    if (message.devicePaths?.length) {
+      obj.devicePaths = message.devicePaths;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<EraseDisksCommand>): EraseDisksCommand {
+    return EraseDisksCommand.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<EraseDisksCommand>): EraseDisksCommand {
+    const message = createBaseEraseDisksCommand();
+    message.mode = object.mode ?? 0;
+    message.devicePaths = object.devicePaths?.map((e) => e) || [];
+    return message;
   },
 };
 
@@ -849,6 +1235,70 @@ export const CommandProgress: MessageFns<CommandProgress> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): CommandProgress {
+    return {
+      phase: isSet(object.phase) ? globalThis.String(object.phase) : "",
+      doneBytes: isSet(object.doneBytes)
+        ? globalThis.Number(object.doneBytes)
+        : isSet(object.done_bytes)
+        ? globalThis.Number(object.done_bytes)
+        : 0,
+      totalBytes: isSet(object.totalBytes)
+        ? globalThis.Number(object.totalBytes)
+        : isSet(object.total_bytes)
+        ? globalThis.Number(object.total_bytes)
+        : 0,
+      rateBytesPerSecond: isSet(object.rateBytesPerSecond)
+        ? globalThis.Number(object.rateBytesPerSecond)
+        : isSet(object.rate_bytes_per_second)
+        ? globalThis.Number(object.rate_bytes_per_second)
+        : 0,
+      etaSeconds: isSet(object.etaSeconds)
+        ? globalThis.Number(object.etaSeconds)
+        : isSet(object.eta_seconds)
+        ? globalThis.Number(object.eta_seconds)
+        : 0,
+      resumes: isSet(object.resumes) ? globalThis.Number(object.resumes) : 0,
+    };
+  },
+
+  toJSON(message: CommandProgress): unknown {
+    const obj: any = {};
+    if (message.phase !== "") {
+      obj.phase = message.phase;
+    }
+    if (message.doneBytes !== 0) {
+      obj.doneBytes = Math.round(message.doneBytes);
+    }
+    if (message.totalBytes !== 0) {
+      obj.totalBytes = Math.round(message.totalBytes);
+    }
+    if (message.rateBytesPerSecond !== 0) {
+      obj.rateBytesPerSecond = floatToJson(message.rateBytesPerSecond);
+    }
+    if (message.etaSeconds !== 0) {
+      obj.etaSeconds = Math.round(message.etaSeconds);
+    }
+    if (message.resumes !== 0) {
+      obj.resumes = Math.round(message.resumes);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CommandProgress>): CommandProgress {
+    return CommandProgress.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CommandProgress>): CommandProgress {
+    const message = createBaseCommandProgress();
+    message.phase = object.phase ?? "";
+    message.doneBytes = object.doneBytes ?? 0;
+    message.totalBytes = object.totalBytes ?? 0;
+    message.rateBytesPerSecond = object.rateBytesPerSecond ?? 0;
+    message.etaSeconds = object.etaSeconds ?? 0;
+    message.resumes = object.resumes ?? 0;
+    return message;
+  },
 };
 
 function createBaseCommandResult(): CommandResult {
@@ -918,6 +1368,62 @@ export const CommandResult: MessageFns<CommandResult> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): CommandResult {
+    return {
+      result: isSet(object.inventory)
+        ? { $case: "inventory", value: Inventory.fromJSON(object.inventory) }
+        : isSet(object.writeImage)
+        ? { $case: "writeImage", value: WriteImageResult.fromJSON(object.writeImage) }
+        : isSet(object.write_image)
+        ? { $case: "writeImage", value: WriteImageResult.fromJSON(object.write_image) }
+        : isSet(object.eraseDisks)
+        ? { $case: "eraseDisks", value: EraseDisksResult.fromJSON(object.eraseDisks) }
+        : isSet(object.erase_disks)
+        ? { $case: "eraseDisks", value: EraseDisksResult.fromJSON(object.erase_disks) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: CommandResult): unknown {
+    const obj: any = {};
+    if (message.result?.$case === "inventory") {
+      obj.inventory = Inventory.toJSON(message.result.value);
+    } else if (message.result?.$case === "writeImage") {
+      obj.writeImage = WriteImageResult.toJSON(message.result.value);
+    } else if (message.result?.$case === "eraseDisks") {
+      obj.eraseDisks = EraseDisksResult.toJSON(message.result.value);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CommandResult>): CommandResult {
+    return CommandResult.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CommandResult>): CommandResult {
+    const message = createBaseCommandResult();
+    switch (object.result?.$case) {
+      case "inventory": {
+        if (object.result?.value !== undefined && object.result?.value !== null) {
+          message.result = { $case: "inventory", value: Inventory.fromPartial(object.result.value) };
+        }
+        break;
+      }
+      case "writeImage": {
+        if (object.result?.value !== undefined && object.result?.value !== null) {
+          message.result = { $case: "writeImage", value: WriteImageResult.fromPartial(object.result.value) };
+        }
+        break;
+      }
+      case "eraseDisks": {
+        if (object.result?.value !== undefined && object.result?.value !== null) {
+          message.result = { $case: "eraseDisks", value: EraseDisksResult.fromPartial(object.result.value) };
+        }
+        break;
+      }
+    }
+    return message;
   },
 };
 
@@ -1009,6 +1515,61 @@ export const WriteImageResult: MessageFns<WriteImageResult> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): WriteImageResult {
+    return {
+      devicePath: isSet(object.devicePath)
+        ? globalThis.String(object.devicePath)
+        : isSet(object.device_path)
+        ? globalThis.String(object.device_path)
+        : "",
+      writtenBytes: isSet(object.writtenBytes)
+        ? globalThis.Number(object.writtenBytes)
+        : isSet(object.written_bytes)
+        ? globalThis.Number(object.written_bytes)
+        : 0,
+      sha256: isSet(object.sha256) ? globalThis.String(object.sha256) : "",
+      resumes: isSet(object.resumes) ? globalThis.Number(object.resumes) : 0,
+      bytesReceivedTwice: isSet(object.bytesReceivedTwice)
+        ? globalThis.Number(object.bytesReceivedTwice)
+        : isSet(object.bytes_received_twice)
+        ? globalThis.Number(object.bytes_received_twice)
+        : 0,
+    };
+  },
+
+  toJSON(message: WriteImageResult): unknown {
+    const obj: any = {};
+    if (message.devicePath !== "") {
+      obj.devicePath = message.devicePath;
+    }
+    if (message.writtenBytes !== 0) {
+      obj.writtenBytes = Math.round(message.writtenBytes);
+    }
+    if (message.sha256 !== "") {
+      obj.sha256 = message.sha256;
+    }
+    if (message.resumes !== 0) {
+      obj.resumes = Math.round(message.resumes);
+    }
+    if (message.bytesReceivedTwice !== 0) {
+      obj.bytesReceivedTwice = Math.round(message.bytesReceivedTwice);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<WriteImageResult>): WriteImageResult {
+    return WriteImageResult.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<WriteImageResult>): WriteImageResult {
+    const message = createBaseWriteImageResult();
+    message.devicePath = object.devicePath ?? "";
+    message.writtenBytes = object.writtenBytes ?? 0;
+    message.sha256 = object.sha256 ?? "";
+    message.resumes = object.resumes ?? 0;
+    message.bytesReceivedTwice = object.bytesReceivedTwice ?? 0;
+    return message;
+  },
 };
 
 function createBaseEraseDisksResult(): EraseDisksResult {
@@ -1054,6 +1615,33 @@ export const EraseDisksResult: MessageFns<EraseDisksResult> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): EraseDisksResult {
+    return {
+      devicePaths: globalThis.Array.isArray(object?.devicePaths)
+        ? object.devicePaths.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.device_paths)
+        ? object.device_paths.map((e: any) => globalThis.String(e))
+        : [],
+    };
+  },
+
+  toJSON(message: EraseDisksResult): unknown {
+    const obj: any = {};
+    if (message.devicePaths?.length) {
+      obj.devicePaths = message.devicePaths;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<EraseDisksResult>): EraseDisksResult {
+    return EraseDisksResult.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<EraseDisksResult>): EraseDisksResult {
+    const message = createBaseEraseDisksResult();
+    message.devicePaths = object.devicePaths?.map((e) => e) || [];
+    return message;
   },
 };
 
@@ -1199,7 +1787,99 @@ export const Command: MessageFns<Command> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): Command {
+    return {
+      id: isSet(object.id) ? globalThis.String(object.id) : "",
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      state: isSet(object.state) ? commandStateFromJSON(object.state) : 0,
+      startedAt: isSet(object.startedAt)
+        ? fromJsonTimestamp(object.startedAt)
+        : isSet(object.started_at)
+        ? fromJsonTimestamp(object.started_at)
+        : undefined,
+      finishedAt: isSet(object.finishedAt)
+        ? fromJsonTimestamp(object.finishedAt)
+        : isSet(object.finished_at)
+        ? fromJsonTimestamp(object.finished_at)
+        : undefined,
+      progress: isSet(object.progress) ? CommandProgress.fromJSON(object.progress) : undefined,
+      error: isSet(object.error) ? globalThis.String(object.error) : "",
+      result: isSet(object.result) ? CommandResult.fromJSON(object.result) : undefined,
+    };
+  },
+
+  toJSON(message: Command): unknown {
+    const obj: any = {};
+    if (message.id !== "") {
+      obj.id = message.id;
+    }
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.state !== 0) {
+      obj.state = commandStateToJSON(message.state);
+    }
+    if (message.startedAt !== undefined) {
+      obj.startedAt = message.startedAt.toISOString();
+    }
+    if (message.finishedAt !== undefined) {
+      obj.finishedAt = message.finishedAt.toISOString();
+    }
+    if (message.progress !== undefined) {
+      obj.progress = CommandProgress.toJSON(message.progress);
+    }
+    if (message.error !== "") {
+      obj.error = message.error;
+    }
+    if (message.result !== undefined) {
+      obj.result = CommandResult.toJSON(message.result);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Command>): Command {
+    return Command.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Command>): Command {
+    const message = createBaseCommand();
+    message.id = object.id ?? "";
+    message.name = object.name ?? "";
+    message.requestId = object.requestId ?? "";
+    message.state = object.state ?? 0;
+    message.startedAt = object.startedAt ?? undefined;
+    message.finishedAt = object.finishedAt ?? undefined;
+    message.progress = (object.progress !== undefined && object.progress !== null)
+      ? CommandProgress.fromPartial(object.progress)
+      : undefined;
+    message.error = object.error ?? "";
+    message.result = (object.result !== undefined && object.result !== null)
+      ? CommandResult.fromPartial(object.result)
+      : undefined;
+    return message;
+  },
 };
+
+function floatToJson(value: number | null | undefined): number | string | null | undefined {
+  return typeof value === "number" && !globalThis.Number.isFinite(value) ? globalThis.String(value) : value;
+}
+
+type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;
+
+export type DeepPartial<T> = T extends Builtin ? T
+  : T extends globalThis.Array<infer U> ? globalThis.Array<DeepPartial<U>>
+  : T extends ReadonlyArray<infer U> ? ReadonlyArray<DeepPartial<U>>
+  : T extends { $case: string; value: unknown } ? { $case: T["$case"]; value?: DeepPartial<T["value"]> }
+  : T extends {} ? { [K in keyof T]?: DeepPartial<T[K]> }
+  : Partial<T>;
 
 function toTimestamp(date: Date): Timestamp {
   const seconds = Math.trunc(date.getTime() / 1_000);
@@ -1213,6 +1893,16 @@ function fromTimestamp(t: Timestamp): Date {
   return new globalThis.Date(millis);
 }
 
+function fromJsonTimestamp(o: any): Date {
+  if (o instanceof globalThis.Date) {
+    return o;
+  } else if (typeof o === "string") {
+    return new globalThis.Date(o);
+  } else {
+    return fromTimestamp(Timestamp.fromJSON(o));
+  }
+}
+
 function longToNumber(int64: { toString(): string }): number {
   const num = globalThis.Number(int64.toString());
   if (num > globalThis.Number.MAX_SAFE_INTEGER) {
@@ -1224,7 +1914,15 @@ function longToNumber(int64: { toString(): string }): number {
   return num;
 }
 
+function isSet(value: any): boolean {
+  return value !== null && value !== undefined;
+}
+
 export interface MessageFns<T> {
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
+  fromJSON(object: any): T;
+  toJSON(message: T): unknown;
+  create(base?: DeepPartial<T>): T;
+  fromPartial(object: DeepPartial<T>): T;
 }

@@ -26,6 +26,43 @@ export enum ImageState {
   UNRECOGNIZED = -1,
 }
 
+export function imageStateFromJSON(object: any): ImageState {
+  switch (object) {
+    case 0:
+    case "IMAGE_STATE_UNSPECIFIED":
+      return ImageState.IMAGE_STATE_UNSPECIFIED;
+    case 1:
+    case "IMAGE_STATE_IMPORTING":
+      return ImageState.IMAGE_STATE_IMPORTING;
+    case 2:
+    case "IMAGE_STATE_READY":
+      return ImageState.IMAGE_STATE_READY;
+    case 3:
+    case "IMAGE_STATE_FAILED":
+      return ImageState.IMAGE_STATE_FAILED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ImageState.UNRECOGNIZED;
+  }
+}
+
+export function imageStateToJSON(object: ImageState): string {
+  switch (object) {
+    case ImageState.IMAGE_STATE_UNSPECIFIED:
+      return "IMAGE_STATE_UNSPECIFIED";
+    case ImageState.IMAGE_STATE_IMPORTING:
+      return "IMAGE_STATE_IMPORTING";
+    case ImageState.IMAGE_STATE_READY:
+      return "IMAGE_STATE_READY";
+    case ImageState.IMAGE_STATE_FAILED:
+      return "IMAGE_STATE_FAILED";
+    case ImageState.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** Image is an OS image in the controller's store. */
 export interface Image {
   /** Unique name. */
@@ -231,6 +268,71 @@ export const Image: MessageFns<Image> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): Image {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      state: isSet(object.state) ? imageStateFromJSON(object.state) : 0,
+      sizeBytes: isSet(object.sizeBytes)
+        ? globalThis.Number(object.sizeBytes)
+        : isSet(object.size_bytes)
+        ? globalThis.Number(object.size_bytes)
+        : 0,
+      sha256: isSet(object.sha256) ? globalThis.String(object.sha256) : "",
+      sourceUrl: isSet(object.sourceUrl)
+        ? globalThis.String(object.sourceUrl)
+        : isSet(object.source_url)
+        ? globalThis.String(object.source_url)
+        : "",
+      error: isSet(object.error) ? globalThis.String(object.error) : "",
+      createdAt: isSet(object.createdAt)
+        ? fromJsonTimestamp(object.createdAt)
+        : isSet(object.created_at)
+        ? fromJsonTimestamp(object.created_at)
+        : undefined,
+    };
+  },
+
+  toJSON(message: Image): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.state !== 0) {
+      obj.state = imageStateToJSON(message.state);
+    }
+    if (message.sizeBytes !== 0) {
+      obj.sizeBytes = Math.round(message.sizeBytes);
+    }
+    if (message.sha256 !== "") {
+      obj.sha256 = message.sha256;
+    }
+    if (message.sourceUrl !== "") {
+      obj.sourceUrl = message.sourceUrl;
+    }
+    if (message.error !== "") {
+      obj.error = message.error;
+    }
+    if (message.createdAt !== undefined) {
+      obj.createdAt = message.createdAt.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Image>): Image {
+    return Image.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Image>): Image {
+    const message = createBaseImage();
+    message.name = object.name ?? "";
+    message.state = object.state ?? 0;
+    message.sizeBytes = object.sizeBytes ?? 0;
+    message.sha256 = object.sha256 ?? "";
+    message.sourceUrl = object.sourceUrl ?? "";
+    message.error = object.error ?? "";
+    message.createdAt = object.createdAt ?? undefined;
+    return message;
+  },
 };
 
 function createBaseUploadImageHeader(): UploadImageHeader {
@@ -299,6 +401,43 @@ export const UploadImageHeader: MessageFns<UploadImageHeader> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): UploadImageHeader {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      sha256: isSet(object.sha256) ? globalThis.String(object.sha256) : "",
+      sizeBytes: isSet(object.sizeBytes)
+        ? globalThis.Number(object.sizeBytes)
+        : isSet(object.size_bytes)
+        ? globalThis.Number(object.size_bytes)
+        : 0,
+    };
+  },
+
+  toJSON(message: UploadImageHeader): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.sha256 !== "") {
+      obj.sha256 = message.sha256;
+    }
+    if (message.sizeBytes !== 0) {
+      obj.sizeBytes = Math.round(message.sizeBytes);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UploadImageHeader>): UploadImageHeader {
+    return UploadImageHeader.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UploadImageHeader>): UploadImageHeader {
+    const message = createBaseUploadImageHeader();
+    message.name = object.name ?? "";
+    message.sha256 = object.sha256 ?? "";
+    message.sizeBytes = object.sizeBytes ?? 0;
+    return message;
+  },
 };
 
 function createBaseUploadImageRequest(): UploadImageRequest {
@@ -358,6 +497,48 @@ export const UploadImageRequest: MessageFns<UploadImageRequest> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): UploadImageRequest {
+    return {
+      part: isSet(object.header)
+        ? { $case: "header", value: UploadImageHeader.fromJSON(object.header) }
+        : isSet(object.data)
+        ? { $case: "data", value: Buffer.from(bytesFromBase64(object.data)) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: UploadImageRequest): unknown {
+    const obj: any = {};
+    if (message.part?.$case === "header") {
+      obj.header = UploadImageHeader.toJSON(message.part.value);
+    } else if (message.part?.$case === "data") {
+      obj.data = base64FromBytes(message.part.value);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UploadImageRequest>): UploadImageRequest {
+    return UploadImageRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UploadImageRequest>): UploadImageRequest {
+    const message = createBaseUploadImageRequest();
+    switch (object.part?.$case) {
+      case "header": {
+        if (object.part?.value !== undefined && object.part?.value !== null) {
+          message.part = { $case: "header", value: UploadImageHeader.fromPartial(object.part.value) };
+        }
+        break;
+      }
+      case "data": {
+        if (object.part?.value !== undefined && object.part?.value !== null) {
+          message.part = { $case: "data", value: object.part.value };
+        }
+        break;
+      }
+    }
+    return message;
+  },
 };
 
 function createBaseUploadImageResponse(): UploadImageResponse {
@@ -403,6 +584,27 @@ export const UploadImageResponse: MessageFns<UploadImageResponse> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): UploadImageResponse {
+    return { image: isSet(object.image) ? Image.fromJSON(object.image) : undefined };
+  },
+
+  toJSON(message: UploadImageResponse): unknown {
+    const obj: any = {};
+    if (message.image !== undefined) {
+      obj.image = Image.toJSON(message.image);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UploadImageResponse>): UploadImageResponse {
+    return UploadImageResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UploadImageResponse>): UploadImageResponse {
+    const message = createBaseUploadImageResponse();
+    message.image = (object.image !== undefined && object.image !== null) ? Image.fromPartial(object.image) : undefined;
+    return message;
   },
 };
 
@@ -472,6 +674,39 @@ export const ImportImageRequest: MessageFns<ImportImageRequest> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): ImportImageRequest {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      url: isSet(object.url) ? globalThis.String(object.url) : "",
+      checksum: isSet(object.checksum) ? globalThis.String(object.checksum) : "",
+    };
+  },
+
+  toJSON(message: ImportImageRequest): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.url !== "") {
+      obj.url = message.url;
+    }
+    if (message.checksum !== "") {
+      obj.checksum = message.checksum;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ImportImageRequest>): ImportImageRequest {
+    return ImportImageRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ImportImageRequest>): ImportImageRequest {
+    const message = createBaseImportImageRequest();
+    message.name = object.name ?? "";
+    message.url = object.url ?? "";
+    message.checksum = object.checksum ?? "";
+    return message;
+  },
 };
 
 function createBaseImportImageResponse(): ImportImageResponse {
@@ -517,6 +752,27 @@ export const ImportImageResponse: MessageFns<ImportImageResponse> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): ImportImageResponse {
+    return { image: isSet(object.image) ? Image.fromJSON(object.image) : undefined };
+  },
+
+  toJSON(message: ImportImageResponse): unknown {
+    const obj: any = {};
+    if (message.image !== undefined) {
+      obj.image = Image.toJSON(message.image);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ImportImageResponse>): ImportImageResponse {
+    return ImportImageResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ImportImageResponse>): ImportImageResponse {
+    const message = createBaseImportImageResponse();
+    message.image = (object.image !== undefined && object.image !== null) ? Image.fromPartial(object.image) : undefined;
+    return message;
   },
 };
 
@@ -564,6 +820,27 @@ export const GetImageRequest: MessageFns<GetImageRequest> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): GetImageRequest {
+    return { name: isSet(object.name) ? globalThis.String(object.name) : "" };
+  },
+
+  toJSON(message: GetImageRequest): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetImageRequest>): GetImageRequest {
+    return GetImageRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetImageRequest>): GetImageRequest {
+    const message = createBaseGetImageRequest();
+    message.name = object.name ?? "";
+    return message;
+  },
 };
 
 function createBaseGetImageResponse(): GetImageResponse {
@@ -610,6 +887,27 @@ export const GetImageResponse: MessageFns<GetImageResponse> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): GetImageResponse {
+    return { image: isSet(object.image) ? Image.fromJSON(object.image) : undefined };
+  },
+
+  toJSON(message: GetImageResponse): unknown {
+    const obj: any = {};
+    if (message.image !== undefined) {
+      obj.image = Image.toJSON(message.image);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetImageResponse>): GetImageResponse {
+    return GetImageResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetImageResponse>): GetImageResponse {
+    const message = createBaseGetImageResponse();
+    message.image = (object.image !== undefined && object.image !== null) ? Image.fromPartial(object.image) : undefined;
+    return message;
+  },
 };
 
 function createBaseListImagesRequest(): ListImagesRequest {
@@ -644,6 +942,23 @@ export const ListImagesRequest: MessageFns<ListImagesRequest> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(_: any): ListImagesRequest {
+    return {};
+  },
+
+  toJSON(_: ListImagesRequest): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<ListImagesRequest>): ListImagesRequest {
+    return ListImagesRequest.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<ListImagesRequest>): ListImagesRequest {
+    const message = createBaseListImagesRequest();
+    return message;
   },
 };
 
@@ -691,6 +1006,27 @@ export const ListImagesResponse: MessageFns<ListImagesResponse> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): ListImagesResponse {
+    return { images: globalThis.Array.isArray(object?.images) ? object.images.map((e: any) => Image.fromJSON(e)) : [] };
+  },
+
+  toJSON(message: ListImagesResponse): unknown {
+    const obj: any = {};
+    if (message.images?.length) {
+      obj.images = message.images.map((e) => Image.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ListImagesResponse>): ListImagesResponse {
+    return ListImagesResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ListImagesResponse>): ListImagesResponse {
+    const message = createBaseListImagesResponse();
+    message.images = object.images?.map((e) => Image.fromPartial(e)) || [];
+    return message;
+  },
 };
 
 function createBaseDeleteImageRequest(): DeleteImageRequest {
@@ -737,6 +1073,27 @@ export const DeleteImageRequest: MessageFns<DeleteImageRequest> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): DeleteImageRequest {
+    return { name: isSet(object.name) ? globalThis.String(object.name) : "" };
+  },
+
+  toJSON(message: DeleteImageRequest): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DeleteImageRequest>): DeleteImageRequest {
+    return DeleteImageRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DeleteImageRequest>): DeleteImageRequest {
+    const message = createBaseDeleteImageRequest();
+    message.name = object.name ?? "";
+    return message;
+  },
 };
 
 function createBaseDeleteImageResponse(): DeleteImageResponse {
@@ -771,6 +1128,23 @@ export const DeleteImageResponse: MessageFns<DeleteImageResponse> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(_: any): DeleteImageResponse {
+    return {};
+  },
+
+  toJSON(_: DeleteImageResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<DeleteImageResponse>): DeleteImageResponse {
+    return DeleteImageResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<DeleteImageResponse>): DeleteImageResponse {
+    const message = createBaseDeleteImageResponse();
+    return message;
   },
 };
 
@@ -833,32 +1207,67 @@ export interface ImageServiceImplementation<CallContextExt = {}> {
   uploadImage(
     request: AsyncIterable<UploadImageRequest>,
     context: CallContext & CallContextExt,
-  ): Promise<UploadImageResponse>;
+  ): Promise<DeepPartial<UploadImageResponse>>;
   /** ImportImage fetches an image from an http(s) URL and verifies it. */
-  importImage(request: ImportImageRequest, context: CallContext & CallContextExt): Promise<ImportImageResponse>;
+  importImage(
+    request: ImportImageRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<ImportImageResponse>>;
   /** GetImage returns one image. */
-  getImage(request: GetImageRequest, context: CallContext & CallContextExt): Promise<GetImageResponse>;
+  getImage(request: GetImageRequest, context: CallContext & CallContextExt): Promise<DeepPartial<GetImageResponse>>;
   /** ListImages returns every image. */
-  listImages(request: ListImagesRequest, context: CallContext & CallContextExt): Promise<ListImagesResponse>;
+  listImages(
+    request: ListImagesRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<ListImagesResponse>>;
   /** DeleteImage removes an image; refused while a node deploys it. */
-  deleteImage(request: DeleteImageRequest, context: CallContext & CallContextExt): Promise<DeleteImageResponse>;
+  deleteImage(
+    request: DeleteImageRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<DeleteImageResponse>>;
 }
 
 export interface ImageServiceClient<CallOptionsExt = {}> {
   /** UploadImage stores an image sent in chunks: first a header, then data. */
   uploadImage(
-    request: AsyncIterable<UploadImageRequest>,
+    request: AsyncIterable<DeepPartial<UploadImageRequest>>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<UploadImageResponse>;
   /** ImportImage fetches an image from an http(s) URL and verifies it. */
-  importImage(request: ImportImageRequest, options?: CallOptions & CallOptionsExt): Promise<ImportImageResponse>;
+  importImage(
+    request: DeepPartial<ImportImageRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<ImportImageResponse>;
   /** GetImage returns one image. */
-  getImage(request: GetImageRequest, options?: CallOptions & CallOptionsExt): Promise<GetImageResponse>;
+  getImage(request: DeepPartial<GetImageRequest>, options?: CallOptions & CallOptionsExt): Promise<GetImageResponse>;
   /** ListImages returns every image. */
-  listImages(request: ListImagesRequest, options?: CallOptions & CallOptionsExt): Promise<ListImagesResponse>;
+  listImages(
+    request: DeepPartial<ListImagesRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<ListImagesResponse>;
   /** DeleteImage removes an image; refused while a node deploys it. */
-  deleteImage(request: DeleteImageRequest, options?: CallOptions & CallOptionsExt): Promise<DeleteImageResponse>;
+  deleteImage(
+    request: DeepPartial<DeleteImageRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<DeleteImageResponse>;
 }
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
+
+type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;
+
+export type DeepPartial<T> = T extends Builtin ? T
+  : T extends globalThis.Array<infer U> ? globalThis.Array<DeepPartial<U>>
+  : T extends ReadonlyArray<infer U> ? ReadonlyArray<DeepPartial<U>>
+  : T extends { $case: string; value: unknown } ? { $case: T["$case"]; value?: DeepPartial<T["value"]> }
+  : T extends {} ? { [K in keyof T]?: DeepPartial<T[K]> }
+  : Partial<T>;
 
 function toTimestamp(date: Date): Timestamp {
   const seconds = Math.trunc(date.getTime() / 1_000);
@@ -872,6 +1281,16 @@ function fromTimestamp(t: Timestamp): Date {
   return new globalThis.Date(millis);
 }
 
+function fromJsonTimestamp(o: any): Date {
+  if (o instanceof globalThis.Date) {
+    return o;
+  } else if (typeof o === "string") {
+    return new globalThis.Date(o);
+  } else {
+    return fromTimestamp(Timestamp.fromJSON(o));
+  }
+}
+
 function longToNumber(int64: { toString(): string }): number {
   const num = globalThis.Number(int64.toString());
   if (num > globalThis.Number.MAX_SAFE_INTEGER) {
@@ -883,7 +1302,15 @@ function longToNumber(int64: { toString(): string }): number {
   return num;
 }
 
+function isSet(value: any): boolean {
+  return value !== null && value !== undefined;
+}
+
 export interface MessageFns<T> {
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
+  fromJSON(object: any): T;
+  toJSON(message: T): unknown;
+  create(base?: DeepPartial<T>): T;
+  fromPartial(object: DeepPartial<T>): T;
 }

@@ -182,6 +182,55 @@ export const Inventory: MessageFns<Inventory> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): Inventory {
+    return {
+      interfaces: globalThis.Array.isArray(object?.interfaces)
+        ? object.interfaces.map((e: any) => NetworkInterface.fromJSON(e))
+        : [],
+      disks: globalThis.Array.isArray(object?.disks) ? object.disks.map((e: any) => Disk.fromJSON(e)) : [],
+      cpu: isSet(object.cpu) ? Cpu.fromJSON(object.cpu) : undefined,
+      memory: isSet(object.memory) ? Memory.fromJSON(object.memory) : undefined,
+      system: isSet(object.system) ? SystemIdentity.fromJSON(object.system) : undefined,
+    };
+  },
+
+  toJSON(message: Inventory): unknown {
+    const obj: any = {};
+    if (message.interfaces?.length) {
+      obj.interfaces = message.interfaces.map((e) => NetworkInterface.toJSON(e));
+    }
+    if (message.disks?.length) {
+      obj.disks = message.disks.map((e) => Disk.toJSON(e));
+    }
+    if (message.cpu !== undefined) {
+      obj.cpu = Cpu.toJSON(message.cpu);
+    }
+    if (message.memory !== undefined) {
+      obj.memory = Memory.toJSON(message.memory);
+    }
+    if (message.system !== undefined) {
+      obj.system = SystemIdentity.toJSON(message.system);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Inventory>): Inventory {
+    return Inventory.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Inventory>): Inventory {
+    const message = createBaseInventory();
+    message.interfaces = object.interfaces?.map((e) => NetworkInterface.fromPartial(e)) || [];
+    message.disks = object.disks?.map((e) => Disk.fromPartial(e)) || [];
+    message.cpu = (object.cpu !== undefined && object.cpu !== null) ? Cpu.fromPartial(object.cpu) : undefined;
+    message.memory = (object.memory !== undefined && object.memory !== null)
+      ? Memory.fromPartial(object.memory)
+      : undefined;
+    message.system = (object.system !== undefined && object.system !== null)
+      ? SystemIdentity.fromPartial(object.system)
+      : undefined;
+    return message;
+  },
 };
 
 function createBaseNetworkInterface(): NetworkInterface {
@@ -271,6 +320,61 @@ export const NetworkInterface: MessageFns<NetworkInterface> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): NetworkInterface {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      macAddress: isSet(object.macAddress)
+        ? globalThis.String(object.macAddress)
+        : isSet(object.mac_address)
+        ? globalThis.String(object.mac_address)
+        : "",
+      speedMbps: isSet(object.speedMbps)
+        ? globalThis.Number(object.speedMbps)
+        : isSet(object.speed_mbps)
+        ? globalThis.Number(object.speed_mbps)
+        : 0,
+      hasCarrier: isSet(object.hasCarrier)
+        ? globalThis.Boolean(object.hasCarrier)
+        : isSet(object.has_carrier)
+        ? globalThis.Boolean(object.has_carrier)
+        : false,
+      driver: isSet(object.driver) ? globalThis.String(object.driver) : "",
+    };
+  },
+
+  toJSON(message: NetworkInterface): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.macAddress !== "") {
+      obj.macAddress = message.macAddress;
+    }
+    if (message.speedMbps !== 0) {
+      obj.speedMbps = Math.round(message.speedMbps);
+    }
+    if (message.hasCarrier !== false) {
+      obj.hasCarrier = message.hasCarrier;
+    }
+    if (message.driver !== "") {
+      obj.driver = message.driver;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<NetworkInterface>): NetworkInterface {
+    return NetworkInterface.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<NetworkInterface>): NetworkInterface {
+    const message = createBaseNetworkInterface();
+    message.name = object.name ?? "";
+    message.macAddress = object.macAddress ?? "";
+    message.speedMbps = object.speedMbps ?? 0;
+    message.hasCarrier = object.hasCarrier ?? false;
+    message.driver = object.driver ?? "";
+    return message;
   },
 };
 
@@ -395,6 +499,76 @@ export const Disk: MessageFns<Disk> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): Disk {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      devicePath: isSet(object.devicePath)
+        ? globalThis.String(object.devicePath)
+        : isSet(object.device_path)
+        ? globalThis.String(object.device_path)
+        : "",
+      sizeBytes: isSet(object.sizeBytes)
+        ? globalThis.Number(object.sizeBytes)
+        : isSet(object.size_bytes)
+        ? globalThis.Number(object.size_bytes)
+        : 0,
+      model: isSet(object.model) ? globalThis.String(object.model) : "",
+      serial: isSet(object.serial) ? globalThis.String(object.serial) : "",
+      rotational: isSet(object.rotational) ? globalThis.Boolean(object.rotational) : false,
+      byPath: isSet(object.byPath)
+        ? globalThis.String(object.byPath)
+        : isSet(object.by_path)
+        ? globalThis.String(object.by_path)
+        : "",
+      wwn: isSet(object.wwn) ? globalThis.String(object.wwn) : "",
+    };
+  },
+
+  toJSON(message: Disk): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.devicePath !== "") {
+      obj.devicePath = message.devicePath;
+    }
+    if (message.sizeBytes !== 0) {
+      obj.sizeBytes = Math.round(message.sizeBytes);
+    }
+    if (message.model !== "") {
+      obj.model = message.model;
+    }
+    if (message.serial !== "") {
+      obj.serial = message.serial;
+    }
+    if (message.rotational !== false) {
+      obj.rotational = message.rotational;
+    }
+    if (message.byPath !== "") {
+      obj.byPath = message.byPath;
+    }
+    if (message.wwn !== "") {
+      obj.wwn = message.wwn;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Disk>): Disk {
+    return Disk.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Disk>): Disk {
+    const message = createBaseDisk();
+    message.name = object.name ?? "";
+    message.devicePath = object.devicePath ?? "";
+    message.sizeBytes = object.sizeBytes ?? 0;
+    message.model = object.model ?? "";
+    message.serial = object.serial ?? "";
+    message.rotational = object.rotational ?? false;
+    message.byPath = object.byPath ?? "";
+    message.wwn = object.wwn ?? "";
+    return message;
+  },
 };
 
 function createBaseCpu(): Cpu {
@@ -463,6 +637,43 @@ export const Cpu: MessageFns<Cpu> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): Cpu {
+    return {
+      count: isSet(object.count) ? globalThis.Number(object.count) : 0,
+      modelName: isSet(object.modelName)
+        ? globalThis.String(object.modelName)
+        : isSet(object.model_name)
+        ? globalThis.String(object.model_name)
+        : "",
+      architecture: isSet(object.architecture) ? globalThis.String(object.architecture) : "",
+    };
+  },
+
+  toJSON(message: Cpu): unknown {
+    const obj: any = {};
+    if (message.count !== 0) {
+      obj.count = Math.round(message.count);
+    }
+    if (message.modelName !== "") {
+      obj.modelName = message.modelName;
+    }
+    if (message.architecture !== "") {
+      obj.architecture = message.architecture;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Cpu>): Cpu {
+    return Cpu.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Cpu>): Cpu {
+    const message = createBaseCpu();
+    message.count = object.count ?? 0;
+    message.modelName = object.modelName ?? "";
+    message.architecture = object.architecture ?? "";
+    return message;
+  },
 };
 
 function createBaseMemory(): Memory {
@@ -508,6 +719,33 @@ export const Memory: MessageFns<Memory> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): Memory {
+    return {
+      totalBytes: isSet(object.totalBytes)
+        ? globalThis.Number(object.totalBytes)
+        : isSet(object.total_bytes)
+        ? globalThis.Number(object.total_bytes)
+        : 0,
+    };
+  },
+
+  toJSON(message: Memory): unknown {
+    const obj: any = {};
+    if (message.totalBytes !== 0) {
+      obj.totalBytes = Math.round(message.totalBytes);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Memory>): Memory {
+    return Memory.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Memory>): Memory {
+    const message = createBaseMemory();
+    message.totalBytes = object.totalBytes ?? 0;
+    return message;
   },
 };
 
@@ -588,7 +826,62 @@ export const SystemIdentity: MessageFns<SystemIdentity> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): SystemIdentity {
+    return {
+      vendor: isSet(object.vendor) ? globalThis.String(object.vendor) : "",
+      productName: isSet(object.productName)
+        ? globalThis.String(object.productName)
+        : isSet(object.product_name)
+        ? globalThis.String(object.product_name)
+        : "",
+      serialNumber: isSet(object.serialNumber)
+        ? globalThis.String(object.serialNumber)
+        : isSet(object.serial_number)
+        ? globalThis.String(object.serial_number)
+        : "",
+      uuid: isSet(object.uuid) ? globalThis.String(object.uuid) : "",
+    };
+  },
+
+  toJSON(message: SystemIdentity): unknown {
+    const obj: any = {};
+    if (message.vendor !== "") {
+      obj.vendor = message.vendor;
+    }
+    if (message.productName !== "") {
+      obj.productName = message.productName;
+    }
+    if (message.serialNumber !== "") {
+      obj.serialNumber = message.serialNumber;
+    }
+    if (message.uuid !== "") {
+      obj.uuid = message.uuid;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SystemIdentity>): SystemIdentity {
+    return SystemIdentity.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SystemIdentity>): SystemIdentity {
+    const message = createBaseSystemIdentity();
+    message.vendor = object.vendor ?? "";
+    message.productName = object.productName ?? "";
+    message.serialNumber = object.serialNumber ?? "";
+    message.uuid = object.uuid ?? "";
+    return message;
+  },
 };
+
+type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;
+
+export type DeepPartial<T> = T extends Builtin ? T
+  : T extends globalThis.Array<infer U> ? globalThis.Array<DeepPartial<U>>
+  : T extends ReadonlyArray<infer U> ? ReadonlyArray<DeepPartial<U>>
+  : T extends { $case: string; value: unknown } ? { $case: T["$case"]; value?: DeepPartial<T["value"]> }
+  : T extends {} ? { [K in keyof T]?: DeepPartial<T[K]> }
+  : Partial<T>;
 
 function longToNumber(int64: { toString(): string }): number {
   const num = globalThis.Number(int64.toString());
@@ -601,7 +894,15 @@ function longToNumber(int64: { toString(): string }): number {
   return num;
 }
 
+function isSet(value: any): boolean {
+  return value !== null && value !== undefined;
+}
+
 export interface MessageFns<T> {
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
+  fromJSON(object: any): T;
+  toJSON(message: T): unknown;
+  create(base?: DeepPartial<T>): T;
+  fromPartial(object: DeepPartial<T>): T;
 }

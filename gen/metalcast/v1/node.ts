@@ -50,6 +50,98 @@ export enum ProvisionState {
   UNRECOGNIZED = -1,
 }
 
+export function provisionStateFromJSON(object: any): ProvisionState {
+  switch (object) {
+    case 0:
+    case "PROVISION_STATE_UNSPECIFIED":
+      return ProvisionState.PROVISION_STATE_UNSPECIFIED;
+    case 1:
+    case "PROVISION_STATE_ENROLL":
+      return ProvisionState.PROVISION_STATE_ENROLL;
+    case 2:
+    case "PROVISION_STATE_MANAGEABLE":
+      return ProvisionState.PROVISION_STATE_MANAGEABLE;
+    case 3:
+    case "PROVISION_STATE_INSPECTING":
+      return ProvisionState.PROVISION_STATE_INSPECTING;
+    case 4:
+    case "PROVISION_STATE_INSPECT_WAIT":
+      return ProvisionState.PROVISION_STATE_INSPECT_WAIT;
+    case 5:
+    case "PROVISION_STATE_INSPECT_FAILED":
+      return ProvisionState.PROVISION_STATE_INSPECT_FAILED;
+    case 6:
+    case "PROVISION_STATE_CLEANING":
+      return ProvisionState.PROVISION_STATE_CLEANING;
+    case 7:
+    case "PROVISION_STATE_CLEAN_WAIT":
+      return ProvisionState.PROVISION_STATE_CLEAN_WAIT;
+    case 8:
+    case "PROVISION_STATE_CLEAN_FAILED":
+      return ProvisionState.PROVISION_STATE_CLEAN_FAILED;
+    case 9:
+    case "PROVISION_STATE_AVAILABLE":
+      return ProvisionState.PROVISION_STATE_AVAILABLE;
+    case 10:
+    case "PROVISION_STATE_DEPLOYING":
+      return ProvisionState.PROVISION_STATE_DEPLOYING;
+    case 11:
+    case "PROVISION_STATE_DEPLOY_WAIT":
+      return ProvisionState.PROVISION_STATE_DEPLOY_WAIT;
+    case 12:
+    case "PROVISION_STATE_DEPLOY_FAILED":
+      return ProvisionState.PROVISION_STATE_DEPLOY_FAILED;
+    case 13:
+    case "PROVISION_STATE_ACTIVE":
+      return ProvisionState.PROVISION_STATE_ACTIVE;
+    case 14:
+    case "PROVISION_STATE_DELETING":
+      return ProvisionState.PROVISION_STATE_DELETING;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ProvisionState.UNRECOGNIZED;
+  }
+}
+
+export function provisionStateToJSON(object: ProvisionState): string {
+  switch (object) {
+    case ProvisionState.PROVISION_STATE_UNSPECIFIED:
+      return "PROVISION_STATE_UNSPECIFIED";
+    case ProvisionState.PROVISION_STATE_ENROLL:
+      return "PROVISION_STATE_ENROLL";
+    case ProvisionState.PROVISION_STATE_MANAGEABLE:
+      return "PROVISION_STATE_MANAGEABLE";
+    case ProvisionState.PROVISION_STATE_INSPECTING:
+      return "PROVISION_STATE_INSPECTING";
+    case ProvisionState.PROVISION_STATE_INSPECT_WAIT:
+      return "PROVISION_STATE_INSPECT_WAIT";
+    case ProvisionState.PROVISION_STATE_INSPECT_FAILED:
+      return "PROVISION_STATE_INSPECT_FAILED";
+    case ProvisionState.PROVISION_STATE_CLEANING:
+      return "PROVISION_STATE_CLEANING";
+    case ProvisionState.PROVISION_STATE_CLEAN_WAIT:
+      return "PROVISION_STATE_CLEAN_WAIT";
+    case ProvisionState.PROVISION_STATE_CLEAN_FAILED:
+      return "PROVISION_STATE_CLEAN_FAILED";
+    case ProvisionState.PROVISION_STATE_AVAILABLE:
+      return "PROVISION_STATE_AVAILABLE";
+    case ProvisionState.PROVISION_STATE_DEPLOYING:
+      return "PROVISION_STATE_DEPLOYING";
+    case ProvisionState.PROVISION_STATE_DEPLOY_WAIT:
+      return "PROVISION_STATE_DEPLOY_WAIT";
+    case ProvisionState.PROVISION_STATE_DEPLOY_FAILED:
+      return "PROVISION_STATE_DEPLOY_FAILED";
+    case ProvisionState.PROVISION_STATE_ACTIVE:
+      return "PROVISION_STATE_ACTIVE";
+    case ProvisionState.PROVISION_STATE_DELETING:
+      return "PROVISION_STATE_DELETING";
+    case ProvisionState.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** ProvisionAction is what an operator asks a node to do. */
 export enum ProvisionAction {
   /** PROVISION_ACTION_UNSPECIFIED - Not set; rejected. */
@@ -67,6 +159,58 @@ export enum ProvisionAction {
   /** PROVISION_ACTION_ABORT - Stop waiting for the agent and fail the current operation. */
   PROVISION_ACTION_ABORT = 6,
   UNRECOGNIZED = -1,
+}
+
+export function provisionActionFromJSON(object: any): ProvisionAction {
+  switch (object) {
+    case 0:
+    case "PROVISION_ACTION_UNSPECIFIED":
+      return ProvisionAction.PROVISION_ACTION_UNSPECIFIED;
+    case 1:
+    case "PROVISION_ACTION_MANAGE":
+      return ProvisionAction.PROVISION_ACTION_MANAGE;
+    case 2:
+    case "PROVISION_ACTION_PROVIDE":
+      return ProvisionAction.PROVISION_ACTION_PROVIDE;
+    case 3:
+    case "PROVISION_ACTION_INSPECT":
+      return ProvisionAction.PROVISION_ACTION_INSPECT;
+    case 4:
+    case "PROVISION_ACTION_DEPLOY":
+      return ProvisionAction.PROVISION_ACTION_DEPLOY;
+    case 5:
+    case "PROVISION_ACTION_UNDEPLOY":
+      return ProvisionAction.PROVISION_ACTION_UNDEPLOY;
+    case 6:
+    case "PROVISION_ACTION_ABORT":
+      return ProvisionAction.PROVISION_ACTION_ABORT;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ProvisionAction.UNRECOGNIZED;
+  }
+}
+
+export function provisionActionToJSON(object: ProvisionAction): string {
+  switch (object) {
+    case ProvisionAction.PROVISION_ACTION_UNSPECIFIED:
+      return "PROVISION_ACTION_UNSPECIFIED";
+    case ProvisionAction.PROVISION_ACTION_MANAGE:
+      return "PROVISION_ACTION_MANAGE";
+    case ProvisionAction.PROVISION_ACTION_PROVIDE:
+      return "PROVISION_ACTION_PROVIDE";
+    case ProvisionAction.PROVISION_ACTION_INSPECT:
+      return "PROVISION_ACTION_INSPECT";
+    case ProvisionAction.PROVISION_ACTION_DEPLOY:
+      return "PROVISION_ACTION_DEPLOY";
+    case ProvisionAction.PROVISION_ACTION_UNDEPLOY:
+      return "PROVISION_ACTION_UNDEPLOY";
+    case ProvisionAction.PROVISION_ACTION_ABORT:
+      return "PROVISION_ACTION_ABORT";
+    case ProvisionAction.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
 }
 
 /** DeploySpec says what to deploy on a node. */
@@ -391,6 +535,36 @@ export const DeploySpec: MessageFns<DeploySpec> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): DeploySpec {
+    return {
+      image: isSet(object.image) ? globalThis.String(object.image) : "",
+      target: isSet(object.target) ? DiskHints.fromJSON(object.target) : undefined,
+    };
+  },
+
+  toJSON(message: DeploySpec): unknown {
+    const obj: any = {};
+    if (message.image !== "") {
+      obj.image = message.image;
+    }
+    if (message.target !== undefined) {
+      obj.target = DiskHints.toJSON(message.target);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DeploySpec>): DeploySpec {
+    return DeploySpec.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DeploySpec>): DeploySpec {
+    const message = createBaseDeploySpec();
+    message.image = object.image ?? "";
+    message.target = (object.target !== undefined && object.target !== null)
+      ? DiskHints.fromPartial(object.target)
+      : undefined;
+    return message;
+  },
 };
 
 function createBaseNode(): Node {
@@ -670,6 +844,205 @@ export const Node: MessageFns<Node> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): Node {
+    return {
+      uuid: isSet(object.uuid) ? globalThis.String(object.uuid) : "",
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      provisionState: isSet(object.provisionState)
+        ? provisionStateFromJSON(object.provisionState)
+        : isSet(object.provision_state)
+        ? provisionStateFromJSON(object.provision_state)
+        : 0,
+      targetProvisionState: isSet(object.targetProvisionState)
+        ? provisionStateFromJSON(object.targetProvisionState)
+        : isSet(object.target_provision_state)
+        ? provisionStateFromJSON(object.target_provision_state)
+        : 0,
+      maintenance: isSet(object.maintenance) ? globalThis.Boolean(object.maintenance) : false,
+      maintenanceReason: isSet(object.maintenanceReason)
+        ? globalThis.String(object.maintenanceReason)
+        : isSet(object.maintenance_reason)
+        ? globalThis.String(object.maintenance_reason)
+        : "",
+      lastError: isSet(object.lastError)
+        ? globalThis.String(object.lastError)
+        : isSet(object.last_error)
+        ? globalThis.String(object.last_error)
+        : "",
+      macAddresses: globalThis.Array.isArray(object?.macAddresses)
+        ? object.macAddresses.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.mac_addresses)
+        ? object.mac_addresses.map((e: any) => globalThis.String(e))
+        : [],
+      properties: isObject(object.properties)
+        ? (globalThis.Object.entries(object.properties) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
+      agentAddress: isSet(object.agentAddress)
+        ? globalThis.String(object.agentAddress)
+        : isSet(object.agent_address)
+        ? globalThis.String(object.agent_address)
+        : "",
+      agentVersion: isSet(object.agentVersion)
+        ? globalThis.String(object.agentVersion)
+        : isSet(object.agent_version)
+        ? globalThis.String(object.agent_version)
+        : "",
+      lastHeartbeatAt: isSet(object.lastHeartbeatAt)
+        ? fromJsonTimestamp(object.lastHeartbeatAt)
+        : isSet(object.last_heartbeat_at)
+        ? fromJsonTimestamp(object.last_heartbeat_at)
+        : undefined,
+      reservation: isSet(object.reservation) ? globalThis.String(object.reservation) : "",
+      reservationOperation: isSet(object.reservationOperation)
+        ? globalThis.String(object.reservationOperation)
+        : isSet(object.reservation_operation)
+        ? globalThis.String(object.reservation_operation)
+        : "",
+      inventory: isSet(object.inventory) ? Inventory.fromJSON(object.inventory) : undefined,
+      deploy: isSet(object.deploy) ? DeploySpec.fromJSON(object.deploy) : undefined,
+      progress: isSet(object.progress) ? CommandProgress.fromJSON(object.progress) : undefined,
+      createdAt: isSet(object.createdAt)
+        ? fromJsonTimestamp(object.createdAt)
+        : isSet(object.created_at)
+        ? fromJsonTimestamp(object.created_at)
+        : undefined,
+      updatedAt: isSet(object.updatedAt)
+        ? fromJsonTimestamp(object.updatedAt)
+        : isSet(object.updated_at)
+        ? fromJsonTimestamp(object.updated_at)
+        : undefined,
+      provisionUpdatedAt: isSet(object.provisionUpdatedAt)
+        ? fromJsonTimestamp(object.provisionUpdatedAt)
+        : isSet(object.provision_updated_at)
+        ? fromJsonTimestamp(object.provision_updated_at)
+        : undefined,
+    };
+  },
+
+  toJSON(message: Node): unknown {
+    const obj: any = {};
+    if (message.uuid !== "") {
+      obj.uuid = message.uuid;
+    }
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.provisionState !== 0) {
+      obj.provisionState = provisionStateToJSON(message.provisionState);
+    }
+    if (message.targetProvisionState !== 0) {
+      obj.targetProvisionState = provisionStateToJSON(message.targetProvisionState);
+    }
+    if (message.maintenance !== false) {
+      obj.maintenance = message.maintenance;
+    }
+    if (message.maintenanceReason !== "") {
+      obj.maintenanceReason = message.maintenanceReason;
+    }
+    if (message.lastError !== "") {
+      obj.lastError = message.lastError;
+    }
+    if (message.macAddresses?.length) {
+      obj.macAddresses = message.macAddresses;
+    }
+    if (message.properties) {
+      const entries = globalThis.Object.entries(message.properties) as [string, string][];
+      if (entries.length > 0) {
+        obj.properties = {};
+        entries.forEach(([k, v]) => {
+          obj.properties[k] = v;
+        });
+      }
+    }
+    if (message.agentAddress !== "") {
+      obj.agentAddress = message.agentAddress;
+    }
+    if (message.agentVersion !== "") {
+      obj.agentVersion = message.agentVersion;
+    }
+    if (message.lastHeartbeatAt !== undefined) {
+      obj.lastHeartbeatAt = message.lastHeartbeatAt.toISOString();
+    }
+    if (message.reservation !== "") {
+      obj.reservation = message.reservation;
+    }
+    if (message.reservationOperation !== "") {
+      obj.reservationOperation = message.reservationOperation;
+    }
+    if (message.inventory !== undefined) {
+      obj.inventory = Inventory.toJSON(message.inventory);
+    }
+    if (message.deploy !== undefined) {
+      obj.deploy = DeploySpec.toJSON(message.deploy);
+    }
+    if (message.progress !== undefined) {
+      obj.progress = CommandProgress.toJSON(message.progress);
+    }
+    if (message.createdAt !== undefined) {
+      obj.createdAt = message.createdAt.toISOString();
+    }
+    if (message.updatedAt !== undefined) {
+      obj.updatedAt = message.updatedAt.toISOString();
+    }
+    if (message.provisionUpdatedAt !== undefined) {
+      obj.provisionUpdatedAt = message.provisionUpdatedAt.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Node>): Node {
+    return Node.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Node>): Node {
+    const message = createBaseNode();
+    message.uuid = object.uuid ?? "";
+    message.name = object.name ?? "";
+    message.provisionState = object.provisionState ?? 0;
+    message.targetProvisionState = object.targetProvisionState ?? 0;
+    message.maintenance = object.maintenance ?? false;
+    message.maintenanceReason = object.maintenanceReason ?? "";
+    message.lastError = object.lastError ?? "";
+    message.macAddresses = object.macAddresses?.map((e) => e) || [];
+    message.properties = (globalThis.Object.entries(object.properties ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.agentAddress = object.agentAddress ?? "";
+    message.agentVersion = object.agentVersion ?? "";
+    message.lastHeartbeatAt = object.lastHeartbeatAt ?? undefined;
+    message.reservation = object.reservation ?? "";
+    message.reservationOperation = object.reservationOperation ?? "";
+    message.inventory = (object.inventory !== undefined && object.inventory !== null)
+      ? Inventory.fromPartial(object.inventory)
+      : undefined;
+    message.deploy = (object.deploy !== undefined && object.deploy !== null)
+      ? DeploySpec.fromPartial(object.deploy)
+      : undefined;
+    message.progress = (object.progress !== undefined && object.progress !== null)
+      ? CommandProgress.fromPartial(object.progress)
+      : undefined;
+    message.createdAt = object.createdAt ?? undefined;
+    message.updatedAt = object.updatedAt ?? undefined;
+    message.provisionUpdatedAt = object.provisionUpdatedAt ?? undefined;
+    return message;
+  },
 };
 
 function createBaseNode_PropertiesEntry(): Node_PropertiesEntry {
@@ -726,6 +1099,34 @@ export const Node_PropertiesEntry: MessageFns<Node_PropertiesEntry> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): Node_PropertiesEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.String(object.value) : "",
+    };
+  },
+
+  toJSON(message: Node_PropertiesEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== "") {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Node_PropertiesEntry>): Node_PropertiesEntry {
+    return Node_PropertiesEntry.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Node_PropertiesEntry>): Node_PropertiesEntry {
+    const message = createBaseNode_PropertiesEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
   },
 };
 
@@ -839,6 +1240,67 @@ export const NodeEvent: MessageFns<NodeEvent> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): NodeEvent {
+    return {
+      id: isSet(object.id) ? globalThis.Number(object.id) : 0,
+      time: isSet(object.time) ? fromJsonTimestamp(object.time) : undefined,
+      kind: isSet(object.kind) ? globalThis.String(object.kind) : "",
+      message: isSet(object.message) ? globalThis.String(object.message) : "",
+      actor: isSet(object.actor) ? globalThis.String(object.actor) : "",
+      fromState: isSet(object.fromState)
+        ? provisionStateFromJSON(object.fromState)
+        : isSet(object.from_state)
+        ? provisionStateFromJSON(object.from_state)
+        : 0,
+      toState: isSet(object.toState)
+        ? provisionStateFromJSON(object.toState)
+        : isSet(object.to_state)
+        ? provisionStateFromJSON(object.to_state)
+        : 0,
+    };
+  },
+
+  toJSON(message: NodeEvent): unknown {
+    const obj: any = {};
+    if (message.id !== 0) {
+      obj.id = Math.round(message.id);
+    }
+    if (message.time !== undefined) {
+      obj.time = message.time.toISOString();
+    }
+    if (message.kind !== "") {
+      obj.kind = message.kind;
+    }
+    if (message.message !== "") {
+      obj.message = message.message;
+    }
+    if (message.actor !== "") {
+      obj.actor = message.actor;
+    }
+    if (message.fromState !== 0) {
+      obj.fromState = provisionStateToJSON(message.fromState);
+    }
+    if (message.toState !== 0) {
+      obj.toState = provisionStateToJSON(message.toState);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<NodeEvent>): NodeEvent {
+    return NodeEvent.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<NodeEvent>): NodeEvent {
+    const message = createBaseNodeEvent();
+    message.id = object.id ?? 0;
+    message.time = object.time ?? undefined;
+    message.kind = object.kind ?? "";
+    message.message = object.message ?? "";
+    message.actor = object.actor ?? "";
+    message.fromState = object.fromState ?? 0;
+    message.toState = object.toState ?? 0;
+    return message;
+  },
 };
 
 function createBaseCreateNodeRequest(): CreateNodeRequest {
@@ -910,6 +1372,70 @@ export const CreateNodeRequest: MessageFns<CreateNodeRequest> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): CreateNodeRequest {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      macAddresses: globalThis.Array.isArray(object?.macAddresses)
+        ? object.macAddresses.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.mac_addresses)
+        ? object.mac_addresses.map((e: any) => globalThis.String(e))
+        : [],
+      properties: isObject(object.properties)
+        ? (globalThis.Object.entries(object.properties) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
+    };
+  },
+
+  toJSON(message: CreateNodeRequest): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.macAddresses?.length) {
+      obj.macAddresses = message.macAddresses;
+    }
+    if (message.properties) {
+      const entries = globalThis.Object.entries(message.properties) as [string, string][];
+      if (entries.length > 0) {
+        obj.properties = {};
+        entries.forEach(([k, v]) => {
+          obj.properties[k] = v;
+        });
+      }
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CreateNodeRequest>): CreateNodeRequest {
+    return CreateNodeRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CreateNodeRequest>): CreateNodeRequest {
+    const message = createBaseCreateNodeRequest();
+    message.name = object.name ?? "";
+    message.macAddresses = object.macAddresses?.map((e) => e) || [];
+    message.properties = (globalThis.Object.entries(object.properties ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    return message;
+  },
 };
 
 function createBaseCreateNodeRequest_PropertiesEntry(): CreateNodeRequest_PropertiesEntry {
@@ -967,6 +1493,34 @@ export const CreateNodeRequest_PropertiesEntry: MessageFns<CreateNodeRequest_Pro
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): CreateNodeRequest_PropertiesEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.String(object.value) : "",
+    };
+  },
+
+  toJSON(message: CreateNodeRequest_PropertiesEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== "") {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CreateNodeRequest_PropertiesEntry>): CreateNodeRequest_PropertiesEntry {
+    return CreateNodeRequest_PropertiesEntry.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CreateNodeRequest_PropertiesEntry>): CreateNodeRequest_PropertiesEntry {
+    const message = createBaseCreateNodeRequest_PropertiesEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
 };
 
 function createBaseCreateNodeResponse(): CreateNodeResponse {
@@ -1012,6 +1566,27 @@ export const CreateNodeResponse: MessageFns<CreateNodeResponse> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): CreateNodeResponse {
+    return { node: isSet(object.node) ? Node.fromJSON(object.node) : undefined };
+  },
+
+  toJSON(message: CreateNodeResponse): unknown {
+    const obj: any = {};
+    if (message.node !== undefined) {
+      obj.node = Node.toJSON(message.node);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CreateNodeResponse>): CreateNodeResponse {
+    return CreateNodeResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CreateNodeResponse>): CreateNodeResponse {
+    const message = createBaseCreateNodeResponse();
+    message.node = (object.node !== undefined && object.node !== null) ? Node.fromPartial(object.node) : undefined;
+    return message;
   },
 };
 
@@ -1059,6 +1634,27 @@ export const GetNodeRequest: MessageFns<GetNodeRequest> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): GetNodeRequest {
+    return { node: isSet(object.node) ? globalThis.String(object.node) : "" };
+  },
+
+  toJSON(message: GetNodeRequest): unknown {
+    const obj: any = {};
+    if (message.node !== "") {
+      obj.node = message.node;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetNodeRequest>): GetNodeRequest {
+    return GetNodeRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetNodeRequest>): GetNodeRequest {
+    const message = createBaseGetNodeRequest();
+    message.node = object.node ?? "";
+    return message;
+  },
 };
 
 function createBaseGetNodeResponse(): GetNodeResponse {
@@ -1104,6 +1700,27 @@ export const GetNodeResponse: MessageFns<GetNodeResponse> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): GetNodeResponse {
+    return { node: isSet(object.node) ? Node.fromJSON(object.node) : undefined };
+  },
+
+  toJSON(message: GetNodeResponse): unknown {
+    const obj: any = {};
+    if (message.node !== undefined) {
+      obj.node = Node.toJSON(message.node);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetNodeResponse>): GetNodeResponse {
+    return GetNodeResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetNodeResponse>): GetNodeResponse {
+    const message = createBaseGetNodeResponse();
+    message.node = (object.node !== undefined && object.node !== null) ? Node.fromPartial(object.node) : undefined;
+    return message;
   },
 };
 
@@ -1184,6 +1801,56 @@ export const ListNodesRequest: MessageFns<ListNodesRequest> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): ListNodesRequest {
+    return {
+      provisionState: isSet(object.provisionState)
+        ? provisionStateFromJSON(object.provisionState)
+        : isSet(object.provision_state)
+        ? provisionStateFromJSON(object.provision_state)
+        : 0,
+      maintenance: isSet(object.maintenance) ? globalThis.Boolean(object.maintenance) : undefined,
+      pageSize: isSet(object.pageSize)
+        ? globalThis.Number(object.pageSize)
+        : isSet(object.page_size)
+        ? globalThis.Number(object.page_size)
+        : 0,
+      pageToken: isSet(object.pageToken)
+        ? globalThis.String(object.pageToken)
+        : isSet(object.page_token)
+        ? globalThis.String(object.page_token)
+        : "",
+    };
+  },
+
+  toJSON(message: ListNodesRequest): unknown {
+    const obj: any = {};
+    if (message.provisionState !== 0) {
+      obj.provisionState = provisionStateToJSON(message.provisionState);
+    }
+    if (message.maintenance !== undefined) {
+      obj.maintenance = message.maintenance;
+    }
+    if (message.pageSize !== 0) {
+      obj.pageSize = Math.round(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      obj.pageToken = message.pageToken;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ListNodesRequest>): ListNodesRequest {
+    return ListNodesRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ListNodesRequest>): ListNodesRequest {
+    const message = createBaseListNodesRequest();
+    message.provisionState = object.provisionState ?? 0;
+    message.maintenance = object.maintenance ?? undefined;
+    message.pageSize = object.pageSize ?? 0;
+    message.pageToken = object.pageToken ?? "";
+    return message;
+  },
 };
 
 function createBaseListNodesResponse(): ListNodesResponse {
@@ -1241,6 +1908,38 @@ export const ListNodesResponse: MessageFns<ListNodesResponse> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): ListNodesResponse {
+    return {
+      nodes: globalThis.Array.isArray(object?.nodes) ? object.nodes.map((e: any) => Node.fromJSON(e)) : [],
+      nextPageToken: isSet(object.nextPageToken)
+        ? globalThis.String(object.nextPageToken)
+        : isSet(object.next_page_token)
+        ? globalThis.String(object.next_page_token)
+        : "",
+    };
+  },
+
+  toJSON(message: ListNodesResponse): unknown {
+    const obj: any = {};
+    if (message.nodes?.length) {
+      obj.nodes = message.nodes.map((e) => Node.toJSON(e));
+    }
+    if (message.nextPageToken !== "") {
+      obj.nextPageToken = message.nextPageToken;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ListNodesResponse>): ListNodesResponse {
+    return ListNodesResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ListNodesResponse>): ListNodesResponse {
+    const message = createBaseListNodesResponse();
+    message.nodes = object.nodes?.map((e) => Node.fromPartial(e)) || [];
+    message.nextPageToken = object.nextPageToken ?? "";
+    return message;
+  },
 };
 
 function createBaseDeleteNodeRequest(): DeleteNodeRequest {
@@ -1287,6 +1986,27 @@ export const DeleteNodeRequest: MessageFns<DeleteNodeRequest> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): DeleteNodeRequest {
+    return { node: isSet(object.node) ? globalThis.String(object.node) : "" };
+  },
+
+  toJSON(message: DeleteNodeRequest): unknown {
+    const obj: any = {};
+    if (message.node !== "") {
+      obj.node = message.node;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DeleteNodeRequest>): DeleteNodeRequest {
+    return DeleteNodeRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DeleteNodeRequest>): DeleteNodeRequest {
+    const message = createBaseDeleteNodeRequest();
+    message.node = object.node ?? "";
+    return message;
+  },
 };
 
 function createBaseDeleteNodeResponse(): DeleteNodeResponse {
@@ -1321,6 +2041,23 @@ export const DeleteNodeResponse: MessageFns<DeleteNodeResponse> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(_: any): DeleteNodeResponse {
+    return {};
+  },
+
+  toJSON(_: DeleteNodeResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<DeleteNodeResponse>): DeleteNodeResponse {
+    return DeleteNodeResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<DeleteNodeResponse>): DeleteNodeResponse {
+    const message = createBaseDeleteNodeResponse();
+    return message;
   },
 };
 
@@ -1379,6 +2116,38 @@ export const AddNodePortRequest: MessageFns<AddNodePortRequest> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): AddNodePortRequest {
+    return {
+      node: isSet(object.node) ? globalThis.String(object.node) : "",
+      macAddress: isSet(object.macAddress)
+        ? globalThis.String(object.macAddress)
+        : isSet(object.mac_address)
+        ? globalThis.String(object.mac_address)
+        : "",
+    };
+  },
+
+  toJSON(message: AddNodePortRequest): unknown {
+    const obj: any = {};
+    if (message.node !== "") {
+      obj.node = message.node;
+    }
+    if (message.macAddress !== "") {
+      obj.macAddress = message.macAddress;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AddNodePortRequest>): AddNodePortRequest {
+    return AddNodePortRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AddNodePortRequest>): AddNodePortRequest {
+    const message = createBaseAddNodePortRequest();
+    message.node = object.node ?? "";
+    message.macAddress = object.macAddress ?? "";
+    return message;
+  },
 };
 
 function createBaseAddNodePortResponse(): AddNodePortResponse {
@@ -1424,6 +2193,27 @@ export const AddNodePortResponse: MessageFns<AddNodePortResponse> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): AddNodePortResponse {
+    return { node: isSet(object.node) ? Node.fromJSON(object.node) : undefined };
+  },
+
+  toJSON(message: AddNodePortResponse): unknown {
+    const obj: any = {};
+    if (message.node !== undefined) {
+      obj.node = Node.toJSON(message.node);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AddNodePortResponse>): AddNodePortResponse {
+    return AddNodePortResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AddNodePortResponse>): AddNodePortResponse {
+    const message = createBaseAddNodePortResponse();
+    message.node = (object.node !== undefined && object.node !== null) ? Node.fromPartial(object.node) : undefined;
+    return message;
   },
 };
 
@@ -1482,6 +2272,38 @@ export const RemoveNodePortRequest: MessageFns<RemoveNodePortRequest> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): RemoveNodePortRequest {
+    return {
+      node: isSet(object.node) ? globalThis.String(object.node) : "",
+      macAddress: isSet(object.macAddress)
+        ? globalThis.String(object.macAddress)
+        : isSet(object.mac_address)
+        ? globalThis.String(object.mac_address)
+        : "",
+    };
+  },
+
+  toJSON(message: RemoveNodePortRequest): unknown {
+    const obj: any = {};
+    if (message.node !== "") {
+      obj.node = message.node;
+    }
+    if (message.macAddress !== "") {
+      obj.macAddress = message.macAddress;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RemoveNodePortRequest>): RemoveNodePortRequest {
+    return RemoveNodePortRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RemoveNodePortRequest>): RemoveNodePortRequest {
+    const message = createBaseRemoveNodePortRequest();
+    message.node = object.node ?? "";
+    message.macAddress = object.macAddress ?? "";
+    return message;
+  },
 };
 
 function createBaseRemoveNodePortResponse(): RemoveNodePortResponse {
@@ -1527,6 +2349,27 @@ export const RemoveNodePortResponse: MessageFns<RemoveNodePortResponse> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): RemoveNodePortResponse {
+    return { node: isSet(object.node) ? Node.fromJSON(object.node) : undefined };
+  },
+
+  toJSON(message: RemoveNodePortResponse): unknown {
+    const obj: any = {};
+    if (message.node !== undefined) {
+      obj.node = Node.toJSON(message.node);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RemoveNodePortResponse>): RemoveNodePortResponse {
+    return RemoveNodePortResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RemoveNodePortResponse>): RemoveNodePortResponse {
+    const message = createBaseRemoveNodePortResponse();
+    message.node = (object.node !== undefined && object.node !== null) ? Node.fromPartial(object.node) : undefined;
+    return message;
   },
 };
 
@@ -1596,6 +2439,39 @@ export const SetMaintenanceRequest: MessageFns<SetMaintenanceRequest> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): SetMaintenanceRequest {
+    return {
+      node: isSet(object.node) ? globalThis.String(object.node) : "",
+      enabled: isSet(object.enabled) ? globalThis.Boolean(object.enabled) : false,
+      reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
+    };
+  },
+
+  toJSON(message: SetMaintenanceRequest): unknown {
+    const obj: any = {};
+    if (message.node !== "") {
+      obj.node = message.node;
+    }
+    if (message.enabled !== false) {
+      obj.enabled = message.enabled;
+    }
+    if (message.reason !== "") {
+      obj.reason = message.reason;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SetMaintenanceRequest>): SetMaintenanceRequest {
+    return SetMaintenanceRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SetMaintenanceRequest>): SetMaintenanceRequest {
+    const message = createBaseSetMaintenanceRequest();
+    message.node = object.node ?? "";
+    message.enabled = object.enabled ?? false;
+    message.reason = object.reason ?? "";
+    return message;
+  },
 };
 
 function createBaseSetMaintenanceResponse(): SetMaintenanceResponse {
@@ -1641,6 +2517,27 @@ export const SetMaintenanceResponse: MessageFns<SetMaintenanceResponse> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): SetMaintenanceResponse {
+    return { node: isSet(object.node) ? Node.fromJSON(object.node) : undefined };
+  },
+
+  toJSON(message: SetMaintenanceResponse): unknown {
+    const obj: any = {};
+    if (message.node !== undefined) {
+      obj.node = Node.toJSON(message.node);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SetMaintenanceResponse>): SetMaintenanceResponse {
+    return SetMaintenanceResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SetMaintenanceResponse>): SetMaintenanceResponse {
+    const message = createBaseSetMaintenanceResponse();
+    message.node = (object.node !== undefined && object.node !== null) ? Node.fromPartial(object.node) : undefined;
+    return message;
   },
 };
 
@@ -1710,6 +2607,41 @@ export const SetProvisionStateRequest: MessageFns<SetProvisionStateRequest> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): SetProvisionStateRequest {
+    return {
+      node: isSet(object.node) ? globalThis.String(object.node) : "",
+      action: isSet(object.action) ? provisionActionFromJSON(object.action) : 0,
+      deploy: isSet(object.deploy) ? DeploySpec.fromJSON(object.deploy) : undefined,
+    };
+  },
+
+  toJSON(message: SetProvisionStateRequest): unknown {
+    const obj: any = {};
+    if (message.node !== "") {
+      obj.node = message.node;
+    }
+    if (message.action !== 0) {
+      obj.action = provisionActionToJSON(message.action);
+    }
+    if (message.deploy !== undefined) {
+      obj.deploy = DeploySpec.toJSON(message.deploy);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SetProvisionStateRequest>): SetProvisionStateRequest {
+    return SetProvisionStateRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SetProvisionStateRequest>): SetProvisionStateRequest {
+    const message = createBaseSetProvisionStateRequest();
+    message.node = object.node ?? "";
+    message.action = object.action ?? 0;
+    message.deploy = (object.deploy !== undefined && object.deploy !== null)
+      ? DeploySpec.fromPartial(object.deploy)
+      : undefined;
+    return message;
+  },
 };
 
 function createBaseSetProvisionStateResponse(): SetProvisionStateResponse {
@@ -1755,6 +2687,27 @@ export const SetProvisionStateResponse: MessageFns<SetProvisionStateResponse> = 
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): SetProvisionStateResponse {
+    return { node: isSet(object.node) ? Node.fromJSON(object.node) : undefined };
+  },
+
+  toJSON(message: SetProvisionStateResponse): unknown {
+    const obj: any = {};
+    if (message.node !== undefined) {
+      obj.node = Node.toJSON(message.node);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SetProvisionStateResponse>): SetProvisionStateResponse {
+    return SetProvisionStateResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SetProvisionStateResponse>): SetProvisionStateResponse {
+    const message = createBaseSetProvisionStateResponse();
+    message.node = (object.node !== undefined && object.node !== null) ? Node.fromPartial(object.node) : undefined;
+    return message;
   },
 };
 
@@ -1824,6 +2777,47 @@ export const ListNodeEventsRequest: MessageFns<ListNodeEventsRequest> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): ListNodeEventsRequest {
+    return {
+      node: isSet(object.node) ? globalThis.String(object.node) : "",
+      pageSize: isSet(object.pageSize)
+        ? globalThis.Number(object.pageSize)
+        : isSet(object.page_size)
+        ? globalThis.Number(object.page_size)
+        : 0,
+      pageToken: isSet(object.pageToken)
+        ? globalThis.String(object.pageToken)
+        : isSet(object.page_token)
+        ? globalThis.String(object.page_token)
+        : "",
+    };
+  },
+
+  toJSON(message: ListNodeEventsRequest): unknown {
+    const obj: any = {};
+    if (message.node !== "") {
+      obj.node = message.node;
+    }
+    if (message.pageSize !== 0) {
+      obj.pageSize = Math.round(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      obj.pageToken = message.pageToken;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ListNodeEventsRequest>): ListNodeEventsRequest {
+    return ListNodeEventsRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ListNodeEventsRequest>): ListNodeEventsRequest {
+    const message = createBaseListNodeEventsRequest();
+    message.node = object.node ?? "";
+    message.pageSize = object.pageSize ?? 0;
+    message.pageToken = object.pageToken ?? "";
+    return message;
+  },
 };
 
 function createBaseListNodeEventsResponse(): ListNodeEventsResponse {
@@ -1881,6 +2875,38 @@ export const ListNodeEventsResponse: MessageFns<ListNodeEventsResponse> = {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
   },
+
+  fromJSON(object: any): ListNodeEventsResponse {
+    return {
+      events: globalThis.Array.isArray(object?.events) ? object.events.map((e: any) => NodeEvent.fromJSON(e)) : [],
+      nextPageToken: isSet(object.nextPageToken)
+        ? globalThis.String(object.nextPageToken)
+        : isSet(object.next_page_token)
+        ? globalThis.String(object.next_page_token)
+        : "",
+    };
+  },
+
+  toJSON(message: ListNodeEventsResponse): unknown {
+    const obj: any = {};
+    if (message.events?.length) {
+      obj.events = message.events.map((e) => NodeEvent.toJSON(e));
+    }
+    if (message.nextPageToken !== "") {
+      obj.nextPageToken = message.nextPageToken;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ListNodeEventsResponse>): ListNodeEventsResponse {
+    return ListNodeEventsResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ListNodeEventsResponse>): ListNodeEventsResponse {
+    const message = createBaseListNodeEventsResponse();
+    message.events = object.events?.map((e) => NodeEvent.fromPartial(e)) || [];
+    message.nextPageToken = object.nextPageToken ?? "";
+    return message;
+  },
 };
 
 function createBaseWatchNodesRequest(): WatchNodesRequest {
@@ -1926,6 +2952,27 @@ export const WatchNodesRequest: MessageFns<WatchNodesRequest> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): WatchNodesRequest {
+    return { nodes: globalThis.Array.isArray(object?.nodes) ? object.nodes.map((e: any) => globalThis.String(e)) : [] };
+  },
+
+  toJSON(message: WatchNodesRequest): unknown {
+    const obj: any = {};
+    if (message.nodes?.length) {
+      obj.nodes = message.nodes;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<WatchNodesRequest>): WatchNodesRequest {
+    return WatchNodesRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<WatchNodesRequest>): WatchNodesRequest {
+    const message = createBaseWatchNodesRequest();
+    message.nodes = object.nodes?.map((e) => e) || [];
+    return message;
   },
 };
 
@@ -1994,6 +3041,41 @@ export const WatchNodesResponse: MessageFns<WatchNodesResponse> = {
     } finally {
       (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
     }
+  },
+
+  fromJSON(object: any): WatchNodesResponse {
+    return {
+      node: isSet(object.node) ? Node.fromJSON(object.node) : undefined,
+      event: isSet(object.event) ? NodeEvent.fromJSON(object.event) : undefined,
+      deleted: isSet(object.deleted) ? globalThis.Boolean(object.deleted) : false,
+    };
+  },
+
+  toJSON(message: WatchNodesResponse): unknown {
+    const obj: any = {};
+    if (message.node !== undefined) {
+      obj.node = Node.toJSON(message.node);
+    }
+    if (message.event !== undefined) {
+      obj.event = NodeEvent.toJSON(message.event);
+    }
+    if (message.deleted !== false) {
+      obj.deleted = message.deleted;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<WatchNodesResponse>): WatchNodesResponse {
+    return WatchNodesResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<WatchNodesResponse>): WatchNodesResponse {
+    const message = createBaseWatchNodesResponse();
+    message.node = (object.node !== undefined && object.node !== null) ? Node.fromPartial(object.node) : undefined;
+    message.event = (object.event !== undefined && object.event !== null)
+      ? NodeEvent.fromPartial(object.event)
+      : undefined;
+    message.deleted = object.deleted ?? false;
+    return message;
   },
 };
 
@@ -2098,76 +3180,106 @@ export const NodeServiceDefinition = {
 
 export interface NodeServiceImplementation<CallContextExt = {}> {
   /** CreateNode enrols a machine by name and MAC addresses. */
-  createNode(request: CreateNodeRequest, context: CallContext & CallContextExt): Promise<CreateNodeResponse>;
+  createNode(
+    request: CreateNodeRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<CreateNodeResponse>>;
   /** GetNode returns one node by uuid or name. */
-  getNode(request: GetNodeRequest, context: CallContext & CallContextExt): Promise<GetNodeResponse>;
+  getNode(request: GetNodeRequest, context: CallContext & CallContextExt): Promise<DeepPartial<GetNodeResponse>>;
   /** ListNodes returns nodes, filtered and paginated. */
-  listNodes(request: ListNodesRequest, context: CallContext & CallContextExt): Promise<ListNodesResponse>;
+  listNodes(request: ListNodesRequest, context: CallContext & CallContextExt): Promise<DeepPartial<ListNodesResponse>>;
   /** DeleteNode removes a node; refused while it is deploying or active. */
-  deleteNode(request: DeleteNodeRequest, context: CallContext & CallContextExt): Promise<DeleteNodeResponse>;
+  deleteNode(
+    request: DeleteNodeRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<DeleteNodeResponse>>;
   /** AddNodePort adds a MAC address to a node. */
-  addNodePort(request: AddNodePortRequest, context: CallContext & CallContextExt): Promise<AddNodePortResponse>;
+  addNodePort(
+    request: AddNodePortRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<AddNodePortResponse>>;
   /** RemoveNodePort removes a MAC address from a node. */
   removeNodePort(
     request: RemoveNodePortRequest,
     context: CallContext & CallContextExt,
-  ): Promise<RemoveNodePortResponse>;
+  ): Promise<DeepPartial<RemoveNodePortResponse>>;
   /** SetMaintenance puts a node into or out of maintenance. */
   setMaintenance(
     request: SetMaintenanceRequest,
     context: CallContext & CallContextExt,
-  ): Promise<SetMaintenanceResponse>;
+  ): Promise<DeepPartial<SetMaintenanceResponse>>;
   /** SetProvisionState runs a provision action on a node. */
   setProvisionState(
     request: SetProvisionStateRequest,
     context: CallContext & CallContextExt,
-  ): Promise<SetProvisionStateResponse>;
+  ): Promise<DeepPartial<SetProvisionStateResponse>>;
   /** ListNodeEvents returns a node's history, oldest first. */
   listNodeEvents(
     request: ListNodeEventsRequest,
     context: CallContext & CallContextExt,
-  ): Promise<ListNodeEventsResponse>;
+  ): Promise<DeepPartial<ListNodeEventsResponse>>;
   /** WatchNodes streams node changes until the caller cancels. */
   watchNodes(
     request: WatchNodesRequest,
     context: CallContext & CallContextExt,
-  ): ServerStreamingMethodResult<WatchNodesResponse>;
+  ): ServerStreamingMethodResult<DeepPartial<WatchNodesResponse>>;
 }
 
 export interface NodeServiceClient<CallOptionsExt = {}> {
   /** CreateNode enrols a machine by name and MAC addresses. */
-  createNode(request: CreateNodeRequest, options?: CallOptions & CallOptionsExt): Promise<CreateNodeResponse>;
+  createNode(
+    request: DeepPartial<CreateNodeRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<CreateNodeResponse>;
   /** GetNode returns one node by uuid or name. */
-  getNode(request: GetNodeRequest, options?: CallOptions & CallOptionsExt): Promise<GetNodeResponse>;
+  getNode(request: DeepPartial<GetNodeRequest>, options?: CallOptions & CallOptionsExt): Promise<GetNodeResponse>;
   /** ListNodes returns nodes, filtered and paginated. */
-  listNodes(request: ListNodesRequest, options?: CallOptions & CallOptionsExt): Promise<ListNodesResponse>;
+  listNodes(request: DeepPartial<ListNodesRequest>, options?: CallOptions & CallOptionsExt): Promise<ListNodesResponse>;
   /** DeleteNode removes a node; refused while it is deploying or active. */
-  deleteNode(request: DeleteNodeRequest, options?: CallOptions & CallOptionsExt): Promise<DeleteNodeResponse>;
+  deleteNode(
+    request: DeepPartial<DeleteNodeRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<DeleteNodeResponse>;
   /** AddNodePort adds a MAC address to a node. */
-  addNodePort(request: AddNodePortRequest, options?: CallOptions & CallOptionsExt): Promise<AddNodePortResponse>;
+  addNodePort(
+    request: DeepPartial<AddNodePortRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<AddNodePortResponse>;
   /** RemoveNodePort removes a MAC address from a node. */
   removeNodePort(
-    request: RemoveNodePortRequest,
+    request: DeepPartial<RemoveNodePortRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<RemoveNodePortResponse>;
   /** SetMaintenance puts a node into or out of maintenance. */
   setMaintenance(
-    request: SetMaintenanceRequest,
+    request: DeepPartial<SetMaintenanceRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<SetMaintenanceResponse>;
   /** SetProvisionState runs a provision action on a node. */
   setProvisionState(
-    request: SetProvisionStateRequest,
+    request: DeepPartial<SetProvisionStateRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<SetProvisionStateResponse>;
   /** ListNodeEvents returns a node's history, oldest first. */
   listNodeEvents(
-    request: ListNodeEventsRequest,
+    request: DeepPartial<ListNodeEventsRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<ListNodeEventsResponse>;
   /** WatchNodes streams node changes until the caller cancels. */
-  watchNodes(request: WatchNodesRequest, options?: CallOptions & CallOptionsExt): AsyncIterable<WatchNodesResponse>;
+  watchNodes(
+    request: DeepPartial<WatchNodesRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): AsyncIterable<WatchNodesResponse>;
 }
+
+type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;
+
+export type DeepPartial<T> = T extends Builtin ? T
+  : T extends globalThis.Array<infer U> ? globalThis.Array<DeepPartial<U>>
+  : T extends ReadonlyArray<infer U> ? ReadonlyArray<DeepPartial<U>>
+  : T extends { $case: string; value: unknown } ? { $case: T["$case"]; value?: DeepPartial<T["value"]> }
+  : T extends {} ? { [K in keyof T]?: DeepPartial<T[K]> }
+  : Partial<T>;
 
 function toTimestamp(date: Date): Timestamp {
   const seconds = Math.trunc(date.getTime() / 1_000);
@@ -2181,6 +3293,16 @@ function fromTimestamp(t: Timestamp): Date {
   return new globalThis.Date(millis);
 }
 
+function fromJsonTimestamp(o: any): Date {
+  if (o instanceof globalThis.Date) {
+    return o;
+  } else if (typeof o === "string") {
+    return new globalThis.Date(o);
+  } else {
+    return fromTimestamp(Timestamp.fromJSON(o));
+  }
+}
+
 function longToNumber(int64: { toString(): string }): number {
   const num = globalThis.Number(int64.toString());
   if (num > globalThis.Number.MAX_SAFE_INTEGER) {
@@ -2192,9 +3314,21 @@ function longToNumber(int64: { toString(): string }): number {
   return num;
 }
 
+function isObject(value: any): boolean {
+  return typeof value === "object" && value !== null;
+}
+
+function isSet(value: any): boolean {
+  return value !== null && value !== undefined;
+}
+
 export type ServerStreamingMethodResult<Response> = { [Symbol.asyncIterator](): AsyncIterator<Response, void> };
 
 export interface MessageFns<T> {
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
+  fromJSON(object: any): T;
+  toJSON(message: T): unknown;
+  create(base?: DeepPartial<T>): T;
+  fromPartial(object: DeepPartial<T>): T;
 }

@@ -1,0 +1,18 @@
+import { type Channel, createChannel, createClientFactory } from 'nice-grpc';
+import { deadlineMiddleware } from 'nice-grpc-client-middleware-deadline';
+import { clientChannelOptions } from '../common/grpc-options.js';
+import { NodeServiceDefinition } from '../gen/metalcast/v1/node.js';
+
+/** Clients for the operator API, with a deadline on every call unless a call sets its own. */
+export function connectOperator(address: string, timeoutMs: number) {
+  const channel: Channel = createChannel(address, undefined, clientChannelOptions({ timeMs: 30_000, timeoutMs: 10_000 }));
+  const factory = createClientFactory().use(deadlineMiddleware);
+  const defaults = { '*': { deadline: timeoutMs } };
+  return {
+    channel,
+    nodes: factory.create(NodeServiceDefinition, channel, defaults),
+    close: () => channel.close(),
+  };
+}
+
+export type OperatorClients = ReturnType<typeof connectOperator>;

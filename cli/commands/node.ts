@@ -1,0 +1,276 @@
+import { Argument, type Command, InvalidArgumentError, Option } from 'commander';
+import { Inventory } from '../../gen/metalcast/v1/inventory.js';
+import { type Node, ProvisionAction, ProvisionState } from '../../gen/metalcast/v1/node.js';
+import {
+  allowedActions,
+  PROVISION_ACTIONS,
+  PROVISION_STATES,
+  type ProvisionState as StateName,
+} from '../../controller/provisioning/states.js';
+import { connectOperator, type OperatorClients } from '../client.js';
+import { formatAge, formatBytes, formatTime, printFields, printJson, printTable, reportError } from '../output.js';
+
+interface GlobalOptions {
+  controller: string;
+  timeout: number;
+  json?: boolean;
+}
+
+const stateName = (state: ProvisionState) =>
+  state === ProvisionState.PROVISION_STATE_UNSPECIFIED
+    ? '-'
+    : (ProvisionState[state] ?? String(state)).replace('PROVISION_STATE_', '').toLowerCase();
+
+const stateHelp = PROVISION_STATES.map((s) => `${s} (${allowedActions(s).join(', ') || 'no actions'})`).join('\n    ');
+
+/** Runs one operator call with a connected client; reports failures and sets the exit code. */
+async function withClient(command: Command, fn: (clients: OperatorClients, options: GlobalOptions) => Promise<void>): Promise<void> {
+  const options = command.optsWithGlobals<GlobalOptions>();
+  const clients = connectOperator(options.controller, options.timeout);
+  try {
+    await fn(clients, options);
+  } catch (error) {
+    process.exitCode = reportError(error, options.controller);
+  } finally {
+    clients.close();
+  }
+}
+
+function nodeJson(node: Node) {
+  return {
+    ...node,
+    provisionState: stateName(node.provisionState),
+    targetProvisionState: stateName(node.targetProvisionState),
+    inventory: node.inventory ? Inventory.toJSON(node.inventory) : undefined,
+  };
+}
+
+function printNode(node: Node): void {
+  printFields([
+    ['uuid', node.uuid],
+    ['name', node.name],
+    ['provision state', stateName(node.provisionState)],
+    ['target state', stateName(node.targetProvisionState)],
+    ['maintenance', node.maintenance ? `yes: ${node.maintenanceReason}` : 'no'],
+    ['last error', node.lastError || '-'],
+    ['MACs', node.macAddresses.join(', ')],
+    [
+      'properties',
+      Object.entries(node.properties)
+        .map(([k, v]) => `${k}=${v}`)
+        .join(', ') || '-',
+    ],
+    ['agent', node.agentAddress ? `${node.agentAddress} (version ${node.agentVersion || '?'})` : '-'],
+    ['last heartbeat', formatAge(node.lastHeartbeatAt)],
+    ['lock', node.reservation ? `${node.reservation} (${node.reservationOperation})` : '-'],
+    [
+      'inventory',
+      node.inventory
+        ? `${node.inventory.disks.length} disks, ${node.inventory.interfaces.length} NICs (metalcast node inventory ${node.name})`
+        : 'not inspected',
+    ],
+    ['created', formatTime(node.createdAt)],
+    ['updated', formatTime(node.updatedAt)],
+  ]);
+}
+
+function parseProperty(value: string, previous: Record<string, string> = {}): Record<string, string> {
+  const index = value.indexOf('=');
+  if (index < 1) throw new InvalidArgumentError(`'${value}' is not of the form key=value`);
+  return { ...previous, [value.slice(0, index)]: value.slice(index + 1) };
+}
+
+function parseState(value: string): StateName {
+  const normalised = value.replaceAll('-', '_').replaceAll(' ', '_').toLowerCase();
+  if (!(PROVISION_STATES as readonly string[]).includes(normalised)) {
+    throw new InvalidArgumentError(`'${value}' is not a provision state; one of ${PROVISION_STATES.join(', ')}`);
+  }
+  return normalised as StateName;
+}
+
+/** `metalcast node …`: the operator commands for nodes. */
+export function registerNodeCommands(program: Command): void {
+  const node = program
+    .command('node')
+    .description('enrol, list, inspect and manage nodes')
+    .addHelpText('after', `\nProvision states and the actions allowed from each:\n    ${stateHelp}\n`);
+
+  node
+    .command('create')
+    .description('enrol a machine by name and MAC addresses')
+    .argument('<name>', 'unique node name')
+    .requiredOption('--mac <mac>', 'MAC address of a NIC (repeat for each)', (v: string, p: string[] = []) => [...p, v])
+    .option('--property <key=value>', 'free-form property (repeatable)', parseProperty)
+    .action(async (name: string, opts: { mac: string[]; property?: Record<string, string> }, command: Command) =>
+      withClient(command, async ({ nodes }, { json }) => {
+        const { node: created } = await nodes.createNode({ name, macAddresses: opts.mac, properties: opts.property ?? {} });
+        if (!created) throw new Error('the controller returned no node');
+        if (json) printJson(nodeJson(created));
+        else
+          process.stdout.write(
+            `created node ${created.name} (${created.uuid}) in state enroll; next: metalcast node manage ${created.name}\n`,
+          );
+      }),
+    );
+
+  node
+    .command('list')
+    .description('list nodes')
+    .option('--state <state>', 'only nodes in this provision state', parseState)
+    .addOption(new Option('--maintenance <yes|no>', 'only nodes in (yes) or out of (no) maintenance').choices(['yes', 'no']))
+    .option('--limit <n>', 'most nodes to show (all pages are fetched up to this)', (v) => Number(v), 10_000)
+    .action(async (opts: { state?: StateName; maintenance?: 'yes' | 'no'; limit: number }, command: Command) =>
+      withClient(command, async ({ nodes }, { json }) => {
+        const all: Node[] = [];
+        let pageToken = '';
+        do {
+          const page = await nodes.listNodes({
+            provisionState: opts.state ? ProvisionState[`PROVISION_STATE_${opts.state.toUpperCase()}` as keyof typeof ProvisionState] : 0,
+            maintenance: opts.maintenance === undefined ? undefined : opts.maintenance === 'yes',
+            pageSize: Math.min(1000, opts.limit - all.length),
+            pageToken,
+          });
+          all.push(...page.nodes);
+          pageToken = page.nextPageToken;
+        } while (pageToken !== '' && all.length < opts.limit);
+        if (json) return printJson(all.map(nodeJson));
+        printTable(
+          ['name', 'uuid', 'state', 'maintenance', 'last heartbeat', 'last error'],
+          all.map((n) => [
+            n.name,
+            n.uuid,
+            stateName(n.provisionState),
+            n.maintenance ? 'yes' : 'no',
+            formatAge(n.lastHeartbeatAt),
+            n.lastError.slice(0, 60),
+          ]),
+        );
+      }),
+    );
+
+  node
+    .command('show')
+    .description('show one node')
+    .argument('<node>', 'node name or uuid')
+    .action(async (ref: string, _opts: unknown, command: Command) =>
+      withClient(command, async ({ nodes }, { json }) => {
+        const { node: found } = await nodes.getNode({ node: ref });
+        if (!found) throw new Error('the controller returned no node');
+        if (json) printJson(nodeJson(found));
+        else printNode(found);
+      }),
+    );
+
+  node
+    .command('inventory')
+    .description('show the hardware an inspection found')
+    .argument('<node>', 'node name or uuid')
+    .action(async (ref: string, _opts: unknown, command: Command) =>
+      withClient(command, async ({ nodes }, { json }) => {
+        const { node: found } = await nodes.getNode({ node: ref });
+        const inventory = found?.inventory;
+        if (!inventory) {
+          process.stderr.write(`node ${ref} has not been inspected yet; run: metalcast node inspect ${ref}\n`);
+          process.exitCode = 1;
+          return;
+        }
+        if (json) return printJson(Inventory.toJSON(inventory));
+        const sys = inventory.system;
+        printFields([
+          ['system', sys ? `${sys.vendor} ${sys.productName} serial ${sys.serialNumber || '-'} uuid ${sys.uuid || '-'}` : '-'],
+          ['cpu', inventory.cpu ? `${inventory.cpu.count} x ${inventory.cpu.modelName} (${inventory.cpu.architecture})` : '-'],
+          ['memory', inventory.memory ? formatBytes(inventory.memory.totalBytes) : '-'],
+        ]);
+        process.stdout.write('\n');
+        printTable(
+          ['disk', 'size', 'model', 'serial', 'rotational', 'by-path'],
+          inventory.disks.map((d) => [
+            d.devicePath,
+            formatBytes(d.sizeBytes),
+            d.model,
+            d.serial,
+            d.rotational ? 'yes' : 'no',
+            d.byPath || '-',
+          ]),
+        );
+        process.stdout.write('\n');
+        printTable(
+          ['nic', 'mac', 'speed', 'carrier', 'driver'],
+          inventory.interfaces.map((i) => [
+            i.name,
+            i.macAddress,
+            i.speedMbps ? `${i.speedMbps} Mb/s` : '-',
+            i.hasCarrier ? 'yes' : 'no',
+            i.driver || '-',
+          ]),
+        );
+      }),
+    );
+
+  node
+    .command('delete')
+    .description('delete a node (not while deploying or active)')
+    .argument('<node>', 'node name or uuid')
+    .action(async (ref: string, _opts: unknown, command: Command) =>
+      withClient(command, async ({ nodes }) => {
+        await nodes.deleteNode({ node: ref });
+        process.stdout.write(`deleted node ${ref}\n`);
+      }),
+    );
+
+  node
+    .command('maintenance')
+    .description('put a node into maintenance (the controller leaves it alone) or take it out')
+    .argument('<node>', 'node name or uuid')
+    .addArgument(new Argument('<on|off>', 'on or off').choices(['on', 'off']))
+    .option('--reason <text>', 'why (required for on)')
+    .action(async (ref: string, onOff: 'on' | 'off', opts: { reason?: string }, command: Command) =>
+      withClient(command, async ({ nodes }, { json }) => {
+        const { node: updated } = await nodes.setMaintenance({ node: ref, enabled: onOff === 'on', reason: opts.reason ?? '' });
+        if (json && updated) return printJson(nodeJson(updated));
+        process.stdout.write(`maintenance ${onOff} for node ${ref}\n`);
+      }),
+    );
+
+  node
+    .command('events')
+    .description("show a node's history")
+    .argument('<node>', 'node name or uuid')
+    .action(async (ref: string, _opts: unknown, command: Command) =>
+      withClient(command, async ({ nodes }, { json }) => {
+        const events = [];
+        let pageToken = '';
+        do {
+          const page = await nodes.listNodeEvents({ node: ref, pageSize: 1000, pageToken });
+          events.push(...page.events);
+          pageToken = page.nextPageToken;
+        } while (pageToken !== '');
+        if (json) return printJson(events.map((e) => ({ ...e, fromState: stateName(e.fromState), toState: stateName(e.toState) })));
+        printTable(
+          ['time', 'kind', 'actor', 'message'],
+          events.map((e) => [formatTime(e.time), e.kind, e.actor, e.message]),
+        );
+      }),
+    );
+
+  for (const action of PROVISION_ACTIONS) {
+    if (action === 'deploy') continue; // has its own options; arrives with the deploy work
+    node
+      .command(action)
+      .description(
+        `run the ${action} provision action (allowed from: ${PROVISION_STATES.filter((s) => allowedActions(s).includes(action)).join(', ')})`,
+      )
+      .argument('<node>', 'node name or uuid')
+      .action(async (ref: string, _opts: unknown, command: Command) =>
+        withClient(command, async ({ nodes }, { json }) => {
+          const { node: updated } = await nodes.setProvisionState({
+            node: ref,
+            action: ProvisionAction[`PROVISION_ACTION_${action.toUpperCase()}` as keyof typeof ProvisionAction],
+          });
+          if (!updated) throw new Error('the controller returned no node');
+          if (json) return printJson(nodeJson(updated));
+          process.stdout.write(`node ${updated.name} is now ${stateName(updated.provisionState)}\n`);
+        }),
+      );
+  }
+}

@@ -1,0 +1,48 @@
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { CONTROLLER_OPTIONS } from '../controller/config.js';
+import { controllerMain } from '../controller/main.js';
+import { duration, hostPort } from '../common/config.js';
+import { registerNodeCommands } from './commands/node.js';
+import { addOptionTable } from './options.js';
+
+const asCli =
+  <T>(parse: (raw: string) => T) =>
+  (raw: string): T => {
+    try {
+      return parse(raw);
+    } catch (error) {
+      throw new InvalidArgumentError((error as Error).message);
+    }
+  };
+
+/** The `metalcast` command: one entry point for the programs and the operator tools. */
+export function buildProgram(): Command {
+  const program = new Command('metalcast')
+    .description('bare-metal provisioning over gRPC: the controller, the agent, and the operator CLI')
+    .showHelpAfterError('(run with --help for usage)')
+    .addOption(
+      new Option('--controller <host:port>', 'controller gRPC address for operator commands')
+        .env('METALCAST_CONTROLLER')
+        .default('127.0.0.1:7350')
+        .argParser(asCli(hostPort)),
+    )
+    .addOption(
+      new Option('--timeout <duration>', 'deadline for each operator call, e.g. 10s')
+        .env('METALCAST_TIMEOUT')
+        .default(10_000, '10s')
+        .argParser(asCli(duration({ min: 100 }))),
+    )
+    .option('--json', 'print machine-readable JSON instead of tables');
+
+  const controller = program
+    .command('controller')
+    .description('run the controller: node database, agent gateway, operator API, sweeps and /metrics')
+    .addHelpText('after', '\nEvery option can also be set through its METALCAST_* environment variable; flags win over the environment.')
+    .action(async (flags: Record<string, unknown>) => controllerMain(flags));
+  addOptionTable(controller, CONTROLLER_OPTIONS);
+
+  registerNodeCommands(program);
+  return program;
+}
+
+await buildProgram().parseAsync(process.argv);

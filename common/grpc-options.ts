@@ -1,0 +1,42 @@
+import type { ChannelOptions } from '@grpc/grpc-js';
+
+/** Keepalive settings, in milliseconds. */
+export interface KeepaliveOptions {
+  /** Interval between pings on an otherwise quiet connection. */
+  timeMs: number;
+  /** How long a ping may go unanswered before the connection is dropped. */
+  timeoutMs: number;
+}
+
+/**
+ * Server options. Keepalive is off by default in grpc-js, and without it a
+ * controller never notices an agent whose link died without FIN or RST.
+ */
+export function serverChannelOptions(keepalive: KeepaliveOptions, maxMessageBytes = 8 * 1024 * 1024): ChannelOptions {
+  return {
+    'grpc.keepalive_time_ms': keepalive.timeMs,
+    'grpc.keepalive_timeout_ms': keepalive.timeoutMs,
+    'grpc.keepalive_permit_without_calls': 1,
+    'grpc.max_receive_message_length': maxMessageBytes,
+    'grpc.max_send_message_length': maxMessageBytes,
+  };
+}
+
+/**
+ * Client options for long-lived channels (agent to controller, controller to
+ * agent, CLI to controller). The flow-control window matters for image
+ * streams: grpc-js stalls on the default 64 KiB window (GRPC-NOTES.md).
+ */
+export function clientChannelOptions(keepalive: KeepaliveOptions, maxMessageBytes = 8 * 1024 * 1024): ChannelOptions {
+  return {
+    'grpc.keepalive_time_ms': keepalive.timeMs,
+    'grpc.keepalive_timeout_ms': keepalive.timeoutMs,
+    'grpc.keepalive_permit_without_calls': 1,
+    'grpc.max_receive_message_length': maxMessageBytes,
+    'grpc.max_send_message_length': maxMessageBytes,
+    'grpc-node.flow_control_window': 4 * 1024 * 1024,
+    // Reconnect promptly after a controller restart; our own code adds the jitter.
+    'grpc.initial_reconnect_backoff_ms': 1000,
+    'grpc.max_reconnect_backoff_ms': 10_000,
+  };
+}

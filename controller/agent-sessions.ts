@@ -1,0 +1,70 @@
+import { Status } from 'nice-grpc-common';
+import { MetalcastError } from '../common/errors.js';
+
+interface Session {
+  id: number;
+  peer: string;
+  /** Aborting ends the heartbeat stream with the reason's status. */
+  abort: (reason: MetalcastError) => void;
+}
+
+/**
+ * The heartbeat streams open on this controller, one per node. It answers
+ * "is this node's agent alive?" for lookup, and lets lookup, token rotation
+ * and shutdown end a stream from outside its handler.
+ */
+export class AgentSessions {
+  private readonly sessions = new Map<string, Session>();
+  /** When the last stream of a node closed; tells lookup that agent is gone. */
+  private readonly closedAt = new Map<string, number>();
+  private nextId = 1;
+
+  get size(): number {
+    return this.sessions.size;
+  }
+
+  /** Registers a stream; an older stream of the same node is ended (the agent reconnected). */
+  open(nodeUuid: string, peer: string, abort: Session['abort']): number {
+    const previous = this.sessions.get(nodeUuid);
+    previous?.abort(new MetalcastError(Status.ABORTED, 'a newer heartbeat stream for this node replaced this one'));
+    const id = this.nextId++;
+    this.sessions.set(nodeUuid, { id, peer, abort });
+    this.closedAt.delete(nodeUuid);
+    return id;
+  }
+
+  close(nodeUuid: string, id: number): void {
+    if (this.sessions.get(nodeUuid)?.id !== id) return;
+    this.sessions.delete(nodeUuid);
+    this.closedAt.set(nodeUuid, Date.now());
+    // Bounded: forget old closures once many have piled up.
+    if (this.closedAt.size > 100_000) {
+      const oldest = this.closedAt.keys().next().value;
+      if (oldest !== undefined) this.closedAt.delete(oldest);
+    }
+  }
+
+  isOpen(nodeUuid: string): boolean {
+    return this.sessions.has(nodeUuid);
+  }
+
+  peer(nodeUuid: string): string | undefined {
+    return this.sessions.get(nodeUuid)?.peer;
+  }
+
+  /** True when this controller saw the node's stream close after `since`. */
+  closedSince(nodeUuid: string, since: number): boolean {
+    const closed = this.closedAt.get(nodeUuid);
+    return closed !== undefined && closed >= since;
+  }
+
+  /** Ends a node's stream, for example because its token was replaced or wiped. */
+  revoke(nodeUuid: string, reason: MetalcastError): void {
+    this.sessions.get(nodeUuid)?.abort(reason);
+  }
+
+  /** Ends every stream; used on shutdown so that server.shutdown() is not held open. */
+  revokeAll(reason: MetalcastError): void {
+    for (const session of [...this.sessions.values()]) session.abort(reason);
+  }
+}

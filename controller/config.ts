@@ -1,0 +1,135 @@
+import { hostname } from 'node:os';
+import { join, resolve } from 'node:path';
+import { ConfigError, type ConfigOf, type OptionSpec, duration, hostPort, logLevel, nonEmpty, resolveOptions } from '../common/config.js';
+
+const durationSpec = (flag: string, description: string, defaultValue: string, min = 1): OptionSpec<number> => ({
+  flag,
+  description,
+  defaultValue,
+  parse: duration({ min }),
+});
+
+/** Every option of `metalcast controller`, in the order `--help` lists them. */
+export const CONTROLLER_OPTIONS = {
+  listen: {
+    flag: 'listen',
+    description: 'gRPC address for agents and operators; use 0.0.0.0:7350 so that agents on other machines can reach it',
+    defaultValue: '127.0.0.1:7350',
+    parse: hostPort,
+  },
+  metricsListen: {
+    flag: 'metrics-listen',
+    description: 'HTTP address serving /metrics and /healthz',
+    defaultValue: '127.0.0.1:9350',
+    parse: hostPort,
+  },
+  dataDir: {
+    flag: 'data-dir',
+    description: 'directory for the embedded database and images',
+    defaultValue: './metalcast-data',
+    parse: (raw: string) => resolve(nonEmpty(raw)),
+  },
+  database: {
+    flag: 'database',
+    description: 'database URL: sqlite:PATH (default: sqlite:<data-dir>/metalcast.db)',
+    defaultValue: '',
+    parse: (raw: string) => {
+      if (raw === '') return '';
+      if (!raw.startsWith('sqlite:')) throw new Error(`'${raw}' is not supported; use sqlite:PATH`);
+      if (raw.length === 'sqlite:'.length) throw new Error('sqlite: needs a file path, for example sqlite:/var/lib/metalcast/metalcast.db');
+      return raw;
+    },
+  },
+  controllerId: {
+    flag: 'controller-id',
+    description: 'name this controller holds node locks under; keep it stable across restarts so that a restart clears its stale locks',
+    defaultValue: hostname(),
+    parse: nonEmpty,
+  },
+  heartbeatTimeout: durationSpec(
+    'heartbeat-timeout',
+    'an agent silent for this long is given up on and its node operation fails',
+    '120s',
+    1000,
+  ),
+  heartbeatIntervalMin: {
+    flag: 'heartbeat-interval-min',
+    description: 'shortest interval the controller asks agents to heartbeat at (default: 0.3 x heartbeat timeout)',
+    defaultValue: '',
+    parse: (raw: string) => (raw === '' ? 0 : duration({ min: 100 })(raw)),
+  },
+  heartbeatIntervalMax: {
+    flag: 'heartbeat-interval-max',
+    description: 'longest interval the controller asks agents to heartbeat at (default: 0.6 x heartbeat timeout)',
+    defaultValue: '',
+    parse: (raw: string) => (raw === '' ? 0 : duration({ min: 100 })(raw)),
+  },
+  sweepInterval: durationSpec('sweep-interval', 'how often to look for agents that stopped heartbeating', '10s', 100),
+  startupGrace: {
+    flag: 'startup-grace',
+    description: 'after start, how long agents get to reconnect before any node is failed (default: the heartbeat timeout)',
+    defaultValue: '',
+    parse: (raw: string) => (raw === '' ? -1 : duration({ allowZero: true })(raw)),
+  },
+  heartbeatFlushInterval: durationSpec(
+    'heartbeat-flush-interval',
+    'heartbeats are written to the database in batches at this interval',
+    '1s',
+    10,
+  ),
+  keepaliveTime: durationSpec('keepalive-time', 'interval of gRPC keepalive pings to each connected peer', '10s', 100),
+  keepaliveTimeout: durationSpec(
+    'keepalive-timeout',
+    'a peer that does not answer a keepalive ping within this is disconnected',
+    '10s',
+    100,
+  ),
+  shutdownTimeout: durationSpec('shutdown-timeout', 'on SIGTERM, how long to wait for calls to finish', '10s', 0),
+  logLevel: {
+    flag: 'log-level',
+    description: 'fatal, error, warn, info, debug, trace or silent',
+    defaultValue: 'info',
+    parse: logLevel,
+  },
+} satisfies Record<string, OptionSpec>;
+
+type RawControllerConfig = ConfigOf<typeof CONTROLLER_OPTIONS>;
+
+/** The controller's validated configuration; durations are in milliseconds. */
+export interface ControllerConfig extends Omit<RawControllerConfig, 'database' | 'startupGrace'> {
+  /** Database URL, always set (sqlite:PATH). */
+  database: string;
+  /** Grace after start before the sweep fails anything. */
+  startupGrace: number;
+}
+
+/**
+ * Builds the controller config from parsed flags and the environment.
+ * Pure: the caller passes `process.env`, tests pass what they like.
+ */
+export function loadControllerConfig(flags: Record<string, unknown>, env: Record<string, string | undefined>): ControllerConfig {
+  const raw = resolveOptions(CONTROLLER_OPTIONS, flags, env);
+  const heartbeatIntervalMin = raw.heartbeatIntervalMin || Math.round(raw.heartbeatTimeout * 0.3);
+  const heartbeatIntervalMax = raw.heartbeatIntervalMax || Math.round(raw.heartbeatTimeout * 0.6);
+  const problems: string[] = [];
+  if (heartbeatIntervalMin > heartbeatIntervalMax) {
+    problems.push(
+      `--heartbeat-interval-min (${heartbeatIntervalMin}ms) must not exceed --heartbeat-interval-max (${heartbeatIntervalMax}ms)`,
+    );
+  }
+  if (heartbeatIntervalMax >= raw.heartbeatTimeout) {
+    problems.push(
+      `--heartbeat-interval-max (${heartbeatIntervalMax}ms) must be shorter than --heartbeat-timeout (${raw.heartbeatTimeout}ms), or every agent would time out between heartbeats`,
+    );
+  }
+  if (problems.length > 0) {
+    throw new ConfigError(problems);
+  }
+  return {
+    ...raw,
+    heartbeatIntervalMin,
+    heartbeatIntervalMax,
+    database: raw.database || `sqlite:${join(raw.dataDir, 'metalcast.db')}`,
+    startupGrace: raw.startupGrace < 0 ? raw.heartbeatTimeout : raw.startupGrace,
+  };
+}

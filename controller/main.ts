@@ -1,0 +1,49 @@
+import { ConfigError } from '../common/config.js';
+import { createLogger } from '../common/logging.js';
+import { loadControllerConfig } from './config.js';
+import { startController } from './controller.js';
+
+/** `metalcast controller`: parse config, build the logger, run until SIGTERM or SIGINT. */
+export async function controllerMain(flags: Record<string, unknown>): Promise<void> {
+  let config: ReturnType<typeof loadControllerConfig>;
+  try {
+    config = loadControllerConfig(flags, process.env);
+  } catch (error) {
+    if (error instanceof ConfigError) {
+      process.stderr.write(`metalcast controller: ${error.message}\n`);
+      process.exit(2);
+    }
+    throw error;
+  }
+  const logger = createLogger({ name: 'metalcast-controller', level: config.logLevel });
+  let controller: Awaited<ReturnType<typeof startController>>;
+  try {
+    controller = await startController(config, logger);
+  } catch (error) {
+    logger.fatal({ err: error }, 'controller failed to start');
+    process.stderr.write(`metalcast controller: ${(error as Error).message}\n`);
+    logger.flush();
+    process.exit(1);
+  }
+  if (process.stderr.isTTY) {
+    process.stderr.write(
+      `\nmetalcast controller is running\n  gRPC API:  ${controller.grpcAddress}\n  metrics:   http://${controller.httpAddress}/metrics\n  database:  ${config.database}\n\nnext: npx metalcast node create NAME --mac aa:bb:cc:dd:ee:ff --controller ${controller.grpcAddress}\n\n`,
+    );
+  }
+  const onSignal = (signal: string) => {
+    logger.info({ signal }, 'signal received');
+    controller.stop().then(
+      () => {
+        logger.flush();
+        process.exit(0);
+      },
+      (error: unknown) => {
+        logger.error({ err: error }, 'unclean stop');
+        logger.flush();
+        process.exit(1);
+      },
+    );
+  };
+  process.once('SIGTERM', onSignal);
+  process.once('SIGINT', onSignal);
+}

@@ -1,0 +1,107 @@
+import { Counter, Gauge, Histogram, type Registry, collectDefaultMetrics } from 'prom-client';
+import { labelNames, labelNamesWithCode, prometheusServerMiddleware } from 'nice-grpc-prometheus';
+import type { ServerMiddleware } from 'nice-grpc';
+import type { Store } from './store/store.js';
+
+/**
+ * The controller's metrics, all in the one registry passed in, so that
+ * tests and several controllers in one process never share counters.
+ */
+export function createControllerMetrics(registry: Registry, store: Store, agentsConnected: () => number) {
+  collectDefaultMetrics({ register: registry });
+  const metrics = {
+    heartbeats: new Counter({
+      name: 'metalcast_heartbeats_total',
+      help: 'Heartbeats received from agents.',
+      registers: [registry],
+    }),
+    lookups: new Counter({
+      name: 'metalcast_lookups_total',
+      help: 'Agent lookups by result (found, not_found, invalid, agent_alive).',
+      labelNames: ['result'],
+      registers: [registry],
+    }),
+    agentsConnected: new Gauge({
+      name: 'metalcast_agents_connected',
+      help: 'Agents with an open heartbeat stream to this controller.',
+      registers: [registry],
+      collect() {
+        this.set(agentsConnected());
+      },
+    }),
+    nodes: new Gauge({
+      name: 'metalcast_nodes',
+      help: 'Nodes by provision state, counted at scrape time.',
+      labelNames: ['provision_state'],
+      registers: [registry],
+      async collect() {
+        for (const [state, count] of await store.countByProvisionState()) this.set({ provision_state: state }, count);
+      },
+    }),
+    sweepDuration: new Histogram({
+      name: 'metalcast_sweep_duration_seconds',
+      help: 'Time one sweep for silent agents took.',
+      buckets: [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5],
+      registers: [registry],
+    }),
+    sweepRuns: new Counter({
+      name: 'metalcast_sweep_runs_total',
+      help: 'Sweeps run, by result (ok, error, grace).',
+      labelNames: ['result'],
+      registers: [registry],
+    }),
+    heartbeatTimeouts: new Counter({
+      name: 'metalcast_heartbeat_timeouts_total',
+      help: 'Nodes failed because their agent stopped heartbeating.',
+      labelNames: ['provision_state'],
+      registers: [registry],
+    }),
+    heartbeatFlushDuration: new Histogram({
+      name: 'metalcast_heartbeat_flush_duration_seconds',
+      help: 'Time writing one batch of heartbeats to the database took.',
+      buckets: [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1],
+      registers: [registry],
+    }),
+  };
+  return metrics;
+}
+
+export type ControllerMetrics = ReturnType<typeof createControllerMetrics>;
+
+/** nice-grpc-prometheus's server metrics, registered in our registry instead of its global one. */
+export function grpcServerMetricsMiddleware(registry: Registry): ServerMiddleware {
+  const buckets = [0.001, 0.004, 0.016, 0.064, 0.256, 1, 4, 16, 64, 256, 1024, 4096];
+  return prometheusServerMiddleware({
+    serverStartedMetric: new Counter({
+      name: 'grpc_server_started_total',
+      help: 'Total number of RPCs started on the server.',
+      labelNames,
+      registers: [registry],
+    }),
+    serverHandledMetric: new Counter({
+      name: 'grpc_server_handled_total',
+      help: 'Total number of RPCs completed on the server, regardless of success or failure.',
+      labelNames: labelNamesWithCode,
+      registers: [registry],
+    }),
+    serverStreamMsgReceivedMetric: new Counter({
+      name: 'grpc_server_msg_received_total',
+      help: 'Total number of RPC stream messages received by the server.',
+      labelNames,
+      registers: [registry],
+    }),
+    serverStreamMsgSentMetric: new Counter({
+      name: 'grpc_server_msg_sent_total',
+      help: 'Total number of gRPC stream messages sent by the server.',
+      labelNames,
+      registers: [registry],
+    }),
+    serverHandlingSecondsMetric: new Histogram({
+      name: 'grpc_server_handling_seconds',
+      help: 'Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.',
+      labelNames: labelNamesWithCode,
+      buckets,
+      registers: [registry],
+    }),
+  });
+}

@@ -1,0 +1,88 @@
+import type { CallContext } from 'nice-grpc';
+import { failedPrecondition, invalidArgument, notFound } from '../../common/errors.js';
+import type { Logger } from '../../common/logging.js';
+import { normaliseMacList, truncate } from '../../common/mac.js';
+import type { LookupRequest, LookupResponse } from '../../gen/metalcast/v1/agent_gateway.js';
+import type { AgentSessions } from '../agent-sessions.js';
+import type { ControllerMetrics } from '../metrics.js';
+import { isAgentState } from '../provisioning/states.js';
+import type { Store } from '../store/store.js';
+import { generateAgentToken, hashAgentToken } from '../tokens.js';
+import { Status } from 'nice-grpc-common';
+import { MetalcastError } from '../../common/errors.js';
+
+export interface LookupDeps {
+  store: Store;
+  sessions: AgentSessions;
+  metrics: ControllerMetrics;
+  logger: Logger;
+  heartbeat: { intervalMinMs: number; intervalMaxMs: number; timeoutMs: number };
+}
+
+/**
+ * Lookup: an agent that just booted asks which node it is, by its MACs.
+ * Unknown MACs and nodes in a state that expects no agent get the same
+ * NOT_FOUND, so that a stranger learns nothing about the fleet.
+ */
+export function createLookupHandler(deps: LookupDeps) {
+  const { store, sessions, metrics, heartbeat } = deps;
+  return async function lookup(request: LookupRequest, context: CallContext): Promise<LookupResponse> {
+    const log = deps.logger.child({ call: 'Lookup', peer: context.peer });
+    let macs: string[];
+    try {
+      macs = normaliseMacList(request.macAddresses);
+    } catch (error) {
+      metrics.lookups.inc({ result: 'invalid' });
+      throw error;
+    }
+    if (request.agentVersion.length > 128) throw invalidArgument('agent_version: at most 128 characters');
+
+    const candidates = (await store.findNodesByMacs(macs)).filter((node) => isAgentState(node.provisionState));
+    const notFoundError = notFound(
+      `no node waiting for an agent has any of the MAC addresses ${macs.join(', ')}; check that the node is enrolled with these MACs (metalcast node show) and that inspect, provide or deploy was started on it`,
+    );
+    if (candidates.length === 0) {
+      metrics.lookups.inc({ result: 'not_found' });
+      log.info({ macs }, 'lookup found no node waiting for an agent');
+      throw notFoundError;
+    }
+    if (candidates.length > 1) {
+      metrics.lookups.inc({ result: 'not_found' });
+      log.warn({ macs, nodes: candidates.map((n) => n.name) }, 'lookup MACs match several nodes; fix their ports');
+      throw notFoundError;
+    }
+    const node = candidates[0] as (typeof candidates)[0];
+    const nodeLog = log.child({ node: node.uuid, nodeName: node.name });
+
+    // An agent that is alive keeps its token: a second token would strand it.
+    // One whose stream closed after its last heartbeat is gone, and its
+    // replacement (the same machine, restarted) gets a fresh token.
+    const streamOpen = sessions.isOpen(node.uuid);
+    const recentlyHeard =
+      node.lastHeartbeatAt !== null &&
+      Date.now() - node.lastHeartbeatAt < heartbeat.intervalMaxMs &&
+      !sessions.closedSince(node.uuid, node.lastHeartbeatAt);
+    if (node.agentTokenHash !== null && (streamOpen || recentlyHeard)) {
+      metrics.lookups.inc({ result: 'agent_alive' });
+      nodeLog.warn({ agentPeer: sessions.peer(node.uuid) }, 'lookup refused: the node already has a live agent');
+      throw failedPrecondition(
+        `node '${node.name}' already has a live agent${streamOpen ? ` (heartbeat stream open from ${sessions.peer(node.uuid)})` : ''}; a second agent is refused until that one disconnects or times out`,
+      );
+    }
+
+    const token = generateAgentToken();
+    await store.setAgentToken(node.uuid, hashAgentToken(token));
+    // A stream still bound to the old token must not outlive it.
+    sessions.revoke(node.uuid, new MetalcastError(Status.UNAUTHENTICATED, 'the agent token was replaced by a newer lookup; look up again'));
+    metrics.lookups.inc({ result: 'found' });
+    nodeLog.info({ agentVersion: truncate(request.agentVersion), state: node.provisionState }, 'agent looked up its node');
+    return {
+      nodeUuid: node.uuid,
+      agentToken: token,
+      heartbeatIntervalMinMs: heartbeat.intervalMinMs,
+      heartbeatIntervalMaxMs: heartbeat.intervalMaxMs,
+      heartbeatTimeoutMs: heartbeat.timeoutMs,
+      config: { logLevel: '' },
+    };
+  };
+}

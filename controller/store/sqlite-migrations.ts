@@ -1,0 +1,55 @@
+/**
+ * Versioned schema for the embedded store. Append new versions; never edit
+ * one that has shipped, because databases in the field have applied it.
+ */
+export const SQLITE_MIGRATIONS: readonly { version: number; description: string; sql: string }[] = [
+  {
+    version: 1,
+    description: 'nodes, ports and node events',
+    sql: `
+      CREATE TABLE nodes (
+        uuid TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        provision_state TEXT NOT NULL,
+        target_provision_state TEXT,
+        maintenance INTEGER NOT NULL DEFAULT 0,
+        maintenance_reason TEXT NOT NULL DEFAULT '',
+        last_error TEXT NOT NULL DEFAULT '',
+        properties TEXT NOT NULL DEFAULT '{}',
+        agent_address TEXT NOT NULL DEFAULT '',
+        agent_version TEXT NOT NULL DEFAULT '',
+        agent_status TEXT NOT NULL DEFAULT '',
+        agent_token_hash TEXT,
+        last_heartbeat_at INTEGER,
+        liveness_at INTEGER,
+        reservation TEXT,
+        reservation_operation TEXT,
+        inventory TEXT,
+        deploy TEXT,
+        progress TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        provision_updated_at INTEGER NOT NULL
+      );
+      -- The sweep's query: wait states ordered by liveness, so it reads only the timed-out rows.
+      CREATE INDEX nodes_state_liveness ON nodes (provision_state, liveness_at);
+      CREATE INDEX nodes_reservation ON nodes (reservation) WHERE reservation IS NOT NULL;
+      CREATE TABLE ports (
+        mac_address TEXT PRIMARY KEY,
+        node_uuid TEXT NOT NULL REFERENCES nodes (uuid) ON DELETE CASCADE
+      );
+      CREATE INDEX ports_node ON ports (node_uuid);
+      CREATE TABLE node_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        node_uuid TEXT NOT NULL REFERENCES nodes (uuid) ON DELETE CASCADE,
+        time INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        from_state TEXT,
+        to_state TEXT
+      );
+      CREATE INDEX node_events_node ON node_events (node_uuid, id);
+    `,
+  },
+];

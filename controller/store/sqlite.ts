@@ -1,0 +1,417 @@
+import { randomUUID } from 'node:crypto';
+import { mkdirSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { DatabaseSync, type SQLInputValue, type StatementSync } from 'node:sqlite';
+import { Status } from 'nice-grpc-common';
+import { MetalcastError } from '../../common/errors.js';
+import { PROVISION_STATES, type ProvisionState, WAIT_STATE_FAILURES, WAIT_STATES } from '../provisioning/states.js';
+import { SQLITE_MIGRATIONS } from './sqlite-migrations.js';
+import type {
+  EpochMs,
+  HeartbeatRecord,
+  ListNodesQuery,
+  NewNode,
+  NewNodeEvent,
+  NodeEventRecord,
+  NodeRecord,
+  Store,
+  TimedOutNode,
+  Transition,
+} from './store.js';
+
+type Row = Record<string, SQLInputValue>;
+
+/**
+ * The embedded store: one SQLite file in WAL mode, through node:sqlite (no
+ * native build step). Calls are synchronous underneath; they are short, and
+ * heartbeats reach it in batches, so the event loop is never held for long.
+ */
+export class SqliteStore implements Store {
+  private readonly db: DatabaseSync;
+  private readonly statements = new Map<string, StatementSync>();
+
+  private constructor(path: string) {
+    if (path !== ':memory:') mkdirSync(dirname(path), { recursive: true });
+    this.db = new DatabaseSync(path);
+    this.db.exec('PRAGMA journal_mode = WAL');
+    this.db.exec('PRAGMA synchronous = NORMAL');
+    this.db.exec('PRAGMA foreign_keys = ON');
+    this.db.exec('PRAGMA busy_timeout = 5000');
+  }
+
+  /** Opens (creating if needed) and migrates the database at `path`. */
+  static open(path: string): SqliteStore {
+    const store = new SqliteStore(path);
+    store.migrate();
+    return store;
+  }
+
+  private migrate(): void {
+    this.db.exec(
+      'CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at INTEGER NOT NULL)',
+    );
+    this.inTransaction(() => {
+      const row = this.db.prepare('SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations').get() as { v: number };
+      const known = SQLITE_MIGRATIONS.at(-1)?.version ?? 0;
+      if (row.v > known) {
+        throw new Error(`database schema version ${row.v} is newer than this controller understands (${known}); upgrade the controller`);
+      }
+      for (const migration of SQLITE_MIGRATIONS) {
+        if (migration.version <= row.v) continue;
+        this.db.exec(migration.sql);
+        this.db
+          .prepare('INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)')
+          .run(migration.version, migration.description, Date.now());
+      }
+    });
+  }
+
+  private stmt(sql: string): StatementSync {
+    let statement = this.statements.get(sql);
+    if (!statement) {
+      statement = this.db.prepare(sql);
+      this.statements.set(sql, statement);
+    }
+    return statement;
+  }
+
+  private inTransaction<T>(fn: () => T): T {
+    this.db.exec('BEGIN IMMEDIATE');
+    try {
+      const result = fn();
+      this.db.exec('COMMIT');
+      return result;
+    } catch (error) {
+      this.db.exec('ROLLBACK');
+      throw error;
+    }
+  }
+
+  private insertEvent(uuid: string, event: NewNodeEvent, time: EpochMs): void {
+    this.stmt('INSERT INTO node_events (node_uuid, time, kind, message, actor, from_state, to_state) VALUES (?, ?, ?, ?, ?, ?, ?)').run(
+      uuid,
+      time,
+      event.kind,
+      event.message,
+      event.actor,
+      event.fromState,
+      event.toState,
+    );
+  }
+
+  private loadNode(where: 'uuid' | 'name', value: string): NodeRecord | undefined {
+    const row = this.stmt(`SELECT * FROM nodes WHERE ${where} = ?`).get(value) as Row | undefined;
+    if (!row) return undefined;
+    const macs = this.stmt('SELECT mac_address FROM ports WHERE node_uuid = ? ORDER BY mac_address').all(row.uuid as string) as {
+      mac_address: string;
+    }[];
+    return toNodeRecord(
+      row,
+      macs.map((m) => m.mac_address),
+    );
+  }
+
+  private requireNode(uuid: string): NodeRecord {
+    const node = this.loadNode('uuid', uuid);
+    if (!node) throw new MetalcastError(Status.NOT_FOUND, `node ${uuid} no longer exists`);
+    return node;
+  }
+
+  private assertMacsFree(macs: readonly string[]): void {
+    for (const mac of macs) {
+      const owner = this.stmt('SELECT n.name FROM ports p JOIN nodes n ON n.uuid = p.node_uuid WHERE p.mac_address = ?').get(mac) as
+        | { name: string }
+        | undefined;
+      if (owner) throw new MetalcastError(Status.ALREADY_EXISTS, `MAC address ${mac} already belongs to node '${owner.name}'`);
+    }
+  }
+
+  async createNode(node: NewNode, event: NewNodeEvent): Promise<NodeRecord> {
+    return this.inTransaction(() => {
+      if (this.stmt('SELECT 1 FROM nodes WHERE name = ?').get(node.name)) {
+        throw new MetalcastError(Status.ALREADY_EXISTS, `a node named '${node.name}' already exists`);
+      }
+      this.assertMacsFree(node.macAddresses);
+      const uuid = randomUUID();
+      const now = Date.now();
+      this.stmt(
+        `INSERT INTO nodes (uuid, name, provision_state, properties, created_at, updated_at, provision_updated_at)
+         VALUES (?, ?, 'enroll', ?, ?, ?, ?)`,
+      ).run(uuid, node.name, JSON.stringify(node.properties), now, now, now);
+      for (const mac of node.macAddresses) this.stmt('INSERT INTO ports (mac_address, node_uuid) VALUES (?, ?)').run(mac, uuid);
+      this.insertEvent(uuid, event, now);
+      return this.requireNode(uuid);
+    });
+  }
+
+  async getNode(uuidOrName: string): Promise<NodeRecord | undefined> {
+    return this.loadNode('uuid', uuidOrName) ?? this.loadNode('name', uuidOrName);
+  }
+
+  async findNodesByMacs(macs: readonly string[]): Promise<NodeRecord[]> {
+    if (macs.length === 0) return [];
+    const rows = this.db
+      .prepare(`SELECT DISTINCT node_uuid FROM ports WHERE mac_address IN (${macs.map(() => '?').join(',')})`)
+      .all(...macs) as { node_uuid: string }[];
+    return rows.map((r) => this.loadNode('uuid', r.node_uuid)).filter((n): n is NodeRecord => n !== undefined);
+  }
+
+  async listNodes(query: ListNodesQuery): Promise<NodeRecord[]> {
+    const where: string[] = [];
+    const params: SQLInputValue[] = [];
+    if (query.provisionState) {
+      where.push('provision_state = ?');
+      params.push(query.provisionState);
+    }
+    if (query.maintenance !== undefined) {
+      where.push('maintenance = ?');
+      params.push(query.maintenance ? 1 : 0);
+    }
+    if (query.afterName !== undefined) {
+      where.push('name > ?');
+      params.push(query.afterName);
+    }
+    const sql = `SELECT * FROM nodes ${where.length ? `WHERE ${where.join(' AND ')}` : ''} ORDER BY name LIMIT ?`;
+    const rows = this.stmt(sql).all(...params, query.limit) as Row[];
+    if (rows.length === 0) return [];
+    const ports = this.db
+      .prepare(`SELECT node_uuid, mac_address FROM ports WHERE node_uuid IN (${rows.map(() => '?').join(',')}) ORDER BY mac_address`)
+      .all(...rows.map((r) => r.uuid as string)) as { node_uuid: string; mac_address: string }[];
+    const macsByNode = new Map<string, string[]>();
+    for (const p of ports) macsByNode.set(p.node_uuid, [...(macsByNode.get(p.node_uuid) ?? []), p.mac_address]);
+    return rows.map((row) => toNodeRecord(row, macsByNode.get(row.uuid as string) ?? []));
+  }
+
+  async deleteNode(uuid: string): Promise<boolean> {
+    return Number(this.stmt('DELETE FROM nodes WHERE uuid = ?').run(uuid).changes) > 0;
+  }
+
+  async addPort(uuid: string, mac: string, event: NewNodeEvent): Promise<NodeRecord> {
+    return this.inTransaction(() => {
+      this.requireNode(uuid);
+      this.assertMacsFree([mac]);
+      const now = Date.now();
+      this.stmt('INSERT INTO ports (mac_address, node_uuid) VALUES (?, ?)').run(mac, uuid);
+      this.stmt('UPDATE nodes SET updated_at = ? WHERE uuid = ?').run(now, uuid);
+      this.insertEvent(uuid, event, now);
+      return this.requireNode(uuid);
+    });
+  }
+
+  async removePort(uuid: string, mac: string, event: NewNodeEvent): Promise<NodeRecord> {
+    return this.inTransaction(() => {
+      const node = this.requireNode(uuid);
+      if (!node.macAddresses.includes(mac)) {
+        throw new MetalcastError(Status.NOT_FOUND, `node '${node.name}' has no port with MAC address ${mac}`);
+      }
+      if (node.macAddresses.length === 1) {
+        throw new MetalcastError(Status.FAILED_PRECONDITION, `${mac} is the last port of node '${node.name}'; a node needs at least one`);
+      }
+      const now = Date.now();
+      this.stmt('DELETE FROM ports WHERE mac_address = ?').run(mac);
+      this.stmt('UPDATE nodes SET updated_at = ? WHERE uuid = ?').run(now, uuid);
+      this.insertEvent(uuid, event, now);
+      return this.requireNode(uuid);
+    });
+  }
+
+  async setMaintenance(uuid: string, enabled: boolean, reason: string, event: NewNodeEvent): Promise<NodeRecord | undefined> {
+    return this.inTransaction(() => {
+      const now = Date.now();
+      // Leaving maintenance restarts the liveness clock: the sweep skipped the
+      // node meanwhile, and its agent deserves a full timeout from now.
+      const changes = this.stmt(
+        `UPDATE nodes SET maintenance = ?, maintenance_reason = ?, updated_at = ?,
+           liveness_at = CASE WHEN ? = 0 AND liveness_at IS NOT NULL THEN ? ELSE liveness_at END
+         WHERE uuid = ?`,
+      ).run(enabled ? 1 : 0, enabled ? reason : '', now, enabled ? 1 : 0, now, uuid).changes;
+      if (Number(changes) === 0) return undefined;
+      this.insertEvent(uuid, event, now);
+      return this.requireNode(uuid);
+    });
+  }
+
+  async transition(uuid: string, t: Transition): Promise<NodeRecord | undefined> {
+    return this.inTransaction(() => {
+      const now = Date.now();
+      const sets = [
+        'provision_state = ?',
+        'target_provision_state = ?',
+        'updated_at = ?',
+        'provision_updated_at = ?',
+        // Entering a state that waits for an agent starts the sweep's clock.
+        'liveness_at = ?',
+      ];
+      const params: SQLInputValue[] = [t.to, t.target, now, now, (WAIT_STATES as string[]).includes(t.to) ? now : null];
+      if (t.lastError !== undefined) {
+        sets.push('last_error = ?');
+        params.push(t.lastError);
+      }
+      if (!t.keepAgentToken) sets.push('agent_token_hash = NULL');
+      if (t.deployJson !== undefined) {
+        sets.push('deploy = ?');
+        params.push(t.deployJson);
+      }
+      if (t.inventoryJson !== undefined) {
+        sets.push('inventory = ?');
+        params.push(t.inventoryJson);
+      }
+      const changes = this.db
+        .prepare(`UPDATE nodes SET ${sets.join(', ')} WHERE uuid = ? AND provision_state IN (${t.from.map(() => '?').join(',')})`)
+        .run(...params, uuid, ...t.from).changes;
+      if (Number(changes) === 0) return undefined;
+      this.insertEvent(uuid, t.event, now);
+      return this.requireNode(uuid);
+    });
+  }
+
+  async setAgentToken(uuid: string, tokenHash: string | null): Promise<void> {
+    const now = Date.now();
+    this.stmt(
+      `UPDATE nodes SET agent_token_hash = ?, updated_at = ?,
+         liveness_at = CASE WHEN liveness_at IS NULL THEN NULL ELSE MAX(liveness_at, ?) END
+       WHERE uuid = ?`,
+    ).run(tokenHash, now, now, uuid);
+  }
+
+  async recordHeartbeats(batch: readonly HeartbeatRecord[]): Promise<string[]> {
+    if (batch.length === 0) return [];
+    const missing: string[] = [];
+    this.inTransaction(() => {
+      const update = this.stmt(
+        `UPDATE nodes SET last_heartbeat_at = ?, agent_address = ?, agent_version = ?, agent_status = ?,
+           progress = COALESCE(?, progress),
+           liveness_at = CASE WHEN liveness_at IS NULL THEN NULL ELSE MAX(liveness_at, ?) END
+         WHERE uuid = ?`,
+      );
+      for (const hb of batch) {
+        const { changes } = update.run(hb.time, hb.agentAddress, hb.agentVersion, hb.agentStatus, hb.progressJson, hb.time, hb.nodeUuid);
+        if (Number(changes) === 0) missing.push(hb.nodeUuid);
+      }
+    });
+    return missing;
+  }
+
+  async sweepTimedOut(now: EpochMs, cutoff: EpochMs, timeoutMs: number): Promise<TimedOutNode[]> {
+    const failures = Object.entries(WAIT_STATE_FAILURES)
+      .map(([wait, failed]) => `WHEN '${wait}' THEN '${failed}'`)
+      .join(' ');
+    const waitList = WAIT_STATES.map((s) => `'${s}'`).join(',');
+    const timeoutS = Math.round(timeoutMs / 1000);
+    return this.inTransaction(() => {
+      // One statement: the index on (provision_state, liveness_at) makes it
+      // read only the rows that timed out, however large the fleet.
+      const rows = this.stmt(
+        `UPDATE nodes SET
+           provision_state = CASE provision_state ${failures} END,
+           target_provision_state = NULL,
+           agent_token_hash = NULL,
+           last_error = CASE WHEN last_heartbeat_at IS NULL
+             THEN 'no heartbeat from the agent since the node entered ' || replace(provision_state, '_', ' ') || ' ' || ((? - liveness_at) / 1000) || 's ago (timeout ' || ? || 's)'
+             ELSE 'no heartbeat from the agent for ' || ((? - liveness_at) / 1000) || 's (timeout ' || ? || 's)' END,
+           updated_at = ?, provision_updated_at = ?
+         WHERE provision_state IN (${waitList}) AND liveness_at < ? AND reservation IS NULL AND maintenance = 0
+         RETURNING uuid, name, provision_state, last_error`,
+      ).all(now, timeoutS, now, timeoutS, now, now, cutoff) as {
+        uuid: string;
+        name: string;
+        provision_state: ProvisionState;
+        last_error: string;
+      }[];
+      const failedToWait = Object.fromEntries(Object.entries(WAIT_STATE_FAILURES).map(([w, f]) => [f, w])) as Record<
+        string,
+        ProvisionState
+      >;
+      return rows.map((row) => {
+        const fromState = failedToWait[row.provision_state] as ProvisionState;
+        this.insertEvent(
+          row.uuid,
+          { kind: 'timeout', message: row.last_error, actor: 'sweep', fromState, toState: row.provision_state },
+          now,
+        );
+        return { uuid: row.uuid, name: row.name, fromState, toState: row.provision_state, lastError: row.last_error };
+      });
+    });
+  }
+
+  async countByProvisionState(): Promise<Map<ProvisionState, number>> {
+    const rows = this.stmt('SELECT provision_state, COUNT(*) AS n FROM nodes GROUP BY provision_state').all() as {
+      provision_state: ProvisionState;
+      n: number;
+    }[];
+    const counts = new Map<ProvisionState, number>(PROVISION_STATES.map((s) => [s, 0]));
+    for (const row of rows) counts.set(row.provision_state, row.n);
+    return counts;
+  }
+
+  async listEvents(uuid: string, afterId: number, limit: number): Promise<NodeEventRecord[]> {
+    const rows = this.stmt('SELECT * FROM node_events WHERE node_uuid = ? AND id > ? ORDER BY id LIMIT ?').all(
+      uuid,
+      afterId,
+      limit,
+    ) as Row[];
+    return rows.map((r) => ({
+      id: r.id as number,
+      nodeUuid: r.node_uuid as string,
+      time: r.time as number,
+      kind: r.kind as string,
+      message: r.message as string,
+      actor: r.actor as string,
+      fromState: (r.from_state as ProvisionState | null) ?? null,
+      toState: (r.to_state as ProvisionState | null) ?? null,
+    }));
+  }
+
+  async addEvent(uuid: string, event: NewNodeEvent): Promise<void> {
+    this.insertEvent(uuid, event, Date.now());
+  }
+
+  async clearReservations(holder: string): Promise<number> {
+    return Number(this.stmt('UPDATE nodes SET reservation = NULL, reservation_operation = NULL WHERE reservation = ?').run(holder).changes);
+  }
+
+  async close(): Promise<void> {
+    this.statements.clear();
+    if (this.db.isOpen) this.db.close();
+  }
+
+  /** For benchmarks and tests that need many rows fast; not part of Store. */
+  bulkInsertForBench(rows: { uuid: string; name: string; state: ProvisionState; livenessAt: EpochMs | null }[]): void {
+    this.inTransaction(() => {
+      const insert = this.stmt(
+        `INSERT INTO nodes (uuid, name, provision_state, liveness_at, last_heartbeat_at, created_at, updated_at, provision_updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+      );
+      const now = Date.now();
+      for (const r of rows) insert.run(r.uuid, r.name, r.state, r.livenessAt, r.livenessAt, now, now, now);
+    });
+  }
+}
+
+function toNodeRecord(row: Row, macAddresses: string[]): NodeRecord {
+  return {
+    uuid: row.uuid as string,
+    name: row.name as string,
+    provisionState: row.provision_state as ProvisionState,
+    targetProvisionState: (row.target_provision_state as ProvisionState | null) ?? null,
+    maintenance: row.maintenance === 1,
+    maintenanceReason: row.maintenance_reason as string,
+    lastError: row.last_error as string,
+    macAddresses,
+    properties: JSON.parse(row.properties as string) as Record<string, string>,
+    agentAddress: row.agent_address as string,
+    agentVersion: row.agent_version as string,
+    agentStatus: row.agent_status as string,
+    agentTokenHash: (row.agent_token_hash as string | null) ?? null,
+    lastHeartbeatAt: (row.last_heartbeat_at as number | null) ?? null,
+    livenessAt: (row.liveness_at as number | null) ?? null,
+    reservation: (row.reservation as string | null) ?? null,
+    reservationOperation: (row.reservation_operation as string | null) ?? null,
+    inventoryJson: (row.inventory as string | null) ?? null,
+    deployJson: (row.deploy as string | null) ?? null,
+    progressJson: (row.progress as string | null) ?? null,
+    createdAt: row.created_at as number,
+    updatedAt: row.updated_at as number,
+    provisionUpdatedAt: row.provision_updated_at as number,
+  };
+}

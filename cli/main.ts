@@ -1,4 +1,6 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
+import { AGENT_OPTIONS } from '../agent/config.js';
+import { agentMain } from '../agent/main.js';
 import { CONTROLLER_OPTIONS } from '../controller/config.js';
 import { controllerMain } from '../controller/main.js';
 import { duration, hostPort } from '../common/config.js';
@@ -15,24 +17,29 @@ const asCli =
     }
   };
 
-/** The `metalcast` command: one entry point for the programs and the operator tools. */
-export function buildProgram(): Command {
-  const program = new Command('metalcast')
-    .description('bare-metal provisioning over gRPC: the controller, the agent, and the operator CLI')
-    .showHelpAfterError('(run with --help for usage)')
+/** Options every operator command group takes (node, image, ...). */
+export function addOperatorOptions(command: Command): Command {
+  return command
     .addOption(
-      new Option('--controller <host:port>', 'controller gRPC address for operator commands')
+      new Option('--controller <host:port>', 'controller gRPC address')
         .env('METALCAST_CONTROLLER')
         .default('127.0.0.1:7350')
         .argParser(asCli(hostPort)),
     )
     .addOption(
-      new Option('--timeout <duration>', 'deadline for each operator call, e.g. 10s')
+      new Option('--timeout <duration>', 'deadline for each call, e.g. 10s')
         .env('METALCAST_TIMEOUT')
         .default(10_000, '10s')
         .argParser(asCli(duration({ min: 100 }))),
     )
     .option('--json', 'print machine-readable JSON instead of tables');
+}
+
+/** The `metalcast` command: one entry point for the programs and the operator tools. */
+export function buildProgram(): Command {
+  const program = new Command('metalcast')
+    .description('bare-metal provisioning over gRPC: the controller, the agent, and the operator CLI')
+    .showHelpAfterError('(run with --help for usage)');
 
   const controller = program
     .command('controller')
@@ -41,7 +48,17 @@ export function buildProgram(): Command {
     .action(async (flags: Record<string, unknown>) => controllerMain(flags));
   addOptionTable(controller, CONTROLLER_OPTIONS);
 
-  registerNodeCommands(program);
+  const agent = program
+    .command('agent')
+    .description('run the agent on a machine to provision: discovers the hardware, looks itself up, heartbeats and serves commands')
+    .addHelpText(
+      'after',
+      '\nEvery option can also be set through its METALCAST_* environment variable; flags win over the environment.\nExit codes: 0 stopped, 1 fatal error, 2 bad configuration, 3 lookup budget exhausted (the service manager should restart it).',
+    )
+    .action(async (flags: Record<string, unknown>) => agentMain(flags));
+  addOptionTable(agent, AGENT_OPTIONS);
+
+  registerNodeCommands(program, addOperatorOptions);
   return program;
 }
 

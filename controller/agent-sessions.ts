@@ -4,6 +4,10 @@ import { MetalcastError } from '../common/errors.js';
 interface Session {
   id: number;
   peer: string;
+  /** The agent token the stream authenticated with, kept in memory only: the controller presents it when it calls the agent. */
+  token: string;
+  /** host:port of the agent's API, from its latest heartbeat. */
+  agentAddress: string;
   /** Aborting ends the heartbeat stream with the reason's status. */
   abort: (reason: MetalcastError) => void;
 }
@@ -24,11 +28,11 @@ export class AgentSessions {
   }
 
   /** Registers a stream; an older stream of the same node is ended (the agent reconnected). */
-  open(nodeUuid: string, peer: string, abort: Session['abort']): number {
+  open(nodeUuid: string, peer: string, token: string, abort: Session['abort']): number {
     const previous = this.sessions.get(nodeUuid);
     previous?.abort(new MetalcastError(Status.ABORTED, 'a newer heartbeat stream for this node replaced this one'));
     const id = this.nextId++;
-    this.sessions.set(nodeUuid, { id, peer, abort });
+    this.sessions.set(nodeUuid, { id, peer, token, agentAddress: '', abort });
     this.closedAt.delete(nodeUuid);
     return id;
   }
@@ -42,6 +46,18 @@ export class AgentSessions {
       const oldest = this.closedAt.keys().next().value;
       if (oldest !== undefined) this.closedAt.delete(oldest);
     }
+  }
+
+  /** Records the agent's advertised address from a heartbeat. */
+  setAgentAddress(nodeUuid: string, id: number, address: string): void {
+    const session = this.sessions.get(nodeUuid);
+    if (session?.id === id && address !== '') session.agentAddress = address;
+  }
+
+  /** How to call a node's agent: its address and token, while its stream is open. */
+  agentEndpoint(nodeUuid: string): { address: string; token: string } | undefined {
+    const session = this.sessions.get(nodeUuid);
+    return session && session.agentAddress !== '' ? { address: session.agentAddress, token: session.token } : undefined;
   }
 
   isOpen(nodeUuid: string): boolean {

@@ -84,6 +84,7 @@ export const CONTROLLER_OPTIONS = {
     '10s',
     100,
   ),
+  agentCallTimeout: durationSpec('agent-call-timeout', 'deadline of each unary call the controller makes to an agent', '30s', 100),
   shutdownTimeout: durationSpec('shutdown-timeout', 'on SIGTERM, how long to wait for calls to finish', '10s', 0),
   logLevel: {
     flag: 'log-level',

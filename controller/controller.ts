@@ -10,7 +10,9 @@ import { serverChannelOptions } from '../common/grpc-options.js';
 import { AgentGatewayServiceDefinition } from '../gen/metalcast/v1/agent_gateway.js';
 import { ImageServiceDefinition } from '../gen/metalcast/v1/image.js';
 import { NodeServiceDefinition } from '../gen/metalcast/v1/node.js';
+import { AgentClients } from './agent-client.js';
 import { AgentSessions } from './agent-sessions.js';
+import { Conductor } from './provisioning/conductor.js';
 import type { ControllerConfig } from './config.js';
 import { HeartbeatRecorder } from './heartbeat-recorder.js';
 import { startHttpServer } from './http-server.js';
@@ -75,6 +77,9 @@ export async function startController(config: ControllerConfig, logger: Logger):
     (node) => sessions.revoke(node.uuid, new MetalcastError(Status.UNAUTHENTICATED, `the node timed out and is now ${node.toState}`)),
   );
   const provisioner = new Provisioner(store, sessions, logger.child({ component: 'provisioner' }));
+  const keepalive = { timeMs: config.keepaliveTime, timeoutMs: config.keepaliveTimeout };
+  const agentClients = new AgentClients(keepalive, config.agentCallTimeout, logger.child({ component: 'agent-client' }));
+  const conductor = new Conductor(store, sessions, agentClients, provisioner, config.controllerId, logger.child({ component: 'conductor' }));
   const heartbeat = {
     intervalMinMs: config.heartbeatIntervalMin,
     intervalMaxMs: config.heartbeatIntervalMax,
@@ -82,12 +87,20 @@ export async function startController(config: ControllerConfig, logger: Logger):
   };
 
   const health = HealthState();
-  const server = createServer(serverChannelOptions({ timeMs: config.keepaliveTime, timeoutMs: config.keepaliveTimeout }))
+  const server = createServer(serverChannelOptions(keepalive))
     .use(grpcServerMetricsMiddleware(registry))
     .use(errorMappingMiddleware(logger.child({ component: 'grpc' })));
   server.add(
     AgentGatewayServiceDefinition,
-    createAgentGatewayService({ store, sessions, recorder, metrics, logger: logger.child({ component: 'agent-gateway' }), heartbeat }),
+    createAgentGatewayService({
+      store,
+      sessions,
+      recorder,
+      metrics,
+      logger: logger.child({ component: 'agent-gateway' }),
+      heartbeat,
+      onHeartbeat: (uuid) => conductor.onHeartbeat(uuid),
+    }),
   );
   server.add(NodeServiceDefinition, createNodeService({ store, provisioner, logger: logger.child({ component: 'node-service' }) }));
   server.add(ImageServiceDefinition, createImageService());
@@ -137,6 +150,8 @@ export async function startController(config: ControllerConfig, logger: Logger):
       }, config.shutdownTimeout);
       await server.shutdown();
       clearTimeout(shutdownTimer);
+      await conductor.stop();
+      agentClients.closeAll();
       await sweep.stop();
       await recorder.stop();
       await http?.close();

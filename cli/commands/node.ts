@@ -89,9 +89,8 @@ function parseState(value: string): StateName {
 }
 
 /** `metalcast node …`: the operator commands for nodes. */
-export function registerNodeCommands(program: Command): void {
-  const node = program
-    .command('node')
+export function registerNodeCommands(program: Command, addOperatorOptions: (command: Command) => Command): void {
+  const node = addOperatorOptions(program.command('node'))
     .description('enrol, list, inspect and manage nodes')
     .addHelpText('after', `\nProvision states and the actions allowed from each:\n    ${stateHelp}\n`);
 

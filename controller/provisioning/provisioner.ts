@@ -2,7 +2,7 @@ import { Status } from 'nice-grpc-common';
 import { MetalcastError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import type { AgentSessions } from '../agent-sessions.js';
-import type { NodeRecord, Store } from '../store/store.js';
+import type { NodeRecord, Store, Transition } from '../store/store.js';
 import { ACTION_TRANSITIONS, allowedActions, isAgentState, type ProvisionAction, type ProvisionState } from './states.js';
 
 const human = (state: ProvisionState) => state.replaceAll('_', ' ');
@@ -66,9 +66,11 @@ export class Provisioner {
     actor: string,
     reason: string,
     lastError?: string,
+    also: Pick<Transition, 'inventoryJson' | 'deployJson'> = {},
   ): Promise<NodeRecord> {
     const keepAgentToken = isAgentState(to);
     const updated = await this.store.transition(node.uuid, {
+      ...also,
       from: [from],
       to,
       target,

@@ -19,6 +19,8 @@ export interface HeartbeatDeps {
   metrics: ControllerMetrics;
   logger: Logger;
   heartbeat: { intervalMinMs: number; intervalMaxMs: number };
+  /** Told about every heartbeat after it is recorded; must not block. */
+  onHeartbeat: (nodeUuid: string) => void;
 }
 
 const AGENT_ADDRESS = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253}):\d{1,5}$/;
@@ -57,7 +59,7 @@ export function createHeartbeatHandler(deps: HeartbeatDeps) {
     const onCallAborted = () => stop.abort();
     context.signal.addEventListener('abort', onCallAborted);
     let endReason: MetalcastError | undefined;
-    const sessionId = sessions.open(node.uuid, context.peer, (reason) => {
+    const sessionId = sessions.open(node.uuid, context.peer, token, (reason) => {
       endReason = reason;
       stop.abort();
     });
@@ -87,6 +89,8 @@ export function createHeartbeatHandler(deps: HeartbeatDeps) {
           agentStatus: hb.status === AgentStatus.AGENT_STATUS_BUSY ? 'busy' : hb.status === AgentStatus.AGENT_STATUS_IDLE ? 'idle' : '',
           progressJson: progress ? JSON.stringify(CommandProgress.toJSON(progress)) : null,
         });
+        sessions.setAgentAddress(node.uuid, sessionId, hb.agentAddress);
+        deps.onHeartbeat(node.uuid);
         log.debug({ sequence: hb.sequence }, 'heartbeat');
         yield { sequence: hb.sequence, nextIntervalMs: nextIntervalMs(), config: { logLevel: '' } };
       }

@@ -301,14 +301,15 @@ export class SqliteStore implements Store {
     return this.inTransaction(() => {
       // One statement: the index on (provision_state, liveness_at) makes it
       // read only the rows that timed out, however large the fleet.
+      // node:sqlite binds every JS number as REAL, hence the CASTs: whole seconds in the message.
       const rows = this.stmt(
         `UPDATE nodes SET
            provision_state = CASE provision_state ${failures} END,
            target_provision_state = NULL,
            agent_token_hash = NULL,
            last_error = CASE WHEN last_heartbeat_at IS NULL
-             THEN 'no heartbeat from the agent since the node entered ' || replace(provision_state, '_', ' ') || ' ' || ((? - liveness_at) / 1000) || 's ago (timeout ' || ? || 's)'
-             ELSE 'no heartbeat from the agent for ' || ((? - liveness_at) / 1000) || 's (timeout ' || ? || 's)' END,
+             THEN 'no heartbeat from the agent since the node entered ' || replace(provision_state, '_', ' ') || ' ' || CAST((? - liveness_at) / 1000 AS INTEGER) || 's ago (timeout ' || CAST(? AS INTEGER) || 's)'
+             ELSE 'no heartbeat from the agent for ' || CAST((? - liveness_at) / 1000 AS INTEGER) || 's (timeout ' || CAST(? AS INTEGER) || 's)' END,
            updated_at = ?, provision_updated_at = ?
          WHERE provision_state IN (${waitList}) AND liveness_at < ? AND reservation IS NULL AND maintenance = 0
          RETURNING uuid, name, provision_state, last_error`,
@@ -364,6 +365,23 @@ export class SqliteStore implements Store {
 
   async addEvent(uuid: string, event: NewNodeEvent): Promise<void> {
     this.insertEvent(uuid, event, Date.now());
+  }
+
+  async tryLock(uuid: string, holder: string, operation: string): Promise<boolean> {
+    const { changes } = this.stmt('UPDATE nodes SET reservation = ?, reservation_operation = ? WHERE uuid = ? AND reservation IS NULL').run(
+      holder,
+      operation,
+      uuid,
+    );
+    return Number(changes) === 1;
+  }
+
+  async unlock(uuid: string, holder: string): Promise<boolean> {
+    const { changes } = this.stmt('UPDATE nodes SET reservation = NULL, reservation_operation = NULL WHERE uuid = ? AND reservation = ?').run(
+      uuid,
+      holder,
+    );
+    return Number(changes) === 1;
   }
 
   async clearReservations(holder: string): Promise<number> {

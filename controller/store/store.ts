@@ -130,6 +130,13 @@ export interface Store {
   countByProvisionState(): Promise<Map<ProvisionState, number>>;
   listEvents(uuid: string, afterId: number, limit: number): Promise<NodeEventRecord[]>;
   addEvent(uuid: string, event: NewNodeEvent): Promise<void>;
+  /**
+   * Takes the node's lock for `holder` if nobody holds it (compare-and-set on
+   * the reservation column); false when it is held.
+   */
+  tryLock(uuid: string, holder: string, operation: string): Promise<boolean>;
+  /** Releases the lock if `holder` has it; false when it did not. */
+  unlock(uuid: string, holder: string): Promise<boolean>;
   /** Clears every reservation a holder left behind (a restarted controller). */
   clearReservations(holder: string): Promise<number>;
   close(): Promise<void>;

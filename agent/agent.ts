@@ -1,0 +1,169 @@
+import { createSocket } from 'node:dgram';
+import { networkInterfaces } from 'node:os';
+import type { Server } from 'nice-grpc';
+import type { Logger } from '../common/logging.js';
+import { METALCAST_VERSION } from '../common/version.js';
+import { AgentStatus } from '../gen/metalcast/v1/agent_gateway.js';
+import type { Inventory } from '../gen/metalcast/v1/inventory.js';
+import type { CommandHandler } from './commands/command.js';
+import { getInventoryCommand } from './commands/get-inventory.js';
+import { powerOffCommand, rebootCommand } from './commands/power-commands.js';
+import { CommandRunner } from './commands/runner.js';
+import type { AgentConfig } from './config.js';
+import { ControllerLink } from './controller-link.js';
+import { discoverInventory } from './discovery/index.js';
+import { HeartbeatLoop, type HeartbeatIdentity } from './heartbeat.js';
+import { lookupWithBackoff } from './lookup.js';
+import { OsPowerDriver, type PowerDriver, RecordingPowerDriver } from './power.js';
+import { startAgentServer } from './server.js';
+
+/** A running agent, as startAgent returns it. */
+export interface RunningAgent {
+  /** host:port the controller is told to dial. */
+  advertiseAddress: string;
+  nodeUuid: () => string | undefined;
+  /** Resolves when the agent stops for good; rejects on a fatal error (lookup budget exhausted). */
+  done: Promise<void>;
+  stop(): Promise<void>;
+}
+
+/**
+ * The agent's life: discover the machine, serve the Agent API, look the node
+ * up, then keep heartbeating; look up again whenever the controller stops
+ * accepting the token.
+ */
+export async function startAgent(config: AgentConfig, logger: Logger): Promise<RunningAgent> {
+  const inventory = await discoverInventory(config.root);
+  const macs = inventory.interfaces.map((nic) => nic.macAddress);
+  if (macs.length === 0)
+    throw new Error(
+      `no physical network interface found under ${config.root}/sys/class/net; the agent cannot look itself up without a MAC`,
+    );
+  logger.info(
+    { macs, disks: inventory.disks.map((d) => `${d.name} ${d.sizeBytes}`), system: inventory.system?.serialNumber },
+    'hardware discovered',
+  );
+  const discover = async (): Promise<Inventory> => discoverInventory(config.root);
+
+  let identity: HeartbeatIdentity | undefined;
+  const power: PowerDriver = config.powerDriver === 'recording' ? new RecordingPowerDriver(config.powerRecordFile) : new OsPowerDriver();
+  const handlers: CommandHandler[] = [
+    getInventoryCommand(discover) as unknown as CommandHandler,
+    powerOffCommand(power) as unknown as CommandHandler,
+    rebootCommand(power) as unknown as CommandHandler,
+  ];
+  let heartbeat: HeartbeatLoop | undefined;
+  const runner = new CommandRunner(handlers, config.commandHistory, logger.child({ component: 'commands' }), () => heartbeat?.forceSoon());
+
+  const keepalive = { timeMs: config.keepaliveTime, timeoutMs: config.keepaliveTimeout };
+  const { server, port } = await startAgentServer(config.listen, keepalive, {
+    runner,
+    currentToken: () => identity?.token,
+    inventory: discover,
+    logger: logger.child({ component: 'agent-api' }),
+  });
+  const advertiseAddress = config.advertiseAddress || (await guessAdvertiseAddress(config.listen, port, config.controller[0] as string));
+  logger.info({ listen: config.listen, port, advertiseAddress }, 'agent API listening');
+
+  const link = new ControllerLink(config.controller, keepalive, logger.child({ component: 'controller-link' }));
+  const stopping = new AbortController();
+  const lookupOptions = {
+    backoffStartMs: config.lookupBackoffStart,
+    backoffMaxMs: config.lookupBackoffMax,
+    budgetMs: config.lookupBudget,
+    callTimeoutMs: config.callTimeout,
+  };
+  const lookup = async () => {
+    const answer = await lookupWithBackoff(
+      link,
+      {
+        macAddresses: macs,
+        systemSerial: inventory.system?.serialNumber ?? '',
+        systemUuid: inventory.system?.uuid ?? '',
+        agentVersion: METALCAST_VERSION,
+      },
+      lookupOptions,
+      logger.child({ component: 'lookup' }),
+      stopping.signal,
+    );
+    identity = { nodeUuid: answer.nodeUuid, token: answer.agentToken };
+    logger.info(
+      { node: answer.nodeUuid, controller: link.address, heartbeatTimeoutMs: answer.heartbeatTimeoutMs },
+      'looked up: this machine is node',
+    );
+  };
+
+  const done = (async () => {
+    await lookup();
+    heartbeat = new HeartbeatLoop(
+      link,
+      () => identity as HeartbeatIdentity,
+      () => {
+        const command = runner.latest();
+        return {
+          agentAddress: advertiseAddress,
+          agentVersion: METALCAST_VERSION,
+          status: runner.isBusy() ? AgentStatus.AGENT_STATUS_BUSY : AgentStatus.AGENT_STATUS_IDLE,
+          // The result (an inventory, say) is fetched with GetCommand; heartbeats stay small.
+          command: command ? { ...command, result: undefined } : undefined,
+        };
+      },
+      lookup,
+      { reconnectDelayMs: config.reconnectDelay, minGapMs: config.minHeartbeatGap, ackTimeoutMs: config.callTimeout },
+      logger.child({ component: 'heartbeat' }),
+    );
+    // Resolves when stopped; rejects when a re-lookup exhausts its budget.
+    await heartbeat.start();
+  })();
+
+  let stopped: Promise<void> | undefined;
+  const stop = () => {
+    stopped ??= (async () => {
+      logger.info('agent stopping');
+      stopping.abort();
+      await heartbeat?.stop();
+      runner.abort();
+      await shutdownServer(server);
+      link.close();
+      await done.catch(() => {});
+      logger.info('agent stopped');
+    })();
+    return stopped;
+  };
+  return { advertiseAddress, nodeUuid: () => identity?.nodeUuid, done, stop };
+}
+
+async function shutdownServer(server: Server): Promise<void> {
+  const force = setTimeout(() => server.forceShutdown(), 5000);
+  await server.shutdown();
+  clearTimeout(force);
+}
+
+/**
+ * The address the controller should dial: the listen host if it is a
+ * specific one, otherwise the local address the kernel would use to reach
+ * the controller (a connected UDP socket sends nothing), with the bound port.
+ */
+async function guessAdvertiseAddress(listen: string, port: number, controller: string): Promise<string> {
+  const listenHost = listen.slice(0, listen.lastIndexOf(':')).replace(/^\[|\]$/g, '');
+  if (listenHost !== '0.0.0.0' && listenHost !== '::') return `${listenHost.includes(':') ? `[${listenHost}]` : listenHost}:${port}`;
+  const controllerHost = controller.slice(0, controller.lastIndexOf(':')).replace(/^\[|\]$/g, '');
+  const controllerPort = Number(controller.slice(controller.lastIndexOf(':') + 1));
+  try {
+    const local = await new Promise<string>((resolve, reject) => {
+      const socket = createSocket(controllerHost.includes(':') ? 'udp6' : 'udp4');
+      socket.once('error', reject);
+      socket.connect(controllerPort, controllerHost, () => {
+        const address = socket.address().address;
+        socket.close();
+        resolve(address);
+      });
+    });
+    return `${local.includes(':') ? `[${local}]` : local}:${port}`;
+  } catch {
+    const fallback = Object.values(networkInterfaces())
+      .flat()
+      .find((nic) => nic && nic.family === 'IPv4' && !nic.internal);
+    return `${fallback?.address ?? '127.0.0.1'}:${port}`;
+  }
+}

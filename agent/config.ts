@@ -1,0 +1,131 @@
+import { resolve } from 'node:path';
+import {
+  ConfigError,
+  type ConfigOf,
+  duration,
+  hostPort,
+  hostPortList,
+  integer,
+  logLevel,
+  nonEmpty,
+  type OptionSpec,
+  oneOf,
+  resolveOptions,
+} from '../common/config.js';
+
+/** Every option of `metalcast agent`, in the order `--help` lists them. */
+export const AGENT_OPTIONS = {
+  controller: {
+    flag: 'controller',
+    description: 'controller gRPC address(es), comma-separated host:port; tried in turn on connection errors',
+    defaultValue: '127.0.0.1:7350',
+    parse: hostPortList,
+  },
+  listen: {
+    flag: 'listen',
+    description: 'address the agent serves its own gRPC API on, for the controller to call',
+    defaultValue: '0.0.0.0:9999',
+    parse: hostPort,
+  },
+  advertiseAddress: {
+    flag: 'advertise-address',
+    description:
+      'host:port the controller should dial to reach this agent (default: the local address that routes to the controller, with the listen port)',
+    defaultValue: '',
+    parse: (raw: string) => (raw === '' ? '' : hostPort(raw)),
+  },
+  root: {
+    flag: 'root',
+    description: 'root under which sys/, proc/ and dev/ are read; tests point it at a fake machine',
+    defaultValue: '/',
+    parse: (raw: string) => resolve(nonEmpty(raw)),
+  },
+  lookupBackoffStart: {
+    flag: 'lookup-backoff-start',
+    description: 'first delay between lookup attempts (randomised, doubling)',
+    defaultValue: '1s',
+    parse: duration({ min: 10 }),
+  },
+  lookupBackoffMax: {
+    flag: 'lookup-backoff-max',
+    description: 'longest delay between lookup attempts',
+    defaultValue: '60s',
+    parse: duration({ min: 10 }),
+  },
+  lookupBudget: {
+    flag: 'lookup-budget',
+    description: 'give up looking up after this long and exit non-zero, so that the service manager restarts the agent',
+    defaultValue: '600s',
+    parse: duration({ min: 100 }),
+  },
+  reconnectDelay: {
+    flag: 'reconnect-delay',
+    description: 'base delay before reopening a failed heartbeat stream; the real delay is this times a random factor in [1, 2)',
+    defaultValue: '5s',
+    parse: duration({ min: 10 }),
+  },
+  minHeartbeatGap: {
+    flag: 'min-heartbeat-gap',
+    description: 'an extra heartbeat (when a command finishes) is never sent sooner than this after the previous one',
+    defaultValue: '5s',
+    parse: duration({ allowZero: true }),
+  },
+  callTimeout: {
+    flag: 'call-timeout',
+    description: 'deadline of each unary call to the controller',
+    defaultValue: '30s',
+    parse: duration({ min: 100 }),
+  },
+  keepaliveTime: {
+    flag: 'keepalive-time',
+    description: 'interval of keepalive pings on the channel to the controller',
+    defaultValue: '10s',
+    parse: duration({ min: 100 }),
+  },
+  keepaliveTimeout: {
+    flag: 'keepalive-timeout',
+    description: 'the controller is considered gone when a ping is not answered within this',
+    defaultValue: '10s',
+    parse: duration({ min: 100 }),
+  },
+  powerDriver: {
+    flag: 'power-driver',
+    description:
+      "how power commands act: 'os' asks the operating system; 'recording' only appends them to --power-record-file (tests, demos)",
+    defaultValue: 'os',
+    parse: oneOf(['os', 'recording'] as const),
+  },
+  powerRecordFile: {
+    flag: 'power-record-file',
+    description: "file the 'recording' power driver appends actions to",
+    defaultValue: '',
+    parse: (raw: string) => (raw === '' ? '' : resolve(raw)),
+  },
+  commandHistory: {
+    flag: 'command-history',
+    description: 'how many finished commands ListCommands remembers',
+    defaultValue: '50',
+    parse: integer({ min: 1, max: 10_000 }),
+  },
+  logLevel: {
+    flag: 'log-level',
+    description: 'fatal, error, warn, info, debug, trace or silent',
+    defaultValue: 'info',
+    parse: logLevel,
+  },
+} satisfies Record<string, OptionSpec>;
+
+/** The agent's validated configuration; durations are in milliseconds. */
+export type AgentConfig = ConfigOf<typeof AGENT_OPTIONS>;
+
+/** Builds the agent config from parsed flags and the environment (pure). */
+export function loadAgentConfig(flags: Record<string, unknown>, env: Record<string, string | undefined>): AgentConfig {
+  const config = resolveOptions(AGENT_OPTIONS, flags, env);
+  const problems: string[] = [];
+  if (config.lookupBackoffStart > config.lookupBackoffMax) problems.push('--lookup-backoff-start must not exceed --lookup-backoff-max');
+  if (config.powerDriver === 'recording' && config.powerRecordFile === '') {
+    problems.push('--power-driver recording needs --power-record-file (where to record the actions)');
+  }
+  if (problems.length > 0) throw new ConfigError(problems);
+  return config;
+}

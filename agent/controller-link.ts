@@ -1,0 +1,56 @@
+import { type Channel, ClientError, createChannel, createClientFactory, Status } from 'nice-grpc';
+import { deadlineMiddleware } from 'nice-grpc-client-middleware-deadline';
+import { clientChannelOptions, type KeepaliveOptions } from '../common/grpc-options.js';
+import type { Logger } from '../common/logging.js';
+import { AgentGatewayServiceDefinition } from '../gen/metalcast/v1/agent_gateway.js';
+
+const factory = createClientFactory().use(deadlineMiddleware);
+type GatewayClient = ReturnType<typeof factory.create<typeof AgentGatewayServiceDefinition>>;
+
+/** Errors that say "this controller cannot be reached", as opposed to an answer from it. */
+export function isConnectionError(error: unknown): boolean {
+  return error instanceof ClientError && (error.code === Status.UNAVAILABLE || error.code === Status.DEADLINE_EXCEEDED);
+}
+
+/**
+ * The agent's way to its controllers: one channel per address, created when
+ * first used; on connection errors the agent moves on to the next address,
+ * so that one dead controller behind a list of several does not strand it.
+ */
+export class ControllerLink {
+  private readonly channels = new Map<string, { channel: Channel; gateway: GatewayClient }>();
+  private index = 0;
+
+  constructor(
+    private readonly addresses: readonly string[],
+    private readonly keepalive: KeepaliveOptions,
+    private readonly logger: Logger,
+  ) {}
+
+  get address(): string {
+    return this.addresses[this.index] as string;
+  }
+
+  get gateway(): GatewayClient {
+    let entry = this.channels.get(this.address);
+    if (!entry) {
+      const channel = createChannel(this.address, undefined, clientChannelOptions(this.keepalive));
+      entry = { channel, gateway: factory.create(AgentGatewayServiceDefinition, channel) };
+      this.channels.set(this.address, entry);
+    }
+    return entry.gateway;
+  }
+
+  /** Moves to the next controller address after a connection error. */
+  next(reason: string): void {
+    if (this.addresses.length < 2) return;
+    const from = this.address;
+    this.index = (this.index + 1) % this.addresses.length;
+    this.logger.warn({ from, to: this.address, reason }, 'switching to the next controller address');
+  }
+
+  close(): void {
+    for (const { channel } of this.channels.values()) channel.close();
+    this.channels.clear();
+  }
+}

@@ -1,0 +1,94 @@
+import { ClientError, Status } from 'nice-grpc';
+import pRetry, { AbortError } from 'p-retry';
+import type { Logger } from '../common/logging.js';
+import type { LookupRequest, LookupResponse } from '../gen/metalcast/v1/agent_gateway.js';
+import { type ControllerLink, isConnectionError } from './controller-link.js';
+
+export interface LookupOptions {
+  backoffStartMs: number;
+  backoffMaxMs: number;
+  budgetMs: number;
+  callTimeoutMs: number;
+}
+
+/** Thrown when lookups kept failing for the whole budget. */
+export class LookupBudgetExhausted extends Error {
+  constructor(budgetMs: number, cause: unknown) {
+    super(`no successful lookup within ${Math.round(budgetMs / 1000)}s; last error: ${(cause as Error).message}`, { cause });
+    this.name = 'LookupBudgetExhausted';
+  }
+}
+
+/** Thrown when the controller refuses the request itself; retrying cannot help. */
+export class LookupRefused extends Error {
+  override name = 'LookupRefused';
+}
+
+/** What an operator should check, by the controller's answer. */
+function hint(error: unknown, controller: string, macs: readonly string[]): string {
+  if (isConnectionError(error))
+    return `cannot reach the controller at ${controller}: check the address (--controller, metalcast.controller=) and the network`;
+  if (error instanceof ClientError) {
+    switch (error.code) {
+      case Status.NOT_FOUND:
+        return `the controller knows no node waiting for an agent with MACs ${macs.join(', ')}: enrol the node with these MACs and start inspect, provide or deploy`;
+      case Status.FAILED_PRECONDITION:
+        return 'another agent is still connected for this node; retrying until it goes away';
+      case Status.RESOURCE_EXHAUSTED:
+        return 'the controller is rate-limiting lookups; backing off';
+      default:
+        return `the controller answered ${Status[error.code]}: ${error.details}`;
+    }
+  }
+  return (error as Error).message;
+}
+
+/**
+ * Looks the agent up at the controller with randomised exponential backoff,
+ * so that a rack booting at once spreads its lookups out; gives up after the
+ * budget with LookupBudgetExhausted (the service manager restarts the agent).
+ */
+export async function lookupWithBackoff(
+  link: ControllerLink,
+  request: LookupRequest,
+  options: LookupOptions,
+  logger: Logger,
+  signal: AbortSignal,
+): Promise<LookupResponse> {
+  const started = Date.now();
+  try {
+    return await pRetry(
+      async () => {
+        try {
+          return await link.gateway.lookup(request, { deadline: options.callTimeoutMs, signal });
+        } catch (error) {
+          // Malformed requests will not get better by retrying.
+          if (error instanceof ClientError && error.code === Status.INVALID_ARGUMENT) {
+            throw new AbortError(new LookupRefused(`the controller refused the lookup request: ${error.details}`));
+          }
+          throw error;
+        }
+      },
+      {
+        retries: Number.POSITIVE_INFINITY,
+        factor: 2,
+        minTimeout: options.backoffStartMs,
+        maxTimeout: options.backoffMaxMs,
+        randomize: true,
+        maxRetryTime: options.budgetMs,
+        signal,
+        onFailedAttempt: ({ error, attemptNumber }) => {
+          const controller = link.address;
+          if (isConnectionError(error)) link.next('lookup could not connect');
+          logger.warn(
+            { attempt: attemptNumber, controller, elapsedSeconds: Math.round((Date.now() - started) / 1000) },
+            `lookup failed: ${hint(error, controller, request.macAddresses)}`,
+          );
+        },
+      },
+    );
+  } catch (error) {
+    if (signal.aborted || error instanceof LookupRefused) throw error;
+    throw new LookupBudgetExhausted(options.budgetMs, error);
+  }
+}

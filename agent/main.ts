@@ -1,0 +1,51 @@
+import { ConfigError } from '../common/config.js';
+import { createLogger } from '../common/logging.js';
+import { startAgent } from './agent.js';
+import { loadAgentConfig } from './config.js';
+import { LookupBudgetExhausted } from './lookup.js';
+
+/** Exit codes a service manager can tell apart. */
+export const AGENT_EXIT = { ok: 0, fatal: 1, config: 2, lookupBudget: 3 } as const;
+
+/** `metalcast agent`: parse config, build the logger, run until stopped or a fatal error. */
+export async function agentMain(flags: Record<string, unknown>): Promise<void> {
+  let config: ReturnType<typeof loadAgentConfig>;
+  try {
+    config = loadAgentConfig(flags, process.env);
+  } catch (error) {
+    if (error instanceof ConfigError) {
+      process.stderr.write(`metalcast agent: ${error.message}\n`);
+      process.exit(AGENT_EXIT.config);
+    }
+    throw error;
+  }
+  const logger = createLogger({ name: 'metalcast-agent', level: config.logLevel });
+  const exit = (code: number) => {
+    logger.flush();
+    process.exit(code);
+  };
+  let agent: Awaited<ReturnType<typeof startAgent>>;
+  try {
+    agent = await startAgent(config, logger);
+  } catch (error) {
+    logger.fatal({ err: error }, 'agent failed to start');
+    process.stderr.write(`metalcast agent: ${(error as Error).message}\n`);
+    return exit(AGENT_EXIT.fatal);
+  }
+  const onSignal = (signal: string) => {
+    logger.info({ signal }, 'signal received');
+    agent.stop().then(() => exit(AGENT_EXIT.ok));
+  };
+  process.once('SIGTERM', onSignal);
+  process.once('SIGINT', onSignal);
+  agent.done.catch(async (error: unknown) => {
+    if (error instanceof LookupBudgetExhausted) {
+      logger.fatal({ err: error }, 'giving up: exiting so that the service manager restarts the agent');
+      await agent.stop();
+      return exit(AGENT_EXIT.lookupBudget);
+    }
+    logger.fatal({ err: error }, 'agent failed');
+    await agent.stop();
+    exit(AGENT_EXIT.fatal);
+  });
+}

@@ -1,0 +1,81 @@
+import { timingSafeEqual } from 'node:crypto';
+import { type CallContext, createServer, type Server, type ServerMiddleware } from 'nice-grpc';
+import { HealthDefinition, HealthServiceImpl, HealthState } from 'nice-grpc-server-health';
+import { bearerToken } from '../common/agent-metadata.js';
+import { errorMappingMiddleware, notFound, unauthenticated, unavailable } from '../common/errors.js';
+import { serverChannelOptions } from '../common/grpc-options.js';
+import type { Logger } from '../common/logging.js';
+import { AgentServiceDefinition, type AgentServiceImplementation } from '../gen/metalcast/v1/agent.js';
+import type { Inventory } from '../gen/metalcast/v1/inventory.js';
+import type { CommandRunner } from './commands/runner.js';
+
+export interface AgentServerDeps {
+  runner: CommandRunner;
+  /** The current agent token; undefined until the first lookup. */
+  currentToken: () => string | undefined;
+  inventory: () => Promise<Inventory>;
+  logger: Logger;
+}
+
+function tokensEqual(expected: string, presented: string): boolean {
+  const a = Buffer.from(expected);
+  const b = Buffer.from(presented);
+  return a.length === b.length && timingSafeEqual(a, b);
+}
+
+/**
+ * Every call to the agent must carry the node's current agent token: the
+ * provisioning network is shared, and only the controller that handed the
+ * token out may drive this machine. Health checks stay open.
+ */
+function agentTokenMiddleware(deps: AgentServerDeps): ServerMiddleware {
+  return async function* checkToken(call, context: CallContext) {
+    if (call.method.path.startsWith('/grpc.health.v1.Health/')) return yield* call.next(call.request, context);
+    const expected = deps.currentToken();
+    if (expected === undefined) throw unavailable('the agent has not looked up its node yet; retry shortly');
+    const presented = bearerToken(context.metadata);
+    if (presented === '' || !tokensEqual(expected, presented)) {
+      deps.logger.warn({ peer: context.peer, method: call.method.path }, 'call refused: wrong or missing agent token');
+      throw unauthenticated("this call needs the node's current agent token ('authorization: Bearer <token>')");
+    }
+    return yield* call.next(call.request, context);
+  };
+}
+
+function createAgentService(deps: AgentServerDeps): AgentServiceImplementation {
+  const { runner } = deps;
+  return {
+    async getInventory() {
+      return { inventory: await deps.inventory() };
+    },
+    async runCommand(request) {
+      return { command: runner.start(request.requestId, request.parameters) };
+    },
+    async *watchCommand(request, context) {
+      for await (const command of runner.watch(request.id, context.signal)) yield { command };
+    },
+    async getCommand(request) {
+      const command = runner.get(request.id);
+      if (!command) throw notFound(`no command ${request.id.slice(0, 64)} on this agent; ListCommands shows the recent ones`);
+      return { command };
+    },
+    async listCommands() {
+      return { commands: runner.list() };
+    },
+  };
+}
+
+/** Starts the agent's gRPC server; returns it with the port actually bound. */
+export async function startAgentServer(
+  listen: string,
+  keepalive: { timeMs: number; timeoutMs: number },
+  deps: AgentServerDeps,
+): Promise<{ server: Server; port: number }> {
+  const health = HealthState();
+  const server = createServer(serverChannelOptions(keepalive)).use(errorMappingMiddleware(deps.logger)).use(agentTokenMiddleware(deps));
+  server.add(AgentServiceDefinition, createAgentService(deps));
+  server.add(HealthDefinition, HealthServiceImpl(health));
+  const port = await server.listen(listen);
+  health.setStatus('healthy');
+  return { server, port };
+}

@@ -25,6 +25,8 @@ export class ControllerLink {
     private readonly addresses: readonly string[],
     private readonly keepalive: KeepaliveOptions,
     private readonly logger: Logger,
+    /** Extra channel options; grpc-js shares one connection between channels whose options are equal. */
+    private readonly extraChannelOptions: Record<string, string | number> = {},
   ) {}
 
   get address(): string {
@@ -34,7 +36,7 @@ export class ControllerLink {
   get gateway(): GatewayClient {
     let entry = this.channels.get(this.address);
     if (!entry) {
-      const channel = createChannel(this.address, undefined, clientChannelOptions(this.keepalive));
+      const channel = createChannel(this.address, undefined, { ...clientChannelOptions(this.keepalive), ...this.extraChannelOptions });
       entry = { channel, gateway: factory.create(AgentGatewayServiceDefinition, channel) };
       this.channels.set(this.address, entry);
     }

@@ -13,6 +13,8 @@ export interface HeartbeatOptions {
   minGapMs: number;
   /** An ack later than the asked interval plus this means the stream is stuck. */
   ackTimeoutMs: number;
+  /** Spread reconnects randomly (default). Off only to measure what jitter buys (bench herd). */
+  jitter?: boolean;
 }
 
 export interface HeartbeatIdentity {
@@ -89,7 +91,7 @@ export class HeartbeatLoop {
           throw error;
         }
       }
-      const delay = this.options.reconnectDelayMs * (1 + Math.random());
+      const delay = this.options.reconnectDelayMs * (this.options.jitter === false ? 1 : 1 + Math.random());
       await sleep(delay, undefined, { signal }).catch(() => {});
     }
   }

@@ -9,6 +9,8 @@ export interface LookupOptions {
   backoffMaxMs: number;
   budgetMs: number;
   callTimeoutMs: number;
+  /** Randomise the backoff (default). Off only to measure what jitter buys (bench herd). */
+  jitter?: boolean;
 }
 
 /** Thrown when lookups kept failing for the whole budget. */
@@ -74,7 +76,7 @@ export async function lookupWithBackoff(
         factor: 2,
         minTimeout: options.backoffStartMs,
         maxTimeout: options.backoffMaxMs,
-        randomize: true,
+        randomize: options.jitter !== false,
         maxRetryTime: options.budgetMs,
         signal,
         onFailedAttempt: ({ error, attemptNumber }) => {

@@ -22,6 +22,8 @@ export class AgentSessions {
   /** When the last stream of a node closed; tells lookup that agent is gone. */
   private readonly closedAt = new Map<string, number>();
   private nextId = 1;
+  /** Set by revokeAll: a stream that authenticates after it is ended at once (shutdown must not wait for it). */
+  private refusing: MetalcastError | undefined;
 
   get size(): number {
     return this.sessions.size;
@@ -34,6 +36,7 @@ export class AgentSessions {
     const id = this.nextId++;
     this.sessions.set(nodeUuid, { id, peer, token, agentAddress: '', abort });
     this.closedAt.delete(nodeUuid);
+    if (this.refusing) abort(this.refusing);
     return id;
   }
 
@@ -79,8 +82,13 @@ export class AgentSessions {
     this.sessions.get(nodeUuid)?.abort(reason);
   }
 
-  /** Ends every stream; used on shutdown so that server.shutdown() is not held open. */
+  /**
+   * Ends every stream, and every stream opened from now on; used on shutdown
+   * so that server.shutdown() is not held open, not even by a stream that was
+   * still authenticating when this ran.
+   */
   revokeAll(reason: MetalcastError): void {
+    this.refusing = reason;
     for (const session of [...this.sessions.values()]) session.abort(reason);
   }
 }

@@ -31,11 +31,11 @@ export function createLookupHandler(deps: LookupDeps) {
     let macs: string[];
     try {
       macs = normaliseMacList(request.macAddresses);
+      if (request.agentVersion.length > 128) throw invalidArgument('agent_version: at most 128 characters');
     } catch (error) {
       metrics.lookups.inc({ result: 'invalid' });
       throw error;
     }
-    if (request.agentVersion.length > 128) throw invalidArgument('agent_version: at most 128 characters');
 
     const candidates = (await store.findNodesByMacs(macs)).filter((node) => isAgentState(node.provisionState));
     const notFoundError = notFound(

@@ -1,0 +1,578 @@
+import assert from 'node:assert/strict';
+import { afterEach, beforeEach, describe, it } from 'node:test';
+import { Status } from 'nice-grpc-common';
+import { MetalcastError } from '../../common/errors.js';
+import { PROVISION_STATES, type ProvisionState } from '../../controller/provisioning/states.js';
+import type { HeartbeatRecord, NewNodeEvent, NodeRecord, Store } from '../../controller/store/store.js';
+
+/** What a store implementation hands the contract suite. */
+export interface OpenedStore {
+  store: Store;
+  /** Closes the store and removes whatever it created (files, schemas). */
+  cleanup: () => Promise<void>;
+}
+
+const event = (kind: string, message = kind): NewNodeEvent => ({ kind, message, actor: 'test', fromState: null, toState: null });
+const created = (): NewNodeEvent => ({ kind: 'created', message: 'enrolled', actor: 'test', fromState: null, toState: 'enroll' });
+
+function heartbeat(nodeUuid: string, time: number, fields: Partial<HeartbeatRecord> = {}): HeartbeatRecord {
+  return { nodeUuid, time, agentAddress: '10.0.0.5:7351', agentVersion: 'agent/1', agentStatus: 'idle', progressJson: null, ...fields };
+}
+
+/** Asserts that `promise` rejects with a MetalcastError of `status` whose message matches `message`. */
+async function rejectsWithStatus(promise: Promise<unknown>, status: Status, message: RegExp): Promise<void> {
+  await assert.rejects(promise, (error: unknown) => {
+    assert.ok(error instanceof MetalcastError, `expected a MetalcastError, got ${String(error)}`);
+    assert.equal(Status[error.status], Status[status]);
+    assert.match(error.message, message);
+    return true;
+  });
+}
+
+/**
+ * The behaviour every Store must have, run against each implementation
+ * (store-sqlite.test.ts now, PostgreSQL later). It talks to the store only
+ * through the Store interface, and never assumes anything about time beyond
+ * what the interface passes in: the sweep is driven with explicit clocks.
+ */
+export function runStoreContract(name: string, openStore: () => Promise<OpenedStore>): void {
+  describe(`Store contract: ${name}`, () => {
+    let opened: OpenedStore;
+    let store: Store;
+
+    beforeEach(async () => {
+      opened = await openStore();
+      store = opened.store;
+    });
+    afterEach(async () => {
+      await opened.cleanup();
+    });
+
+    /** A node moved straight into `state` (the store does not enforce the state machine; the provisioner does). */
+    async function nodeIn(state: ProvisionState, nodeName: string, macs: string[], keepAgentToken = true): Promise<NodeRecord> {
+      const node = await store.createNode({ name: nodeName, macAddresses: macs, properties: {} }, created());
+      if (state === 'enroll') return node;
+      const moved = await store.transition(node.uuid, {
+        from: ['enroll'],
+        to: state,
+        target: null,
+        keepAgentToken,
+        event: { kind: 'transition', message: `enroll -> ${state}`, actor: 'test', fromState: 'enroll', toState: state },
+      });
+      assert.ok(moved, `could not move ${nodeName} to ${state}`);
+      return moved;
+    }
+
+    describe('nodes', () => {
+      it('creates a node in enroll with its ports, properties and a created event', async () => {
+        const before = Date.now();
+        const node = await store.createNode(
+          { name: 'node-a', macAddresses: ['aa:00:00:00:00:02', 'aa:00:00:00:00:01'], properties: { rack: 'r1' } },
+          created(),
+        );
+        assert.match(node.uuid, /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/);
+        assert.equal(node.name, 'node-a');
+        assert.equal(node.provisionState, 'enroll');
+        assert.equal(node.targetProvisionState, null);
+        assert.equal(node.maintenance, false);
+        assert.equal(node.lastError, '');
+        assert.deepEqual(node.macAddresses, ['aa:00:00:00:00:01', 'aa:00:00:00:00:02']);
+        assert.deepEqual(node.properties, { rack: 'r1' });
+        assert.equal(node.agentTokenHash, null);
+        assert.equal(node.lastHeartbeatAt, null);
+        assert.equal(node.livenessAt, null);
+        assert.equal(node.reservation, null);
+        assert.ok(node.createdAt >= before && node.createdAt <= Date.now());
+        assert.equal(node.updatedAt, node.createdAt);
+        const events = await store.listEvents(node.uuid, 0, 10);
+        assert.equal(events.length, 1);
+        assert.equal(events[0]?.kind, 'created');
+        assert.equal(events[0]?.toState, 'enroll');
+        assert.equal(events[0]?.nodeUuid, node.uuid);
+      });
+
+      it('gets a node by uuid and by name, and undefined for neither', async () => {
+        const node = await store.createNode({ name: 'node-b', macAddresses: ['aa:00:00:00:00:03'], properties: {} }, created());
+        assert.deepEqual(await store.getNode(node.uuid), node);
+        assert.deepEqual(await store.getNode('node-b'), node);
+        assert.equal(await store.getNode('node-missing'), undefined);
+        assert.equal(await store.getNode('00000000-0000-4000-8000-000000000000'), undefined);
+      });
+
+      it('refuses a duplicate name with ALREADY_EXISTS naming it, and creates nothing', async () => {
+        await store.createNode({ name: 'dup', macAddresses: ['aa:00:00:00:00:04'], properties: {} }, created());
+        await rejectsWithStatus(
+          store.createNode({ name: 'dup', macAddresses: ['aa:00:00:00:00:05'], properties: {} }, created()),
+          Status.ALREADY_EXISTS,
+          /'dup'/,
+        );
+        assert.deepEqual(await store.findNodesByMacs(['aa:00:00:00:00:05']), []);
+      });
+
+      it('refuses a MAC that another node owns with ALREADY_EXISTS naming the MAC and the owner, and creates nothing', async () => {
+        await store.createNode({ name: 'owner', macAddresses: ['aa:00:00:00:00:06'], properties: {} }, created());
+        await rejectsWithStatus(
+          store.createNode({ name: 'thief', macAddresses: ['aa:00:00:00:00:07', 'aa:00:00:00:00:06'], properties: {} }, created()),
+          Status.ALREADY_EXISTS,
+          /aa:00:00:00:00:06.*'owner'/,
+        );
+        assert.equal(await store.getNode('thief'), undefined);
+        assert.deepEqual(await store.findNodesByMacs(['aa:00:00:00:00:07']), []);
+      });
+
+      it('finds the nodes owning any of the MACs, once each', async () => {
+        const a = await store.createNode(
+          { name: 'fa', macAddresses: ['aa:00:00:00:01:01', 'aa:00:00:00:01:02'], properties: {} },
+          created(),
+        );
+        const b = await store.createNode({ name: 'fb', macAddresses: ['aa:00:00:00:01:03'], properties: {} }, created());
+        assert.deepEqual(await store.findNodesByMacs([]), []);
+        assert.deepEqual(await store.findNodesByMacs(['aa:00:00:00:01:ff']), []);
+        assert.deepEqual(
+          (await store.findNodesByMacs(['aa:00:00:00:01:02'])).map((n) => n.uuid),
+          [a.uuid],
+        );
+        assert.deepEqual(
+          (await store.findNodesByMacs(['aa:00:00:00:01:01', 'aa:00:00:00:01:02', 'aa:00:00:00:01:ff'])).map((n) => n.uuid),
+          [a.uuid],
+        );
+        const both = await store.findNodesByMacs(['aa:00:00:00:01:03', 'aa:00:00:00:01:01']);
+        assert.deepEqual(both.map((n) => n.uuid).sort(), [a.uuid, b.uuid].sort());
+        assert.deepEqual(both.find((n) => n.uuid === a.uuid)?.macAddresses, ['aa:00:00:00:01:01', 'aa:00:00:00:01:02']);
+      });
+
+      it('lists nodes ordered by name, with state, maintenance, afterName and limit', async () => {
+        // Created out of order, so that ordering by insertion would show.
+        await nodeIn('manageable', 'n-c', ['aa:00:00:00:02:03']);
+        await nodeIn('enroll', 'n-a', ['aa:00:00:00:02:01']);
+        const d = await nodeIn('manageable', 'n-d', ['aa:00:00:00:02:04']);
+        await nodeIn('enroll', 'n-b', ['aa:00:00:00:02:02', 'aa:00:00:00:02:05']);
+        await store.setMaintenance(d.uuid, true, 'disk swap', event('maintenance'));
+        const names = (nodes: NodeRecord[]) => nodes.map((n) => n.name);
+
+        const all = await store.listNodes({ limit: 100 });
+        assert.deepEqual(names(all), ['n-a', 'n-b', 'n-c', 'n-d']);
+        assert.deepEqual(all[1]?.macAddresses, ['aa:00:00:00:02:02', 'aa:00:00:00:02:05']);
+        assert.deepEqual(names(await store.listNodes({ limit: 2 })), ['n-a', 'n-b']);
+        assert.deepEqual(names(await store.listNodes({ limit: 2, afterName: 'n-b' })), ['n-c', 'n-d']);
+        assert.deepEqual(names(await store.listNodes({ limit: 2, afterName: 'n-d' })), []);
+        assert.deepEqual(names(await store.listNodes({ limit: 100, provisionState: 'manageable' })), ['n-c', 'n-d']);
+        assert.deepEqual(names(await store.listNodes({ limit: 100, provisionState: 'inspect_wait' })), []);
+        assert.deepEqual(names(await store.listNodes({ limit: 100, maintenance: true })), ['n-d']);
+        assert.deepEqual(names(await store.listNodes({ limit: 100, maintenance: false })), ['n-a', 'n-b', 'n-c']);
+        assert.deepEqual(names(await store.listNodes({ limit: 100, provisionState: 'manageable', maintenance: false, afterName: 'n-a' })), [
+          'n-c',
+        ]);
+      });
+
+      it('deletes a node with its ports and events; the second delete finds nothing', async () => {
+        const node = await store.createNode({ name: 'gone', macAddresses: ['aa:00:00:00:03:01'], properties: {} }, created());
+        assert.equal(await store.deleteNode(node.uuid), true);
+        assert.equal(await store.getNode(node.uuid), undefined);
+        assert.deepEqual(await store.listEvents(node.uuid, 0, 10), []);
+        assert.equal(await store.deleteNode(node.uuid), false);
+        // Its MAC and name are free again.
+        const again = await store.createNode({ name: 'gone', macAddresses: ['aa:00:00:00:03:01'], properties: {} }, created());
+        assert.notEqual(again.uuid, node.uuid);
+      });
+    });
+
+    describe('ports', () => {
+      it('adds and removes ports with an event each, refusing duplicates, unknown ports and the last port', async () => {
+        const node = await store.createNode({ name: 'ports', macAddresses: ['aa:00:00:00:04:01'], properties: {} }, created());
+        await store.createNode({ name: 'other', macAddresses: ['aa:00:00:00:04:09'], properties: {} }, created());
+
+        const added = await store.addPort(node.uuid, 'aa:00:00:00:04:02', event('port', 'port aa:00:00:00:04:02 added'));
+        assert.deepEqual(added.macAddresses, ['aa:00:00:00:04:01', 'aa:00:00:00:04:02']);
+        assert.deepEqual(
+          (await store.findNodesByMacs(['aa:00:00:00:04:02'])).map((n) => n.uuid),
+          [node.uuid],
+        );
+        await rejectsWithStatus(
+          store.addPort(node.uuid, 'aa:00:00:00:04:09', event('port')),
+          Status.ALREADY_EXISTS,
+          /aa:00:00:00:04:09.*'other'/,
+        );
+        await rejectsWithStatus(store.addPort(node.uuid, 'aa:00:00:00:04:01', event('port')), Status.ALREADY_EXISTS, /aa:00:00:00:04:01/);
+        await rejectsWithStatus(
+          store.addPort('00000000-0000-4000-8000-000000000000', 'aa:00:00:00:04:03', event('port')),
+          Status.NOT_FOUND,
+          /no longer exists/,
+        );
+
+        await rejectsWithStatus(store.removePort(node.uuid, 'aa:00:00:00:04:09', event('port')), Status.NOT_FOUND, /aa:00:00:00:04:09/);
+        const removed = await store.removePort(node.uuid, 'aa:00:00:00:04:01', event('port', 'port aa:00:00:00:04:01 removed'));
+        assert.deepEqual(removed.macAddresses, ['aa:00:00:00:04:02']);
+        assert.deepEqual(await store.findNodesByMacs(['aa:00:00:00:04:01']), []);
+        await rejectsWithStatus(store.removePort(node.uuid, 'aa:00:00:00:04:02', event('port')), Status.FAILED_PRECONDITION, /last port/);
+        assert.deepEqual((await store.getNode(node.uuid))?.macAddresses, ['aa:00:00:00:04:02']);
+
+        const events = await store.listEvents(node.uuid, 0, 10);
+        assert.deepEqual(
+          events.map((e) => e.message),
+          ['enrolled', 'port aa:00:00:00:04:02 added', 'port aa:00:00:00:04:01 removed'],
+        );
+      });
+    });
+
+    describe('maintenance', () => {
+      it('turns maintenance on with a reason and off clearing it, with an event each', async () => {
+        const node = await store.createNode({ name: 'maint', macAddresses: ['aa:00:00:00:05:01'], properties: {} }, created());
+        const on = await store.setMaintenance(node.uuid, true, 'bad DIMM', event('maintenance', 'maintenance on: bad DIMM'));
+        assert.equal(on?.maintenance, true);
+        assert.equal(on?.maintenanceReason, 'bad DIMM');
+        const off = await store.setMaintenance(node.uuid, false, 'fixed', event('maintenance', 'maintenance off'));
+        assert.equal(off?.maintenance, false);
+        assert.equal(off?.maintenanceReason, '');
+        assert.equal(await store.setMaintenance('00000000-0000-4000-8000-000000000000', true, 'x', event('maintenance')), undefined);
+        const kinds = (await store.listEvents(node.uuid, 0, 10)).map((e) => e.kind);
+        assert.deepEqual(kinds, ['created', 'maintenance', 'maintenance']);
+      });
+
+      it('restarts the liveness clock of a waiting node when it leaves maintenance', async () => {
+        const node = await nodeIn('inspect_wait', 'maint-wait', ['aa:00:00:00:05:02']);
+        assert.ok(node.livenessAt !== null);
+        await store.setMaintenance(node.uuid, true, 'hold', event('maintenance'));
+        const before = Date.now();
+        const off = await store.setMaintenance(node.uuid, false, '', event('maintenance'));
+        assert.ok(off?.livenessAt !== null && off?.livenessAt !== undefined && off.livenessAt >= before, 'liveness restarted');
+        // A node that waits for nothing keeps no clock.
+        const idle = await nodeIn('manageable', 'maint-idle', ['aa:00:00:00:05:03']);
+        await store.setMaintenance(idle.uuid, true, 'hold', event('maintenance'));
+        assert.equal((await store.setMaintenance(idle.uuid, false, '', event('maintenance')))?.livenessAt, null);
+      });
+    });
+
+    describe('transitions', () => {
+      it('moves a node only from the expected state (compare-and-set)', async () => {
+        const node = await store.createNode({ name: 'cas', macAddresses: ['aa:00:00:00:06:01'], properties: {} }, created());
+        const lost = await store.transition(node.uuid, {
+          from: ['manageable', 'available'],
+          to: 'inspecting',
+          target: 'manageable',
+          keepAgentToken: true,
+          event: { kind: 'transition', message: 'should not happen', actor: 'test', fromState: 'manageable', toState: 'inspecting' },
+        });
+        assert.equal(lost, undefined);
+        const unchanged = await store.getNode(node.uuid);
+        assert.equal(unchanged?.provisionState, 'enroll');
+        assert.deepEqual(
+          (await store.listEvents(node.uuid, 0, 10)).map((e) => e.kind),
+          ['created'],
+          'a lost compare-and-set writes no event',
+        );
+
+        const moved = await store.transition(node.uuid, {
+          from: ['enroll'],
+          to: 'manageable',
+          target: 'manageable',
+          lastError: 'previous failure',
+          keepAgentToken: false,
+          event: { kind: 'transition', message: 'enroll -> manageable', actor: 'test', fromState: 'enroll', toState: 'manageable' },
+        });
+        assert.equal(moved?.provisionState, 'manageable');
+        assert.equal(moved?.targetProvisionState, 'manageable');
+        assert.equal(moved?.lastError, 'previous failure');
+        assert.equal(moved?.livenessAt, null, 'a state that waits for no agent has no liveness clock');
+        assert.ok((moved?.provisionUpdatedAt ?? 0) >= node.provisionUpdatedAt);
+        const events = await store.listEvents(node.uuid, 0, 10);
+        assert.equal(events.at(-1)?.message, 'enroll -> manageable');
+        assert.equal(events.at(-1)?.fromState, 'enroll');
+        assert.equal(events.at(-1)?.toState, 'manageable');
+        assert.equal(events.at(-1)?.actor, 'test');
+
+        // A second identical compare-and-set loses: the node is no longer in enroll.
+        assert.equal(
+          await store.transition(node.uuid, {
+            from: ['enroll'],
+            to: 'manageable',
+            target: null,
+            keepAgentToken: false,
+            event: event('transition'),
+          }),
+          undefined,
+        );
+        assert.equal(
+          await store.transition('00000000-0000-4000-8000-000000000000', {
+            from: ['enroll'],
+            to: 'manageable',
+            target: null,
+            keepAgentToken: false,
+            event: event('transition'),
+          }),
+          undefined,
+        );
+      });
+
+      it('starts the liveness clock on entering a wait state, keeps or wipes the agent token, and leaves or clears last_error', async () => {
+        const node = await nodeIn('inspecting', 'clock', ['aa:00:00:00:06:02']);
+        assert.equal(node.livenessAt, null);
+        await store.setAgentToken(node.uuid, 'a'.repeat(64));
+        const before = Date.now();
+        const waiting = await store.transition(node.uuid, {
+          from: ['inspecting'],
+          to: 'inspect_wait',
+          target: 'manageable',
+          lastError: '',
+          keepAgentToken: true,
+          event: event('transition'),
+        });
+        assert.ok(waiting?.livenessAt !== null && waiting?.livenessAt !== undefined && waiting.livenessAt >= before);
+        assert.equal(waiting.agentTokenHash, 'a'.repeat(64), 'keepAgentToken keeps the hash');
+        assert.equal(waiting.lastError, '');
+
+        const failed = await store.transition(node.uuid, {
+          from: ['inspect_wait'],
+          to: 'inspect_failed',
+          target: null,
+          lastError: 'disk not found',
+          keepAgentToken: false,
+          inventoryJson: '{"cpu":{"cores":8}}',
+          event: event('transition'),
+        });
+        assert.equal(failed?.agentTokenHash, null, 'leaving the agent states wipes the hash');
+        assert.equal(failed?.livenessAt, null);
+        assert.equal(failed?.lastError, 'disk not found');
+        assert.equal(failed?.inventoryJson, '{"cpu":{"cores":8}}');
+        assert.equal(failed?.targetProvisionState, null);
+
+        const again = await store.transition(node.uuid, {
+          from: ['inspect_failed'],
+          to: 'manageable',
+          target: null,
+          keepAgentToken: false,
+          deployJson: '{"image":"ubuntu"}',
+          event: event('transition'),
+        });
+        assert.equal(again?.lastError, 'disk not found', 'lastError undefined leaves it');
+        assert.equal(again?.inventoryJson, '{"cpu":{"cores":8}}', 'inventory undefined leaves it');
+        assert.equal(again?.deployJson, '{"image":"ubuntu"}');
+      });
+    });
+
+    describe('agent tokens and heartbeats', () => {
+      it('stores and clears the agent token hash', async () => {
+        const node = await nodeIn('inspect_wait', 'token', ['aa:00:00:00:07:01']);
+        await store.setAgentToken(node.uuid, 'b'.repeat(64));
+        assert.equal((await store.getNode(node.uuid))?.agentTokenHash, 'b'.repeat(64));
+        await store.setAgentToken(node.uuid, null);
+        assert.equal((await store.getNode(node.uuid))?.agentTokenHash, null);
+      });
+
+      it('setting a token restarts the liveness clock of a waiting node, never moving it back', async () => {
+        const node = await nodeIn('inspect_wait', 'token-clock', ['aa:00:00:00:07:05']);
+        const future = Date.now() + 60_000;
+        await store.recordHeartbeats([heartbeat(node.uuid, future)]);
+        const before = Date.now();
+        await store.setAgentToken(node.uuid, 'c'.repeat(64));
+        assert.equal((await store.getNode(node.uuid))?.livenessAt, future, 'not moved back');
+        const other = await nodeIn('inspect_wait', 'token-clock-2', ['aa:00:00:00:07:06']);
+        await store.setAgentToken(other.uuid, 'd'.repeat(64));
+        assert.ok(((await store.getNode(other.uuid))?.livenessAt ?? 0) >= before);
+      });
+
+      it('records a batch of heartbeats, returning the uuids that no longer exist', async () => {
+        const waiting = await nodeIn('inspect_wait', 'hb-wait', ['aa:00:00:00:07:02']);
+        const idle = await nodeIn('manageable', 'hb-idle', ['aa:00:00:00:07:03']);
+        const time = (waiting.livenessAt ?? 0) + 5000;
+        const missing = await store.recordHeartbeats([
+          heartbeat(waiting.uuid, time, { progressJson: '{"percent":40}', agentStatus: 'busy' }),
+          heartbeat('00000000-0000-4000-8000-000000000001', time),
+          heartbeat(idle.uuid, time, { agentAddress: '10.0.0.6:7351' }),
+        ]);
+        assert.deepEqual(missing, ['00000000-0000-4000-8000-000000000001']);
+        const w = await store.getNode(waiting.uuid);
+        assert.equal(w?.lastHeartbeatAt, time);
+        assert.equal(w?.livenessAt, time);
+        assert.equal(w?.agentAddress, '10.0.0.5:7351');
+        assert.equal(w?.agentVersion, 'agent/1');
+        assert.equal(w?.agentStatus, 'busy');
+        assert.equal(w?.progressJson, '{"percent":40}');
+        const i = await store.getNode(idle.uuid);
+        assert.equal(i?.lastHeartbeatAt, time);
+        assert.equal(i?.agentAddress, '10.0.0.6:7351');
+        assert.equal(i?.livenessAt, null, 'a node waiting for nothing gets no liveness clock from a heartbeat');
+
+        // Progress is kept when a later heartbeat carries none; an older heartbeat never moves liveness back.
+        await store.recordHeartbeats([heartbeat(waiting.uuid, time - 1000, { progressJson: null })]);
+        const after = await store.getNode(waiting.uuid);
+        assert.equal(after?.progressJson, '{"percent":40}');
+        assert.equal(after?.livenessAt, time);
+        assert.deepEqual(await store.recordHeartbeats([]), []);
+      });
+    });
+
+    describe('sweep', () => {
+      const TIMEOUT = 120_000;
+
+      it('fails waiting nodes whose liveness is older than the cutoff, with last_error and a timeout event', async () => {
+        const heard = await nodeIn('inspect_wait', 'sw-heard', ['aa:00:00:00:08:01']);
+        const silent = await nodeIn('clean_wait', 'sw-silent', ['aa:00:00:00:08:02']);
+        const deploying = await nodeIn('deploy_wait', 'sw-deploy', ['aa:00:00:00:08:03']);
+        const fresh = await nodeIn('inspect_wait', 'sw-fresh', ['aa:00:00:00:08:04']);
+        const idle = await nodeIn('manageable', 'sw-idle', ['aa:00:00:00:08:05']);
+        const active = await nodeIn('active', 'sw-active', ['aa:00:00:00:08:06']);
+        await store.setAgentToken(heard.uuid, 'e'.repeat(64));
+
+        const base = Date.now();
+        const heardAt = base + 1000;
+        await store.recordHeartbeats([
+          heartbeat(heard.uuid, heardAt),
+          heartbeat(deploying.uuid, heardAt),
+          heartbeat(idle.uuid, heardAt),
+          heartbeat(active.uuid, heardAt),
+        ]);
+        const now = heardAt + 125_500;
+        // The fresh node was heard a moment before the sweep.
+        await store.recordHeartbeats([heartbeat(fresh.uuid, now - 1000)]);
+        const silentSince = (await store.getNode(silent.uuid))?.livenessAt;
+        assert.ok(silentSince !== null && silentSince !== undefined);
+
+        const timedOut = await store.sweepTimedOut(now, now - TIMEOUT, TIMEOUT);
+        const byName = new Map(timedOut.map((n) => [n.name, n]));
+        assert.deepEqual([...byName.keys()].sort(), ['sw-deploy', 'sw-heard', 'sw-silent']);
+        assert.deepEqual(byName.get('sw-heard'), {
+          uuid: heard.uuid,
+          name: 'sw-heard',
+          fromState: 'inspect_wait',
+          toState: 'inspect_failed',
+          lastError: 'no heartbeat from the agent for 125s (timeout 120s)',
+        });
+        assert.equal(byName.get('sw-deploy')?.toState, 'deploy_failed');
+        assert.equal(byName.get('sw-silent')?.toState, 'clean_failed');
+        assert.equal(
+          byName.get('sw-silent')?.lastError,
+          `no heartbeat from the agent since the node entered clean wait ${Math.floor((now - silentSince) / 1000)}s ago (timeout 120s)`,
+        );
+
+        const failed = await store.getNode(heard.uuid);
+        assert.equal(failed?.provisionState, 'inspect_failed');
+        assert.equal(failed?.targetProvisionState, null);
+        assert.equal(failed?.agentTokenHash, null, 'the silent agent token is revoked');
+        assert.equal(failed?.lastError, 'no heartbeat from the agent for 125s (timeout 120s)');
+        assert.equal(failed?.provisionUpdatedAt, now);
+        const events = await store.listEvents(heard.uuid, 0, 10);
+        const timeout = events.at(-1);
+        assert.equal(timeout?.kind, 'timeout');
+        assert.equal(timeout?.actor, 'sweep');
+        assert.equal(timeout?.message, 'no heartbeat from the agent for 125s (timeout 120s)');
+        assert.equal(timeout?.fromState, 'inspect_wait');
+        assert.equal(timeout?.toState, 'inspect_failed');
+        assert.equal(timeout?.time, now);
+
+        assert.equal((await store.getNode(fresh.uuid))?.provisionState, 'inspect_wait');
+        assert.equal((await store.getNode(idle.uuid))?.provisionState, 'manageable');
+        assert.equal((await store.getNode(active.uuid))?.provisionState, 'active');
+
+        // Nothing is failed twice.
+        assert.deepEqual(await store.sweepTimedOut(now + 1, now + 1 - TIMEOUT, TIMEOUT), []);
+      });
+
+      it('fails a node only once its liveness is strictly older than the cutoff', async () => {
+        const node = await nodeIn('inspect_wait', 'sw-edge', ['aa:00:00:00:08:07']);
+        const heardAt = Date.now() + 1000;
+        await store.recordHeartbeats([heartbeat(node.uuid, heardAt)]);
+        assert.deepEqual(await store.sweepTimedOut(heardAt + TIMEOUT, heardAt, TIMEOUT), []);
+        assert.deepEqual(
+          (await store.sweepTimedOut(heardAt + TIMEOUT + 1, heardAt + 1, TIMEOUT)).map((n) => n.name),
+          ['sw-edge'],
+        );
+      });
+
+      it('skips nodes in maintenance', async () => {
+        const node = await nodeIn('inspect_wait', 'sw-maint', ['aa:00:00:00:08:08']);
+        await store.setMaintenance(node.uuid, true, 'hands off', event('maintenance'));
+        const now = Date.now() + 10 * TIMEOUT;
+        assert.deepEqual(await store.sweepTimedOut(now, now - TIMEOUT, TIMEOUT), []);
+        assert.equal((await store.getNode(node.uuid))?.provisionState, 'inspect_wait');
+      });
+
+      it('skips locked nodes', async () => {
+        const node = await nodeIn('inspect_wait', 'sw-reserved', ['aa:00:00:00:08:09']);
+        assert.equal(await store.tryLock(node.uuid, 'controller-a', 'inspect'), true);
+        const now = Date.now() + 10 * TIMEOUT;
+        assert.deepEqual(await store.sweepTimedOut(now, now - TIMEOUT, TIMEOUT), []);
+        assert.equal((await store.getNode(node.uuid))?.provisionState, 'inspect_wait');
+      });
+    });
+
+    describe('counts, events and reservations', () => {
+      it('counts nodes by provision state, with every state present', async () => {
+        await nodeIn('enroll', 'c-1', ['aa:00:00:00:09:01']);
+        await nodeIn('inspect_wait', 'c-2', ['aa:00:00:00:09:02']);
+        await nodeIn('inspect_wait', 'c-3', ['aa:00:00:00:09:03']);
+        const counts = await store.countByProvisionState();
+        assert.deepEqual([...counts.keys()].sort(), [...PROVISION_STATES].sort());
+        assert.equal(counts.get('enroll'), 1);
+        assert.equal(counts.get('inspect_wait'), 2);
+        assert.equal(counts.get('active'), 0);
+      });
+
+      it('pages through a node’s events in order, after an id, and only that node’s', async () => {
+        const a = await store.createNode({ name: 'ev-a', macAddresses: ['aa:00:00:00:0a:01'], properties: {} }, created());
+        const b = await store.createNode({ name: 'ev-b', macAddresses: ['aa:00:00:00:0a:02'], properties: {} }, created());
+        for (let i = 1; i <= 5; i++) {
+          await store.addEvent(a.uuid, event('note', `a-${i}`));
+          await store.addEvent(b.uuid, event('note', `b-${i}`));
+        }
+        const first = await store.listEvents(a.uuid, 0, 3);
+        assert.deepEqual(
+          first.map((e) => e.message),
+          ['enrolled', 'a-1', 'a-2'],
+        );
+        assert.ok(
+          first.every((e, i) => i === 0 || e.id > (first[i - 1]?.id ?? 0)),
+          'ids increase',
+        );
+        const second = await store.listEvents(a.uuid, first.at(-1)?.id ?? 0, 3);
+        assert.deepEqual(
+          second.map((e) => e.message),
+          ['a-3', 'a-4', 'a-5'],
+        );
+        assert.deepEqual(await store.listEvents(a.uuid, second.at(-1)?.id ?? 0, 3), []);
+        const note = second[0];
+        assert.equal(note?.kind, 'note');
+        assert.equal(note?.actor, 'test');
+        assert.equal(note?.nodeUuid, a.uuid);
+        assert.equal(note?.fromState, null);
+        assert.ok(typeof note?.time === 'number' && note.time > 0);
+      });
+
+      it('locks a node for one holder at a time, and unlocks only for that holder', async () => {
+        const node = await nodeIn('inspect_wait', 'l-a', ['aa:00:00:00:0b:05']);
+        assert.equal(await store.tryLock(node.uuid, 'controller-a', 'inspect'), true);
+        const locked = await store.getNode(node.uuid);
+        assert.equal(locked?.reservation, 'controller-a');
+        assert.equal(locked?.reservationOperation, 'inspect');
+        assert.equal(await store.tryLock(node.uuid, 'controller-b', 'deploy'), false, 'held by another');
+        assert.equal(await store.tryLock(node.uuid, 'controller-a', 'deploy'), false, 'not re-entrant');
+        assert.equal((await store.getNode(node.uuid))?.reservationOperation, 'inspect');
+        assert.equal(await store.unlock(node.uuid, 'controller-b'), false, 'only the holder unlocks');
+        assert.equal((await store.getNode(node.uuid))?.reservation, 'controller-a');
+        assert.equal(await store.unlock(node.uuid, 'controller-a'), true);
+        const unlocked = await store.getNode(node.uuid);
+        assert.equal(unlocked?.reservation, null);
+        assert.equal(unlocked?.reservationOperation, null);
+        assert.equal(await store.unlock(node.uuid, 'controller-a'), false);
+        assert.equal(await store.tryLock(node.uuid, 'controller-b', 'deploy'), true);
+        assert.equal(await store.tryLock('00000000-0000-4000-8000-000000000000', 'controller-a', 'inspect'), false);
+      });
+
+      it('clears the reservations of one holder only', async () => {
+        const a = await nodeIn('inspect_wait', 'r-a', ['aa:00:00:00:0b:01']);
+        const b = await nodeIn('inspect_wait', 'r-b', ['aa:00:00:00:0b:02']);
+        const c = await nodeIn('inspect_wait', 'r-c', ['aa:00:00:00:0b:03']);
+        assert.ok(await store.tryLock(a.uuid, 'controller-a', 'inspect'));
+        assert.ok(await store.tryLock(b.uuid, 'controller-a', 'deploy'));
+        assert.ok(await store.tryLock(c.uuid, 'controller-b', 'inspect'));
+        assert.equal((await store.getNode(a.uuid))?.reservation, 'controller-a');
+        assert.equal((await store.getNode(a.uuid))?.reservationOperation, 'inspect');
+        assert.equal(await store.clearReservations('controller-a'), 2);
+        assert.equal((await store.getNode(a.uuid))?.reservation, null);
+        assert.equal((await store.getNode(b.uuid))?.reservationOperation, null);
+        assert.equal((await store.getNode(c.uuid))?.reservation, 'controller-b');
+        assert.equal(await store.clearReservations('controller-a'), 0);
+      });
+    });
+  });
+}

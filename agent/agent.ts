@@ -6,8 +6,11 @@ import { METALCAST_VERSION } from '../common/version.js';
 import { AgentStatus } from '../gen/metalcast/v1/agent_gateway.js';
 import type { Inventory } from '../gen/metalcast/v1/inventory.js';
 import type { CommandHandler } from './commands/command.js';
+import { eraseDisksCommand } from './commands/erase-disks.js';
 import { getInventoryCommand } from './commands/get-inventory.js';
 import { powerOffCommand, rebootCommand } from './commands/power-commands.js';
+import { writeImageCommand } from './commands/write-image.js';
+import { controllerImageSource } from './image-source.js';
 import { CommandRunner } from './commands/runner.js';
 import type { AgentConfig } from './config.js';
 import { ControllerLink } from './controller-link.js';
@@ -46,16 +49,20 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<R
   const discover = async (): Promise<Inventory> => discoverInventory(config.root);
 
   let identity: HeartbeatIdentity | undefined;
+  const keepalive = { timeMs: config.keepaliveTime, timeoutMs: config.keepaliveTimeout };
   const power: PowerDriver = config.powerDriver === 'recording' ? new RecordingPowerDriver(config.powerRecordFile) : new OsPowerDriver();
+  const link = new ControllerLink(config.controller, keepalive, logger.child({ component: 'controller-link' }));
+  const imageSource = controllerImageSource(link, () => identity, config.callTimeout);
   const handlers: CommandHandler[] = [
     getInventoryCommand(discover) as unknown as CommandHandler,
+    writeImageCommand(imageSource, discover) as unknown as CommandHandler,
+    eraseDisksCommand(discover) as unknown as CommandHandler,
     powerOffCommand(power) as unknown as CommandHandler,
     rebootCommand(power) as unknown as CommandHandler,
   ];
   let heartbeat: HeartbeatLoop | undefined;
   const runner = new CommandRunner(handlers, config.commandHistory, logger.child({ component: 'commands' }), () => heartbeat?.forceSoon());
 
-  const keepalive = { timeMs: config.keepaliveTime, timeoutMs: config.keepaliveTimeout };
   const { server, port } = await startAgentServer(config.listen, keepalive, {
     runner,
     currentToken: () => identity?.token,
@@ -65,7 +72,6 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<R
   const advertiseAddress = config.advertiseAddress || (await guessAdvertiseAddress(config.listen, port, config.controller[0] as string));
   logger.info({ listen: config.listen, port, advertiseAddress }, 'agent API listening');
 
-  const link = new ControllerLink(config.controller, keepalive, logger.child({ component: 'controller-link' }));
   const stopping = new AbortController();
   const lookupOptions = {
     backoffStartMs: config.lookupBackoffStart,

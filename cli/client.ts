@@ -1,6 +1,7 @@
 import { type Channel, createChannel, createClientFactory } from 'nice-grpc';
 import { deadlineMiddleware } from 'nice-grpc-client-middleware-deadline';
 import { clientChannelOptions } from '../common/grpc-options.js';
+import { ImageServiceDefinition } from '../gen/metalcast/v1/image.js';
 import { NodeServiceDefinition } from '../gen/metalcast/v1/node.js';
 
 /** Clients for the operator API, with a deadline on every call unless a call sets its own. */
@@ -11,6 +12,7 @@ export function connectOperator(address: string, timeoutMs: number) {
   return {
     channel,
     nodes: factory.create(NodeServiceDefinition, channel, defaults),
+    images: factory.create(ImageServiceDefinition, channel, defaults),
     close: () => channel.close(),
   };
 }

@@ -3,7 +3,8 @@ import { AGENT_OPTIONS } from '../agent/config.js';
 import { agentMain } from '../agent/main.js';
 import { CONTROLLER_OPTIONS } from '../controller/config.js';
 import { controllerMain } from '../controller/main.js';
-import { duration, hostPort } from '../common/config.js';
+import { byteSize, duration, hostPort, integer } from '../common/config.js';
+import { registerImageCommands } from './commands/image.js';
 import { registerNodeCommands } from './commands/node.js';
 import { addOptionTable } from './options.js';
 
@@ -59,6 +60,25 @@ export function buildProgram(): Command {
   addOptionTable(agent, AGENT_OPTIONS);
 
   registerNodeCommands(program, addOperatorOptions);
+  registerImageCommands(program, addOperatorOptions);
+
+  program
+    .command('demo')
+    .description(
+      'run the whole product on this machine: a controller, agents on fake machines, inspect, deploy, clean; exits 0 only if every check passed',
+    )
+    .option('--nodes <n>', 'how many fake machines', asCli(integer({ min: 1, max: 50 })), 5)
+    .option(
+      '--image-size <size>',
+      'size of the generated sample image',
+      asCli(byteSize({ min: 1024 * 1024, max: 4 * 1024 ** 3 })),
+      64 * 1024 * 1024,
+    )
+    .option('--keep', 'keep the temporary folder (logs, disks) for a look afterwards')
+    .action(async (opts: { nodes: number; imageSize: number; keep?: boolean }) => {
+      const { runDemo } = await import('../demo/demo.js');
+      process.exitCode = (await runDemo({ nodes: opts.nodes, imageBytes: opts.imageSize, keep: opts.keep ?? false })) ? 0 : 1;
+    });
   return program;
 }
 

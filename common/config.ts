@@ -123,6 +123,18 @@ export function hostPortList(raw: string): string[] {
   return items.map(hostPort);
 }
 
+/** Parses a byte count: "1048576", "512K", "1M", "4G" (powers of 1024). */
+export function byteSize(options: { min: number; max: number }) {
+  return (raw: string): number => {
+    const match = /^(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?$/i.exec(raw.trim());
+    if (!match) throw new Error(`'${raw}' is not a size such as 65536, 512K, 1M or 4G`);
+    const factor = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 }[(match[2] ?? '').toUpperCase() as '' | 'K'];
+    const value = Math.round(Number(match[1]) * factor);
+    if (value < options.min || value > options.max) throw new Error(`${raw} is not between ${options.min} and ${options.max} bytes`);
+    return value;
+  };
+}
+
 export function integer(options: { min: number; max: number }) {
   return (raw: string): number => {
     if (!/^-?\d+$/.test(raw.trim())) throw new Error(`'${raw}' is not a whole number`);
@@ -136,6 +148,13 @@ export function logLevel(raw: string): LevelWithSilent {
   const level = raw.trim().toLowerCase() as LevelWithSilent;
   if (!LOG_LEVELS.includes(level)) throw new Error(`'${raw}' is not one of ${LOG_LEVELS.join(', ')}`);
   return level;
+}
+
+export function boolean(raw: string): boolean {
+  const value = raw.trim().toLowerCase();
+  if (['true', 'yes', '1', 'on'].includes(value)) return true;
+  if (['false', 'no', '0', 'off'].includes(value)) return false;
+  throw new Error(`'${raw}' is not true or false`);
 }
 
 export function nonEmpty(raw: string): string {

@@ -14,7 +14,9 @@ export const failedPrecondition = (message: string) => new ServerError(Status.FA
 export const aborted = (message: string) => new ServerError(Status.ABORTED, message);
 export const unavailable = (message: string) => new ServerError(Status.UNAVAILABLE, message);
 export const unauthenticated = (message: string) => new ServerError(Status.UNAUTHENTICATED, message);
+export const permissionDenied = (message: string) => new ServerError(Status.PERMISSION_DENIED, message);
 export const unimplemented = (message: string) => new ServerError(Status.UNIMPLEMENTED, message);
+export const dataLoss = (message: string) => new ServerError(Status.DATA_LOSS, message);
 export const resourceExhausted = (message: string) => new ServerError(Status.RESOURCE_EXHAUSTED, message);
 
 /**

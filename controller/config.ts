@@ -1,6 +1,19 @@
 import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
-import { ConfigError, type ConfigOf, type OptionSpec, duration, hostPort, logLevel, nonEmpty, resolveOptions } from '../common/config.js';
+import {
+  boolean,
+  byteSize,
+  ConfigError,
+  type ConfigOf,
+  duration,
+  hostPort,
+  integer,
+  logLevel,
+  nonEmpty,
+  type OptionSpec,
+  oneOf,
+  resolveOptions,
+} from '../common/config.js';
 
 const durationSpec = (flag: string, description: string, defaultValue: string, min = 1): OptionSpec<number> => ({
   flag,
@@ -84,6 +97,80 @@ export const CONTROLLER_OPTIONS = {
     '10s',
     100,
   ),
+  imageChunkSize: {
+    flag: 'image-chunk-size',
+    description: 'bytes per ReadImage chunk (64 KiB to 3.5 MiB); K, M suffixes allowed',
+    defaultValue: '1M',
+    parse: byteSize({ min: 64 * 1024, max: 3.5 * 1024 * 1024 }),
+  },
+  maxImageTransfers: {
+    flag: 'max-image-transfers',
+    description: 'most ReadImage streams served at once; more get RESOURCE_EXHAUSTED with a retry hint',
+    defaultValue: '32',
+    parse: integer({ min: 1, max: 10_000 }),
+  },
+  imageReadTimeout: durationSpec(
+    'image-read-timeout',
+    'longest a single ReadImage stream may run before the server ends it (the agent resumes where it stopped)',
+    '30m',
+    1000,
+  ),
+  maxImageSize: {
+    flag: 'max-image-size',
+    description: 'largest image accepted by upload or import; K, M, G, T suffixes allowed',
+    defaultValue: '256G',
+    parse: byteSize({ min: 1, max: 2 ** 50 }),
+  },
+  importAttempts: {
+    flag: 'import-attempts',
+    description: 'tries for an image import from a URL on 5xx answers and connection errors (4xx fails at once)',
+    defaultValue: '5',
+    parse: integer({ min: 1, max: 100 }),
+  },
+  importStallTimeout: durationSpec('import-stall-timeout', 'an import that receives nothing for this long is retried', '60s', 100),
+  deployFinalPower: {
+    flag: 'deploy-final-power',
+    description: 'what the agent does after a successful deploy: reboot (into the deployed OS), power_off, or none',
+    defaultValue: 'reboot',
+    parse: oneOf(['reboot', 'power_off', 'none'] as const),
+  },
+  deployVerifyReadback: {
+    flag: 'deploy-verify-readback',
+    description: 'have the agent re-read the disk after writing and compare sha256 (true or false)',
+    defaultValue: 'false',
+    parse: boolean,
+  },
+  transferStallTimeout: durationSpec(
+    'transfer-stall-timeout',
+    'the agent aborts and resumes an image transfer when no data arrived for this long',
+    '30s',
+    100,
+  ),
+  transferAttempts: {
+    flag: 'transfer-attempts',
+    description:
+      'attempts in a row without progress after which an agent gives an image transfer up and the deploy fails (an attempt that moved forward resets the count)',
+    defaultValue: '10',
+    parse: integer({ min: 1, max: 1000 }),
+  },
+  cleanMode: {
+    flag: 'clean-mode',
+    description: "how cleaning erases disks: 'quick' (partition tables and signatures at both ends) or 'full' (zeros everywhere)",
+    defaultValue: 'quick',
+    parse: oneOf(['quick', 'full'] as const),
+  },
+  maxConcurrentDeploys: {
+    flag: 'max-concurrent-deploys',
+    description: 'most deploys this controller runs at once; the rest wait in order',
+    defaultValue: '20',
+    parse: integer({ min: 1, max: 10_000 }),
+  },
+  maxConcurrentCleans: {
+    flag: 'max-concurrent-cleans',
+    description: 'most cleans this controller runs at once; the rest wait in order',
+    defaultValue: '20',
+    parse: integer({ min: 1, max: 10_000 }),
+  },
   agentCallTimeout: durationSpec('agent-call-timeout', 'deadline of each unary call the controller makes to an agent', '30s', 100),
   shutdownTimeout: durationSpec('shutdown-timeout', 'on SIGTERM, how long to wait for calls to finish', '10s', 0),
   logLevel: {

@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createServer } from 'nice-grpc';
 import { HealthDefinition, HealthServiceImpl, HealthState } from 'nice-grpc-server-health';
@@ -12,6 +13,11 @@ import { ImageServiceDefinition } from '../gen/metalcast/v1/image.js';
 import { NodeServiceDefinition } from '../gen/metalcast/v1/node.js';
 import { AgentClients } from './agent-client.js';
 import { AgentSessions } from './agent-sessions.js';
+import { ImageFiles } from './images/image-files.js';
+import { createImageServer } from './images/image-server.js';
+import { NodeLocks } from './locks.js';
+import { NodeFeed } from './node-feed.js';
+import { Admission } from './provisioning/admission.js';
 import { Conductor } from './provisioning/conductor.js';
 import type { ControllerConfig } from './config.js';
 import { HeartbeatRecorder } from './heartbeat-recorder.js';
@@ -37,8 +43,11 @@ export interface RunningController {
   /** host:port of /metrics and /healthz. */
   httpAddress: string;
   store: Store;
+  imageFiles: ImageFiles;
   registry: Registry;
   sessions: AgentSessions;
+  locks: NodeLocks;
+  feed: NodeFeed;
   sweep: Sweep;
   recorder: HeartbeatRecorder;
   /** Stops accepting, ends heartbeat streams, flushes heartbeats, closes the store. Idempotent. */
@@ -56,7 +65,11 @@ export async function startController(config: ControllerConfig, logger: Logger):
   const cleared = await store.clearReservations(config.controllerId);
   if (cleared > 0) logger.warn({ cleared, holder: config.controllerId }, 'cleared node locks left by a previous run of this controller');
 
+  const imageFiles = new ImageFiles(join(config.dataDir, 'images'));
+  await imageFiles.init();
+
   const registry = new Registry();
+  const feed = new NodeFeed();
   const sessions = new AgentSessions();
   const metrics = createControllerMetrics(registry, store, () => sessions.size);
   const recorder = new HeartbeatRecorder(
@@ -74,18 +87,49 @@ export async function startController(config: ControllerConfig, logger: Logger):
     metrics,
     logger.child({ component: 'sweep' }),
     { intervalMs: config.sweepInterval, heartbeatTimeoutMs: config.heartbeatTimeout, graceUntil: startedAt + config.startupGrace },
-    (node) => sessions.revoke(node.uuid, new MetalcastError(Status.UNAUTHENTICATED, `the node timed out and is now ${node.toState}`)),
+    (node) => {
+      sessions.revoke(node.uuid, new MetalcastError(Status.UNAUTHENTICATED, `the node timed out and is now ${node.toState}`));
+      void store.getNode(node.uuid).then((record) => record && feed.publish({ node: record }));
+    },
   );
-  const provisioner = new Provisioner(store, sessions, logger.child({ component: 'provisioner' }));
+  const locks = new NodeLocks(store, config.controllerId, metrics.lockWait);
+  const provisioner = new Provisioner(store, sessions, locks, feed, logger.child({ component: 'provisioner' }));
   const keepalive = { timeMs: config.keepaliveTime, timeoutMs: config.keepaliveTimeout };
   const agentClients = new AgentClients(keepalive, config.agentCallTimeout, logger.child({ component: 'agent-client' }));
-  const conductor = new Conductor(store, sessions, agentClients, provisioner, config.controllerId, logger.child({ component: 'conductor' }));
+  const conductor = new Conductor(
+    store,
+    sessions,
+    agentClients,
+    provisioner,
+    locks,
+    feed,
+    {
+      holder: config.controllerId,
+      finalPower: config.deployFinalPower,
+      verifyReadback: config.deployVerifyReadback,
+      stallTimeoutMs: config.transferStallTimeout,
+      transferAttempts: config.transferAttempts,
+      cleanMode: config.cleanMode,
+      deploys: new Admission(config.maxConcurrentDeploys),
+      cleans: new Admission(config.maxConcurrentCleans),
+    },
+    logger.child({ component: 'conductor' }),
+  );
   const heartbeat = {
     intervalMinMs: config.heartbeatIntervalMin,
     intervalMaxMs: config.heartbeatIntervalMax,
     timeoutMs: config.heartbeatTimeout,
   };
 
+  const imageServer = createImageServer({
+    store,
+    files: imageFiles,
+    metrics,
+    logger: logger.child({ component: 'image-server' }),
+    chunkSize: config.imageChunkSize,
+    maxTransfers: config.maxImageTransfers,
+    readTimeoutMs: config.imageReadTimeout,
+  });
   const health = HealthState();
   const server = createServer(serverChannelOptions(keepalive))
     .use(grpcServerMetricsMiddleware(registry))
@@ -100,10 +144,16 @@ export async function startController(config: ControllerConfig, logger: Logger):
       logger: logger.child({ component: 'agent-gateway' }),
       heartbeat,
       onHeartbeat: (uuid) => conductor.onHeartbeat(uuid),
+      images: imageServer,
     }),
   );
-  server.add(NodeServiceDefinition, createNodeService({ store, provisioner, logger: logger.child({ component: 'node-service' }) }));
-  server.add(ImageServiceDefinition, createImageService());
+  server.add(
+    NodeServiceDefinition,
+    createNodeService({ store, provisioner, locks, feed, logger: logger.child({ component: 'node-service' }) }),
+  );
+  const images = createImageService({ store, files: imageFiles, config, logger: logger.child({ component: 'image-service' }) });
+  await images.init();
+  server.add(ImageServiceDefinition, images.implementation);
   server.add(HealthDefinition, HealthServiceImpl(health));
   server.add(
     ServerReflectionService,
@@ -144,12 +194,14 @@ export async function startController(config: ControllerConfig, logger: Logger):
       health.setStatus('unhealthy');
       // Heartbeat streams never end by themselves; end them so that shutdown is not held open.
       sessions.revokeAll(SHUTTING_DOWN);
+      imageServer.stop();
       const shutdownTimer = setTimeout(() => {
         logger.warn({ timeoutMs: config.shutdownTimeout }, 'calls did not finish in time; cancelling them');
         server.forceShutdown();
       }, config.shutdownTimeout);
       await server.shutdown();
       clearTimeout(shutdownTimer);
+      await images.stop();
       await conductor.stop();
       agentClients.closeAll();
       await sweep.stop();
@@ -165,5 +217,5 @@ export async function startController(config: ControllerConfig, logger: Logger):
     { grpc: grpcAddress, http: http.address, database: config.database.replace(/\/\/[^@]*@/, '//***@'), controllerId: config.controllerId },
     'controller started',
   );
-  return { grpcAddress, httpAddress: http.address, store, registry, sessions, sweep, recorder, stop };
+  return { grpcAddress, httpAddress: http.address, store, imageFiles, registry, sessions, locks, feed, sweep, recorder, stop };
 }

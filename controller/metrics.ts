@@ -56,6 +56,40 @@ export function createControllerMetrics(registry: Registry, store: Store, agents
       labelNames: ['provision_state'],
       registers: [registry],
     }),
+    imageBytesServed: new Counter({
+      name: 'metalcast_image_bytes_served_total',
+      help: 'Image bytes sent to agents by ReadImage (all-zero chunks count, though they travel as a marker).',
+      registers: [registry],
+    }),
+    imageTransfersActive: new Gauge({
+      name: 'metalcast_image_transfers_active',
+      help: 'ReadImage streams being served now.',
+      registers: [registry],
+    }),
+    imageTransferResumes: new Counter({
+      name: 'metalcast_image_transfer_resumes_total',
+      help: 'ReadImage calls that start past offset 0: an agent resuming a broken or stalled transfer.',
+      registers: [registry],
+    }),
+    imageTransfersRejected: new Counter({
+      name: 'metalcast_image_transfers_rejected_total',
+      help: 'ReadImage calls refused because --max-image-transfers were already running.',
+      registers: [registry],
+    }),
+    imageTransferDuration: new Histogram({
+      name: 'metalcast_image_transfer_duration_seconds',
+      help: 'Duration of ReadImage streams, whatever their outcome.',
+      labelNames: ['result'],
+      buckets: [0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800],
+      registers: [registry],
+    }),
+    lockWait: new Histogram({
+      name: 'metalcast_lock_wait_seconds',
+      help: 'Time spent waiting for a node lock, by kind (patient hand-offs wait in arrival order).',
+      labelNames: ['kind'],
+      buckets: [0.001, 0.01, 0.1, 0.5, 1, 5, 15, 60, 300],
+      registers: [registry],
+    }),
     heartbeatFlushDuration: new Histogram({
       name: 'metalcast_heartbeat_flush_duration_seconds',
       help: 'Time writing one batch of heartbeats to the database took.',

@@ -1,6 +1,6 @@
 import { mkdir, rm, symlink, truncate, writeFile } from 'node:fs/promises';
 import { basename, dirname, join, relative } from 'node:path';
-import { normaliseMac } from '../../common/mac.js';
+import { normaliseMac } from '../common/mac.js';
 
 /**
  * Fake machines: folder trees laid out the way a Linux kernel presents

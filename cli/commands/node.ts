@@ -8,6 +8,7 @@ import {
   type ProvisionState as StateName,
 } from '../../controller/provisioning/states.js';
 import { connectOperator, type OperatorClients } from '../client.js';
+import { watchNodes } from './node-watch.js';
 import { formatAge, formatBytes, formatTime, printFields, printJson, printTable, reportError } from '../output.js';
 
 interface GlobalOptions {
@@ -16,7 +17,7 @@ interface GlobalOptions {
   json?: boolean;
 }
 
-const stateName = (state: ProvisionState) =>
+export const stateName = (state: ProvisionState) =>
   state === ProvisionState.PROVISION_STATE_UNSPECIFIED
     ? '-'
     : (ProvisionState[state] ?? String(state)).replace('PROVISION_STATE_', '').toLowerCase();
@@ -252,8 +253,69 @@ export function registerNodeCommands(program: Command, addOperatorOptions: (comm
       }),
     );
 
+  node
+    .command('deploy')
+    .description('write an image to an available node and boot it (available -> deploying -> deploy wait -> active)')
+    .argument('<node>', 'node name or uuid')
+    .requiredOption('--image <name>', 'image to deploy (metalcast image list)')
+    .option('--disk <path>', 'target disk by device path, e.g. /dev/sda or a /dev/disk/by-path link')
+    .option('--disk-serial <serial>', 'target disk by serial number')
+    .option('--disk-model <model>', 'target disk by model')
+    .option('--disk-size <bytes>', 'target disk by exact size in bytes', (v) => Number(v))
+    .option('--disk-min-size <bytes>', 'smallest acceptable disk size in bytes', (v) => Number(v))
+    .addOption(new Option('--disk-rotational <yes|no>', 'spinning (yes) or solid-state (no) disk').choices(['yes', 'no']))
+    .addHelpText('after', '\nWithout --disk* hints the smallest disk that holds the image is used.')
+    .action(
+      async (
+        ref: string,
+        opts: {
+          image: string;
+          disk?: string;
+          diskSerial?: string;
+          diskModel?: string;
+          diskSize?: number;
+          diskMinSize?: number;
+          diskRotational?: 'yes' | 'no';
+        },
+        command: Command,
+      ) =>
+        withClient(command, async ({ nodes }, { json }) => {
+          const target = {
+            devicePath: opts.disk,
+            name: undefined,
+            sizeBytes: opts.diskSize,
+            minSizeBytes: opts.diskMinSize,
+            serial: opts.diskSerial,
+            model: opts.diskModel,
+            rotational: opts.diskRotational === undefined ? undefined : opts.diskRotational === 'yes',
+          };
+          const { node: updated } = await nodes.setProvisionState({
+            node: ref,
+            action: ProvisionAction.PROVISION_ACTION_DEPLOY,
+            deploy: { image: opts.image, target },
+          });
+          if (!updated) throw new Error('the controller returned no node');
+          if (json) return printJson(nodeJson(updated));
+          process.stdout.write(
+            `node ${updated.name} is now ${stateName(updated.provisionState)}; follow it with: metalcast node watch ${updated.name}\n`,
+          );
+        }),
+    );
+
+  node
+    .command('watch')
+    .description('show nodes live, with the progress of their agents, until Ctrl-C (or --until)')
+    .argument('[nodes...]', 'node names or uuids (default: all)')
+    .option('--until <states>', 'exit once every watched node is in one of these comma-separated states (e.g. active,deploy_failed)')
+    .action(async (refs: string[], opts: { until?: string }, command: Command) =>
+      withClient(command, async ({ nodes }, { json }) => {
+        const until = opts.until ? new Set(opts.until.split(',').map((s) => parseState(s.trim()))) : undefined;
+        await watchNodes(nodes, refs, until, json ?? false);
+      }),
+    );
+
   for (const action of PROVISION_ACTIONS) {
-    if (action === 'deploy') continue; // has its own options; arrives with the deploy work
+    if (action === 'deploy') continue; // has its own options, above
     node
       .command(action)
       .description(

@@ -1,25 +1,39 @@
 import { Status } from 'nice-grpc-common';
+import { pickDisk } from '../../common/disk-hints.js';
 import { MetalcastError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
+import type { DiskHints } from '../../gen/metalcast/v1/command.js';
+import { Inventory } from '../../gen/metalcast/v1/inventory.js';
 import type { AgentSessions } from '../agent-sessions.js';
+import type { NodeLocks } from '../locks.js';
+import type { NodeFeed } from '../node-feed.js';
 import type { NodeRecord, Store, Transition } from '../store/store.js';
 import { ACTION_TRANSITIONS, allowedActions, isAgentState, type ProvisionAction, type ProvisionState } from './states.js';
 
 const human = (state: ProvisionState) => state.replaceAll('_', ' ');
 
+/** What a deploy writes; stored as JSON with the node. */
+export interface DeploySpecRecord {
+  image: string;
+  target?: DiskHints | undefined;
+}
+
 /**
- * Runs operator actions against the state table. Each step is a
- * compare-and-set on the provision state, so two operators racing on the
- * same node cannot both win.
+ * Runs operator actions against the state table, each under the node's
+ * lock, each step a compare-and-set on the provision state, so two
+ * operators racing on the same node cannot both win. Actions that need the
+ * agent leave the node in a wait state; the conductor takes it from there.
  */
 export class Provisioner {
   constructor(
     private readonly store: Store,
     private readonly sessions: AgentSessions,
+    private readonly locks: NodeLocks,
+    private readonly feed: NodeFeed,
     private readonly logger: Logger,
   ) {}
 
-  async runAction(node: NodeRecord, action: ProvisionAction, actor: string): Promise<NodeRecord> {
+  async runAction(node: NodeRecord, action: ProvisionAction, actor: string, deploy?: DeploySpecRecord): Promise<NodeRecord> {
     const step = ACTION_TRANSITIONS[action][node.provisionState];
     if (!step) {
       const allowed = allowedActions(node.provisionState);
@@ -34,26 +48,64 @@ export class Provisioner {
         `node '${node.name}' is in maintenance (${node.maintenanceReason}); take it out of maintenance first`,
       );
     }
-    switch (action) {
-      case 'manage':
-        return this.move(node, node.provisionState, step.to, step.target === step.to ? null : step.target, actor, action, '');
-      case 'inspect': {
-        const inspecting = await this.move(node, node.provisionState, 'inspecting', 'manageable', actor, action, '');
-        // Nothing to prepare before the agent boots yet (power control comes later): wait for it.
-        return this.move(inspecting, 'inspecting', 'inspect_wait', 'manageable', 'controller', 'inspect');
+    if (action === 'deploy') await this.checkDeploySpec(node, deploy);
+    const lock = await this.locks.lock(node.uuid, action);
+    try {
+      switch (action) {
+        case 'manage':
+          return await this.move(node, node.provisionState, step.to, null, actor, action, '');
+        case 'inspect': {
+          const inspecting = await this.move(node, node.provisionState, 'inspecting', 'manageable', actor, action, '');
+          // Nothing to prepare before the agent boots (power control is a later driver): wait for it.
+          return await this.move(inspecting, 'inspecting', 'inspect_wait', 'manageable', 'controller', action);
+        }
+        case 'provide': {
+          const cleaning = await this.move(node, node.provisionState, 'cleaning', 'available', actor, action, '');
+          return await this.move(cleaning, 'cleaning', 'clean_wait', 'available', 'controller', action);
+        }
+        case 'deploy': {
+          const deploying = await this.move(node, 'available', 'deploying', 'active', actor, `deploy of ${deploy?.image}`, '', {
+            deployJson: JSON.stringify(deploy),
+          });
+          return await this.move(deploying, 'deploying', 'deploy_wait', 'active', 'controller', 'deploy');
+        }
+        case 'undeploy': {
+          const deleting = await this.move(node, node.provisionState, 'deleting', 'available', actor, action, '');
+          const cleaning = await this.move(deleting, 'deleting', 'cleaning', 'available', 'controller', action);
+          return await this.move(cleaning, 'cleaning', 'clean_wait', 'available', 'controller', action);
+        }
+        case 'abort':
+          return await this.move(
+            node,
+            node.provisionState,
+            step.to,
+            null,
+            actor,
+            action,
+            `aborted by ${actor} while in ${human(node.provisionState)}`,
+          );
       }
-      case 'abort':
-        return this.move(
-          node,
-          node.provisionState,
-          step.to,
-          null,
-          actor,
-          action,
-          `aborted by ${actor} while in ${human(node.provisionState)}`,
-        );
-      default:
-        throw new MetalcastError(Status.UNIMPLEMENTED, `the ${action} action is not implemented in this controller version yet`);
+    } finally {
+      await lock.release();
+    }
+  }
+
+  /** Refuses a deploy that cannot work, before the node moves: unknown image, or hints no inspected disk meets. */
+  private async checkDeploySpec(node: NodeRecord, deploy: DeploySpecRecord | undefined): Promise<void> {
+    if (!deploy || deploy.image === '')
+      throw new MetalcastError(Status.INVALID_ARGUMENT, 'deploy.image: an image name is required to deploy');
+    const image = await this.store.getImage(deploy.image);
+    if (!image)
+      throw new MetalcastError(Status.FAILED_PRECONDITION, `image '${deploy.image}' does not exist; metalcast image list shows the images`);
+    if (image.state !== 'ready')
+      throw new MetalcastError(Status.FAILED_PRECONDITION, `image '${deploy.image}' is ${image.state}, not ready`);
+    if (node.inventoryJson) {
+      const inventory = Inventory.fromJSON(JSON.parse(node.inventoryJson));
+      try {
+        pickDisk(inventory.disks, deploy.target, image.sizeBytes);
+      } catch (error) {
+        throw new MetalcastError(Status.FAILED_PRECONDITION, `node '${node.name}' (as last inspected): ${(error as Error).message}`);
+      }
     }
   }
 
@@ -69,21 +121,14 @@ export class Provisioner {
     also: Pick<Transition, 'inventoryJson' | 'deployJson'> = {},
   ): Promise<NodeRecord> {
     const keepAgentToken = isAgentState(to);
-    const updated = await this.store.transition(node.uuid, {
-      ...also,
-      from: [from],
-      to,
-      target,
-      lastError,
-      keepAgentToken,
-      event: {
-        kind: 'transition',
-        message: lastError ? `${human(from)} -> ${human(to)}: ${lastError}` : `${human(from)} -> ${human(to)} (${reason})`,
-        actor,
-        fromState: from,
-        toState: to,
-      },
-    });
+    const event = {
+      kind: 'transition',
+      message: lastError ? `${human(from)} -> ${human(to)}: ${lastError}` : `${human(from)} -> ${human(to)} (${reason})`,
+      actor,
+      fromState: from,
+      toState: to,
+    };
+    const updated = await this.store.transition(node.uuid, { ...also, from: [from], to, target, lastError, keepAgentToken, event });
     if (!updated) {
       throw new MetalcastError(
         Status.ABORTED,
@@ -96,6 +141,7 @@ export class Provisioner {
         new MetalcastError(Status.UNAUTHENTICATED, `node left the agent states (now ${human(to)}); the agent token is no longer valid`),
       );
     }
+    this.feed.publish({ node: updated, event: { ...event, id: 0, nodeUuid: node.uuid, time: Date.now() } });
     this.logger.info({ node: node.uuid, nodeName: node.name, from, to, actor }, 'provision state changed');
     return updated;
   }

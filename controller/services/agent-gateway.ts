@@ -1,19 +1,14 @@
-import { unimplemented } from '../../common/errors.js';
 import type { AgentGatewayServiceImplementation } from '../../gen/metalcast/v1/agent_gateway.js';
+import type { ImageServer } from '../images/image-server.js';
 import { createHeartbeatHandler, type HeartbeatDeps } from './heartbeat.js';
 import { createLookupHandler, type LookupDeps } from './lookup.js';
 
-/** The service agents call: lookup and heartbeats now, image reads with the image-transfer work. */
-export function createAgentGatewayService(deps: LookupDeps & HeartbeatDeps): AgentGatewayServiceImplementation {
+/** The service agents call: lookup, heartbeats, and image reads. */
+export function createAgentGatewayService(deps: LookupDeps & HeartbeatDeps & { images: ImageServer }): AgentGatewayServiceImplementation {
   return {
     lookup: createLookupHandler(deps),
     heartbeat: createHeartbeatHandler(deps),
-    async statImage() {
-      throw unimplemented('StatImage is not implemented in this controller version yet (image transfer)');
-    },
-    // biome-ignore lint/correctness/useYield: answers before streaming anything.
-    async *readImage() {
-      throw unimplemented('ReadImage is not implemented in this controller version yet (image transfer)');
-    },
+    statImage: deps.images.statImage,
+    readImage: deps.images.readImage,
   };
 }

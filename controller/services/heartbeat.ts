@@ -1,6 +1,5 @@
 import { abortable, isAbortError } from 'abort-controller-x';
 import { type CallContext, ServerError, Status } from 'nice-grpc';
-import { bearerToken, NODE_UUID_KEY } from '../../common/agent-metadata.js';
 import { invalidArgument, MetalcastError, unauthenticated } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import { truncate } from '../../common/mac.js';
@@ -11,6 +10,7 @@ import type { HeartbeatRecorder } from '../heartbeat-recorder.js';
 import type { ControllerMetrics } from '../metrics.js';
 import type { Store } from '../store/store.js';
 import { agentTokenMatches } from '../tokens.js';
+import { authenticateAgent } from './agent-auth.js';
 
 export interface HeartbeatDeps {
   store: Store;
@@ -43,16 +43,7 @@ export function createHeartbeatHandler(deps: HeartbeatDeps) {
     requests: AsyncIterable<HeartbeatRequest>,
     context: CallContext,
   ): AsyncGenerator<HeartbeatResponse> {
-    const nodeUuid = context.metadata.get(NODE_UUID_KEY) ?? '';
-    const token = bearerToken(context.metadata);
-    if (nodeUuid === '' || token === '') {
-      throw unauthenticated(`heartbeat needs '${NODE_UUID_KEY}' and 'authorization: Bearer <token>' metadata from Lookup; look up first`);
-    }
-    const node = await store.getNode(nodeUuid);
-    if (!node || !agentTokenMatches(node.agentTokenHash, token)) {
-      deps.logger.warn({ node: truncate(nodeUuid), peer: context.peer }, 'heartbeat refused: agent token not valid');
-      throw unauthenticated(`the agent token is not valid for node ${truncate(nodeUuid)}; look up again`);
-    }
+    const { node, token } = await authenticateAgent(context, store, deps.logger);
 
     const log = deps.logger.child({ node: node.uuid, nodeName: node.name, peer: context.peer });
     const stop = new AbortController();
@@ -63,6 +54,14 @@ export function createHeartbeatHandler(deps: HeartbeatDeps) {
       endReason = reason;
       stop.abort();
     });
+    // A lookup may have replaced the token between the check above and the
+    // registration: it ended the streams it saw, not this one. Check again.
+    const current = await store.getNode(node.uuid);
+    if (!current || !agentTokenMatches(current.agentTokenHash, token)) {
+      sessions.close(node.uuid, sessionId);
+      context.signal.removeEventListener('abort', onCallAborted);
+      throw unauthenticated('the agent token was replaced while the stream opened; look up again');
+    }
     log.info('heartbeat stream opened');
     const iterator = requests[Symbol.asyncIterator]();
     let count = 0;

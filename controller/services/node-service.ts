@@ -1,10 +1,14 @@
 import { Status } from 'nice-grpc-common';
-import { invalidArgument, MetalcastError, notFound, unimplemented } from '../../common/errors.js';
+import { invalidArgument, MetalcastError, notFound } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import { normaliseMac, normaliseMacList } from '../../common/mac.js';
 import type { NodeServiceImplementation } from '../../gen/metalcast/v1/node.js';
 import { actionFromProto, eventToProto, nodeToProto, stateFromProto } from '../convert.js';
-import type { Provisioner } from '../provisioning/provisioner.js';
+import type { DiskHints } from '../../gen/metalcast/v1/command.js';
+import type { DeploySpec } from '../../gen/metalcast/v1/node.js';
+import type { NodeLocks } from '../locks.js';
+import type { NodeChange, NodeFeed } from '../node-feed.js';
+import type { DeploySpecRecord, Provisioner } from '../provisioning/provisioner.js';
 import type { ProvisionState } from '../provisioning/states.js';
 import type { NodeRecord, Store } from '../store/store.js';
 import { decodePageToken, encodePageToken, pageSize, validateNodeName, validateNodeRef, validateProperties } from '../validation.js';
@@ -15,12 +19,17 @@ const DELETABLE: readonly ProvisionState[] = ['enroll', 'manageable', 'available
 export interface NodeServiceDeps {
   store: Store;
   provisioner: Provisioner;
+  locks: NodeLocks;
+  feed: NodeFeed;
   logger: Logger;
 }
 
+/** Most node changes a WatchNodes stream buffers for a slow reader before it is ended. */
+const WATCH_BUFFER = 1000;
+
 /** The operator API for nodes. */
 export function createNodeService(deps: NodeServiceDeps): NodeServiceImplementation {
-  const { store, provisioner } = deps;
+  const { store, provisioner, locks, feed } = deps;
   const operator = 'operator';
 
   async function requireNode(ref: string): Promise<NodeRecord> {
@@ -29,13 +38,19 @@ export function createNodeService(deps: NodeServiceDeps): NodeServiceImplementat
     return node;
   }
 
-  function refuseIfLocked(node: NodeRecord, what: string): void {
-    if (node.reservation) {
-      throw new MetalcastError(
-        Status.FAILED_PRECONDITION,
-        `node is locked by ${node.reservation} for ${node.reservationOperation ?? 'an operation'}; cannot ${what} now, retry when it finishes`,
-      );
+  /** Runs a short state change under the node's lock (fails fast when it is held). */
+  async function withLock<T>(node: NodeRecord, operation: string, fn: () => Promise<T>): Promise<T> {
+    const lock = await locks.lock(node.uuid, operation);
+    try {
+      return await fn();
+    } finally {
+      await lock.release();
     }
+  }
+
+  function published(node: NodeRecord | undefined): NodeRecord | undefined {
+    if (node) feed.publish({ node });
+    return node;
   }
 
   return {
@@ -79,8 +94,8 @@ export function createNodeService(deps: NodeServiceDeps): NodeServiceImplementat
           `node '${node.name}' is ${node.provisionState.replaceAll('_', ' ')}; delete is allowed only in ${DELETABLE.join(', ')} (undeploy or abort first)`,
         );
       }
-      refuseIfLocked(node, 'delete it');
-      await store.deleteNode(node.uuid);
+      await withLock(node, 'delete', () => store.deleteNode(node.uuid));
+      feed.publish({ node, deleted: true });
       deps.logger.info({ node: node.uuid, nodeName: node.name }, 'node deleted');
       return {};
     },
@@ -88,27 +103,19 @@ export function createNodeService(deps: NodeServiceDeps): NodeServiceImplementat
     async addNodePort(request) {
       const node = await requireNode(request.node);
       const mac = normaliseMac(request.macAddress);
-      const updated = await store.addPort(node.uuid, mac, {
-        kind: 'port',
-        message: `port ${mac} added`,
-        actor: operator,
-        fromState: null,
-        toState: null,
-      });
-      return { node: nodeToProto(updated) };
+      const updated = await withLock(node, 'add port', () =>
+        store.addPort(node.uuid, mac, { kind: 'port', message: `port ${mac} added`, actor: operator, fromState: null, toState: null }),
+      );
+      return { node: nodeToProto(published(updated) as NodeRecord) };
     },
 
     async removeNodePort(request) {
       const node = await requireNode(request.node);
       const mac = normaliseMac(request.macAddress);
-      const updated = await store.removePort(node.uuid, mac, {
-        kind: 'port',
-        message: `port ${mac} removed`,
-        actor: operator,
-        fromState: null,
-        toState: null,
-      });
-      return { node: nodeToProto(updated) };
+      const updated = await withLock(node, 'remove port', () =>
+        store.removePort(node.uuid, mac, { kind: 'port', message: `port ${mac} removed`, actor: operator, fromState: null, toState: null }),
+      );
+      return { node: nodeToProto(published(updated) as NodeRecord) };
     },
 
     async setMaintenance(request) {
@@ -116,13 +123,16 @@ export function createNodeService(deps: NodeServiceDeps): NodeServiceImplementat
       const reason = request.reason.trim();
       if (request.enabled && reason === '') throw invalidArgument('reason: required when turning maintenance on, so that others know why');
       if (reason.length > 255) throw invalidArgument('reason: at most 255 characters');
-      const updated = await store.setMaintenance(node.uuid, request.enabled, reason, {
-        kind: 'maintenance',
-        message: request.enabled ? `maintenance on: ${reason}` : `maintenance off${reason ? `: ${reason}` : ''}`,
-        actor: operator,
-        fromState: null,
-        toState: null,
-      });
+      // Maintenance on must work while a long step holds the lock: it is how an operator says "stop touching this".
+      const change = () =>
+        store.setMaintenance(node.uuid, request.enabled, reason, {
+          kind: 'maintenance',
+          message: request.enabled ? `maintenance on: ${reason}` : `maintenance off${reason ? `: ${reason}` : ''}`,
+          actor: operator,
+          fromState: null,
+          toState: null,
+        });
+      const updated = published(request.enabled ? await change() : await withLock(node, 'maintenance', change));
       if (!updated) throw notFound(`node '${request.node}' was deleted meanwhile`);
       deps.logger.info({ node: node.uuid, nodeName: node.name, maintenance: request.enabled, reason }, 'maintenance changed');
       return { node: nodeToProto(updated) };
@@ -131,8 +141,8 @@ export function createNodeService(deps: NodeServiceDeps): NodeServiceImplementat
     async setProvisionState(request) {
       const node = await requireNode(request.node);
       const action = actionFromProto(request.action);
-      refuseIfLocked(node, action);
-      return { node: nodeToProto(await provisioner.runAction(node, action, operator)) };
+      const deploy = action === 'deploy' ? deploySpecFromProto(request.deploy) : undefined;
+      return { node: nodeToProto(await provisioner.runAction(node, action, operator, deploy)) };
     },
 
     async listNodeEvents(request) {
@@ -147,9 +157,55 @@ export function createNodeService(deps: NodeServiceDeps): NodeServiceImplementat
       };
     },
 
-    // biome-ignore lint/correctness/useYield: answers before streaming anything.
-    async *watchNodes() {
-      throw unimplemented('WatchNodes is not implemented in this controller version yet (provisioning)');
+    async *watchNodes(request, context) {
+      const wanted = new Set<string>();
+      for (const ref of request.nodes) {
+        const node = await requireNode(ref);
+        wanted.add(node.uuid);
+      }
+      // Subscribe before the snapshot, so that nothing between the two is lost.
+      const changes = feed.subscribe(context.signal)[Symbol.asyncIterator]();
+      const buffered: NodeChange[] = [];
+      let overflow = false;
+      let wake: (() => void) | undefined;
+      const pump = (async () => {
+        for (let next = await changes.next(); !next.done; next = await changes.next()) {
+          if (wanted.size > 0 && !wanted.has(next.value.node.uuid)) continue;
+          if (buffered.length >= WATCH_BUFFER) overflow = true;
+          else buffered.push(next.value);
+          wake?.();
+        }
+      })().catch(() => {});
+      const initial =
+        wanted.size > 0 ? await Promise.all([...wanted].map((uuid) => store.getNode(uuid))) : await store.listNodes({ limit: 10_000 });
+      for (const node of initial) if (node) yield { node: nodeToProto(node, false), event: undefined, deleted: false };
+      while (!context.signal.aborted) {
+        const change = buffered.shift();
+        if (!change) {
+          await new Promise<void>((resolve) => {
+            wake = resolve;
+            context.signal.addEventListener('abort', () => resolve(), { once: true });
+          });
+          wake = undefined;
+          continue;
+        }
+        if (overflow)
+          throw new MetalcastError(Status.RESOURCE_EXHAUSTED, `the watcher fell more than ${WATCH_BUFFER} changes behind; watch again`);
+        const node = nodeToProto(change.node, false);
+        if (change.progress) node.progress = change.progress;
+        yield { node, event: change.event ? eventToProto(change.event) : undefined, deleted: change.deleted ?? false };
+      }
+      await pump;
     },
   };
+}
+
+function deploySpecFromProto(spec: DeploySpec | undefined): DeploySpecRecord {
+  if (!spec || spec.image === '') throw invalidArgument('deploy.image: an image name is required to deploy');
+  if (spec.image.length > 63) throw invalidArgument('deploy.image: at most 63 characters');
+  const target: DiskHints | undefined = spec.target;
+  if (target?.devicePath !== undefined && !target.devicePath.startsWith('/')) {
+    throw invalidArgument(`deploy.target.device_path: '${target.devicePath.slice(0, 64)}' is not an absolute path`);
+  }
+  return { image: spec.image, target };
 }

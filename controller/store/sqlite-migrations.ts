@@ -52,4 +52,22 @@ export const SQLITE_MIGRATIONS: readonly { version: number; description: string;
       CREATE INDEX node_events_node ON node_events (node_uuid, id);
     `,
   },
+  {
+    version: 2,
+    description: 'images',
+    sql: `
+      CREATE TABLE images (
+        name TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        sha256 TEXT NOT NULL DEFAULT '',
+        size_bytes INTEGER NOT NULL DEFAULT 0,
+        source_url TEXT NOT NULL DEFAULT '',
+        expected_checksum TEXT NOT NULL DEFAULT '',
+        error TEXT NOT NULL DEFAULT '',
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+      );
+      CREATE INDEX images_sha256 ON images (sha256);
+    `,
+  },
 ];

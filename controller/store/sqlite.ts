@@ -9,6 +9,8 @@ import { SQLITE_MIGRATIONS } from './sqlite-migrations.js';
 import type {
   EpochMs,
   HeartbeatRecord,
+  ImageRecord,
+  ImageState,
   ListNodesQuery,
   NewNode,
   NewNodeEvent,
@@ -377,15 +379,77 @@ export class SqliteStore implements Store {
   }
 
   async unlock(uuid: string, holder: string): Promise<boolean> {
-    const { changes } = this.stmt('UPDATE nodes SET reservation = NULL, reservation_operation = NULL WHERE uuid = ? AND reservation = ?').run(
-      uuid,
-      holder,
-    );
+    const { changes } = this.stmt(
+      'UPDATE nodes SET reservation = NULL, reservation_operation = NULL WHERE uuid = ? AND reservation = ?',
+    ).run(uuid, holder);
     return Number(changes) === 1;
   }
 
   async clearReservations(holder: string): Promise<number> {
     return Number(this.stmt('UPDATE nodes SET reservation = NULL, reservation_operation = NULL WHERE reservation = ?').run(holder).changes);
+  }
+
+  async createImage(image: Omit<ImageRecord, 'createdAt' | 'updatedAt'>): Promise<ImageRecord> {
+    return this.inTransaction(() => {
+      if (this.stmt('SELECT 1 FROM images WHERE name = ?').get(image.name)) {
+        throw new MetalcastError(Status.ALREADY_EXISTS, `an image named '${image.name}' already exists`);
+      }
+      const now = Date.now();
+      this.stmt(
+        `INSERT INTO images (name, state, sha256, size_bytes, source_url, expected_checksum, error, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      ).run(image.name, image.state, image.sha256, image.sizeBytes, image.sourceUrl, image.expectedChecksum, image.error, now, now);
+      return this.loadImage(image.name) as ImageRecord;
+    });
+  }
+
+  async getImage(name: string): Promise<ImageRecord | undefined> {
+    return this.loadImage(name);
+  }
+
+  async listImages(): Promise<ImageRecord[]> {
+    return (this.stmt('SELECT * FROM images ORDER BY name').all() as Row[]).map(toImageRecord);
+  }
+
+  async updateImage(
+    name: string,
+    patch: Partial<Pick<ImageRecord, 'state' | 'sha256' | 'sizeBytes' | 'error'>>,
+  ): Promise<ImageRecord | undefined> {
+    const columns: Record<string, string> = { state: 'state', sha256: 'sha256', sizeBytes: 'size_bytes', error: 'error' };
+    const sets = ['updated_at = ?'];
+    const params: SQLInputValue[] = [Date.now()];
+    for (const [key, value] of Object.entries(patch)) {
+      if (value === undefined) continue;
+      sets.push(`${columns[key]} = ?`);
+      params.push(value);
+    }
+    this.db.prepare(`UPDATE images SET ${sets.join(', ')} WHERE name = ?`).run(...params, name);
+    return this.loadImage(name);
+  }
+
+  async deleteImage(name: string): Promise<{ deleted: boolean; contentStillUsed: boolean }> {
+    return this.inTransaction(() => {
+      const image = this.loadImage(name);
+      if (!image) return { deleted: false, contentStillUsed: false };
+      // The deploy spec is JSON; the image name is compared exactly after extraction.
+      const user = this.stmt(
+        `SELECT name FROM nodes WHERE provision_state IN ('deploying', 'deploy_wait') AND json_extract(deploy, '$.image') = ? LIMIT 1`,
+      ).get(name) as { name: string } | undefined;
+      if (user) {
+        throw new MetalcastError(
+          Status.FAILED_PRECONDITION,
+          `image '${name}' is being deployed to node '${user.name}'; delete it after that deploy ends`,
+        );
+      }
+      this.stmt('DELETE FROM images WHERE name = ?').run(name);
+      const shared = image.sha256 !== '' && this.stmt('SELECT 1 FROM images WHERE sha256 = ? LIMIT 1').get(image.sha256) !== undefined;
+      return { deleted: true, contentStillUsed: shared };
+    });
+  }
+
+  private loadImage(name: string): ImageRecord | undefined {
+    const row = this.stmt('SELECT * FROM images WHERE name = ?').get(name) as Row | undefined;
+    return row ? toImageRecord(row) : undefined;
   }
 
   async close(): Promise<void> {
@@ -404,6 +468,20 @@ export class SqliteStore implements Store {
       for (const r of rows) insert.run(r.uuid, r.name, r.state, r.livenessAt, r.livenessAt, now, now, now);
     });
   }
+}
+
+function toImageRecord(row: Row): ImageRecord {
+  return {
+    name: row.name as string,
+    state: row.state as ImageState,
+    sha256: row.sha256 as string,
+    sizeBytes: row.size_bytes as number,
+    sourceUrl: row.source_url as string,
+    expectedChecksum: row.expected_checksum as string,
+    error: row.error as string,
+    createdAt: row.created_at as number,
+    updatedAt: row.updated_at as number,
+  };
 }
 
 function toNodeRecord(row: Row, macAddresses: string[]): NodeRecord {

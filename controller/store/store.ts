@@ -97,6 +97,23 @@ export interface Transition {
   event: NewNodeEvent;
 }
 
+export type ImageState = 'importing' | 'ready' | 'failed';
+
+/** An image's metadata; its bytes live in the image store, addressed by sha256. */
+export interface ImageRecord {
+  name: string;
+  state: ImageState;
+  /** Lower-case hex; '' until an import has finished. */
+  sha256: string;
+  sizeBytes: number;
+  /** For imports: where it came from, and the checksum the operator gave ("sha256:…" or "sha512:…"). */
+  sourceUrl: string;
+  expectedChecksum: string;
+  error: string;
+  createdAt: EpochMs;
+  updatedAt: EpochMs;
+}
+
 /**
  * The node database. Two implementations (SQLite now, PostgreSQL later)
  * pass one contract suite, test/controller/store-contract.ts.
@@ -139,5 +156,20 @@ export interface Store {
   unlock(uuid: string, holder: string): Promise<boolean>;
   /** Clears every reservation a holder left behind (a restarted controller). */
   clearReservations(holder: string): Promise<number>;
+  /** Adds an image row; ALREADY_EXISTS when the name is taken. */
+  createImage(image: Omit<ImageRecord, 'createdAt' | 'updatedAt'>): Promise<ImageRecord>;
+  getImage(name: string): Promise<ImageRecord | undefined>;
+  listImages(): Promise<ImageRecord[]>;
+  /** Updates state, sha256, size and error of an image; undefined when it no longer exists. */
+  updateImage(
+    name: string,
+    patch: Partial<Pick<ImageRecord, 'state' | 'sha256' | 'sizeBytes' | 'error'>>,
+  ): Promise<ImageRecord | undefined>;
+  /**
+   * Deletes an image row unless a node in deploying or deploy wait uses it
+   * (FAILED_PRECONDITION naming the node). Returns whether other images
+   * still share its content, so that the caller keeps the blob.
+   */
+  deleteImage(name: string): Promise<{ deleted: boolean; contentStillUsed: boolean }>;
   close(): Promise<void>;
 }

@@ -16,12 +16,20 @@ export interface AgentProcess {
   kill(signal?: NodeJS.Signals): Promise<number | string>;
 }
 
+export interface SpawnAgentOptions {
+  /**
+   * A command that runs the agent, for example ['ip', 'netns', 'exec', 'ns1'];
+   * it must exec the agent (not fork it), so that signals reach the agent.
+   */
+  prefix?: string[];
+}
+
 /**
  * Starts a real `metalcast agent` process against a fake machine. Flags are
  * the command line's, for example { controller: '127.0.0.1:1234', root }.
  * Defaults keep tests quick: short reconnect delays and a recording power driver.
  */
-export function spawnAgent(flags: Record<string, string>): AgentProcess {
+export function spawnAgent(flags: Record<string, string>, options: SpawnAgentOptions = {}): AgentProcess {
   const all: Record<string, string> = {
     listen: '127.0.0.1:0',
     'log-level': 'debug',
@@ -38,7 +46,8 @@ export function spawnAgent(flags: Record<string, string>): AgentProcess {
     all['power-record-file'] ??= `${all.root ?? '/tmp'}/power-actions.log`;
   }
   const args = [METALCAST, 'agent', ...Object.entries(all).flatMap(([k, v]) => [`--${k}`, v])];
-  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, METALCAST_LOG_LEVEL: '' } });
+  const [command, ...commandArgs] = [...(options.prefix ?? []), process.execPath, ...args] as [string, ...string[]];
+  const child = spawn(command, commandArgs, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, METALCAST_LOG_LEVEL: '' } });
   const logs: Record<string, unknown>[] = [];
   const listeners = new Set<(line: Record<string, unknown>) => void>();
   let buffered = '';

@@ -1,0 +1,37 @@
+import { agentMetadata } from '../common/agent-metadata.js';
+import type { ReadImageResponse, StatImageResponse } from '../gen/metalcast/v1/agent_gateway.js';
+import { type ControllerLink, isConnectionError } from './controller-link.js';
+import type { HeartbeatIdentity } from './heartbeat.js';
+
+/** Where the image writer gets its bytes: the controller's StatImage and ReadImage, as the writer needs them. */
+export interface ImageSource {
+  stat(image: string, signal: AbortSignal): Promise<StatImageResponse>;
+  /** Chunks from `offset` to the end of the image; aborting the signal cancels the call. */
+  read(image: string, offset: number, signal: AbortSignal): AsyncIterable<ReadImageResponse>;
+  /** Told about a failed call, so that connection errors move to the next controller. */
+  failed(error: unknown): void;
+}
+
+/**
+ * Reads from the controller through the agent's link, with the token of
+ * the moment: a re-lookup between two attempts gives the next attempt the
+ * new token.
+ */
+export function controllerImageSource(
+  link: ControllerLink,
+  identity: () => HeartbeatIdentity | undefined,
+  callTimeoutMs: number,
+): ImageSource {
+  const metadata = () => {
+    const id = identity();
+    if (!id) throw new Error('the agent has no token (lookup has not finished)');
+    return agentMetadata(id.nodeUuid, id.token);
+  };
+  return {
+    stat: (image, signal) => link.gateway.statImage({ image }, { metadata: metadata(), deadline: callTimeoutMs, signal }),
+    read: (image, offset, signal) => link.gateway.readImage({ image, offset, length: 0 }, { metadata: metadata(), signal }),
+    failed: (error) => {
+      if (isConnectionError(error)) link.next('image transfer could not connect');
+    },
+  };
+}

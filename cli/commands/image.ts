@@ -1,0 +1,263 @@
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { stat } from 'node:fs/promises';
+import { basename } from 'node:path';
+import { isAbortError } from 'abort-controller-x';
+import { SingleBar } from 'cli-progress';
+import { type Command, InvalidArgumentError } from 'commander';
+import { waitForChannelReady } from 'nice-grpc';
+import { type Image, ImageState, type UploadImageRequest } from '../../gen/metalcast/v1/image.js';
+import { connectOperator, type OperatorClients } from '../client.js';
+import { formatBytes, formatTime, printFields, printJson, printTable, reportError } from '../output.js';
+
+interface GlobalOptions {
+  controller: string;
+  timeout: number;
+  json?: boolean;
+}
+
+/**
+ * Bytes per upload message. The controller accepts messages up to 8 MiB;
+ * GRPC-NOTES.md measured 256 KiB to 3.5 MiB within 10 % of each other, and
+ * 1 MiB keeps what the server may buffer per stalled stream small.
+ */
+const UPLOAD_CHUNK_BYTES = 1024 * 1024;
+const IMPORT_POLL_MS = 1000;
+
+const stateName = (state: ImageState) =>
+  state === ImageState.IMAGE_STATE_UNSPECIFIED ? '-' : (ImageState[state] ?? String(state)).replace('IMAGE_STATE_', '').toLowerCase();
+
+function imageJson(image: Image) {
+  return { ...image, state: stateName(image.state) };
+}
+
+function printImage(image: Image): void {
+  printFields([
+    ['name', image.name],
+    ['state', stateName(image.state)],
+    ['size', image.sizeBytes ? `${formatBytes(image.sizeBytes)} (${image.sizeBytes} bytes)` : '-'],
+    ['sha256', image.sha256 || '-'],
+    ['source', image.sourceUrl || 'upload'],
+    ['error', image.error || '-'],
+    ['created', formatTime(image.createdAt)],
+  ]);
+}
+
+/** Runs one operator call with a connected client; reports failures and sets the exit code. */
+async function withClient(command: Command, fn: (clients: OperatorClients, options: GlobalOptions) => Promise<void>): Promise<void> {
+  const options = command.optsWithGlobals<GlobalOptions>();
+  const clients = connectOperator(options.controller, options.timeout);
+  try {
+    await fn(clients, options);
+  } catch (error) {
+    process.exitCode = reportError(error, options.controller);
+  } finally {
+    clients.close();
+  }
+}
+
+function parseSha256(value: string): string {
+  const hex = value.toLowerCase();
+  if (!/^[0-9a-f]{64}$/.test(hex)) throw new InvalidArgumentError(`'${value}' is not a sha256 (64 hex digits, as sha256sum prints)`);
+  return hex;
+}
+
+/** Progress on stderr: a bar on a terminal, nothing otherwise (the result line says it all). */
+function uploadProgress(total: number, name: string) {
+  if (!process.stderr.isTTY) return { update: (_sent: number) => {}, stop: () => {} };
+  const bar = new SingleBar({
+    stream: process.stderr,
+    format: `${name} [{bar}] {percentage}% | {sent} of {size} | {rate}/s | eta {eta_formatted}`,
+    hideCursor: true,
+    clearOnComplete: true,
+    etaBuffer: 50,
+  });
+  const started = Date.now();
+  bar.start(total, 0, { sent: formatBytes(0), size: formatBytes(total), rate: formatBytes(0) });
+  return {
+    update: (sent: number) => {
+      const seconds = Math.max(0.001, (Date.now() - started) / 1000);
+      bar.update(sent, { sent: formatBytes(sent), rate: formatBytes(sent / seconds) });
+    },
+    stop: () => bar.stop(),
+  };
+}
+
+async function uploadCommand(file: string, opts: { name: string; sha256?: string }, command: Command): Promise<void> {
+  await withClient(command, async ({ channel, images }, { json, timeout, controller }) => {
+    const info = await stat(file).catch((error: NodeJS.ErrnoException) => {
+      throw new Error(`cannot read ${file}: ${error.code === 'ENOENT' ? 'no such file' : error.message}`);
+    });
+    if (!info.isFile()) throw new Error(`${file} is not a regular file`);
+    if (info.size === 0) throw new Error(`${file} is empty; an image needs content`);
+
+    // A deadline for getting connected; the upload itself may take as long as it takes.
+    await waitForChannelReady(channel, new Date(Date.now() + timeout)).catch(() => {
+      throw new Error(`cannot reach the controller at ${controller} within ${timeout} ms (set --controller or METALCAST_CONTROLLER)`);
+    });
+
+    const hash = createHash('sha256');
+    const progress = uploadProgress(info.size, opts.name);
+    const started = Date.now();
+    let sent = 0;
+    async function* requests(): AsyncGenerator<UploadImageRequest> {
+      yield { part: { $case: 'header', value: { name: opts.name, sha256: opts.sha256 ?? '', sizeBytes: info.size } } };
+      for await (const chunk of createReadStream(file, { highWaterMark: UPLOAD_CHUNK_BYTES }) as AsyncIterable<Buffer>) {
+        hash.update(chunk);
+        sent += chunk.byteLength;
+        progress.update(sent);
+        yield { part: { $case: 'data', value: chunk } };
+      }
+    }
+
+    const cancel = new AbortController();
+    const onInterrupt = () => cancel.abort();
+    process.once('SIGINT', onInterrupt);
+    let image: Image | undefined;
+    try {
+      ({ image } = await images.uploadImage(requests(), { deadline: undefined, signal: cancel.signal }));
+    } catch (error) {
+      if (cancel.signal.aborted && isAbortError(error)) {
+        throw new Error(`upload of ${file} cancelled after ${formatBytes(sent)}; the controller keeps nothing of it`);
+      }
+      throw error;
+    } finally {
+      process.removeListener('SIGINT', onInterrupt);
+      progress.stop();
+    }
+    if (!image) throw new Error('the controller returned no image');
+
+    // End-to-end check: the file is read once, so its sha256 is known only now.
+    const local = hash.digest('hex');
+    if (image.sha256 !== local || sent !== info.size) {
+      await images.deleteImage({ name: opts.name }).catch(() => {});
+      throw new Error(
+        `the controller stored ${image.sizeBytes} bytes with sha256 ${image.sha256}, but this side read ${sent} bytes with sha256 ${local}; ` +
+          `image ${opts.name} was deleted again. Was ${file} modified during the upload? Upload it again.`,
+      );
+    }
+    if (json) return printJson(imageJson(image));
+    const seconds = (Date.now() - started) / 1000;
+    process.stdout.write(
+      `uploaded ${basename(file)} as image ${image.name}: ${formatBytes(image.sizeBytes)} in ${seconds.toFixed(1)}s ` +
+        `(${formatBytes(image.sizeBytes / Math.max(seconds, 0.001))}/s), sha256 ${image.sha256}\n`,
+    );
+  });
+}
+
+async function importCommand(url: string, opts: { name: string; checksum: string; wait?: boolean }, command: Command): Promise<void> {
+  await withClient(command, async ({ images }, { json }) => {
+    const { image: started } = await images.importImage({ name: opts.name, url, checksum: opts.checksum });
+    if (!started) throw new Error('the controller returned no image');
+    if (!opts.wait) {
+      if (json) return printJson(imageJson(started));
+      process.stdout.write(
+        `importing image ${started.name} from ${started.sourceUrl}; follow it with: metalcast image show ${started.name}\n`,
+      );
+      return;
+    }
+    const tty = process.stderr.isTTY && !json;
+    const begin = Date.now();
+    let image = started;
+    while (image.state === ImageState.IMAGE_STATE_IMPORTING) {
+      if (tty) process.stderr.write(`\rimporting ${image.name} from ${image.sourceUrl} … ${Math.round((Date.now() - begin) / 1000)}s `);
+      await new Promise((resolve) => setTimeout(resolve, IMPORT_POLL_MS));
+      const { image: latest } = await images.getImage({ name: opts.name });
+      if (!latest) throw new Error('the controller returned no image');
+      image = latest;
+    }
+    if (tty) process.stderr.write('\n');
+    if (json) printJson(imageJson(image));
+    if (image.state !== ImageState.IMAGE_STATE_READY) {
+      process.stderr.write(`error: import of image ${image.name} failed: ${image.error || stateName(image.state)}\n`);
+      process.exitCode = 1;
+      return;
+    }
+    if (!json) {
+      process.stdout.write(
+        `imported image ${image.name}: ${formatBytes(image.sizeBytes)} in ${Math.round((Date.now() - begin) / 1000)}s, sha256 ${image.sha256}\n`,
+      );
+    }
+  });
+}
+
+/** `metalcast image …`: the operator commands for images. */
+export function registerImageCommands(program: Command, addOperatorOptions: (command: Command) => Command): void {
+  const image = addOperatorOptions(program.command('image')).description('upload, import, list and delete OS images in the controller');
+
+  image
+    .command('upload')
+    .description('upload an image file to the controller')
+    .argument('<file>', 'image file to upload (raw or compressed as the agent expects it)')
+    .requiredOption('--name <name>', 'unique image name (1 to 63 letters, digits, ".", "_" or "-")')
+    .option('--sha256 <hex>', 'expected sha256 of the file: the controller refuses the upload if the content differs', parseSha256)
+    .addHelpText(
+      'after',
+      `
+The file is read once and sent in ${UPLOAD_CHUNK_BYTES / 1024 / 1024} MiB messages. Its sha256 is computed while it is
+read and compared with what the controller stored when the upload ends; on a mismatch the image
+is deleted again and the command fails. With --sha256 the controller also verifies the content
+before it keeps anything. A cancelled or broken upload (Ctrl-C, lost connection) leaves nothing
+on the controller. --timeout bounds connecting only, not the upload itself.
+`,
+    )
+    .action(uploadCommand);
+
+  image
+    .command('import')
+    .description('have the controller download an image from an http(s) URL and verify it')
+    .argument('<url>', 'http or https URL of the image')
+    .requiredOption('--name <name>', 'unique image name')
+    .requiredOption('--checksum <algo:hex>', 'expected checksum: sha256:<64 hex> or sha512:<128 hex>')
+    .option('--wait', 'wait until the import is ready or failed (exit code 1 when it failed)')
+    .addHelpText(
+      'after',
+      '\nThe controller retries 5xx answers, connection errors and stalls (--import-attempts); a 4xx\nanswer or a checksum mismatch fails the import at once. Without --wait, follow it with:\nmetalcast image show NAME\n',
+    )
+    .action(importCommand);
+
+  image
+    .command('list')
+    .description('list images')
+    .action(async (_opts: unknown, command: Command) =>
+      withClient(command, async ({ images }, { json }) => {
+        const { images: all } = await images.listImages({});
+        if (json) return printJson(all.map(imageJson));
+        printTable(
+          ['name', 'state', 'size', 'sha256', 'source'],
+          all.map((i) => [
+            i.name,
+            stateName(i.state),
+            i.sizeBytes ? formatBytes(i.sizeBytes) : '-',
+            i.sha256 ? i.sha256.slice(0, 12) : '-',
+            i.sourceUrl || 'upload',
+          ]),
+        );
+      }),
+    );
+
+  image
+    .command('show')
+    .description('show one image')
+    .argument('<name>', 'image name')
+    .action(async (name: string, _opts: unknown, command: Command) =>
+      withClient(command, async ({ images }, { json }) => {
+        const { image: found } = await images.getImage({ name });
+        if (!found) throw new Error('the controller returned no image');
+        if (json) printJson(imageJson(found));
+        else printImage(found);
+      }),
+    );
+
+  image
+    .command('delete')
+    .description('delete an image (refused while a node is being deployed with it; stops an import in progress)')
+    .argument('<name>', 'image name')
+    .action(async (name: string, _opts: unknown, command: Command) =>
+      withClient(command, async ({ images }, { json }) => {
+        await images.deleteImage({ name });
+        if (json) printJson({ deleted: name });
+        else process.stdout.write(`deleted image ${name}\n`);
+      }),
+    );
+}

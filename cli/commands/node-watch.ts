@@ -1,0 +1,72 @@
+import type { CommandProgress } from '../../gen/metalcast/v1/command.js';
+import type { Node, NodeServiceClient } from '../../gen/metalcast/v1/node.js';
+import type { ProvisionState as StateName } from '../../controller/provisioning/states.js';
+import { formatBytes, printTable } from '../output.js';
+import { stateName } from './node.js';
+
+const BAR_WIDTH = 24;
+
+function bar(progress: CommandProgress | undefined): string {
+  if (!progress || progress.totalBytes === 0) return progress?.phase ?? '';
+  const fraction = Math.min(1, progress.doneBytes / progress.totalBytes);
+  const filled = Math.round(fraction * BAR_WIDTH);
+  const rate = progress.rateBytesPerSecond > 0 ? ` ${formatBytes(progress.rateBytesPerSecond)}/s` : '';
+  const eta = progress.etaSeconds > 0 ? ` eta ${progress.etaSeconds}s` : '';
+  const resumes = progress.resumes > 0 ? ` ${progress.resumes} resumes` : '';
+  return `${'█'.repeat(filled)}${'░'.repeat(BAR_WIDTH - filled)} ${(fraction * 100).toFixed(0).padStart(3)}% ${progress.phase}${rate}${eta}${resumes}`;
+}
+
+/**
+ * Follows WatchNodes: on a terminal, a table redrawn at most four times a
+ * second; otherwise (or with --json) one line per change, for logs and scripts.
+ */
+export async function watchNodes(
+  client: NodeServiceClient<{ deadline?: number }>,
+  refs: string[],
+  until: Set<StateName> | undefined,
+  json: boolean,
+): Promise<void> {
+  const nodes = new Map<string, Node>();
+  const live = process.stdout.isTTY && !json;
+  let dirty = false;
+  const draw = () => {
+    if (!dirty) return;
+    dirty = false;
+    process.stdout.write('\x1b[H\x1b[2J');
+    printTable(
+      ['name', 'state', 'progress', 'last error'],
+      [...nodes.values()]
+        .sort((a, b) => a.name.localeCompare(b.name))
+        .map((n) => [n.name, stateName(n.provisionState), n.progress && isBusy(n) ? bar(n.progress) : '', n.lastError.slice(0, 50)]),
+    );
+  };
+  const timer = live ? setInterval(draw, 250) : undefined;
+  const abort = new AbortController();
+  process.once('SIGINT', () => abort.abort());
+  try {
+    for await (const change of client.watchNodes({ nodes: refs }, { deadline: undefined, signal: abort.signal })) {
+      const node = change.node;
+      if (!node) continue;
+      if (change.deleted) nodes.delete(node.uuid);
+      else nodes.set(node.uuid, node);
+      if (json)
+        process.stdout.write(`${JSON.stringify({ ...change, node: { ...node, provisionState: stateName(node.provisionState) } })}\n`);
+      else if (!live) {
+        const detail = change.event ? change.event.message : node.progress ? bar(node.progress) : stateName(node.provisionState);
+        process.stdout.write(`${new Date().toISOString()} ${node.name} ${detail}\n`);
+      }
+      dirty = true;
+      if (until && nodes.size > 0 && [...nodes.values()].every((n) => until.has(stateName(n.provisionState) as StateName))) break;
+    }
+  } catch (error) {
+    if (!abort.signal.aborted) throw error;
+  } finally {
+    clearInterval(timer);
+    if (live) draw();
+  }
+}
+
+function isBusy(node: Node): boolean {
+  const state = stateName(node.provisionState);
+  return state.endsWith('wait') || state === 'deploying' || state === 'cleaning';
+}

@@ -1,0 +1,171 @@
+import { type FileHandle, open } from 'node:fs/promises';
+import type { CallContext } from 'nice-grpc';
+import {
+  dataLoss,
+  failedPrecondition,
+  invalidArgument,
+  notFound,
+  permissionDenied,
+  resourceExhausted,
+  unavailable,
+} from '../../common/errors.js';
+import type { Logger } from '../../common/logging.js';
+import { truncate } from '../../common/mac.js';
+import type { ReadImageRequest, ReadImageResponse, StatImageRequest, StatImageResponse } from '../../gen/metalcast/v1/agent_gateway.js';
+import type { ControllerMetrics } from '../metrics.js';
+import { authenticateAgent } from '../services/agent-auth.js';
+import type { ImageRecord, NodeRecord, Store } from '../store/store.js';
+import type { ImageFiles } from './image-files.js';
+
+export interface ImageServerDeps {
+  store: Store;
+  files: ImageFiles;
+  metrics: ControllerMetrics;
+  logger: Logger;
+  chunkSize: number;
+  maxTransfers: number;
+  /** Longest one ReadImage stream may run; the agent resumes after it. */
+  readTimeoutMs: number;
+}
+
+const RETRY_AFTER_MS = 2000;
+const EMPTY = Buffer.alloc(0);
+
+/**
+ * StatImage and ReadImage for agents. Only the agent of a node being
+ * deployed with an image may read it. Chunks are read from the blob on
+ * demand, one ahead of the one being sent. Memory per transfer stays
+ * bounded however slow the reader: gRPC flow control holds the loop at
+ * `yield` once grpc-js has queued its high-water mark of 16 messages, so a
+ * stalled reader pins at most about 17 chunks.
+ */
+export function createImageServer(deps: ImageServerDeps) {
+  const { store, files, metrics } = deps;
+  let active = 0;
+  let stopping = false;
+  const zeroChunk = Buffer.alloc(deps.chunkSize);
+
+  async function authorise(context: CallContext, imageName: string): Promise<{ node: NodeRecord; image: ImageRecord }> {
+    if (imageName === '' || imageName.length > 63) throw invalidArgument(`image: '${truncate(imageName)}' is not an image name`);
+    const { node } = await authenticateAgent(context, store, deps.logger);
+    const deploying = node.provisionState === 'deploying' || node.provisionState === 'deploy_wait';
+    const deployImage = node.deployJson ? (JSON.parse(node.deployJson) as { image?: string }).image : undefined;
+    if (!deploying || deployImage !== imageName) {
+      deps.logger.warn({ node: node.uuid, image: imageName, state: node.provisionState }, 'image read refused: node is not deploying it');
+      throw permissionDenied(
+        `node ${node.uuid} is not being deployed with image '${truncate(imageName)}'; only its deploy image may be read`,
+      );
+    }
+    const image = await store.getImage(imageName);
+    if (!image) throw notFound(`image '${imageName}' does not exist on this controller`);
+    if (image.state !== 'ready') throw failedPrecondition(`image '${imageName}' is ${image.state}, not ready`);
+    return { node, image };
+  }
+
+  async function statImage(request: StatImageRequest, context: CallContext): Promise<StatImageResponse> {
+    const { image } = await authorise(context, request.image);
+    return { image: image.name, sizeBytes: image.sizeBytes, sha256: image.sha256, chunkSizeBytes: deps.chunkSize };
+  }
+
+  async function* readImage(request: ReadImageRequest, context: CallContext): AsyncGenerator<ReadImageResponse> {
+    const { node, image } = await authorise(context, request.image);
+    if (request.offset > image.sizeBytes) {
+      throw invalidArgument(`offset: ${request.offset} is past the end of image '${image.name}' (${image.sizeBytes} bytes)`);
+    }
+    const end = request.length === 0 ? image.sizeBytes : request.offset + request.length;
+    if (end > image.sizeBytes) {
+      throw invalidArgument(
+        `length: offset ${request.offset} + length ${request.length} is past the end of image '${image.name}' (${image.sizeBytes} bytes)`,
+      );
+    }
+    if (active >= deps.maxTransfers) {
+      metrics.imageTransfersRejected.inc();
+      context.trailer.set('retry-after-ms', String(RETRY_AFTER_MS));
+      throw resourceExhausted(`the controller is serving ${active} image transfers, its limit; retry in ${RETRY_AFTER_MS / 1000}s`);
+    }
+    active++;
+    metrics.imageTransfersActive.inc();
+    if (request.offset > 0) metrics.imageTransferResumes.inc();
+    const log = deps.logger.child({ node: node.uuid, image: image.name, from: request.offset, to: end });
+    log.info('image transfer started');
+    const stopTimer = metrics.imageTransferDuration.startTimer();
+    const deadline = setTimeout(() => timedOut.abort(), deps.readTimeoutMs);
+    const timedOut = new AbortController();
+    let file: FileHandle | undefined;
+    let offset = request.offset;
+    let result = 'error';
+    try {
+      // Opened inside the try: a blob that cannot be opened must still give back the slot and the timer.
+      const blob = await open(files.blobPath(image.sha256), 'r').catch((error: NodeJS.ErrnoException) => {
+        if (error.code === 'ENOENT')
+          throw dataLoss(`the content of image '${image.name}' is missing on this controller; upload or import it again`);
+        throw error;
+      });
+      file = blob;
+      // A fresh buffer per chunk: grpc-js queues written messages unserialised
+      // while the reader is behind (up to its high-water mark), so a buffer
+      // handed to yield must never be reused. The next chunk is read while
+      // this one is being sent.
+      const readAt = async (at: number): Promise<Buffer> => {
+        const want = Math.min(deps.chunkSize, end - at);
+        const buffer = Buffer.allocUnsafeSlow(want);
+        let got = 0;
+        while (got < want) {
+          const { bytesRead } = await blob.read(buffer, got, want - got, at + got);
+          if (bytesRead === 0) {
+            throw dataLoss(
+              `the content of image '${image.name}' on this controller is shorter than its recorded size (${image.sizeBytes} bytes); upload or import it again`,
+            );
+          }
+          got += bytesRead;
+        }
+        return buffer;
+      };
+      // The next chunk is read while this one waits at yield, where nothing awaits the read yet: a
+      // failure then (a truncated file) would be an unhandled rejection, which ends the process.
+      // Mark it handled here; it is still thrown where it is awaited below.
+      const readAhead = (at: number): Promise<Buffer> => {
+        const read = readAt(at);
+        read.catch(() => {});
+        return read;
+      };
+      let pending = offset < end ? readAhead(offset) : undefined;
+      while (pending) {
+        const chunk = await pending;
+        const length = chunk.length;
+        const chunkOffset = offset;
+        offset += length;
+        pending = offset < end ? readAhead(offset) : undefined;
+        if (context.signal.aborted || timedOut.signal.aborted) break;
+        if (stopping)
+          throw unavailable('the controller is shutting down; resume from this offset with another controller or after the restart');
+        const zero = chunk.equals(length === deps.chunkSize ? zeroChunk : zeroChunk.subarray(0, length));
+        metrics.imageBytesServed.inc(length);
+        yield { offset: chunkOffset, length, zero, data: zero ? EMPTY : chunk };
+      }
+      await pending?.catch(() => {});
+      if (timedOut.signal.aborted) {
+        result = 'timeout';
+        log.info({ sent: offset - request.offset }, 'image transfer hit --image-read-timeout; the agent resumes');
+        return;
+      }
+      result = context.signal.aborted ? 'cancelled' : 'ok';
+      log.info({ bytes: offset - request.offset, result }, 'image transfer ended');
+    } finally {
+      clearTimeout(deadline);
+      await file?.close();
+      active--;
+      metrics.imageTransfersActive.dec();
+      stopTimer({ result });
+    }
+  }
+
+  /** Ends every transfer at its next chunk (shutdown): agents resume where they stopped. */
+  function stop(): void {
+    stopping = true;
+  }
+
+  return { statImage, readImage, stop };
+}
+
+export type ImageServer = ReturnType<typeof createImageServer>;

@@ -1,0 +1,43 @@
+import { EventEmitter, on } from 'node:events';
+import type { CommandProgress } from '../gen/metalcast/v1/command.js';
+import type { NodeEventRecord, NodeRecord } from './store/store.js';
+
+/** One change to a node, as WatchNodes streams it. */
+export interface NodeChange {
+  node: NodeRecord;
+  event?: NodeEventRecord | undefined;
+  /** Progress of the agent's command, for progress-only updates. */
+  progress?: CommandProgress | undefined;
+  deleted?: boolean;
+}
+
+/**
+ * In-process feed of node changes: transitions, timeouts, progress and
+ * deletions. WatchNodes subscribes to it; publishers never wait for
+ * watchers (a slow watcher's buffer is bounded by the stream, see WatchNodes).
+ */
+export class NodeFeed {
+  private readonly emitter = new EventEmitter();
+
+  constructor() {
+    this.emitter.setMaxListeners(0);
+  }
+
+  publish(change: NodeChange): void {
+    this.emitter.emit('change', change);
+  }
+
+  /** Changes from now on until the signal aborts. */
+  subscribe(signal: AbortSignal): AsyncIterable<NodeChange> {
+    const iterator = on(this.emitter, 'change', { signal }) as AsyncIterableIterator<[NodeChange]>;
+    return {
+      async *[Symbol.asyncIterator]() {
+        for await (const [change] of iterator) yield change;
+      },
+    };
+  }
+
+  get watchers(): number {
+    return this.emitter.listenerCount('change');
+  }
+}

@@ -1,0 +1,25 @@
+import type { CallContext } from 'nice-grpc';
+import { bearerToken, NODE_UUID_KEY } from '../../common/agent-metadata.js';
+import { unauthenticated } from '../../common/errors.js';
+import type { Logger } from '../../common/logging.js';
+import { truncate } from '../../common/mac.js';
+import type { NodeRecord, Store } from '../store/store.js';
+import { agentTokenMatches } from '../tokens.js';
+
+/**
+ * Checks an agent call's node uuid and token against the stored hash; the
+ * same UNAUTHENTICATED answer for an unknown node and a wrong token.
+ */
+export async function authenticateAgent(context: CallContext, store: Store, logger: Logger): Promise<{ node: NodeRecord; token: string }> {
+  const nodeUuid = context.metadata.get(NODE_UUID_KEY) ?? '';
+  const token = bearerToken(context.metadata);
+  if (nodeUuid === '' || token === '') {
+    throw unauthenticated(`this call needs '${NODE_UUID_KEY}' and 'authorization: Bearer <token>' metadata from Lookup; look up first`);
+  }
+  const node = await store.getNode(nodeUuid);
+  if (!node || !agentTokenMatches(node.agentTokenHash, token)) {
+    logger.warn({ node: truncate(nodeUuid), peer: context.peer }, 'agent call refused: agent token not valid');
+    throw unauthenticated(`the agent token is not valid for node ${truncate(nodeUuid)}; look up again`);
+  }
+  return { node, token };
+}

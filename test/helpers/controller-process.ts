@@ -1,0 +1,88 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { fileURLToPath } from 'node:url';
+import { type Channel, createChannel, createClient } from 'nice-grpc';
+import { NodeServiceDefinition } from '../../gen/metalcast/v1/node.js';
+
+const METALCAST = fileURLToPath(new URL('../../bin/metalcast.js', import.meta.url));
+
+export interface ControllerProcess {
+  child: ChildProcess;
+  grpcAddress: string;
+  httpAddress: string;
+  logs: Record<string, unknown>[];
+  channel: Channel;
+  nodes: ReturnType<typeof createClient<typeof NodeServiceDefinition>>;
+  exited: Promise<number | string>;
+  /** Sends a signal (SIGKILL by default: a crash) and waits for the exit. */
+  kill(signal?: NodeJS.Signals): Promise<number | string>;
+}
+
+/**
+ * Starts a real `metalcast controller` process, for tests that crash it
+ * (kill -9) or restart it. Resolves once it logged "controller started";
+ * flags are the command line's (kebab-case).
+ */
+export async function spawnController(flags: Record<string, string>, timeoutMs = 20_000): Promise<ControllerProcess> {
+  const all = { listen: '127.0.0.1:0', 'metrics-listen': '127.0.0.1:0', 'controller-id': 'test-controller', ...flags };
+  const child = spawn(process.execPath, [METALCAST, 'controller', ...Object.entries(all).flatMap(([k, v]) => [`--${k}`, v])], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const logs: Record<string, unknown>[] = [];
+  let stderr = '';
+  child.stderr?.setEncoding('utf8').on('data', (chunk: string) => {
+    stderr = (stderr + chunk).slice(-4000);
+  });
+  const exited = once(child, 'exit').then(([code, signal]) => (code ?? signal) as number | string);
+  const started = await new Promise<Record<string, unknown>>((resolve, reject) => {
+    let buffered = '';
+    const timer = setTimeout(() => reject(new Error(`controller did not start within ${timeoutMs}ms: ${stderr}`)), timeoutMs);
+    child.stdout?.setEncoding('utf8').on('data', (chunk: string) => {
+      buffered += chunk;
+      for (let nl = buffered.indexOf('\n'); nl >= 0; nl = buffered.indexOf('\n')) {
+        const text = buffered.slice(0, nl);
+        buffered = buffered.slice(nl + 1);
+        try {
+          const line = JSON.parse(text) as Record<string, unknown>;
+          logs.push(line);
+          if (line.msg === 'controller started') {
+            clearTimeout(timer);
+            resolve(line);
+          }
+        } catch {
+          // not a log line
+        }
+      }
+    });
+    exited.then((code) => {
+      clearTimeout(timer);
+      reject(new Error(`controller exited (${code}) before it started: ${stderr}`));
+    });
+  });
+  const grpcAddress = started.grpc as string;
+  const channel = createChannel(grpcAddress);
+  return {
+    child,
+    grpcAddress,
+    httpAddress: started.http as string,
+    logs,
+    channel,
+    nodes: createClient(NodeServiceDefinition, channel),
+    exited,
+    async kill(signal = 'SIGKILL') {
+      channel.close();
+      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+      return exited;
+    },
+  };
+}
+
+/** A free TCP port on 127.0.0.1, so that a restarted controller can take the same one. */
+export async function freePort(): Promise<number> {
+  const { createServer } = await import('node:net');
+  const server = createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as { port: number };
+  await new Promise<void>((resolve) => server.close(() => resolve()));
+  return port;
+}

@@ -16,7 +16,7 @@ describe('README configuration reference', () => {
       for (const spec of Object.values(specs)) {
         assert.match(
           section,
-          new RegExp(`\\| \`--${spec.flag}\` \\| \`${envName(spec.flag)}\` \\|`),
+          new RegExp(`\\| \`--${spec.flag}\` +\\| \`${envName(spec.flag)}\` +\\|`),
           `--${spec.flag} is missing from the README`,
         );
       }

@@ -19,6 +19,8 @@ export function serverChannelOptions(keepalive: KeepaliveOptions, maxMessageByte
     'grpc.keepalive_permit_without_calls': 1,
     'grpc.max_receive_message_length': maxMessageBytes,
     'grpc.max_send_message_length': maxMessageBytes,
+    // The receive window matters for uploads (client streaming) as it does for agents' downloads.
+    'grpc-node.flow_control_window': 4 * 1024 * 1024,
   };
 }
 

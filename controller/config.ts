@@ -127,7 +127,12 @@ export const CONTROLLER_OPTIONS = {
     defaultValue: '5',
     parse: integer({ min: 1, max: 100 }),
   },
-  importStallTimeout: durationSpec('import-stall-timeout', 'an import that receives nothing for this long is retried', '60s', 100),
+  importStallTimeout: durationSpec(
+    'import-stall-timeout',
+    'an import that receives nothing for this long is retried; an upload that sends nothing for this long is refused',
+    '60s',
+    100,
+  ),
   deployFinalPower: {
     flag: 'deploy-final-power',
     description: 'what the agent does after a successful deploy: reboot (into the deployed OS), power_off, or none',

@@ -7,14 +7,8 @@ import { SingleBar } from 'cli-progress';
 import { type Command, InvalidArgumentError } from 'commander';
 import { waitForChannelReady } from 'nice-grpc';
 import { type Image, ImageState, type UploadImageRequest } from '../../gen/metalcast/v1/image.js';
-import { connectOperator, type OperatorClients } from '../client.js';
-import { formatBytes, formatTime, printFields, printJson, printTable, reportError } from '../output.js';
-
-interface GlobalOptions {
-  controller: string;
-  timeout: number;
-  json?: boolean;
-}
+import { withClient } from '../client.js';
+import { formatBytes, formatTime, printFields, printJson, printTable } from '../output.js';
 
 /**
  * Bytes per upload message. The controller accepts messages up to 8 MiB;
@@ -41,19 +35,6 @@ function printImage(image: Image): void {
     ['error', image.error || '-'],
     ['created', formatTime(image.createdAt)],
   ]);
-}
-
-/** Runs one operator call with a connected client; reports failures and sets the exit code. */
-async function withClient(command: Command, fn: (clients: OperatorClients, options: GlobalOptions) => Promise<void>): Promise<void> {
-  const options = command.optsWithGlobals<GlobalOptions>();
-  const clients = connectOperator(options.controller, options.timeout);
-  try {
-    await fn(clients, options);
-  } catch (error) {
-    process.exitCode = reportError(error, options.controller);
-  } finally {
-    clients.close();
-  }
 }
 
 function parseSha256(value: string): string {

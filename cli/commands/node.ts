@@ -7,15 +7,9 @@ import {
   PROVISION_STATES,
   type ProvisionState as StateName,
 } from '../../controller/provisioning/states.js';
-import { connectOperator, type OperatorClients } from '../client.js';
+import { withClient } from '../client.js';
 import { watchNodes } from './node-watch.js';
-import { formatAge, formatBytes, formatTime, printFields, printJson, printTable, reportError } from '../output.js';
-
-interface GlobalOptions {
-  controller: string;
-  timeout: number;
-  json?: boolean;
-}
+import { formatAge, formatBytes, formatTime, printFields, printJson, printTable } from '../output.js';
 
 export const stateName = (state: ProvisionState) =>
   state === ProvisionState.PROVISION_STATE_UNSPECIFIED
@@ -23,19 +17,6 @@ export const stateName = (state: ProvisionState) =>
     : (ProvisionState[state] ?? String(state)).replace('PROVISION_STATE_', '').toLowerCase();
 
 const stateHelp = PROVISION_STATES.map((s) => `${s} (${allowedActions(s).join(', ') || 'no actions'})`).join('\n    ');
-
-/** Runs one operator call with a connected client; reports failures and sets the exit code. */
-async function withClient(command: Command, fn: (clients: OperatorClients, options: GlobalOptions) => Promise<void>): Promise<void> {
-  const options = command.optsWithGlobals<GlobalOptions>();
-  const clients = connectOperator(options.controller, options.timeout);
-  try {
-    await fn(clients, options);
-  } catch (error) {
-    process.exitCode = reportError(error, options.controller);
-  } finally {
-    clients.close();
-  }
-}
 
 function nodeJson(node: Node) {
   return {

@@ -25,11 +25,10 @@ export async function controllerMain(flags: Record<string, unknown>): Promise<vo
     logger.flush();
     process.exit(1);
   }
-  if (process.stderr.isTTY) {
-    process.stderr.write(
-      `\nmetalcast controller is running\n  gRPC API:  ${controller.grpcAddress}\n  metrics:   http://${controller.httpAddress}/metrics\n  database:  ${config.database}\n\nnext: npx metalcast node create NAME --mac aa:bb:cc:dd:ee:ff --controller ${controller.grpcAddress}\n\n`,
-    );
-  }
+  // On stderr, so that stdout stays pure JSON logs for log shippers.
+  process.stderr.write(
+    `\nmetalcast controller is running\n  gRPC API:  ${controller.grpcAddress}\n  metrics:   http://${controller.httpAddress}/metrics\n  database:  ${config.database}\n\nnext: npx metalcast node create NAME --mac aa:bb:cc:dd:ee:ff --controller ${controller.grpcAddress}\n\n`,
+  );
   const onSignal = (signal: string) => {
     logger.info({ signal }, 'signal received');
     controller.stop().then(

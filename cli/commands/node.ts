@@ -45,6 +45,8 @@ function printNode(node: Node): void {
     ['agent', node.agentAddress ? `${node.agentAddress} (version ${node.agentVersion || '?'})` : '-'],
     ['last heartbeat', formatAge(node.lastHeartbeatAt)],
     ['lock', node.reservation ? `${node.reservation} (${node.reservationOperation})` : '-'],
+    ['progress', progressLine(node)],
+    ['deploy', node.deploy ? `${node.deploy.image}${node.deploy.target?.devicePath ? ` to ${node.deploy.target.devicePath}` : ''}` : '-'],
     [
       'inventory',
       node.inventory
@@ -54,6 +56,14 @@ function printNode(node: Node): void {
     ['created', formatTime(node.createdAt)],
     ['updated', formatTime(node.updatedAt)],
   ]);
+}
+
+function progressLine(node: Node): string {
+  const p = node.progress;
+  if (!p || p.totalBytes === 0) return p?.phase || '-';
+  const percent = ((100 * p.doneBytes) / p.totalBytes).toFixed(1);
+  const rate = p.rateBytesPerSecond > 0 ? `, ${formatBytes(p.rateBytesPerSecond)}/s` : '';
+  return `${p.phase} ${formatBytes(p.doneBytes)} of ${formatBytes(p.totalBytes)} (${percent}%${rate}${p.resumes ? `, ${p.resumes} resumes` : ''})`;
 }
 
 function parseProperty(value: string, previous: Record<string, string> = {}): Record<string, string> {

@@ -2,7 +2,8 @@ import { type Channel, ClientError, createChannel, createClientFactory, Status }
 import { deadlineMiddleware } from 'nice-grpc-client-middleware-deadline';
 import { clientChannelOptions, type KeepaliveOptions } from '../common/grpc-options.js';
 import type { Logger } from '../common/logging.js';
-import { AgentGatewayServiceDefinition } from '../gen/metalcast/v1/agent_gateway.js';
+import { FastAgentGatewayServiceDefinition } from '../common/read-image-codec.js';
+import type { AgentGatewayServiceDefinition } from '../gen/metalcast/v1/agent_gateway.js';
 
 const factory = createClientFactory().use(deadlineMiddleware);
 type GatewayClient = ReturnType<typeof factory.create<typeof AgentGatewayServiceDefinition>>;
@@ -37,7 +38,7 @@ export class ControllerLink {
     let entry = this.channels.get(this.address);
     if (!entry) {
       const channel = createChannel(this.address, undefined, { ...clientChannelOptions(this.keepalive), ...this.extraChannelOptions });
-      entry = { channel, gateway: factory.create(AgentGatewayServiceDefinition, channel) };
+      entry = { channel, gateway: factory.create(FastAgentGatewayServiceDefinition, channel) };
       this.channels.set(this.address, entry);
     }
     return entry.gateway;

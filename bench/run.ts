@@ -15,6 +15,9 @@ import { type Benchmark, type BenchResult, BenchUsageError, columns, formatMs } 
 /** One line per benchmark: its name on the command line and its module. */
 const BENCHMARKS: Record<string, () => Promise<Benchmark>> = {
   sweep: () => import('./sweep.js'),
+  herd: () => import('./herd.js'),
+  transfer: () => import('./transfer.js'),
+  'agent-start': () => import('./agent-start.js'),
 };
 
 interface Outcome {

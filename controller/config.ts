@@ -99,14 +99,15 @@ export const CONTROLLER_OPTIONS = {
   ),
   imageChunkSize: {
     flag: 'image-chunk-size',
-    description: 'bytes per ReadImage chunk (64 KiB to 3.5 MiB); K, M suffixes allowed',
-    defaultValue: '1M',
+    description: 'bytes per ReadImage chunk (64 KiB to 3.5 MiB); K, M suffixes allowed. A reader that stalls pins about 17 chunks',
+    defaultValue: '3.5M',
     parse: byteSize({ min: 64 * 1024, max: 3.5 * 1024 * 1024 }),
   },
   maxImageTransfers: {
     flag: 'max-image-transfers',
-    description: 'most ReadImage streams served at once; more get RESOURCE_EXHAUSTED with a retry hint',
-    defaultValue: '32',
+    description:
+      'most ReadImage streams served at once; more get RESOURCE_EXHAUSTED with a retry hint. One controller thread serves them all, so more rarely means faster',
+    defaultValue: '16',
     parse: integer({ min: 1, max: 10_000 }),
   },
   imageReadTimeout: durationSpec(

@@ -6,6 +6,7 @@ import { HealthDefinition, HealthServiceImpl, HealthState } from 'nice-grpc-serv
 import { ServerReflection, ServerReflectionService } from 'nice-grpc-server-reflection';
 import { Registry } from 'prom-client';
 import { errorMappingMiddleware } from '../common/errors.js';
+import { FastAgentGatewayServiceDefinition } from '../common/read-image-codec.js';
 import type { Logger } from '../common/logging.js';
 import { serverChannelOptions } from '../common/grpc-options.js';
 import { AgentGatewayServiceDefinition } from '../gen/metalcast/v1/agent_gateway.js';
@@ -135,7 +136,7 @@ export async function startController(config: ControllerConfig, logger: Logger):
     .use(grpcServerMetricsMiddleware(registry))
     .use(errorMappingMiddleware(logger.child({ component: 'grpc' })));
   server.add(
-    AgentGatewayServiceDefinition,
+    FastAgentGatewayServiceDefinition,
     createAgentGatewayService({
       store,
       sessions,

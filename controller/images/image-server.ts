@@ -12,6 +12,7 @@ import {
 import type { Logger } from '../../common/logging.js';
 import { truncate } from '../../common/mac.js';
 import type { ReadImageRequest, ReadImageResponse, StatImageRequest, StatImageResponse } from '../../gen/metalcast/v1/agent_gateway.js';
+import { allocChunk } from '../../common/read-image-codec.js';
 import type { ControllerMetrics } from '../metrics.js';
 import { authenticateAgent } from '../services/agent-auth.js';
 import type { ImageRecord, NodeRecord, Store } from '../store/store.js';
@@ -108,7 +109,7 @@ export function createImageServer(deps: ImageServerDeps) {
       // this one is being sent.
       const readAt = async (at: number): Promise<Buffer> => {
         const want = Math.min(deps.chunkSize, end - at);
-        const buffer = Buffer.allocUnsafeSlow(want);
+        const buffer = allocChunk(want);
         let got = 0;
         while (got < want) {
           const { bytesRead } = await blob.read(buffer, got, want - got, at + got);

@@ -1,6 +1,7 @@
 import { Counter, Gauge, Histogram, type Registry, collectDefaultMetrics } from 'prom-client';
 import { labelNames, labelNamesWithCode, prometheusServerMiddleware } from 'nice-grpc-prometheus';
 import type { ServerMiddleware } from 'nice-grpc';
+import { WAIT_STATES } from './provisioning/states.js';
 import type { Store } from './store/store.js';
 
 /**
@@ -97,6 +98,11 @@ export function createControllerMetrics(registry: Registry, store: Store, agents
       registers: [registry],
     }),
   };
+  // Series that alerts take increase() or rate() of exist from the start at 0:
+  // a series born at 1 would hide the first timeout, failed sweep or lock wait.
+  for (const state of WAIT_STATES) metrics.heartbeatTimeouts.inc({ provision_state: state }, 0);
+  metrics.sweepRuns.inc({ result: 'error' }, 0);
+  metrics.lockWait.zero({ kind: 'patient' });
   return metrics;
 }
 

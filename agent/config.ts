@@ -12,6 +12,7 @@ import {
   oneOf,
   resolveOptions,
 } from '../common/config.js';
+import { type KernelCmdline, type KernelCmdlineKeys, kernelCmdlineSource } from './kernel-cmdline.js';
 
 /** Every option of `metalcast agent`, in the order `--help` lists them. */
 export const AGENT_OPTIONS = {
@@ -118,9 +119,37 @@ export const AGENT_OPTIONS = {
 /** The agent's validated configuration; durations are in milliseconds. */
 export type AgentConfig = ConfigOf<typeof AGENT_OPTIONS>;
 
-/** Builds the agent config from parsed flags and the environment (pure). */
-export function loadAgentConfig(flags: Record<string, unknown>, env: Record<string, string | undefined>): AgentConfig {
-  const config = resolveOptions(AGENT_OPTIONS, flags, env);
+/**
+ * The metalcast.* keys of the kernel command line: every option but --root
+ * (which decides where the command line is read), plus keys known but not
+ * acted on, with the reason the agent logs.
+ */
+export const AGENT_KERNEL_CMDLINE_KEYS: KernelCmdlineKeys = {
+  flags: Object.values(AGENT_OPTIONS)
+    .map((spec) => spec.flag)
+    .filter((flag) => flag !== AGENT_OPTIONS.root.flag),
+  ignored: {
+    ca: 'not used yet: the agent does not speak TLS to the controller yet',
+    root: 'it cannot be set there: --root (or METALCAST_ROOT) decides where the kernel command line is read from',
+  },
+};
+
+/** The root the agent reads the machine under, proc/cmdline included: flags > environment > default (pure). */
+export function resolveAgentRoot(flags: Record<string, unknown>, env: Record<string, string | undefined>): string {
+  return resolveOptions({ root: AGENT_OPTIONS.root }, flags, env).root;
+}
+
+/**
+ * Builds the agent config from parsed flags, the environment and the kernel
+ * command line's metalcast.* settings, in that precedence, over the
+ * defaults (pure).
+ */
+export function loadAgentConfig(
+  flags: Record<string, unknown>,
+  env: Record<string, string | undefined>,
+  kernelCmdline?: KernelCmdline,
+): AgentConfig {
+  const config = resolveOptions(AGENT_OPTIONS, flags, env, kernelCmdline && kernelCmdlineSource(kernelCmdline));
   const problems: string[] = [];
   if (config.lookupBackoffStart > config.lookupBackoffMax) problems.push('--lookup-backoff-start must not exceed --lookup-backoff-max');
   if (config.powerDriver === 'recording' && config.powerRecordFile === '') {

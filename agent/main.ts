@@ -1,17 +1,22 @@
 import { ConfigError } from '../common/config.js';
 import { createLogger } from '../common/logging.js';
 import { startAgent } from './agent.js';
-import { loadAgentConfig } from './config.js';
+import { AGENT_KERNEL_CMDLINE_KEYS, loadAgentConfig, resolveAgentRoot } from './config.js';
+import { type KernelCmdline, kernelCmdlineNotes, parseKernelCmdline, readKernelCmdline } from './kernel-cmdline.js';
 import { LookupBudgetExhausted } from './lookup.js';
 
 /** Exit codes a service manager can tell apart. */
 export const AGENT_EXIT = { ok: 0, fatal: 1, config: 2, lookupBudget: 3 } as const;
 
-/** `metalcast agent`: parse config, build the logger, run until stopped or a fatal error. */
+/** `metalcast agent`: read the config (flags, environment, kernel command line), build the logger, run until stopped or a fatal error. */
 export async function agentMain(flags: Record<string, unknown>): Promise<void> {
   let config: ReturnType<typeof loadAgentConfig>;
+  let kernelCmdline: KernelCmdline | undefined;
   try {
-    config = loadAgentConfig(flags, process.env);
+    // --root says where proc/cmdline is, so it is settled first, without the kernel command line.
+    const text = await readKernelCmdline(resolveAgentRoot(flags, process.env));
+    kernelCmdline = text === undefined ? undefined : parseKernelCmdline(text, AGENT_KERNEL_CMDLINE_KEYS);
+    config = loadAgentConfig(flags, process.env, kernelCmdline);
   } catch (error) {
     if (error instanceof ConfigError) {
       process.stderr.write(`metalcast agent: ${error.message}\n`);
@@ -20,6 +25,9 @@ export async function agentMain(flags: Record<string, unknown>): Promise<void> {
     throw error;
   }
   const logger = createLogger({ name: 'metalcast-agent', level: config.logLevel });
+  for (const note of kernelCmdline ? kernelCmdlineNotes(kernelCmdline, AGENT_KERNEL_CMDLINE_KEYS) : []) {
+    logger[note.level](note.fields, note.message);
+  }
   const exit = (code: number) => {
     logger.flush();
     process.exit(code);

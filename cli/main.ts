@@ -1,9 +1,8 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { AGENT_OPTIONS } from '../agent/config.js';
-import { agentMain } from '../agent/main.js';
 import { CONTROLLER_OPTIONS } from '../controller/config.js';
 import { controllerMain } from '../controller/main.js';
 import { byteSize, duration, hostPort, integer } from '../common/config.js';
+import { defineAgentCommand } from './agent-command.js';
 import { registerImageCommands } from './commands/image.js';
 import { registerNodeCommands } from './commands/node.js';
 import { addOptionTable } from './options.js';
@@ -49,15 +48,7 @@ export function buildProgram(): Command {
     .action(async (flags: Record<string, unknown>) => controllerMain(flags));
   addOptionTable(controller, CONTROLLER_OPTIONS);
 
-  const agent = program
-    .command('agent')
-    .description('run the agent on a machine to provision: discovers the hardware, looks itself up, heartbeats and serves commands')
-    .addHelpText(
-      'after',
-      '\nEvery option can also be set through its METALCAST_* environment variable; flags win over the environment.\nExit codes: 0 stopped, 1 fatal error, 2 bad configuration, 3 lookup budget exhausted (the service manager should restart it).',
-    )
-    .action(async (flags: Record<string, unknown>) => agentMain(flags));
-  addOptionTable(agent, AGENT_OPTIONS);
+  defineAgentCommand(program.command('agent'));
 
   registerNodeCommands(program, addOperatorOptions);
   registerImageCommands(program, addOperatorOptions);

@@ -43,19 +43,29 @@ type Specs = Record<string, OptionSpec>;
 export type ConfigOf<S extends Specs> = { [K in keyof S]: S[K] extends OptionSpec<infer T> ? T : never };
 
 /**
- * Resolves every option: flags beat METALCAST_* environment beat defaults.
- * Collects all problems before failing, so a user fixes them in one go.
+ * A source of raw option values below the environment, such as the agent's
+ * kernel command line: the raw value for a flag, and how to name where it
+ * came from in an error message.
+ */
+export type LowerSource = (flag: string) => { raw: string; source: string } | undefined;
+
+/**
+ * Resolves every option: flags beat METALCAST_* environment beat the lower
+ * source (when given) beat defaults. Collects all problems before failing,
+ * so a user fixes them in one go.
  */
 export function resolveOptions<S extends Specs>(
   specs: S,
   flags: Record<string, unknown>,
   env: Record<string, string | undefined>,
+  lower?: LowerSource,
 ): ConfigOf<S> {
   const problems: string[] = [];
   const out: Record<string, unknown> = {};
   for (const [key, spec] of Object.entries(specs)) {
     const fromFlag = flags[camelName(spec.flag)];
     const fromEnv = env[envName(spec.flag)];
+    const fromLower = lower?.(spec.flag);
     let raw: string | undefined;
     let source: string;
     if (fromFlag !== undefined) {
@@ -64,6 +74,8 @@ export function resolveOptions<S extends Specs>(
     } else if (fromEnv !== undefined && fromEnv !== '') {
       raw = fromEnv;
       source = `${envName(spec.flag)} (environment)`;
+    } else if (fromLower !== undefined) {
+      ({ raw, source } = fromLower);
     } else {
       raw = spec.defaultValue;
       source = `--${spec.flag} (default)`;

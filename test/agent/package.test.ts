@@ -1,0 +1,211 @@
+import assert from 'node:assert/strict';
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { copyFileSync, mkdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { createChannel, createClient } from 'nice-grpc';
+import { NodeServiceDefinition } from '../../gen/metalcast/v1/node.js';
+import { build, packageVersion, REPO_ROOT } from '../../scripts/build.js';
+import { type AgentArtifacts, packageAgent } from '../../scripts/package-agent.js';
+import { createWaitingNode } from '../helpers/agent-client.js';
+import { eventually, startTestController, type TestController, tempDir } from '../helpers/controller.js';
+import { uniqueFakeMachine } from '../helpers/fake-machine.js';
+
+/** Nothing from this checkout leaks into the artifacts' environment: no NODE_OPTIONS (tsx), no NODE_PATH. */
+const BARE_ENV = { PATH: process.env.PATH ?? '/usr/bin:/bin' };
+
+interface LoggedProcess {
+  child: ChildProcess;
+  logs: Record<string, unknown>[];
+  stderr: () => string;
+  exited: Promise<number | string>;
+  waitForLog(text: string, timeoutMs?: number): Promise<Record<string, unknown>>;
+}
+
+/** Spawns a program that logs JSON lines on stdout, as the controller and the agent do. */
+function spawnLogged(command: string, args: string[], cwd: string): LoggedProcess {
+  const child = spawn(command, args, { cwd, env: BARE_ENV, stdio: ['ignore', 'pipe', 'pipe'] });
+  const logs: Record<string, unknown>[] = [];
+  const waiters = new Set<() => void>();
+  let stderr = '';
+  let buffered = '';
+  child.stderr?.setEncoding('utf8').on('data', (chunk: string) => {
+    stderr = (stderr + chunk).slice(-4000);
+  });
+  child.stdout?.setEncoding('utf8').on('data', (chunk: string) => {
+    buffered += chunk;
+    for (let nl = buffered.indexOf('\n'); nl >= 0; nl = buffered.indexOf('\n')) {
+      const text = buffered.slice(0, nl);
+      buffered = buffered.slice(nl + 1);
+      try {
+        logs.push(JSON.parse(text) as Record<string, unknown>);
+      } catch {
+        // not a log line
+      }
+    }
+    for (const wake of waiters) wake();
+  });
+  const exited = once(child, 'exit').then(([code, signal]) => (code ?? signal) as number | string);
+  const find = (text: string) => logs.find((line) => typeof line.msg === 'string' && line.msg.includes(text));
+  return {
+    child,
+    logs,
+    stderr: () => stderr,
+    exited,
+    waitForLog(text, timeoutMs = 20_000) {
+      return new Promise((resolve, reject) => {
+        const done = (error?: Error) => {
+          clearTimeout(timer);
+          waiters.delete(check);
+          if (error) reject(error);
+        };
+        const check = () => {
+          const line = find(text);
+          if (line) {
+            done();
+            resolve(line);
+          }
+        };
+        const timer = setTimeout(() => done(new Error(`'${text}' not logged within ${timeoutMs}ms; stderr: ${stderr}`)), timeoutMs);
+        waiters.add(check);
+        exited.then((code) => {
+          if (waiters.has(check)) done(new Error(`exited (${code}) before logging '${text}'; stderr: ${stderr}`));
+        });
+        check();
+      });
+    },
+  };
+}
+
+async function stop(proc: LoggedProcess): Promise<number | string> {
+  if (proc.child.exitCode === null && proc.child.signalCode === null) proc.child.kill('SIGTERM');
+  return proc.exited;
+}
+
+describe('npm run build', () => {
+  it('compiles to dist/, and the compiled command runs on plain Node.js, the controller included', async () => {
+    build();
+    const dist = join(REPO_ROOT, 'dist');
+    const help = execFileSync(process.execPath, [join(dist, 'cli', 'main.js'), '--help'], { env: BARE_ENV, encoding: 'utf8' });
+    assert.match(help, /Usage: metalcast \[options\] \[command\]/);
+    assert.match(help, /controller \[options\]/);
+    assert.equal((JSON.parse(readFileSync(join(dist, 'package.json'), 'utf8')) as { version: string }).version, packageVersion());
+
+    // The controller reads the descriptor set (gen/metalcast.binpb) beside its compiled module at start.
+    const dir = tempDir('metalcast-build-');
+    const controller = spawnLogged(
+      process.execPath,
+      [
+        join(dist, 'bin', 'metalcast.js'),
+        'controller',
+        '--listen',
+        '127.0.0.1:0',
+        '--metrics-listen',
+        '127.0.0.1:0',
+        '--data-dir',
+        dir.path,
+        '--controller-id',
+        'build-test',
+      ],
+      dir.path,
+    );
+    try {
+      const started = await controller.waitForLog('controller started');
+      const channel = createChannel(started.grpc as string);
+      try {
+        const nodes = createClient(NodeServiceDefinition, channel);
+        const created = await nodes.createNode({ name: 'built-1', macAddresses: ['52:54:00:aa:bb:01'] });
+        assert.equal(created.node?.name, 'built-1');
+      } finally {
+        channel.close();
+      }
+      assert.equal(await stop(controller), 0);
+    } finally {
+      controller.child.kill('SIGKILL');
+      dir.remove();
+    }
+  });
+});
+
+describe('the agent artifact (npm run package:agent)', () => {
+  const dirs = tempDir('metalcast-package-');
+  /** A folder with the artifacts and nothing else: no node_modules here or above (it is under the system temp dir). */
+  const bare = join(dirs.path, 'bare');
+  let artifacts: AgentArtifacts;
+  let t: TestController;
+  let machineIndex = 400;
+
+  before(async () => {
+    artifacts = await packageAgent({ outDir: join(dirs.path, 'out') });
+    mkdirSync(bare);
+    copyFileSync(artifacts.bundle.path, join(bare, 'metalcast-agent.mjs'));
+    if (artifacts.sea) copyFileSync(artifacts.sea.path, join(bare, 'metalcast-agent'));
+    t = await startTestController({ heartbeatIntervalMin: '300ms', heartbeatIntervalMax: '600ms', heartbeatFlushInterval: '50ms' });
+  });
+  after(async () => {
+    await t?.destroy();
+    dirs.remove();
+  });
+
+  /** Runs the artifact as a ramdisk would, against the test controller, and checks that it looks up, heartbeats and stops cleanly. */
+  const provesItself = async (command: string, args: string[], name: string) => {
+    machineIndex += 1;
+    const machine = await uniqueFakeMachine(join(dirs.path, `m${machineIndex}`), machineIndex);
+    const node = await createWaitingNode(t.nodes, name, [machine.macs[0] as string]);
+    await t.nodes.setMaintenance({ node: node.uuid, enabled: true, reason: 'hold in inspect wait' });
+    const flags = {
+      controller: t.controller.grpcAddress,
+      root: machine.root,
+      listen: '127.0.0.1:0',
+      'log-level': 'debug',
+      'lookup-backoff-start': '100ms',
+      'lookup-backoff-max': '500ms',
+      'power-driver': 'recording',
+      'power-record-file': join(machine.root, 'power-actions.log'),
+    };
+    const agent = spawnLogged(command, [...args, ...Object.entries(flags).flatMap(([k, v]) => [`--${k}`, v])], bare);
+    try {
+      const found = await agent.waitForLog('looked up: this machine is node');
+      assert.equal(found.node, node.uuid);
+      await agent.waitForLog('heartbeat stream established');
+      const recorded = await eventually(
+        async () => {
+          const { node: seen } = await t.nodes.getNode({ node: name });
+          return seen?.lastHeartbeatAt ? seen : undefined;
+        },
+        { what: 'a recorded heartbeat' },
+      );
+      assert.equal(recorded.agentVersion, packageVersion(), 'the bundle carries the version without a package.json');
+      assert.equal(await stop(agent), 0);
+      assert.ok(agent.logs.some((line) => line.msg === 'agent stopped'));
+    } finally {
+      agent.child.kill('SIGKILL');
+    }
+  };
+
+  it('is one .mjs file that prints its help with nothing but Node.js beside it', () => {
+    assert.equal(artifacts.version, packageVersion());
+    const help = execFileSync(process.execPath, ['metalcast-agent.mjs', '--help'], { cwd: bare, env: BARE_ENV, encoding: 'utf8' });
+    assert.match(help, /Usage: metalcast-agent \[options\]/);
+    assert.match(help, /--controller <value>/);
+    assert.match(help, /kernel command line/);
+    assert.doesNotMatch(readFileSync(artifacts.bundle.path, 'utf8'), /DatabaseSync|node:sqlite/, 'no controller code in the agent');
+  });
+
+  it('the bundle looks up and heartbeats against a real controller, and stops on SIGTERM', async () => {
+    await provesItself(process.execPath, ['metalcast-agent.mjs'], 'bundled-1');
+  });
+
+  it('the single executable does the same, without a separate Node.js', async (context) => {
+    if (!artifacts.sea) {
+      // This repository's machines are Linux on x86-64, where it must build.
+      assert.ok(!(process.platform === 'linux' && process.arch === 'x64'), `no single executable: ${artifacts.seaSkipped}`);
+      context.skip(`no single executable: ${artifacts.seaSkipped}`);
+      return;
+    }
+    const help = execFileSync(join(bare, 'metalcast-agent'), ['--help'], { cwd: bare, env: BARE_ENV, encoding: 'utf8' });
+    assert.match(help, /Usage: metalcast-agent \[options\]/);
+    await provesItself(join(bare, 'metalcast-agent'), [], 'sea-1');
+  });
+});

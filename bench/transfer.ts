@@ -35,6 +35,7 @@
  * - CPU: utime + stime of each process from /proc/<pid>/stat over the
  *   timed window, as % of one core (threads included: >100% is possible).
  */
+import { seedImage } from '../test/helpers/images.js';
 import { CONTROLLER_OPTIONS } from '../controller/config.js';
 import { createHash, randomFillSync } from 'node:crypto';
 import { readFileSync, statfsSync } from 'node:fs';
@@ -45,8 +46,6 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ClientError, Status } from 'nice-grpc';
 import { connectOperator, type OperatorClients } from '../cli/client.js';
 import { byteSize } from '../common/config.js';
-import { ImageFiles } from '../controller/images/image-files.js';
-import { SqliteStore } from '../controller/store/sqlite.js';
 import { type FakeMachine, uniqueFakeMachine } from '../demo/fake-machine.js';
 import { ProvisionAction, ProvisionState } from '../gen/metalcast/v1/node.js';
 import {
@@ -360,7 +359,7 @@ class TransferBench {
   private async setup(): Promise<void> {
     const o = this.o;
     let t = performance.now();
-    this.image = await seedImage(this.dataDir, o.size);
+    this.image = await seedRandomImage(this.dataDir, o.size);
     this.progress(`image seeded in ${formatMs(performance.now() - t)} (sha256 ${this.image.sha256.slice(0, 12)}…)`);
 
     const [grpcPort, metricsPort] = await freePorts(2);
@@ -956,11 +955,11 @@ class TransferBench {
 // Helpers.
 
 /** Random data into the controller's data directory through ImageFiles (hashed, fsynced, renamed), and its database row. */
-async function seedImage(dataDir: string, bytes: number): Promise<{ sha256: string; size: number; blob: string }> {
-  const files = new ImageFiles(join(dataDir, 'images'));
-  await files.init();
+async function seedRandomImage(dataDir: string, bytes: number): Promise<{ sha256: string; size: number; blob: string }> {
   const block = Buffer.allocUnsafe(4 * MIB);
-  const stored = await files.receive(
+  return seedImage(
+    dataDir,
+    IMAGE_NAME,
     (function* () {
       for (let at = 0; at < bytes; at += block.length) {
         const part = block.subarray(0, Math.min(block.length, bytes - at));
@@ -969,21 +968,6 @@ async function seedImage(dataDir: string, bytes: number): Promise<{ sha256: stri
       }
     })(),
   );
-  const store = SqliteStore.open(join(dataDir, 'metalcast.db'));
-  try {
-    await store.createImage({
-      name: IMAGE_NAME,
-      state: 'ready',
-      sha256: stored.sha256,
-      sizeBytes: stored.sizeBytes,
-      sourceUrl: '',
-      expectedChecksum: '',
-      error: '',
-    });
-  } finally {
-    await store.close();
-  }
-  return { sha256: stored.sha256, size: stored.sizeBytes, blob: files.blobPath(stored.sha256) };
 }
 
 async function hashFile(path: string, bytes: number): Promise<string> {

@@ -2,39 +2,18 @@ import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
-import { ImageFiles } from '../../controller/images/image-files.js';
-import { SqliteStore } from '../../controller/store/sqlite.js';
 import { type Node, ProvisionAction, ProvisionState } from '../../gen/metalcast/v1/node.js';
 import { type AgentProcess, spawnAgent } from '../helpers/agent-process.js';
 import { eventually, startTestController, tempDir } from '../helpers/controller.js';
 import { type ControllerProcess, freePort, spawnController } from '../helpers/controller-process.js';
 import { type FakeMachine, uniqueFakeMachine } from '../helpers/fake-machine.js';
-import { addImage, makeImageContent, sha256 } from '../helpers/images.js';
+import { addImage, makeImageContent, seedImage, sha256 } from '../helpers/images.js';
 import { TcpProxy } from '../helpers/tcp-proxy.js';
 
 const MIB = 1024 * 1024;
 type NodeClient = ControllerProcess['nodes'];
 
 const TERMINAL = new Set([ProvisionState.PROVISION_STATE_ACTIVE, ProvisionState.PROVISION_STATE_DEPLOY_FAILED]);
-
-/** Seeds an image into a data directory before its controller starts (the upload API has its own tests). */
-async function seedImage(dataDir: string, name: string, content: Buffer): Promise<{ sha256: string; size: number }> {
-  const files = new ImageFiles(join(dataDir, 'images'));
-  await files.init();
-  const stored = await files.receive([content]);
-  const store = SqliteStore.open(join(dataDir, 'metalcast.db'));
-  await store.createImage({
-    name,
-    state: 'ready',
-    sha256: stored.sha256,
-    sizeBytes: stored.sizeBytes,
-    sourceUrl: '',
-    expectedChecksum: '',
-    error: '',
-  });
-  await store.close();
-  return { sha256: stored.sha256, size: stored.sizeBytes };
-}
 
 async function nodeState(nodes: NodeClient, name: string): Promise<Node | undefined> {
   return (await nodes.getNode({ node: name })).node;
@@ -77,7 +56,7 @@ describe('crashes mid-deploy', () => {
 
   it('kill -9 of the controller mid-deploy: after a restart every node ends active or failed with a reason, and no lock is left', async () => {
     const dataDir = join(dirs.path, 'controller');
-    const image = await seedImage(dataDir, 'os', makeImageContent(24 * MIB));
+    const image = await seedImage(dataDir, 'os', [makeImageContent(24 * MIB)]);
     const port = await freePort();
     const flags = {
       listen: `127.0.0.1:${port}`,

@@ -1,7 +1,10 @@
+import { join } from 'node:path';
 import { createHash, randomBytes } from 'node:crypto';
 import { open } from 'node:fs/promises';
 import { clientChannelOptions } from '../../common/grpc-options.js';
 import type { RunningController } from '../../controller/controller.js';
+import { ImageFiles } from '../../controller/images/image-files.js';
+import { SqliteStore } from '../../controller/store/sqlite.js';
 
 /**
  * Makes image content that looks like a disk image: random data with
@@ -122,4 +125,34 @@ export async function imageTransferCounters(controller: RunningController): Prom
     return values.reduce((total, sample) => total + sample.value, 0);
   };
   return { served: await sum('metalcast_image_bytes_served_total'), resumes: await sum('metalcast_image_transfer_resumes_total') };
+}
+
+/**
+ * Seeds an image into a controller's data directory before the controller
+ * starts (tests and benchmarks that run the controller as a process; the
+ * upload API has its own tests). Returns where the blob is.
+ */
+export async function seedImage(
+  dataDir: string,
+  name: string,
+  content: Iterable<Uint8Array> | AsyncIterable<Uint8Array>,
+): Promise<{ sha256: string; size: number; blob: string }> {
+  const files = new ImageFiles(join(dataDir, 'images'));
+  await files.init();
+  const stored = await files.receive(content);
+  const store = SqliteStore.open(join(dataDir, 'metalcast.db'));
+  try {
+    await store.createImage({
+      name,
+      state: 'ready',
+      sha256: stored.sha256,
+      sizeBytes: stored.sizeBytes,
+      sourceUrl: '',
+      expectedChecksum: '',
+      error: '',
+    });
+  } finally {
+    await store.close();
+  }
+  return { sha256: stored.sha256, size: stored.sizeBytes, blob: files.blobPath(stored.sha256) };
 }

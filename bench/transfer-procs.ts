@@ -8,6 +8,7 @@ import { createWriteStream, readFileSync, type WriteStream } from 'node:fs';
 import { createServer, type AddressInfo, type Server } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { onJsonLogLines } from '../demo/processes.js';
 
 export const REPO = fileURLToPath(new URL('..', import.meta.url));
 export const METALCAST = join(REPO, 'bin', 'metalcast.js');
@@ -58,23 +59,10 @@ export class LoggedProcess {
         this.notify();
       }),
     );
-    let buffered = '';
-    this.child.stdout!.setEncoding('utf8').on('data', (chunk: string) => {
-      this.log.write(chunk);
-      buffered += chunk;
-      let added = false;
-      for (let nl = buffered.indexOf('\n'); nl >= 0; nl = buffered.indexOf('\n')) {
-        const text = buffered.slice(0, nl);
-        buffered = buffered.slice(nl + 1);
-        if (!text.startsWith('{')) continue;
-        try {
-          this.lines.push(JSON.parse(text) as LogLine);
-          added = true;
-        } catch {
-          // a torn line
-        }
-      }
-      if (added) this.notify();
+    this.child.stdout!.on('data', (chunk: Buffer) => this.log.write(chunk));
+    onJsonLogLines(this.child.stdout, (line) => {
+      this.lines.push(line as LogLine);
+      this.notify();
     });
     this.child.stderr!.setEncoding('utf8').on('data', (chunk: string) => {
       this.log.write(chunk);

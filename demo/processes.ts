@@ -1,9 +1,30 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { createWriteStream } from 'node:fs';
+import { createInterface } from 'node:readline';
+import type { Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 
 const METALCAST = fileURLToPath(new URL('../bin/metalcast.js', import.meta.url));
+
+/**
+ * Calls `handle` with every JSON log line a program writes to `stream`;
+ * other lines (a stack trace, a banner) are passed over. The demo, the
+ * tests and the benchmarks all read metalcast's pino output this way.
+ */
+export function onJsonLogLines(stream: Readable | null | undefined, handle: (line: Record<string, unknown>) => void): void {
+  if (!stream) return;
+  createInterface({ input: stream, crlfDelay: Number.POSITIVE_INFINITY }).on('line', (text) => {
+    if (!text.startsWith('{')) return;
+    let line: unknown;
+    try {
+      line = JSON.parse(text);
+    } catch {
+      return;
+    }
+    if (line !== null && typeof line === 'object') handle(line as Record<string, unknown>);
+  });
+}
 
 export interface Program {
   child: ChildProcess;
@@ -26,27 +47,14 @@ export async function startProgram(
   child.stderr?.pipe(log, { end: false });
   const exited = once(child, 'exit').then(([code, signal]) => (code ?? signal) as number | string);
   const readyLine = await new Promise<Record<string, unknown>>((resolve, reject) => {
-    let buffered = '';
     let found = false;
     const timer = setTimeout(() => reject(new Error(`metalcast ${args[0]} not ready within ${timeoutMs}ms; see ${logFile}`)), timeoutMs);
-    child.stdout?.setEncoding('utf8').on('data', (chunk: string) => {
-      log.write(chunk);
-      if (found) return;
-      buffered += chunk;
-      for (let nl = buffered.indexOf('\n'); nl >= 0 && !found; nl = buffered.indexOf('\n')) {
-        const text = buffered.slice(0, nl);
-        buffered = buffered.slice(nl + 1);
-        try {
-          const line = JSON.parse(text) as Record<string, unknown>;
-          if (ready(line)) {
-            found = true;
-            clearTimeout(timer);
-            resolve(line);
-          }
-        } catch {
-          // not a log line
-        }
-      }
+    child.stdout?.on('data', (chunk: Buffer) => log.write(chunk));
+    onJsonLogLines(child.stdout, (line) => {
+      if (found || !ready(line)) return;
+      found = true;
+      clearTimeout(timer);
+      resolve(line);
     });
     exited.then((code) => {
       clearTimeout(timer);

@@ -5,6 +5,7 @@ import { copyFileSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { createChannel, createClient } from 'nice-grpc';
+import { onJsonLogLines } from '../../demo/processes.js';
 import { NodeServiceDefinition } from '../../gen/metalcast/v1/node.js';
 import { build, packageVersion, REPO_ROOT } from '../../scripts/build.js';
 import { type AgentArtifacts, packageAgent } from '../../scripts/package-agent.js';
@@ -29,21 +30,11 @@ function spawnLogged(command: string, args: string[], cwd: string): LoggedProces
   const logs: Record<string, unknown>[] = [];
   const waiters = new Set<() => void>();
   let stderr = '';
-  let buffered = '';
   child.stderr?.setEncoding('utf8').on('data', (chunk: string) => {
     stderr = (stderr + chunk).slice(-4000);
   });
-  child.stdout?.setEncoding('utf8').on('data', (chunk: string) => {
-    buffered += chunk;
-    for (let nl = buffered.indexOf('\n'); nl >= 0; nl = buffered.indexOf('\n')) {
-      const text = buffered.slice(0, nl);
-      buffered = buffered.slice(nl + 1);
-      try {
-        logs.push(JSON.parse(text) as Record<string, unknown>);
-      } catch {
-        // not a log line
-      }
-    }
+  onJsonLogLines(child.stdout, (line) => {
+    logs.push(line);
     for (const wake of waiters) wake();
   });
   const exited = once(child, 'exit').then(([code, signal]) => (code ?? signal) as number | string);

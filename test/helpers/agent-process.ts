@@ -1,6 +1,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
+import { onJsonLogLines } from '../../demo/processes.js';
 
 const METALCAST = fileURLToPath(new URL('../../bin/metalcast.js', import.meta.url));
 
@@ -50,23 +51,10 @@ export function spawnAgent(flags: Record<string, string>, options: SpawnAgentOpt
   const child = spawn(command, commandArgs, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, METALCAST_LOG_LEVEL: '' } });
   const logs: Record<string, unknown>[] = [];
   const listeners = new Set<(line: Record<string, unknown>) => void>();
-  let buffered = '';
   const stderrTail: string[] = [];
-  child.stdout?.setEncoding('utf8').on('data', (chunk: string) => {
-    buffered += chunk;
-    let newline = buffered.indexOf('\n');
-    while (newline >= 0) {
-      const text = buffered.slice(0, newline);
-      buffered = buffered.slice(newline + 1);
-      newline = buffered.indexOf('\n');
-      try {
-        const line = JSON.parse(text) as Record<string, unknown>;
-        logs.push(line);
-        for (const listener of listeners) listener(line);
-      } catch {
-        // not a log line
-      }
-    }
+  onJsonLogLines(child.stdout, (line) => {
+    logs.push(line);
+    for (const listener of listeners) listener(line);
   });
   child.stderr?.setEncoding('utf8').on('data', (chunk: string) => {
     stderrTail.push(chunk);

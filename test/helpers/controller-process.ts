@@ -2,6 +2,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { type Channel, createChannel, createClient } from 'nice-grpc';
+import { onJsonLogLines } from '../../demo/processes.js';
 import { NodeServiceDefinition } from '../../gen/metalcast/v1/node.js';
 
 const METALCAST = fileURLToPath(new URL('../../bin/metalcast.js', import.meta.url));
@@ -35,23 +36,12 @@ export async function spawnController(flags: Record<string, string>, timeoutMs =
   });
   const exited = once(child, 'exit').then(([code, signal]) => (code ?? signal) as number | string);
   const started = await new Promise<Record<string, unknown>>((resolve, reject) => {
-    let buffered = '';
     const timer = setTimeout(() => reject(new Error(`controller did not start within ${timeoutMs}ms: ${stderr}`)), timeoutMs);
-    child.stdout?.setEncoding('utf8').on('data', (chunk: string) => {
-      buffered += chunk;
-      for (let nl = buffered.indexOf('\n'); nl >= 0; nl = buffered.indexOf('\n')) {
-        const text = buffered.slice(0, nl);
-        buffered = buffered.slice(nl + 1);
-        try {
-          const line = JSON.parse(text) as Record<string, unknown>;
-          logs.push(line);
-          if (line.msg === 'controller started') {
-            clearTimeout(timer);
-            resolve(line);
-          }
-        } catch {
-          // not a log line
-        }
+    onJsonLogLines(child.stdout, (line) => {
+      logs.push(line);
+      if (line.msg === 'controller started') {
+        clearTimeout(timer);
+        resolve(line);
       }
     });
     exited.then((code) => {

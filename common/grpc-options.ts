@@ -9,34 +9,32 @@ export interface KeepaliveOptions {
 }
 
 /**
- * Server options. Keepalive is off by default in grpc-js, and without it a
- * controller never notices an agent whose link died without FIN or RST.
+ * What both ends of every connection set. Keepalive is off by default in
+ * grpc-js: without it a controller never notices an agent whose link died
+ * without FIN or RST, nor an agent a dead controller. The receive window
+ * matters for every bulk stream, downloads and uploads alike: grpc-js stalls
+ * on the default 64 KiB window (GRPC-NOTES.md; bench transfer).
  */
-export function serverChannelOptions(keepalive: KeepaliveOptions, maxMessageBytes = 8 * 1024 * 1024): ChannelOptions {
+function sharedChannelOptions(keepalive: KeepaliveOptions, maxMessageBytes: number): ChannelOptions {
   return {
     'grpc.keepalive_time_ms': keepalive.timeMs,
     'grpc.keepalive_timeout_ms': keepalive.timeoutMs,
     'grpc.keepalive_permit_without_calls': 1,
     'grpc.max_receive_message_length': maxMessageBytes,
     'grpc.max_send_message_length': maxMessageBytes,
-    // The receive window matters for uploads (client streaming) as it does for agents' downloads.
     'grpc-node.flow_control_window': 4 * 1024 * 1024,
   };
 }
 
-/**
- * Client options for long-lived channels (agent to controller, controller to
- * agent, CLI to controller). The flow-control window matters for image
- * streams: grpc-js stalls on the default 64 KiB window (GRPC-NOTES.md).
- */
+/** Server options (controller, agent). */
+export function serverChannelOptions(keepalive: KeepaliveOptions, maxMessageBytes = 8 * 1024 * 1024): ChannelOptions {
+  return sharedChannelOptions(keepalive, maxMessageBytes);
+}
+
+/** Client options for long-lived channels (agent to controller, controller to agent, CLI to controller). */
 export function clientChannelOptions(keepalive: KeepaliveOptions, maxMessageBytes = 8 * 1024 * 1024): ChannelOptions {
   return {
-    'grpc.keepalive_time_ms': keepalive.timeMs,
-    'grpc.keepalive_timeout_ms': keepalive.timeoutMs,
-    'grpc.keepalive_permit_without_calls': 1,
-    'grpc.max_receive_message_length': maxMessageBytes,
-    'grpc.max_send_message_length': maxMessageBytes,
-    'grpc-node.flow_control_window': 4 * 1024 * 1024,
+    ...sharedChannelOptions(keepalive, maxMessageBytes),
     // Reconnect promptly after a controller restart; our own code adds the jitter.
     'grpc.initial_reconnect_backoff_ms': 1000,
     'grpc.max_reconnect_backoff_ms': 10_000,

@@ -11,7 +11,7 @@ import { createClient } from 'nice-grpc';
 import { Status } from 'nice-grpc-common';
 import { ImageServiceDefinition, ImageState, type UploadImageRequest } from '../../gen/metalcast/v1/image.js';
 import { ProvisionAction } from '../../gen/metalcast/v1/node.js';
-import { AsyncQueue } from '../helpers/async-queue.js';
+import { AsyncQueue } from '../../common/async-queue.js';
 import { eventually, startTestController, type TestController, tempDir } from '../helpers/controller.js';
 import { assertRejectsWith } from '../helpers/grpc-assert.js';
 

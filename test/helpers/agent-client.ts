@@ -8,7 +8,7 @@ import {
   type LookupResponse,
 } from '../../gen/metalcast/v1/agent_gateway.js';
 import { type NodeServiceDefinition, type Node, ProvisionAction } from '../../gen/metalcast/v1/node.js';
-import { AsyncQueue } from './async-queue.js';
+import { AsyncQueue } from '../../common/async-queue.js';
 
 export type GatewayClient = ReturnType<typeof createClient<typeof AgentGatewayServiceDefinition>>;
 export type NodeClient = ReturnType<typeof createClient<typeof NodeServiceDefinition>>;

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { AsyncQueue } from './async-queue.js';
+import { AsyncQueue } from '../../common/async-queue.js';
 
 describe('AsyncQueue', () => {
   it('delivers pushed values in order to a for-await reader, then ends', async () => {
@@ -47,5 +47,16 @@ describe('AsyncQueue', () => {
     }
     assert.equal(queue.closed, true);
     assert.equal(queue.push(2), false);
+  });
+
+  it('with a capacity, refuses values while that many wait unread, and takes them again once read', async () => {
+    const queue = new AsyncQueue<number>(2);
+    assert.equal(queue.push(1), true);
+    assert.equal(queue.push(2), true);
+    assert.equal(queue.push(3), false, 'full: the third is refused');
+    assert.equal(queue.size, 2);
+    assert.equal(await queue.take(), 1);
+    assert.equal(queue.push(4), true, 'room again after a read');
+    assert.deepEqual([await queue.take(), await queue.take()], [2, 4]);
   });
 });

@@ -5,6 +5,7 @@ import { ClientError, Status } from 'nice-grpc';
 import type { Logger } from '../common/logging.js';
 import type { CommandProgress, WriteImageResult } from '../gen/metalcast/v1/command.js';
 import type { ImageSource } from './image-source.js';
+import { describeError as describe } from '../common/errors.js';
 
 export interface WriteImageTarget {
   image: string;
@@ -267,11 +268,6 @@ async function withRetries<T>(
 
 function isDiskError(error: unknown): boolean {
   return typeof (error as NodeJS.ErrnoException)?.code === 'string' && typeof (error as NodeJS.ErrnoException).syscall === 'string';
-}
-
-function describe(error: unknown): string {
-  if (error instanceof ClientError) return `${Status[error.code]}: ${error.details}`;
-  return (error as Error)?.message ?? String(error);
 }
 
 /** Bytes per second over the last few seconds, for progress and ETA. */

@@ -3,6 +3,7 @@ import pRetry, { AbortError } from 'p-retry';
 import type { Logger } from '../common/logging.js';
 import type { LookupRequest, LookupResponse } from '../gen/metalcast/v1/agent_gateway.js';
 import { type ControllerLink, isConnectionError } from './controller-link.js';
+import { describeError } from '../common/errors.js';
 
 export interface LookupOptions {
   backoffStartMs: number;
@@ -39,7 +40,7 @@ function hint(error: unknown, controller: string, macs: readonly string[]): stri
       case Status.RESOURCE_EXHAUSTED:
         return 'the controller is rate-limiting lookups; backing off';
       default:
-        return `the controller answered ${Status[error.code]}: ${error.details}`;
+        return `the controller answered ${describeError(error)}`;
     }
   }
   return (error as Error).message;

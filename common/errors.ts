@@ -1,6 +1,6 @@
 import { isAbortError } from 'abort-controller-x';
 import type { Logger } from 'pino';
-import { type CallContext, type ServerMiddleware, ServerError, Status } from 'nice-grpc';
+import { type CallContext, ClientError, type ServerMiddleware, ServerError, Status } from 'nice-grpc';
 
 /**
  * Helpers that make the status-code mapping of STYLE.md the easy path:
@@ -53,4 +53,10 @@ export function errorMappingMiddleware(logger: Logger): ServerMiddleware {
       throw new ServerError(Status.INTERNAL, `internal error (ref ${ref}); the controller log has the details`);
     }
   };
+}
+
+/** One line for a failed call or any other error: "UNAVAILABLE: details" for gRPC errors, else the message. */
+export function describeError(error: unknown): string {
+  if (error instanceof ClientError) return `${Status[error.code]}: ${error.details}`;
+  return (error as Error)?.message ?? String(error);
 }

@@ -3,13 +3,13 @@ import { mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { ClientError, Status } from 'nice-grpc';
 import { connectOperator, type OperatorClients } from '../cli/client.js';
 import { watchNodes } from '../cli/commands/node-watch.js';
 import { printTable } from '../cli/output.js';
 import { type Node, ProvisionAction, ProvisionState } from '../gen/metalcast/v1/node.js';
 import { type FakeMachine, uniqueFakeMachine } from './fake-machine.js';
 import { type Program, startProgram } from './processes.js';
+import { describeError } from '../common/errors.js';
 
 export interface DemoOptions {
   nodes: number;
@@ -178,10 +178,7 @@ export async function runDemo(options: DemoOptions): Promise<boolean> {
       }
     }
   } catch (error) {
-    check(
-      `the demo ran to the end (${error instanceof ClientError ? `${Status[error.code]}: ${error.details}` : (error as Error).message})`,
-      false,
-    );
+    check(`the demo ran to the end (${describeError(error)})`, false);
   } finally {
     process.off('SIGINT', onSignal);
     await stopAll();

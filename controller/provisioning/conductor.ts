@@ -11,6 +11,7 @@ import type { NodeFeed } from '../node-feed.js';
 import type { NodeRecord, Store } from '../store/store.js';
 import type { Admission } from './admission.js';
 import type { DeploySpecRecord, Provisioner } from './provisioner.js';
+import { describeError as describe } from '../../common/errors.js';
 
 /** How long the controller waits for an agent to report its inventory. */
 const INVENTORY_TIMEOUT_MS = 60_000;
@@ -349,9 +350,4 @@ function failedCommand(error: string): Command {
     progress: undefined,
     result: undefined,
   };
-}
-
-function describe(error: unknown): string {
-  if (error instanceof ClientError) return `${Status[error.code]}: ${error.details}`;
-  return (error as Error).message;
 }

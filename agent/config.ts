@@ -18,7 +18,8 @@ import { type KernelCmdline, type KernelCmdlineKeys, kernelCmdlineSource } from 
 export const AGENT_OPTIONS = {
   controller: {
     flag: 'controller',
-    description: 'controller gRPC address(es), comma-separated host:port; tried in turn on connection errors',
+    description:
+      'controller gRPC address(es), comma-separated host:port; the agent starts at a random one and moves to the next on connection errors',
     defaultValue: '127.0.0.1:7350',
     parse: hostPortList,
   },

@@ -20,7 +20,7 @@ export function isConnectionError(error: unknown): boolean {
  */
 export class ControllerLink {
   private readonly channels = new Map<string, { channel: Channel; gateway: GatewayClient }>();
-  private index = 0;
+  private index: number;
 
   constructor(
     private readonly addresses: readonly string[],
@@ -28,7 +28,10 @@ export class ControllerLink {
     private readonly logger: Logger,
     /** Extra channel options; grpc-js shares one connection between channels whose options are equal. */
     private readonly extraChannelOptions: Record<string, string | number> = {},
-  ) {}
+  ) {
+    // A fleet booted with the same list spreads over the controllers instead of all landing on the first.
+    this.index = Math.floor(Math.random() * addresses.length);
+  }
 
   get address(): string {
     return this.addresses[this.index] as string;

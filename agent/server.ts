@@ -1,6 +1,7 @@
 import { timingSafeEqual } from 'node:crypto';
 import { type CallContext, createServer, type Server, type ServerMiddleware } from 'nice-grpc';
 import { HealthDefinition, HealthServiceImpl, HealthState } from 'nice-grpc-server-health';
+import { agentApiToken } from '../common/agent-credentials.js';
 import { bearerToken } from '../common/agent-metadata.js';
 import { errorMappingMiddleware, notFound, unauthenticated, unavailable } from '../common/errors.js';
 import { serverChannelOptions } from '../common/grpc-options.js';
@@ -24,19 +25,22 @@ function tokensEqual(expected: string, presented: string): boolean {
 }
 
 /**
- * Every call to the agent must carry the node's current agent token: the
- * provisioning network is shared, and only the controller that handed the
- * token out may drive this machine. Health checks stay open.
+ * Every call to the agent must carry the API credential derived from the
+ * node's current agent token: the provisioning network is shared, and only
+ * the controllers that handed the token out may drive this machine (any of
+ * them: the derived credential is stored with the node, so whichever
+ * controller owns the node can call). Health checks stay open.
  */
 function agentTokenMiddleware(deps: AgentServerDeps): ServerMiddleware {
   return async function* checkToken(call, context: CallContext) {
     if (call.method.path.startsWith('/grpc.health.v1.Health/')) return yield* call.next(call.request, context);
-    const expected = deps.currentToken();
-    if (expected === undefined) throw unavailable('the agent has not looked up its node yet; retry shortly');
+    const token = deps.currentToken();
+    if (token === undefined) throw unavailable('the agent has not looked up its node yet; retry shortly');
+    const expected = agentApiToken(token);
     const presented = bearerToken(context.metadata);
     if (presented === '' || !tokensEqual(expected, presented)) {
       deps.logger.warn({ peer: context.peer, method: call.method.path }, 'call refused: wrong or missing agent token');
-      throw unauthenticated("this call needs the node's current agent token ('authorization: Bearer <token>')");
+      throw unauthenticated("this call needs the node's current agent API credential ('authorization: Bearer <credential>')");
     }
     return yield* call.next(call.request, context);
   };

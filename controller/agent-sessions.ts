@@ -1,11 +1,14 @@
 import { Status } from 'nice-grpc-common';
 import { MetalcastError } from '../common/errors.js';
+import { hashAgentToken } from './tokens.js';
 
 interface Session {
   id: number;
   peer: string;
   /** The agent token the stream authenticated with, kept in memory only: the controller presents it when it calls the agent. */
   token: string;
+  /** Its hash, to notice cheaply when the stored token changed under the stream. */
+  tokenHash: string;
   /** host:port of the agent's API, from its latest heartbeat. */
   agentAddress: string;
   /** Aborting ends the heartbeat stream with the reason's status. */
@@ -34,7 +37,7 @@ export class AgentSessions {
     const previous = this.sessions.get(nodeUuid);
     previous?.abort(new MetalcastError(Status.ABORTED, 'a newer heartbeat stream for this node replaced this one'));
     const id = this.nextId++;
-    this.sessions.set(nodeUuid, { id, peer, token, agentAddress: '', abort });
+    this.sessions.set(nodeUuid, { id, peer, token, tokenHash: hashAgentToken(token), agentAddress: '', abort });
     this.closedAt.delete(nodeUuid);
     if (this.refusing) abort(this.refusing);
     return id;
@@ -61,6 +64,16 @@ export class AgentSessions {
   agentEndpoint(nodeUuid: string): { address: string; token: string } | undefined {
     const session = this.sessions.get(nodeUuid);
     return session && session.agentAddress !== '' ? { address: session.agentAddress, token: session.token } : undefined;
+  }
+
+  /**
+   * True when a stream is open here with a token that is no longer the
+   * node's: another controller replaced or wiped it, and could not end this
+   * stream itself.
+   */
+  holdsStaleToken(nodeUuid: string, currentHash: string | null): boolean {
+    const session = this.sessions.get(nodeUuid);
+    return session !== undefined && session.tokenHash !== currentHash;
   }
 
   isOpen(nodeUuid: string): boolean {

@@ -44,14 +44,17 @@ export const CONTROLLER_OPTIONS = {
   },
   database: {
     flag: 'database',
-    description: 'database URL: sqlite:PATH (default: sqlite:<data-dir>/metalcast.db)',
+    description:
+      'database URL: sqlite:PATH (one controller; default: sqlite:<data-dir>/metalcast.db) or postgres://user:password@host:port/db (several controllers share it; ?options=-c%20search_path%3DSCHEMA selects a schema)',
     defaultValue: '',
-    parse: (raw: string) => {
-      if (raw === '') return '';
-      if (!raw.startsWith('sqlite:')) throw new Error(`'${raw}' is not supported; use sqlite:PATH`);
-      if (raw.length === 'sqlite:'.length) throw new Error('sqlite: needs a file path, for example sqlite:/var/lib/metalcast/metalcast.db');
-      return raw;
-    },
+    parse: parseDatabaseUrl,
+  },
+  advertiseAddress: {
+    flag: 'advertise-address',
+    description:
+      'host:port other controllers reach this one at (default: the --listen address, with this host name when it listens on every interface)',
+    defaultValue: '',
+    parse: (raw: string) => (raw === '' ? '' : hostPort(raw)),
   },
   controllerId: {
     flag: 'controller-id',
@@ -59,6 +62,18 @@ export const CONTROLLER_OPTIONS = {
     defaultValue: hostname(),
     parse: nonEmpty,
   },
+  controllerTouchInterval: durationSpec(
+    'controller-touch-interval',
+    'how often this controller marks itself alive in the database and re-reads the other controllers',
+    '10s',
+    100,
+  ),
+  controllerDeadAfter: durationSpec(
+    'controller-dead-after',
+    'a controller not seen for this long is dead: the others release its locks and take its share of the nodes',
+    '60s',
+    300,
+  ),
   heartbeatTimeout: durationSpec(
     'heartbeat-timeout',
     'an agent silent for this long is given up on and its node operation fails',
@@ -189,9 +204,29 @@ export const CONTROLLER_OPTIONS = {
 
 type RawControllerConfig = ConfigOf<typeof CONTROLLER_OPTIONS>;
 
+/** sqlite:PATH or a PostgreSQL URL; '' means the default SQLite file. */
+function parseDatabaseUrl(raw: string): string {
+  if (raw === '') return '';
+  if (raw.startsWith('postgres://') || raw.startsWith('postgresql://')) {
+    try {
+      new URL(raw);
+    } catch {
+      throw new Error(
+        `'${raw.replace(/\/\/[^@/]*@/, '//***@')}' is not a valid URL; the form is postgres://user:password@host:5432/database`,
+      );
+    }
+    return raw;
+  }
+  if (!raw.startsWith('sqlite:')) {
+    throw new Error(`'${raw.replace(/\/\/[^@/]*@/, '//***@')}' is not supported; use sqlite:PATH or postgres://host:port/database`);
+  }
+  if (raw.length === 'sqlite:'.length) throw new Error('sqlite: needs a file path, for example sqlite:/var/lib/metalcast/metalcast.db');
+  return raw;
+}
+
 /** The controller's validated configuration; durations are in milliseconds. */
 export interface ControllerConfig extends Omit<RawControllerConfig, 'database' | 'startupGrace'> {
-  /** Database URL, always set (sqlite:PATH). */
+  /** Database URL, always set (sqlite:PATH or postgres://…). */
   database: string;
   /** Grace after start before the sweep fails anything. */
   startupGrace: number;
@@ -214,6 +249,11 @@ export function loadControllerConfig(flags: Record<string, unknown>, env: Record
   if (heartbeatIntervalMax >= raw.heartbeatTimeout) {
     problems.push(
       `--heartbeat-interval-max (${heartbeatIntervalMax}ms) must be shorter than --heartbeat-timeout (${raw.heartbeatTimeout}ms), or every agent would time out between heartbeats`,
+    );
+  }
+  if (raw.controllerDeadAfter < 3 * raw.controllerTouchInterval) {
+    problems.push(
+      `--controller-dead-after (${raw.controllerDeadAfter}ms) must be at least 3 x --controller-touch-interval (${raw.controllerTouchInterval}ms), or a live controller could be taken for dead between two touches`,
     );
   }
   if (problems.length > 0) {

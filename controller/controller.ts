@@ -12,7 +12,11 @@ import { serverChannelOptions } from '../common/grpc-options.js';
 import { AgentGatewayServiceDefinition } from '../gen/metalcast/v1/agent_gateway.js';
 import { ImageServiceDefinition } from '../gen/metalcast/v1/image.js';
 import { NodeServiceDefinition } from '../gen/metalcast/v1/node.js';
+import { hostname } from 'node:os';
 import { AgentClients } from './agent-client.js';
+import { AgentDirectory } from './agent-directory.js';
+import { relayNodeChanges } from './cluster/feed-relay.js';
+import { Membership } from './cluster/membership.js';
 import { AgentSessions } from './agent-sessions.js';
 import { ImageFiles } from './images/image-files.js';
 import { createImageServer } from './images/image-server.js';
@@ -51,28 +55,56 @@ export interface RunningController {
   feed: NodeFeed;
   sweep: Sweep;
   recorder: HeartbeatRecorder;
+  membership: Membership;
   /** Stops accepting, ends heartbeat streams, flushes heartbeats, closes the store. Idempotent. */
   stop(): Promise<void>;
 }
 
-export function openStore(config: ControllerConfig): Store {
-  return SqliteStore.open(config.database.slice('sqlite:'.length));
+/** Opens the store the database URL names: SQLite for one controller, PostgreSQL for several. */
+export async function openStore(config: ControllerConfig, logger: Logger): Promise<Store> {
+  if (config.database.startsWith('sqlite:')) return SqliteStore.open(config.database.slice('sqlite:'.length));
+  const { PostgresStore } = await import('./store/postgres.js');
+  return PostgresStore.open(config.database, { logger: logger.child({ component: 'postgres' }) });
+}
+
+/** What other controllers dial: the advertised address, or the listen address with a reachable host. */
+function advertisedAddress(config: ControllerConfig, port: number): string {
+  if (config.advertiseAddress !== '') return config.advertiseAddress;
+  const host = config.listen.slice(0, config.listen.lastIndexOf(':'));
+  const anyHost = ['0.0.0.0', '[::]', '::', ''].includes(host);
+  return `${anyHost ? hostname() : host}:${port}`;
 }
 
 /** Starts every part of the controller; the order of stop() is the reverse. */
 export async function startController(config: ControllerConfig, logger: Logger): Promise<RunningController> {
   const startedAt = Date.now();
-  const store = openStore(config);
-  const cleared = await store.clearReservations(config.controllerId);
-  if (cleared > 0) logger.warn({ cleared, holder: config.controllerId }, 'cleared node locks left by a previous run of this controller');
+  const store = await openStore(config, logger);
+  // A previous run of this controller (same id) may have died holding locks, maybe half-way through a step.
+  const leftovers = await store.releaseHolder(
+    config.controllerId,
+    `controller ${config.controllerId} restarted while it held the node`,
+    Date.now(),
+  );
+  if (leftovers.released > 0) {
+    logger.warn(
+      { cleared: leftovers.released, failedNodes: leftovers.failed.map((n) => n.name), holder: config.controllerId },
+      'cleared node locks left by a previous run of this controller',
+    );
+  }
 
   const imageFiles = new ImageFiles(join(config.dataDir, 'images'));
   await imageFiles.init();
 
   const registry = new Registry();
   const feed = new NodeFeed();
+  const stopRelay = relayNodeChanges(store, feed, config.controllerId, logger.child({ component: 'feed-relay' }));
   const sessions = new AgentSessions();
-  const metrics = createControllerMetrics(registry, store, () => sessions.size);
+  const metrics = createControllerMetrics(
+    registry,
+    store,
+    () => sessions.size,
+    () => membership.members.length,
+  );
   const recorder = new HeartbeatRecorder(
     store,
     metrics,
@@ -82,24 +114,48 @@ export async function startController(config: ControllerConfig, logger: Logger):
       for (const uuid of uuids) sessions.revoke(uuid, new MetalcastError(Status.NOT_FOUND, 'the node was deleted'));
     },
   );
+  const membership = new Membership(
+    store,
+    {
+      id: config.controllerId,
+      touchIntervalMs: config.controllerTouchInterval,
+      deadAfterMs: config.controllerDeadAfter,
+    },
+    logger.child({ component: 'membership' }),
+    (_dead, result) => {
+      metrics.takeovers.inc();
+      metrics.takeoverFailedNodes.inc(result.failed.length);
+      for (const node of result.failed) void store.getNode(node.uuid).then((record) => record && feed.publish({ node: record }));
+    },
+  );
   const sweep = new Sweep(
     store,
     recorder,
     metrics,
     logger.child({ component: 'sweep' }),
-    { intervalMs: config.sweepInterval, heartbeatTimeoutMs: config.heartbeatTimeout, graceUntil: startedAt + config.startupGrace },
+    {
+      intervalMs: config.sweepInterval,
+      heartbeatTimeoutMs: config.heartbeatTimeout,
+      graceUntil: startedAt + config.startupGrace,
+      share: () => membership.ranges(),
+    },
     (node) => {
       sessions.revoke(node.uuid, new MetalcastError(Status.UNAUTHENTICATED, `the node timed out and is now ${node.toState}`));
       void store.getNode(node.uuid).then((record) => record && feed.publish({ node: record }));
     },
   );
   const locks = new NodeLocks(store, config.controllerId, metrics.lockWait);
-  const provisioner = new Provisioner(store, sessions, locks, feed, logger.child({ component: 'provisioner' }));
+  const provisioner = new Provisioner(store, sessions, locks, feed, logger.child({ component: 'provisioner' }), config.controllerId);
+  // A recorded heartbeat is fresh for the longest interval an agent may wait, plus the write-behind of the recorder.
+  const freshnessMs = config.heartbeatIntervalMax + 2 * config.heartbeatFlushInterval + 1000;
+  const directory = new AgentDirectory(sessions, freshnessMs);
   const keepalive = { timeMs: config.keepaliveTime, timeoutMs: config.keepaliveTimeout };
   const agentClients = new AgentClients(keepalive, config.agentCallTimeout, logger.child({ component: 'agent-client' }));
   const conductor = new Conductor(
     store,
     sessions,
+    directory,
+    membership,
     agentClients,
     provisioner,
     locks,
@@ -113,6 +169,8 @@ export async function startController(config: ControllerConfig, logger: Logger):
       cleanMode: config.cleanMode,
       deploys: new Admission(config.maxConcurrentDeploys),
       cleans: new Admission(config.maxConcurrentCleans),
+      dueScanIntervalMs: Math.min(config.sweepInterval, config.controllerTouchInterval),
+      freshnessMs,
     },
     logger.child({ component: 'conductor' }),
   );
@@ -178,13 +236,25 @@ export async function startController(config: ControllerConfig, logger: Logger):
     );
   } catch (error) {
     await server.forceShutdown();
+    locks.close();
     await store.close();
     throw new Error(
       `cannot listen: ${(error as Error).message} (check --listen ${config.listen} and --metrics-listen ${config.metricsListen})`,
     );
   }
+  const advertise = advertisedAddress(config, grpcPort);
+  try {
+    await membership.start(advertise);
+  } catch (error) {
+    await server.forceShutdown();
+    await http.close();
+    locks.close();
+    await store.close();
+    throw new Error(`cannot register this controller in the database: ${(error as Error).message}`);
+  }
   recorder.start();
   sweep.start();
+  conductor.start();
   health.setStatus('healthy');
   const grpcAddress = `${config.listen.slice(0, config.listen.lastIndexOf(':'))}:${grpcPort}`;
 
@@ -207,6 +277,10 @@ export async function startController(config: ControllerConfig, logger: Logger):
       agentClients.closeAll();
       await sweep.stop();
       await recorder.stop();
+      // Leaving the ring last: the others take this controller's share at once.
+      await membership.stop();
+      stopRelay();
+      locks.close();
       await http?.close();
       await store.close();
       logger.info('controller stopped');
@@ -215,8 +289,15 @@ export async function startController(config: ControllerConfig, logger: Logger):
   };
 
   logger.info(
-    { grpc: grpcAddress, http: http.address, database: config.database.replace(/\/\/[^@]*@/, '//***@'), controllerId: config.controllerId },
+    {
+      grpc: grpcAddress,
+      http: http.address,
+      database: config.database.replace(/\/\/[^@/]*@/, '//***@'),
+      controllerId: config.controllerId,
+      advertise,
+      controllers: membership.members,
+    },
     'controller started',
   );
-  return { grpcAddress, httpAddress: http.address, store, imageFiles, registry, sessions, locks, feed, sweep, recorder, stop };
+  return { grpcAddress, httpAddress: http.address, store, imageFiles, registry, sessions, locks, feed, sweep, recorder, membership, stop };
 }

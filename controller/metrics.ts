@@ -8,7 +8,13 @@ import type { Store } from './store/store.js';
  * The controller's metrics, all in the one registry passed in, so that
  * tests and several controllers in one process never share counters.
  */
-export function createControllerMetrics(registry: Registry, store: Store, agentsConnected: () => number) {
+export function createControllerMetrics(
+  registry: Registry,
+  store: Store,
+  agentsConnected: () => number,
+  /** Live controllers on the ring, as this one sees them. */
+  controllersLive: () => number = () => 1,
+) {
   collectDefaultMetrics({ register: registry });
   const metrics = {
     heartbeats: new Counter({
@@ -29,6 +35,24 @@ export function createControllerMetrics(registry: Registry, store: Store, agents
       collect() {
         this.set(agentsConnected());
       },
+    }),
+    controllersLive: new Gauge({
+      name: 'metalcast_controllers_live',
+      help: 'Controllers sharing the database that this one counts alive (the members of the hash ring).',
+      registers: [registry],
+      collect() {
+        this.set(controllersLive());
+      },
+    }),
+    takeovers: new Counter({
+      name: 'metalcast_controller_takeovers_total',
+      help: 'Dead controllers whose nodes this controller took over.',
+      registers: [registry],
+    }),
+    takeoverFailedNodes: new Counter({
+      name: 'metalcast_takeover_failed_nodes_total',
+      help: 'Nodes failed at a takeover because a dead controller left them between two steps.',
+      registers: [registry],
     }),
     nodes: new Gauge({
       name: 'metalcast_nodes',

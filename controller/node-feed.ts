@@ -18,13 +18,26 @@ export interface NodeChange {
  */
 export class NodeFeed {
   private readonly emitter = new EventEmitter();
+  private relay: ((change: NodeChange) => void) | undefined;
 
   constructor() {
     this.emitter.setMaxListeners(0);
   }
 
+  /** A change made by this controller: to local watchers, and on to the other controllers. */
   publish(change: NodeChange): void {
     this.emitter.emit('change', change);
+    if (change.progress === undefined) this.relay?.(change);
+  }
+
+  /** A change another controller made (see controller/cluster/feed-relay.ts): local watchers only. */
+  publishRelayed(change: NodeChange): void {
+    this.emitter.emit('change', change);
+  }
+
+  /** Where changes made here go besides local watchers. */
+  relayTo(relay: (change: NodeChange) => void): void {
+    this.relay = relay;
   }
 
   /** Changes from now on until the signal aborts. */

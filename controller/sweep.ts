@@ -1,13 +1,15 @@
 import type { Logger } from '../common/logging.js';
 import type { ControllerMetrics } from './metrics.js';
 import type { HeartbeatRecorder } from './heartbeat-recorder.js';
-import type { Store, TimedOutNode } from './store/store.js';
+import type { HashRange, Store, TimedOutNode } from './store/store.js';
 
 export interface SweepOptions {
   intervalMs: number;
   heartbeatTimeoutMs: number;
   /** No node is failed before this time: agents reconnecting after a controller restart. */
   graceUntil: number;
+  /** This controller's share of the nodes (ring hash ranges); every node when absent. */
+  share?: () => readonly HashRange[];
 }
 
 /**
@@ -60,7 +62,12 @@ export class Sweep {
     try {
       // Heartbeats still in memory are evidence too: write them first.
       await this.recorder.flush();
-      const timedOut = await this.store.sweepTimedOut(now, now - this.options.heartbeatTimeoutMs, this.options.heartbeatTimeoutMs);
+      const timedOut = await this.store.sweepTimedOut(
+        now,
+        now - this.options.heartbeatTimeoutMs,
+        this.options.heartbeatTimeoutMs,
+        this.options.share?.(),
+      );
       for (const node of timedOut) {
         this.metrics.heartbeatTimeouts.inc({ provision_state: node.fromState });
         this.logger.warn(

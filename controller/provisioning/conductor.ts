@@ -5,7 +5,11 @@ import type { Logger } from '../../common/logging.js';
 import { type Command, CommandState, EraseMode } from '../../gen/metalcast/v1/command.js';
 import { Inventory } from '../../gen/metalcast/v1/inventory.js';
 import type { AgentClients, AgentHandle } from '../agent-client.js';
+import type { AgentDirectory } from '../agent-directory.js';
 import type { AgentSessions } from '../agent-sessions.js';
+import type { HashRange } from '../store/store.js';
+import { MetalcastError } from '../../common/errors.js';
+import { Status as GrpcStatus } from 'nice-grpc-common';
 import type { HeldLock, NodeLocks } from '../locks.js';
 import type { NodeFeed } from '../node-feed.js';
 import type { NodeRecord, Store } from '../store/store.js';
@@ -19,6 +23,11 @@ const INVENTORY_TIMEOUT_MS = 60_000;
 const WATCH_DEADLINE_MS = 10 * 60_000;
 /** Polling interval when the watch stream broke. */
 const POLL_INTERVAL_MS = 2000;
+/** A non-owner tells the owner about a due node at most this often per node. */
+const DUE_NOTICE_INTERVAL_MS = 2000;
+/** The wait states the conductor acts in, and the step each calls for. */
+const STEPS = { inspect_wait: 'inspect', deploy_wait: 'deploy', clean_wait: 'clean' } as const;
+type Step = (typeof STEPS)[keyof typeof STEPS];
 
 export interface ConductorOptions {
   holder: string;
@@ -29,6 +38,16 @@ export interface ConductorOptions {
   cleanMode: 'quick' | 'full';
   deploys: Admission;
   cleans: Admission;
+  /** How often the owner looks for due nodes whose heartbeats landed elsewhere (a safety net for lost notices). */
+  dueScanIntervalMs: number;
+  /** How recent a recorded heartbeat must be for the due scan to act on it. */
+  freshnessMs: number;
+}
+
+/** Which nodes this controller drives (the ring, controller/cluster/membership.ts). */
+export interface Ownership {
+  owns(nodeUuid: string): boolean;
+  ranges(): readonly HashRange[];
 }
 
 /** The agent went away while we followed its command: let go, a later heartbeat resumes. */
@@ -43,17 +62,30 @@ class AgentGone extends Error {
  * the next step: inspection, writing the image, or erasing the disks.
  * Heartbeats never wait for any of it.
  *
+ * With several controllers only the node's owner (by the hash ring) acts.
+ * A heartbeat that lands on another controller becomes a notice to the
+ * owner ('node_due'), and the owner also scans for due nodes now and then,
+ * in case a notice was lost or the ring moved.
+ *
  * Every command carries a request id derived from the node's current wait,
  * so a controller that restarts or loses track of a command and sends it
  * again gets the command already running instead of a second one.
  */
 export class Conductor {
   private readonly working = new Map<string, Promise<void>>();
+  /** Heartbeats whose node is being read; a burst for one node reads it once. */
+  private readonly checking = new Set<string>();
+  /** When this controller last told the owner about each due node. */
+  private readonly noticed = new Map<string, number>();
   private readonly stopping = new AbortController();
+  private unlisten: (() => void) | undefined;
+  private scanTimer: NodeJS.Timeout | undefined;
 
   constructor(
     private readonly store: Store,
     private readonly sessions: AgentSessions,
+    private readonly directory: AgentDirectory,
+    private readonly ownership: Ownership,
     private readonly agents: AgentClients,
     private readonly provisioner: Provisioner,
     private readonly locks: NodeLocks,
@@ -62,10 +94,67 @@ export class Conductor {
     private readonly logger: Logger,
   ) {}
 
-  /** Called for every heartbeat; returns at once. */
+  /** Listens for notices from other controllers and starts the due scan. */
+  start(): void {
+    this.unlisten = this.store.listen('node_due', (uuid) => {
+      if (this.ownership.owns(uuid)) this.dispatch(uuid);
+    });
+    this.scanTimer = setInterval(() => void this.scanDue(), this.options.dueScanIntervalMs);
+    this.scanTimer.unref();
+  }
+
+  /** Called for every heartbeat this controller receives; returns at once. */
   onHeartbeat(nodeUuid: string): void {
+    if (this.stopping.signal.aborted || this.checking.has(nodeUuid) || this.working.has(nodeUuid)) return;
+    this.checking.add(nodeUuid);
+    this.store
+      .getNode(nodeUuid)
+      .then((node) => node && this.consider(node))
+      .catch((error: unknown) => {
+        if (!this.stopping.signal.aborted) this.logger.error({ err: error, node: nodeUuid }, 'acting on a heartbeat failed');
+      })
+      .finally(() => this.checking.delete(nodeUuid));
+  }
+
+  /** Stops following agents (they carry on; another controller or a restarted one picks them up) and releases the locks. */
+  async stop(): Promise<void> {
+    this.stopping.abort();
+    this.unlisten?.();
+    clearInterval(this.scanTimer);
+    await Promise.allSettled(this.working.values());
+  }
+
+  /** What a heartbeat means for its node, as the node is now. */
+  private async consider(node: NodeRecord): Promise<void> {
+    // Another controller may have replaced or wiped the token; only it could end streams it held itself.
+    if (this.sessions.holdsStaleToken(node.uuid, node.agentTokenHash)) {
+      this.sessions.revoke(
+        node.uuid,
+        new MetalcastError(
+          GrpcStatus.UNAUTHENTICATED,
+          node.agentTokenHash === null
+            ? `the node is now ${node.provisionState.replaceAll('_', ' ')}; the agent token is no longer valid`
+            : 'the agent token was replaced by a newer lookup; look up again',
+        ),
+      );
+      return;
+    }
+    if (node.maintenance || !(node.provisionState in STEPS)) return;
+    if (this.ownership.owns(node.uuid)) {
+      this.dispatch(node.uuid, node);
+      return;
+    }
+    const now = Date.now();
+    if (now - (this.noticed.get(node.uuid) ?? 0) < DUE_NOTICE_INTERVAL_MS) return;
+    this.noticed.set(node.uuid, now);
+    if (this.noticed.size > 10_000) this.noticed.clear();
+    await this.store.notify('node_due', node.uuid);
+  }
+
+  /** Starts the node's next step in the background unless one is under way here; `seen` saves a read when the caller has the node. */
+  private dispatch(nodeUuid: string, seen?: NodeRecord): void {
     if (this.stopping.signal.aborted || this.working.has(nodeUuid)) return;
-    const work = this.advance(nodeUuid)
+    const work = this.advance(nodeUuid, seen)
       .catch((error: unknown) => {
         if (!this.stopping.signal.aborted) this.logger.error({ err: error, node: nodeUuid }, 'acting on a heartbeat failed');
       })
@@ -73,20 +162,26 @@ export class Conductor {
     this.working.set(nodeUuid, work);
   }
 
-  /** Stops following agents (they carry on; a restarted controller picks them up) and releases the locks. */
-  async stop(): Promise<void> {
-    this.stopping.abort();
-    await Promise.allSettled(this.working.values());
+  /** The owner's safety net: due nodes in its share heard from recently, whatever controller heard them. */
+  private async scanDue(): Promise<void> {
+    if (this.stopping.signal.aborted) return;
+    try {
+      const due = await this.store.listDueNodes(
+        Object.keys(STEPS) as (keyof typeof STEPS)[],
+        Date.now() - this.options.freshnessMs,
+        this.ownership.ranges(),
+        500,
+      );
+      for (const uuid of due) this.dispatch(uuid);
+    } catch (error) {
+      this.logger.error({ err: error }, 'looking for due nodes failed; will try again');
+    }
   }
 
-  private async advance(nodeUuid: string): Promise<void> {
-    const seen = await this.store.getNode(nodeUuid);
+  private async advance(nodeUuid: string, known?: NodeRecord): Promise<void> {
+    const seen = known ?? (await this.store.getNode(nodeUuid));
     if (!seen || seen.maintenance) return;
-    const step = { inspect_wait: 'inspect', deploy_wait: 'deploy', clean_wait: 'clean' }[seen.provisionState as string] as
-      | 'inspect'
-      | 'deploy'
-      | 'clean'
-      | undefined;
+    const step: Step | undefined = STEPS[seen.provisionState as keyof typeof STEPS];
     if (!step) return;
     const signal = this.stopping.signal;
     const admission = step === 'deploy' ? this.options.deploys : step === 'clean' ? this.options.cleans : undefined;
@@ -96,13 +191,34 @@ export class Conductor {
       lock = await this.locks.lockPatiently(nodeUuid, step, signal);
       // The node may have moved while we waited: act on what it is now.
       const node = await this.store.getNode(nodeUuid);
-      const endpoint = this.sessions.agentEndpoint(nodeUuid);
-      if (!node || node.maintenance || node.provisionState !== seen.provisionState || !endpoint) return;
+      if (!node || node.maintenance || node.provisionState !== seen.provisionState) return;
+      const endpoint = this.directory.endpoint(node);
+      if (!endpoint || !this.directory.isAlive(node)) return;
       const agent = this.agents.handle(node.uuid, endpoint.address, endpoint.token);
       const log = this.logger.child({ node: node.uuid, nodeName: node.name, agent: endpoint.address, step });
-      if (step === 'inspect') await this.inspect(node, agent, log);
-      else if (step === 'deploy') await this.deploy(node, agent, log);
-      else await this.clean(node, agent, log);
+      // The history shows who drove each step, so that overlaps between controllers would be visible.
+      await this.store.addEvent(node.uuid, {
+        kind: 'step_started',
+        message: `${step} driven by ${this.options.holder}`,
+        actor: this.options.holder,
+        fromState: node.provisionState,
+        toState: null,
+      });
+      try {
+        if (step === 'inspect') await this.inspect(node, agent, log);
+        else if (step === 'deploy') await this.deploy(node, agent, log);
+        else await this.clean(node, agent, log);
+      } finally {
+        await this.store
+          .addEvent(node.uuid, {
+            kind: 'step_ended',
+            message: `${step} by ${this.options.holder} ended`,
+            actor: this.options.holder,
+            fromState: null,
+            toState: null,
+          })
+          .catch(() => {});
+      }
     } catch (error) {
       if (error instanceof AgentGone) {
         this.logger.warn(
@@ -127,7 +243,7 @@ export class Conductor {
       if (!response.inventory) throw new Error('the agent returned no inventory');
       inventory = response.inventory;
     } catch (error) {
-      this.rethrowIfGone(node, error);
+      await this.rethrowIfGone(node, error);
       await this.fail(
         node,
         'inspect_wait',
@@ -154,7 +270,7 @@ export class Conductor {
       'inspect_wait',
       'manageable',
       null,
-      'controller',
+      this.options.holder,
       `inspection found ${inventory.disks.length} disks, ${inventory.interfaces.length} NICs, ${inventory.cpu?.count ?? 0} CPUs`,
       '',
       { inventoryJson: JSON.stringify(Inventory.toJSON(inventory)) },
@@ -177,7 +293,7 @@ export class Conductor {
       );
       devicePath = pickDisk(inventory?.disks ?? [], spec.target, image.sizeBytes).devicePath;
     } catch (error) {
-      this.rethrowIfGone(node, error);
+      await this.rethrowIfGone(node, error);
       await this.fail(node, 'deploy_wait', 'deploy_failed', `deploy failed: ${describe(error)}`, log);
       return;
     }
@@ -223,7 +339,7 @@ export class Conductor {
       'deploy_wait',
       'deploying',
       'active',
-      'controller',
+      this.options.holder,
       `image written to ${devicePath}`,
     );
     await this.provisioner.move(
@@ -231,7 +347,7 @@ export class Conductor {
       'deploying',
       'active',
       null,
-      'controller',
+      this.options.holder,
       `deployed ${image.name} to ${devicePath}: ${written?.writtenBytes ?? image.sizeBytes} bytes, sha256 ${image.sha256.slice(0, 12)}…, ${written?.resumes ?? 0} resumes; final power: ${this.options.finalPower}`,
       '',
     );
@@ -255,10 +371,12 @@ export class Conductor {
       'clean_wait',
       'cleaning',
       'available',
-      'controller',
+      this.options.holder,
       `${this.options.cleanMode} erase of ${erased.join(', ')}`,
     );
-    await this.provisioner.move(cleaning, 'cleaning', 'available', null, 'controller', 'cleaning finished', '', { deployJson: null });
+    await this.provisioner.move(cleaning, 'cleaning', 'available', null, this.options.holder, 'cleaning finished', '', {
+      deployJson: null,
+    });
     log.info({ erased }, 'cleaning finished');
   }
 
@@ -279,7 +397,7 @@ export class Conductor {
     try {
       started = (await agent.client.runCommand({ requestId, parameters: { command } }, { ...agent.auth, signal })).command;
     } catch (error) {
-      this.rethrowIfGone(node, error);
+      await this.rethrowIfGone(node, error);
       return failedCommand(`the agent refused the command: ${describe(error)}`);
     }
     if (!started) return failedCommand('the agent returned no command');
@@ -303,27 +421,33 @@ export class Conductor {
       }
       // Poll until it ends, the agent goes, or it is time to try watching again.
       for (let polls = 0; polls < 15; polls++) {
-        if (!this.sessions.isOpen(node.uuid)) throw new AgentGone('the agent heartbeat stream closed');
+        await this.throwIfGone(node, 'the agent stopped heartbeating');
         try {
           const { command: current } = await agent.client.getCommand({ id: started.id }, { ...agent.auth, signal, deadline: 10_000 });
           if (current && current.state !== CommandState.COMMAND_STATE_RUNNING) return current;
           if (current?.progress) this.feed.publish({ node, progress: current.progress });
         } catch (error) {
           signal.throwIfAborted();
-          this.rethrowIfGone(node, error);
+          await this.rethrowIfGone(node, error);
         }
         await sleep(POLL_INTERVAL_MS, undefined, { signal });
       }
     }
   }
 
-  /** Transport failures with the agent's stream gone mean "agent gone", not "step failed". */
-  private rethrowIfGone(node: NodeRecord, error: unknown): void {
+  /** Transport failures with the agent's heartbeats gone mean "agent gone", not "step failed". */
+  private async rethrowIfGone(node: NodeRecord, error: unknown): Promise<void> {
     if (this.stopping.signal.aborted) throw error;
     const transport =
       error instanceof ClientError &&
       [Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.CANCELLED, Status.UNAUTHENTICATED].includes(error.code);
-    if (transport && !this.sessions.isOpen(node.uuid)) throw new AgentGone(describe(error));
+    if (transport) await this.throwIfGone(node, describe(error));
+  }
+
+  /** AgentGone when no controller hears the node's agent any more. */
+  private async throwIfGone(node: NodeRecord, reason: string): Promise<void> {
+    const current = await this.store.getNode(node.uuid);
+    if (!current || !this.directory.isAlive(current)) throw new AgentGone(reason);
   }
 
   private async fail(
@@ -334,7 +458,7 @@ export class Conductor {
     log: Logger,
   ): Promise<void> {
     log.warn({ reason }, `${to.replace('_', ' ')}`);
-    await this.provisioner.move(node, from, to, null, 'controller', reason, reason);
+    await this.provisioner.move(node, from, to, null, this.options.holder, reason, reason);
   }
 }
 

@@ -31,6 +31,8 @@ export class Provisioner {
     private readonly locks: NodeLocks,
     private readonly feed: NodeFeed,
     private readonly logger: Logger,
+    /** This controller's lock holder name: every move is fenced on it, and it is the actor of steps the controller takes itself. */
+    private readonly holder: string,
   ) {}
 
   async runAction(node: NodeRecord, action: ProvisionAction, actor: string, deploy?: DeploySpecRecord): Promise<NodeRecord> {
@@ -57,22 +59,22 @@ export class Provisioner {
         case 'inspect': {
           const inspecting = await this.move(node, node.provisionState, 'inspecting', 'manageable', actor, action, '');
           // Nothing to prepare before the agent boots (power control is a later driver): wait for it.
-          return await this.move(inspecting, 'inspecting', 'inspect_wait', 'manageable', 'controller', action);
+          return await this.move(inspecting, 'inspecting', 'inspect_wait', 'manageable', this.holder, action);
         }
         case 'provide': {
           const cleaning = await this.move(node, node.provisionState, 'cleaning', 'available', actor, action, '');
-          return await this.move(cleaning, 'cleaning', 'clean_wait', 'available', 'controller', action);
+          return await this.move(cleaning, 'cleaning', 'clean_wait', 'available', this.holder, action);
         }
         case 'deploy': {
           const deploying = await this.move(node, 'available', 'deploying', 'active', actor, `deploy of ${deploy?.image}`, '', {
             deployJson: JSON.stringify(deploy),
           });
-          return await this.move(deploying, 'deploying', 'deploy_wait', 'active', 'controller', 'deploy');
+          return await this.move(deploying, 'deploying', 'deploy_wait', 'active', this.holder, 'deploy');
         }
         case 'undeploy': {
           const deleting = await this.move(node, node.provisionState, 'deleting', 'available', actor, action, '');
-          const cleaning = await this.move(deleting, 'deleting', 'cleaning', 'available', 'controller', action);
-          return await this.move(cleaning, 'cleaning', 'clean_wait', 'available', 'controller', action);
+          const cleaning = await this.move(deleting, 'deleting', 'cleaning', 'available', this.holder, action);
+          return await this.move(cleaning, 'cleaning', 'clean_wait', 'available', this.holder, action);
         }
         case 'abort':
           return await this.move(
@@ -109,7 +111,11 @@ export class Provisioner {
     }
   }
 
-  /** One compare-and-set transition with its event; ABORTED if the node moved meanwhile. */
+  /**
+   * One compare-and-set transition with its event, made only while this
+   * controller holds the node's lock (every caller does); ABORTED if the
+   * node moved meanwhile or the lock was taken from us.
+   */
   async move(
     node: NodeRecord,
     from: ProvisionState,
@@ -128,11 +134,23 @@ export class Provisioner {
       fromState: from,
       toState: to,
     };
-    const updated = await this.store.transition(node.uuid, { ...also, from: [from], to, target, lastError, keepAgentToken, event });
+    const updated = await this.store.transition(node.uuid, {
+      ...also,
+      from: [from],
+      to,
+      target,
+      lastError,
+      keepAgentToken,
+      event,
+      holder: this.holder,
+    });
     if (!updated) {
+      const now = await this.store.getNode(node.uuid);
       throw new MetalcastError(
         Status.ABORTED,
-        `node '${node.name}' changed state while ${reason} was starting; look at it again and retry`,
+        now && now.provisionState === from && now.reservation !== this.holder
+          ? `node '${node.name}' is no longer locked by this controller (${this.holder}), which was taken for dead; another controller drives it now`
+          : `node '${node.name}' changed state while ${reason} was starting; look at it again and retry`,
       );
     }
     if (!keepAgentToken) {

@@ -33,6 +33,19 @@ export const WAIT_STATE_FAILURES = {
 export type WaitState = keyof typeof WAIT_STATE_FAILURES;
 export const WAIT_STATES = Object.keys(WAIT_STATE_FAILURES) as WaitState[];
 
+/**
+ * Working states a controller passes through while it holds the node's
+ * lock, each with the failed state a node left in it by a controller that
+ * died is moved to (a crash between two steps of an action).
+ */
+export const ACTIVE_STATE_FAILURES = {
+  inspecting: 'inspect_failed',
+  cleaning: 'clean_failed',
+  deploying: 'deploy_failed',
+  deleting: 'clean_failed',
+} as const satisfies Partial<Record<ProvisionState, ProvisionState>>;
+export type ActiveState = keyof typeof ACTIVE_STATE_FAILURES;
+
 /** States in which an agent is expected: lookups succeed only here. */
 export const AGENT_STATES: readonly ProvisionState[] = ['inspecting', 'inspect_wait', 'cleaning', 'clean_wait', 'deploying', 'deploy_wait'];
 

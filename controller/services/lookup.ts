@@ -7,6 +7,7 @@ import type { AgentSessions } from '../agent-sessions.js';
 import type { ControllerMetrics } from '../metrics.js';
 import { isAgentState } from '../provisioning/states.js';
 import type { Store } from '../store/store.js';
+import { agentApiToken } from '../../common/agent-credentials.js';
 import { generateAgentToken, hashAgentToken } from '../tokens.js';
 import { Status } from 'nice-grpc-common';
 import { MetalcastError } from '../../common/errors.js';
@@ -71,7 +72,7 @@ export function createLookupHandler(deps: LookupDeps) {
     }
 
     const token = generateAgentToken();
-    await store.setAgentToken(node.uuid, hashAgentToken(token));
+    await store.setAgentToken(node.uuid, hashAgentToken(token), agentApiToken(token));
     // A stream still bound to the old token must not outlive it.
     sessions.revoke(node.uuid, new MetalcastError(Status.UNAUTHENTICATED, 'the agent token was replaced by a newer lookup; look up again'));
     metrics.lookups.inc({ result: 'found' });

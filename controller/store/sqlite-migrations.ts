@@ -70,4 +70,29 @@ export const SQLITE_MIGRATIONS: readonly { version: number; description: string;
       CREATE INDEX images_sha256 ON images (sha256);
     `,
   },
+  {
+    version: 3,
+    description: 'several controllers: ring hash, agent API credential, lock queue, controller registry',
+    sql: `
+      -- Filled in by the code right after this migration (SQLite has no sha256 in SQL).
+      ALTER TABLE nodes ADD COLUMN ring_hash INTEGER;
+      ALTER TABLE nodes ADD COLUMN agent_api_token TEXT;
+      CREATE INDEX nodes_ring_hash ON nodes (ring_hash);
+      CREATE TABLE node_lock_waiters (
+        ticket INTEGER PRIMARY KEY AUTOINCREMENT,
+        node_uuid TEXT NOT NULL REFERENCES nodes (uuid) ON DELETE CASCADE,
+        holder TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+      );
+      CREATE INDEX node_lock_waiters_node ON node_lock_waiters (node_uuid, ticket);
+      CREATE INDEX node_lock_waiters_holder ON node_lock_waiters (holder);
+      CREATE TABLE controllers (
+        id TEXT PRIMARY KEY,
+        address TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        last_seen_at INTEGER NOT NULL
+      );
+    `,
+  },
 ];

@@ -4,10 +4,14 @@ import { dirname } from 'node:path';
 import { DatabaseSync, type SQLInputValue, type StatementSync } from 'node:sqlite';
 import { Status } from 'nice-grpc-common';
 import { MetalcastError } from '../../common/errors.js';
-import { PROVISION_STATES, type ProvisionState, WAIT_STATE_FAILURES, WAIT_STATES } from '../provisioning/states.js';
+import { EventEmitter } from 'node:events';
+import { ringHash } from '../cluster/hash-ring.js';
+import { ACTIVE_STATE_FAILURES, PROVISION_STATES, type ProvisionState, WAIT_STATE_FAILURES, WAIT_STATES } from '../provisioning/states.js';
 import { SQLITE_MIGRATIONS } from './sqlite-migrations.js';
 import type {
+  ControllerRecord,
   EpochMs,
+  HashRange,
   HeartbeatRecord,
   ImageRecord,
   ImageState,
@@ -17,6 +21,8 @@ import type {
   NodeEventRecord,
   NodeRecord,
   Store,
+  StoreChannel,
+  TakeoverResult,
   TimedOutNode,
   Transition,
 } from './store.js';
@@ -31,6 +37,12 @@ type Row = Record<string, SQLInputValue>;
 export class SqliteStore implements Store {
   private readonly db: DatabaseSync;
   private readonly statements = new Map<string, StatementSync>();
+  /**
+   * Notifications reach only this process: SQLite is the single-controller
+   * store. Several processes on one file still work, because every waiter
+   * also re-checks on a timer.
+   */
+  private readonly notifications = new EventEmitter().setMaxListeners(0);
 
   private constructor(path: string) {
     if (path !== ':memory:') mkdirSync(dirname(path), { recursive: true });
@@ -65,6 +77,10 @@ export class SqliteStore implements Store {
           .prepare('INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)')
           .run(migration.version, migration.description, Date.now());
       }
+      // Version 3 added the ring hash; rows from before it get theirs here.
+      const unhashed = this.db.prepare('SELECT uuid FROM nodes WHERE ring_hash IS NULL').all() as { uuid: string }[];
+      const setHash = this.db.prepare('UPDATE nodes SET ring_hash = ? WHERE uuid = ?');
+      for (const { uuid } of unhashed) setHash.run(ringHash(uuid), uuid);
     });
   }
 
@@ -137,9 +153,9 @@ export class SqliteStore implements Store {
       const uuid = randomUUID();
       const now = Date.now();
       this.stmt(
-        `INSERT INTO nodes (uuid, name, provision_state, properties, created_at, updated_at, provision_updated_at)
-         VALUES (?, ?, 'enroll', ?, ?, ?, ?)`,
-      ).run(uuid, node.name, JSON.stringify(node.properties), now, now, now);
+        `INSERT INTO nodes (uuid, name, provision_state, properties, ring_hash, created_at, updated_at, provision_updated_at)
+         VALUES (?, ?, 'enroll', ?, ?, ?, ?, ?)`,
+      ).run(uuid, node.name, JSON.stringify(node.properties), ringHash(uuid), now, now, now);
       for (const mac of node.macAddresses) this.stmt('INSERT INTO ports (mac_address, node_uuid) VALUES (?, ?)').run(mac, uuid);
       this.insertEvent(uuid, event, now);
       return this.requireNode(uuid);
@@ -249,7 +265,7 @@ export class SqliteStore implements Store {
         sets.push('last_error = ?');
         params.push(t.lastError);
       }
-      if (!t.keepAgentToken) sets.push('agent_token_hash = NULL');
+      if (!t.keepAgentToken) sets.push('agent_token_hash = NULL', 'agent_api_token = NULL');
       if (t.deployJson !== undefined) {
         sets.push('deploy = ?');
         params.push(t.deployJson);
@@ -258,22 +274,23 @@ export class SqliteStore implements Store {
         sets.push('inventory = ?');
         params.push(t.inventoryJson);
       }
+      const fence = t.holder === undefined ? '' : ' AND reservation = ?';
       const changes = this.db
-        .prepare(`UPDATE nodes SET ${sets.join(', ')} WHERE uuid = ? AND provision_state IN (${t.from.map(() => '?').join(',')})`)
-        .run(...params, uuid, ...t.from).changes;
+        .prepare(`UPDATE nodes SET ${sets.join(', ')} WHERE uuid = ? AND provision_state IN (${t.from.map(() => '?').join(',')})${fence}`)
+        .run(...params, uuid, ...t.from, ...(t.holder === undefined ? [] : [t.holder])).changes;
       if (Number(changes) === 0) return undefined;
       this.insertEvent(uuid, t.event, now);
       return this.requireNode(uuid);
     });
   }
 
-  async setAgentToken(uuid: string, tokenHash: string | null): Promise<void> {
+  async setAgentToken(uuid: string, tokenHash: string | null, apiToken: string | null): Promise<void> {
     const now = Date.now();
     this.stmt(
-      `UPDATE nodes SET agent_token_hash = ?, updated_at = ?,
+      `UPDATE nodes SET agent_token_hash = ?, agent_api_token = ?, updated_at = ?,
          liveness_at = CASE WHEN liveness_at IS NULL THEN NULL ELSE MAX(liveness_at, ?) END
        WHERE uuid = ?`,
-    ).run(tokenHash, now, now, uuid);
+    ).run(tokenHash, tokenHash === null ? null : apiToken, now, now, uuid);
   }
 
   async recordHeartbeats(batch: readonly HeartbeatRecord[]): Promise<string[]> {
@@ -294,7 +311,9 @@ export class SqliteStore implements Store {
     return missing;
   }
 
-  async sweepTimedOut(now: EpochMs, cutoff: EpochMs, timeoutMs: number): Promise<TimedOutNode[]> {
+  async sweepTimedOut(now: EpochMs, cutoff: EpochMs, timeoutMs: number, ranges?: readonly HashRange[]): Promise<TimedOutNode[]> {
+    if (ranges?.length === 0) return [];
+    const share = ranges === undefined ? { sql: '', params: [] } : rangeFilter(ranges);
     const failures = Object.entries(WAIT_STATE_FAILURES)
       .map(([wait, failed]) => `WHEN '${wait}' THEN '${failed}'`)
       .join(' ');
@@ -309,13 +328,14 @@ export class SqliteStore implements Store {
            provision_state = CASE provision_state ${failures} END,
            target_provision_state = NULL,
            agent_token_hash = NULL,
+           agent_api_token = NULL,
            last_error = CASE WHEN last_heartbeat_at IS NULL
              THEN 'no heartbeat from the agent since the node entered ' || replace(provision_state, '_', ' ') || ' ' || CAST((? - liveness_at) / 1000 AS INTEGER) || 's ago (timeout ' || CAST(? AS INTEGER) || 's)'
              ELSE 'no heartbeat from the agent for ' || CAST((? - liveness_at) / 1000 AS INTEGER) || 's (timeout ' || CAST(? AS INTEGER) || 's)' END,
            updated_at = ?, provision_updated_at = ?
-         WHERE provision_state IN (${waitList}) AND liveness_at < ? AND reservation IS NULL AND maintenance = 0
+         WHERE provision_state IN (${waitList}) AND liveness_at < ? AND reservation IS NULL AND maintenance = 0${share.sql}
          RETURNING uuid, name, provision_state, last_error`,
-      ).all(now, timeoutS, now, timeoutS, now, now, cutoff) as {
+      ).all(now, timeoutS, now, timeoutS, now, now, cutoff, ...share.params) as {
         uuid: string;
         name: string;
         provision_state: ProvisionState;
@@ -335,6 +355,23 @@ export class SqliteStore implements Store {
         return { uuid: row.uuid, name: row.name, fromState, toState: row.provision_state, lastError: row.last_error };
       });
     });
+  }
+
+  async listDueNodes(
+    states: readonly ProvisionState[],
+    heardSince: EpochMs,
+    ranges: readonly HashRange[],
+    limit: number,
+  ): Promise<string[]> {
+    if (states.length === 0 || ranges.length === 0) return [];
+    const share = rangeFilter(ranges);
+    const rows = this.stmt(
+      `SELECT uuid FROM nodes
+       WHERE provision_state IN (${states.map(() => '?').join(',')}) AND reservation IS NULL AND maintenance = 0
+         AND last_heartbeat_at >= ?${share.sql}
+       ORDER BY last_heartbeat_at LIMIT ?`,
+    ).all(...states, heardSince, ...share.params, limit) as { uuid: string }[];
+    return rows.map((r) => r.uuid);
   }
 
   async countByProvisionState(): Promise<Map<ProvisionState, number>> {
@@ -370,12 +407,45 @@ export class SqliteStore implements Store {
   }
 
   async tryLock(uuid: string, holder: string, operation: string): Promise<boolean> {
-    const { changes } = this.stmt('UPDATE nodes SET reservation = ?, reservation_operation = ? WHERE uuid = ? AND reservation IS NULL').run(
-      holder,
-      operation,
-      uuid,
-    );
+    // A queued patient waiter goes first: short holders must not starve a hand-off.
+    const { changes } = this.stmt(
+      `UPDATE nodes SET reservation = ?, reservation_operation = ?
+       WHERE uuid = ? AND reservation IS NULL AND NOT EXISTS (SELECT 1 FROM node_lock_waiters WHERE node_uuid = ?)`,
+    ).run(holder, operation, uuid, uuid);
     return Number(changes) === 1;
+  }
+
+  async enqueueLockWaiter(uuid: string, holder: string, operation: string): Promise<number> {
+    try {
+      const { lastInsertRowid } = this.stmt(
+        'INSERT INTO node_lock_waiters (node_uuid, holder, operation, created_at) VALUES (?, ?, ?, ?)',
+      ).run(uuid, holder, operation, Date.now());
+      return Number(lastInsertRowid);
+    } catch (error) {
+      if ((error as { code?: string }).code === 'ERR_SQLITE_ERROR' && /FOREIGN KEY/.test((error as Error).message)) {
+        throw new MetalcastError(Status.NOT_FOUND, `node ${uuid} no longer exists`);
+      }
+      throw error;
+    }
+  }
+
+  async tryLockWithTicket(uuid: string, ticket: number): Promise<boolean> {
+    return this.inTransaction(() => {
+      const first = this.stmt('SELECT ticket, holder, operation FROM node_lock_waiters WHERE node_uuid = ? ORDER BY ticket LIMIT 1').get(
+        uuid,
+      ) as { ticket: number; holder: string; operation: string } | undefined;
+      if (first?.ticket !== ticket) return false;
+      const { changes } = this.stmt(
+        'UPDATE nodes SET reservation = ?, reservation_operation = ? WHERE uuid = ? AND reservation IS NULL',
+      ).run(first.holder, first.operation, uuid);
+      if (Number(changes) === 0) return false;
+      this.stmt('DELETE FROM node_lock_waiters WHERE ticket = ?').run(ticket);
+      return true;
+    });
+  }
+
+  async dequeueLockWaiter(ticket: number): Promise<void> {
+    this.stmt('DELETE FROM node_lock_waiters WHERE ticket = ?').run(ticket);
   }
 
   async unlock(uuid: string, holder: string): Promise<boolean> {
@@ -385,8 +455,91 @@ export class SqliteStore implements Store {
     return Number(changes) === 1;
   }
 
-  async clearReservations(holder: string): Promise<number> {
-    return Number(this.stmt('UPDATE nodes SET reservation = NULL, reservation_operation = NULL WHERE reservation = ?').run(holder).changes);
+  async releaseHolder(holder: string, reason: string, now: EpochMs): Promise<TakeoverResult> {
+    return this.inTransaction(() => {
+      const stranded = this.stmt(
+        `SELECT uuid, name, provision_state FROM nodes
+         WHERE reservation = ? AND provision_state IN (${Object.keys(ACTIVE_STATE_FAILURES)
+           .map((s) => `'${s}'`)
+           .join(',')})`,
+      ).all(holder) as { uuid: string; name: string; provision_state: keyof typeof ACTIVE_STATE_FAILURES }[];
+      const failed: TimedOutNode[] = [];
+      for (const row of stranded) {
+        const toState = ACTIVE_STATE_FAILURES[row.provision_state];
+        this.stmt(
+          `UPDATE nodes SET provision_state = ?, target_provision_state = NULL, last_error = ?, agent_token_hash = NULL,
+             agent_api_token = NULL, liveness_at = NULL, updated_at = ?, provision_updated_at = ?
+           WHERE uuid = ?`,
+        ).run(toState, reason, now, now, row.uuid);
+        this.insertEvent(row.uuid, { kind: 'takeover', message: reason, actor: 'takeover', fromState: row.provision_state, toState }, now);
+        failed.push({ uuid: row.uuid, name: row.name, fromState: row.provision_state, toState, lastError: reason });
+      }
+      // Every lock let go leaves a trace, so that a node's history shows where one controller's work ended.
+      const held = this.stmt('SELECT uuid, reservation_operation FROM nodes WHERE reservation = ?').all(holder) as {
+        uuid: string;
+        reservation_operation: string | null;
+      }[];
+      for (const row of held) {
+        this.insertEvent(
+          row.uuid,
+          {
+            kind: 'lock_released',
+            message: `lock of ${holder} for ${row.reservation_operation ?? 'an operation'} released: ${reason}`,
+            actor: 'takeover',
+            fromState: null,
+            toState: null,
+          },
+          now,
+        );
+      }
+      const released = Number(
+        this.stmt('UPDATE nodes SET reservation = NULL, reservation_operation = NULL WHERE reservation = ?').run(holder).changes,
+      );
+      this.stmt('DELETE FROM node_lock_waiters WHERE holder = ?').run(holder);
+      return { released, failed };
+    });
+  }
+
+  async registerController(id: string, address: string, now: EpochMs): Promise<void> {
+    this.stmt(
+      `INSERT INTO controllers (id, address, started_at, last_seen_at) VALUES (?, ?, ?, ?)
+       ON CONFLICT (id) DO UPDATE SET address = excluded.address, started_at = excluded.started_at, last_seen_at = excluded.last_seen_at`,
+    ).run(id, address, now, now);
+  }
+
+  async touchController(id: string, now: EpochMs): Promise<boolean> {
+    return Number(this.stmt('UPDATE controllers SET last_seen_at = ? WHERE id = ?').run(now, id).changes) === 1;
+  }
+
+  async listControllers(): Promise<ControllerRecord[]> {
+    const rows = this.stmt('SELECT * FROM controllers ORDER BY id').all() as Row[];
+    return rows.map((r) => ({
+      id: r.id as string,
+      address: r.address as string,
+      startedAt: r.started_at as number,
+      lastSeenAt: r.last_seen_at as number,
+    }));
+  }
+
+  async removeController(id: string, seenBefore: EpochMs): Promise<boolean> {
+    return Number(this.stmt('DELETE FROM controllers WHERE id = ? AND last_seen_at < ?').run(id, seenBefore).changes) === 1;
+  }
+
+  async notify(channel: StoreChannel, payload: string): Promise<void> {
+    // Delivered asynchronously, like a database notification: never inside the caller's stack.
+    setImmediate(() => this.notifications.emit(channel, payload));
+  }
+
+  listen(channel: StoreChannel, handler: (payload: string) => void): () => void {
+    const safe = (payload: string) => {
+      try {
+        handler(payload);
+      } catch {
+        // A listener's failure is its own; other listeners still hear the notification.
+      }
+    };
+    this.notifications.on(channel, safe);
+    return () => this.notifications.off(channel, safe);
   }
 
   async createImage(image: Omit<ImageRecord, 'createdAt' | 'updatedAt'>): Promise<ImageRecord> {
@@ -461,13 +614,21 @@ export class SqliteStore implements Store {
   bulkInsertForBench(rows: { uuid: string; name: string; state: ProvisionState; livenessAt: EpochMs | null }[]): void {
     this.inTransaction(() => {
       const insert = this.stmt(
-        `INSERT INTO nodes (uuid, name, provision_state, liveness_at, last_heartbeat_at, created_at, updated_at, provision_updated_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+        `INSERT INTO nodes (uuid, name, provision_state, liveness_at, last_heartbeat_at, ring_hash, created_at, updated_at, provision_updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
       );
       const now = Date.now();
-      for (const r of rows) insert.run(r.uuid, r.name, r.state, r.livenessAt, r.livenessAt, now, now, now);
+      for (const r of rows) insert.run(r.uuid, r.name, r.state, r.livenessAt, r.livenessAt, ringHash(r.uuid), now, now, now);
     });
   }
+}
+
+/** SQL that keeps only rows whose ring hash lies in one of the ranges. */
+function rangeFilter(ranges: readonly HashRange[]): { sql: string; params: number[] } {
+  return {
+    sql: ` AND (${ranges.map(() => '(ring_hash >= ? AND ring_hash < ?)').join(' OR ')})`,
+    params: ranges.flatMap((r) => [r.from, r.to]),
+  };
 }
 
 function toImageRecord(row: Row): ImageRecord {
@@ -499,6 +660,7 @@ function toNodeRecord(row: Row, macAddresses: string[]): NodeRecord {
     agentVersion: row.agent_version as string,
     agentStatus: row.agent_status as string,
     agentTokenHash: (row.agent_token_hash as string | null) ?? null,
+    agentApiToken: (row.agent_api_token as string | null) ?? null,
     lastHeartbeatAt: (row.last_heartbeat_at as number | null) ?? null,
     livenessAt: (row.liveness_at as number | null) ?? null,
     reservation: (row.reservation as string | null) ?? null,

@@ -19,6 +19,12 @@ export interface NodeRecord {
   agentStatus: string;
   /** sha256 of the current agent token, hex; null when no agent may talk for this node. */
   agentTokenHash: string | null;
+  /**
+   * The credential any controller presents when it calls this node's agent
+   * (derived from the agent token, see common/agent-credentials.ts); null
+   * whenever agentTokenHash is null.
+   */
+  agentApiToken: string | null;
   lastHeartbeatAt: EpochMs | null;
   /** Last evidence the agent is alive or since when it is awaited: the sweep's clock. */
   livenessAt: EpochMs | null;
@@ -91,6 +97,12 @@ export interface Transition {
   lastError?: string;
   /** Whether the agent token survives; false wipes it. */
   keepAgentToken: boolean;
+  /**
+   * Fencing: the transition happens only while this holder has the node's
+   * lock, so a controller that lost its lock (declared dead, taken over)
+   * cannot write over the one that took the node.
+   */
+  holder?: string;
   /** Other columns to change in the same write. */
   deployJson?: string | null;
   inventoryJson?: string | null;
@@ -114,6 +126,47 @@ export interface ImageRecord {
   updatedAt: EpochMs;
 }
 
+/** A controller registered in the database (one row per live process). */
+export interface ControllerRecord {
+  id: string;
+  /** host:port other controllers reach its gRPC API at. */
+  address: string;
+  startedAt: EpochMs;
+  lastSeenAt: EpochMs;
+}
+
+/**
+ * A half-open range [from, to) of ring hashes (unsigned 32-bit, see
+ * controller/cluster/hash-ring.ts); a controller owns the nodes whose
+ * ring hash falls in one of its ranges. An empty list owns nothing; the
+ * range [0, 2^32) owns everything.
+ */
+export interface HashRange {
+  from: number;
+  to: number;
+}
+
+/** What taking over a dead holder's nodes did. */
+export interface TakeoverResult {
+  /** Nodes whose reservation was cleared (including the failed ones); each gets a lock_released event. */
+  released: number;
+  /** Nodes left in an active (non-wait) state under the holder's lock, now failed with a reason. */
+  failed: TimedOutNode[];
+}
+
+/** Notification channels shared by every controller on one database. */
+export type StoreChannel =
+  /** payload: node uuid; a node's lock was released. */
+  | 'lock_released'
+  /** payload: node uuid; a heartbeat landed on a controller that does not own the node, which is due for a step. */
+  | 'node_due'
+  /** payload: controller id; a controller joined or left. */
+  | 'membership'
+  /** payload: image name; an image became ready (other controllers fetch its content). */
+  | 'image_ready'
+  /** payload: JSON {from, node, deleted}; a controller changed a node (for other controllers' watchers). */
+  | 'node_changed';
+
 /**
  * The node database. Two implementations (SQLite now, PostgreSQL later)
  * pass one contract suite, test/controller/store-contract.ts.
@@ -135,27 +188,62 @@ export interface Store {
   setMaintenance(uuid: string, enabled: boolean, reason: string, event: NewNodeEvent): Promise<NodeRecord | undefined>;
   /** Compare-and-set on the provision state; undefined when the node was not in `from`. */
   transition(uuid: string, transition: Transition): Promise<NodeRecord | undefined>;
-  /** Stores a new agent token hash; also resets the liveness clock. */
-  setAgentToken(uuid: string, tokenHash: string | null): Promise<void>;
+  /** Stores a new agent token hash and the matching API credential; also resets the liveness clock. */
+  setAgentToken(uuid: string, tokenHash: string | null, apiToken: string | null): Promise<void>;
   /** Writes a batch of heartbeats in one transaction; returns the uuids that no longer exist. */
   recordHeartbeats(batch: readonly HeartbeatRecord[]): Promise<string[]>;
   /**
    * Fails every unreserved, non-maintenance node in a wait state whose
    * liveness clock is older than `cutoff`, in one statement, with an event.
+   * With `ranges`, only nodes whose ring hash is in them (the caller's share).
    */
-  sweepTimedOut(now: EpochMs, cutoff: EpochMs, timeoutMs: number): Promise<TimedOutNode[]>;
+  sweepTimedOut(now: EpochMs, cutoff: EpochMs, timeoutMs: number, ranges?: readonly HashRange[]): Promise<TimedOutNode[]>;
+  /**
+   * Nodes in one of `states`, unreserved, not in maintenance, heard from at
+   * or after `heardSince`, with a ring hash in `ranges`: the work a
+   * controller owns and should act on. Oldest heartbeat first, at most `limit`.
+   */
+  listDueNodes(states: readonly ProvisionState[], heardSince: EpochMs, ranges: readonly HashRange[], limit: number): Promise<string[]>;
   countByProvisionState(): Promise<Map<ProvisionState, number>>;
   listEvents(uuid: string, afterId: number, limit: number): Promise<NodeEventRecord[]>;
   addEvent(uuid: string, event: NewNodeEvent): Promise<void>;
   /**
-   * Takes the node's lock for `holder` if nobody holds it (compare-and-set on
-   * the reservation column); false when it is held.
+   * Takes the node's lock for `holder` if nobody holds it and nobody queues
+   * for it (compare-and-set on the reservation column); false otherwise.
    */
   tryLock(uuid: string, holder: string, operation: string): Promise<boolean>;
+  /**
+   * Joins the node's queue of patient waiters (shared by every controller);
+   * returns the ticket. Tickets are served in the order they were issued.
+   */
+  enqueueLockWaiter(uuid: string, holder: string, operation: string): Promise<number>;
+  /**
+   * Takes the lock for the ticket's holder if the lock is free and the ticket
+   * is first in the node's queue; the ticket is used up when it succeeds.
+   */
+  tryLockWithTicket(uuid: string, ticket: number): Promise<boolean>;
+  /** Leaves the queue (gave up, or aborted); a no-op for a used ticket. */
+  dequeueLockWaiter(ticket: number): Promise<void>;
   /** Releases the lock if `holder` has it; false when it did not. */
   unlock(uuid: string, holder: string): Promise<boolean>;
-  /** Clears every reservation a holder left behind (a restarted controller). */
-  clearReservations(holder: string): Promise<number>;
+  /**
+   * Lets go of everything a holder that is gone left behind (a crashed
+   * controller, or this one restarted), in one transaction: nodes it left in
+   * an active (non-wait) state are failed with `reason`, its reservations
+   * are cleared and its queued tickets removed.
+   */
+  releaseHolder(holder: string, reason: string, now: EpochMs): Promise<TakeoverResult>;
+  /** Adds or refreshes this controller's row. */
+  registerController(id: string, address: string, now: EpochMs): Promise<void>;
+  /** Touches this controller's row; false when the row is gone (others declared it dead). */
+  touchController(id: string, now: EpochMs): Promise<boolean>;
+  listControllers(): Promise<ControllerRecord[]>;
+  /** Removes a controller's row only if it was last seen before `seenBefore`; true when removed. */
+  removeController(id: string, seenBefore: EpochMs): Promise<boolean>;
+  /** Tells every controller on this database (this one included) about something; best effort. */
+  notify(channel: StoreChannel, payload: string): Promise<void>;
+  /** Calls `handler` for each notification on `channel`; returns a function that stops it. */
+  listen(channel: StoreChannel, handler: (payload: string) => void): () => void;
   /** Adds an image row; ALREADY_EXISTS when the name is taken. */
   createImage(image: Omit<ImageRecord, 'createdAt' | 'updatedAt'>): Promise<ImageRecord>;
   getImage(name: string): Promise<ImageRecord | undefined>;

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { createChannel, createClient, Status } from 'nice-grpc';
+import { agentApiToken } from '../../common/agent-credentials.js';
 import { agentMetadata } from '../../common/agent-metadata.js';
 import type { CommandHandler } from '../../agent/commands/command.js';
 import { CommandRunner } from '../../agent/commands/runner.js';
@@ -33,7 +34,8 @@ describe('agent commands over gRPC', () => {
   let server: Awaited<ReturnType<typeof startAgentServer>>;
   let channel: ReturnType<typeof createChannel>;
   let client: ReturnType<typeof createClient<typeof AgentServiceDefinition>>;
-  const auth = { metadata: agentMetadata('node-1', token) };
+  // The controller presents the credential derived from the agent token, never the token itself.
+  const auth = { metadata: agentMetadata('node-1', agentApiToken(token)) };
 
   before(async () => {
     server = await startAgentServer(

@@ -3,6 +3,7 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, afterEach, before, describe, it } from 'node:test';
 import { createChannel, createClient, Status } from 'nice-grpc';
+import { agentApiToken } from '../../common/agent-credentials.js';
 import { agentMetadata } from '../../common/agent-metadata.js';
 import { AgentServiceDefinition } from '../../gen/metalcast/v1/agent.js';
 import { ProvisionState } from '../../gen/metalcast/v1/node.js';
@@ -67,7 +68,10 @@ describe('inspection with real agent processes', () => {
     );
     assert.equal(node?.inventory?.system?.serialNumber, machine.system.serial);
     const events = (await t.nodes.listNodeEvents({ node: 'inspect-1' })).events;
-    assert.match(events.at(-1)?.message ?? '', /inspect wait -> manageable \(inspection found 1 disks, 2 NICs/);
+    assert.match(
+      events.filter((e) => e.kind === 'transition').at(-1)?.message ?? '',
+      /inspect wait -> manageable \(inspection found 1 disks, 2 NICs/,
+    );
     // The agent's token was wiped when the node left the agent states: it goes back to looking up.
     await agent.waitForLog(msg('controller no longer accepts this agent token'));
   });
@@ -94,11 +98,13 @@ describe('inspection with real agent processes', () => {
     const channel = createChannel(address);
     try {
       const client = createClient(AgentServiceDefinition, channel);
-      await assertRejectsWith(client.getInventory({}), Status.UNAUTHENTICATED, /agent token/);
+      await assertRejectsWith(client.getInventory({}), Status.UNAUTHENTICATED, /agent API credential/);
       await assertRejectsWith(client.listCommands({}, { metadata: agentMetadata(node.uuid, 'not-the-token') }), Status.UNAUTHENTICATED);
       const endpoint = t.controller.sessions.agentEndpoint(node.uuid);
       assert.ok(endpoint, 'the controller knows how to reach the agent');
-      const auth = { metadata: agentMetadata(node.uuid, endpoint.token) };
+      // The agent token itself is refused: the agent takes only the credential derived from it.
+      await assertRejectsWith(client.getInventory({}, { metadata: agentMetadata(node.uuid, endpoint.token) }), Status.UNAUTHENTICATED);
+      const auth = { metadata: agentMetadata(node.uuid, agentApiToken(endpoint.token)) };
       const inventory = await client.getInventory({}, auth);
       assert.deepEqual(
         inventory.inventory?.interfaces.map((i) => i.macAddress),

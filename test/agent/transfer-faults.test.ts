@@ -435,7 +435,7 @@ describe('image file faults on the controller', () => {
       ),
       'the write was never taken as done',
     );
-    assert.equal(events.at(-1)?.toState, ProvisionState.PROVISION_STATE_DEPLOY_FAILED);
+    assert.equal(events.filter((e) => e.kind === 'transition').at(-1)?.toState, ProvisionState.PROVISION_STATE_DEPLOY_FAILED);
     const power = await readFile(join(d.root, 'power-actions.log'), 'utf8').catch(() => '');
     assert.doesNotMatch(power, /reboot/, 'no final power action after a failed write');
     // Every ReadImage call has ended, so none holds a --max-image-transfers slot.

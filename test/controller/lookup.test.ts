@@ -157,7 +157,7 @@ describe('Lookup', () => {
     await stream.beat();
     // An open stream normally blocks lookup (see above). It cannot once the stored token is gone, as when
     // another controller on the same database wiped it; then the new token must end the old stream here too.
-    await t.controller.store.setAgentToken(node.uuid, null);
+    await t.controller.store.setAgentToken(node.uuid, null, null);
 
     const second = await lookup(t.gateway, ['02:00:00:00:09:01']);
     assertClientError(await stream.ended, Status.UNAUTHENTICATED, /agent token was replaced by a newer lookup/);

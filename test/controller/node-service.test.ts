@@ -286,7 +286,7 @@ describe('NodeService', () => {
       );
       assert.equal(all[0]?.message, 'enrolled with MACs 02:00:00:00:59:01');
       assert.equal(all[0]?.actor, 'operator');
-      assert.equal(all[3]?.actor, 'controller');
+      assert.equal(all[3]?.actor, 'test-controller');
       assert.equal(all[4]?.message, 'maintenance on: events test');
       assert.ok(all.every((e, i) => i === 0 || e.id > (all[i - 1]?.id ?? 0)));
       assert.ok(all.every((e, i) => i === 0 || (e.time?.getTime() ?? 0) >= (all[i - 1]?.time?.getTime() ?? 0)));

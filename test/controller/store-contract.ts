@@ -2,8 +2,10 @@ import assert from 'node:assert/strict';
 import { afterEach, beforeEach, describe, it } from 'node:test';
 import { Status } from 'nice-grpc-common';
 import { MetalcastError } from '../../common/errors.js';
+import { RING_SIZE, ringHash } from '../../controller/cluster/hash-ring.js';
 import { PROVISION_STATES, type ProvisionState } from '../../controller/provisioning/states.js';
-import type { HeartbeatRecord, NewNodeEvent, NodeRecord, Store } from '../../controller/store/store.js';
+import type { HeartbeatRecord, NewNodeEvent, NodeEventRecord, NodeRecord, Store, TimedOutNode } from '../../controller/store/store.js';
+import { deferred } from '../helpers/deferred.js';
 
 /** What a store implementation hands the contract suite. */
 export interface OpenedStore {
@@ -18,6 +20,21 @@ const created = (): NewNodeEvent => ({ kind: 'created', message: 'enrolled', act
 function heartbeat(nodeUuid: string, time: number, fields: Partial<HeartbeatRecord> = {}): HeartbeatRecord {
   return { nodeUuid, time, agentAddress: '10.0.0.5:7351', agentVersion: 'agent/1', agentStatus: 'idle', progressJson: null, ...fields };
 }
+
+/** `promise`, or a rejection naming `what` if it has not settled within 5 s (rather than the test hanging until its timeout). */
+export async function within<T>(promise: Promise<T>, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} did not happen within 5 s`)), 5000);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+const byName = (a: { name: string }, b: { name: string }) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0);
 
 /** Asserts that `promise` rejects with a MetalcastError of `status` whose message matches `message`. */
 async function rejectsWithStatus(promise: Promise<unknown>, status: Status, message: RegExp): Promise<void> {
@@ -49,14 +66,19 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
     });
 
     /** A node moved straight into `state` (the store does not enforce the state machine; the provisioner does). */
-    async function nodeIn(state: ProvisionState, nodeName: string, macs: string[], keepAgentToken = true): Promise<NodeRecord> {
+    async function nodeIn(
+      state: ProvisionState,
+      nodeName: string,
+      macs: string[],
+      target: ProvisionState | null = null,
+    ): Promise<NodeRecord> {
       const node = await store.createNode({ name: nodeName, macAddresses: macs, properties: {} }, created());
       if (state === 'enroll') return node;
       const moved = await store.transition(node.uuid, {
         from: ['enroll'],
         to: state,
-        target: null,
-        keepAgentToken,
+        target,
+        keepAgentToken: true,
         event: { kind: 'transition', message: `enroll -> ${state}`, actor: 'test', fromState: 'enroll', toState: state },
       });
       assert.ok(moved, `could not move ${nodeName} to ${state}`);
@@ -307,7 +329,7 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
       it('starts the liveness clock on entering a wait state, keeps or wipes the agent token, and leaves or clears last_error', async () => {
         const node = await nodeIn('inspecting', 'clock', ['aa:00:00:00:06:02']);
         assert.equal(node.livenessAt, null);
-        await store.setAgentToken(node.uuid, 'a'.repeat(64));
+        await store.setAgentToken(node.uuid, 'a'.repeat(64), 'api-token');
         const before = Date.now();
         const waiting = await store.transition(node.uuid, {
           from: ['inspecting'],
@@ -319,6 +341,7 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
         });
         assert.ok(waiting?.livenessAt !== null && waiting?.livenessAt !== undefined && waiting.livenessAt >= before);
         assert.equal(waiting.agentTokenHash, 'a'.repeat(64), 'keepAgentToken keeps the hash');
+        assert.equal(waiting.agentApiToken, 'api-token', 'and the API credential');
         assert.equal(waiting.lastError, '');
 
         const failed = await store.transition(node.uuid, {
@@ -331,6 +354,7 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
           event: event('transition'),
         });
         assert.equal(failed?.agentTokenHash, null, 'leaving the agent states wipes the hash');
+        assert.equal(failed?.agentApiToken, null, 'and the API credential');
         assert.equal(failed?.livenessAt, null);
         assert.equal(failed?.lastError, 'disk not found');
         assert.equal(failed?.inventoryJson, '{"cpu":{"cores":8}}');
@@ -348,15 +372,48 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
         assert.equal(again?.inventoryJson, '{"cpu":{"cores":8}}', 'inventory undefined leaves it');
         assert.equal(again?.deployJson, '{"image":"ubuntu"}');
       });
+
+      it('with a holder, moves a node only while that holder has its lock (fencing)', async () => {
+        const node = await nodeIn('deploying', 'fence', ['aa:00:00:00:06:03'], 'active');
+        const moveBy = (holder: string) =>
+          store.transition(node.uuid, {
+            from: ['deploying'],
+            to: 'deploy_wait',
+            target: 'active',
+            keepAgentToken: true,
+            holder,
+            event: event('transition', `moved by ${holder}`),
+          });
+        assert.equal(await moveBy('controller-a'), undefined, 'nobody holds the lock');
+        assert.ok(await store.tryLock(node.uuid, 'controller-b', 'deploy'));
+        assert.equal(await moveBy('controller-a'), undefined, 'another holder has the lock');
+        assert.equal((await store.getNode(node.uuid))?.provisionState, 'deploying');
+        assert.deepEqual(
+          (await store.listEvents(node.uuid, 0, 10)).map((e) => e.kind),
+          ['created', 'transition'],
+          'a fenced-off transition writes no event',
+        );
+        const moved = await moveBy('controller-b');
+        assert.equal(moved?.provisionState, 'deploy_wait');
+        assert.equal(moved?.reservation, 'controller-b', 'a transition leaves the lock alone');
+        assert.equal((await store.listEvents(node.uuid, 0, 10)).at(-1)?.message, 'moved by controller-b');
+      });
     });
 
     describe('agent tokens and heartbeats', () => {
-      it('stores and clears the agent token hash', async () => {
+      it('stores and clears the agent token hash and the agent API credential', async () => {
         const node = await nodeIn('inspect_wait', 'token', ['aa:00:00:00:07:01']);
-        await store.setAgentToken(node.uuid, 'b'.repeat(64));
-        assert.equal((await store.getNode(node.uuid))?.agentTokenHash, 'b'.repeat(64));
-        await store.setAgentToken(node.uuid, null);
-        assert.equal((await store.getNode(node.uuid))?.agentTokenHash, null);
+        assert.equal(node.agentApiToken, null);
+        await store.setAgentToken(node.uuid, 'b'.repeat(64), 'api-token-1');
+        const set = await store.getNode(node.uuid);
+        assert.equal(set?.agentTokenHash, 'b'.repeat(64));
+        assert.equal(set?.agentApiToken, 'api-token-1');
+        await store.setAgentToken(node.uuid, 'c'.repeat(64), 'api-token-2');
+        assert.equal((await store.getNode(node.uuid))?.agentApiToken, 'api-token-2', 'a new token replaces both');
+        await store.setAgentToken(node.uuid, null, 'stray');
+        const cleared = await store.getNode(node.uuid);
+        assert.equal(cleared?.agentTokenHash, null);
+        assert.equal(cleared?.agentApiToken, null, 'no API credential without a token');
       });
 
       it('setting a token restarts the liveness clock of a waiting node, never moving it back', async () => {
@@ -364,10 +421,10 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
         const future = Date.now() + 60_000;
         await store.recordHeartbeats([heartbeat(node.uuid, future)]);
         const before = Date.now();
-        await store.setAgentToken(node.uuid, 'c'.repeat(64));
+        await store.setAgentToken(node.uuid, 'c'.repeat(64), 'api-token');
         assert.equal((await store.getNode(node.uuid))?.livenessAt, future, 'not moved back');
         const other = await nodeIn('inspect_wait', 'token-clock-2', ['aa:00:00:00:07:06']);
-        await store.setAgentToken(other.uuid, 'd'.repeat(64));
+        await store.setAgentToken(other.uuid, 'd'.repeat(64), 'api-token');
         assert.ok(((await store.getNode(other.uuid))?.livenessAt ?? 0) >= before);
       });
 
@@ -412,7 +469,7 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
         const fresh = await nodeIn('inspect_wait', 'sw-fresh', ['aa:00:00:00:08:04']);
         const idle = await nodeIn('manageable', 'sw-idle', ['aa:00:00:00:08:05']);
         const active = await nodeIn('active', 'sw-active', ['aa:00:00:00:08:06']);
-        await store.setAgentToken(heard.uuid, 'e'.repeat(64));
+        await store.setAgentToken(heard.uuid, 'e'.repeat(64), 'api-token');
 
         const base = Date.now();
         const heardAt = base + 1000;
@@ -449,6 +506,7 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
         assert.equal(failed?.provisionState, 'inspect_failed');
         assert.equal(failed?.targetProvisionState, null);
         assert.equal(failed?.agentTokenHash, null, 'the silent agent token is revoked');
+        assert.equal(failed?.agentApiToken, null, 'and its API credential');
         assert.equal(failed?.lastError, 'no heartbeat from the agent for 125s (timeout 120s)');
         assert.equal(failed?.provisionUpdatedAt, now);
         const events = await store.listEvents(heard.uuid, 0, 10);
@@ -493,6 +551,63 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
         const now = Date.now() + 10 * TIMEOUT;
         assert.deepEqual(await store.sweepTimedOut(now, now - TIMEOUT, TIMEOUT), []);
         assert.equal((await store.getNode(node.uuid))?.provisionState, 'inspect_wait');
+      });
+
+      it('with ranges, fails only the nodes whose ring hash is in them', async () => {
+        const a = await nodeIn('inspect_wait', 'sw-ring-a', ['aa:00:00:00:08:0a']);
+        await nodeIn('clean_wait', 'sw-ring-b', ['aa:00:00:00:08:0b']);
+        await nodeIn('deploy_wait', 'sw-ring-c', ['aa:00:00:00:08:0c']);
+        const hashA = ringHash(a.uuid);
+        const now = Date.now() + 10 * TIMEOUT;
+        const sweep = async (ranges: { from: number; to: number }[]) =>
+          (await store.sweepTimedOut(now, now - TIMEOUT, TIMEOUT, ranges)).map((n) => n.name).sort();
+        assert.deepEqual(await sweep([]), [], 'no ranges own nothing');
+        assert.deepEqual(await sweep([{ from: hashA, to: hashA + 1 }]), ['sw-ring-a'], 'from is inclusive');
+        // Everything but b's hash: `to` is exclusive, so [0, hashB) leaves b out.
+        const hashB = ringHash((await store.getNode('sw-ring-b'))?.uuid ?? '');
+        assert.deepEqual(
+          await sweep([
+            { from: 0, to: hashB },
+            { from: hashB + 1, to: RING_SIZE },
+          ]),
+          ['sw-ring-c'],
+        );
+        assert.equal((await store.getNode('sw-ring-b'))?.provisionState, 'clean_wait');
+        assert.deepEqual(await sweep([{ from: 0, to: RING_SIZE }]), ['sw-ring-b'], 'the whole ring owns everything');
+      });
+    });
+
+    describe('due nodes', () => {
+      it('lists unlocked, non-maintenance nodes in the states, heard since, in the ranges, oldest heartbeat first, up to the limit', async () => {
+        const t0 = Date.now() + 60_000;
+        const states: ProvisionState[] = ['inspecting', 'cleaning', 'deploying'];
+        const newest = await nodeIn('inspecting', 'due-newest', ['aa:00:00:00:0c:01']);
+        const older = await nodeIn('deploying', 'due-older', ['aa:00:00:00:0c:02']);
+        const edge = await nodeIn('cleaning', 'due-edge', ['aa:00:00:00:0c:03']);
+        const locked = await nodeIn('inspecting', 'due-locked', ['aa:00:00:00:0c:04']);
+        const maintenance = await nodeIn('cleaning', 'due-maint', ['aa:00:00:00:0c:05']);
+        const stale = await nodeIn('inspecting', 'due-stale', ['aa:00:00:00:0c:06']);
+        await nodeIn('inspecting', 'due-silent', ['aa:00:00:00:0c:07']);
+        const idle = await nodeIn('active', 'due-idle', ['aa:00:00:00:0c:08']);
+        await store.recordHeartbeats([
+          heartbeat(newest.uuid, t0 + 2000),
+          heartbeat(older.uuid, t0 + 1000),
+          heartbeat(edge.uuid, t0),
+          heartbeat(locked.uuid, t0 + 500),
+          heartbeat(maintenance.uuid, t0 + 500),
+          heartbeat(stale.uuid, t0 - 1),
+          heartbeat(idle.uuid, t0 + 500),
+        ]);
+        assert.ok(await store.tryLock(locked.uuid, 'controller-b', 'inspect'));
+        await store.setMaintenance(maintenance.uuid, true, 'hands off', event('maintenance'));
+        const all = [{ from: 0, to: RING_SIZE }];
+
+        assert.deepEqual(await store.listDueNodes(states, t0, all, 10), [edge.uuid, older.uuid, newest.uuid]);
+        assert.deepEqual(await store.listDueNodes(states, t0, all, 2), [edge.uuid, older.uuid]);
+        assert.deepEqual(await store.listDueNodes(['deploying'], t0, all, 10), [older.uuid]);
+        const hash = ringHash(newest.uuid);
+        assert.deepEqual(await store.listDueNodes(states, t0, [{ from: hash, to: hash + 1 }], 10), [newest.uuid]);
+        assert.deepEqual(await store.listDueNodes(states, t0, [], 10), []);
       });
     });
 
@@ -558,20 +673,207 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
         assert.equal(await store.tryLock('00000000-0000-4000-8000-000000000000', 'controller-a', 'inspect'), false);
       });
 
-      it('clears the reservations of one holder only', async () => {
-        const a = await nodeIn('inspect_wait', 'r-a', ['aa:00:00:00:0b:01']);
-        const b = await nodeIn('inspect_wait', 'r-b', ['aa:00:00:00:0b:02']);
-        const c = await nodeIn('inspect_wait', 'r-c', ['aa:00:00:00:0b:03']);
-        assert.ok(await store.tryLock(a.uuid, 'controller-a', 'inspect'));
-        assert.ok(await store.tryLock(b.uuid, 'controller-a', 'deploy'));
-        assert.ok(await store.tryLock(c.uuid, 'controller-b', 'inspect'));
-        assert.equal((await store.getNode(a.uuid))?.reservation, 'controller-a');
-        assert.equal((await store.getNode(a.uuid))?.reservationOperation, 'inspect');
-        assert.equal(await store.clearReservations('controller-a'), 2);
-        assert.equal((await store.getNode(a.uuid))?.reservation, null);
-        assert.equal((await store.getNode(b.uuid))?.reservationOperation, null);
-        assert.equal((await store.getNode(c.uuid))?.reservation, 'controller-b');
-        assert.equal(await store.clearReservations('controller-a'), 0);
+      it('queues patient waiters in ticket order, and a fast tryLock does not jump the queue', async () => {
+        const node = await nodeIn('manageable', 'q-order', ['aa:00:00:00:0b:10']);
+        const first = await store.enqueueLockWaiter(node.uuid, 'controller-a', 'inspect');
+        const second = await store.enqueueLockWaiter(node.uuid, 'controller-b', 'provide');
+        assert.ok(second > first, 'tickets increase');
+        assert.equal(await store.tryLock(node.uuid, 'controller-c', 'abort'), false, 'the lock is free, but others queue for it');
+        assert.equal(await store.tryLockWithTicket(node.uuid, second), false, 'not first in the queue');
+        assert.equal(await store.tryLockWithTicket(node.uuid, first), true);
+        const locked = await store.getNode(node.uuid);
+        assert.equal(locked?.reservation, 'controller-a', "the ticket's holder has the lock");
+        assert.equal(locked?.reservationOperation, 'inspect');
+        assert.equal(await store.tryLockWithTicket(node.uuid, first), false, 'a ticket serves once');
+        assert.equal(await store.tryLockWithTicket(node.uuid, second), false, 'first in the queue now, but the lock is held');
+        assert.ok(await store.unlock(node.uuid, 'controller-a'));
+        assert.equal(await store.tryLockWithTicket(node.uuid, second), true);
+        assert.equal((await store.getNode(node.uuid))?.reservationOperation, 'provide');
+        assert.ok(await store.unlock(node.uuid, 'controller-b'));
+        assert.equal(await store.tryLock(node.uuid, 'controller-c', 'abort'), true, 'the queue is empty again');
+      });
+
+      it('lets a waiter leave the queue, and serves no ticket that left, is unknown or is for another node', async () => {
+        const node = await nodeIn('manageable', 'q-leave', ['aa:00:00:00:0b:11']);
+        const other = await nodeIn('manageable', 'q-other', ['aa:00:00:00:0b:12']);
+        const leaving = await store.enqueueLockWaiter(node.uuid, 'controller-a', 'inspect');
+        const staying = await store.enqueueLockWaiter(node.uuid, 'controller-b', 'inspect');
+        await store.dequeueLockWaiter(leaving);
+        await store.dequeueLockWaiter(leaving);
+        assert.equal(await store.tryLockWithTicket(node.uuid, leaving), false, 'a ticket that left');
+        assert.equal(await store.tryLockWithTicket(node.uuid, staying + 1000), false, 'an unknown ticket');
+        assert.equal(await store.tryLockWithTicket(other.uuid, staying), false, "another node's ticket");
+        assert.equal(await store.tryLockWithTicket(node.uuid, staying), true, 'first once the other left');
+        await store.dequeueLockWaiter(staying);
+        assert.equal((await store.getNode(node.uuid))?.reservation, 'controller-b', 'leaving with a used ticket changes nothing');
+
+        const orphan = await store.enqueueLockWaiter(other.uuid, 'controller-a', 'inspect');
+        assert.ok(await store.deleteNode(other.uuid));
+        assert.equal(await store.tryLockWithTicket(other.uuid, orphan), false, "a deleted node's queue goes with it");
+        await rejectsWithStatus(
+          store.enqueueLockWaiter('00000000-0000-4000-8000-000000000000', 'controller-a', 'inspect'),
+          Status.NOT_FOUND,
+          /no longer exists/,
+        );
+      });
+
+      it('releases a gone holder: fails the nodes it left in an active state, clears its locks and its tickets', async () => {
+        const reason = 'controller controller-a stopped; taken over by controller-b';
+        const inspecting = await nodeIn('inspecting', 'rh-inspecting', ['aa:00:00:00:0b:21'], 'manageable');
+        const cleaning = await nodeIn('cleaning', 'rh-cleaning', ['aa:00:00:00:0b:22'], 'available');
+        const deploying = await nodeIn('deploying', 'rh-deploying', ['aa:00:00:00:0b:23'], 'active');
+        const deleting = await nodeIn('deleting', 'rh-deleting', ['aa:00:00:00:0b:24'], 'available');
+        const waiting = await nodeIn('inspect_wait', 'rh-waiting', ['aa:00:00:00:0b:25'], 'manageable');
+        const active = await nodeIn('active', 'rh-active', ['aa:00:00:00:0b:26']);
+        const othersLock = await nodeIn('cleaning', 'rh-others', ['aa:00:00:00:0b:27'], 'available');
+        const unlocked = await nodeIn('deploying', 'rh-unlocked', ['aa:00:00:00:0b:28'], 'active');
+        const mine = [inspecting, cleaning, deploying, deleting, waiting, active];
+        for (const node of mine) {
+          await store.setAgentToken(node.uuid, 'f'.repeat(64), 'api-token');
+          assert.ok(await store.tryLock(node.uuid, 'controller-a', 'work'));
+        }
+        assert.ok(await store.tryLock(othersLock.uuid, 'controller-b', 'clean'));
+        const ticketOfA = await store.enqueueLockWaiter(othersLock.uuid, 'controller-a', 'inspect');
+        const ticketOfC = await store.enqueueLockWaiter(othersLock.uuid, 'controller-c', 'inspect');
+
+        const now = Date.now() + 5000;
+        const brief = (e: NodeEventRecord) => ({
+          kind: e.kind,
+          message: e.message,
+          actor: e.actor,
+          fromState: e.fromState,
+          toState: e.toState,
+          time: e.time,
+        });
+        // Every lock let go leaves a trace in the node's history.
+        const lockReleased = {
+          kind: 'lock_released',
+          message: `lock of controller-a for work released: ${reason}`,
+          actor: 'takeover',
+          fromState: null,
+          toState: null,
+          time: now,
+        };
+        const result = await store.releaseHolder('controller-a', reason, now);
+        assert.equal(result.released, mine.length, 'every lock of the holder, the failed nodes included');
+        const expected: TimedOutNode[] = [
+          { uuid: cleaning.uuid, name: 'rh-cleaning', fromState: 'cleaning', toState: 'clean_failed', lastError: reason },
+          { uuid: deleting.uuid, name: 'rh-deleting', fromState: 'deleting', toState: 'clean_failed', lastError: reason },
+          { uuid: deploying.uuid, name: 'rh-deploying', fromState: 'deploying', toState: 'deploy_failed', lastError: reason },
+          { uuid: inspecting.uuid, name: 'rh-inspecting', fromState: 'inspecting', toState: 'inspect_failed', lastError: reason },
+        ];
+        assert.deepEqual([...result.failed].sort(byName), expected);
+        for (const f of expected) {
+          const node = await store.getNode(f.uuid);
+          assert.equal(node?.provisionState, f.toState);
+          assert.equal(node?.targetProvisionState, null);
+          assert.equal(node?.lastError, reason);
+          assert.equal(node?.agentTokenHash, null, `${f.name}: agent token revoked`);
+          assert.equal(node?.agentApiToken, null, `${f.name}: API credential wiped`);
+          assert.equal(node?.updatedAt, now);
+          assert.equal(node?.provisionUpdatedAt, now);
+          assert.equal(node?.reservation, null);
+          assert.equal(node?.reservationOperation, null);
+          assert.equal(node?.livenessAt, null, 'a failed state waits for no agent');
+          assert.deepEqual((await store.listEvents(f.uuid, 0, 10)).slice(-2).map(brief), [
+            { kind: 'takeover', message: reason, actor: 'takeover', fromState: f.fromState, toState: f.toState, time: now },
+            lockReleased,
+          ]);
+        }
+        // A wait state or an idle one is left as it is, only unlocked: the sweep and the agent carry on from there.
+        const stillWaiting = await store.getNode(waiting.uuid);
+        assert.equal(stillWaiting?.provisionState, 'inspect_wait');
+        assert.equal(stillWaiting?.reservation, null);
+        assert.equal(stillWaiting?.agentTokenHash, 'f'.repeat(64));
+        assert.equal(stillWaiting?.lastError, '');
+        const stillActive = await store.getNode(active.uuid);
+        assert.equal(stillActive?.provisionState, 'active');
+        assert.equal(stillActive?.reservation, null);
+        for (const node of [waiting, active])
+          assert.deepEqual((await store.listEvents(node.uuid, 0, 10)).slice(-1).map(brief), [lockReleased]);
+        assert.equal((await store.getNode(othersLock.uuid))?.reservation, 'controller-b', "another holder's lock stays");
+        assert.equal((await store.getNode(unlocked.uuid))?.provisionState, 'deploying', 'an unlocked node is not the holder’s');
+        assert.equal((await store.listEvents(unlocked.uuid, 0, 10)).at(-1)?.kind, 'transition');
+
+        // The holder's ticket is gone: the one behind it is first now.
+        assert.ok(await store.unlock(othersLock.uuid, 'controller-b'));
+        assert.equal(await store.tryLockWithTicket(othersLock.uuid, ticketOfA), false);
+        assert.equal(await store.tryLockWithTicket(othersLock.uuid, ticketOfC), true);
+
+        assert.deepEqual(await store.releaseHolder('controller-a', reason, now + 1), { released: 0, failed: [] });
+      });
+    });
+
+    describe('controllers', () => {
+      it('registers, touches, lists and removes controllers, removing only those not seen since a time', async () => {
+        const byId = (a: { id: string }, b: { id: string }) => (a.id < b.id ? -1 : 1);
+        await store.registerController('controller-b', '10.0.0.2:7350', 1000);
+        await store.registerController('controller-a', '10.0.0.1:7350', 2000);
+        assert.deepEqual((await store.listControllers()).sort(byId), [
+          { id: 'controller-a', address: '10.0.0.1:7350', startedAt: 2000, lastSeenAt: 2000 },
+          { id: 'controller-b', address: '10.0.0.2:7350', startedAt: 1000, lastSeenAt: 1000 },
+        ]);
+        assert.equal(await store.touchController('controller-b', 3000), true);
+        assert.equal(await store.touchController('controller-x', 3000), false, 'never registered');
+        // A restarted controller registers again: new address, new start.
+        await store.registerController('controller-a', '10.0.0.9:7350', 4000);
+        assert.deepEqual((await store.listControllers()).sort(byId), [
+          { id: 'controller-a', address: '10.0.0.9:7350', startedAt: 4000, lastSeenAt: 4000 },
+          { id: 'controller-b', address: '10.0.0.2:7350', startedAt: 1000, lastSeenAt: 3000 },
+        ]);
+        assert.equal(await store.removeController('controller-b', 3000), false, 'seen at 3000, not before');
+        assert.equal(await store.removeController('controller-b', 3001), true);
+        assert.equal(await store.removeController('controller-b', 9999), false, 'already gone');
+        assert.equal(await store.touchController('controller-b', 5000), false, 'a removed controller learns it was declared dead');
+        assert.deepEqual(
+          (await store.listControllers()).map((c) => c.id),
+          ['controller-a'],
+        );
+      });
+    });
+
+    describe('notifications', () => {
+      it('delivers notifications to the listeners of their channel in this store, in order, until they stop', async () => {
+        const due: string[] = [];
+        const released: string[] = [];
+        const firstDue = deferred();
+        const done = deferred();
+        const stopDue = store.listen('node_due', (payload) => {
+          due.push(payload);
+          firstDue.resolve();
+        });
+        const stopReleased = store.listen('lock_released', (payload) => released.push(payload));
+        const stopMembership = store.listen('membership', () => done.resolve());
+        await store.notify('node_due', 'node-1');
+        await within(firstDue.promise, 'delivery on node_due');
+        stopDue();
+        await store.notify('node_due', 'node-2');
+        await store.notify('lock_released', 'node-3');
+        await store.notify('lock_released', 'node-4');
+        await store.notify('membership', 'controller-a');
+        await within(done.promise, 'delivery on membership');
+        assert.deepEqual(due, ['node-1'], 'a stopped listener hears nothing more');
+        assert.deepEqual(released, ['node-3', 'node-4']);
+        stopReleased();
+        stopMembership();
+      });
+
+      it('keeps delivering when a handler throws, and notify does not reject', async () => {
+        const heard: string[] = [];
+        const both = deferred();
+        const stopBroken = store.listen('image_ready', () => {
+          throw new Error('a bug in a handler');
+        });
+        const stopWorking = store.listen('image_ready', (payload) => {
+          heard.push(payload);
+          if (heard.length === 2) both.resolve();
+        });
+        await store.notify('image_ready', 'ubuntu');
+        await store.notify('image_ready', 'debian');
+        await within(both.promise, 'delivery of both notifications');
+        assert.deepEqual(heard, ['ubuntu', 'debian']);
+        stopBroken();
+        stopWorking();
       });
     });
   });

@@ -4,6 +4,7 @@ import { open } from 'node:fs/promises';
 import { clientChannelOptions } from '../../common/grpc-options.js';
 import type { RunningController } from '../../controller/controller.js';
 import { ImageFiles } from '../../controller/images/image-files.js';
+import type { Store } from '../../controller/store/store.js';
 import { SqliteStore } from '../../controller/store/sqlite.js';
 
 /**
@@ -130,29 +131,41 @@ export async function imageTransferCounters(controller: RunningController): Prom
 /**
  * Seeds an image into a controller's data directory before the controller
  * starts (tests and benchmarks that run the controller as a process; the
- * upload API has its own tests). Returns where the blob is.
+ * upload API has its own tests). The image row goes into the data
+ * directory's SQLite database, or into `store` when given (PostgreSQL,
+ * shared by several controllers). Returns where the blob is.
  */
 export async function seedImage(
   dataDir: string,
   name: string,
   content: Iterable<Uint8Array> | AsyncIterable<Uint8Array>,
+  store?: Store,
 ): Promise<{ sha256: string; size: number; blob: string }> {
-  const files = new ImageFiles(join(dataDir, 'images'));
-  await files.init();
-  const stored = await files.receive(content);
-  const store = SqliteStore.open(join(dataDir, 'metalcast.db'));
+  const stored = await seedImageBlob(dataDir, content);
+  const target = store ?? SqliteStore.open(join(dataDir, 'metalcast.db'));
   try {
-    await store.createImage({
+    await target.createImage({
       name,
       state: 'ready',
       sha256: stored.sha256,
-      sizeBytes: stored.sizeBytes,
+      sizeBytes: stored.size,
       sourceUrl: '',
       expectedChecksum: '',
       error: '',
     });
   } finally {
-    await store.close();
+    if (!store) await target.close();
   }
+  return stored;
+}
+
+/** Puts an image's content (no row) into a controller's data directory. */
+export async function seedImageBlob(
+  dataDir: string,
+  content: Iterable<Uint8Array> | AsyncIterable<Uint8Array>,
+): Promise<{ sha256: string; size: number; blob: string }> {
+  const files = new ImageFiles(join(dataDir, 'images'));
+  await files.init();
+  const stored = await files.receive(content);
   return { sha256: stored.sha256, size: stored.sizeBytes, blob: files.blobPath(stored.sha256) };
 }

@@ -1,0 +1,107 @@
+/**
+ * Versioned schema for the PostgreSQL store, version for version the same
+ * tables as SQLITE_MIGRATIONS so that "schema version 3" means one thing.
+ * Append new versions; never edit one that has shipped, because databases
+ * in the field have applied it.
+ *
+ * Times are BIGINT epoch milliseconds. Text that is sorted or paged on
+ * (names, MACs, ids) is COLLATE "C", so that order and `name > $after`
+ * agree with SQLite's byte order whatever the database's locale.
+ */
+export const POSTGRES_MIGRATIONS: readonly { version: number; description: string; sql: string }[] = [
+  {
+    version: 1,
+    description: 'nodes, ports and node events',
+    sql: `
+      CREATE TABLE nodes (
+        uuid TEXT PRIMARY KEY,
+        name TEXT COLLATE "C" NOT NULL UNIQUE,
+        provision_state TEXT NOT NULL,
+        target_provision_state TEXT,
+        maintenance BOOLEAN NOT NULL DEFAULT false,
+        maintenance_reason TEXT NOT NULL DEFAULT '',
+        last_error TEXT NOT NULL DEFAULT '',
+        properties TEXT NOT NULL DEFAULT '{}',
+        agent_address TEXT NOT NULL DEFAULT '',
+        agent_version TEXT NOT NULL DEFAULT '',
+        agent_status TEXT NOT NULL DEFAULT '',
+        agent_token_hash TEXT,
+        last_heartbeat_at BIGINT,
+        liveness_at BIGINT,
+        reservation TEXT,
+        reservation_operation TEXT,
+        inventory TEXT,
+        -- JSON text, kept as written (NodeRecord.deployJson); read with deploy::jsonb where needed.
+        deploy TEXT,
+        progress TEXT,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        provision_updated_at BIGINT NOT NULL
+      );
+      -- The sweep's query: wait states ordered by liveness, so it reads only the timed-out rows.
+      CREATE INDEX nodes_state_liveness ON nodes (provision_state, liveness_at);
+      CREATE INDEX nodes_reservation ON nodes (reservation) WHERE reservation IS NOT NULL;
+      CREATE TABLE ports (
+        mac_address TEXT COLLATE "C" PRIMARY KEY,
+        node_uuid TEXT NOT NULL REFERENCES nodes (uuid) ON DELETE CASCADE
+      );
+      CREATE INDEX ports_node ON ports (node_uuid);
+      CREATE TABLE node_events (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        node_uuid TEXT NOT NULL REFERENCES nodes (uuid) ON DELETE CASCADE,
+        time BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        from_state TEXT,
+        to_state TEXT
+      );
+      CREATE INDEX node_events_node ON node_events (node_uuid, id);
+    `,
+  },
+  {
+    version: 2,
+    description: 'images',
+    sql: `
+      CREATE TABLE images (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        state TEXT NOT NULL,
+        sha256 TEXT NOT NULL DEFAULT '',
+        size_bytes BIGINT NOT NULL DEFAULT 0,
+        source_url TEXT NOT NULL DEFAULT '',
+        expected_checksum TEXT NOT NULL DEFAULT '',
+        error TEXT NOT NULL DEFAULT '',
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL
+      );
+      CREATE INDEX images_sha256 ON images (sha256);
+    `,
+  },
+  {
+    version: 3,
+    description: 'several controllers: ring hash, agent API credential, lock queue, controller registry',
+    sql: `
+      ALTER TABLE nodes ADD COLUMN ring_hash BIGINT;
+      -- ringHash() of controller/cluster/hash-ring.ts: the first four bytes of sha256(uuid), unsigned.
+      UPDATE nodes SET ring_hash = ('x' || left(encode(sha256(convert_to(uuid, 'UTF8')), 'hex'), 8))::bit(32)::bigint;
+      ALTER TABLE nodes ALTER COLUMN ring_hash SET NOT NULL;
+      ALTER TABLE nodes ADD COLUMN agent_api_token TEXT;
+      CREATE INDEX nodes_ring_hash ON nodes (ring_hash);
+      CREATE TABLE node_lock_waiters (
+        ticket BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        node_uuid TEXT NOT NULL REFERENCES nodes (uuid) ON DELETE CASCADE,
+        holder TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        created_at BIGINT NOT NULL
+      );
+      CREATE INDEX node_lock_waiters_node ON node_lock_waiters (node_uuid, ticket);
+      CREATE INDEX node_lock_waiters_holder ON node_lock_waiters (holder);
+      CREATE TABLE controllers (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        address TEXT NOT NULL,
+        started_at BIGINT NOT NULL,
+        last_seen_at BIGINT NOT NULL
+      );
+    `,
+  },
+];

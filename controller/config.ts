@@ -131,6 +131,12 @@ export const CONTROLLER_OPTIONS = {
     '30m',
     1000,
   ),
+  imageSyncInterval: durationSpec(
+    'image-sync-interval',
+    'how often this controller looks for image content it lacks (copied from the image URL or another controller) and for content no image uses any more; an image made ready on any controller is copied at once',
+    '30s',
+    100,
+  ),
   maxImageSize: {
     flag: 'max-image-size',
     description: 'largest image accepted by upload or import; K, M, G, T suffixes allowed',

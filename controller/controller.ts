@@ -266,6 +266,7 @@ export async function startController(config: ControllerConfig, logger: Logger):
       // Heartbeat streams never end by themselves; end them so that shutdown is not held open.
       sessions.revokeAll(SHUTTING_DOWN);
       imageServer.stop();
+      images.stopTransfers(); // DownloadImage streams end at their next chunk too; the replicator stops in images.stop()
       const shutdownTimer = setTimeout(() => {
         logger.warn({ timeoutMs: config.shutdownTimeout }, 'calls did not finish in time; cancelling them');
         server.forceShutdown();

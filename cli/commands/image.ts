@@ -1,13 +1,15 @@
-import { createHash } from 'node:crypto';
+import { createHash, type Hash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { stat } from 'node:fs/promises';
+import { type FileHandle, open, rename, rm, stat } from 'node:fs/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { basename } from 'node:path';
 import { isAbortError } from 'abort-controller-x';
 import { SingleBar } from 'cli-progress';
 import { type Command, InvalidArgumentError } from 'commander';
-import { waitForChannelReady } from 'nice-grpc';
+import { ClientError, Status, waitForChannelReady } from 'nice-grpc';
+import { describeError } from '../../common/errors.js';
 import { type Image, ImageState, type UploadImageRequest } from '../../gen/metalcast/v1/image.js';
-import { withClient } from '../client.js';
+import { type OperatorClients, withClient } from '../client.js';
 import { formatBytes, formatTime, printFields, printJson, printTable } from '../output.js';
 
 /**
@@ -17,6 +19,10 @@ import { formatBytes, formatTime, printFields, printJson, printTable } from '../
  */
 const UPLOAD_CHUNK_BYTES = 1024 * 1024;
 const IMPORT_POLL_MS = 1000;
+/** A download that receives nothing for this long is abandoned and resumed. */
+const DOWNLOAD_STALL_MS = 30_000;
+/** Calls in a row without progress before a download gives up. */
+const DOWNLOAD_ATTEMPTS = 8;
 
 const stateName = (state: ImageState) =>
   state === ImageState.IMAGE_STATE_UNSPECIFIED ? '-' : (ImageState[state] ?? String(state)).replace('IMAGE_STATE_', '').toLowerCase();
@@ -44,21 +50,21 @@ function parseSha256(value: string): string {
 }
 
 /** Progress on stderr: a bar on a terminal, nothing otherwise (the result line says it all). */
-function uploadProgress(total: number, name: string) {
-  if (!process.stderr.isTTY) return { update: (_sent: number) => {}, stop: () => {} };
+function transferProgress(total: number, name: string, start = 0) {
+  if (!process.stderr.isTTY) return { update: (_done: number) => {}, stop: () => {} };
   const bar = new SingleBar({
     stream: process.stderr,
-    format: `${name} [{bar}] {percentage}% | {sent} of {size} | {rate}/s | eta {eta_formatted}`,
+    format: `${name} [{bar}] {percentage}% | {done} of {size} | {rate}/s | eta {eta_formatted}`,
     hideCursor: true,
     clearOnComplete: true,
     etaBuffer: 50,
   });
   const started = Date.now();
-  bar.start(total, 0, { sent: formatBytes(0), size: formatBytes(total), rate: formatBytes(0) });
+  bar.start(total, start, { done: formatBytes(start), size: formatBytes(total), rate: formatBytes(0) });
   return {
-    update: (sent: number) => {
+    update: (done: number) => {
       const seconds = Math.max(0.001, (Date.now() - started) / 1000);
-      bar.update(sent, { sent: formatBytes(sent), rate: formatBytes(sent / seconds) });
+      bar.update(done, { done: formatBytes(done), rate: formatBytes((done - start) / seconds) });
     },
     stop: () => bar.stop(),
   };
@@ -78,7 +84,7 @@ async function uploadCommand(file: string, opts: { name: string; sha256?: string
     });
 
     const hash = createHash('sha256');
-    const progress = uploadProgress(info.size, opts.name);
+    const progress = transferProgress(info.size, opts.name);
     const started = Date.now();
     let sent = 0;
     async function* requests(): AsyncGenerator<UploadImageRequest> {
@@ -122,6 +128,195 @@ async function uploadCommand(file: string, opts: { name: string; sha256?: string
     process.stdout.write(
       `uploaded ${basename(file)} as image ${image.name}: ${formatBytes(image.sizeBytes)} in ${seconds.toFixed(1)}s ` +
         `(${formatBytes(image.sizeBytes / Math.max(seconds, 0.001))}/s), sha256 ${image.sha256}\n`,
+    );
+  });
+}
+
+/** Answers that a retry cannot change: the image is gone, not ready, or the request is wrong. */
+const DOWNLOAD_FATAL = new Set([
+  Status.NOT_FOUND,
+  Status.FAILED_PRECONDITION,
+  Status.INVALID_ARGUMENT,
+  Status.DATA_LOSS,
+  Status.PERMISSION_DENIED,
+  Status.UNAUTHENTICATED,
+  Status.UNIMPLEMENTED,
+]);
+
+class DownloadStalled extends Error {
+  override name = 'DownloadStalled';
+}
+
+/** The image changed under a resumed download: resuming cannot give a consistent file. */
+class ImageChanged extends Error {
+  override name = 'ImageChanged';
+}
+
+interface DownloadState {
+  offset: number;
+  /** From the first header: what every later call must agree with. */
+  sizeBytes?: number;
+  sha256?: string;
+}
+
+/**
+ * One DownloadImage call from `state.offset`: checks the header against the
+ * first one, writes and hashes the chunks in order. A per-message timer
+ * catches a stall; --timeout does not bound the download itself.
+ */
+async function downloadOnce(
+  images: OperatorClients['images'],
+  name: string,
+  file: FileHandle,
+  hash: Hash,
+  state: DownloadState,
+  onHeader: (sizeBytes: number) => void,
+  onProgress: (offset: number) => void,
+  signal: AbortSignal,
+): Promise<void> {
+  const call = new AbortController();
+  const onAbort = () => call.abort(signal.reason);
+  signal.addEventListener('abort', onAbort, { once: true });
+  const stalled = new DownloadStalled(`nothing received for ${DOWNLOAD_STALL_MS / 1000}s`);
+  const timer = setTimeout(() => call.abort(stalled), DOWNLOAD_STALL_MS);
+  try {
+    for await (const message of images.downloadImage({ name, offset: state.offset }, { deadline: undefined, signal: call.signal })) {
+      timer.refresh();
+      const part = message.part;
+      if (part?.$case === 'header') {
+        const { sizeBytes, sha256, offset } = part.value;
+        if (state.sha256 === undefined) {
+          state.sha256 = sha256;
+          state.sizeBytes = sizeBytes;
+          onHeader(sizeBytes);
+        } else if (state.sha256 !== sha256 || state.sizeBytes !== sizeBytes) {
+          throw new ImageChanged(
+            `image ${name} changed during the download (now ${sizeBytes} bytes with sha256 ${sha256}, it was ${state.sizeBytes} bytes with sha256 ${state.sha256}); download it again`,
+          );
+        }
+        if (offset !== state.offset) throw new Error(`the controller started at ${offset} where ${state.offset} was asked`);
+        continue;
+      }
+      if (part?.$case !== 'chunk' || state.sizeBytes === undefined) throw new Error('the controller sent data before the header');
+      const { offset, data } = part.value;
+      if (offset !== state.offset || data.byteLength === 0 || offset + data.byteLength > state.sizeBytes) {
+        throw new Error(`the controller sent ${data.byteLength} bytes at ${offset} where ${state.offset} was expected`);
+      }
+      hash.update(data);
+      let written = 0;
+      while (written < data.byteLength) {
+        const { bytesWritten } = await file.write(data, written, data.byteLength - written, offset + written);
+        written += bytesWritten;
+      }
+      state.offset += data.byteLength;
+      onProgress(state.offset);
+      timer.refresh(); // the local write is not the controller's silence
+    }
+  } catch (error) {
+    if (call.signal.reason === stalled) throw stalled;
+    throw error;
+  } finally {
+    clearTimeout(timer);
+    signal.removeEventListener('abort', onAbort);
+  }
+}
+
+async function downloadCommand(name: string, opts: { output: string; force?: boolean }, command: Command): Promise<void> {
+  await withClient(command, async ({ channel, images }, { json, timeout, controller }) => {
+    const output = opts.output;
+    if (
+      !opts.force &&
+      (await stat(output).then(
+        () => true,
+        () => false,
+      ))
+    ) {
+      throw new Error(`${output} already exists; choose another --output, or add --force to replace it`);
+    }
+    await waitForChannelReady(channel, new Date(Date.now() + timeout)).catch(() => {
+      throw new Error(`cannot reach the controller at ${controller} within ${timeout} ms (set --controller or METALCAST_CONTROLLER)`);
+    });
+
+    // Beside the output, so that the final rename is atomic: the output never holds a partial or unverified image.
+    const partial = `${output}.part`;
+    const file = await open(partial, 'w').catch((error: NodeJS.ErrnoException) => {
+      throw new Error(`cannot write ${partial}: ${error.message}`);
+    });
+    const hash = createHash('sha256');
+    const state: DownloadState = { offset: 0 };
+    const cancel = new AbortController();
+    const onInterrupt = () => cancel.abort(new Error('interrupted'));
+    process.once('SIGINT', onInterrupt);
+    let progress = { update: (_done: number) => {}, stop: () => {} };
+    const started = Date.now();
+    let resumes = 0;
+    let fruitless = 0;
+    let done = false;
+    try {
+      for (;;) {
+        const before = state.offset;
+        try {
+          await downloadOnce(
+            images,
+            name,
+            file,
+            hash,
+            state,
+            (size) => {
+              progress = transferProgress(size, name);
+            },
+            (offset) => progress.update(offset),
+            cancel.signal,
+          );
+          if (state.sizeBytes !== undefined && state.offset === state.sizeBytes) break;
+          // Count bytes, not statuses: a stream may end OK short of the image.
+          throw new Error(`the stream ended at ${state.offset} of ${state.sizeBytes ?? '?'} bytes`);
+        } catch (error) {
+          if (cancel.signal.aborted) throw new Error(`download of image ${name} cancelled at ${formatBytes(state.offset)}; nothing kept`);
+          if (error instanceof ImageChanged || (error instanceof ClientError && DOWNLOAD_FATAL.has(error.code))) throw error;
+          // A call that moved forward resets the count: a long download on a flaky link goes on as long as it advances.
+          fruitless = state.offset > before ? 1 : fruitless + 1;
+          if (fruitless >= DOWNLOAD_ATTEMPTS) {
+            throw new Error(
+              `download of image ${name} gave up after ${fruitless} attempts in a row without progress, at ${state.offset} of ${state.sizeBytes ?? '?'} bytes: ${describeError(error)}`,
+            );
+          }
+          resumes++;
+          const delay = Math.min(30_000, 1000 * 2 ** (fruitless - 1)) * (0.5 + Math.random());
+          if (!process.stderr.isTTY || json) {
+            process.stderr.write(
+              `download interrupted at ${state.offset} bytes (${describeError(error)}); resuming in ${(delay / 1000).toFixed(1)}s\n`,
+            );
+          }
+          await sleep(delay, undefined, { signal: cancel.signal }).catch(() => {});
+        }
+      }
+      progress.stop();
+      const digest = hash.digest('hex');
+      if (digest !== state.sha256) {
+        throw new Error(
+          `the downloaded data hashes to ${digest}, but image ${name} has sha256 ${state.sha256}; nothing kept, download it again`,
+        );
+      }
+      await file.sync();
+      await file.close();
+      await rename(partial, output);
+      done = true;
+    } finally {
+      process.removeListener('SIGINT', onInterrupt);
+      progress.stop();
+      if (!done) {
+        await file.close().catch(() => {});
+        await rm(partial, { force: true });
+      }
+    }
+    const size = state.sizeBytes ?? 0;
+    if (json) return printJson({ name, output, sizeBytes: size, sha256: state.sha256, resumes });
+    const seconds = (Date.now() - started) / 1000;
+    process.stdout.write(
+      `downloaded image ${name} to ${output}: ${formatBytes(size)} in ${seconds.toFixed(1)}s ` +
+        `(${formatBytes(size / Math.max(seconds, 0.001))}/s), sha256 ${state.sha256} verified` +
+        `${resumes > 0 ? `, ${resumes} resumes` : ''}\n`,
     );
   });
 }
@@ -196,6 +391,25 @@ on the controller. --timeout bounds connecting only, not the upload itself.
       '\nThe controller retries 5xx answers, connection errors and stalls (--import-attempts); a 4xx\nanswer or a checksum mismatch fails the import at once. Without --wait, follow it with:\nmetalcast image show NAME\n',
     )
     .action(importCommand);
+
+  image
+    .command('download')
+    .description('download an image from the controller into a file, verifying its sha256')
+    .argument('<name>', 'image name')
+    .requiredOption('--output <file>', 'file to write the image to')
+    .option('--force', 'replace the output file if it exists')
+    .addHelpText(
+      'after',
+      `
+The image arrives in <file>.part beside the output, is hashed as it is written, and becomes <file>
+only once every byte has arrived and its sha256 matches the controller's; otherwise nothing is kept.
+A broken or stalled stream (${DOWNLOAD_STALL_MS / 1000}s without data) resumes from the bytes already
+written, with jittered backoff, until ${DOWNLOAD_ATTEMPTS} attempts in a row bring nothing. UNAVAILABLE
+with "being copied" means this controller has not received the image from the others yet: the command
+retries, or download it from another controller. --timeout bounds connecting only.
+`,
+    )
+    .action(downloadCommand);
 
   image
     .command('list')

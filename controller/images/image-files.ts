@@ -1,5 +1,5 @@
 import { createHash, randomUUID } from 'node:crypto';
-import { mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
+import { type FileHandle, mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Status } from 'nice-grpc-common';
 import { MetalcastError } from '../../common/errors.js';
@@ -7,6 +7,32 @@ import { MetalcastError } from '../../common/errors.js';
 export interface ReceivedContent {
   sha256: string;
   sizeBytes: number;
+  /**
+   * Lets go of the new blob's hold (idempotent). Until then garbage
+   * collection leaves the blob alone, although no image row points at it
+   * yet: call it once the row that uses it is committed, or has failed to be.
+   */
+  release: () => void;
+}
+
+/** A blob open for reading; garbage collection leaves it alone until close(). */
+export interface BlobReader {
+  /**
+   * The bytes [from, end) in chunks of at most `chunkSize`, each in a fresh
+   * buffer from `alloc` (a consumer may keep or queue it). The next chunk is
+   * read while the consumer handles the current one, so that the disk and
+   * the network overlap. Throws {@link ShortBlobError} when the file ends early.
+   */
+  chunks(from: number, end: number, chunkSize: number, alloc?: (length: number) => Buffer): AsyncGenerator<Buffer>;
+  close(): Promise<void>;
+}
+
+/** A blob is shorter than what was asked of it (its image row says more). */
+export class ShortBlobError extends Error {
+  override name = 'ShortBlobError';
+  constructor(readonly at: number) {
+    super(`the blob ends at ${at} bytes`);
+  }
 }
 
 export interface ReceiveOptions {
@@ -26,10 +52,21 @@ export interface ReceiveOptions {
  * arrives in a temporary file, is hashed as it is written, flushed, checked,
  * and only then renamed into place, so that a broken or mismatching upload
  * leaves nothing behind and a blob, once present, is always whole.
+ *
+ * Blobs being read, and new blobs whose image row is not committed yet, are
+ * held: {@link removeIfIdle} (the replicator's garbage collection) skips
+ * them. An explicit {@link remove} (the last image using a blob deleted on
+ * this controller) does not wait: on POSIX a reader keeps reading from its
+ * open file after the unlink.
  */
 export class ImageFiles {
   readonly blobs: string;
   private readonly incoming: string;
+  /** Holds per sha256: readers, and blobs just received. */
+  private readonly holds = new Map<string, number>();
+  /** Unlinks in flight, so that a blob received with the same content is renamed in only after them. */
+  private readonly removing = new Map<string, Promise<void>>();
+  private missingHandler: ((sha256: string) => Promise<boolean>) | undefined;
 
   constructor(readonly dir: string) {
     this.blobs = join(dir, 'blobs');
@@ -102,9 +139,17 @@ export class ImageFiles {
       }
       await file.sync();
       await file.close();
-      await rename(temp, this.blobPath(digest));
+      // Held before it is visible: garbage collection must not take a blob whose row is being written.
+      const release = this.hold(digest);
+      try {
+        await this.removing.get(digest);
+        await rename(temp, this.blobPath(digest));
+      } catch (error) {
+        release();
+        throw error;
+      }
       committed = true;
-      return { sha256: digest, sizeBytes: size };
+      return { sha256: digest, sizeBytes: size, release };
     } finally {
       if (!committed) {
         await file.close().catch(() => {});
@@ -113,12 +158,122 @@ export class ImageFiles {
     }
   }
 
+  /** Removes a blob whatever holds it (its last image was deleted here). */
   async remove(sha256: string): Promise<void> {
-    await rm(this.blobPath(sha256), { force: true });
+    await this.unlink(sha256);
+  }
+
+  /** Removes a blob unless something holds it; true when it was removed (or already gone). */
+  async removeIfIdle(sha256: string): Promise<boolean> {
+    if (this.isHeld(sha256)) return false;
+    await this.unlink(sha256);
+    return true;
+  }
+
+  /** Keeps a blob from {@link removeIfIdle}; returns the release function, which is idempotent. */
+  hold(sha256: string): () => void {
+    this.holds.set(sha256, (this.holds.get(sha256) ?? 0) + 1);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      const left = (this.holds.get(sha256) ?? 1) - 1;
+      if (left > 0) this.holds.set(sha256, left);
+      else this.holds.delete(sha256);
+    };
+  }
+
+  isHeld(sha256: string): boolean {
+    return this.holds.has(sha256);
+  }
+
+  /** Opens a blob for reading, held until closed; undefined when this controller does not have it. */
+  async openBlob(sha256: string): Promise<BlobReader | undefined> {
+    const path = this.blobPath(sha256);
+    const release = this.hold(sha256);
+    let file: FileHandle;
+    try {
+      file = await open(path, 'r');
+    } catch (error) {
+      release();
+      if ((error as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw error;
+    }
+    return {
+      chunks: (from, end, chunkSize, alloc = Buffer.allocUnsafe) => readChunks(file, from, end, chunkSize, alloc),
+      close: async () => {
+        release();
+        await file.close();
+      },
+    };
+  }
+
+  /**
+   * Tells whoever fills this store from elsewhere (the replicator) that a
+   * reader wants a blob that is not here. True when it expects to bring it
+   * (a reader should retry), false when nothing will (the content is lost).
+   */
+  async requestMissing(sha256: string): Promise<boolean> {
+    return (await this.missingHandler?.(sha256)) ?? false;
+  }
+
+  /** Installs the answer to {@link requestMissing} (undefined removes it). */
+  setMissingHandler(handler: ((sha256: string) => Promise<boolean>) | undefined): void {
+    this.missingHandler = handler;
+  }
+
+  private async unlink(sha256: string): Promise<void> {
+    const path = this.blobPath(sha256);
+    const done = rm(path, { force: true }).finally(() => {
+      if (this.removing.get(sha256) === done) this.removing.delete(sha256);
+    });
+    this.removing.set(sha256, done);
+    await done;
   }
 
   /** Blobs on disk, for consistency checks. */
   async list(): Promise<string[]> {
     return (await readdir(this.blobs)).filter((name) => /^[0-9a-f]{64}$/.test(name));
+  }
+}
+
+async function* readChunks(
+  file: FileHandle,
+  from: number,
+  end: number,
+  chunkSize: number,
+  alloc: (length: number) => Buffer,
+): AsyncGenerator<Buffer> {
+  const readAt = async (at: number): Promise<Buffer> => {
+    const want = Math.min(chunkSize, end - at);
+    const buffer = alloc(want);
+    let got = 0;
+    while (got < want) {
+      const { bytesRead } = await file.read(buffer, got, want - got, at + got);
+      if (bytesRead === 0) throw new ShortBlobError(at + got);
+      got += bytesRead;
+    }
+    return buffer;
+  };
+  // The read ahead runs while the consumer holds the current chunk, when
+  // nothing awaits it: a failure then would be an unhandled rejection, which
+  // ends the process. Mark it handled here; it is still thrown where it is awaited.
+  const readAhead = (at: number): Promise<Buffer> => {
+    const read = readAt(at);
+    read.catch(() => {});
+    return read;
+  };
+  let offset = from;
+  let pending = offset < end ? readAhead(offset) : undefined;
+  try {
+    while (pending) {
+      const chunk = await pending;
+      offset += chunk.length;
+      pending = offset < end ? readAhead(offset) : undefined;
+      yield chunk;
+    }
+  } finally {
+    // A consumer that stops early must not close the file under a read still running.
+    await pending?.catch(() => {});
   }
 }

@@ -1,4 +1,3 @@
-import { type FileHandle, open } from 'node:fs/promises';
 import type { CallContext } from 'nice-grpc';
 import {
   dataLoss,
@@ -16,7 +15,7 @@ import { allocChunk } from '../../common/read-image-codec.js';
 import type { ControllerMetrics } from '../metrics.js';
 import { authenticateAgent } from '../services/agent-auth.js';
 import type { ImageRecord, NodeRecord, Store } from '../store/store.js';
-import type { ImageFiles } from './image-files.js';
+import { type BlobReader, type ImageFiles, ShortBlobError } from './image-files.js';
 
 export interface ImageServerDeps {
   store: Store;
@@ -35,7 +34,10 @@ const EMPTY = Buffer.alloc(0);
 /**
  * StatImage and ReadImage for agents. Only the agent of a node being
  * deployed with an image may read it. Chunks are read from the blob on
- * demand, one ahead of the one being sent. Memory per transfer stays
+ * demand, one ahead of the one being sent. Image rows are shared by every
+ * controller on the database but content is per controller: a ready image
+ * whose content has not been copied here yet is answered UNAVAILABLE, which
+ * the agent retries (the replicator fetches it meanwhile). Memory per transfer stays
  * bounded however slow the reader: gRPC flow control holds the loop at
  * `yield` once grpc-js has queued its high-water mark of 16 messages, so a
  * stalled reader pins at most about 17 chunks.
@@ -63,6 +65,25 @@ export function createImageServer(deps: ImageServerDeps) {
     return { node, image };
   }
 
+  /**
+   * The image's blob, or why there is none. Rows are shared by every
+   * controller on the database, content is per controller: when the
+   * replicator expects to bring a missing blob here (from another
+   * controller or the image's URL), UNAVAILABLE makes the agent retry.
+   * Otherwise this controller has lost it.
+   */
+  async function openOrExplain(image: ImageRecord): Promise<BlobReader> {
+    const blob = await files.openBlob(image.sha256);
+    if (blob) return blob;
+    if (!(await files.requestMissing(image.sha256))) {
+      throw dataLoss(`the content of image '${image.name}' is missing on this controller; upload or import it again`);
+    }
+    deps.logger.info({ image: image.name, sha256: image.sha256 }, 'image read refused: its content is not on this controller yet');
+    throw unavailable(
+      `image '${image.name}' is still being copied to this controller from another controller; retry in a few seconds, or read it from another controller`,
+    );
+  }
+
   async function statImage(request: StatImageRequest, context: CallContext): Promise<StatImageResponse> {
     const { image } = await authorise(context, request.image);
     return { image: image.name, sizeBytes: image.sizeBytes, sha256: image.sha256, chunkSizeBytes: deps.chunkSize };
@@ -79,7 +100,9 @@ export function createImageServer(deps: ImageServerDeps) {
         `length: offset ${request.offset} + length ${request.length} is past the end of image '${image.name}' (${image.sizeBytes} bytes)`,
       );
     }
+    const blob = await openOrExplain(image);
     if (active >= deps.maxTransfers) {
+      await blob.close();
       metrics.imageTransfersRejected.inc();
       context.trailer.set('retry-after-ms', String(RETRY_AFTER_MS));
       throw resourceExhausted(`the controller is serving ${active} image transfers, its limit; retry in ${RETRY_AFTER_MS / 1000}s`);
@@ -92,51 +115,16 @@ export function createImageServer(deps: ImageServerDeps) {
     const stopTimer = metrics.imageTransferDuration.startTimer();
     const deadline = setTimeout(() => timedOut.abort(), deps.readTimeoutMs);
     const timedOut = new AbortController();
-    let file: FileHandle | undefined;
     let offset = request.offset;
     let result = 'error';
     try {
-      // Opened inside the try: a blob that cannot be opened must still give back the slot and the timer.
-      const blob = await open(files.blobPath(image.sha256), 'r').catch((error: NodeJS.ErrnoException) => {
-        if (error.code === 'ENOENT')
-          throw dataLoss(`the content of image '${image.name}' is missing on this controller; upload or import it again`);
-        throw error;
-      });
-      file = blob;
-      // A fresh buffer per chunk: grpc-js queues written messages unserialised
-      // while the reader is behind (up to its high-water mark), so a buffer
-      // handed to yield must never be reused. The next chunk is read while
-      // this one is being sent.
-      const readAt = async (at: number): Promise<Buffer> => {
-        const want = Math.min(deps.chunkSize, end - at);
-        const buffer = allocChunk(want);
-        let got = 0;
-        while (got < want) {
-          const { bytesRead } = await blob.read(buffer, got, want - got, at + got);
-          if (bytesRead === 0) {
-            throw dataLoss(
-              `the content of image '${image.name}' on this controller is shorter than its recorded size (${image.sizeBytes} bytes); upload or import it again`,
-            );
-          }
-          got += bytesRead;
-        }
-        return buffer;
-      };
-      // The next chunk is read while this one waits at yield, where nothing awaits the read yet: a
-      // failure then (a truncated file) would be an unhandled rejection, which ends the process.
-      // Mark it handled here; it is still thrown where it is awaited below.
-      const readAhead = (at: number): Promise<Buffer> => {
-        const read = readAt(at);
-        read.catch(() => {});
-        return read;
-      };
-      let pending = offset < end ? readAhead(offset) : undefined;
-      while (pending) {
-        const chunk = await pending;
+      // A fresh buffer per chunk (allocChunk, which the fast codec frames in place): grpc-js queues
+      // written messages unserialised while the reader is behind (up to its high-water mark), so a
+      // buffer handed to yield must never be reused. The next chunk is read while this one is sent.
+      for await (const chunk of blob.chunks(offset, end, deps.chunkSize, allocChunk)) {
         const length = chunk.length;
         const chunkOffset = offset;
         offset += length;
-        pending = offset < end ? readAhead(offset) : undefined;
         if (context.signal.aborted || timedOut.signal.aborted) break;
         if (stopping)
           throw unavailable('the controller is shutting down; resume from this offset with another controller or after the restart');
@@ -144,7 +132,6 @@ export function createImageServer(deps: ImageServerDeps) {
         metrics.imageBytesServed.inc(length);
         yield { offset: chunkOffset, length, zero, data: zero ? EMPTY : chunk };
       }
-      await pending?.catch(() => {});
       if (timedOut.signal.aborted) {
         result = 'timeout';
         log.info({ sent: offset - request.offset }, 'image transfer hit --image-read-timeout; the agent resumes');
@@ -152,9 +139,16 @@ export function createImageServer(deps: ImageServerDeps) {
       }
       result = context.signal.aborted ? 'cancelled' : 'ok';
       log.info({ bytes: offset - request.offset, result }, 'image transfer ended');
+    } catch (error) {
+      if (error instanceof ShortBlobError) {
+        throw dataLoss(
+          `the content of image '${image.name}' on this controller is shorter than its recorded size (${image.sizeBytes} bytes); upload or import it again`,
+        );
+      }
+      throw error;
     } finally {
       clearTimeout(deadline);
-      await file?.close();
+      await blob.close();
       active--;
       metrics.imageTransfersActive.dec();
       stopTimer({ result });

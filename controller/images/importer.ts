@@ -2,7 +2,7 @@ import ms from 'ms';
 import pRetry from 'p-retry';
 import { MetalcastError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
-import type { Store } from '../store/store.js';
+import type { ImageRecord, Store } from '../store/store.js';
 import type { ImageCatalog } from './catalog.js';
 import type { ImageFiles, ReceivedContent } from './image-files.js';
 import { type Checksum, redactUrl } from './validation.js';
@@ -23,7 +23,7 @@ export interface ImporterOptions {
 }
 
 /** Why one attempt failed, and whether another attempt could help. */
-class AttemptFailed extends Error {
+export class AttemptFailed extends Error {
   constructor(
     message: string,
     readonly retryable: boolean,
@@ -91,15 +91,14 @@ export class ImageImporter {
   }
 
   private async run(name: string, url: URL, checksum: Checksum, signal: AbortSignal): Promise<void> {
-    const shown = redactUrl(url);
-    const log = this.logger.child({ image: name, url: shown });
+    const log = this.logger.child({ image: name, url: redactUrl(url) });
     const startedAt = Date.now();
     let lastAttempt = 0;
     try {
       const content = await pRetry(
         (attempt) => {
           lastAttempt = attempt;
-          return this.attempt(url, shown, checksum, signal);
+          return downloadToBlob(this.files, url, checksum, this.options, signal);
         },
         {
           retries: this.options.attempts - 1,
@@ -119,9 +118,18 @@ export class ImageImporter {
           },
         },
       );
-      const image = await this.catalog.commit(name, content);
+      let image: ImageRecord;
+      try {
+        image = await this.catalog.commit(name, content);
+      } finally {
+        content.release();
+      }
       const seconds = (Date.now() - startedAt) / 1000;
       log.info({ sha256: image.sha256, sizeBytes: image.sizeBytes, attempts: lastAttempt, seconds }, 'image imported');
+      // Every controller on the database copies the content now (controller/images/replicator.ts).
+      await this.store.notify('image_ready', name).catch((err: unknown) => {
+        log.warn({ err }, 'could not tell the other controllers that the image is ready; they find it at their next sync');
+      });
     } catch (error) {
       if (signal.reason === DELETED) return; // the delete removes the row
       let message: string;
@@ -137,65 +145,91 @@ export class ImageImporter {
       });
     }
   }
+}
 
-  /** One download, from the request to the blob on disk. */
-  private async attempt(url: URL, shown: string, checksum: Checksum, outer: AbortSignal): Promise<ReceivedContent> {
-    const { stallTimeoutMs, maxBytes } = this.options;
-    const controller = new AbortController();
-    const stalled = new AttemptFailed(`nothing received from ${shown} for ${ms(stallTimeoutMs, { long: true })}`, true);
-    const onOuterAbort = () => controller.abort(outer.reason);
-    outer.addEventListener('abort', onOuterAbort, { once: true });
-    // Reset on every chunk: a deadline would cap the whole download, but what we want to catch is silence.
-    const timer = setTimeout(() => controller.abort(stalled), stallTimeoutMs);
-    try {
-      const { href, headers } = requestOf(url);
-      const response = await fetch(href, { signal: controller.signal, headers, redirect: 'follow' });
-      timer.refresh();
-      if (!response.ok) {
-        await response.body?.cancel().catch(() => {});
-        const status = `HTTP ${response.status}${response.statusText ? ` ${response.statusText}` : ''}`;
-        if (response.status >= 400 && response.status < 500) {
-          throw new AttemptFailed(`${shown} answered ${status}; check the URL and that the server lets this controller fetch it`, false);
-        }
-        throw new AttemptFailed(`${shown} answered ${status}`, true);
+export interface DownloadOptions {
+  /** An attempt that receives nothing for this long is abandoned (retryable). */
+  stallTimeoutMs: number;
+  maxBytes: number;
+  /** The content must be exactly this long (the replicator knows it); otherwise Content-Length, when given, is checked. */
+  expectedSize?: number;
+}
+
+/**
+ * One download of an http(s) URL into the image store: streamed through
+ * ImageFiles.receive(), never buffered, verified against `checksum` before
+ * it becomes a blob. Throws {@link AttemptFailed}: retryable for 5xx
+ * answers, connection errors and stalls, not for 4xx answers or content
+ * that does not match. The returned content is held; release it.
+ */
+export async function downloadToBlob(
+  files: ImageFiles,
+  url: URL,
+  checksum: Checksum,
+  options: DownloadOptions,
+  outer: AbortSignal,
+): Promise<ReceivedContent> {
+  const { stallTimeoutMs, maxBytes } = options;
+  const shown = redactUrl(url);
+  const controller = new AbortController();
+  const stalled = new AttemptFailed(`nothing received from ${shown} for ${ms(stallTimeoutMs, { long: true })}`, true);
+  const onOuterAbort = () => controller.abort(outer.reason);
+  outer.addEventListener('abort', onOuterAbort, { once: true });
+  // Reset on every chunk: a deadline would cap the whole download, but what we want to catch is silence.
+  const timer = setTimeout(() => controller.abort(stalled), stallTimeoutMs);
+  try {
+    const { href, headers } = requestOf(url);
+    const response = await fetch(href, { signal: controller.signal, headers, redirect: 'follow' });
+    timer.refresh();
+    if (!response.ok) {
+      await response.body?.cancel().catch(() => {});
+      const status = `HTTP ${response.status}${response.statusText ? ` ${response.statusText}` : ''}`;
+      if (response.status >= 400 && response.status < 500) {
+        throw new AttemptFailed(`${shown} answered ${status}; check the URL and that the server lets this controller fetch it`, false);
       }
-      // With a Content-Encoding, fetch decodes and the length is the encoded one.
-      const length = response.headers.has('content-encoding') ? undefined : Number(response.headers.get('content-length') ?? Number.NaN);
-      const expectedSize = length !== undefined && Number.isSafeInteger(length) && length > 0 ? length : undefined;
-      if (expectedSize !== undefined && expectedSize > maxBytes) {
-        await response.body?.cancel().catch(() => {});
-        throw new AttemptFailed(
-          `${shown} is ${expectedSize} bytes, more than this controller accepts (--max-image-size, ${maxBytes} bytes)`,
-          false,
-        );
-      }
-      const body = response.body;
-      if (!body) throw new AttemptFailed(`${shown} answered without a body`, true);
-      async function* chunks(): AsyncGenerator<Uint8Array> {
-        for await (const chunk of body as AsyncIterable<Uint8Array>) {
-          timer.refresh();
-          yield chunk;
-        }
-        clearTimeout(timer); // hashing is done; flushing to disk may take a while and is not a stall
-      }
-      return await this.files.receive(chunks(), {
-        expectedSha256: checksum.algorithm === 'sha256' ? checksum.hex : undefined,
-        extraDigest: checksum.algorithm === 'sha512' ? { algorithm: 'sha512', hex: checksum.hex } : undefined,
-        expectedSize,
-        maxBytes,
-        signal: controller.signal,
-      });
-    } catch (error) {
-      if (error instanceof AttemptFailed) throw error;
-      if (outer.aborted) throw new AttemptFailed('aborted', false);
-      if (controller.signal.reason === stalled) throw stalled;
-      // Checksum, size or limit: the content itself is wrong, and fetching it again gives the same.
-      if (error instanceof MetalcastError) throw new AttemptFailed(`${shown}: ${error.message}`, false);
-      throw new AttemptFailed(`cannot download ${shown}: ${describeNetworkError(error)}`, true);
-    } finally {
-      clearTimeout(timer);
-      outer.removeEventListener('abort', onOuterAbort);
+      throw new AttemptFailed(`${shown} answered ${status}`, true);
     }
+    // With a Content-Encoding, fetch decodes and the length is the encoded one.
+    const length = response.headers.has('content-encoding') ? undefined : Number(response.headers.get('content-length') ?? Number.NaN);
+    const announced = length !== undefined && Number.isSafeInteger(length) && length > 0 ? length : undefined;
+    if (announced !== undefined && options.expectedSize !== undefined && announced !== options.expectedSize) {
+      await response.body?.cancel().catch(() => {});
+      throw new AttemptFailed(`${shown} is ${announced} bytes now, but the image is ${options.expectedSize}; the file has changed`, false);
+    }
+    const expectedSize = options.expectedSize ?? announced;
+    if (expectedSize !== undefined && expectedSize > maxBytes) {
+      await response.body?.cancel().catch(() => {});
+      throw new AttemptFailed(
+        `${shown} is ${expectedSize} bytes, more than this controller accepts (--max-image-size, ${maxBytes} bytes)`,
+        false,
+      );
+    }
+    const body = response.body;
+    if (!body) throw new AttemptFailed(`${shown} answered without a body`, true);
+    async function* chunks(): AsyncGenerator<Uint8Array> {
+      for await (const chunk of body as AsyncIterable<Uint8Array>) {
+        timer.refresh();
+        yield chunk;
+      }
+      clearTimeout(timer); // hashing is done; flushing to disk may take a while and is not a stall
+    }
+    return await files.receive(chunks(), {
+      expectedSha256: checksum.algorithm === 'sha256' ? checksum.hex : undefined,
+      extraDigest: checksum.algorithm === 'sha512' ? { algorithm: 'sha512', hex: checksum.hex } : undefined,
+      expectedSize,
+      maxBytes,
+      signal: controller.signal,
+    });
+  } catch (error) {
+    if (error instanceof AttemptFailed) throw error;
+    if (outer.aborted) throw new AttemptFailed('aborted', false);
+    if (controller.signal.reason === stalled) throw stalled;
+    // Checksum, size or limit: the content itself is wrong, and fetching it again gives the same.
+    if (error instanceof MetalcastError) throw new AttemptFailed(`${shown}: ${error.message}`, false);
+    throw new AttemptFailed(`cannot download ${shown}: ${describeNetworkError(error)}`, true);
+  } finally {
+    clearTimeout(timer);
+    outer.removeEventListener('abort', onOuterAbort);
   }
 }
 

@@ -1,13 +1,30 @@
 import { abortable, isAbortError } from 'abort-controller-x';
 import ms from 'ms';
-import { Status } from 'nice-grpc-common';
-import { alreadyExists, failedPrecondition, invalidArgument, MetalcastError, notFound } from '../../common/errors.js';
+import { type CallContext, Status } from 'nice-grpc-common';
+import {
+  alreadyExists,
+  dataLoss,
+  failedPrecondition,
+  invalidArgument,
+  MetalcastError,
+  notFound,
+  resourceExhausted,
+  unavailable,
+} from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
-import { type Image, ImageState, type ImageServiceImplementation, type UploadImageRequest } from '../../gen/metalcast/v1/image.js';
+import {
+  type DownloadImageRequest,
+  type DownloadImageResponse,
+  type Image,
+  ImageState,
+  type ImageServiceImplementation,
+  type UploadImageRequest,
+} from '../../gen/metalcast/v1/image.js';
 import type { ControllerConfig } from '../config.js';
 import { ImageCatalog } from '../images/catalog.js';
-import type { ImageFiles } from '../images/image-files.js';
+import { type ImageFiles, ShortBlobError } from '../images/image-files.js';
 import { IMPORT_STOPPED, ImageImporter } from '../images/importer.js';
+import { announceImageReady, ImageReplicator } from '../images/replicator.js';
 import {
   formatChecksum,
   parseChecksum,
@@ -29,9 +46,15 @@ export interface ImageServiceDeps {
 /** The image API and the background work behind it. */
 export interface ImageService {
   implementation: ImageServiceImplementation;
-  /** Cleans up after a previous run: fails its unfinished imports, removes its unfinished uploads. Call before serving. */
+  /**
+   * Cleans up after a previous run (fails its unfinished imports, removes
+   * its unfinished uploads) and starts copying content from other
+   * controllers. Call before serving.
+   */
   init(): Promise<void>;
-  /** Aborts imports in flight and marks them failed. Call before the store closes. */
+  /** Ends every DownloadImage stream at its next chunk (shutdown; clients resume elsewhere). Call before the server shuts down. */
+  stopTransfers(): void;
+  /** Stops copying content, aborts imports in flight and marks them failed. Call before the store closes. */
   stop(): Promise<void>;
 }
 
@@ -65,8 +88,21 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
     { attempts: config.importAttempts, stallTimeoutMs: config.importStallTimeout, maxBytes: config.maxImageSize },
     logger.child({ component: 'importer' }),
   );
+  const replicator = new ImageReplicator(
+    store,
+    files,
+    {
+      controllerId: config.controllerId,
+      keepalive: { timeMs: config.keepaliveTime, timeoutMs: config.keepaliveTimeout },
+      maxBytes: config.maxImageSize,
+      intervalMs: config.imageSyncInterval,
+    },
+    logger.child({ component: 'replicator' }),
+  );
   /** Names with an upload in progress. */
   const uploads = new Set<string>();
+  let downloads = 0;
+  let stoppingTransfers = false;
 
   async function reserve(record: Omit<ImageRecord, 'createdAt' | 'updatedAt'>): Promise<ImageRecord> {
     try {
@@ -124,6 +160,89 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
     }
   }
 
+  /**
+   * A ready image's content from the local blob, a header first, then
+   * chunks of --image-chunk-size read one ahead of the one being sent.
+   * Memory stays bounded: nice-grpc waits at yield once grpc-js has queued
+   * its 16 messages, so a stalled reader pins about 17 chunks; at most
+   * --max-image-transfers downloads run at once, each for at most
+   * --image-read-timeout (the client resumes after it).
+   */
+  async function* downloadImage(request: DownloadImageRequest, context: CallContext): AsyncGenerator<DownloadImageResponse> {
+    const name = validateImageName(request.name);
+    const image = await store.getImage(name);
+    if (!image) throw notFound(`image '${name}' not found; metalcast image list shows the images`);
+    if (image.state === 'importing') {
+      throw failedPrecondition(
+        `image '${name}' is still being imported or uploaded; wait until it is ready (metalcast image show ${name})`,
+      );
+    }
+    if (image.state !== 'ready')
+      throw failedPrecondition(`image '${name}' is ${image.state} (${image.error}); it has no content to download`);
+    if (!Number.isSafeInteger(request.offset) || request.offset > image.sizeBytes) {
+      throw invalidArgument(`offset: ${request.offset} is past the end of image '${name}' (${image.sizeBytes} bytes)`);
+    }
+    if (stoppingTransfers) throw unavailable('the controller is shutting down; download from another controller, or after the restart');
+    const blob = await files.openBlob(image.sha256);
+    if (!blob) {
+      if (!(await files.requestMissing(image.sha256))) {
+        throw dataLoss(`the content of image '${name}' is missing on this controller; upload or import it again`);
+      }
+      throw unavailable(
+        `image '${name}' is not on this controller yet: it is being copied here from another controller; retry in a few seconds, or download it from another controller`,
+      );
+    }
+    if (downloads >= config.maxImageTransfers) {
+      await blob.close();
+      throw resourceExhausted(
+        `the controller is serving ${downloads} image downloads, its limit (--max-image-transfers); retry in a few seconds`,
+      );
+    }
+    downloads++;
+    const log = logger.child({ image: name, from: request.offset, peer: context.peer });
+    const startedAt = Date.now();
+    const timedOut = new AbortController();
+    const deadline = setTimeout(() => timedOut.abort(), config.imageReadTimeout);
+    let offset = request.offset;
+    try {
+      yield {
+        part: {
+          $case: 'header',
+          value: { sizeBytes: image.sizeBytes, sha256: image.sha256, offset, chunkSizeBytes: config.imageChunkSize },
+        },
+      };
+      // A fresh buffer per chunk: grpc-js queues yielded messages unserialised while the reader is behind.
+      for await (const data of blob.chunks(offset, image.sizeBytes, config.imageChunkSize)) {
+        if (context.signal.aborted) break;
+        if (stoppingTransfers) {
+          throw unavailable(`the controller is shutting down; resume from offset ${offset} with another controller, or after the restart`);
+        }
+        if (timedOut.signal.aborted) {
+          throw unavailable(
+            `this download reached the controller's limit of ${ms(config.imageReadTimeout, { long: true })} per stream (--image-read-timeout); resume from offset ${offset}`,
+          );
+        }
+        yield { part: { $case: 'chunk', value: { offset, data } } };
+        offset += data.length;
+      }
+      log.info(
+        { bytes: offset - request.offset, seconds: (Date.now() - startedAt) / 1000, cancelled: context.signal.aborted },
+        'image download ended',
+      );
+    } catch (error) {
+      if (error instanceof ShortBlobError) {
+        throw dataLoss(
+          `the content of image '${name}' on this controller is shorter than its recorded size (${image.sizeBytes} bytes); upload or import it again`,
+        );
+      }
+      throw error;
+    } finally {
+      clearTimeout(deadline);
+      await blob.close();
+      downloads--;
+    }
+  }
+
   const implementation: ImageServiceImplementation = {
     async uploadImage(requests, context) {
       const iterator = requests[Symbol.asyncIterator]();
@@ -155,8 +274,14 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
           maxBytes: config.maxImageSize,
           signal: context.signal,
         });
-        image = await catalog.commit(name, content);
+        try {
+          image = await catalog.commit(name, content);
+        } finally {
+          content.release();
+        }
         log.info({ sha256: image.sha256, sizeBytes: image.sizeBytes, seconds: (Date.now() - startedAt) / 1000 }, 'image uploaded');
+        // Every controller on the database copies the content now.
+        await announceImageReady(store, name, log);
         return { image: imageToProto(image) };
       } catch (error) {
         if (context.signal.aborted || isAbortError(error)) log.info('upload cancelled by the client; nothing kept');
@@ -209,30 +334,55 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
       logger.info({ image: name, blobRemoved }, 'image deleted');
       return {};
     },
+
+    downloadImage,
   };
+
+  /**
+   * Fails the imports and removes the uploads a previous run left
+   * unfinished. Image rows do not say which controller works on them, so
+   * while other controllers share the database this leaves them alone:
+   * those may be theirs, in progress.
+   */
+  async function cleanUpPreviousRun(): Promise<void> {
+    const unfinished = (await store.listImages()).filter((image) => image.state === 'importing');
+    if (unfinished.length === 0) return;
+    const others = (await store.listControllers()).filter((controller) => controller.id !== config.controllerId);
+    if (others.length > 0) {
+      logger.info(
+        { images: unfinished.map((image) => image.name), controllers: others.map((controller) => controller.id) },
+        'images being imported or uploaded left alone: other controllers share the database and may be working on them',
+      );
+      return;
+    }
+    let failed = 0;
+    let removed = 0;
+    for (const image of unfinished) {
+      if (image.sourceUrl !== '') {
+        await store.updateImage(image.name, { state: 'failed', error: IMPORT_STOPPED });
+        failed++;
+      } else {
+        await catalog.discard(image.name);
+        removed++;
+      }
+    }
+    logger.warn({ failedImports: failed, removedUploads: removed }, 'cleaned up images a previous run left unfinished');
+  }
 
   return {
     implementation,
 
     async init() {
-      let failed = 0;
-      let removed = 0;
-      for (const image of await store.listImages()) {
-        if (image.state !== 'importing') continue;
-        if (image.sourceUrl !== '') {
-          await store.updateImage(image.name, { state: 'failed', error: IMPORT_STOPPED });
-          failed++;
-        } else {
-          await catalog.discard(image.name);
-          removed++;
-        }
-      }
-      if (failed + removed > 0) {
-        logger.warn({ failedImports: failed, removedUploads: removed }, 'cleaned up images a previous run left unfinished');
-      }
+      await cleanUpPreviousRun();
+      replicator.start();
+    },
+
+    stopTransfers() {
+      stoppingTransfers = true;
     },
 
     async stop() {
+      await replicator.stop();
       await importer.stop();
     },
   };

@@ -158,6 +158,54 @@ export interface DeleteImageRequest {
 export interface DeleteImageResponse {
 }
 
+/** DownloadImageRequest names the image to download and where to start. */
+export interface DownloadImageRequest {
+  /** Image name. */
+  name: string;
+  /**
+   * Byte offset of the first byte to send: 0 for the whole image, or the
+   * number of bytes already received to resume a broken download.
+   */
+  offset: number;
+}
+
+/** DownloadImageHeader is the first message of a download. */
+export interface DownloadImageHeader {
+  /** Size of the whole image in bytes. */
+  sizeBytes: number;
+  /**
+   * sha256 of the whole image, lower-case hex. Check it once the last chunk
+   * has arrived, and on a resume that it has not changed (an image deleted
+   * and created again under the same name has other content).
+   */
+  sha256: string;
+  /** Byte offset in the image of the first chunk that follows (the request's offset). */
+  offset: number;
+  /** Largest number of bytes one chunk carries. */
+  chunkSizeBytes: number;
+}
+
+/** DownloadImageChunk is a piece of an image's content. */
+export interface DownloadImageChunk {
+  /** Byte offset of the chunk's first byte in the image. */
+  offset: number;
+  /** The content: 1 to chunk_size_bytes bytes. */
+  data: Buffer;
+}
+
+/** DownloadImageResponse is the header, then one message per chunk. */
+export interface DownloadImageResponse {
+  /** The header first, then chunks. */
+  part?:
+    | //
+    /** The first message: what the chunks add up to. */
+    { $case: "header"; value: DownloadImageHeader }
+    | //
+    /** Content, in order and without gaps. */
+    { $case: "chunk"; value: DownloadImageChunk }
+    | undefined;
+}
+
 function createBaseImage(): Image {
   return { name: "", state: 0, sizeBytes: 0, sha256: "", sourceUrl: "", error: "", createdAt: undefined };
 }
@@ -1148,6 +1196,402 @@ export const DeleteImageResponse: MessageFns<DeleteImageResponse> = {
   },
 };
 
+function createBaseDownloadImageRequest(): DownloadImageRequest {
+  return { name: "", offset: 0 };
+}
+
+export const DownloadImageRequest: MessageFns<DownloadImageRequest> = {
+  encode(message: DownloadImageRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.offset !== 0) {
+      writer.uint32(16).uint64(message.offset);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DownloadImageRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDownloadImageRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.offset = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DownloadImageRequest {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      offset: isSet(object.offset) ? globalThis.Number(object.offset) : 0,
+    };
+  },
+
+  toJSON(message: DownloadImageRequest): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.offset !== 0) {
+      obj.offset = Math.round(message.offset);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DownloadImageRequest>): DownloadImageRequest {
+    return DownloadImageRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DownloadImageRequest>): DownloadImageRequest {
+    const message = createBaseDownloadImageRequest();
+    message.name = object.name ?? "";
+    message.offset = object.offset ?? 0;
+    return message;
+  },
+};
+
+function createBaseDownloadImageHeader(): DownloadImageHeader {
+  return { sizeBytes: 0, sha256: "", offset: 0, chunkSizeBytes: 0 };
+}
+
+export const DownloadImageHeader: MessageFns<DownloadImageHeader> = {
+  encode(message: DownloadImageHeader, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.sizeBytes !== 0) {
+      writer.uint32(8).uint64(message.sizeBytes);
+    }
+    if (message.sha256 !== "") {
+      writer.uint32(18).string(message.sha256);
+    }
+    if (message.offset !== 0) {
+      writer.uint32(24).uint64(message.offset);
+    }
+    if (message.chunkSizeBytes !== 0) {
+      writer.uint32(32).uint32(message.chunkSizeBytes);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DownloadImageHeader {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDownloadImageHeader();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.sizeBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.sha256 = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.offset = longToNumber(reader.uint64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.chunkSizeBytes = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DownloadImageHeader {
+    return {
+      sizeBytes: isSet(object.sizeBytes)
+        ? globalThis.Number(object.sizeBytes)
+        : isSet(object.size_bytes)
+        ? globalThis.Number(object.size_bytes)
+        : 0,
+      sha256: isSet(object.sha256) ? globalThis.String(object.sha256) : "",
+      offset: isSet(object.offset) ? globalThis.Number(object.offset) : 0,
+      chunkSizeBytes: isSet(object.chunkSizeBytes)
+        ? globalThis.Number(object.chunkSizeBytes)
+        : isSet(object.chunk_size_bytes)
+        ? globalThis.Number(object.chunk_size_bytes)
+        : 0,
+    };
+  },
+
+  toJSON(message: DownloadImageHeader): unknown {
+    const obj: any = {};
+    if (message.sizeBytes !== 0) {
+      obj.sizeBytes = Math.round(message.sizeBytes);
+    }
+    if (message.sha256 !== "") {
+      obj.sha256 = message.sha256;
+    }
+    if (message.offset !== 0) {
+      obj.offset = Math.round(message.offset);
+    }
+    if (message.chunkSizeBytes !== 0) {
+      obj.chunkSizeBytes = Math.round(message.chunkSizeBytes);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DownloadImageHeader>): DownloadImageHeader {
+    return DownloadImageHeader.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DownloadImageHeader>): DownloadImageHeader {
+    const message = createBaseDownloadImageHeader();
+    message.sizeBytes = object.sizeBytes ?? 0;
+    message.sha256 = object.sha256 ?? "";
+    message.offset = object.offset ?? 0;
+    message.chunkSizeBytes = object.chunkSizeBytes ?? 0;
+    return message;
+  },
+};
+
+function createBaseDownloadImageChunk(): DownloadImageChunk {
+  return { offset: 0, data: Buffer.alloc(0) };
+}
+
+export const DownloadImageChunk: MessageFns<DownloadImageChunk> = {
+  encode(message: DownloadImageChunk, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.offset !== 0) {
+      writer.uint32(8).uint64(message.offset);
+    }
+    if (message.data.length !== 0) {
+      writer.uint32(18).bytes(message.data);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DownloadImageChunk {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDownloadImageChunk();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.offset = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.data = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DownloadImageChunk {
+    return {
+      offset: isSet(object.offset) ? globalThis.Number(object.offset) : 0,
+      data: isSet(object.data) ? Buffer.from(bytesFromBase64(object.data)) : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: DownloadImageChunk): unknown {
+    const obj: any = {};
+    if (message.offset !== 0) {
+      obj.offset = Math.round(message.offset);
+    }
+    if (message.data.length !== 0) {
+      obj.data = base64FromBytes(message.data);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DownloadImageChunk>): DownloadImageChunk {
+    return DownloadImageChunk.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DownloadImageChunk>): DownloadImageChunk {
+    const message = createBaseDownloadImageChunk();
+    message.offset = object.offset ?? 0;
+    message.data = object.data ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function createBaseDownloadImageResponse(): DownloadImageResponse {
+  return { part: undefined };
+}
+
+export const DownloadImageResponse: MessageFns<DownloadImageResponse> = {
+  encode(message: DownloadImageResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.part?.$case) {
+      case "header":
+        DownloadImageHeader.encode(message.part.value, writer.uint32(10).fork()).join();
+        break;
+      case "chunk":
+        DownloadImageChunk.encode(message.part.value, writer.uint32(18).fork()).join();
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DownloadImageResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDownloadImageResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.part = { $case: "header", value: DownloadImageHeader.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.part = { $case: "chunk", value: DownloadImageChunk.decode(reader, reader.uint32()) };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DownloadImageResponse {
+    return {
+      part: isSet(object.header)
+        ? { $case: "header", value: DownloadImageHeader.fromJSON(object.header) }
+        : isSet(object.chunk)
+        ? { $case: "chunk", value: DownloadImageChunk.fromJSON(object.chunk) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: DownloadImageResponse): unknown {
+    const obj: any = {};
+    if (message.part?.$case === "header") {
+      obj.header = DownloadImageHeader.toJSON(message.part.value);
+    } else if (message.part?.$case === "chunk") {
+      obj.chunk = DownloadImageChunk.toJSON(message.part.value);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DownloadImageResponse>): DownloadImageResponse {
+    return DownloadImageResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DownloadImageResponse>): DownloadImageResponse {
+    const message = createBaseDownloadImageResponse();
+    switch (object.part?.$case) {
+      case "header": {
+        if (object.part?.value !== undefined && object.part?.value !== null) {
+          message.part = { $case: "header", value: DownloadImageHeader.fromPartial(object.part.value) };
+        }
+        break;
+      }
+      case "chunk": {
+        if (object.part?.value !== undefined && object.part?.value !== null) {
+          message.part = { $case: "chunk", value: DownloadImageChunk.fromPartial(object.part.value) };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
 /** ImageService is the operator API for images. */
 export type ImageServiceDefinition = typeof ImageServiceDefinition;
 export const ImageServiceDefinition = {
@@ -1199,6 +1643,22 @@ export const ImageServiceDefinition = {
       responseStream: false,
       options: {},
     },
+    /**
+     * DownloadImage streams a ready image's content from this controller, for
+     * operators and for other controllers copying it: first a header, then the
+     * chunks in order. Call it again with the bytes already received as the
+     * offset to resume. UNAVAILABLE means that this controller does not have
+     * the content yet (it is being copied here from another controller) or is
+     * busy or stopping: retry later, or ask another controller.
+     */
+    downloadImage: {
+      name: "DownloadImage",
+      requestType: DownloadImageRequest as typeof DownloadImageRequest,
+      requestStream: false,
+      responseType: DownloadImageResponse as typeof DownloadImageResponse,
+      responseStream: true,
+      options: {},
+    },
   },
 } as const;
 
@@ -1225,6 +1685,18 @@ export interface ImageServiceImplementation<CallContextExt = {}> {
     request: DeleteImageRequest,
     context: CallContext & CallContextExt,
   ): Promise<DeepPartial<DeleteImageResponse>>;
+  /**
+   * DownloadImage streams a ready image's content from this controller, for
+   * operators and for other controllers copying it: first a header, then the
+   * chunks in order. Call it again with the bytes already received as the
+   * offset to resume. UNAVAILABLE means that this controller does not have
+   * the content yet (it is being copied here from another controller) or is
+   * busy or stopping: retry later, or ask another controller.
+   */
+  downloadImage(
+    request: DownloadImageRequest,
+    context: CallContext & CallContextExt,
+  ): ServerStreamingMethodResult<DeepPartial<DownloadImageResponse>>;
 }
 
 export interface ImageServiceClient<CallOptionsExt = {}> {
@@ -1250,6 +1722,18 @@ export interface ImageServiceClient<CallOptionsExt = {}> {
     request: DeepPartial<DeleteImageRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<DeleteImageResponse>;
+  /**
+   * DownloadImage streams a ready image's content from this controller, for
+   * operators and for other controllers copying it: first a header, then the
+   * chunks in order. Call it again with the bytes already received as the
+   * offset to resume. UNAVAILABLE means that this controller does not have
+   * the content yet (it is being copied here from another controller) or is
+   * busy or stopping: retry later, or ask another controller.
+   */
+  downloadImage(
+    request: DeepPartial<DownloadImageRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): AsyncIterable<DownloadImageResponse>;
 }
 
 function bytesFromBase64(b64: string): Uint8Array {
@@ -1305,6 +1789,8 @@ function longToNumber(int64: { toString(): string }): number {
 function isSet(value: any): boolean {
   return value !== null && value !== undefined;
 }
+
+export type ServerStreamingMethodResult<Response> = { [Symbol.asyncIterator](): AsyncIterator<Response, void> };
 
 export interface MessageFns<T> {
   encode(message: T, writer?: BinaryWriter): BinaryWriter;

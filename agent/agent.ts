@@ -2,6 +2,7 @@ import { createSocket } from 'node:dgram';
 import { networkInterfaces } from 'node:os';
 import type { Server } from 'nice-grpc';
 import type { Logger } from '../common/logging.js';
+import { hostOf, loadCaBundle } from '../common/tls.js';
 import { METALCAST_VERSION } from '../common/version.js';
 import { AgentStatus } from '../gen/metalcast/v1/agent_gateway.js';
 import type { Inventory } from '../gen/metalcast/v1/inventory.js';
@@ -12,13 +13,14 @@ import { powerOffCommand, rebootCommand } from './commands/power-commands.js';
 import { writeImageCommand } from './commands/write-image.js';
 import { controllerImageSource } from './image-source.js';
 import { CommandRunner } from './commands/runner.js';
-import type { AgentConfig } from './config.js';
+import { type AgentConfig, checkAgentTlsMode } from './config.js';
 import { ControllerLink } from './controller-link.js';
 import { discoverInventory } from './discovery/index.js';
 import { HeartbeatLoop, type HeartbeatIdentity } from './heartbeat.js';
 import { lookupWithBackoff } from './lookup.js';
 import { OsPowerDriver, type PowerDriver, RecordingPowerDriver } from './power.js';
 import { startAgentServer } from './server.js';
+import { createAgentTlsIdentity } from './tls-identity.js';
 
 /** A running agent, as startAgent returns it. */
 export interface RunningAgent {
@@ -36,6 +38,15 @@ export interface RunningAgent {
  * accepting the token.
  */
 export async function startAgent(config: AgentConfig, logger: Logger): Promise<RunningAgent> {
+  // Checked and read before anything else: a missing or unreadable CA bundle is a ConfigError (exit code 2).
+  checkAgentTlsMode(config);
+  const caPem = config.insecure ? undefined : loadCaBundle(config.ca, '--ca');
+  if (config.insecure) {
+    logger.warn(
+      { controller: config.controller, listen: config.listen },
+      'talking to the controller and serving the agent API in plaintext (--insecure): anyone on the provisioning network can read the agent token and pose as the controller or as this agent; for isolated labs and tests only',
+    );
+  }
   const inventory = await discoverInventory(config.root);
   const macs = inventory.interfaces.map((nic) => nic.macAddress);
   if (macs.length === 0)
@@ -51,7 +62,13 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<R
   let identity: HeartbeatIdentity | undefined;
   const keepalive = { timeMs: config.keepaliveTime, timeoutMs: config.keepaliveTimeout };
   const power: PowerDriver = config.powerDriver === 'recording' ? new RecordingPowerDriver(config.powerRecordFile) : new OsPowerDriver();
-  const link = new ControllerLink(config.controller, keepalive, logger.child({ component: 'controller-link' }));
+  const link = new ControllerLink(
+    config.controller,
+    keepalive,
+    logger.child({ component: 'controller-link' }),
+    {},
+    caPem === undefined ? undefined : { caPem, source: `--ca ${config.ca}` },
+  );
   const imageSource = controllerImageSource(link, () => identity, config.callTimeout);
   const handlers: CommandHandler[] = [
     getInventoryCommand(discover) as unknown as CommandHandler,
@@ -63,14 +80,32 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<R
   let heartbeat: HeartbeatLoop | undefined;
   const runner = new CommandRunner(handlers, config.commandHistory, logger.child({ component: 'commands' }), () => heartbeat?.forceSoon());
 
-  const { server, port } = await startAgentServer(config.listen, keepalive, {
-    runner,
-    currentToken: () => identity?.token,
-    inventory: discover,
-    logger: logger.child({ component: 'agent-api' }),
-  });
-  const advertiseAddress = config.advertiseAddress || (await guessAdvertiseAddress(config.listen, port, config.controller[0] as string));
-  logger.info({ listen: config.listen, port, advertiseAddress }, 'agent API listening');
+  const advertiseHost = config.advertiseAddress
+    ? hostOf(config.advertiseAddress)
+    : await guessAdvertiseHost(config.listen, config.controller[0] as string);
+  // A new key at every start, never written anywhere: the controller pins its certificate after each lookup.
+  const tls = caPem === undefined ? undefined : await createAgentTlsIdentity(advertiseHost);
+  const { server, port } = await startAgentServer(
+    config.listen,
+    keepalive,
+    {
+      runner,
+      currentToken: () => identity?.token,
+      inventory: discover,
+      logger: logger.child({ component: 'agent-api' }),
+    },
+    tls,
+  );
+  const advertiseAddress = config.advertiseAddress || `${advertiseHost.includes(':') ? `[${advertiseHost}]` : advertiseHost}:${port}`;
+  logger.info(
+    {
+      listen: config.listen,
+      port,
+      advertiseAddress,
+      tls: tls ? { fingerprint: tls.fingerprint, validTo: tls.validTo } : 'off (--insecure)',
+    },
+    'agent API listening',
+  );
 
   const stopping = new AbortController();
   const lookupOptions = {
@@ -115,7 +150,12 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<R
         };
       },
       lookup,
-      { reconnectDelayMs: config.reconnectDelay, minGapMs: config.minHeartbeatGap, ackTimeoutMs: config.callTimeout },
+      {
+        reconnectDelayMs: config.reconnectDelay,
+        minGapMs: config.minHeartbeatGap,
+        ackTimeoutMs: config.callTimeout,
+        certificatePem: tls?.certPem,
+      },
       logger.child({ component: 'heartbeat' }),
     );
     // Resolves when stopped; rejects when a re-lookup exhausts its budget.
@@ -146,13 +186,14 @@ async function shutdownServer(server: Server): Promise<void> {
 }
 
 /**
- * The address the controller should dial: the listen host if it is a
- * specific one, otherwise the local address the kernel would use to reach
- * the controller (a connected UDP socket sends nothing), with the bound port.
+ * The host the controller should dial: the listen host if it is a specific
+ * one, otherwise the local address the kernel would use to reach the
+ * controller (a connected UDP socket sends nothing). The bound port goes
+ * with it.
  */
-async function guessAdvertiseAddress(listen: string, port: number, controller: string): Promise<string> {
+async function guessAdvertiseHost(listen: string, controller: string): Promise<string> {
   const listenHost = listen.slice(0, listen.lastIndexOf(':')).replace(/^\[|\]$/g, '');
-  if (listenHost !== '0.0.0.0' && listenHost !== '::') return `${listenHost.includes(':') ? `[${listenHost}]` : listenHost}:${port}`;
+  if (listenHost !== '0.0.0.0' && listenHost !== '::') return listenHost;
   const controllerHost = controller.slice(0, controller.lastIndexOf(':')).replace(/^\[|\]$/g, '');
   const controllerPort = Number(controller.slice(controller.lastIndexOf(':') + 1));
   try {
@@ -165,11 +206,11 @@ async function guessAdvertiseAddress(listen: string, port: number, controller: s
         resolve(address);
       });
     });
-    return `${local.includes(':') ? `[${local}]` : local}:${port}`;
+    return local;
   } catch {
     const fallback = Object.values(networkInterfaces())
       .flat()
       .find((nic) => nic && nic.family === 'IPv4' && !nic.internal);
-    return `${fallback?.address ?? '127.0.0.1'}:${port}`;
+    return fallback?.address ?? '127.0.0.1';
   }
 }

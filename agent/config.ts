@@ -11,6 +11,7 @@ import {
   type OptionSpec,
   oneOf,
   resolveOptions,
+  switchValue,
 } from '../common/config.js';
 import { type KernelCmdline, type KernelCmdlineKeys, kernelCmdlineSource } from './kernel-cmdline.js';
 
@@ -28,6 +29,21 @@ export const AGENT_OPTIONS = {
     description: 'address the agent serves its own gRPC API on, for the controller to call',
     defaultValue: '0.0.0.0:9999',
     parse: hostPort,
+  },
+  ca: {
+    flag: 'ca',
+    description:
+      "PEM CA bundle the agent verifies the controller's certificate with; required unless --insecure. The agent's own API serves TLS with a key and self-signed certificate made at each start, which the controller pins",
+    defaultValue: '',
+    parse: (raw: string) => (raw.trim() === '' ? '' : resolve(raw.trim())),
+  },
+  insecure: {
+    flag: 'insecure',
+    description:
+      'talk to the controller and serve the agent API in plaintext, without TLS: anyone on the provisioning network can read the agent token and pose as the controller or the agent; for isolated labs and tests only (a warning at start says so)',
+    defaultValue: 'false',
+    parse: switchValue,
+    isSwitch: true,
   },
   advertiseAddress: {
     flag: 'advertise-address',
@@ -130,7 +146,6 @@ export const AGENT_KERNEL_CMDLINE_KEYS: KernelCmdlineKeys = {
     .map((spec) => spec.flag)
     .filter((flag) => flag !== AGENT_OPTIONS.root.flag),
   ignored: {
-    ca: 'not used yet: the agent does not speak TLS to the controller yet',
     root: 'it cannot be set there: --root (or METALCAST_ROOT) decides where the kernel command line is read from',
   },
 };
@@ -158,4 +173,22 @@ export function loadAgentConfig(
   }
   if (problems.length > 0) throw new ConfigError(problems);
   return config;
+}
+
+/**
+ * TLS (--ca) or --insecure, never both and never neither; ConfigError
+ * otherwise. startAgent checks it, so that loadAgentConfig stays usable
+ * for the other settings alone.
+ */
+export function checkAgentTlsMode(config: Pick<AgentConfig, 'ca' | 'insecure'>): void {
+  if (config.insecure && config.ca !== '') {
+    throw new ConfigError([
+      '--insecure contradicts --ca (metalcast.insecure, metalcast.ca=): talk to the controller over TLS or in plaintext, not both',
+    ]);
+  }
+  if (!config.insecure && config.ca === '') {
+    throw new ConfigError([
+      "the agent talks to the controller over TLS: give --ca (metalcast.ca= on the kernel command line) with the PEM CA bundle that signed the controller's certificate, or --insecure (metalcast.insecure) for a plaintext lab",
+    ]);
+  }
 }

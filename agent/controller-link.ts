@@ -1,8 +1,10 @@
 import { type Channel, ClientError, createChannel, createClientFactory, Status } from 'nice-grpc';
 import { deadlineMiddleware } from 'nice-grpc-client-middleware-deadline';
 import { clientChannelOptions, type KeepaliveOptions } from '../common/grpc-options.js';
+import { describeError } from '../common/errors.js';
 import type { Logger } from '../common/logging.js';
 import { FastAgentGatewayServiceDefinition } from '../common/read-image-codec.js';
+import { explainTlsFailure, speaksTls, tlsClient } from '../common/tls.js';
 import type { AgentGatewayServiceDefinition } from '../gen/metalcast/v1/agent_gateway.js';
 
 const factory = createClientFactory().use(deadlineMiddleware);
@@ -13,6 +15,17 @@ export function isConnectionError(error: unknown): boolean {
   return error instanceof ClientError && (error.code === Status.UNAVAILABLE || error.code === Status.DEADLINE_EXCEEDED);
 }
 
+/** How the agent reaches its controllers: TLS verified against a CA bundle, or plaintext (--insecure). */
+export interface ControllerLinkTls {
+  /** PEM CA bundle the controllers' certificates must chain to. */
+  caPem: string;
+  /** Where it came from, for messages: "--ca /etc/metalcast/ca.pem". */
+  source: string;
+}
+
+/** A TLS explanation is logged at most this often per controller address. */
+const EXPLAIN_INTERVAL_MS = 60_000;
+
 /**
  * The agent's way to its controllers: one channel per address, created when
  * first used; on connection errors the agent moves on to the next address,
@@ -21,6 +34,8 @@ export function isConnectionError(error: unknown): boolean {
 export class ControllerLink {
   private readonly channels = new Map<string, { channel: Channel; gateway: GatewayClient }>();
   private index: number;
+  /** When each address last had its connection failure explained. */
+  private readonly explained = new Map<string, number>();
 
   constructor(
     private readonly addresses: readonly string[],
@@ -28,6 +43,8 @@ export class ControllerLink {
     private readonly logger: Logger,
     /** Extra channel options; grpc-js shares one connection between channels whose options are equal. */
     private readonly extraChannelOptions: Record<string, string | number> = {},
+    /** TLS to the controllers; undefined: plaintext (--insecure, benchmarks). */
+    private readonly tls?: ControllerLinkTls,
   ) {
     // A fleet booted with the same list spreads over the controllers instead of all landing on the first.
     this.index = Math.floor(Math.random() * addresses.length);
@@ -40,7 +57,12 @@ export class ControllerLink {
   get gateway(): GatewayClient {
     let entry = this.channels.get(this.address);
     if (!entry) {
-      const channel = createChannel(this.address, undefined, { ...clientChannelOptions(this.keepalive), ...this.extraChannelOptions });
+      const tls = this.tls && tlsClient(this.address, { caPem: this.tls.caPem });
+      const channel = createChannel(this.address, tls?.credentials, {
+        ...clientChannelOptions(this.keepalive),
+        ...tls?.channelOptions,
+        ...this.extraChannelOptions,
+      });
       entry = { channel, gateway: factory.create(FastAgentGatewayServiceDefinition, channel) };
       this.channels.set(this.address, entry);
     }
@@ -53,6 +75,40 @@ export class ControllerLink {
     const from = this.address;
     this.index = (this.index + 1) % this.addresses.length;
     this.logger.warn({ from, to: this.address, reason }, 'switching to the next controller address');
+  }
+
+  /**
+   * Logs, as an error an operator can act on, when a connection failure is
+   * about TLS: this agent and the controller disagree on TLS, or the
+   * controller's certificate is not one this agent can trust. grpc-js says
+   * only "failed to connect" when a plaintext client meets a TLS server, so
+   * a plaintext agent asks the address for a TLS handshake to tell that case
+   * from a controller that is down. At most once a minute per address;
+   * returns at once (the check runs in the background).
+   */
+  explainConnectionFailure(error: unknown): void {
+    if (!isConnectionError(error)) return;
+    const address = this.address;
+    const now = Date.now();
+    if (now - (this.explained.get(address) ?? 0) < EXPLAIN_INTERVAL_MS) return;
+    this.explained.set(address, now);
+    const server = `the controller at ${address}`;
+    if (this.tls) {
+      const explanation = explainTlsFailure(describeError(error), server, this.tls.source);
+      if (explanation) this.logger.error({ controller: address, reason: describeError(error) }, explanation);
+      else this.explained.delete(address);
+      return;
+    }
+    void speaksTls(address).then((tls) => {
+      if (tls) {
+        this.logger.error(
+          { controller: address },
+          `${server} speaks TLS, and this agent runs with --insecure (plaintext): give the agent --ca (metalcast.ca= on the kernel command line) with the CA bundle that signed the controller's certificate`,
+        );
+      } else {
+        this.explained.delete(address);
+      }
+    });
   }
 
   close(): void {

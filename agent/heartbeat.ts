@@ -15,6 +15,8 @@ export interface HeartbeatOptions {
   ackTimeoutMs: number;
   /** Spread reconnects randomly (default). Off only to measure what jitter buys (bench herd). */
   jitter?: boolean;
+  /** PEM of the certificate the agent's API serves TLS with: sent on the first heartbeat of every stream, for the controller to pin. */
+  certificatePem?: string;
 }
 
 export interface HeartbeatIdentity {
@@ -22,8 +24,8 @@ export interface HeartbeatIdentity {
   token: string;
 }
 
-/** The heartbeat without sequence number: what the agent reports about itself. */
-export type HeartbeatBody = Omit<HeartbeatRequest, 'sequence'>;
+/** The heartbeat without sequence number and certificate: what the agent reports about itself. */
+export type HeartbeatBody = Omit<HeartbeatRequest, 'sequence' | 'agentCertificatePem'>;
 
 /**
  * Keeps one heartbeat stream open to the controller: the first heartbeat at
@@ -77,7 +79,10 @@ export class HeartbeatLoop {
           this.logger.warn({ reason: error.details }, 'controller no longer accepts this agent token; looking up again');
           relookup = true;
         } else {
-          if (isConnectionError(error)) this.link.next('heartbeat stream failed');
+          if (isConnectionError(error)) {
+            this.link.explainConnectionFailure(error);
+            this.link.next('heartbeat stream failed');
+          }
           this.logger.warn({ err: error, controller: this.link.address }, 'heartbeat stream failed; reconnecting after a jittered delay');
         }
       }
@@ -113,7 +118,8 @@ export class HeartbeatLoop {
     const send = () => {
       sequence += 1;
       lastSentAt = Date.now();
-      requests.push({ sequence, ...this.body() });
+      // Only the first heartbeat of a stream carries the certificate: the controller pins it, or checks it against the pin.
+      requests.push({ sequence, ...this.body(), agentCertificatePem: sequence === 1 ? (this.options.certificatePem ?? '') : '' });
       clearTimeout(ackWatchdog);
       // Keepalive catches a dead link; this catches a controller that is alive but stuck.
       ackWatchdog = setTimeout(() => {

@@ -82,7 +82,10 @@ export async function lookupWithBackoff(
         signal,
         onFailedAttempt: ({ error, attemptNumber }) => {
           const controller = link.address;
-          if (isConnectionError(error)) link.next('lookup could not connect');
+          if (isConnectionError(error)) {
+            link.explainConnectionFailure(error);
+            link.next('lookup could not connect');
+          }
           logger.warn(
             { attempt: attemptNumber, controller, elapsedSeconds: Math.round((Date.now() - started) / 1000) },
             `lookup failed: ${hint(error, controller, request.macAddresses)}`,

@@ -36,6 +36,11 @@ export async function agentMain(flags: Record<string, unknown>): Promise<void> {
   try {
     agent = await startAgent(config, logger);
   } catch (error) {
+    // An unreadable --ca is found only now: still a configuration error.
+    if (error instanceof ConfigError) {
+      process.stderr.write(`metalcast agent: ${error.message}\n`);
+      return exit(AGENT_EXIT.config);
+    }
     logger.fatal({ err: error }, 'agent failed to start');
     process.stderr.write(`metalcast agent: ${(error as Error).message}\n`);
     return exit(AGENT_EXIT.fatal);

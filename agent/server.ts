@@ -5,7 +5,14 @@ import { agentApiToken } from '../common/agent-credentials.js';
 import { bearerToken } from '../common/agent-metadata.js';
 import { errorMappingMiddleware, notFound, unauthenticated, unavailable } from '../common/errors.js';
 import { serverChannelOptions } from '../common/grpc-options.js';
+import {
+  AGENT_REQUEST_LIMIT_BYTES,
+  guardRequestDecoding,
+  HEALTH_REQUEST_LIMIT_BYTES,
+  rejectUndecodableRequests,
+} from '../common/request-decoding.js';
 import type { Logger } from '../common/logging.js';
+import { type ServerIdentity, tlsServerCredentials } from '../common/tls.js';
 import { AgentServiceDefinition, type AgentServiceImplementation } from '../gen/metalcast/v1/agent.js';
 import type { Inventory } from '../gen/metalcast/v1/inventory.js';
 import type { CommandRunner } from './commands/runner.js';
@@ -69,17 +76,26 @@ function createAgentService(deps: AgentServerDeps): AgentServiceImplementation {
   };
 }
 
-/** Starts the agent's gRPC server; returns it with the port actually bound. */
+/**
+ * Starts the agent's gRPC server, over TLS with `tls` (the agent's
+ * self-signed identity, which the controller pins) or in plaintext without
+ * it; returns it with the port actually bound.
+ */
 export async function startAgentServer(
   listen: string,
   keepalive: { timeMs: number; timeoutMs: number },
   deps: AgentServerDeps,
+  tls?: ServerIdentity,
 ): Promise<{ server: Server; port: number }> {
   const health = HealthState();
-  const server = createServer(serverChannelOptions(keepalive)).use(errorMappingMiddleware(deps.logger)).use(agentTokenMiddleware(deps));
-  server.add(AgentServiceDefinition, createAgentService(deps));
-  server.add(HealthDefinition, HealthServiceImpl(health));
-  const port = await server.listen(listen);
+  // Requests to the agent are small (a command's parameters, an id); responses (inventory, history) may not be.
+  const server = createServer(serverChannelOptions(keepalive, undefined, AGENT_REQUEST_LIMIT_BYTES))
+    .use(errorMappingMiddleware(deps.logger))
+    .use(agentTokenMiddleware(deps))
+    .use(rejectUndecodableRequests());
+  server.add(guardRequestDecoding(AgentServiceDefinition, AGENT_REQUEST_LIMIT_BYTES), createAgentService(deps));
+  server.add(guardRequestDecoding(HealthDefinition, HEALTH_REQUEST_LIMIT_BYTES), HealthServiceImpl(health));
+  const port = await server.listen(listen, tls && tlsServerCredentials(tls));
   health.setStatus('healthy');
   return { server, port };
 }

@@ -9,7 +9,8 @@
  * it is written, right before the answer is sent. Each run gets a fresh fake
  * machine and a node waiting for it in inspect wait (in maintenance, so that
  * the controller does not go on to inspect it); the agent is killed once it
- * looked up. The artifacts are copied to an empty folder and run from there,
+ * looked up. Everything speaks TLS, as in production: each agent start
+ * includes making its key and self-signed certificate. The artifacts are copied to an empty folder and run from there,
  * with no node_modules anywhere above.
  *
  * Cases, interleaved run by run because these machines are noisy:
@@ -30,6 +31,10 @@ import { clientChannelOptions } from '../common/grpc-options.js';
 import { createLogger } from '../common/logging.js';
 import { loadControllerConfig } from '../controller/config.js';
 import { startController } from '../controller/controller.js';
+import { operatorMetadata } from '../controller/operator-auth.js';
+import { readTokenFile } from '../cli/client.js';
+import { tlsInit } from '../cli/commands/tls.js';
+import { tlsClient } from '../common/tls.js';
 import { uniqueFakeMachine } from '../demo/fake-machine.js';
 import { NodeServiceDefinition, ProvisionAction } from '../gen/metalcast/v1/node.js';
 import { packageVersion, REPO_ROOT } from '../scripts/build.js';
@@ -93,13 +98,28 @@ export async function run(args: string[]): Promise<BenchResult> {
         },
       },
     });
+    const pki = await tlsInit({ dir: join(dir, 'tls'), hosts: ['127.0.0.1'], days: 1 });
     const config = loadControllerConfig(
-      { listen: '127.0.0.1:0', metricsListen: '127.0.0.1:0', dataDir: join(dir, 'controller'), controllerId: 'bench', logLevel: 'info' },
+      {
+        listen: '127.0.0.1:0',
+        metricsListen: '127.0.0.1:0',
+        dataDir: join(dir, 'controller'),
+        controllerId: 'bench',
+        logLevel: 'info',
+        tlsCert: pki.controller,
+        tlsKey: pki.controllerKey,
+      },
       {},
     );
     const controller = await startController(config, logger);
-    const channel = createChannel(controller.grpcAddress, undefined, clientChannelOptions({ timeMs: 60_000, timeoutMs: 10_000 }));
-    const nodes = createClient(NodeServiceDefinition, channel);
+    const secure = tlsClient(controller.grpcAddress, { caPem: readFileSync(pki.ca, 'utf8') });
+    const channel = createChannel(controller.grpcAddress, secure.credentials, {
+      ...clientChannelOptions({ timeMs: 60_000, timeoutMs: 10_000 }),
+      ...secure.channelOptions,
+    });
+    // The controller's first start wrote an admin operator token beside its database.
+    const adminToken = readTokenFile(join(dir, 'controller', 'admin.token')) ?? '';
+    const nodes = createClient(NodeServiceDefinition, channel, { '*': { metadata: operatorMetadata(adminToken) } });
     try {
       const cases: Case[] = [
         newCase('node', 'node -e 0 (bare Node.js start to exit)', [process.execPath, '-e', '0'], false),
@@ -126,7 +146,7 @@ export async function run(args: string[]): Promise<BenchResult> {
           return;
         }
         machineIndex += 1;
-        const result = await agentRun(c, join(dir, `m${machineIndex}`), machineIndex, bare, controller.grpcAddress, nodes, waiters);
+        const result = await agentRun(c, join(dir, `m${machineIndex}`), machineIndex, bare, controller.grpcAddress, nodes, waiters, pki.ca);
         if (measured) {
           c.samples.push(result.ms);
           if (result.rssBytes > 0) c.rssBytes.push(result.rssBytes);
@@ -223,6 +243,7 @@ async function agentRun(
   controller: string,
   nodes: ReturnType<typeof createClient<typeof NodeServiceDefinition>>,
   waiters: LookupWaiters,
+  ca: string,
 ): Promise<{ ms: number; rssBytes: number; agentVersion: string }> {
   const machine = await uniqueFakeMachine(machineDir, index);
   const created = await nodes.createNode({ name: `start-${c.key}-${index}`, macAddresses: [machine.macs[0] as string] });
@@ -233,6 +254,7 @@ async function agentRun(
 
   const flags = {
     controller,
+    ca,
     root: machine.root,
     listen: '127.0.0.1:0',
     'log-level': 'info',

@@ -32,7 +32,7 @@ import { createInterface } from 'node:readline';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import ms from 'ms';
-import { connectOperator } from '../cli/client.js';
+import { connectOperator, readTokenFile } from '../cli/client.js';
 import { ProvisionAction } from '../gen/metalcast/v1/node.js';
 import {
   type BenchCheck,
@@ -92,6 +92,8 @@ const CONTROLLER_FLAGS = [
   ['--shutdown-timeout', '10s'],
   ['--controller-id', 'bench-herd'],
   ['--log-level', 'info'],
+  // Plaintext: the simulated agents (herd-worker.ts) measure reconnect timing, not TLS.
+  ['--insecure', 'true'],
 ].flat();
 
 type Options = ReturnType<typeof parseOptions>;
@@ -208,7 +210,7 @@ async function runMode(jitter: boolean, o: Options, dir: string): Promise<ModeRu
   try {
     controller = await ControllerProcess.start(controllerArgs, log);
     const createStarted = performance.now();
-    await createNodes(grpcAddress, o.agents);
+    await createNodes(grpcAddress, o.agents, readTokenFile(join(dir, 'data', 'admin.token')));
     const createMs = performance.now() - createStarted;
     console.log(
       `\n  ${label}: controller on ${grpcAddress}; ${formatCount(o.agents)} nodes in inspect_wait + maintenance in ${formatMs(createMs)}`,
@@ -480,8 +482,8 @@ function cleanEnv(): NodeJS.ProcessEnv {
 }
 
 /** Creates `count` nodes with one MAC each, manages and inspects them (inspect_wait), and puts them in maintenance. */
-async function createNodes(address: string, count: number): Promise<void> {
-  const operator = connectOperator(address, 30_000);
+async function createNodes(address: string, count: number, token: string | undefined): Promise<void> {
+  const operator = connectOperator(address, 30_000, token);
   try {
     let next = 0;
     const one = async (i: number) => {

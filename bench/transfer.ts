@@ -44,7 +44,7 @@ import { availableParallelism, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ClientError, Status } from 'nice-grpc';
-import { connectOperator, type OperatorClients } from '../cli/client.js';
+import { connectOperator, type OperatorClients, readTokenFile } from '../cli/client.js';
 import { byteSize } from '../common/config.js';
 import { type FakeMachine, uniqueFakeMachine } from '../demo/fake-machine.js';
 import { ProvisionAction, ProvisionState } from '../gen/metalcast/v1/node.js';
@@ -418,6 +418,8 @@ class TransferBench {
         '--reconnect-delay=200ms',
         '--min-heartbeat-gap=200ms',
         '--log-level=info',
+        // Plaintext, like the in-process baseline it is compared with.
+        '--insecure',
       ],
       join(this.dir, `${name}.log`),
     );
@@ -451,6 +453,7 @@ class TransferBench {
         '--clean-mode=quick',
         '--shutdown-timeout=5s',
         '--log-level=info',
+        '--insecure',
       ],
       join(this.dir, `controller-${++this.logCount}-${size(chunk).replace(/ /g, '')}.log`),
     );
@@ -458,7 +461,8 @@ class TransferBench {
     this.controllerChunk = chunk;
     await controller.waitFor((l) => l.msg === 'controller started', CONTROLLER_READY_TIMEOUT_MS);
     this.sampler.track(controller.pid);
-    this.operator = connectOperator(this.grpcAddress, 30_000);
+    // The first start wrote an admin token beside the database (a baseline controller from before tokens writes none).
+    this.operator = connectOperator(this.grpcAddress, 30_000, readTokenFile(join(this.dataDir, 'admin.token')));
   }
 
   // -------------------------------------------------------------------------

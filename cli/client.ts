@@ -1,16 +1,38 @@
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import type { Command } from 'commander';
-import { type Channel, createChannel, createClientFactory } from 'nice-grpc';
+import { type Channel, ClientError, createChannel, createClientFactory, Status } from 'nice-grpc';
 import { deadlineMiddleware } from 'nice-grpc-client-middleware-deadline';
+import { ConfigError } from '../common/config.js';
 import { clientChannelOptions } from '../common/grpc-options.js';
+import { explainTlsFailure, loadCaBundle, loadClientIdentity, type ServerIdentity, speaksTls, tlsClient } from '../common/tls.js';
+import { ADMIN_TOKEN_FILE, operatorMetadata } from '../controller/operator-auth.js';
 import { ImageServiceDefinition } from '../gen/metalcast/v1/image.js';
 import { reportError } from './output.js';
 import { NodeServiceDefinition } from '../gen/metalcast/v1/node.js';
 
-/** Clients for the operator API, with a deadline on every call unless a call sets its own. */
-export function connectOperator(address: string, timeoutMs: number) {
-  const channel: Channel = createChannel(address, undefined, clientChannelOptions({ timeMs: 30_000, timeoutMs: 10_000 }));
+/**
+ * How the CLI reaches the controller: TLS verifying the controller with
+ * `caPem` (Node's bundled CAs when undefined), optionally with a client
+ * certificate (operator mTLS). No OperatorTls at all is plaintext.
+ */
+export interface OperatorTls {
+  caPem: string | undefined;
+  client?: ServerIdentity;
+}
+
+/**
+ * Clients for the operator API, with a deadline on every call unless a call sets its own, and the operator token if given;
+ * over TLS when `tls` is given, else in plaintext.
+ */
+export function connectOperator(address: string, timeoutMs: number, token?: string, tls?: OperatorTls) {
+  const secure = tls && tlsClient(address, tls);
+  const channel: Channel = createChannel(address, secure?.credentials, {
+    ...clientChannelOptions({ timeMs: 30_000, timeoutMs: 10_000 }),
+    ...secure?.channelOptions,
+  });
   const factory = createClientFactory().use(deadlineMiddleware);
-  const defaults = { '*': { deadline: timeoutMs } };
+  const defaults = { '*': { deadline: timeoutMs, ...(token ? { metadata: operatorMetadata(token) } : {}) } };
   return {
     channel,
     nodes: factory.create(NodeServiceDefinition, channel, defaults),
@@ -25,7 +47,73 @@ export type OperatorClients = ReturnType<typeof connectOperator>;
 export interface OperatorOptions {
   controller: string;
   timeout: number;
+  /** Operator token (--token, METALCAST_TOKEN); else readTokenFile() looks for one. */
+  token?: string;
+  /** PEM CA bundle to verify the controller with (--ca, METALCAST_CA); default: Node's bundled CAs. */
+  ca?: string;
+  /** Client certificate and key for operator mTLS (--cert/--key, METALCAST_CERT/METALCAST_KEY). */
+  cert?: string;
+  key?: string;
+  /** Plaintext, no TLS (--insecure, METALCAST_INSECURE). */
+  insecure?: boolean;
   json?: boolean;
+}
+
+/** The TLS settings the operator options ask for (undefined: --insecure); ConfigError naming the option when a file is unusable. */
+export function operatorTls(options: Pick<OperatorOptions, 'ca' | 'cert' | 'key' | 'insecure'>): OperatorTls | undefined {
+  if (options.insecure) {
+    const given = (['ca', 'cert', 'key'] as const).filter((name) => options[name]);
+    if (given.length > 0) {
+      throw new ConfigError([
+        `--insecure contradicts ${given.map((name) => `--${name}`).join(', ')}: connect with TLS or in plaintext, not both`,
+      ]);
+    }
+    return undefined;
+  }
+  if (Boolean(options.cert) !== Boolean(options.key)) throw new ConfigError(['--cert and --key go together: give both, or neither']);
+  // A controller started here with --tls-generate and the default --data-dir left its CA here.
+  const ca = options.ca || (existsSync(DEFAULT_CA_FILE) ? DEFAULT_CA_FILE : undefined);
+  return {
+    caPem: ca ? loadCaBundle(ca, '--ca') : undefined,
+    client:
+      options.cert && options.key
+        ? loadClientIdentity({ cert: options.cert, key: options.key }, { cert: '--cert', key: '--key' })
+        : undefined,
+  };
+}
+
+/** A hint when a failed call is about TLS (the two ends disagree, or the certificate is not trusted); '' otherwise. */
+export async function tlsHint(
+  error: unknown,
+  controller: string,
+  tls: OperatorTls | undefined,
+  caOption: string | undefined,
+): Promise<string> {
+  if (!(error instanceof ClientError) || error.code !== Status.UNAVAILABLE) return '';
+  const server = `the controller at ${controller}`;
+  if (tls) return explainTlsFailure(error.details, server, caOption ? `--ca ${caOption}` : "Node's bundled CAs (give --ca)") ?? '';
+  return (await speaksTls(controller))
+    ? `${server} speaks TLS: leave out --insecure (METALCAST_INSECURE) and give --ca with its CA bundle`
+    : '';
+}
+
+/** Where a controller with the default --data-dir and --tls-generate leaves its CA. */
+export const DEFAULT_CA_FILE = join('metalcast-data', 'tls', 'ca.pem');
+
+/** Where the first start of a controller with the default --data-dir leaves the first admin token. */
+export const DEFAULT_TOKEN_FILE = join('metalcast-data', ADMIN_TOKEN_FILE);
+
+/**
+ * The token in a token file (by default ./metalcast-data/admin.token, which
+ * a controller started here with the default --data-dir writes at its first
+ * start), or undefined when there is no such file.
+ */
+export function readTokenFile(path = DEFAULT_TOKEN_FILE): string | undefined {
+  try {
+    return readFileSync(path, 'utf8').trim() || undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 /** Runs one operator command with connected clients; reports a failure as one line and sets the exit code. */
@@ -34,10 +122,20 @@ export async function withClient(
   fn: (clients: OperatorClients, options: OperatorOptions) => Promise<void>,
 ): Promise<void> {
   const options = command.optsWithGlobals<OperatorOptions>();
-  const clients = connectOperator(options.controller, options.timeout);
+  let tls: OperatorTls | undefined;
+  try {
+    tls = operatorTls(options);
+  } catch (error) {
+    process.stderr.write(`error: ${(error as Error).message}\n`);
+    process.exitCode = 2;
+    return;
+  }
+  const clients = connectOperator(options.controller, options.timeout, options.token || readTokenFile(), tls);
   try {
     await fn(clients, options);
   } catch (error) {
+    const hint = await tlsHint(error, options.controller, tls, options.ca);
+    if (hint) process.stderr.write(`${hint}\n`);
     process.exitCode = reportError(error, options.controller);
   } finally {
     clients.close();

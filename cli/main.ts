@@ -1,10 +1,12 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { CONTROLLER_OPTIONS } from '../controller/config.js';
 import { controllerMain } from '../controller/main.js';
-import { byteSize, duration, hostPort, integer } from '../common/config.js';
+import { byteSize, duration, hostPort, integer, switchValue } from '../common/config.js';
 import { defineAgentCommand } from './agent-command.js';
 import { registerImageCommands } from './commands/image.js';
 import { registerNodeCommands } from './commands/node.js';
+import { registerTlsCommands } from './commands/tls.js';
+import { registerTokenCommands } from './commands/token.js';
 import { addOptionTable } from './options.js';
 
 const asCli =
@@ -32,6 +34,28 @@ export function addOperatorOptions(command: Command): Command {
         .default(10_000, '10s')
         .argParser(asCli(duration({ min: 100 }))),
     )
+    .addOption(
+      new Option(
+        '--token <token>',
+        "operator token (from 'metalcast token create'; default: the file ./metalcast-data/admin.token when it exists)",
+      ).env('METALCAST_TOKEN'),
+    )
+    .addOption(
+      new Option('--ca <file>', "PEM CA bundle to verify the controller's certificate with (default: Node's bundled CAs)").env(
+        'METALCAST_CA',
+      ),
+    )
+    .addOption(
+      new Option('--cert <file>', 'PEM client certificate for operator mTLS (its OU, admin or reader, is the role); with --key').env(
+        'METALCAST_CERT',
+      ),
+    )
+    .addOption(new Option('--key <file>', 'PEM private key of --cert').env('METALCAST_KEY'))
+    .addOption(
+      new Option('--insecure [true|false]', 'connect in plaintext, without TLS (a controller run with --insecure)')
+        .env('METALCAST_INSECURE')
+        .argParser((raw: string | boolean) => (typeof raw === 'boolean' ? raw : asCli(switchValue)(raw))),
+    )
     .option('--json', 'print machine-readable JSON instead of tables');
 }
 
@@ -52,6 +76,8 @@ export function buildProgram(): Command {
 
   registerNodeCommands(program, addOperatorOptions);
   registerImageCommands(program, addOperatorOptions);
+  registerTokenCommands(program);
+  registerTlsCommands(program);
 
   program
     .command('demo')

@@ -8,7 +8,7 @@ import { type OptionSpec, optionHelp } from '../common/config.js';
  */
 export function addOptionTable(command: Command, specs: Record<string, OptionSpec>): Command {
   for (const spec of Object.values(specs)) {
-    const option = new Option(`--${spec.flag} <value>`, optionHelp(spec));
+    const option = new Option(spec.isSwitch ? `--${spec.flag} [true|false]` : `--${spec.flag} <value>`, optionHelp(spec));
     if (spec.repeatable) option.argParser((value: string, previous: string[] | undefined) => [...(previous ?? []), value]);
     command.addOption(option);
   }

@@ -19,6 +19,8 @@ export interface OptionSpec<T = unknown> {
   parse: (raw: string) => T;
   /** For repeatable flags (commander collects them). */
   repeatable?: boolean;
+  /** A switch: the flag alone means true (`--insecure`), and it still takes a value (`--insecure false`). Parse it with {@link switchValue}. */
+  isSwitch?: boolean;
 }
 
 /** Thrown when configuration is invalid; its message lists every problem. */
@@ -167,6 +169,11 @@ export function boolean(raw: string): boolean {
   if (['true', 'yes', '1', 'on'].includes(value)) return true;
   if (['false', 'no', '0', 'off'].includes(value)) return false;
   throw new Error(`'${raw}' is not true or false`);
+}
+
+/** A switch's value: true or false, and '' (the flag or kernel command line key given alone) is true. */
+export function switchValue(raw: string): boolean {
+  return raw.trim() === '' ? true : boolean(raw);
 }
 
 export function nonEmpty(raw: string): string {

@@ -26,9 +26,17 @@ function sharedChannelOptions(keepalive: KeepaliveOptions, maxMessageBytes: numb
   };
 }
 
-/** Server options (controller, agent). */
-export function serverChannelOptions(keepalive: KeepaliveOptions, maxMessageBytes = 8 * 1024 * 1024): ChannelOptions {
-  return sharedChannelOptions(keepalive, maxMessageBytes);
+/**
+ * Server options (controller, agent). `maxReceiveBytes` (default: `maxMessageBytes`) caps every request
+ * message at the transport, before it is buffered: a server that takes only small requests (the agent's)
+ * sets it low, while its responses may still be large.
+ */
+export function serverChannelOptions(
+  keepalive: KeepaliveOptions,
+  maxMessageBytes = 8 * 1024 * 1024,
+  maxReceiveBytes = maxMessageBytes,
+): ChannelOptions {
+  return { ...sharedChannelOptions(keepalive, maxMessageBytes), 'grpc.max_receive_message_length': maxReceiveBytes };
 }
 
 /** Client options for long-lived channels (agent to controller, controller to agent, CLI to controller). */

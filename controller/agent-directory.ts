@@ -1,5 +1,13 @@
+import type { Logger } from '../common/logging.js';
 import type { AgentSessions } from './agent-sessions.js';
 import type { NodeRecord } from './store/store.js';
+
+/** How this controller may call agents. */
+export interface AgentCallPolicy {
+  /** --insecure: an agent without a pinned certificate (a plaintext agent) is called in plaintext. Otherwise it is not called at all. */
+  allowPlaintext: boolean;
+  logger: Logger;
+}
 
 /**
  * Where a node's agent is and whether it is alive, wherever its heartbeat
@@ -10,17 +18,38 @@ import type { NodeRecord } from './store/store.js';
  * heartbeat) otherwise.
  */
 export class AgentDirectory {
+  /** Nodes already logged as uncallable (no pinned certificate), by the token hash they had then: one line per lookup. */
+  private readonly refused = new Map<string, string | null>();
+
   constructor(
     private readonly sessions: AgentSessions,
     /** How recent a recorded heartbeat must be to count as alive: the longest heartbeat interval plus write-behind slack. */
     private readonly freshnessMs: number,
+    private readonly policy: AgentCallPolicy,
   ) {}
 
-  /** How to call the node's agent; undefined when it cannot be called (no address or credential yet). */
-  endpoint(node: NodeRecord): { address: string; token: string } | undefined {
+  /**
+   * How to call the node's agent: its address, the API credential, and the
+   * certificate pinned for it (null: plaintext). Undefined when it cannot be
+   * called: no address or credential yet, or no pinned certificate while
+   * this controller speaks only TLS (logged once per lookup; the node waits,
+   * and the sweep fails it if nothing changes).
+   */
+  endpoint(node: NodeRecord): { address: string; token: string; certificatePem: string | null } | undefined {
     const address = this.sessions.agentEndpoint(node.uuid)?.address || node.agentAddress;
     if (address === '' || node.agentApiToken === null) return undefined;
-    return { address, token: node.agentApiToken };
+    if (node.agentCertificatePem === null && !this.policy.allowPlaintext) {
+      if (this.refused.get(node.uuid) !== node.agentTokenHash) {
+        this.refused.set(node.uuid, node.agentTokenHash);
+        if (this.refused.size > 10_000) this.refused.clear();
+        this.policy.logger.warn(
+          { node: node.uuid, nodeName: node.name, agent: address },
+          'not calling the agent: it sent no certificate to pin, and this controller calls agents only over TLS; the agent must run with --ca (an agent that speaks TLS sends its certificate with its first heartbeat)',
+        );
+      }
+      return undefined;
+    }
+    return { address, token: node.agentApiToken, certificatePem: node.agentCertificatePem };
   }
 
   /** Whether the agent is heard from: a stream open here, or a recent heartbeat recorded by any controller. */

@@ -13,6 +13,7 @@ import {
   type OptionSpec,
   oneOf,
   resolveOptions,
+  switchValue,
 } from '../common/config.js';
 
 const durationSpec = (flag: string, description: string, defaultValue: string, min = 1): OptionSpec<number> => ({
@@ -32,9 +33,66 @@ export const CONTROLLER_OPTIONS = {
   },
   metricsListen: {
     flag: 'metrics-listen',
-    description: 'HTTP address serving /metrics and /healthz',
+    description:
+      'HTTP address serving /metrics, /healthz and network boot (/boot.ipxe, /ipxe/mac/MAC, /vmlinuz, /initramfs.cpio.gz); use 0.0.0.0:9350 so that machines can network-boot from it',
     defaultValue: '127.0.0.1:9350',
     parse: hostPort,
+  },
+  bootDir: {
+    flag: 'boot-dir',
+    description: 'folder with the agent ramdisk served for network boot: vmlinuz and initramfs.cpio.gz (npm run build:ramdisk makes them)',
+    defaultValue: 'dist/ramdisk',
+    parse: (raw: string) => resolve(nonEmpty(raw)),
+  },
+  bootControllerAddress: {
+    flag: 'boot-controller-address',
+    description:
+      'host:port(s), comma-separated, that network-booted agents dial, put on their kernel command line as metalcast.controller (default: the advertised address)',
+    defaultValue: '',
+    parse: (raw: string) => (raw === '' ? '' : raw.split(',').map(hostPort).join(',')),
+  },
+  tlsCert: {
+    flag: 'tls-cert',
+    description:
+      'PEM certificate (leaf first, then any intermediates) the gRPC API serves TLS 1.2+ with, for agents and operators; with --tls-key. metalcast tls init makes one',
+    defaultValue: '',
+    parse: optionalPath,
+  },
+  tlsKey: {
+    flag: 'tls-key',
+    description: 'PEM private key of --tls-cert; keep it readable by the controller only',
+    defaultValue: '',
+    parse: optionalPath,
+  },
+  tlsClientCa: {
+    flag: 'tls-client-ca',
+    description:
+      'PEM CA bundle whose client certificates authenticate operators, as an alternative to tokens: the role is the certificate subject OU (admin or reader). Clients without a certificate (agents) are still accepted',
+    defaultValue: '',
+    parse: optionalPath,
+  },
+  tlsCa: {
+    flag: 'tls-ca',
+    description:
+      "PEM CA bundle this controller verifies the other controllers' certificates with when it copies images from them (several controllers with TLS; default: Node's bundled CAs)",
+    defaultValue: '',
+    parse: optionalPath,
+  },
+  tlsGenerate: {
+    flag: 'tls-generate',
+    description:
+      'without --tls-cert/--tls-key, make a private CA and a certificate for this host in <data-dir>/tls at the first start and serve with them (to try metalcast out; agents and the CLI then need --ca <data-dir>/tls/ca.pem)',
+    defaultValue: 'false',
+    parse: switchValue,
+    isSwitch: true,
+  },
+  insecure: {
+    flag: 'insecure',
+    description:
+      'serve gRPC in plaintext, without TLS: anyone on the network can read tokens and pose as agents; for isolated labs and tests only (a warning at start says so)',
+    defaultValue: 'false',
+    parse: switchValue,
+    isSwitch: true,
   },
   dataDir: {
     flag: 'data-dir',
@@ -198,8 +256,42 @@ export const CONTROLLER_OPTIONS = {
     defaultValue: '20',
     parse: integer({ min: 1, max: 10_000 }),
   },
+  lookupRateLimit: {
+    flag: 'lookup-rate-limit',
+    description:
+      'lookups per minute one peer address may make, after its burst (0: no limit); more get RESOURCE_EXHAUSTED and the agent backs off. Agents usually have addresses of their own; the default lets a rack behind one NAT address retry at its usual pace',
+    defaultValue: '600',
+    parse: integer({ min: 0, max: 10_000_000 }),
+  },
+  lookupBurst: {
+    flag: 'lookup-burst',
+    description:
+      'lookups one peer address may make at once before --lookup-rate-limit applies: 1,000 agents booting behind one NAT address fit',
+    defaultValue: '1000',
+    parse: integer({ min: 1, max: 10_000_000 }),
+  },
+  agentAuthFailureLimit: {
+    flag: 'agent-auth-failure-limit',
+    description:
+      'agent calls with a missing or wrong token per minute one peer address may make, after its burst (0: no limit); while over it, every agent call from that address gets RESOURCE_EXHAUSTED',
+    defaultValue: '120',
+    parse: integer({ min: 0, max: 10_000_000 }),
+  },
+  agentAuthFailureBurst: {
+    flag: 'agent-auth-failure-burst',
+    description: 'failed agent token checks one peer address may cause at once before --agent-auth-failure-limit applies',
+    defaultValue: '1000',
+    parse: integer({ min: 1, max: 10_000_000 }),
+  },
   agentCallTimeout: durationSpec('agent-call-timeout', 'deadline of each unary call the controller makes to an agent', '30s', 100),
   shutdownTimeout: durationSpec('shutdown-timeout', 'on SIGTERM, how long to wait for calls to finish', '10s', 0),
+  operatorAuth: {
+    flag: 'operator-auth',
+    description:
+      "how operator calls (node, image) are authenticated: 'token' (bearer tokens from `metalcast token create`; the first start writes an admin token to <data-dir>/admin.token) or 'none' (anyone who reaches --listen may change nodes and wipe disks; for isolated labs only)",
+    defaultValue: 'token',
+    parse: oneOf(['token', 'none'] as const),
+  },
   logLevel: {
     flag: 'log-level',
     description: 'fatal, error, warn, info, debug, trace or silent',
@@ -209,6 +301,11 @@ export const CONTROLLER_OPTIONS = {
 } satisfies Record<string, OptionSpec>;
 
 type RawControllerConfig = ConfigOf<typeof CONTROLLER_OPTIONS>;
+
+/** A file path made absolute; '' means not given. */
+function optionalPath(raw: string): string {
+  return raw.trim() === '' ? '' : resolve(raw.trim());
+}
 
 /** sqlite:PATH or a PostgreSQL URL; '' means the default SQLite file. */
 function parseDatabaseUrl(raw: string): string {
@@ -236,6 +333,22 @@ export interface ControllerConfig extends Omit<RawControllerConfig, 'database' |
   database: string;
   /** Grace after start before the sweep fails anything. */
   startupGrace: number;
+}
+
+const defaultDatabase = (dataDir: string) => `sqlite:${join(dataDir, 'metalcast.db')}`;
+
+/**
+ * Only the controller's database options (--data-dir, --database), with the
+ * same flags, METALCAST_* variables and defaults: for tools that open the
+ * controller's database without running it (`metalcast token`). Pure, like
+ * loadControllerConfig.
+ */
+export function loadDatabaseConfig(
+  flags: Record<string, unknown>,
+  env: Record<string, string | undefined>,
+): Pick<ControllerConfig, 'dataDir' | 'database'> {
+  const raw = resolveOptions({ dataDir: CONTROLLER_OPTIONS.dataDir, database: CONTROLLER_OPTIONS.database }, flags, env);
+  return { dataDir: raw.dataDir, database: raw.database || defaultDatabase(raw.dataDir) };
 }
 
 /**
@@ -269,7 +382,7 @@ export function loadControllerConfig(flags: Record<string, unknown>, env: Record
     ...raw,
     heartbeatIntervalMin,
     heartbeatIntervalMax,
-    database: raw.database || `sqlite:${join(raw.dataDir, 'metalcast.db')}`,
+    database: raw.database || defaultDatabase(raw.dataDir),
     startupGrace: raw.startupGrace < 0 ? raw.heartbeatTimeout : raw.startupGrace,
   };
 }

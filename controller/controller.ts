@@ -9,6 +9,13 @@ import { errorMappingMiddleware } from '../common/errors.js';
 import { FastAgentGatewayServiceDefinition } from '../common/read-image-codec.js';
 import type { Logger } from '../common/logging.js';
 import { serverChannelOptions } from '../common/grpc-options.js';
+import {
+  AGENT_REQUEST_LIMIT_BYTES,
+  guardRequestDecoding,
+  HEALTH_REQUEST_LIMIT_BYTES,
+  OPERATOR_REQUEST_LIMIT_BYTES,
+  rejectUndecodableRequests,
+} from '../common/request-decoding.js';
 import { AgentGatewayServiceDefinition } from '../gen/metalcast/v1/agent_gateway.js';
 import { ImageServiceDefinition } from '../gen/metalcast/v1/image.js';
 import { NodeServiceDefinition } from '../gen/metalcast/v1/node.js';
@@ -27,12 +34,18 @@ import { Conductor } from './provisioning/conductor.js';
 import type { ControllerConfig } from './config.js';
 import { HeartbeatRecorder } from './heartbeat-recorder.js';
 import { startHttpServer } from './http-server.js';
+import { createBootEndpoint } from './boot/boot-endpoint.js';
+import { PowerDrivers } from './power/drivers.js';
 import { createControllerMetrics, grpcServerMetricsMiddleware } from './metrics.js';
 import { Provisioner } from './provisioning/provisioner.js';
+import { agentGatewayRateLimits, PeerLimit } from './rate-limit.js';
 import { createAgentGatewayService } from './services/agent-gateway.js';
 import { SHUTTING_DOWN } from './services/heartbeat.js';
 import { createImageService } from './services/image-service.js';
 import { createNodeService } from './services/node-service.js';
+import { setUpOperatorAuth } from './operator-auth.js';
+import { clientCertificateInterceptor, clientCertificateRole } from './operator-tls.js';
+import { setUpControllerTransport } from './tls.js';
 import { SqliteStore } from './store/sqlite.js';
 import type { Store } from './store/store.js';
 import { Sweep } from './sweep.js';
@@ -61,7 +74,7 @@ export interface RunningController {
 }
 
 /** Opens the store the database URL names: SQLite for one controller, PostgreSQL for several. */
-export async function openStore(config: ControllerConfig, logger: Logger): Promise<Store> {
+export async function openStore(config: Pick<ControllerConfig, 'database'>, logger: Logger): Promise<Store> {
   if (config.database.startsWith('sqlite:')) return SqliteStore.open(config.database.slice('sqlite:'.length));
   const { PostgresStore } = await import('./store/postgres.js');
   return PostgresStore.open(config.database, { logger: logger.child({ component: 'postgres' }) });
@@ -76,8 +89,15 @@ function advertisedAddress(config: ControllerConfig, port: number): string {
 }
 
 /** Starts every part of the controller; the order of stop() is the reverse. */
-export async function startController(config: ControllerConfig, logger: Logger): Promise<RunningController> {
+export async function startController(
+  config: ControllerConfig,
+  logger: Logger,
+  /** Power drivers by name (default: the built-in ones; tests register `fake`). */
+  power = new PowerDrivers(),
+): Promise<RunningController> {
   const startedAt = Date.now();
+  // TLS files are read and checked before anything starts: a bad one is a ConfigError (exit code 2).
+  const transport = setUpControllerTransport(config, logger.child({ component: 'tls' }));
   const store = await openStore(config, logger);
   // A previous run of this controller (same id) may have died holding locks, maybe half-way through a step.
   const leftovers = await store.releaseHolder(
@@ -145,10 +165,13 @@ export async function startController(config: ControllerConfig, logger: Logger):
     },
   );
   const locks = new NodeLocks(store, config.controllerId, metrics.lockWait);
-  const provisioner = new Provisioner(store, sessions, locks, feed, logger.child({ component: 'provisioner' }), config.controllerId);
+  const provisioner = new Provisioner(store, sessions, locks, feed, logger.child({ component: 'provisioner' }), config.controllerId, power);
   // A recorded heartbeat is fresh for the longest interval an agent may wait, plus the write-behind of the recorder.
   const freshnessMs = config.heartbeatIntervalMax + 2 * config.heartbeatFlushInterval + 1000;
-  const directory = new AgentDirectory(sessions, freshnessMs);
+  const directory = new AgentDirectory(sessions, freshnessMs, {
+    allowPlaintext: config.insecure,
+    logger: logger.child({ component: 'agent-directory' }),
+  });
   const keepalive = { timeMs: config.keepaliveTime, timeoutMs: config.keepaliveTimeout };
   const agentClients = new AgentClients(keepalive, config.agentCallTimeout, logger.child({ component: 'agent-client' }));
   const conductor = new Conductor(
@@ -171,6 +194,7 @@ export async function startController(config: ControllerConfig, logger: Logger):
       cleans: new Admission(config.maxConcurrentCleans),
       dueScanIntervalMs: Math.min(config.sweepInterval, config.controllerTouchInterval),
       freshnessMs,
+      power,
     },
     logger.child({ component: 'conductor' }),
   );
@@ -180,6 +204,13 @@ export async function startController(config: ControllerConfig, logger: Logger):
     timeoutMs: config.heartbeatTimeout,
   };
 
+  const operatorAuth = await setUpOperatorAuth(
+    store,
+    { mode: config.operatorAuth, dataDir: config.dataDir, listen: config.listen },
+    logger.child({ component: 'operator-auth' }),
+    // Operator mTLS (--tls-client-ca): a verified client certificate's OU gives its role.
+    clientCertificateRole,
+  );
   const imageServer = createImageServer({
     store,
     files: imageFiles,
@@ -190,11 +221,25 @@ export async function startController(config: ControllerConfig, logger: Logger):
     readTimeoutMs: config.imageReadTimeout,
   });
   const health = HealthState();
-  const server = createServer(serverChannelOptions(keepalive))
+  const rateLimitLog = logger.child({ component: 'rate-limit' });
+  // The interceptor hands a verified client certificate to the operator middleware (and strips forged ones).
+  const server = createServer({ ...serverChannelOptions(keepalive), interceptors: [clientCertificateInterceptor] })
     .use(grpcServerMetricsMiddleware(registry))
-    .use(errorMappingMiddleware(logger.child({ component: 'grpc' })));
+    .use(errorMappingMiddleware(logger.child({ component: 'grpc' })))
+    .use(
+      agentGatewayRateLimits({
+        lookup: new PeerLimit('lookup', { perMinute: config.lookupRateLimit, burst: config.lookupBurst }, metrics, rateLimitLog),
+        agentAuth: new PeerLimit(
+          'agent_auth',
+          { perMinute: config.agentAuthFailureLimit, burst: config.agentAuthFailureBurst },
+          metrics,
+          rateLimitLog,
+        ),
+      }),
+    )
+    .use(rejectUndecodableRequests());
   server.add(
-    FastAgentGatewayServiceDefinition,
+    guardRequestDecoding(FastAgentGatewayServiceDefinition, AGENT_REQUEST_LIMIT_BYTES),
     createAgentGatewayService({
       store,
       sessions,
@@ -206,16 +251,26 @@ export async function startController(config: ControllerConfig, logger: Logger):
       images: imageServer,
     }),
   );
-  server.add(
-    NodeServiceDefinition,
+  // Operator services need a token (agents and health do not): see controller/operator-auth.ts.
+  const operatorServer = operatorAuth ? server.with(operatorAuth.middleware) : server;
+  operatorServer.add(
+    guardRequestDecoding(NodeServiceDefinition, OPERATOR_REQUEST_LIMIT_BYTES),
     createNodeService({ store, provisioner, locks, feed, logger: logger.child({ component: 'node-service' }) }),
   );
-  const images = createImageService({ store, files: imageFiles, config, logger: logger.child({ component: 'image-service' }) });
+  const images = createImageService({
+    store,
+    files: imageFiles,
+    config,
+    logger: logger.child({ component: 'image-service' }),
+    peerClient: transport.peerClient,
+  });
   await images.init();
-  server.add(ImageServiceDefinition, images.implementation);
-  server.add(HealthDefinition, HealthServiceImpl(health));
-  server.add(
-    ServerReflectionService,
+  // UploadImage data is as large as the server's transport limit allows.
+  const imageLimits = (method: string) => (method === 'UploadImage' ? undefined : OPERATOR_REQUEST_LIMIT_BYTES);
+  operatorServer.add(guardRequestDecoding(ImageServiceDefinition, imageLimits), images.implementation);
+  server.add(guardRequestDecoding(HealthDefinition, HEALTH_REQUEST_LIMIT_BYTES), HealthServiceImpl(health));
+  operatorServer.add(
+    guardRequestDecoding(ServerReflectionService, OPERATOR_REQUEST_LIMIT_BYTES),
     ServerReflection(readFileSync(DESCRIPTOR_SET), [
       AgentGatewayServiceDefinition.fullName,
       NodeServiceDefinition.fullName,
@@ -227,15 +282,24 @@ export async function startController(config: ControllerConfig, logger: Logger):
   let grpcPort: number;
   let http: Awaited<ReturnType<typeof startHttpServer>> | undefined;
   try {
-    grpcPort = await server.listen(config.listen);
+    grpcPort = await transport.listen(server, config.listen);
     http = await startHttpServer(
       config.metricsListen,
       registry,
       async () => health.getStatus() === 'healthy',
       logger.child({ component: 'http' }),
+      createBootEndpoint({
+        store,
+        bootDir: config.bootDir,
+        // Known once gRPC listens; network boots come later.
+        controllerAddress: () => config.bootControllerAddress || advertisedAddress(config, grpcPort),
+        insecure: config.insecure,
+        logger: logger.child({ component: 'boot' }),
+      }),
     );
   } catch (error) {
     await server.forceShutdown();
+    transport.close();
     locks.close();
     await store.close();
     throw new Error(
@@ -283,6 +347,7 @@ export async function startController(config: ControllerConfig, logger: Logger):
       stopRelay();
       locks.close();
       await http?.close();
+      transport.close();
       await store.close();
       logger.info('controller stopped');
     })();
@@ -297,6 +362,7 @@ export async function startController(config: ControllerConfig, logger: Logger):
       controllerId: config.controllerId,
       advertise,
       controllers: membership.members,
+      tls: transport.summary,
     },
     'controller started',
   );

@@ -1,4 +1,4 @@
-import { createServer, type Server } from 'node:http';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Registry } from 'prom-client';
 import type { Logger } from '../common/logging.js';
@@ -12,6 +12,8 @@ export async function startHttpServer(
   registry: Registry,
   healthy: () => Promise<boolean>,
   logger: Logger,
+  /** More routes (network boot): answers and returns true for the paths it serves. */
+  extra?: (req: IncomingMessage, res: ServerResponse, path: string) => boolean,
 ): Promise<{ server: Server; address: string; close: () => Promise<void> }> {
   const server = createServer((req, res) => {
     const path = (req.url ?? '/').split('?')[0];
@@ -35,6 +37,7 @@ export async function startHttpServer(
         .catch(() => res.writeHead(503, { 'content-type': 'text/plain' }).end('unhealthy\n'));
       return;
     }
+    if (extra?.(req, res, path ?? '/')) return;
     res.writeHead(404, { 'content-type': 'text/plain' }).end('not found; try /metrics or /healthz\n');
   });
   server.requestTimeout = 30_000;

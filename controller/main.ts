@@ -2,6 +2,7 @@ import { ConfigError } from '../common/config.js';
 import { createLogger } from '../common/logging.js';
 import { loadControllerConfig } from './config.js';
 import { startController } from './controller.js';
+import { withGeneratedTls } from './tls-generate.js';
 
 /** `metalcast controller`: parse config, build the logger, run until SIGTERM or SIGINT. */
 export async function controllerMain(flags: Record<string, unknown>): Promise<void> {
@@ -18,8 +19,14 @@ export async function controllerMain(flags: Record<string, unknown>): Promise<vo
   const logger = createLogger({ name: 'metalcast-controller', level: config.logLevel });
   let controller: Awaited<ReturnType<typeof startController>>;
   try {
+    config = await withGeneratedTls(config, logger);
     controller = await startController(config, logger);
   } catch (error) {
+    if (error instanceof ConfigError) {
+      logger.flush();
+      process.stderr.write(`metalcast controller: ${error.message}\n`);
+      process.exit(2);
+    }
     logger.fatal({ err: error }, 'controller failed to start');
     process.stderr.write(`metalcast controller: ${(error as Error).message}\n`);
     logger.flush();

@@ -121,12 +121,19 @@ export function createControllerMetrics(
       buckets: [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1],
       registers: [registry],
     }),
+    rateLimited: new Counter({
+      name: 'metalcast_rate_limited_total',
+      help: 'Agent gateway calls refused RESOURCE_EXHAUSTED by a per-peer limit, by kind (lookup: --lookup-rate-limit; agent_auth: --agent-auth-failure-limit).',
+      labelNames: ['kind'],
+      registers: [registry],
+    }),
   };
   // Series that alerts take increase() or rate() of exist from the start at 0:
   // a series born at 1 would hide the first timeout, failed sweep or lock wait.
   for (const state of WAIT_STATES) metrics.heartbeatTimeouts.inc({ provision_state: state }, 0);
   metrics.sweepRuns.inc({ result: 'error' }, 0);
   metrics.lockWait.zero({ kind: 'patient' });
+  for (const kind of ['lookup', 'agent_auth']) metrics.rateLimited.inc({ kind }, 0);
   return metrics;
 }
 

@@ -10,6 +10,7 @@ import { type Node, ProvisionAction, ProvisionState } from '../gen/metalcast/v1/
 import { type FakeMachine, uniqueFakeMachine } from './fake-machine.js';
 import { type Program, startProgram } from './processes.js';
 import { describeError } from '../common/errors.js';
+import { tlsInit } from '../cli/commands/tls.js';
 
 export interface DemoOptions {
   nodes: number;
@@ -43,12 +44,18 @@ export async function runDemo(options: DemoOptions): Promise<boolean> {
   const onSignal = () => void stopAll().then(() => rm(dir, { recursive: true, force: true }).finally(() => process.exit(130)));
   process.once('SIGINT', onSignal);
   try {
+    say('making a CA, a controller certificate and an operator certificate (metalcast tls init)');
+    const tls = await tlsInit({ dir: join(dir, 'tls'), hosts: ['127.0.0.1', 'localhost'], days: 1 });
+    process.stdout.write(`   ${tls.ca}, ${tls.controller} (TLS 1.3 everywhere; each agent makes its own key, which the controller pins)\n`);
+
     say(`starting a controller (data and logs in ${dir})`);
     const controller = await startProgram(
       [
         'controller',
         '--listen=127.0.0.1:0',
         '--metrics-listen=127.0.0.1:0',
+        `--tls-cert=${tls.controller}`,
+        `--tls-key=${tls.controllerKey}`,
         `--data-dir=${join(dir, 'controller')}`,
         '--heartbeat-timeout=60s',
         '--heartbeat-interval-min=1s',
@@ -63,7 +70,9 @@ export async function runDemo(options: DemoOptions): Promise<boolean> {
     const grpc = controller.readyLine.grpc as string;
     const http = controller.readyLine.http as string;
     process.stdout.write(`   gRPC ${grpc}, metrics http://${http}/metrics\n`);
-    clients = connectOperator(grpc, 30_000);
+    // The controller's first start wrote an admin operator token beside its database.
+    const adminToken = (await readFile(join(dir, 'controller', 'admin.token'), 'utf8')).trim();
+    clients = connectOperator(grpc, 30_000, adminToken, { caPem: await readFile(tls.ca, 'utf8') });
     const { nodes, images } = clients;
 
     say(`generating a ${Math.round(options.imageBytes / MIB)} MiB sample image and uploading it`);
@@ -102,6 +111,7 @@ export async function runDemo(options: DemoOptions): Promise<boolean> {
         [
           'agent',
           `--controller=${grpc}`,
+          `--ca=${tls.ca}`,
           '--listen=127.0.0.1:0',
           `--root=${machine.root}`,
           '--power-driver=recording',
@@ -154,6 +164,17 @@ export async function runDemo(options: DemoOptions): Promise<boolean> {
     check(
       `${names[0]}: available again, its disk erased`,
       erased.subarray(0, MIB).every((b) => b === 0),
+    );
+
+    const controllerLog = (await readFile(join(dir, 'controller.log'), 'utf8')).split('\n');
+    const pinned = new Set(
+      controllerLog
+        .filter((line) => line.includes('agent certificate pinned for this node'))
+        .map((line) => JSON.parse(line).node as string),
+    );
+    check(
+      `every agent's own certificate pinned by the controller, and every call to an agent made over TLS with it (${pinned.size} nodes)`,
+      pinned.size === names.length && !controllerLog.some((line) => line.includes('not calling the agent') || line.includes('plaintext')),
     );
 
     say('summary');

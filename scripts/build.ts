@@ -69,7 +69,7 @@ export function build(options: BuildOptions = {}): { outDir: string } {
   return { outDir };
 }
 
-/** Empties outDir of an earlier build (stale modules of deleted sources), keeping the agent artifacts. */
+/** Empties outDir of an earlier build (stale modules of deleted sources), keeping the agent artifacts and the lab's ramdisk and test image. */
 function clean(outDir: string): void {
   const inside = relative(REPO_ROOT, outDir);
   if (inside === '' || inside.startsWith('..') || isAbsolute(inside)) {
@@ -82,6 +82,8 @@ function clean(outDir: string): void {
     return;
   }
   for (const entry of entries) {
+    // Built by their own scripts (build:ramdisk, build:test-image), slowly: not ours to delete.
+    if (entry === 'ramdisk' || entry === 'test-image') continue;
     if (entry !== 'agent') {
       rmSync(join(outDir, entry), { recursive: true, force: true });
       continue;

@@ -26,6 +26,12 @@ export interface CommandHandler<
   Name extends NonNullable<CommandParameters['command']>['$case'] = NonNullable<CommandParameters['command']>['$case'],
 > {
   name: Name;
+  /**
+   * Checks the parameters before the command starts, throwing a MetalcastError
+   * (INVALID_ARGUMENT naming the field, under `field`, e.g. "parameters.write_image")
+   * so that RunCommand refuses a malformed command instead of starting one that fails.
+   */
+  validate?(parameters: ParametersOf<Name>, field: string): void;
   run(parameters: ParametersOf<Name>, context: CommandContext): Promise<CommandResult | undefined>;
 }
 

@@ -1,4 +1,7 @@
 import { type FileHandle, open } from 'node:fs/promises';
+import { Status } from 'nice-grpc-common';
+import { MetalcastError } from '../../common/errors.js';
+import { checkCount, checkDevicePath, checkEnum } from '../../common/input.js';
 import { EraseMode } from '../../gen/metalcast/v1/command.js';
 import type { Disk, Inventory } from '../../gen/metalcast/v1/inventory.js';
 import type { CommandHandler } from './command.js';
@@ -7,6 +10,8 @@ const MIB = 1024 * 1024;
 /** GPT keeps a copy of its header at the end of the disk; RAID and LVM signatures sit at either end. */
 const QUICK_ERASE_BYTES = 4 * MIB;
 const FULL_ERASE_BLOCK = 4 * MIB;
+/** More disks than any machine has. */
+const MAX_DEVICE_PATHS = 256;
 
 /**
  * erase_disks: quick wipes partition tables and signatures at both ends of
@@ -16,6 +21,16 @@ const FULL_ERASE_BLOCK = 4 * MIB;
 export function eraseDisksCommand(discover: () => Promise<Inventory>): CommandHandler<'eraseDisks'> {
   return {
     name: 'eraseDisks',
+    validate(parameters, field) {
+      checkEnum(parameters.mode, EraseMode, `${field}.mode`);
+      checkCount(parameters.devicePaths, `${field}.device_paths`, MAX_DEVICE_PATHS, 'device paths');
+      const seen = new Set<string>();
+      for (const path of parameters.devicePaths) {
+        checkDevicePath(path, `${field}.device_paths`);
+        if (seen.has(path)) throw new MetalcastError(Status.INVALID_ARGUMENT, `${field}.device_paths: ${path} is listed twice`);
+        seen.add(path);
+      }
+    },
     async run(parameters, context) {
       const inventory = await discover();
       const disks = selectDisks(inventory.disks, parameters.devicePaths);

@@ -3,12 +3,15 @@ import { EventEmitter, on } from 'node:events';
 import { Status } from 'nice-grpc-common';
 import { MetalcastError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
+import { checkLength, checkText } from '../../common/input.js';
 import { truncate } from '../../common/mac.js';
 import { type Command, type CommandParameters, type CommandProgress, CommandState } from '../../gen/metalcast/v1/command.js';
 import { type CommandHandler, wireName } from './command.js';
 
 /** How often watchers hear about progress at most; the final state is always sent. */
 const PROGRESS_EMIT_INTERVAL_MS = 250;
+/** Longest request id (and command id) accepted; the controller derives request ids well under it. */
+const MAX_ID_LENGTH = 128;
 
 /**
  * Runs commands one at a time in the background and remembers a bounded
@@ -50,7 +53,7 @@ export class CommandRunner {
   }
 
   get(id: string): Command | undefined {
-    return this.history.get(id);
+    return this.history.get(checkLength(id, 'id', MAX_ID_LENGTH));
   }
 
   /** Newest first. */
@@ -60,7 +63,7 @@ export class CommandRunner {
 
   /** Starts a command and returns it at once, RUNNING; errors are MetalcastErrors with the right status. */
   start(requestId: string, parameters: CommandParameters | undefined): Command {
-    if (requestId.length > 128) throw new MetalcastError(Status.INVALID_ARGUMENT, 'request_id: at most 128 characters');
+    checkText(requestId, 'request_id', MAX_ID_LENGTH);
     const previousId = requestId === '' ? undefined : this.byRequestId.get(requestId);
     const previous = previousId === undefined ? undefined : this.history.get(previousId);
     if (previous) return previous;
@@ -73,6 +76,7 @@ export class CommandRunner {
         `parameters: no command this agent knows was given${chosen ? ` (got ${truncate(wireName(chosen.$case))})` : ''}; known commands: ${this.knownCommands.join(', ')}`,
       );
     }
+    handler.validate?.(chosen.value, `parameters.${wireName(chosen.$case)}`);
     if (this.current) {
       throw new MetalcastError(
         Status.FAILED_PRECONDITION,
@@ -132,7 +136,7 @@ export class CommandRunner {
    * state included), or until the signal aborts.
    */
   async *watch(id: string, signal: AbortSignal): AsyncGenerator<Command> {
-    const command = this.history.get(id);
+    const command = this.history.get(checkLength(id, 'id', MAX_ID_LENGTH));
     if (!command)
       throw new MetalcastError(Status.NOT_FOUND, `no command ${truncate(id)} on this agent; ListCommands shows the recent ones`);
     // Listen before the first yield: events buffer here, so a command that

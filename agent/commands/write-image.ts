@@ -1,4 +1,7 @@
 import { pickDisk } from '../../common/disk-hints.js';
+import { checkDiskHints, checkName, checkSha256 } from '../../common/input.js';
+import { MetalcastError } from '../../common/errors.js';
+import { Status } from 'nice-grpc-common';
 import type { Inventory } from '../../gen/metalcast/v1/inventory.js';
 import type { ImageSource } from '../image-source.js';
 import { DEFAULT_WRITE_OPTIONS, writeImage } from '../image-writer.js';
@@ -11,11 +14,23 @@ import type { CommandHandler } from './command.js';
 export function writeImageCommand(source: ImageSource, discover: () => Promise<Inventory>): CommandHandler<'writeImage'> {
   return {
     name: 'writeImage',
-    async run(parameters, context) {
-      if (parameters.image === '') throw new Error('write_image needs an image name');
-      if (parameters.sha256 !== '' && !/^[0-9a-f]{64}$/.test(parameters.sha256)) {
-        throw new Error(`sha256 '${parameters.sha256.slice(0, 80)}' is not 64 lower-case hex characters`);
+    validate(parameters, field) {
+      checkName(parameters.image, `${field}.image`, 'image');
+      checkDiskHints(parameters.target, `${field}.target`);
+      checkSha256(parameters.sha256, `${field}.sha256`, true);
+      // 0 means the agent's default; the controller's --transfer-stall-timeout is at least 100 ms and
+      // --transfer-attempts at most 1000.
+      if (parameters.stallTimeoutMs !== 0 && parameters.stallTimeoutMs < 100) {
+        throw new MetalcastError(
+          Status.INVALID_ARGUMENT,
+          `${field}.stall_timeout_ms: at least 100 (or 0 for the default), got ${parameters.stallTimeoutMs}`,
+        );
       }
+      if (parameters.maxAttempts > 1000) {
+        throw new MetalcastError(Status.INVALID_ARGUMENT, `${field}.max_attempts: at most 1000, got ${parameters.maxAttempts}`);
+      }
+    },
+    async run(parameters, context) {
       const inventory = await discover();
       const disk = pickDisk(inventory.disks, parameters.target, parameters.sizeBytes);
       context.logger.info({ device: disk.devicePath, size: disk.sizeBytes }, 'target disk chosen');

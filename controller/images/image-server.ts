@@ -16,6 +16,7 @@ import type { ControllerMetrics } from '../metrics.js';
 import { authenticateAgent } from '../services/agent-auth.js';
 import type { ImageRecord, NodeRecord, Store } from '../store/store.js';
 import { type BlobReader, type ImageFiles, ShortBlobError } from './image-files.js';
+import { validateImageName } from './validation.js';
 
 export interface ImageServerDeps {
   store: Store;
@@ -49,7 +50,7 @@ export function createImageServer(deps: ImageServerDeps) {
   const zeroChunk = Buffer.alloc(deps.chunkSize);
 
   async function authorise(context: CallContext, imageName: string): Promise<{ node: NodeRecord; image: ImageRecord }> {
-    if (imageName === '' || imageName.length > 63) throw invalidArgument(`image: '${truncate(imageName)}' is not an image name`);
+    validateImageName(imageName, 'image');
     const { node } = await authenticateAgent(context, store, deps.logger);
     const deploying = node.provisionState === 'deploying' || node.provisionState === 'deploy_wait';
     const deployImage = node.deployJson ? (JSON.parse(node.deployJson) as { image?: string }).image : undefined;

@@ -4,7 +4,9 @@ import { type Channel, createChannel, createClient } from 'nice-grpc';
 import { describeError } from '../../common/errors.js';
 import { clientChannelOptions, type KeepaliveOptions } from '../../common/grpc-options.js';
 import type { Logger } from '../../common/logging.js';
+import type { ClientTls } from '../../common/tls.js';
 import { ImageServiceDefinition } from '../../gen/metalcast/v1/image.js';
+import { clusterCredential, loadClusterSecret, operatorMetadata } from '../operator-auth.js';
 import type { ControllerRecord, ImageRecord, Store } from '../store/store.js';
 import type { ImageFiles } from './image-files.js';
 import { downloadToBlob } from './importer.js';
@@ -15,6 +17,8 @@ export interface ReplicatorOptions {
   controllerId: string;
   /** Keepalive of the channels to other controllers. */
   keepalive: KeepaliveOptions;
+  /** TLS to another controller's address (controller/tls.ts); plaintext when absent or undefined. */
+  peerClient?: (address: string) => ClientTls | undefined;
   /** Largest image accepted (--max-image-size). */
   maxBytes: number;
   /** How often to look for missing and orphaned content; 'image_ready' notifications make it sooner (default 30 s). */
@@ -74,6 +78,8 @@ export class ImageReplicator {
   private running = 0;
   /** Peers' channels, by address; closed when a peer leaves the list. */
   private readonly channels = new Map<string, { channel: Channel; client: ImageClient }>();
+  /** What this controller presents to the others' DownloadImage: the cluster credential (controller/operator-auth.ts). */
+  private peerMetadata: ReturnType<typeof operatorMetadata> | undefined;
   /** Blobs no row referenced at the last look, to be removed if the next look agrees. */
   private orphans = new Set<string>();
   /** Missing content that no one can provide, already logged (not repeated every look). */
@@ -172,6 +178,7 @@ export class ImageReplicator {
     const [images, controllers] = await Promise.all([this.store.listImages(), this.store.listControllers()]);
     const peers = controllers.filter((controller) => controller.id !== this.options.controllerId);
     this.closeChannelsNotIn(peers);
+    if (peers.length > 0) this.peerMetadata ??= operatorMetadata(clusterCredential(await loadClusterSecret(this.store)));
 
     const wanted = new Map<string, ImageRecord[]>();
     for (const image of images) {
@@ -437,8 +444,12 @@ export class ImageReplicator {
   private clientOf(peer: ControllerRecord): ImageClient {
     let entry = this.channels.get(peer.address);
     if (!entry) {
-      const channel = createChannel(peer.address, undefined, clientChannelOptions(this.options.keepalive));
-      entry = { channel, client: createClient(ImageServiceDefinition, channel) };
+      const tls = this.options.peerClient?.(peer.address);
+      const channel = createChannel(peer.address, tls?.credentials, {
+        ...clientChannelOptions(this.options.keepalive),
+        ...tls?.channelOptions,
+      });
+      entry = { channel, client: createClient(ImageServiceDefinition, channel, { '*': { metadata: this.peerMetadata } }) };
       this.channels.set(peer.address, entry);
     }
     return entry.client;

@@ -1,32 +1,22 @@
 import { Status } from 'nice-grpc-common';
 import { MetalcastError } from '../../common/errors.js';
+import { checkName, checkSha256, SHA256_HEX } from '../../common/input.js';
 import { truncate } from '../../common/mac.js';
 
 const invalid = (message: string) => new MetalcastError(Status.INVALID_ARGUMENT, message);
 
-/** Same rule as node names, so that names are safe in URLs, logs and file names alike. */
-const IMAGE_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
-const SHA256_HEX = /^[0-9a-f]{64}$/;
 const SHA512_HEX = /^[0-9a-f]{128}$/;
 const MAX_URL_LENGTH = 2048;
 
+/** Same rule as node names (common/input.ts), so that names are safe in URLs, logs and file names alike. */
 export function validateImageName(name: string, field = 'name'): string {
-  if (name === '') throw invalid(`${field}: an image name is required`);
-  if (!IMAGE_NAME.test(name)) {
-    throw invalid(
-      `${field}: '${truncate(name)}' is not a valid image name (1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit)`,
-    );
-  }
-  return name;
+  return checkName(name, field, 'image');
 }
 
 /** An optional expected sha256: '' means none. */
 export function validateOptionalSha256(value: string, field: string): string | undefined {
   if (value === '') return undefined;
-  if (!SHA256_HEX.test(value)) {
-    throw invalid(`${field}: '${truncate(value)}' is not a sha256 (64 lower-case hex digits, as sha256sum prints)`);
-  }
-  return value;
+  return checkSha256(value, field);
 }
 
 export function validateImageSize(size: number, maxBytes: number, field: string): number | undefined {

@@ -16,6 +16,10 @@ import type { NodeRecord, Store } from '../store/store.js';
 import type { Admission } from './admission.js';
 import type { DeploySpecRecord, Provisioner } from './provisioner.js';
 import { describeError as describe } from '../../common/errors.js';
+import { PowerDrivers } from '../power/drivers.js';
+import type { PowerDriver } from '../power/power-driver.js';
+
+const DEFAULT_POWER_DRIVERS = new PowerDrivers();
 
 /** How long the controller waits for an agent to report its inventory. */
 const INVENTORY_TIMEOUT_MS = 60_000;
@@ -42,6 +46,8 @@ export interface ConductorOptions {
   dueScanIntervalMs: number;
   /** How recent a recorded heartbeat must be for the due scan to act on it. */
   freshnessMs: number;
+  /** Power drivers by name (default: the built-in ones); a node with power.driver is rebooted into its disk and powered off through it. */
+  power?: PowerDrivers;
 }
 
 /** Which nodes this controller drives (the ring, controller/cluster/membership.ts). */
@@ -194,8 +200,14 @@ export class Conductor {
       if (!node || node.maintenance || node.provisionState !== seen.provisionState) return;
       const endpoint = this.directory.endpoint(node);
       if (!endpoint || !this.directory.isAlive(node)) return;
-      const agent = this.agents.handle(node.uuid, endpoint.address, endpoint.token);
-      const log = this.logger.child({ node: node.uuid, nodeName: node.name, agent: endpoint.address, step });
+      const agent = this.agents.handle(node.uuid, endpoint.address, endpoint.token, endpoint.certificatePem);
+      const log = this.logger.child({
+        node: node.uuid,
+        nodeName: node.name,
+        agent: endpoint.address,
+        tls: agent.fingerprint !== undefined,
+        step,
+      });
       // The history shows who drove each step, so that overlaps between controllers would be visible.
       await this.store.addEvent(node.uuid, {
         kind: 'step_started',
@@ -318,7 +330,15 @@ export class Conductor {
       return;
     }
     const written = final.result?.result?.$case === 'writeImage' ? final.result.result.value : undefined;
-    if (this.options.finalPower !== 'none') {
+    const driven = await this.powerThroughDriver(node, log, async (driver) => {
+      await driver.setBootDevice('disk');
+      if (this.options.finalPower === 'reboot') await driver.reset();
+      else if (this.options.finalPower === 'power_off') await driver.powerOff();
+    });
+    if (driven === 'failed') {
+      return;
+    }
+    if (driven === 'no driver' && this.options.finalPower !== 'none') {
       const command =
         this.options.finalPower === 'reboot' ? { $case: 'reboot' as const, value: {} } : { $case: 'powerOff' as const, value: {} };
       try {
@@ -366,6 +386,7 @@ export class Conductor {
       return;
     }
     const erased = final.result?.result?.$case === 'eraseDisks' ? final.result.result.value.devicePaths : [];
+    if ((await this.powerThroughDriver(node, log, (driver) => driver.powerOff())) === 'failed') return;
     const cleaning = await this.provisioner.move(
       node,
       'clean_wait',
@@ -432,6 +453,35 @@ export class Conductor {
         }
         await sleep(POLL_INTERVAL_MS, undefined, { signal });
       }
+    }
+  }
+
+  /**
+   * The final power action of a deploy or clean through the node's power
+   * driver, if it has one; a failure fails the node (deploy_wait or
+   * clean_wait) with a last_error naming the driver.
+   */
+  private async powerThroughDriver(
+    node: NodeRecord,
+    log: Logger,
+    action: (driver: PowerDriver) => Promise<void>,
+  ): Promise<'done' | 'no driver' | 'failed'> {
+    const step = node.provisionState === 'deploy_wait' ? 'deploy' : 'clean';
+    const [from, to] = step === 'deploy' ? (['deploy_wait', 'deploy_failed'] as const) : (['clean_wait', 'clean_failed'] as const);
+    const what = step === 'deploy' ? `final ${this.options.finalPower}` : 'power off after cleaning';
+    let driver: PowerDriver | undefined;
+    try {
+      driver = (this.options.power ?? DEFAULT_POWER_DRIVERS).forNode(node);
+      if (!driver) return 'no driver';
+      await action(driver);
+      log.info({ driver: driver.name }, `${what} through the power driver`);
+      return 'done';
+    } catch (error) {
+      const reason = driver ? `${what} through ${driver.name} failed: ${describe(error)}` : `${what} failed: ${describe(error)}`;
+      await this.fail(node, from, to, reason, log);
+      return 'failed';
+    } finally {
+      driver?.close();
     }
   }
 

@@ -8,7 +8,9 @@ import type { AgentSessions } from '../agent-sessions.js';
 import type { NodeLocks } from '../locks.js';
 import type { NodeFeed } from '../node-feed.js';
 import type { NodeRecord, Store, Transition } from '../store/store.js';
-import { ACTION_TRANSITIONS, allowedActions, isAgentState, type ProvisionAction, type ProvisionState } from './states.js';
+import { PowerDrivers } from '../power/drivers.js';
+import type { PowerDriver } from '../power/power-driver.js';
+import { ACTION_TRANSITIONS, allowedActions, isAgentState, type ProvisionAction, type ProvisionState, type WaitState } from './states.js';
 
 const human = (state: ProvisionState) => state.replaceAll('_', ' ');
 
@@ -33,6 +35,8 @@ export class Provisioner {
     private readonly logger: Logger,
     /** This controller's lock holder name: every move is fenced on it, and it is the actor of steps the controller takes itself. */
     private readonly holder: string,
+    /** Power drivers by name; a node with a power.driver property is powered on into network boot when its agent is needed. */
+    private readonly power = new PowerDrivers(),
   ) {}
 
   async runAction(node: NodeRecord, action: ProvisionAction, actor: string, deploy?: DeploySpecRecord): Promise<NodeRecord> {
@@ -58,23 +62,26 @@ export class Provisioner {
           return await this.move(node, node.provisionState, step.to, null, actor, action, '');
         case 'inspect': {
           const inspecting = await this.move(node, node.provisionState, 'inspecting', 'manageable', actor, action, '');
-          // Nothing to prepare before the agent boots (power control is a later driver): wait for it.
-          return await this.move(inspecting, 'inspecting', 'inspect_wait', 'manageable', this.holder, action);
+          const waiting = await this.move(inspecting, 'inspecting', 'inspect_wait', 'manageable', this.holder, action);
+          return await this.bootAgent(waiting, 'inspect_wait', 'inspect_failed');
         }
         case 'provide': {
           const cleaning = await this.move(node, node.provisionState, 'cleaning', 'available', actor, action, '');
-          return await this.move(cleaning, 'cleaning', 'clean_wait', 'available', this.holder, action);
+          const waiting = await this.move(cleaning, 'cleaning', 'clean_wait', 'available', this.holder, action);
+          return await this.bootAgent(waiting, 'clean_wait', 'clean_failed');
         }
         case 'deploy': {
           const deploying = await this.move(node, 'available', 'deploying', 'active', actor, `deploy of ${deploy?.image}`, '', {
             deployJson: JSON.stringify(deploy),
           });
-          return await this.move(deploying, 'deploying', 'deploy_wait', 'active', this.holder, 'deploy');
+          const waiting = await this.move(deploying, 'deploying', 'deploy_wait', 'active', this.holder, 'deploy');
+          return await this.bootAgent(waiting, 'deploy_wait', 'deploy_failed');
         }
         case 'undeploy': {
           const deleting = await this.move(node, node.provisionState, 'deleting', 'available', actor, action, '');
           const cleaning = await this.move(deleting, 'deleting', 'cleaning', 'available', this.holder, action);
-          return await this.move(cleaning, 'cleaning', 'clean_wait', 'available', this.holder, action);
+          const waiting = await this.move(cleaning, 'cleaning', 'clean_wait', 'available', this.holder, action);
+          return await this.bootAgent(waiting, 'clean_wait', 'clean_failed');
         }
         case 'abort':
           return await this.move(
@@ -90,6 +97,30 @@ export class Provisioner {
     } finally {
       await lock.release();
     }
+  }
+
+  /**
+   * Once the node waits for its agent: a node with a power driver is powered
+   * on (or reset) into network boot, which serves it the agent ramdisk; one
+   * without is powered by hand, as before. A power failure fails the step.
+   */
+  private async bootAgent(node: NodeRecord, wait: WaitState, failed: ProvisionState): Promise<NodeRecord> {
+    let driver: PowerDriver | undefined;
+    try {
+      driver = this.power.forNode(node);
+      if (!driver) return node;
+      await driver.powerOn('network');
+    } catch (error) {
+      const reason = driver
+        ? `power on through ${driver.name} failed: ${(error as Error).message}`
+        : `power on failed: ${(error as Error).message}`;
+      this.logger.warn({ node: node.uuid, nodeName: node.name, reason }, 'powering the node on failed');
+      return await this.move(node, wait, failed, null, this.holder, reason, reason);
+    } finally {
+      driver?.close();
+    }
+    this.logger.info({ node: node.uuid, nodeName: node.name, driver: driver.name }, 'powered on into network boot');
+    return node;
   }
 
   /** Refuses a deploy that cannot work, before the node moves: unknown image, or hints no inspected disk meets. */

@@ -1,15 +1,17 @@
 import { abortable, isAbortError } from 'abort-controller-x';
 import { type CallContext, ServerError, Status } from 'nice-grpc';
+import type { X509Certificate } from 'node:crypto';
 import { invalidArgument, MetalcastError, unauthenticated } from '../../common/errors.js';
+import { fingerprint, parseCertificates } from '../../common/tls.js';
 import type { Logger } from '../../common/logging.js';
-import { truncate } from '../../common/mac.js';
 import { CommandProgress } from '../../gen/metalcast/v1/command.js';
 import { AgentStatus, type HeartbeatRequest, type HeartbeatResponse } from '../../gen/metalcast/v1/agent_gateway.js';
 import type { AgentSessions } from '../agent-sessions.js';
 import type { HeartbeatRecorder } from '../heartbeat-recorder.js';
 import type { ControllerMetrics } from '../metrics.js';
 import type { Store } from '../store/store.js';
-import { agentTokenMatches } from '../tokens.js';
+import { agentTokenMatches, hashAgentToken } from '../tokens.js';
+import { validateHeartbeat } from '../validation.js';
 import { authenticateAgent } from './agent-auth.js';
 
 export interface HeartbeatDeps {
@@ -22,8 +24,6 @@ export interface HeartbeatDeps {
   /** Told about every heartbeat after it is recorded; must not block. */
   onHeartbeat: (nodeUuid: string) => void;
 }
-
-const AGENT_ADDRESS = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253}):\d{1,5}$/;
 
 /**
  * The heartbeat stream: authenticated once when it opens and bound to its
@@ -65,6 +65,8 @@ export function createHeartbeatHandler(deps: HeartbeatDeps) {
     log.info('heartbeat stream opened');
     const iterator = requests[Symbol.asyncIterator]();
     let count = 0;
+    /** Fingerprint of the agent certificate this stream pinned or found pinned; later ones must match it. */
+    let pinned: string | undefined;
     try {
       while (true) {
         const next = await abortable(stop.signal, iterator.next());
@@ -73,10 +75,8 @@ export function createHeartbeatHandler(deps: HeartbeatDeps) {
           return;
         }
         const hb = next.value;
-        if (hb.agentAddress !== '' && (hb.agentAddress.length > 260 || !AGENT_ADDRESS.test(hb.agentAddress))) {
-          throw invalidArgument(`agent_address: '${truncate(hb.agentAddress)}' is not of the form host:port`);
-        }
-        if (hb.agentVersion.length > 128) throw invalidArgument('agent_version: at most 128 characters');
+        validateHeartbeat(hb);
+        if (hb.agentCertificatePem !== '') pinned = await pinCertificate(hb.agentCertificatePem, pinned);
         count++;
         metrics.heartbeats.inc();
         const progress = hb.command?.progress;
@@ -107,7 +107,66 @@ export function createHeartbeatHandler(deps: HeartbeatDeps) {
       sessions.close(node.uuid, sessionId);
       void iterator.return?.();
     }
+
+    /**
+     * The agent's certificate: pinned for the node by the first heartbeat
+     * that carries one after a lookup (compare-and-set on the token, so
+     * that of two streams with one token only one pins), and after that
+     * every certificate presented, in this stream or a later one with the
+     * same token, must be that one.
+     */
+    async function pinCertificate(pem: string, streamPin: string | undefined): Promise<string> {
+      const certificate = agentCertificate(pem);
+      const presented = fingerprint(certificate);
+      if (streamPin !== undefined) {
+        if (presented !== streamPin) refuseCertificate(presented, streamPin);
+        return streamPin;
+      }
+      const outcome = await store.pinAgentCertificate(node.uuid, hashAgentToken(token), certificate.toString());
+      if (outcome === 'stale') throw unauthenticated('the agent token was replaced by a newer lookup; look up again');
+      if (outcome === 'different') {
+        const stored = (await store.getNode(node.uuid))?.agentCertificatePem;
+        refuseCertificate(presented, stored ? fingerprint(agentCertificate(stored)) : 'none');
+      }
+      if (outcome === 'pinned') {
+        log.info(
+          { fingerprint: presented, subject: certificate.subject, validTo: certificate.validTo },
+          'agent certificate pinned for this node',
+        );
+      }
+      return presented;
+    }
+
+    function refuseCertificate(presented: string, expected: string): never {
+      log.warn({ presented, pinned: expected }, 'agent certificate differs from the one pinned for this node');
+      throw unauthenticated(
+        'this agent certificate differs from the one pinned for the node since its lookup; an agent that made a new key must look up again',
+      );
+    }
   };
+}
+
+/** Largest agent certificate accepted: a self-signed P-256 certificate is well under 1 KiB. */
+const MAX_AGENT_CERTIFICATE_BYTES = 8 * 1024;
+
+/** The one X.509 certificate in an agent's agent_certificate_pem, or INVALID_ARGUMENT saying what is wrong with it. */
+export function agentCertificate(pem: string): X509Certificate {
+  if (Buffer.byteLength(pem) > MAX_AGENT_CERTIFICATE_BYTES) {
+    throw invalidArgument(`agent_certificate_pem: at most ${MAX_AGENT_CERTIFICATE_BYTES} bytes`);
+  }
+  if (/PRIVATE KEY-----/.test(pem)) throw invalidArgument('agent_certificate_pem: holds a private key; send the certificate only');
+  let certificates: X509Certificate[];
+  try {
+    certificates = parseCertificates(pem, 'agent_certificate_pem');
+  } catch (error) {
+    throw invalidArgument((error as Error).message);
+  }
+  if (certificates.length !== 1) throw invalidArgument(`agent_certificate_pem: one certificate expected, got ${certificates.length}`);
+  const certificate = certificates[0] as X509Certificate;
+  if (Date.parse(certificate.validTo) < Date.now()) {
+    throw invalidArgument(`agent_certificate_pem: the certificate expired on ${certificate.validTo}; restart the agent to make a new one`);
+  }
+  return certificate;
 }
 
 export const SHUTTING_DOWN = new MetalcastError(Status.UNAVAILABLE, 'the controller is shutting down; reconnect shortly');

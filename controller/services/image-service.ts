@@ -24,7 +24,7 @@ import type { ControllerConfig } from '../config.js';
 import { ImageCatalog } from '../images/catalog.js';
 import { type ImageFiles, ShortBlobError } from '../images/image-files.js';
 import { IMPORT_STOPPED, ImageImporter } from '../images/importer.js';
-import { announceImageReady, ImageReplicator } from '../images/replicator.js';
+import { announceImageReady, ImageReplicator, type ReplicatorOptions } from '../images/replicator.js';
 import {
   formatChecksum,
   parseChecksum,
@@ -41,6 +41,8 @@ export interface ImageServiceDeps {
   files: ImageFiles;
   config: ControllerConfig;
   logger: Logger;
+  /** How to reach another controller (TLS or not) when copying its images; plaintext when absent. */
+  peerClient?: ReplicatorOptions['peerClient'];
 }
 
 /** The image API and the background work behind it. */
@@ -96,6 +98,7 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
       keepalive: { timeMs: config.keepaliveTime, timeoutMs: config.keepaliveTimeout },
       maxBytes: config.maxImageSize,
       intervalMs: config.imageSyncInterval,
+      peerClient: deps.peerClient,
     },
     logger.child({ component: 'replicator' }),
   );

@@ -1,5 +1,5 @@
 import type { CallContext } from 'nice-grpc';
-import { failedPrecondition, invalidArgument, notFound } from '../../common/errors.js';
+import { failedPrecondition, notFound } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import { normaliseMacList, truncate } from '../../common/mac.js';
 import type { LookupRequest, LookupResponse } from '../../gen/metalcast/v1/agent_gateway.js';
@@ -9,6 +9,7 @@ import { isAgentState } from '../provisioning/states.js';
 import type { Store } from '../store/store.js';
 import { agentApiToken } from '../../common/agent-credentials.js';
 import { generateAgentToken, hashAgentToken } from '../tokens.js';
+import { validateLookup } from '../validation.js';
 import { Status } from 'nice-grpc-common';
 import { MetalcastError } from '../../common/errors.js';
 
@@ -32,7 +33,7 @@ export function createLookupHandler(deps: LookupDeps) {
     let macs: string[];
     try {
       macs = normaliseMacList(request.macAddresses);
-      if (request.agentVersion.length > 128) throw invalidArgument('agent_version: at most 128 characters');
+      validateLookup(request);
     } catch (error) {
       metrics.lookups.inc({ result: 'invalid' });
       throw error;

@@ -4,14 +4,23 @@ import type { Logger } from '../../common/logging.js';
 import { normaliseMac, normaliseMacList } from '../../common/mac.js';
 import type { NodeServiceImplementation } from '../../gen/metalcast/v1/node.js';
 import { actionFromProto, eventToProto, nodeToProto, stateFromProto } from '../convert.js';
-import type { DiskHints } from '../../gen/metalcast/v1/command.js';
-import type { DeploySpec } from '../../gen/metalcast/v1/node.js';
 import type { NodeLocks } from '../locks.js';
 import type { NodeChange, NodeFeed } from '../node-feed.js';
-import type { DeploySpecRecord, Provisioner } from '../provisioning/provisioner.js';
+import type { Provisioner } from '../provisioning/provisioner.js';
 import type { ProvisionState } from '../provisioning/states.js';
 import type { NodeRecord, Store } from '../store/store.js';
-import { decodePageToken, encodePageToken, pageSize, validateNodeName, validateNodeRef, validateProperties } from '../validation.js';
+import {
+  decodePageToken,
+  encodePageToken,
+  MAX_NODE_PORTS,
+  pageSize,
+  validateDeploySpec,
+  validateMaintenanceReason,
+  validateNodeName,
+  validateNodeRef,
+  validateProperties,
+  validateWatchedNodes,
+} from '../validation.js';
 
 /** States a node may be deleted from: nothing is running on it or for it. */
 const DELETABLE: readonly ProvisionState[] = ['enroll', 'manageable', 'available', 'inspect_failed', 'clean_failed', 'deploy_failed'];
@@ -101,17 +110,30 @@ export function createNodeService(deps: NodeServiceDeps): NodeServiceImplementat
     },
 
     async addNodePort(request) {
-      const node = await requireNode(request.node);
+      validateNodeRef(request.node);
       const mac = normaliseMac(request.macAddress);
-      const updated = await withLock(node, 'add port', () =>
-        store.addPort(node.uuid, mac, { kind: 'port', message: `port ${mac} added`, actor: operator, fromState: null, toState: null }),
-      );
+      const node = await requireNode(request.node);
+      const updated = await withLock(node, 'add port', async () => {
+        // Counted under the lock, so that two adds at once cannot both pass.
+        const ports = (await store.getNode(node.uuid))?.macAddresses.length ?? 0;
+        if (ports >= MAX_NODE_PORTS) {
+          throw invalidArgument(`mac_address: node '${node.name}' already has ${ports} ports, the most a node may have`);
+        }
+        return store.addPort(node.uuid, mac, {
+          kind: 'port',
+          message: `port ${mac} added`,
+          actor: operator,
+          fromState: null,
+          toState: null,
+        });
+      });
       return { node: nodeToProto(published(updated) as NodeRecord) };
     },
 
     async removeNodePort(request) {
-      const node = await requireNode(request.node);
+      validateNodeRef(request.node);
       const mac = normaliseMac(request.macAddress);
+      const node = await requireNode(request.node);
       const updated = await withLock(node, 'remove port', () =>
         store.removePort(node.uuid, mac, { kind: 'port', message: `port ${mac} removed`, actor: operator, fromState: null, toState: null }),
       );
@@ -119,10 +141,9 @@ export function createNodeService(deps: NodeServiceDeps): NodeServiceImplementat
     },
 
     async setMaintenance(request) {
+      validateNodeRef(request.node);
+      const reason = validateMaintenanceReason(request.reason, request.enabled);
       const node = await requireNode(request.node);
-      const reason = request.reason.trim();
-      if (request.enabled && reason === '') throw invalidArgument('reason: required when turning maintenance on, so that others know why');
-      if (reason.length > 255) throw invalidArgument('reason: at most 255 characters');
       // Maintenance on must work while a long step holds the lock: it is how an operator says "stop touching this".
       const change = () =>
         store.setMaintenance(node.uuid, request.enabled, reason, {
@@ -139,16 +160,19 @@ export function createNodeService(deps: NodeServiceDeps): NodeServiceImplementat
     },
 
     async setProvisionState(request) {
-      const node = await requireNode(request.node);
+      validateNodeRef(request.node);
       const action = actionFromProto(request.action);
-      const deploy = action === 'deploy' ? deploySpecFromProto(request.deploy) : undefined;
+      const deploy = action === 'deploy' ? validateDeploySpec(request.deploy) : undefined;
+      const node = await requireNode(request.node);
       return { node: nodeToProto(await provisioner.runAction(node, action, operator, deploy)) };
     },
 
     async listNodeEvents(request) {
-      const node = await requireNode(request.node);
+      validateNodeRef(request.node);
       const limit = pageSize(request.pageSize);
-      const events = await store.listEvents(node.uuid, decodePageToken<number>(request.pageToken, 'number') ?? 0, limit + 1);
+      const after = decodePageToken<number>(request.pageToken, 'number') ?? 0;
+      const node = await requireNode(request.node);
+      const events = await store.listEvents(node.uuid, after, limit + 1);
       const page = events.slice(0, limit);
       const last = page.at(-1);
       return {
@@ -159,7 +183,7 @@ export function createNodeService(deps: NodeServiceDeps): NodeServiceImplementat
 
     async *watchNodes(request, context) {
       const wanted = new Set<string>();
-      for (const ref of request.nodes) {
+      for (const ref of validateWatchedNodes(request.nodes)) {
         const node = await requireNode(ref);
         wanted.add(node.uuid);
       }
@@ -198,14 +222,4 @@ export function createNodeService(deps: NodeServiceDeps): NodeServiceImplementat
       await pump;
     },
   };
-}
-
-function deploySpecFromProto(spec: DeploySpec | undefined): DeploySpecRecord {
-  if (!spec || spec.image === '') throw invalidArgument('deploy.image: an image name is required to deploy');
-  if (spec.image.length > 63) throw invalidArgument('deploy.image: at most 63 characters');
-  const target: DiskHints | undefined = spec.target;
-  if (target?.devicePath !== undefined && !target.devicePath.startsWith('/')) {
-    throw invalidArgument(`deploy.target.device_path: '${target.devicePath.slice(0, 64)}' is not an absolute path`);
-  }
-  return { image: spec.image, target };
 }

@@ -25,6 +25,8 @@ import type {
   NewNodeEvent,
   NodeEventRecord,
   NodeRecord,
+  OperatorRole,
+  OperatorTokenRecord,
   Store,
   StoreChannel,
   TakeoverResult,
@@ -71,6 +73,7 @@ interface NodeRow {
   agent_status: string;
   agent_token_hash: string | null;
   agent_api_token: string | null;
+  agent_certificate: string | null;
   last_heartbeat_at: number | null;
   liveness_at: number | null;
   reservation: string | null;
@@ -294,7 +297,7 @@ export class PostgresStore implements Store {
         `liveness_at = ${p.add(isWaitState(t.to) ? now : null)}`,
       ];
       if (t.lastError !== undefined) sets.push(`last_error = ${p.add(t.lastError)}`);
-      if (!t.keepAgentToken) sets.push('agent_token_hash = NULL', 'agent_api_token = NULL');
+      if (!t.keepAgentToken) sets.push('agent_token_hash = NULL', 'agent_api_token = NULL', 'agent_certificate = NULL');
       if (t.deployJson !== undefined) sets.push(`deploy = ${p.add(t.deployJson)}`);
       if (t.inventoryJson !== undefined) sets.push(`inventory = ${p.add(t.inventoryJson)}`);
       const where = [`uuid = ${p.add(uuid)}`, `provision_state = ANY(${p.add(t.from)}::text[])`];
@@ -308,12 +311,28 @@ export class PostgresStore implements Store {
 
   async setAgentToken(uuid: string, tokenHash: string | null, apiToken: string | null): Promise<void> {
     await this.pool.query(
-      `UPDATE nodes SET agent_token_hash = $2, agent_api_token = $3, updated_at = $4,
+      `UPDATE nodes SET agent_token_hash = $2, agent_api_token = $3, agent_certificate = NULL, updated_at = $4,
          liveness_at = CASE WHEN liveness_at IS NULL THEN NULL ELSE GREATEST(liveness_at, $4) END
        WHERE uuid = $1`,
       // The API credential is derived from the token: it never outlives it.
       [uuid, tokenHash, tokenHash === null ? null : apiToken, Date.now()],
     );
+  }
+
+  async pinAgentCertificate(uuid: string, tokenHash: string, pem: string): Promise<'pinned' | 'same' | 'different' | 'stale'> {
+    // The WHERE is re-checked on the latest row version: of two controllers pinning at once, one wins.
+    const pinned = await this.pool.query(
+      'UPDATE nodes SET agent_certificate = $3 WHERE uuid = $1 AND agent_token_hash = $2 AND agent_certificate IS NULL',
+      [uuid, tokenHash, pem],
+    );
+    if (pinned.rowCount === 1) return 'pinned';
+    const { rows } = await this.pool.query<{ agent_token_hash: string | null; agent_certificate: string | null }>(
+      'SELECT agent_token_hash, agent_certificate FROM nodes WHERE uuid = $1',
+      [uuid],
+    );
+    const row = rows[0];
+    if (row?.agent_token_hash !== tokenHash) return 'stale';
+    return row.agent_certificate === pem ? 'same' : 'different';
   }
 
   async recordHeartbeats(batch: readonly HeartbeatRecord[]): Promise<string[]> {
@@ -374,6 +393,7 @@ export class PostgresStore implements Store {
            target_provision_state = NULL,
            agent_token_hash = NULL,
            agent_api_token = NULL,
+           agent_certificate = NULL,
            last_error = CASE WHEN last_heartbeat_at IS NULL
              THEN 'no heartbeat from the agent since the node entered ' || replace(provision_state, '_', ' ') || ' ' || ($1::bigint - liveness_at) / 1000 || 's ago (timeout ' || $2::int || 's)'
              ELSE 'no heartbeat from the agent for ' || ($1::bigint - liveness_at) / 1000 || 's (timeout ' || $2::int || 's)' END,
@@ -517,7 +537,7 @@ export class PostgresStore implements Store {
         const to = failed.map((f) => f.toState);
         await client.query(
           `UPDATE nodes n SET provision_state = f.to_state, target_provision_state = NULL, last_error = $3,
-             agent_token_hash = NULL, agent_api_token = NULL, liveness_at = NULL, updated_at = $4, provision_updated_at = $4
+             agent_token_hash = NULL, agent_api_token = NULL, agent_certificate = NULL, liveness_at = NULL, updated_at = $4, provision_updated_at = $4
            FROM unnest($1::text[], $2::text[]) AS f (uuid, to_state) WHERE n.uuid = f.uuid`,
           [uuids, to, reason, now],
         );
@@ -666,6 +686,58 @@ export class PostgresStore implements Store {
         image.sha256 !== '' && ((await client.query('SELECT 1 FROM images WHERE sha256 = $1 LIMIT 1', [image.sha256])).rowCount ?? 0) > 0;
       return { deleted: true, contentStillUsed: shared };
     });
+  }
+
+  async createOperatorToken(record: OperatorTokenRecord): Promise<void> {
+    try {
+      await insertOperatorToken(this.pool, record);
+    } catch (error) {
+      if (error instanceof DatabaseError && error.code === '23505') {
+        throw new MetalcastError(Status.ALREADY_EXISTS, `an operator token with id ${record.id} or the same hash already exists`);
+      }
+      throw error;
+    }
+  }
+
+  async createFirstOperatorToken(record: OperatorTokenRecord): Promise<boolean> {
+    return this.withTransaction(async (client) => {
+      // Several controllers starting at once on an empty table: one of them makes the first token.
+      await client.query('LOCK TABLE operator_tokens IN SHARE ROW EXCLUSIVE MODE');
+      if ((await client.query('SELECT 1 FROM operator_tokens LIMIT 1')).rowCount) return false;
+      await insertOperatorToken(client, record);
+      return true;
+    });
+  }
+
+  async findOperatorTokenByHash(tokenHash: string): Promise<OperatorTokenRecord | undefined> {
+    const { rows } = await this.pool.query<OperatorTokenRow>('SELECT * FROM operator_tokens WHERE token_hash = $1', [tokenHash]);
+    return rows[0] && toOperatorTokenRecord(rows[0]);
+  }
+
+  async listOperatorTokens(): Promise<OperatorTokenRecord[]> {
+    return (await this.pool.query<OperatorTokenRow>('SELECT * FROM operator_tokens ORDER BY created_at, id')).rows.map(
+      toOperatorTokenRecord,
+    );
+  }
+
+  async deleteOperatorToken(id: string): Promise<boolean> {
+    return ((await this.pool.query('DELETE FROM operator_tokens WHERE id = $1', [id])).rowCount ?? 0) > 0;
+  }
+
+  async touchOperatorToken(id: string, now: EpochMs): Promise<void> {
+    await this.pool.query('UPDATE operator_tokens SET last_used_at = $2 WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < $2)', [
+      id,
+      now,
+    ]);
+  }
+
+  async ensureClusterSecret(candidate: string): Promise<string> {
+    await this.pool.query('INSERT INTO cluster_secret (id, secret, created_at) VALUES (1, $1, $2) ON CONFLICT (id) DO NOTHING', [
+      candidate,
+      Date.now(),
+    ]);
+    const { rows } = await this.pool.query<{ secret: string }>('SELECT secret FROM cluster_secret WHERE id = 1');
+    return (rows[0] as { secret: string }).secret;
   }
 
   async close(): Promise<void> {
@@ -1060,6 +1132,7 @@ function toNodeRecord(row: NodeRow): NodeRecord {
     agentStatus: row.agent_status,
     agentTokenHash: row.agent_token_hash,
     agentApiToken: row.agent_api_token,
+    agentCertificatePem: row.agent_certificate,
     lastHeartbeatAt: row.last_heartbeat_at,
     livenessAt: row.liveness_at,
     reservation: row.reservation,
@@ -1070,6 +1143,33 @@ function toNodeRecord(row: NodeRow): NodeRecord {
     createdAt: row.created_at,
     updatedAt: row.updated_at,
     provisionUpdatedAt: row.provision_updated_at,
+  };
+}
+
+interface OperatorTokenRow {
+  id: string;
+  token_hash: string;
+  role: OperatorRole;
+  description: string;
+  created_at: number;
+  last_used_at: number | null;
+}
+
+async function insertOperatorToken(db: Queryable, record: OperatorTokenRecord): Promise<void> {
+  await db.query(
+    'INSERT INTO operator_tokens (id, token_hash, role, description, created_at, last_used_at) VALUES ($1, $2, $3, $4, $5, $6)',
+    [record.id, record.tokenHash, record.role, record.description, record.createdAt, record.lastUsedAt],
+  );
+}
+
+function toOperatorTokenRecord(row: OperatorTokenRow): OperatorTokenRecord {
+  return {
+    id: row.id,
+    tokenHash: row.token_hash,
+    role: row.role,
+    description: row.description,
+    createdAt: row.created_at,
+    lastUsedAt: row.last_used_at,
   };
 }
 

@@ -95,4 +95,33 @@ export const SQLITE_MIGRATIONS: readonly { version: number; description: string;
       );
     `,
   },
+  {
+    version: 4,
+    description: 'the agent certificate pinned for each node',
+    sql: `
+      -- PEM; set from the first heartbeat that carries one after a lookup, wiped with the agent token.
+      ALTER TABLE nodes ADD COLUMN agent_certificate TEXT;
+    `,
+  },
+  {
+    version: 5,
+    description: 'operator tokens and the cluster secret',
+    sql: `
+      -- Operator API tokens (controller/operator-auth.ts): only the sha256 of a token is stored.
+      CREATE TABLE operator_tokens (
+        id TEXT PRIMARY KEY,
+        token_hash TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'reader')),
+        description TEXT NOT NULL DEFAULT '',
+        created_at INTEGER NOT NULL,
+        last_used_at INTEGER
+      );
+      -- One row: the secret controllers present to each other (as readers) when they copy images.
+      CREATE TABLE cluster_secret (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        secret TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+      );
+    `,
+  },
 ];

@@ -20,6 +20,8 @@ import type {
   NewNodeEvent,
   NodeEventRecord,
   NodeRecord,
+  OperatorRole,
+  OperatorTokenRecord,
   Store,
   StoreChannel,
   TakeoverResult,
@@ -265,7 +267,7 @@ export class SqliteStore implements Store {
         sets.push('last_error = ?');
         params.push(t.lastError);
       }
-      if (!t.keepAgentToken) sets.push('agent_token_hash = NULL', 'agent_api_token = NULL');
+      if (!t.keepAgentToken) sets.push('agent_token_hash = NULL', 'agent_api_token = NULL', 'agent_certificate = NULL');
       if (t.deployJson !== undefined) {
         sets.push('deploy = ?');
         params.push(t.deployJson);
@@ -287,10 +289,24 @@ export class SqliteStore implements Store {
   async setAgentToken(uuid: string, tokenHash: string | null, apiToken: string | null): Promise<void> {
     const now = Date.now();
     this.stmt(
-      `UPDATE nodes SET agent_token_hash = ?, agent_api_token = ?, updated_at = ?,
+      `UPDATE nodes SET agent_token_hash = ?, agent_api_token = ?, agent_certificate = NULL, updated_at = ?,
          liveness_at = CASE WHEN liveness_at IS NULL THEN NULL ELSE MAX(liveness_at, ?) END
        WHERE uuid = ?`,
     ).run(tokenHash, tokenHash === null ? null : apiToken, now, now, uuid);
+  }
+
+  async pinAgentCertificate(uuid: string, tokenHash: string, pem: string): Promise<'pinned' | 'same' | 'different' | 'stale'> {
+    return this.inTransaction(() => {
+      const { changes } = this.stmt(
+        'UPDATE nodes SET agent_certificate = ? WHERE uuid = ? AND agent_token_hash = ? AND agent_certificate IS NULL',
+      ).run(pem, uuid, tokenHash);
+      if (Number(changes) === 1) return 'pinned';
+      const row = this.stmt('SELECT agent_token_hash, agent_certificate FROM nodes WHERE uuid = ?').get(uuid) as
+        | { agent_token_hash: string | null; agent_certificate: string | null }
+        | undefined;
+      if (row?.agent_token_hash !== tokenHash) return 'stale';
+      return row.agent_certificate === pem ? 'same' : 'different';
+    });
   }
 
   async recordHeartbeats(batch: readonly HeartbeatRecord[]): Promise<string[]> {
@@ -329,6 +345,7 @@ export class SqliteStore implements Store {
            target_provision_state = NULL,
            agent_token_hash = NULL,
            agent_api_token = NULL,
+           agent_certificate = NULL,
            last_error = CASE WHEN last_heartbeat_at IS NULL
              THEN 'no heartbeat from the agent since the node entered ' || replace(provision_state, '_', ' ') || ' ' || CAST((? - liveness_at) / 1000 AS INTEGER) || 's ago (timeout ' || CAST(? AS INTEGER) || 's)'
              ELSE 'no heartbeat from the agent for ' || CAST((? - liveness_at) / 1000 AS INTEGER) || 's (timeout ' || CAST(? AS INTEGER) || 's)' END,
@@ -468,7 +485,7 @@ export class SqliteStore implements Store {
         const toState = ACTIVE_STATE_FAILURES[row.provision_state];
         this.stmt(
           `UPDATE nodes SET provision_state = ?, target_provision_state = NULL, last_error = ?, agent_token_hash = NULL,
-             agent_api_token = NULL, liveness_at = NULL, updated_at = ?, provision_updated_at = ?
+             agent_api_token = NULL, agent_certificate = NULL, liveness_at = NULL, updated_at = ?, provision_updated_at = ?
            WHERE uuid = ?`,
         ).run(toState, reason, now, now, row.uuid);
         this.insertEvent(row.uuid, { kind: 'takeover', message: reason, actor: 'takeover', fromState: row.provision_state, toState }, now);
@@ -605,6 +622,61 @@ export class SqliteStore implements Store {
     return row ? toImageRecord(row) : undefined;
   }
 
+  async createOperatorToken(record: OperatorTokenRecord): Promise<void> {
+    try {
+      this.insertOperatorToken(record);
+    } catch (error) {
+      if ((error as { code?: string }).code === 'ERR_SQLITE_ERROR' && /UNIQUE/.test((error as Error).message)) {
+        throw new MetalcastError(Status.ALREADY_EXISTS, `an operator token with id ${record.id} or the same hash already exists`);
+      }
+      throw error;
+    }
+  }
+
+  async createFirstOperatorToken(record: OperatorTokenRecord): Promise<boolean> {
+    return this.inTransaction(() => {
+      if (this.stmt('SELECT 1 FROM operator_tokens LIMIT 1').get()) return false;
+      this.insertOperatorToken(record);
+      return true;
+    });
+  }
+
+  private insertOperatorToken(record: OperatorTokenRecord): void {
+    this.stmt('INSERT INTO operator_tokens (id, token_hash, role, description, created_at, last_used_at) VALUES (?, ?, ?, ?, ?, ?)').run(
+      record.id,
+      record.tokenHash,
+      record.role,
+      record.description,
+      record.createdAt,
+      record.lastUsedAt,
+    );
+  }
+
+  async findOperatorTokenByHash(tokenHash: string): Promise<OperatorTokenRecord | undefined> {
+    const row = this.stmt('SELECT * FROM operator_tokens WHERE token_hash = ?').get(tokenHash) as Row | undefined;
+    return row ? toOperatorTokenRecord(row) : undefined;
+  }
+
+  async listOperatorTokens(): Promise<OperatorTokenRecord[]> {
+    return (this.stmt('SELECT * FROM operator_tokens ORDER BY created_at, id').all() as Row[]).map(toOperatorTokenRecord);
+  }
+
+  async deleteOperatorToken(id: string): Promise<boolean> {
+    return Number(this.stmt('DELETE FROM operator_tokens WHERE id = ?').run(id).changes) > 0;
+  }
+
+  async touchOperatorToken(id: string, now: EpochMs): Promise<void> {
+    this.stmt('UPDATE operator_tokens SET last_used_at = ? WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)').run(now, id, now);
+  }
+
+  async ensureClusterSecret(candidate: string): Promise<string> {
+    this.stmt('INSERT INTO cluster_secret (id, secret, created_at) VALUES (1, ?, ?) ON CONFLICT (id) DO NOTHING').run(
+      candidate,
+      Date.now(),
+    );
+    return (this.stmt('SELECT secret FROM cluster_secret WHERE id = 1').get() as { secret: string }).secret;
+  }
+
   async close(): Promise<void> {
     this.statements.clear();
     if (this.db.isOpen) this.db.close();
@@ -628,6 +700,17 @@ function rangeFilter(ranges: readonly HashRange[]): { sql: string; params: numbe
   return {
     sql: ` AND (${ranges.map(() => '(ring_hash >= ? AND ring_hash < ?)').join(' OR ')})`,
     params: ranges.flatMap((r) => [r.from, r.to]),
+  };
+}
+
+function toOperatorTokenRecord(row: Row): OperatorTokenRecord {
+  return {
+    id: row.id as string,
+    tokenHash: row.token_hash as string,
+    role: row.role as OperatorRole,
+    description: row.description as string,
+    createdAt: row.created_at as number,
+    lastUsedAt: (row.last_used_at as number | null) ?? null,
   };
 }
 
@@ -661,6 +744,7 @@ function toNodeRecord(row: Row, macAddresses: string[]): NodeRecord {
     agentStatus: row.agent_status as string,
     agentTokenHash: (row.agent_token_hash as string | null) ?? null,
     agentApiToken: (row.agent_api_token as string | null) ?? null,
+    agentCertificatePem: (row.agent_certificate as string | null) ?? null,
     lastHeartbeatAt: (row.last_heartbeat_at as number | null) ?? null,
     livenessAt: (row.liveness_at as number | null) ?? null,
     reservation: (row.reservation as string | null) ?? null,

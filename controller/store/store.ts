@@ -25,6 +25,13 @@ export interface NodeRecord {
    * whenever agentTokenHash is null.
    */
   agentApiToken: string | null;
+  /**
+   * PEM of the self-signed certificate the agent serves its API with, pinned
+   * from the first heartbeat that carried one after a lookup; the controller
+   * calls the agent only over TLS with exactly this certificate. Wiped with
+   * the agent token, so that the next lookup lets a (restarted) agent pin anew.
+   */
+  agentCertificatePem: string | null;
   lastHeartbeatAt: EpochMs | null;
   /** Last evidence the agent is alive or since when it is awaited: the sweep's clock. */
   livenessAt: EpochMs | null;
@@ -135,6 +142,22 @@ export interface ControllerRecord {
   lastSeenAt: EpochMs;
 }
 
+/** What an operator token may do: a reader reads, an admin also changes state. */
+export type OperatorRole = 'admin' | 'reader';
+
+/** An operator API token (controller/operator-auth.ts); the token itself is never stored, only its hash. */
+export interface OperatorTokenRecord {
+  /** Public id, safe to show and log: `tok_` and 8 hex digits. */
+  id: string;
+  /** sha256 of the token, lower-case hex. */
+  tokenHash: string;
+  role: OperatorRole;
+  description: string;
+  createdAt: EpochMs;
+  /** Last time a controller accepted it, to within a minute or so; null when never used. */
+  lastUsedAt: EpochMs | null;
+}
+
 /**
  * A half-open range [from, to) of ring hashes (unsigned 32-bit, see
  * controller/cluster/hash-ring.ts); a controller owns the nodes whose
@@ -188,8 +211,16 @@ export interface Store {
   setMaintenance(uuid: string, enabled: boolean, reason: string, event: NewNodeEvent): Promise<NodeRecord | undefined>;
   /** Compare-and-set on the provision state; undefined when the node was not in `from`. */
   transition(uuid: string, transition: Transition): Promise<NodeRecord | undefined>;
-  /** Stores a new agent token hash and the matching API credential; also resets the liveness clock. */
+  /** Stores a new agent token hash and the matching API credential, and forgets the pinned agent certificate; also resets the liveness clock. */
   setAgentToken(uuid: string, tokenHash: string | null, apiToken: string | null): Promise<void>;
+  /**
+   * Pins the agent's certificate (compare-and-set): stored only if none is
+   * pinned and the node's agent token hash is still `tokenHash`. 'pinned'
+   * when stored now, 'same' when this very PEM was pinned already,
+   * 'different' when another one is, 'stale' when the token is no longer
+   * the node's (or the node is gone).
+   */
+  pinAgentCertificate(uuid: string, tokenHash: string, pem: string): Promise<'pinned' | 'same' | 'different' | 'stale'>;
   /** Writes a batch of heartbeats in one transaction; returns the uuids that no longer exist. */
   recordHeartbeats(batch: readonly HeartbeatRecord[]): Promise<string[]>;
   /**
@@ -259,5 +290,25 @@ export interface Store {
    * still share its content, so that the caller keeps the blob.
    */
   deleteImage(name: string): Promise<{ deleted: boolean; contentStillUsed: boolean }>;
+  /** Adds an operator token; ALREADY_EXISTS when its id or hash is taken. */
+  createOperatorToken(record: OperatorTokenRecord): Promise<void>;
+  /**
+   * Adds the token only if there is no operator token at all, atomically
+   * (several controllers starting on one empty database make one); true when added.
+   */
+  createFirstOperatorToken(record: OperatorTokenRecord): Promise<boolean>;
+  findOperatorTokenByHash(tokenHash: string): Promise<OperatorTokenRecord | undefined>;
+  /** Oldest first. */
+  listOperatorTokens(): Promise<OperatorTokenRecord[]>;
+  /** True when a token with this id existed. */
+  deleteOperatorToken(id: string): Promise<boolean>;
+  /** Sets last_used_at (never backwards); best effort, callers throttle it. */
+  touchOperatorToken(id: string, now: EpochMs): Promise<void>;
+  /**
+   * The cluster secret every controller on this database shares (for calls
+   * between controllers): stores `candidate` if there is none yet and
+   * returns the stored one, so that all agree whoever came first.
+   */
+  ensureClusterSecret(candidate: string): Promise<string>;
   close(): Promise<void>;
 }

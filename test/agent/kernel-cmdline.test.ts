@@ -10,6 +10,7 @@ import { createWaitingNode } from '../helpers/agent-client.js';
 import { type AgentProcess, msg, spawnAgent } from '../helpers/agent-process.js';
 import { eventually, startTestController, type TestController, tempDir } from '../helpers/controller.js';
 import { uniqueFakeMachine } from '../helpers/fake-machine.js';
+import { makeTestPki, type TestPki } from '../helpers/tls.js';
 
 const parse = (text: string) => parseKernelCmdline(text, AGENT_KERNEL_CMDLINE_KEYS);
 
@@ -39,20 +40,29 @@ describe('the kernel command line', () => {
     assert.deepEqual(cmdline.ignored, []);
   });
 
-  it('accepts metalcast.ca without using it, refuses metalcast.root, and lists unknown keys once', () => {
+  it('takes metalcast.ca and metalcast.insecure (a key alone turns a switch on), refuses metalcast.root, and lists unknown keys once', () => {
     const cmdline = parse(
-      'metalcast.ca=/etc/metalcast/ca.pem metalcast.root=/mnt metalcast.contoller=10.0.0.1:7350 metalcast.colour metalcast.colour=blue',
+      'metalcast.ca=/etc/metalcast/ca.pem metalcast.insecure metalcast.root=/mnt metalcast.contoller=10.0.0.1:7350 metalcast.colour metalcast.colour=blue',
     );
-    assert.equal(cmdline.options.size, 0);
+    assert.deepEqual(Object.fromEntries([...cmdline.options].map(([flag, s]) => [flag, s.value])), {
+      ca: '/etc/metalcast/ca.pem',
+      insecure: '',
+    });
+    const config = loadAgentConfig({}, {}, cmdline);
+    assert.equal(config.ca, '/etc/metalcast/ca.pem');
+    assert.equal(config.insecure, true);
+    assert.equal(loadAgentConfig({}, {}, parse('metalcast.insecure=false')).insecure, false);
     assert.deepEqual(
       cmdline.ignored.map((i) => i.key),
-      ['metalcast.ca', 'metalcast.root'],
+      ['metalcast.root'],
     );
     assert.deepEqual(cmdline.unknown, ['metalcast.contoller', 'metalcast.colour']);
 
     const notes = kernelCmdlineNotes(cmdline, AGENT_KERNEL_CMDLINE_KEYS);
-    assert.ok(notes.every((n) => n.level === 'warn'));
-    assert.match(notes[0]?.message ?? '', /metalcast\.ca on the kernel command line is ignored: not used yet/);
+    assert.deepEqual(
+      notes.map((n) => n.level),
+      ['info', 'warn', 'warn'],
+    );
     assert.match(notes[1]?.message ?? '', /metalcast\.root .* --root \(or METALCAST_ROOT\) decides/);
     const unknown = notes[2];
     assert.equal(unknown?.message, 'unknown keys on the kernel command line ignored: metalcast.contoller, metalcast.colour');
@@ -116,11 +126,17 @@ describe('the kernel command line', () => {
 
 describe('an agent configured by its kernel command line', () => {
   let t: TestController;
+  let pki: TestPki;
   const dirs = tempDir('metalcast-cmdline-agent-');
   const agents: AgentProcess[] = [];
 
   before(async () => {
-    t = await startTestController({ heartbeatIntervalMin: '300ms', heartbeatIntervalMax: '600ms', heartbeatFlushInterval: '50ms' });
+    pki = await makeTestPki(dirs.path);
+    t = await startTestController(
+      { heartbeatIntervalMin: '300ms', heartbeatIntervalMax: '600ms', heartbeatFlushInterval: '50ms', ...pki.controllerFlags },
+      undefined,
+      { caPem: pki.ca.certPem },
+    );
   });
   afterEach(async () => {
     await Promise.all(agents.splice(0).map((a) => a.kill('SIGKILL')));
@@ -130,24 +146,23 @@ describe('an agent configured by its kernel command line', () => {
     dirs.remove();
   });
 
-  it('finds its controller there, and warns about the keys it does not use', async () => {
+  it('finds its controller and the CA to trust it with there, and warns about the keys it does not know', async () => {
     const machine = await uniqueFakeMachine(join(dirs.path, 'm1'), 301);
     const node = await createWaitingNode(t.nodes, 'cmdline-1', [machine.macs[0] as string]);
     await t.nodes.setMaintenance({ node: node.uuid, enabled: true, reason: 'hold in inspect wait' });
     await writeFile(
       join(machine.root, 'proc', 'cmdline'),
-      `BOOT_IMAGE=/vmlinuz initrd=ramdisk.img metalcast.controller=${t.controller.grpcAddress} metalcast.ca=/etc/metalcast/ca.pem metalcast.colour=blue quiet\n`,
+      `BOOT_IMAGE=/vmlinuz initrd=ramdisk.img metalcast.controller=${t.controller.grpcAddress} metalcast.ca=${pki.caFile} metalcast.colour=blue quiet\n`,
     );
-    // No --controller: the default 127.0.0.1:7350 would find nothing.
-    const agent = spawnAgent({ root: machine.root });
+    // No --controller: the default 127.0.0.1:7350 would find nothing. No --ca either (the helper's --insecure turned off).
+    const agent = spawnAgent({ root: machine.root, insecure: 'false' });
     agents.push(agent);
     await agent.waitForLog(msg('heartbeat stream established'));
     assert.equal(t.controller.sessions.agentEndpoint(node.uuid) !== undefined, true);
 
     const settings = agent.logs.find(msg('settings from the kernel command line'));
-    assert.deepEqual(settings?.settings, [`metalcast.controller=${t.controller.grpcAddress}`]);
-    const ca = agent.logs.find(msg('metalcast.ca on the kernel command line is ignored'));
-    assert.equal(ca?.level, 40);
+    assert.deepEqual(settings?.settings, [`metalcast.controller=${t.controller.grpcAddress}`, `metalcast.ca=${pki.caFile}`]);
+    assert.notEqual((await agent.waitForLog(msg('agent API listening'))).tls, 'off (--insecure)', 'TLS, with the CA from there');
     const unknown = agent.logs.find(msg('unknown key on the kernel command line ignored: metalcast.colour'));
     assert.equal(unknown?.level, 40);
     assert.ok((unknown?.known as string[] | undefined)?.includes('metalcast.controller'));
@@ -169,7 +184,7 @@ describe('an agent configured by its kernel command line', () => {
 
     const node = await createWaitingNode(t.nodes, 'cmdline-2', [machine.macs[0] as string]);
     await t.nodes.setMaintenance({ node: node.uuid, enabled: true, reason: 'hold in inspect wait' });
-    const good = spawnAgent({ root: machine.root, controller: t.controller.grpcAddress, 'log-level': 'debug' });
+    const good = spawnAgent({ root: machine.root, controller: t.controller.grpcAddress, 'log-level': 'debug', ca: pki.caFile });
     agents.push(good);
     await good.waitForLog(msg('heartbeat stream established'));
     await eventually(() => t.controller.sessions.agentEndpoint(node.uuid), { what: 'the agent to heartbeat' });

@@ -10,8 +10,9 @@ import { NodeServiceDefinition } from '../../gen/metalcast/v1/node.js';
 import { build, packageVersion, REPO_ROOT } from '../../scripts/build.js';
 import { type AgentArtifacts, packageAgent } from '../../scripts/package-agent.js';
 import { createWaitingNode } from '../helpers/agent-client.js';
-import { eventually, startTestController, type TestController, tempDir } from '../helpers/controller.js';
+import { eventually, operatorCallOptions, startTestController, type TestController, tempDir } from '../helpers/controller.js';
 import { uniqueFakeMachine } from '../helpers/fake-machine.js';
+import { makeTestPki, type TestPki } from '../helpers/tls.js';
 
 /** Nothing from this checkout leaks into the artifacts' environment: no NODE_OPTIONS (tsx), no NODE_PATH. */
 const BARE_ENV = { PATH: process.env.PATH ?? '/usr/bin:/bin' };
@@ -98,6 +99,7 @@ describe('npm run build', () => {
         dir.path,
         '--controller-id',
         'build-test',
+        '--insecure',
       ],
       dir.path,
     );
@@ -105,7 +107,9 @@ describe('npm run build', () => {
       const started = await controller.waitForLog('controller started');
       const channel = createChannel(started.grpc as string);
       try {
-        const nodes = createClient(NodeServiceDefinition, channel);
+        // The first start wrote an admin token beside its database (mode 0600).
+        const adminToken = readFileSync(join(dir.path, 'admin.token'), 'utf8').trim();
+        const nodes = createClient(NodeServiceDefinition, channel, operatorCallOptions(adminToken));
         const created = await nodes.createNode({ name: 'built-1', macAddresses: ['52:54:00:aa:bb:01'] });
         assert.equal(created.node?.name, 'built-1');
       } finally {
@@ -125,6 +129,7 @@ describe('the agent artifact (npm run package:agent)', () => {
   const bare = join(dirs.path, 'bare');
   let artifacts: AgentArtifacts;
   let t: TestController;
+  let pki: TestPki;
   let machineIndex = 400;
 
   before(async () => {
@@ -132,7 +137,13 @@ describe('the agent artifact (npm run package:agent)', () => {
     mkdirSync(bare);
     copyFileSync(artifacts.bundle.path, join(bare, 'metalcast-agent.mjs'));
     if (artifacts.sea) copyFileSync(artifacts.sea.path, join(bare, 'metalcast-agent'));
-    t = await startTestController({ heartbeatIntervalMin: '300ms', heartbeatIntervalMax: '600ms', heartbeatFlushInterval: '50ms' });
+    // Over TLS, as in a ramdisk: the artifact must carry the certificate code (@peculiar/x509) and make its key at start.
+    pki = await makeTestPki(dirs.path);
+    t = await startTestController(
+      { heartbeatIntervalMin: '300ms', heartbeatIntervalMax: '600ms', heartbeatFlushInterval: '50ms', ...pki.controllerFlags },
+      undefined,
+      { caPem: pki.ca.certPem },
+    );
   });
   after(async () => {
     await t?.destroy();
@@ -147,6 +158,7 @@ describe('the agent artifact (npm run package:agent)', () => {
     await t.nodes.setMaintenance({ node: node.uuid, enabled: true, reason: 'hold in inspect wait' });
     const flags = {
       controller: t.controller.grpcAddress,
+      ca: pki.caFile,
       root: machine.root,
       listen: '127.0.0.1:0',
       'log-level': 'debug',
@@ -160,6 +172,10 @@ describe('the agent artifact (npm run package:agent)', () => {
       const found = await agent.waitForLog('looked up: this machine is node');
       assert.equal(found.node, node.uuid);
       await agent.waitForLog('heartbeat stream established');
+      const pinned = await eventually(async () => (await t.controller.store.getNode(node.uuid))?.agentCertificatePem, {
+        what: 'the certificate the artifact made to be pinned',
+      });
+      assert.match(pinned, /BEGIN CERTIFICATE/);
       const recorded = await eventually(
         async () => {
           const { node: seen } = await t.nodes.getNode({ node: name });

@@ -77,7 +77,7 @@ describe('image service: imports from URLs', () => {
   before(async () => {
     await http.start();
     t = await startTestController({ importAttempts: '4', importStallTimeout: '400ms' });
-    images = createClient(ImageServiceDefinition, t.channel);
+    images = createClient(ImageServiceDefinition, t.channel, t.operatorOptions);
   });
   after(async () => {
     await t.destroy();
@@ -237,7 +237,7 @@ describe('image service: imports across stops and attempts', () => {
   it('gives up after the configured attempts on connection errors, with the last reason', async () => {
     const t = await startTestController({ importAttempts: '2' });
     try {
-      const images = createClient(ImageServiceDefinition, t.channel);
+      const images = createClient(ImageServiceDefinition, t.channel, t.operatorOptions);
       // A port nobody listens on: take one from a server and close it.
       const closed = new ImageHttpServer();
       await closed.start();
@@ -265,7 +265,7 @@ describe('image service: imports across stops and attempts', () => {
         response.write(Buffer.alloc(10));
       });
       const arrived = http.nextRequest(path);
-      await createClient(ImageServiceDefinition, t.channel).importImage({ name: 'interrupted', url, checksum: `sha256:${'e'.repeat(64)}` });
+      await t.images.importImage({ name: 'interrupted', url, checksum: `sha256:${'e'.repeat(64)}` });
       await arrived;
       // Rows a crashed controller would leave: an import and an upload still 'importing'.
       await t.controller.store.createImage({
@@ -296,7 +296,7 @@ describe('image service: imports across stops and attempts', () => {
       assert.equal(afterStop?.error, IMPORT_STOPPED);
 
       t = await startTestController({}, t.dataDir);
-      const images = createClient(ImageServiceDefinition, t.channel);
+      const images = createClient(ImageServiceDefinition, t.channel, t.operatorOptions);
       const { image: stopped } = await images.getImage({ name: 'interrupted' });
       assert.equal(stopped?.state, ImageState.IMAGE_STATE_FAILED);
       assert.equal(stopped?.error, IMPORT_STOPPED);

@@ -96,8 +96,8 @@ describe('image replication: two controllers sharing one SQLite database', () =>
     const common = { database, imageSyncInterval: '500ms', imageChunkSize: '256K' };
     a = await startTestController({ ...common, controllerId: 'a', listen: `127.0.0.1:${portA}`, advertiseAddress: proxyToA.address });
     b = await startTestController({ ...common, controllerId: 'b' });
-    imagesA = createClient(ImageServiceDefinition, a.channel);
-    imagesB = createClient(ImageServiceDefinition, b.channel);
+    imagesA = createClient(ImageServiceDefinition, a.channel, a.operatorOptions);
+    imagesB = createClient(ImageServiceDefinition, b.channel, b.operatorOptions);
     await eventually(async () => (await b.controller.store.listControllers()).length === 2, { what: 'both controllers registered' });
   });
 
@@ -124,7 +124,12 @@ describe('image replication: two controllers sharing one SQLite database', () =>
     const dir = tempDir('metalcast-download-');
     try {
       const output = join(dir.path, 'out.img');
-      const env = { ...process.env, METALCAST_CONTROLLER: b.controller.grpcAddress };
+      const env = {
+        ...process.env,
+        METALCAST_CONTROLLER: b.controller.grpcAddress,
+        METALCAST_TOKEN: b.adminToken,
+        METALCAST_INSECURE: 'true',
+      };
       const { stdout } = await run(process.execPath, [BIN, 'image', 'download', 'uploaded', '--output', output], { env });
       assert.match(stdout, new RegExp(`downloaded image uploaded to .*sha256 ${sha256(content)} verified`));
       assert.ok(readFileSync(output).equals(content));
@@ -243,7 +248,7 @@ describe('image replication: two controllers sharing one SQLite database', () =>
     proxyToA.throttle(16 * MIB);
     try {
       const output = join(dir.path, 'out.img');
-      const env = { ...process.env, METALCAST_CONTROLLER: proxyToA.address };
+      const env = { ...process.env, METALCAST_CONTROLLER: proxyToA.address, METALCAST_TOKEN: a.adminToken, METALCAST_INSECURE: 'true' };
       const cli = run(process.execPath, [BIN, 'image', 'download', 'cli-broken', '--output', output], { env });
       // Cut once the CLI itself has written a good part (B may be copying through the same proxy).
       await eventually(() => (existsSync(`${output}.part`) ? statSync(`${output}.part`).size >= 6 * MIB : false), {

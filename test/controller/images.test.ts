@@ -42,7 +42,7 @@ describe('image service: uploads, list, get, delete', () => {
 
   before(async () => {
     t = await startTestController();
-    images = createClient(ImageServiceDefinition, t.channel);
+    images = createClient(ImageServiceDefinition, t.channel, t.operatorOptions);
     blobs = join(t.dataDir, 'images', 'blobs');
     incoming = join(t.dataDir, 'images', 'incoming');
   });
@@ -224,7 +224,12 @@ describe('image service: uploads, list, get, delete', () => {
       const file = join(dir.path, 'tiny.img');
       const data = randomBytes(2 * 1024 * 1024 + 5);
       writeFileSync(file, data);
-      const env = { ...process.env, METALCAST_CONTROLLER: t.controller.grpcAddress };
+      const env = {
+        ...process.env,
+        METALCAST_CONTROLLER: t.controller.grpcAddress,
+        METALCAST_TOKEN: t.adminToken,
+        METALCAST_INSECURE: 'true',
+      };
       const upload = await run(process.execPath, [BIN, 'image', 'upload', file, '--name', 'from-cli'], { env });
       assert.match(upload.stdout, /uploaded tiny\.img as image from-cli/);
       assert.match(upload.stdout, new RegExp(sha256(data)));
@@ -254,7 +259,7 @@ describe('image service: stalled uploads', () => {
     const t = await startTestController({ importStallTimeout: '300ms' });
     const queue = new AsyncQueue<UploadImageRequest>();
     try {
-      const images = createClient(ImageServiceDefinition, t.channel);
+      const images = createClient(ImageServiceDefinition, t.channel, t.operatorOptions);
       queue.push({ part: { $case: 'header', value: { name: 'stalled', sha256: '', sizeBytes: 0 } } });
       queue.push({ part: { $case: 'data', value: randomBytes(1000) } });
       await assertRejectsWith(images.uploadImage(queue), Status.DEADLINE_EXCEEDED, /no data for 300 ms/);

@@ -4,7 +4,15 @@ import { Status } from 'nice-grpc-common';
 import { MetalcastError } from '../../common/errors.js';
 import { RING_SIZE, ringHash } from '../../controller/cluster/hash-ring.js';
 import { PROVISION_STATES, type ProvisionState } from '../../controller/provisioning/states.js';
-import type { HeartbeatRecord, NewNodeEvent, NodeEventRecord, NodeRecord, Store, TimedOutNode } from '../../controller/store/store.js';
+import type {
+  HeartbeatRecord,
+  NewNodeEvent,
+  NodeEventRecord,
+  NodeRecord,
+  OperatorTokenRecord,
+  Store,
+  TimedOutNode,
+} from '../../controller/store/store.js';
 import { deferred } from '../helpers/deferred.js';
 
 /** What a store implementation hands the contract suite. */
@@ -457,6 +465,68 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
         assert.equal(after?.livenessAt, time);
         assert.deepEqual(await store.recordHeartbeats([]), []);
       });
+
+      it('pins the agent certificate once per token, by compare-and-set', async () => {
+        const node = await nodeIn('inspect_wait', 'pin', ['aa:00:00:00:07:07']);
+        const [hash, pem, other] = ['e'.repeat(64), 'PEM of the first certificate', 'PEM of another certificate'];
+        assert.equal(node.agentCertificatePem, null);
+        assert.equal(await store.pinAgentCertificate(node.uuid, hash, pem), 'stale', 'no token yet: nothing to pin to');
+        await store.setAgentToken(node.uuid, hash, 'api-token');
+        assert.equal(await store.pinAgentCertificate(node.uuid, 'f'.repeat(64), pem), 'stale', 'another token');
+        assert.equal((await store.getNode(node.uuid))?.agentCertificatePem, null);
+        assert.equal(await store.pinAgentCertificate(node.uuid, hash, pem), 'pinned');
+        assert.equal((await store.getNode(node.uuid))?.agentCertificatePem, pem);
+        assert.equal(await store.pinAgentCertificate(node.uuid, hash, pem), 'same');
+        assert.equal(await store.pinAgentCertificate(node.uuid, hash, other), 'different');
+        assert.equal((await store.getNode(node.uuid))?.agentCertificatePem, pem, 'the first one stays');
+        assert.equal(await store.pinAgentCertificate('00000000-0000-4000-8000-000000000002', hash, pem), 'stale', 'no such node');
+
+        // Two pins racing for one token: exactly one wins.
+        await store.setAgentToken(node.uuid, hash, 'api-token');
+        assert.equal((await store.getNode(node.uuid))?.agentCertificatePem, null, 'a new lookup forgets the pin');
+        const results = await Promise.all([
+          store.pinAgentCertificate(node.uuid, hash, pem),
+          store.pinAgentCertificate(node.uuid, hash, other),
+        ]);
+        assert.deepEqual([...results].sort(), ['different', 'pinned']);
+      });
+
+      it('forgets the pinned certificate wherever it wipes the agent token', async () => {
+        const pinned = async (state: ProvisionState, nodeName: string, mac: string) => {
+          const node = await nodeIn(state, nodeName, [mac]);
+          await store.setAgentToken(node.uuid, 'a'.repeat(64), 'api-token');
+          assert.equal(await store.pinAgentCertificate(node.uuid, 'a'.repeat(64), 'PEM'), 'pinned');
+          return node;
+        };
+        const certificateOf = async (uuid: string) => (await store.getNode(uuid))?.agentCertificatePem;
+
+        const kept = await pinned('inspect_wait', 'pin-kept', 'aa:00:00:00:07:08');
+        const move = (from: ProvisionState, to: ProvisionState, keepAgentToken: boolean) => ({
+          from: [from],
+          to,
+          target: null,
+          keepAgentToken,
+          event: { kind: 'transition', message: `${from} -> ${to}`, actor: 'test', fromState: from, toState: to },
+        });
+        assert.ok(await store.transition(kept.uuid, move('inspect_wait', 'inspect_wait', true)));
+        assert.equal(await certificateOf(kept.uuid), 'PEM', 'a transition that keeps the token keeps the pin');
+        assert.ok(await store.transition(kept.uuid, move('inspect_wait', 'manageable', false)));
+        assert.equal(await certificateOf(kept.uuid), null, 'a transition that wipes the token');
+
+        const cleared = await pinned('inspect_wait', 'pin-cleared', 'aa:00:00:00:07:09');
+        await store.setAgentToken(cleared.uuid, null, null);
+        assert.equal(await certificateOf(cleared.uuid), null, 'a cleared token');
+
+        const swept = await pinned('deploy_wait', 'pin-swept', 'aa:00:00:00:07:0a');
+        const now = (swept.livenessAt ?? 0) + 10_000;
+        assert.ok((await store.sweepTimedOut(now, now - 1000, 1000)).some((n) => n.uuid === swept.uuid));
+        assert.equal(await certificateOf(swept.uuid), null, 'the sweep');
+
+        const stranded = await pinned('deploying', 'pin-stranded', 'aa:00:00:00:07:0b');
+        assert.ok(await store.tryLock(stranded.uuid, 'controller-gone', 'deploy'));
+        assert.equal((await store.releaseHolder('controller-gone', 'gone', Date.now())).failed.length, 1);
+        assert.equal(await certificateOf(stranded.uuid), null, 'a takeover that fails the node');
+      });
     });
 
     describe('sweep', () => {
@@ -829,6 +899,64 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
           (await store.listControllers()).map((c) => c.id),
           ['controller-a'],
         );
+      });
+    });
+
+    describe('operator tokens and the cluster secret', () => {
+      const token = (id: string, role: OperatorTokenRecord['role'], createdAt: number): OperatorTokenRecord => ({
+        id,
+        tokenHash: `${id.padEnd(64, '0')}`.slice(0, 64),
+        role,
+        description: `${role} ${id}`,
+        createdAt,
+        lastUsedAt: null,
+      });
+
+      it('creates, finds by hash, lists oldest first, touches (never backwards) and deletes tokens', async () => {
+        assert.deepEqual(await store.listOperatorTokens(), []);
+        const reader = token('tok_0000000b', 'reader', 2000);
+        const admin = token('tok_0000000a', 'admin', 1000);
+        await store.createOperatorToken(reader);
+        await store.createOperatorToken(admin);
+        assert.deepEqual(await store.listOperatorTokens(), [admin, reader]);
+        assert.deepEqual(await store.findOperatorTokenByHash(reader.tokenHash), reader);
+        assert.equal(await store.findOperatorTokenByHash('f'.repeat(64)), undefined);
+
+        await store.touchOperatorToken(reader.id, 5000);
+        await store.touchOperatorToken(reader.id, 4000);
+        await store.touchOperatorToken('tok_missing', 5000);
+        assert.equal((await store.findOperatorTokenByHash(reader.tokenHash))?.lastUsedAt, 5000);
+
+        assert.equal(await store.deleteOperatorToken(reader.id), true);
+        assert.equal(await store.deleteOperatorToken(reader.id), false, 'already gone');
+        assert.equal(await store.findOperatorTokenByHash(reader.tokenHash), undefined);
+        assert.deepEqual(
+          (await store.listOperatorTokens()).map((t) => t.id),
+          [admin.id],
+        );
+      });
+
+      it('refuses a second token with the same id or hash', async () => {
+        const first = token('tok_00000001', 'admin', 1000);
+        await store.createOperatorToken(first);
+        await rejectsWithStatus(store.createOperatorToken({ ...first, tokenHash: 'e'.repeat(64) }), Status.ALREADY_EXISTS, /tok_00000001/);
+        await rejectsWithStatus(store.createOperatorToken({ ...first, id: 'tok_00000002' }), Status.ALREADY_EXISTS, /already exists/);
+        assert.equal((await store.listOperatorTokens()).length, 1);
+      });
+
+      it('makes the first token only once, even when several ask at the same moment', async () => {
+        const results = await Promise.all(
+          Array.from({ length: 5 }, (_, i) => store.createFirstOperatorToken(token(`tok_0000010${i}`, 'admin', 1000 + i))),
+        );
+        assert.equal(results.filter(Boolean).length, 1);
+        assert.equal((await store.listOperatorTokens()).length, 1);
+        assert.equal(await store.createFirstOperatorToken(token('tok_00000200', 'admin', 2000)), false);
+      });
+
+      it('keeps the first cluster secret it was given', async () => {
+        const secrets = await Promise.all(['a', 'b', 'c'].map((s) => store.ensureClusterSecret(s.repeat(43))));
+        assert.equal(new Set(secrets).size, 1, 'everyone agrees');
+        assert.equal(await store.ensureClusterSecret('d'.repeat(43)), secrets[0]);
       });
     });
 

@@ -71,6 +71,7 @@ export function openHeartbeat(gateway: GatewayClient, nodeUuid: string, token: s
         agentVersion: AGENT_VERSION,
         status: AgentStatus.AGENT_STATUS_IDLE,
         command: undefined,
+        agentCertificatePem: '',
         ...fields,
       });
       return fields.sequence ?? sequence;

@@ -28,7 +28,8 @@ export interface SpawnAgentOptions {
 /**
  * Starts a real `metalcast agent` process against a fake machine. Flags are
  * the command line's, for example { controller: '127.0.0.1:1234', root }.
- * Defaults keep tests quick: short reconnect delays and a recording power driver.
+ * Defaults keep tests quick: short reconnect delays and a recording power
+ * driver; and plaintext (--insecure) unless the flags give --ca.
  */
 export function spawnAgent(flags: Record<string, string>, options: SpawnAgentOptions = {}): AgentProcess {
   const all: Record<string, string> = {
@@ -40,6 +41,8 @@ export function spawnAgent(flags: Record<string, string>, options: SpawnAgentOpt
     'min-heartbeat-gap': '200ms',
     'keepalive-time': '1s',
     'keepalive-timeout': '1s',
+    // Plaintext unless the test gives a CA bundle to verify the controller with.
+    ...(flags.ca ? {} : { insecure: 'true' }),
     ...flags,
   };
   if (!all['power-driver']) {

@@ -1,9 +1,16 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { type Channel, createChannel, createClient } from 'nice-grpc';
 import { onJsonLogLines } from '../../demo/processes.js';
+import { tlsClient } from '../../common/tls.js';
+import { loadDatabaseConfig } from '../../controller/config.js';
+import { openStore } from '../../controller/controller.js';
+import { ADMIN_TOKEN_FILE } from '../../controller/operator-auth.js';
 import { NodeServiceDefinition } from '../../gen/metalcast/v1/node.js';
+import { createTestOperatorToken, type OperatorCallOptions, operatorCallOptions, testLogger } from './controller.js';
 
 const METALCAST = fileURLToPath(new URL('../../bin/metalcast.js', import.meta.url));
 
@@ -13,7 +20,12 @@ export interface ControllerProcess {
   httpAddress: string;
   logs: Record<string, unknown>[];
   channel: Channel;
+  /** NodeService client that presents `adminToken`. */
   nodes: ReturnType<typeof createClient<typeof NodeServiceDefinition>>;
+  /** An admin operator token: the one the controller wrote to <data-dir>/admin.token, else one made through the database ('' with operator-auth none). */
+  adminToken: string;
+  /** Default call options that present `adminToken`, for operator clients a test makes. */
+  operatorOptions: OperatorCallOptions;
   exited: Promise<number | string>;
   /** Sends a signal (SIGKILL by default: a crash) and waits for the exit. */
   kill(signal?: NodeJS.Signals): Promise<number | string>;
@@ -24,8 +36,19 @@ export interface ControllerProcess {
  * (kill -9) or restart it. Resolves once it logged "controller started";
  * flags are the command line's (kebab-case).
  */
-export async function spawnController(flags: Record<string, string>, timeoutMs = 20_000): Promise<ControllerProcess> {
-  const all = { listen: '127.0.0.1:0', 'metrics-listen': '127.0.0.1:0', 'controller-id': 'test-controller', ...flags };
+export async function spawnController(
+  flags: Record<string, string>,
+  timeoutMs = 20_000,
+  tls?: { caPem: string },
+): Promise<ControllerProcess> {
+  // Plaintext unless the flags give TLS files; then `tls.caPem` is what the helper's clients verify the controller with.
+  const all = {
+    listen: '127.0.0.1:0',
+    'metrics-listen': '127.0.0.1:0',
+    'controller-id': 'test-controller',
+    ...(flags['tls-cert'] ? {} : { insecure: 'true' }),
+    ...flags,
+  };
   const child = spawn(process.execPath, [METALCAST, 'controller', ...Object.entries(all).flatMap(([k, v]) => [`--${k}`, v])], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -50,14 +73,19 @@ export async function spawnController(flags: Record<string, string>, timeoutMs =
     });
   });
   const grpcAddress = started.grpc as string;
-  const channel = createChannel(grpcAddress);
+  const adminToken = await adminTokenFor(all);
+  const operatorOptions = operatorCallOptions(adminToken);
+  const client = tls && tlsClient(grpcAddress, { caPem: tls.caPem });
+  const channel = createChannel(grpcAddress, client?.credentials, client?.channelOptions);
   return {
     child,
     grpcAddress,
     httpAddress: started.http as string,
     logs,
     channel,
-    nodes: createClient(NodeServiceDefinition, channel),
+    nodes: createClient(NodeServiceDefinition, channel, operatorOptions),
+    adminToken,
+    operatorOptions,
     exited,
     async kill(signal = 'SIGKILL') {
       channel.close();
@@ -65,6 +93,26 @@ export async function spawnController(flags: Record<string, string>, timeoutMs =
       return exited;
     },
   };
+}
+
+/**
+ * An admin token for a spawned controller: the first start wrote one to
+ * <data-dir>/admin.token; a controller that joined a database where tokens
+ * existed wrote none, so one is made through the database.
+ */
+async function adminTokenFor(flags: Record<string, string>): Promise<string> {
+  if (flags['operator-auth'] === 'none') return '';
+  const config = loadDatabaseConfig({ dataDir: flags['data-dir'], database: flags.database }, {});
+  try {
+    return readFileSync(join(config.dataDir, ADMIN_TOKEN_FILE), 'utf8').trim();
+  } catch {
+    const store = await openStore(config, testLogger());
+    try {
+      return await createTestOperatorToken(store, 'admin', 'test spawnController');
+    } finally {
+      await store.close();
+    }
+  }
 }
 
 /** A free TCP port on 127.0.0.1, so that a restarted controller can take the same one. */

@@ -4,9 +4,13 @@ import { join } from 'node:path';
 import { createChannel, createClient, type Channel } from 'nice-grpc';
 import { clientChannelOptions } from '../../common/grpc-options.js';
 import { createLogger, type Logger } from '../../common/logging.js';
+import { tlsClient } from '../../common/tls.js';
 import { type ControllerConfig, loadControllerConfig } from '../../controller/config.js';
 import { type RunningController, startController } from '../../controller/controller.js';
+import type { OperatorRole, Store } from '../../controller/store/store.js';
+import { newOperatorToken, operatorMetadata } from '../../controller/operator-auth.js';
 import { AgentGatewayServiceDefinition } from '../../gen/metalcast/v1/agent_gateway.js';
+import { ImageServiceDefinition } from '../../gen/metalcast/v1/image.js';
 import { NodeServiceDefinition } from '../../gen/metalcast/v1/node.js';
 
 /** A fresh temporary directory, removed by the returned function. */
@@ -25,8 +29,14 @@ export interface TestController {
   config: ControllerConfig;
   dataDir: string;
   channel: Channel;
+  /** NodeService and ImageService clients that present `adminToken`. */
   nodes: ReturnType<typeof createClient<typeof NodeServiceDefinition>>;
+  images: ReturnType<typeof createClient<typeof ImageServiceDefinition>>;
   gateway: ReturnType<typeof createClient<typeof AgentGatewayServiceDefinition>>;
+  /** An admin operator token the helper made through the store after start ('' with operatorAuth: 'none'). */
+  adminToken: string;
+  /** Default call options that present `adminToken`, for operator clients a test makes: createClient(def, t.channel, t.operatorOptions). */
+  operatorOptions: OperatorCallOptions;
   /** Stops the controller (keeping its data) and closes the clients. */
   stop(): Promise<void>;
   /** Starts a new controller on the same data directory (and the same port when possible). */
@@ -38,30 +48,52 @@ export interface TestController {
 /**
  * Starts a real controller in this process on 127.0.0.1:0 with a real SQLite
  * file in a temporary directory. Flags are the same as the command line's
- * (camelCase keys), for example { heartbeatTimeout: '2s' }.
+ * (camelCase keys), for example { heartbeatTimeout: '2s' }. It serves
+ * plaintext (insecure) unless the flags give tlsCert and tlsKey; then
+ * `tls.caPem` is what the helper's own clients verify it with.
  */
-export async function startTestController(flags: Record<string, string> = {}, existingDataDir?: string): Promise<TestController> {
+export async function startTestController(
+  flags: Record<string, string> = {},
+  existingDataDir?: string,
+  tls?: { caPem: string },
+): Promise<TestController> {
   const dir = existingDataDir ?? tempDir().path;
   const config = loadControllerConfig(
-    { listen: '127.0.0.1:0', metricsListen: '127.0.0.1:0', dataDir: dir, controllerId: 'test-controller', ...flags },
+    {
+      listen: '127.0.0.1:0',
+      metricsListen: '127.0.0.1:0',
+      dataDir: dir,
+      controllerId: 'test-controller',
+      ...(flags.tlsCert ? {} : { insecure: 'true' }),
+      ...flags,
+    },
     {},
   );
   const controller = await startController(config, testLogger());
-  const channel = createChannel(controller.grpcAddress, undefined, clientChannelOptions({ timeMs: 60_000, timeoutMs: 10_000 }));
+  const adminToken = config.operatorAuth === 'none' ? '' : await createTestOperatorToken(controller.store, 'admin');
+  const operatorOptions = operatorCallOptions(adminToken);
+  const client = tls && tlsClient(controller.grpcAddress, { caPem: tls.caPem });
+  const channel = createChannel(controller.grpcAddress, client?.credentials, {
+    ...clientChannelOptions({ timeMs: 60_000, timeoutMs: 10_000 }),
+    ...client?.channelOptions,
+  });
   const handle: TestController = {
     controller,
     config,
     dataDir: dir,
     channel,
-    nodes: createClient(NodeServiceDefinition, channel),
+    nodes: createClient(NodeServiceDefinition, channel, operatorOptions),
+    images: createClient(ImageServiceDefinition, channel, operatorOptions),
     gateway: createClient(AgentGatewayServiceDefinition, channel),
+    adminToken,
+    operatorOptions,
     async stop() {
       channel.close();
       await controller.stop();
     },
     async restart(more = {}) {
       await handle.stop();
-      return startTestController({ ...flags, ...more }, dir);
+      return startTestController({ ...flags, ...more }, dir, tls);
     },
     async destroy() {
       await handle.stop();
@@ -69,6 +101,20 @@ export async function startTestController(flags: Record<string, string> = {}, ex
     },
   };
   return handle;
+}
+
+/** Default call options of an operator client: every call presents `token` ('' presents nothing). */
+export type OperatorCallOptions = { '*': { metadata?: ReturnType<typeof operatorMetadata> } };
+
+export function operatorCallOptions(token: string): OperatorCallOptions {
+  return { '*': token === '' ? {} : { metadata: operatorMetadata(token) } };
+}
+
+/** Makes an operator token straight in the store, as `metalcast token create` does; returns the token. */
+export async function createTestOperatorToken(store: Store, role: OperatorRole, description = `test ${role}`): Promise<string> {
+  const { token, record } = newOperatorToken(role, description);
+  await store.createOperatorToken(record);
+  return token;
 }
 
 /**

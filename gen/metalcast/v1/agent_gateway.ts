@@ -116,7 +116,16 @@ export interface HeartbeatRequest {
   /** Whether the agent is busy. */
   status: AgentStatus;
   /** The command running or last finished, with its progress; unset if none. */
-  command?: Command | undefined;
+  command?:
+    | Command
+    | undefined;
+  /**
+   * The self-signed certificate (PEM) the agent serves AgentService with,
+   * sent on the first heartbeat of each stream and empty on the others. The
+   * controller pins the first one it sees after a lookup and calls the agent
+   * only over TLS with that certificate; a different one is refused.
+   */
+  agentCertificatePem: string;
 }
 
 /** HeartbeatResponse acknowledges one heartbeat. */
@@ -557,7 +566,7 @@ export const LookupResponse: MessageFns<LookupResponse> = {
 };
 
 function createBaseHeartbeatRequest(): HeartbeatRequest {
-  return { sequence: 0, agentAddress: "", agentVersion: "", status: 0, command: undefined };
+  return { sequence: 0, agentAddress: "", agentVersion: "", status: 0, command: undefined, agentCertificatePem: "" };
 }
 
 export const HeartbeatRequest: MessageFns<HeartbeatRequest> = {
@@ -576,6 +585,9 @@ export const HeartbeatRequest: MessageFns<HeartbeatRequest> = {
     }
     if (message.command !== undefined) {
       Command.encode(message.command, writer.uint32(42).fork()).join();
+    }
+    if (message.agentCertificatePem !== "") {
+      writer.uint32(50).string(message.agentCertificatePem);
     }
     return writer;
   },
@@ -633,6 +645,14 @@ export const HeartbeatRequest: MessageFns<HeartbeatRequest> = {
             message.command = Command.decode(reader, reader.uint32());
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.agentCertificatePem = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -660,6 +680,11 @@ export const HeartbeatRequest: MessageFns<HeartbeatRequest> = {
         : "",
       status: isSet(object.status) ? agentStatusFromJSON(object.status) : 0,
       command: isSet(object.command) ? Command.fromJSON(object.command) : undefined,
+      agentCertificatePem: isSet(object.agentCertificatePem)
+        ? globalThis.String(object.agentCertificatePem)
+        : isSet(object.agent_certificate_pem)
+        ? globalThis.String(object.agent_certificate_pem)
+        : "",
     };
   },
 
@@ -680,6 +705,9 @@ export const HeartbeatRequest: MessageFns<HeartbeatRequest> = {
     if (message.command !== undefined) {
       obj.command = Command.toJSON(message.command);
     }
+    if (message.agentCertificatePem !== "") {
+      obj.agentCertificatePem = message.agentCertificatePem;
+    }
     return obj;
   },
 
@@ -695,6 +723,7 @@ export const HeartbeatRequest: MessageFns<HeartbeatRequest> = {
     message.command = (object.command !== undefined && object.command !== null)
       ? Command.fromPartial(object.command)
       : undefined;
+    message.agentCertificatePem = object.agentCertificatePem ?? "";
     return message;
   },
 };

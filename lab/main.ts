@@ -1,0 +1,45 @@
+/**
+ * `npm run lab -- --nodes 3 [--keep] [--phase-timeout 600]`: the lab of
+ * lab/lab.ts from the command line. Exits 0 when every check passed; on
+ * failure or Ctrl-C every guest is stopped, and the work folder (consoles,
+ * disks, controller log) is kept and named.
+ */
+import { parseArgs } from 'node:util';
+import { runLab } from './lab.js';
+import { stopAllGuests } from './qemu.js';
+
+const { values } = parseArgs({
+  options: {
+    nodes: { type: 'string', default: '3' },
+    keep: { type: 'boolean', default: false },
+    'phase-timeout': { type: 'string', default: '600' },
+  },
+});
+const nodes = Number(values.nodes);
+if (!Number.isInteger(nodes) || nodes < 1 || nodes > 16) {
+  console.error(`--nodes: '${values.nodes}' is not a whole number from 1 to 16`);
+  process.exit(2);
+}
+let work = '';
+for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(signal, () => {
+    console.error(`\nlab: ${signal}: stopping every guest${work ? `; files kept in ${work}` : ''}`);
+    void stopAllGuests().finally(() => process.exit(130));
+  });
+}
+try {
+  const result = await runLab({
+    nodes,
+    keep: values.keep,
+    phaseTimeoutMs: Number(values['phase-timeout']) * 1000,
+    onGuests: (_guests, folder) => {
+      work = folder;
+    },
+  });
+  console.log('\nsummary:');
+  for (const [name, ms] of result.timings) console.log(`  ${(ms / 1000).toFixed(1).padStart(7)} s  ${name}`);
+  if (values.keep) console.log(`files kept in ${result.work}`);
+} catch (error) {
+  console.error(`\nlab FAILED: ${(error as Error).message}${work ? `\nconsoles, disks and the controller log are in ${work}` : ''}`);
+  process.exitCode = 1;
+}

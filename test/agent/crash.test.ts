@@ -3,7 +3,7 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { type Node, ProvisionAction, ProvisionState } from '../../gen/metalcast/v1/node.js';
-import { type AgentProcess, spawnAgent } from '../helpers/agent-process.js';
+import { type AgentProcess, msg, spawnAgent } from '../helpers/agent-process.js';
 import { eventually, startTestController, tempDir } from '../helpers/controller.js';
 import { type ControllerProcess, freePort, spawnController } from '../helpers/controller-process.js';
 import { type FakeMachine, uniqueFakeMachine } from '../helpers/fake-machine.js';
@@ -145,6 +145,8 @@ describe('crashes mid-deploy', () => {
     const machine = await uniqueFakeMachine(join(dirs.path, 'k'), 450);
     const agent = spawnAgent({ controller: proxy.address, root: machine.root });
     agents.push(agent);
+    // The 3 s timeout starts when the node waits for cleaning: the agent must be up by then, even on a busy machine.
+    await agent.waitForLog(msg('agent API listening'), 30_000);
     await makeAvailable(t.nodes, [machine]);
     proxy.throttle(2 * MIB);
     await t.nodes.setProvisionState({

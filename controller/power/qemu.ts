@@ -39,7 +39,11 @@ export class QemuPowerDriver implements PowerDriver {
   }
 
   private async bootIndex(qmp: QmpClient, device: PowerBootDevice): Promise<void> {
-    await qmp.execute('qom-set', { path: `/machine/peripheral/${this.nicId}`, property: 'bootindex', value: device === 'network' ? 1 : 3 });
+    const path = `/machine/peripheral/${this.nicId}`;
+    const wanted = device === 'network' ? 1 : 3;
+    // QEMU refuses to set an index the device already has ("already been used").
+    if ((await qmp.execute<number>('qom-get', { path, property: 'bootindex' })) === wanted) return;
+    await qmp.execute('qom-set', { path, property: 'bootindex', value: wanted });
   }
 
   powerOn(bootDevice: PowerBootDevice): Promise<void> {

@@ -144,6 +144,8 @@ export class PostgresStore implements Store {
     pool.on('error', (error) => logger.warn({ err: error }, 'an idle PostgreSQL connection broke; the pool will open another'));
     try {
       const schema = await prepareDatabase(pool, masked);
+      // From here on, not at open: a server that cannot be reached at start is a configuration problem, explained above.
+      unavailableWhenBusy(pool);
       const listener = new NotificationListener(
         () => new Client({ ...connection, application_name: `metalcast listen ${schema}`.slice(0, 63) }),
         logger,
@@ -921,6 +923,36 @@ class NotificationListener {
       this.sync();
     }, delay);
   }
+}
+
+/** pg's ways of saying the database is busy or away, rather than that the query is wrong. */
+const TRANSIENT_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EPIPE', '57P01', '57P02', '57P03', '53300', '08006', '08001']);
+const TRANSIENT_MESSAGES =
+  /timeout exceeded when trying to connect|Connection terminated|connection timeout|Client has encountered a connection error/i;
+
+/**
+ * Makes a busy or unreachable database an UNAVAILABLE answer (which callers,
+ * agents included, retry) instead of an INTERNAL one (a bug, with an alert):
+ * a connect storm of thousands of agents waits for the pool's few
+ * connections, and the pool gives up on some of them after its timeout.
+ */
+function unavailableWhenBusy(pool: Pool): Pool {
+  const translate = (error: unknown): unknown => {
+    if (!(error instanceof Error) || error instanceof DatabaseError) {
+      if (!(error instanceof DatabaseError) || !TRANSIENT_CODES.has(error.code ?? '')) return error;
+    }
+    const code = (error as { code?: string }).code ?? '';
+    if (!TRANSIENT_CODES.has(code) && !TRANSIENT_MESSAGES.test(error.message)) return error;
+    return new MetalcastError(Status.UNAVAILABLE, `the database is busy or unreachable (${error.message}); retry shortly`);
+  };
+  const query = pool.query.bind(pool) as (...args: unknown[]) => Promise<unknown>;
+  const connect = pool.connect.bind(pool) as (...args: unknown[]) => Promise<PoolClient> | undefined;
+  return Object.assign(pool, {
+    query: (...args: unknown[]) => query(...args).catch((error: unknown) => Promise.reject(translate(error))),
+    // pg-pool's own query() calls connect with a callback: leave that form alone.
+    connect: (...args: unknown[]) =>
+      args.length > 0 ? connect(...args) : (connect() as Promise<PoolClient>).catch((error: unknown) => Promise.reject(translate(error))),
+  }) as Pool;
 }
 
 /**

@@ -18,6 +18,7 @@ const BENCHMARKS: Record<string, () => Promise<Benchmark>> = {
   herd: () => import('./herd.js'),
   transfer: () => import('./transfer.js'),
   'agent-start': () => import('./agent-start.js'),
+  heartbeats: () => import('./heartbeats.js'),
 };
 
 interface Outcome {

@@ -1,4 +1,4 @@
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setImmediate as yieldToEventLoop } from 'node:timers/promises';
@@ -162,4 +162,13 @@ export function columns(rows: readonly string[][], right: readonly boolean[] = [
       .join('  ')
       .trimEnd(),
   );
+}
+
+/** The last lines of a log file, for a failure message; '(no log)' when it cannot be read. */
+export function logTail(path: string, lines: number): string {
+  try {
+    return readFileSync(path, 'utf8').trimEnd().split('\n').slice(-lines).join('\n');
+  } catch {
+    return '(no log)';
+  }
 }

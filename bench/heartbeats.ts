@@ -58,6 +58,7 @@ import {
   columns,
   formatCount,
   formatMs,
+  logTail,
   type NumberOptions,
   parseNumberOptions,
   withTempDir,
@@ -488,7 +489,7 @@ async function runDatabase(database: DatabaseKind, o: Options, dir: string, dead
     if (o.maxAgents > 0 && !out.phase3Stop) out.phase3Stop = `--max-agents ${formatCount(o.maxAgents)} reached`;
     return out;
   } catch (error) {
-    console.error(`  ${label}: failed; last lines of ${logPath}:\n${tail(logPath, 15)}`);
+    console.error(`  ${label}: failed; last lines of ${logPath}:\n${logTail(logPath, 15)}`);
     throw error;
   } finally {
     await db?.drop();
@@ -1221,14 +1222,6 @@ async function waitFor(check: () => boolean, timeoutMs: number): Promise<boolean
     await sleep(100);
   }
   return true;
-}
-
-function tail(path: string, lines: number): string {
-  try {
-    return readFileSync(path, 'utf8').trimEnd().split('\n').slice(-lines).join('\n');
-  } catch {
-    return '(no log)';
-  }
 }
 
 // ---------------------------------------------------------------------------

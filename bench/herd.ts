@@ -42,6 +42,7 @@ import {
   columns,
   formatCount,
   formatMs,
+  logTail,
   formatRatio,
   type NumberOptions,
   parseNumberOptions,
@@ -293,7 +294,7 @@ async function runMode(jitter: boolean, o: Options, dir: string): Promise<ModeRu
       serverStreamOpens: server.get(STREAM_OPEN_LOGGED) ?? [],
     };
   } catch (error) {
-    console.error(`  ${label}: failed; last lines of ${logPath}:\n${tail(logPath, 15)}`);
+    console.error(`  ${label}: failed; last lines of ${logPath}:\n${logTail(logPath, 15)}`);
     throw error;
   } finally {
     for (const w of workers) w.kill();
@@ -578,14 +579,6 @@ function serverTimes(logPath: string): Map<string, number[]> {
     }
   }
   return times;
-}
-
-function tail(path: string, lines: number): string {
-  try {
-    return readFileSync(path, 'utf8').trimEnd().split('\n').slice(-lines).join('\n');
-  } catch {
-    return '(no log)';
-  }
 }
 
 // ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setImmediate as yieldToEventLoop } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
+import ms from 'ms';
 
 /** What every benchmark returns to the dispatcher, which prints it as the BENCH_RESULT line. */
 export interface BenchResult {
@@ -171,4 +172,32 @@ export function logTail(path: string, lines: number): string {
   } catch {
     return '(no log)';
   }
+}
+
+/**
+ * Turns duration flags (`--window 30s`, `--down=8s`) into seconds, the unit
+ * parseNumberOptions then reads; plain numbers are seconds already.
+ */
+export function normaliseDurations(args: string[], durationFlags: ReadonlySet<string>): string[] {
+  const toSeconds = (flag: string, value: string): string => {
+    if (value.trim() === '' || Number.isFinite(Number(value))) return value;
+    const parsed = (ms as (s: string) => number | undefined)(value.trim());
+    if (parsed === undefined || !Number.isFinite(parsed) || parsed < 0) {
+      throw new BenchUsageError(`--${flag} '${value}' is neither a number of seconds nor a duration such as 500ms, 8s or 1m`);
+    }
+    return String(parsed / 1000);
+  };
+  const out: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i] as string;
+    const eq = /^--([^=]+)=(.*)$/.exec(arg);
+    if (eq && durationFlags.has(eq[1] as string)) {
+      out.push(`--${eq[1]}=${toSeconds(eq[1] as string, eq[2] as string)}`);
+    } else if (arg.startsWith('--') && durationFlags.has(arg.slice(2)) && i + 1 < args.length) {
+      out.push(arg, toSeconds(arg.slice(2), args[++i] as string));
+    } else {
+      out.push(arg);
+    }
+  }
+  return out;
 }

@@ -44,7 +44,6 @@ import { availableParallelism, totalmem } from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
-import ms from 'ms';
 import pg from 'pg';
 import { agentApiToken } from '../common/agent-credentials.js';
 import { SqliteStore } from '../controller/store/sqlite.js';
@@ -59,6 +58,7 @@ import {
   formatCount,
   formatMs,
   logTail,
+  normaliseDurations,
   type NumberOptions,
   parseNumberOptions,
   withTempDir,
@@ -203,7 +203,7 @@ function parseOptions(args: string[]) {
   const spec: NumberOptions = quick
     ? Object.fromEntries(Object.entries(options).map(([k, v]) => [k, { ...v, default: QUICK[k as keyof typeof options] ?? v.default }]))
     : options;
-  const raw = parseNumberOptions(normaliseDurations(rest), spec) as { [K in keyof typeof options]: number };
+  const raw = parseNumberOptions(normaliseDurations(rest, DURATION_FLAGS), spec) as { [K in keyof typeof options]: number };
   const problems = [
     raw.agents < 1 && '--agents must be at least 1',
     raw.workers < 1 && '--workers must be at least 1',
@@ -247,28 +247,6 @@ function parseDatabase(value: string): DatabaseKind[] | string {
   if (value === 'both') return [{ kind: 'sqlite' }, { kind: 'postgres', url: DEFAULT_POSTGRES_URL }];
   if (/^postgres(ql)?:\/\//.test(value)) return [{ kind: 'postgres', url: value }];
   return `--database '${value}' is not one of sqlite, postgres, both or a postgres:// URL`;
-}
-
-/** Turns `--window 30s` (and the other duration flags) into seconds, the unit parseNumberOptions then reads. */
-function normaliseDurations(args: string[]): string[] {
-  const toSeconds = (flag: string, value: string): string => {
-    if (value.trim() === '' || Number.isFinite(Number(value))) return value;
-    const parsed = (ms as (s: string) => number | undefined)(value.trim());
-    if (parsed === undefined || !Number.isFinite(parsed) || parsed < 0) {
-      throw new BenchUsageError(`--${flag} '${value}' is neither a number of seconds nor a duration such as 500ms, 8s or 1m`);
-    }
-    return String(parsed / 1000);
-  };
-  const out: string[] = [];
-  for (let i = 0; i < args.length; i++) {
-    const arg = args[i]!;
-    const eq = /^--([^=]+)=(.*)$/.exec(arg);
-    if (eq && DURATION_FLAGS.has(eq[1]!)) out.push(`--${eq[1]}=${toSeconds(eq[1]!, eq[2]!)}`);
-    else if (arg.startsWith('--') && DURATION_FLAGS.has(arg.slice(2)) && i + 1 < args.length) {
-      out.push(arg, toSeconds(arg.slice(2), args[++i]!));
-    } else out.push(arg);
-  }
-  return out;
 }
 
 // ---------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import { dirname, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
-import ms from 'ms';
 import { connectOperator, readTokenFile } from '../cli/client.js';
 import { ProvisionAction } from '../gen/metalcast/v1/node.js';
 import {
@@ -43,6 +42,7 @@ import {
   formatCount,
   formatMs,
   logTail,
+  normaliseDurations,
   formatRatio,
   type NumberOptions,
   parseNumberOptions,
@@ -117,7 +117,7 @@ export async function run(args: string[]): Promise<BenchResult> {
 }
 
 function parseOptions(args: string[]) {
-  const raw = parseNumberOptions(normaliseDurations(args), options);
+  const raw = parseNumberOptions(normaliseDurations(args, DURATION_FLAGS), options);
   const problems = [
     raw.agents < 1 && '--agents must be at least 1',
     raw.workers < 1 && '--workers must be at least 1',
@@ -135,31 +135,6 @@ function parseOptions(args: string[]) {
     reconnectDelayMs: Math.round(raw['reconnect-delay'] * 1000),
     timeoutMs: Math.round(raw.timeout * 1000),
   };
-}
-
-/** Turns `--down 8s` (and the other duration flags) into seconds, the unit parseNumberOptions then reads. */
-function normaliseDurations(args: string[]): string[] {
-  const toSeconds = (flag: string, value: string): string => {
-    if (value.trim() === '' || Number.isFinite(Number(value))) return value;
-    const parsed = (ms as (s: string) => number | undefined)(value.trim());
-    if (parsed === undefined || !Number.isFinite(parsed) || parsed < 0) {
-      throw new BenchUsageError(`--${flag} '${value}' is neither a number of seconds nor a duration such as 500ms, 8s or 1m`);
-    }
-    return String(parsed / 1000);
-  };
-  const out: string[] = [];
-  for (let i = 0; i < args.length; i++) {
-    const arg = args[i]!;
-    const eq = /^--([^=]+)=(.*)$/.exec(arg);
-    if (eq && DURATION_FLAGS.has(eq[1]!)) {
-      out.push(`--${eq[1]}=${toSeconds(eq[1]!, eq[2]!)}`);
-    } else if (arg.startsWith('--') && DURATION_FLAGS.has(arg.slice(2)) && i + 1 < args.length) {
-      out.push(arg, toSeconds(arg.slice(2), args[++i]!));
-    } else {
-      out.push(arg);
-    }
-  }
-  return out;
 }
 
 // ---------------------------------------------------------------------------

@@ -141,12 +141,7 @@ export function createImageServer(deps: ImageServerDeps) {
       result = context.signal.aborted ? 'cancelled' : 'ok';
       log.info({ bytes: offset - request.offset, result }, 'image transfer ended');
     } catch (error) {
-      if (error instanceof ShortBlobError) {
-        throw dataLoss(
-          `the content of image '${image.name}' on this controller is shorter than its recorded size (${image.sizeBytes} bytes); upload or import it again`,
-        );
-      }
-      throw error;
+      throw explainShortBlob(error, image);
     } finally {
       clearTimeout(deadline);
       await blob.close();
@@ -165,3 +160,11 @@ export function createImageServer(deps: ImageServerDeps) {
 }
 
 export type ImageServer = ReturnType<typeof createImageServer>;
+
+/** A blob that ends before the image's recorded size is lost data, for whoever reads it (ReadImage, DownloadImage). */
+export function explainShortBlob(error: unknown, image: { name: string; sizeBytes: number }): unknown {
+  if (!(error instanceof ShortBlobError)) return error;
+  return dataLoss(
+    `the content of image '${image.name}' on this controller is shorter than its recorded size (${image.sizeBytes} bytes); upload or import it again`,
+  );
+}

@@ -22,7 +22,8 @@ import {
 } from '../../gen/metalcast/v1/image.js';
 import type { ControllerConfig } from '../config.js';
 import { ImageCatalog } from '../images/catalog.js';
-import { type ImageFiles, ShortBlobError } from '../images/image-files.js';
+import type { ImageFiles } from '../images/image-files.js';
+import { explainShortBlob } from '../images/image-server.js';
 import { IMPORT_STOPPED, ImageImporter } from '../images/importer.js';
 import { announceImageReady, ImageReplicator, type ReplicatorOptions } from '../images/replicator.js';
 import {
@@ -233,12 +234,7 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
         'image download ended',
       );
     } catch (error) {
-      if (error instanceof ShortBlobError) {
-        throw dataLoss(
-          `the content of image '${name}' on this controller is shorter than its recorded size (${image.sizeBytes} bytes); upload or import it again`,
-        );
-      }
-      throw error;
+      throw explainShortBlob(error, { name, sizeBytes: image.sizeBytes });
     } finally {
       clearTimeout(deadline);
       await blob.close();

@@ -11,16 +11,16 @@ import { eraseDisksCommand } from './commands/erase-disks.js';
 import { getInventoryCommand } from './commands/get-inventory.js';
 import { powerOffCommand, rebootCommand } from './commands/power-commands.js';
 import { writeImageCommand } from './commands/write-image.js';
-import { controllerImageSource } from './image-source.js';
+import { controllerImageSource } from './imaging/image-source.js';
 import { CommandRunner } from './commands/runner.js';
-import { type AgentConfig, checkAgentTlsMode } from './config.js';
-import { ControllerLink } from './controller-link.js';
+import { type AgentConfig, checkAgentTlsMode } from './config/config.js';
+import { ControllerLink } from './controller/controller-link.js';
 import { discoverInventory } from './discovery/index.js';
-import { HeartbeatLoop, type HeartbeatIdentity } from './heartbeat.js';
-import { lookupWithBackoff } from './lookup.js';
-import { OsPowerDriver, type PowerDriver, RecordingPowerDriver } from './power.js';
-import { startAgentServer } from './server.js';
-import { createAgentTlsIdentity } from './tls-identity.js';
+import { HeartbeatLoop, type HeartbeatIdentity } from './controller/heartbeat.js';
+import { lookupWithBackoff } from './controller/lookup.js';
+import { OsPowerDriver, type PowerDriver, RecordingPowerDriver } from './commands/os-power.js';
+import { startAgentServer } from './api/server.js';
+import { createAgentTlsIdentity } from './api/tls-identity.js';
 
 /** A running agent, as startAgent returns it. */
 export interface RunningAgent {

@@ -1,9 +1,9 @@
 import { ConfigError } from '../common/config.js';
 import { createLogger } from '../common/logging.js';
 import { startAgent } from './agent.js';
-import { AGENT_KERNEL_CMDLINE_KEYS, loadAgentConfig, resolveAgentRoot } from './config.js';
-import { type KernelCmdline, kernelCmdlineNotes, parseKernelCmdline, readKernelCmdline } from './kernel-cmdline.js';
-import { LookupBudgetExhausted } from './lookup.js';
+import { AGENT_KERNEL_CMDLINE_KEYS, loadAgentConfig, resolveAgentRoot } from './config/config.js';
+import { type KernelCmdline, kernelCmdlineNotes, parseKernelCmdline, readKernelCmdline } from './config/kernel-cmdline.js';
+import { LookupBudgetExhausted } from './controller/lookup.js';
 
 /** Exit codes a service manager can tell apart. */
 export const AGENT_EXIT = { ok: 0, fatal: 1, config: 2, lookupBudget: 3 } as const;

@@ -48,7 +48,7 @@ import pg from 'pg';
 import { agentApiToken } from '../common/agent-credentials.js';
 import { SqliteStore } from '../controller/store/sqlite.js';
 import type { Store } from '../controller/store/store.js';
-import { generateAgentToken, hashAgentToken } from '../controller/tokens.js';
+import { generateAgentToken, hashAgentToken } from '../controller/agents/agent-tokens.js';
 import {
   type BenchCheck,
   type BenchResult,
@@ -141,7 +141,7 @@ const IDLE_MS = 3000;
 const CONTROLLER_READY_TIMEOUT_MS = 60_000;
 const CONTROLLER_STOP_TIMEOUT_MS = 20_000;
 const WORKER_STOP_TIMEOUT_MS = 15_000;
-/** Production agent settings (agent/config.ts). */
+/** Production agent settings (agent/config/config.ts). */
 const AGENT = { ackTimeoutMs: 30_000, reconnectDelayMs: 5000, keepaliveTimeMs: 10_000, keepaliveTimeoutMs: 10_000 };
 const CLK_TCK = 100;
 /**

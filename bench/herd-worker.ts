@@ -13,9 +13,9 @@
  * heartbeat stream opened, and the first ack on a stream ("established").
  * Nothing of the agent's own logic (delays, jitter, backoff) is replaced.
  */
-import { ControllerLink } from '../agent/controller-link.js';
-import { HeartbeatLoop, type HeartbeatIdentity } from '../agent/heartbeat.js';
-import { lookupWithBackoff } from '../agent/lookup.js';
+import { ControllerLink } from '../agent/controller/controller-link.js';
+import { HeartbeatLoop, type HeartbeatIdentity } from '../agent/controller/heartbeat.js';
+import { lookupWithBackoff } from '../agent/controller/lookup.js';
 import { createLogger, type Logger } from '../common/logging.js';
 import { AgentStatus, type HeartbeatResponse } from '../gen/metalcast/v1/agent_gateway.js';
 import { EVENT, type HerdEvent, type ParentMessage, type WorkerMessage, type WorkerSetup } from './herd-protocol.js';

@@ -74,7 +74,7 @@ const SETTLE_MS = 2000;
 const CONTROLLER_READY_TIMEOUT_MS = 60_000;
 const CONTROLLER_STOP_TIMEOUT_MS = 20_000;
 const WORKER_STOP_TIMEOUT_MS = 15_000;
-/** Production agent defaults (agent/config.ts). */
+/** Production agent defaults (agent/config/config.ts). */
 const AGENT = {
   lookupBackoffStartMs: 1000,
   lookupBackoffMaxMs: 60_000,

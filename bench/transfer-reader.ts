@@ -15,11 +15,11 @@
  * { type: 'result', ... } line.
  */
 import pino from 'pino';
-import { ControllerLink } from '../agent/controller-link.js';
-import type { HeartbeatIdentity } from '../agent/heartbeat.js';
-import { controllerImageSource } from '../agent/image-source.js';
-import { DEFAULT_WRITE_OPTIONS, writeImage } from '../agent/image-writer.js';
-import { lookupWithBackoff } from '../agent/lookup.js';
+import { ControllerLink } from '../agent/controller/controller-link.js';
+import type { HeartbeatIdentity } from '../agent/controller/heartbeat.js';
+import { controllerImageSource } from '../agent/imaging/image-source.js';
+import { DEFAULT_WRITE_OPTIONS, writeImage } from '../agent/imaging/image-writer.js';
+import { lookupWithBackoff } from '../agent/controller/lookup.js';
 import { createLogger } from '../common/logging.js';
 
 export interface ReaderSetup {

@@ -1,5 +1,5 @@
 import type { Command } from 'commander';
-import { AGENT_OPTIONS } from '../agent/config.js';
+import { AGENT_OPTIONS } from '../agent/config/config.js';
 import { agentMain } from '../agent/main.js';
 import { addOptionTable } from './options.js';
 

@@ -6,7 +6,7 @@ import { deadlineMiddleware } from 'nice-grpc-client-middleware-deadline';
 import { ConfigError } from '../common/config.js';
 import { clientChannelOptions } from '../common/grpc-options.js';
 import { explainTlsFailure, loadCaBundle, loadClientIdentity, type ServerIdentity, speaksTls, tlsClient } from '../common/tls.js';
-import { ADMIN_TOKEN_FILE, operatorMetadata } from '../controller/operator-auth.js';
+import { ADMIN_TOKEN_FILE, operatorMetadata } from '../controller/auth/operator-auth.js';
 import { ImageServiceDefinition } from '../gen/metalcast/v1/image.js';
 import { reportError } from './output.js';
 import { NodeServiceDefinition } from '../gen/metalcast/v1/node.js';

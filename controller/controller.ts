@@ -20,35 +20,35 @@ import { AgentGatewayServiceDefinition } from '../gen/metalcast/v1/agent_gateway
 import { ImageServiceDefinition } from '../gen/metalcast/v1/image.js';
 import { NodeServiceDefinition } from '../gen/metalcast/v1/node.js';
 import { hostname } from 'node:os';
-import { AgentClients } from './agent-client.js';
-import { AgentDirectory } from './agent-directory.js';
+import { AgentClients } from './agents/agent-client.js';
+import { AgentDirectory } from './agents/agent-directory.js';
 import { relayNodeChanges } from './cluster/feed-relay.js';
 import { Membership } from './cluster/membership.js';
-import { AgentSessions } from './agent-sessions.js';
+import { AgentSessions } from './agents/agent-sessions.js';
 import { ImageFiles } from './images/image-files.js';
 import { createImageServer } from './images/image-server.js';
-import { NodeLocks } from './locks.js';
-import { NodeFeed } from './node-feed.js';
+import { NodeLocks } from './provisioning/locks.js';
+import { NodeFeed } from './provisioning/node-feed.js';
 import { Admission } from './provisioning/admission.js';
 import { Conductor } from './provisioning/conductor.js';
 import type { ControllerConfig } from './config.js';
-import { HeartbeatRecorder } from './heartbeat-recorder.js';
-import { startHttpServer } from './http-server.js';
+import { HeartbeatRecorder } from './agents/heartbeat-recorder.js';
+import { startHttpServer } from './observability/http-server.js';
 import { createBootEndpoint } from './boot/boot-endpoint.js';
 import { PowerDrivers } from './power/drivers.js';
-import { createControllerMetrics, grpcServerMetricsMiddleware } from './metrics.js';
+import { createControllerMetrics, grpcServerMetricsMiddleware } from './observability/metrics.js';
 import { Provisioner } from './provisioning/provisioner.js';
-import { agentGatewayRateLimits, PeerLimit } from './rate-limit.js';
+import { agentGatewayRateLimits, PeerLimit } from './auth/rate-limit.js';
 import { createAgentGatewayService } from './services/agent-gateway.js';
 import { SHUTTING_DOWN } from './services/heartbeat.js';
 import { createImageService } from './services/image-service.js';
 import { createNodeService } from './services/node-service.js';
-import { setUpOperatorAuth } from './operator-auth.js';
-import { clientCertificateInterceptor, clientCertificateRole } from './operator-tls.js';
-import { setUpControllerTransport } from './tls.js';
+import { setUpOperatorAuth } from './auth/operator-auth.js';
+import { clientCertificateInterceptor, clientCertificateRole } from './auth/operator-tls.js';
+import { setUpControllerTransport } from './tls/transport.js';
 import { SqliteStore } from './store/sqlite.js';
 import type { Store } from './store/store.js';
-import { Sweep } from './sweep.js';
+import { Sweep } from './provisioning/sweep.js';
 import { MetalcastError } from '../common/errors.js';
 import { Status } from 'nice-grpc-common';
 
@@ -251,7 +251,7 @@ export async function startController(
       images: imageServer,
     }),
   );
-  // Operator services need a token (agents and health do not): see controller/operator-auth.ts.
+  // Operator services need a token (agents and health do not): see controller/auth/operator-auth.ts.
   const operatorServer = operatorAuth ? server.with(operatorAuth.middleware) : server;
   operatorServer.add(
     guardRequestDecoding(NodeServiceDefinition, OPERATOR_REQUEST_LIMIT_BYTES),

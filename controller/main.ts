@@ -2,7 +2,7 @@ import { ConfigError } from '../common/config.js';
 import { createLogger } from '../common/logging.js';
 import { loadControllerConfig } from './config.js';
 import { startController } from './controller.js';
-import { withGeneratedTls } from './tls-generate.js';
+import { withGeneratedTls } from './tls/generate.js';
 
 /** `metalcast controller`: parse config, build the logger, run until SIGTERM or SIGINT. */
 export async function controllerMain(flags: Record<string, unknown>): Promise<void> {

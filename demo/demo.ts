@@ -10,7 +10,7 @@ import { type Node, ProvisionAction, ProvisionState } from '../gen/metalcast/v1/
 import { type FakeMachine, uniqueFakeMachine } from './fake-machine.js';
 import { type Program, startProgram } from './processes.js';
 import { describeError } from '../common/errors.js';
-import { tlsInit } from '../cli/commands/tls.js';
+import { tlsInit } from '../common/tls-init.js';
 
 export interface DemoOptions {
   nodes: number;

@@ -1,7 +1,7 @@
 // Prints the README's configuration reference from the option tables:
 //   npm run docs:config   (paste over the "### `metalcast controller`" and "### `metalcast agent`" sections)
 // test/readme.test.ts fails when an option is missing from the README.
-import { AGENT_OPTIONS } from '../agent/config.js';
+import { AGENT_OPTIONS } from '../agent/config/config.js';
 import { envName } from '../common/config.js';
 import { CONTROLLER_OPTIONS } from '../controller/config.js';
 

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { describe, it } from 'node:test';
-import { AGENT_OPTIONS } from '../agent/config.js';
+import { AGENT_OPTIONS } from '../agent/config/config.js';
 import { envName } from '../common/config.js';
 import { CONTROLLER_OPTIONS } from '../controller/config.js';
 

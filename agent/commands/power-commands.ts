@@ -1,4 +1,4 @@
-import type { PowerDriver } from '../power.js';
+import type { PowerDriver } from './os-power.js';
 import type { CommandHandler } from './command.js';
 
 /*

@@ -3,13 +3,13 @@ import { checkDiskHints, checkName, checkSha256 } from '../../common/input.js';
 import { MetalcastError } from '../../common/errors.js';
 import { Status } from 'nice-grpc-common';
 import type { Inventory } from '../../gen/metalcast/v1/inventory.js';
-import type { ImageSource } from '../image-source.js';
-import { DEFAULT_WRITE_OPTIONS, writeImage } from '../image-writer.js';
+import type { ImageSource } from '../imaging/image-source.js';
+import { DEFAULT_WRITE_OPTIONS, writeImage } from '../imaging/image-writer.js';
 import type { CommandHandler } from './command.js';
 
 /**
  * write_image: pick the target disk from the hints, then stream the image
- * onto it (agent/image-writer.ts does the transfer and the checks).
+ * onto it (agent/imaging/image-writer.ts does the transfer and the checks).
  */
 export function writeImageCommand(source: ImageSource, discover: () => Promise<Inventory>): CommandHandler<'writeImage'> {
   return {

@@ -2,7 +2,7 @@ import type { CommandProgress } from '../../gen/metalcast/v1/command.js';
 import type { Node, NodeServiceClient } from '../../gen/metalcast/v1/node.js';
 import type { ProvisionState as StateName } from '../../controller/provisioning/states.js';
 import { formatBytes, printTable } from '../output.js';
-import { stateName } from './node.js';
+import { stateName } from '../node-format.js';
 
 const BAR_WIDTH = 24;
 

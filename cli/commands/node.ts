@@ -8,13 +8,9 @@ import {
   type ProvisionState as StateName,
 } from '../../controller/provisioning/states.js';
 import { withClient } from '../client.js';
+import { stateName } from '../node-format.js';
 import { watchNodes } from './node-watch.js';
 import { formatAge, formatBytes, formatTime, printFields, printJson, printTable } from '../output.js';
-
-export const stateName = (state: ProvisionState) =>
-  state === ProvisionState.PROVISION_STATE_UNSPECIFIED
-    ? '-'
-    : (ProvisionState[state] ?? String(state)).replace('PROVISION_STATE_', '').toLowerCase();
 
 const stateHelp = PROVISION_STATES.map((s) => `${s} (${allowedActions(s).join(', ') || 'no actions'})`).join('\n    ');
 

@@ -5,7 +5,7 @@ import { MetalcastError } from '../../common/errors.js';
 import { createLogger } from '../../common/logging.js';
 import { CONTROLLER_OPTIONS, loadDatabaseConfig } from '../../controller/config.js';
 import { openStore } from '../../controller/controller.js';
-import { hashOperatorToken, newOperatorToken, OPERATOR_TOKEN_PREFIX } from '../../controller/operator-auth.js';
+import { hashOperatorToken, newOperatorToken, OPERATOR_TOKEN_PREFIX } from '../../controller/auth/operator-auth.js';
 import type { OperatorRole, OperatorTokenRecord, Store } from '../../controller/store/store.js';
 import { addOptionTable } from '../options.js';
 import { formatTime, printJson, printTable } from '../output.js';

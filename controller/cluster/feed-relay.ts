@@ -1,5 +1,5 @@
 import type { Logger } from '../../common/logging.js';
-import type { NodeFeed } from '../node-feed.js';
+import type { NodeFeed } from '../provisioning/node-feed.js';
 import type { NodeRecord, Store } from '../store/store.js';
 
 interface NodeChangeNotice {

@@ -12,7 +12,7 @@ import type { Logger } from '../../common/logging.js';
 import { truncate } from '../../common/mac.js';
 import type { ReadImageRequest, ReadImageResponse, StatImageRequest, StatImageResponse } from '../../gen/metalcast/v1/agent_gateway.js';
 import { allocChunk } from '../../common/read-image-codec.js';
-import type { ControllerMetrics } from '../metrics.js';
+import type { ControllerMetrics } from '../observability/metrics.js';
 import { authenticateAgent } from '../services/agent-auth.js';
 import type { ImageRecord, NodeRecord, Store } from '../store/store.js';
 import { type BlobReader, type ImageFiles, ShortBlobError } from './image-files.js';

@@ -6,7 +6,7 @@ import { clientChannelOptions, type KeepaliveOptions } from '../../common/grpc-o
 import type { Logger } from '../../common/logging.js';
 import type { ClientTls } from '../../common/tls.js';
 import { ImageServiceDefinition } from '../../gen/metalcast/v1/image.js';
-import { clusterCredential, loadClusterSecret, operatorMetadata } from '../operator-auth.js';
+import { clusterCredential, loadClusterSecret, operatorMetadata } from '../auth/operator-auth.js';
 import type { ControllerRecord, ImageRecord, Store } from '../store/store.js';
 import type { ImageFiles } from './image-files.js';
 import { downloadToBlob } from './importer.js';
@@ -17,7 +17,7 @@ export interface ReplicatorOptions {
   controllerId: string;
   /** Keepalive of the channels to other controllers. */
   keepalive: KeepaliveOptions;
-  /** TLS to another controller's address (controller/tls.ts); plaintext when absent or undefined. */
+  /** TLS to another controller's address (controller/tls/transport.ts); plaintext when absent or undefined. */
   peerClient?: (address: string) => ClientTls | undefined;
   /** Largest image accepted (--max-image-size). */
   maxBytes: number;
@@ -78,7 +78,7 @@ export class ImageReplicator {
   private running = 0;
   /** Peers' channels, by address; closed when a peer leaves the list. */
   private readonly channels = new Map<string, { channel: Channel; client: ImageClient }>();
-  /** What this controller presents to the others' DownloadImage: the cluster credential (controller/operator-auth.ts). */
+  /** What this controller presents to the others' DownloadImage: the cluster credential (controller/auth/operator-auth.ts). */
   private peerMetadata: ReturnType<typeof operatorMetadata> | undefined;
   /** Blobs no row referenced at the last look, to be removed if the next look agrees. */
   private orphans = new Set<string>();

@@ -5,13 +5,13 @@ import type { Logger } from '../../common/logging.js';
 import { UUID_PATTERN } from '../../common/input.js';
 import { truncate } from '../../common/mac.js';
 import type { NodeRecord, Store } from '../store/store.js';
-import { agentTokenMatches } from '../tokens.js';
+import { agentTokenMatches } from '../agents/agent-tokens.js';
 
 /**
  * Checks an agent call's node uuid and token against the stored hash; the
  * same UNAUTHENTICATED answer for an unknown node and a wrong token. A peer
  * that fails this check too often is refused for a while before it gets
- * here (agentGatewayRateLimits in controller/rate-limit.ts counts the
+ * here (agentGatewayRateLimits in controller/auth/rate-limit.ts counts the
  * UNAUTHENTICATED answers). The token is never logged (common/logging.ts
  * redacts it too, as a safety net).
  */

@@ -6,12 +6,12 @@ import { fingerprint, parseCertificates } from '../../common/tls.js';
 import type { Logger } from '../../common/logging.js';
 import { CommandProgress } from '../../gen/metalcast/v1/command.js';
 import { AgentStatus, type HeartbeatRequest, type HeartbeatResponse } from '../../gen/metalcast/v1/agent_gateway.js';
-import type { AgentSessions } from '../agent-sessions.js';
-import type { HeartbeatRecorder } from '../heartbeat-recorder.js';
-import type { ControllerMetrics } from '../metrics.js';
+import type { AgentSessions } from '../agents/agent-sessions.js';
+import type { HeartbeatRecorder } from '../agents/heartbeat-recorder.js';
+import type { ControllerMetrics } from '../observability/metrics.js';
 import type { Store } from '../store/store.js';
-import { agentTokenMatches, hashAgentToken } from '../tokens.js';
-import { validateHeartbeat } from '../validation.js';
+import { agentTokenMatches, hashAgentToken } from '../agents/agent-tokens.js';
+import { validateHeartbeat } from './validation.js';
 import { authenticateAgent } from './agent-auth.js';
 
 export interface HeartbeatDeps {

@@ -3,13 +3,13 @@ import { failedPrecondition, notFound } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import { normaliseMacList, truncate } from '../../common/mac.js';
 import type { LookupRequest, LookupResponse } from '../../gen/metalcast/v1/agent_gateway.js';
-import type { AgentSessions } from '../agent-sessions.js';
-import type { ControllerMetrics } from '../metrics.js';
+import type { AgentSessions } from '../agents/agent-sessions.js';
+import type { ControllerMetrics } from '../observability/metrics.js';
 import { isAgentState } from '../provisioning/states.js';
 import type { Store } from '../store/store.js';
 import { agentApiToken } from '../../common/agent-credentials.js';
-import { generateAgentToken, hashAgentToken } from '../tokens.js';
-import { validateLookup } from '../validation.js';
+import { generateAgentToken, hashAgentToken } from '../agents/agent-tokens.js';
+import { validateLookup } from './validation.js';
 import { Status } from 'nice-grpc-common';
 import { MetalcastError } from '../../common/errors.js';
 

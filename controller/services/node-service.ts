@@ -3,9 +3,9 @@ import { invalidArgument, MetalcastError, notFound } from '../../common/errors.j
 import type { Logger } from '../../common/logging.js';
 import { normaliseMac, normaliseMacList } from '../../common/mac.js';
 import type { NodeServiceImplementation } from '../../gen/metalcast/v1/node.js';
-import { actionFromProto, eventToProto, nodeToProto, stateFromProto } from '../convert.js';
-import type { NodeLocks } from '../locks.js';
-import type { NodeChange, NodeFeed } from '../node-feed.js';
+import { actionFromProto, eventToProto, nodeToProto, stateFromProto } from './convert.js';
+import type { NodeLocks } from '../provisioning/locks.js';
+import type { NodeChange, NodeFeed } from '../provisioning/node-feed.js';
 import type { Provisioner } from '../provisioning/provisioner.js';
 import type { ProvisionState } from '../provisioning/states.js';
 import type { NodeRecord, Store } from '../store/store.js';
@@ -20,7 +20,7 @@ import {
   validateNodeRef,
   validateProperties,
   validateWatchedNodes,
-} from '../validation.js';
+} from './validation.js';
 
 /** States a node may be deleted from: nothing is running on it or for it. */
 const DELETABLE: readonly ProvisionState[] = ['enroll', 'manageable', 'available', 'inspect_failed', 'clean_failed', 'deploy_failed'];

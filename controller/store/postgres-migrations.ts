@@ -116,7 +116,7 @@ export const POSTGRES_MIGRATIONS: readonly { version: number; description: strin
     version: 5,
     description: 'operator tokens and the cluster secret',
     sql: `
-      -- Operator API tokens (controller/operator-auth.ts): only the sha256 of a token is stored.
+      -- Operator API tokens (controller/auth/operator-auth.ts): only the sha256 of a token is stored.
       CREATE TABLE operator_tokens (
         id TEXT COLLATE "C" PRIMARY KEY,
         token_hash TEXT NOT NULL UNIQUE,

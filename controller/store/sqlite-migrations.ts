@@ -107,7 +107,7 @@ export const SQLITE_MIGRATIONS: readonly { version: number; description: string;
     version: 5,
     description: 'operator tokens and the cluster secret',
     sql: `
-      -- Operator API tokens (controller/operator-auth.ts): only the sha256 of a token is stored.
+      -- Operator API tokens (controller/auth/operator-auth.ts): only the sha256 of a token is stored.
       CREATE TABLE operator_tokens (
         id TEXT PRIMARY KEY,
         token_hash TEXT NOT NULL UNIQUE,

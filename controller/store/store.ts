@@ -145,7 +145,7 @@ export interface ControllerRecord {
 /** What an operator token may do: a reader reads, an admin also changes state. */
 export type OperatorRole = 'admin' | 'reader';
 
-/** An operator API token (controller/operator-auth.ts); the token itself is never stored, only its hash. */
+/** An operator API token (controller/auth/operator-auth.ts); the token itself is never stored, only its hash. */
 export interface OperatorTokenRecord {
   /** Public id, safe to show and log: `tok_` and 8 hex digits. */
   id: string;

@@ -5,7 +5,7 @@ import { agentApiToken } from '../../common/agent-credentials.js';
 import { agentMetadata } from '../../common/agent-metadata.js';
 import type { CommandHandler } from '../../agent/commands/command.js';
 import { CommandRunner } from '../../agent/commands/runner.js';
-import { startAgentServer } from '../../agent/server.js';
+import { startAgentServer } from '../../agent/api/server.js';
 import { AgentServiceDefinition } from '../../gen/metalcast/v1/agent.js';
 import { CommandState } from '../../gen/metalcast/v1/command.js';
 import { testLogger } from '../helpers/controller.js';

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { loadAgentConfig } from '../../agent/config.js';
+import { loadAgentConfig } from '../../agent/config/config.js';
 import { ConfigError } from '../../common/config.js';
 import { normaliseMac } from '../../common/mac.js';
 import { loadControllerConfig } from '../../controller/config.js';

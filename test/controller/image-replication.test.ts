@@ -10,7 +10,7 @@ import { after, before, describe, it } from 'node:test';
 import { createClient } from 'nice-grpc';
 import { Status } from 'nice-grpc-common';
 import { agentMetadata } from '../../common/agent-metadata.js';
-import { hashAgentToken } from '../../controller/tokens.js';
+import { hashAgentToken } from '../../controller/agents/agent-tokens.js';
 import { ImageServiceDefinition, ImageState, type UploadImageRequest } from '../../gen/metalcast/v1/image.js';
 import { eventually, startTestController, type TestController, tempDir } from '../helpers/controller.js';
 import { freePort } from '../helpers/controller-process.js';

@@ -18,7 +18,7 @@ import {
   hashOperatorToken,
   OPERATOR_METHOD_ROLES,
   OperatorAuth,
-} from '../../controller/operator-auth.js';
+} from '../../controller/auth/operator-auth.js';
 import type { Store } from '../../controller/store/store.js';
 import { AgentGatewayServiceDefinition } from '../../gen/metalcast/v1/agent_gateway.js';
 import { ImageServiceDefinition } from '../../gen/metalcast/v1/image.js';

@@ -3,7 +3,7 @@ import { after, before, describe, it } from 'node:test';
 import { Status } from 'nice-grpc';
 import { ACTION_TRANSITIONS, PROVISION_ACTIONS, PROVISION_STATES, type ProvisionState } from '../../controller/provisioning/states.js';
 import { ProvisionAction } from '../../gen/metalcast/v1/node.js';
-import { stateToProto } from '../../controller/convert.js';
+import { stateToProto } from '../../controller/services/convert.js';
 import { startTestController, type TestController } from '../helpers/controller.js';
 import { assertRejectsWith } from '../helpers/grpc-assert.js';
 import { addImage, makeImageContent } from '../helpers/images.js';

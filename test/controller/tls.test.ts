@@ -13,7 +13,7 @@ import { ClientError, createChannel, createClient, createServer, Metadata, Statu
 import { HealthDefinition, HealthServiceImpl } from 'nice-grpc-server-health';
 import { createCertificateAuthority, issueCertificate } from '../../common/certificates.js';
 import { loadServerTls, TLS_MIN_VERSION, tlsClient } from '../../common/tls.js';
-import { CLIENT_CERTIFICATE_KEY } from '../../controller/operator-tls.js';
+import { CLIENT_CERTIFICATE_KEY } from '../../controller/auth/operator-tls.js';
 import type { UploadImageRequest } from '../../gen/metalcast/v1/image.js';
 import { NodeServiceDefinition } from '../../gen/metalcast/v1/node.js';
 import { spawnController } from '../helpers/controller-process.js';

@@ -8,7 +8,7 @@ import { onJsonLogLines } from '../../demo/processes.js';
 import { tlsClient } from '../../common/tls.js';
 import { loadDatabaseConfig } from '../../controller/config.js';
 import { openStore } from '../../controller/controller.js';
-import { ADMIN_TOKEN_FILE } from '../../controller/operator-auth.js';
+import { ADMIN_TOKEN_FILE } from '../../controller/auth/operator-auth.js';
 import { NodeServiceDefinition } from '../../gen/metalcast/v1/node.js';
 import { createTestOperatorToken, type OperatorCallOptions, operatorCallOptions, testLogger } from './controller.js';
 

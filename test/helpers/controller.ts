@@ -8,7 +8,7 @@ import { tlsClient } from '../../common/tls.js';
 import { type ControllerConfig, loadControllerConfig } from '../../controller/config.js';
 import { type RunningController, startController } from '../../controller/controller.js';
 import type { OperatorRole, Store } from '../../controller/store/store.js';
-import { newOperatorToken, operatorMetadata } from '../../controller/operator-auth.js';
+import { newOperatorToken, operatorMetadata } from '../../controller/auth/operator-auth.js';
 import { AgentGatewayServiceDefinition } from '../../gen/metalcast/v1/agent_gateway.js';
 import { ImageServiceDefinition } from '../../gen/metalcast/v1/image.js';
 import { NodeServiceDefinition } from '../../gen/metalcast/v1/node.js';

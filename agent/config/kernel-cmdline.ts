@@ -1,6 +1,6 @@
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { ConfigError, type LowerSource } from '../common/config.js';
+import { ConfigError, type LowerSource } from '../../common/config.js';
 
 /**
  * The agent's settings on the kernel command line: how a PXE-booted ramdisk

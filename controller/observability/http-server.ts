@@ -1,7 +1,7 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Registry } from 'prom-client';
-import type { Logger } from '../common/logging.js';
+import type { Logger } from '../../common/logging.js';
 
 /**
  * The HTTP side of the controller: /metrics for Prometheus and /healthz for

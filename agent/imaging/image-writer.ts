@@ -2,10 +2,10 @@ import { createHash } from 'node:crypto';
 import { type FileHandle, open } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ClientError, Status } from 'nice-grpc';
-import type { Logger } from '../common/logging.js';
-import type { CommandProgress, WriteImageResult } from '../gen/metalcast/v1/command.js';
+import type { Logger } from '../../common/logging.js';
+import type { CommandProgress, WriteImageResult } from '../../gen/metalcast/v1/command.js';
 import type { ImageSource } from './image-source.js';
-import { describeError as describe } from '../common/errors.js';
+import { describeError as describe } from '../../common/errors.js';
 
 export interface WriteImageTarget {
   image: string;

@@ -1,7 +1,7 @@
 import type { PeerCertificate } from 'node:tls';
 import { ServerInterceptingCall, type ServerInterceptor, ServerListenerBuilder } from '@grpc/grpc-js';
 import type { CallContext } from 'nice-grpc';
-import type { OperatorRole } from './store/store.js';
+import type { OperatorRole } from '../store/store.js';
 
 /**
  * Operator mTLS: with --tls-client-ca the controller asks every client for a
@@ -10,7 +10,7 @@ import type { OperatorRole } from './store/store.js';
  * organizational unit: OU=admin or OU=reader (OU=admin wins when both are
  * there); a verified certificate with neither gives no role, and one the CA
  * did not sign is ignored as if there were none. A bearer token, when the
- * call carries one, is checked instead (controller/operator-auth.ts).
+ * call carries one, is checked instead (controller/auth/operator-auth.ts).
  *
  * nice-grpc's CallContext does not reach the TLS connection, so a grpc-js
  * server interceptor, which can (getAuthContext: the peer certificate when

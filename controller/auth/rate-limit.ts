@@ -1,8 +1,8 @@
 import type { CallContext, ServerMiddleware, ServerMiddlewareCall } from 'nice-grpc';
 import { ServerError, Status } from 'nice-grpc-common';
-import { MetalcastError, resourceExhausted } from '../common/errors.js';
-import type { Logger } from '../common/logging.js';
-import type { ControllerMetrics } from './metrics.js';
+import { MetalcastError, resourceExhausted } from '../../common/errors.js';
+import type { Logger } from '../../common/logging.js';
+import type { ControllerMetrics } from '../observability/metrics.js';
 
 /**
  * Per-peer limits on what a stranger on the provisioning network can try

@@ -1,6 +1,6 @@
-import type { Logger } from '../common/logging.js';
-import type { ControllerMetrics } from './metrics.js';
-import type { HeartbeatRecord, Store } from './store/store.js';
+import type { Logger } from '../../common/logging.js';
+import type { ControllerMetrics } from '../observability/metrics.js';
+import type { HeartbeatRecord, Store } from '../store/store.js';
 
 /**
  * Collects heartbeats in memory and writes them in one transaction per

@@ -12,7 +12,7 @@ import {
   oneOf,
   resolveOptions,
   switchValue,
-} from '../common/config.js';
+} from '../../common/config.js';
 import { type KernelCmdline, type KernelCmdlineKeys, kernelCmdlineSource } from './kernel-cmdline.js';
 
 /** Every option of `metalcast agent`, in the order `--help` lists them. */

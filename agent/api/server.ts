@@ -1,21 +1,21 @@
 import { timingSafeEqual } from 'node:crypto';
 import { type CallContext, createServer, type Server, type ServerMiddleware } from 'nice-grpc';
 import { HealthDefinition, HealthServiceImpl, HealthState } from 'nice-grpc-server-health';
-import { agentApiToken } from '../common/agent-credentials.js';
-import { bearerToken } from '../common/agent-metadata.js';
-import { errorMappingMiddleware, notFound, unauthenticated, unavailable } from '../common/errors.js';
-import { serverChannelOptions } from '../common/grpc-options.js';
+import { agentApiToken } from '../../common/agent-credentials.js';
+import { bearerToken } from '../../common/agent-metadata.js';
+import { errorMappingMiddleware, notFound, unauthenticated, unavailable } from '../../common/errors.js';
+import { serverChannelOptions } from '../../common/grpc-options.js';
 import {
   AGENT_REQUEST_LIMIT_BYTES,
   guardRequestDecoding,
   HEALTH_REQUEST_LIMIT_BYTES,
   rejectUndecodableRequests,
-} from '../common/request-decoding.js';
-import type { Logger } from '../common/logging.js';
-import { type ServerIdentity, tlsServerCredentials } from '../common/tls.js';
-import { AgentServiceDefinition, type AgentServiceImplementation } from '../gen/metalcast/v1/agent.js';
-import type { Inventory } from '../gen/metalcast/v1/inventory.js';
-import type { CommandRunner } from './commands/runner.js';
+} from '../../common/request-decoding.js';
+import type { Logger } from '../../common/logging.js';
+import { type ServerIdentity, tlsServerCredentials } from '../../common/tls.js';
+import { AgentServiceDefinition, type AgentServiceImplementation } from '../../gen/metalcast/v1/agent.js';
+import type { Inventory } from '../../gen/metalcast/v1/inventory.js';
+import type { CommandRunner } from '../commands/runner.js';
 
 export interface AgentServerDeps {
   runner: CommandRunner;

@@ -2,11 +2,11 @@ import { X509Certificate } from 'node:crypto';
 import { type Channel, createChannel, createClientFactory, Status } from 'nice-grpc';
 import { deadlineMiddleware } from 'nice-grpc-client-middleware-deadline';
 import { retryMiddleware } from 'nice-grpc-client-middleware-retry';
-import { agentMetadata } from '../common/agent-metadata.js';
-import { clientChannelOptions, type KeepaliveOptions } from '../common/grpc-options.js';
-import type { Logger } from '../common/logging.js';
-import { pinnedTlsClient } from '../common/tls.js';
-import { AgentServiceDefinition } from '../gen/metalcast/v1/agent.js';
+import { agentMetadata } from '../../common/agent-metadata.js';
+import { clientChannelOptions, type KeepaliveOptions } from '../../common/grpc-options.js';
+import type { Logger } from '../../common/logging.js';
+import { pinnedTlsClient } from '../../common/tls.js';
+import { AgentServiceDefinition } from '../../gen/metalcast/v1/agent.js';
 
 const factory = createClientFactory().use(retryMiddleware).use(deadlineMiddleware);
 /** How grpc-js reports a peer whose certificate is not the pinned one (chain verification fails first for another self-signed one). */

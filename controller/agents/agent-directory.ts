@@ -1,6 +1,6 @@
-import type { Logger } from '../common/logging.js';
+import type { Logger } from '../../common/logging.js';
 import type { AgentSessions } from './agent-sessions.js';
-import type { NodeRecord } from './store/store.js';
+import type { NodeRecord } from '../store/store.js';
 
 /** How this controller may call agents. */
 export interface AgentCallPolicy {

@@ -1,11 +1,11 @@
 import { type Channel, ClientError, createChannel, createClientFactory, Status } from 'nice-grpc';
 import { deadlineMiddleware } from 'nice-grpc-client-middleware-deadline';
-import { clientChannelOptions, type KeepaliveOptions } from '../common/grpc-options.js';
-import { describeError } from '../common/errors.js';
-import type { Logger } from '../common/logging.js';
-import { FastAgentGatewayServiceDefinition } from '../common/read-image-codec.js';
-import { explainTlsFailure, speaksTls, tlsClient } from '../common/tls.js';
-import type { AgentGatewayServiceDefinition } from '../gen/metalcast/v1/agent_gateway.js';
+import { clientChannelOptions, type KeepaliveOptions } from '../../common/grpc-options.js';
+import { describeError } from '../../common/errors.js';
+import type { Logger } from '../../common/logging.js';
+import { FastAgentGatewayServiceDefinition } from '../../common/read-image-codec.js';
+import { explainTlsFailure, speaksTls, tlsClient } from '../../common/tls.js';
+import type { AgentGatewayServiceDefinition } from '../../gen/metalcast/v1/agent_gateway.js';
 
 const factory = createClientFactory().use(deadlineMiddleware);
 type GatewayClient = ReturnType<typeof factory.create<typeof AgentGatewayServiceDefinition>>;

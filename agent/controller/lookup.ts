@@ -1,9 +1,9 @@
 import { ClientError, Status } from 'nice-grpc';
 import pRetry, { AbortError } from 'p-retry';
-import type { Logger } from '../common/logging.js';
-import type { LookupRequest, LookupResponse } from '../gen/metalcast/v1/agent_gateway.js';
+import type { Logger } from '../../common/logging.js';
+import type { LookupRequest, LookupResponse } from '../../gen/metalcast/v1/agent_gateway.js';
 import { type ControllerLink, isConnectionError } from './controller-link.js';
-import { describeError } from '../common/errors.js';
+import { describeError } from '../../common/errors.js';
 
 export interface LookupOptions {
   backoffStartMs: number;

@@ -1,16 +1,16 @@
-import { Inventory } from '../gen/metalcast/v1/inventory.js';
-import { CommandProgress } from '../gen/metalcast/v1/command.js';
+import { Inventory } from '../../gen/metalcast/v1/inventory.js';
+import { CommandProgress } from '../../gen/metalcast/v1/command.js';
 import {
   DeploySpec,
   type Node,
   type NodeEvent,
   ProvisionAction as ProtoAction,
   ProvisionState as ProtoState,
-} from '../gen/metalcast/v1/node.js';
-import { MetalcastError } from '../common/errors.js';
+} from '../../gen/metalcast/v1/node.js';
+import { MetalcastError } from '../../common/errors.js';
 import { Status } from 'nice-grpc-common';
-import { PROVISION_ACTIONS, PROVISION_STATES, type ProvisionAction, type ProvisionState } from './provisioning/states.js';
-import type { NodeEventRecord, NodeRecord } from './store/store.js';
+import { PROVISION_ACTIONS, PROVISION_STATES, type ProvisionAction, type ProvisionState } from '../provisioning/states.js';
+import type { NodeEventRecord, NodeRecord } from '../store/store.js';
 
 /*
  * Conversions between proto messages and the controller's own types, kept

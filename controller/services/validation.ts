@@ -1,10 +1,10 @@
 import { Status } from 'nice-grpc-common';
-import { MetalcastError } from '../common/errors.js';
-import { checkCount, checkDiskHints, checkEnum, checkLength, checkName, checkText, NAME_PATTERN, NAME_RULE } from '../common/input.js';
-import { truncate } from '../common/mac.js';
-import { AgentStatus, type HeartbeatRequest, type LookupRequest } from '../gen/metalcast/v1/agent_gateway.js';
-import { CommandState } from '../gen/metalcast/v1/command.js';
-import type { DeploySpec } from '../gen/metalcast/v1/node.js';
+import { MetalcastError } from '../../common/errors.js';
+import { checkCount, checkDiskHints, checkEnum, checkLength, checkName, checkText, NAME_PATTERN, NAME_RULE } from '../../common/input.js';
+import { truncate } from '../../common/mac.js';
+import { AgentStatus, type HeartbeatRequest, type LookupRequest } from '../../gen/metalcast/v1/agent_gateway.js';
+import { CommandState } from '../../gen/metalcast/v1/command.js';
+import type { DeploySpec } from '../../gen/metalcast/v1/node.js';
 
 /*
  * Checks of operator and agent requests, each answering INVALID_ARGUMENT

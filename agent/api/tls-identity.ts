@@ -1,6 +1,6 @@
 import { X509Certificate } from 'node:crypto';
 import { hostname } from 'node:os';
-import { type KeyAndCertificate, selfSignedCertificate } from '../common/certificates.js';
+import { type KeyAndCertificate, selfSignedCertificate } from '../../common/certificates.js';
 
 /** The agent's TLS identity: a key made at start that never leaves memory, and its self-signed certificate. */
 export interface AgentTlsIdentity extends KeyAndCertificate {

@@ -1,10 +1,10 @@
 import { existsSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
-import { tlsInit, TLS_INIT_FILES } from '../cli/commands/tls.js';
-import { ConfigError } from '../common/config.js';
-import type { Logger } from '../common/logging.js';
-import type { ControllerConfig } from './config.js';
+import { tlsInit, TLS_INIT_FILES } from '../../common/tls-init.js';
+import { ConfigError } from '../../common/config.js';
+import type { Logger } from '../../common/logging.js';
+import type { ControllerConfig } from '../config.js';
 
 /**
  * --tls-generate: the quickstart's way to TLS without a site CA. The first

@@ -1,7 +1,7 @@
-import type { Logger } from '../common/logging.js';
-import type { ControllerMetrics } from './metrics.js';
-import type { HeartbeatRecorder } from './heartbeat-recorder.js';
-import type { HashRange, Store, TimedOutNode } from './store/store.js';
+import type { Logger } from '../../common/logging.js';
+import type { ControllerMetrics } from '../observability/metrics.js';
+import type { HeartbeatRecorder } from '../agents/heartbeat-recorder.js';
+import type { HashRange, Store, TimedOutNode } from '../store/store.js';
 
 export interface SweepOptions {
   intervalMs: number;

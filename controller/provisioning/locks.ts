@@ -1,8 +1,8 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Histogram } from 'prom-client';
 import { Status } from 'nice-grpc-common';
-import { MetalcastError } from '../common/errors.js';
-import type { Store } from './store/store.js';
+import { MetalcastError } from '../../common/errors.js';
+import type { Store } from '../store/store.js';
 
 /** A held lock; release() is idempotent and never throws. */
 export interface HeldLock {

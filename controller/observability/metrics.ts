@@ -1,8 +1,8 @@
 import { Counter, Gauge, Histogram, type Registry, collectDefaultMetrics } from 'prom-client';
 import { labelNames, labelNamesWithCode, prometheusServerMiddleware } from 'nice-grpc-prometheus';
 import type { ServerMiddleware } from 'nice-grpc';
-import { WAIT_STATES } from './provisioning/states.js';
-import type { Store } from './store/store.js';
+import { WAIT_STATES } from '../provisioning/states.js';
+import type { Store } from '../store/store.js';
 
 /**
  * The controller's metrics, all in the one registry passed in, so that

@@ -1,6 +1,6 @@
 import { Status } from 'nice-grpc-common';
-import { MetalcastError } from '../common/errors.js';
-import { hashAgentToken } from './tokens.js';
+import { MetalcastError } from '../../common/errors.js';
+import { hashAgentToken } from './agent-tokens.js';
 
 interface Session {
   id: number;

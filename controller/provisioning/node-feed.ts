@@ -1,6 +1,6 @@
 import { EventEmitter, on } from 'node:events';
-import type { CommandProgress } from '../gen/metalcast/v1/command.js';
-import type { NodeEventRecord, NodeRecord } from './store/store.js';
+import type { CommandProgress } from '../../gen/metalcast/v1/command.js';
+import type { NodeEventRecord, NodeRecord } from '../store/store.js';
 
 /** One change to a node, as WatchNodes streams it. */
 export interface NodeChange {

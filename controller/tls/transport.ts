@@ -1,6 +1,6 @@
 import type { ServerCredentials } from '@grpc/grpc-js';
-import { ConfigError } from '../common/config.js';
-import type { Logger } from '../common/logging.js';
+import { ConfigError } from '../../common/config.js';
+import type { Logger } from '../../common/logging.js';
 import {
   type ClientTls,
   fingerprint,
@@ -9,8 +9,8 @@ import {
   loadServerTls,
   tlsClient,
   tlsServerCredentials,
-} from '../common/tls.js';
-import type { ControllerConfig } from './config.js';
+} from '../../common/tls.js';
+import type { ControllerConfig } from '../config.js';
 
 /** How the controller's gRPC API is secured, built once at start from --tls-* or --insecure. */
 export interface ControllerTransport {

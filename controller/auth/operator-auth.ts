@@ -4,12 +4,12 @@ import { join } from 'node:path';
 import type { CallContext, ServerMiddleware, ServerMiddlewareCall } from 'nice-grpc';
 import { Metadata } from 'nice-grpc-common';
 import { ServerReflectionService } from 'nice-grpc-server-reflection';
-import { bearerToken } from '../common/agent-metadata.js';
-import { permissionDenied, unauthenticated, unavailable } from '../common/errors.js';
-import type { Logger } from '../common/logging.js';
-import { ImageServiceDefinition } from '../gen/metalcast/v1/image.js';
-import { NodeServiceDefinition } from '../gen/metalcast/v1/node.js';
-import type { EpochMs, OperatorRole, OperatorTokenRecord, Store } from './store/store.js';
+import { bearerToken } from '../../common/agent-metadata.js';
+import { permissionDenied, unauthenticated, unavailable } from '../../common/errors.js';
+import type { Logger } from '../../common/logging.js';
+import { ImageServiceDefinition } from '../../gen/metalcast/v1/image.js';
+import { NodeServiceDefinition } from '../../gen/metalcast/v1/node.js';
+import type { EpochMs, OperatorRole, OperatorTokenRecord, Store } from '../store/store.js';
 
 /** Operator tokens start with this, so that one pasted in the wrong place is recognisable (and greppable by secret scanners). */
 export const OPERATOR_TOKEN_PREFIX = 'mco_';
@@ -130,7 +130,7 @@ export interface OperatorAuthOptions {
   touchIntervalMs?: number;
   /**
    * The role a verified client certificate gives the call, if any: the seam
-   * for operator mTLS (controller/operator-tls.ts). A bearer token, when one
+   * for operator mTLS (controller/auth/operator-tls.ts). A bearer token, when one
    * is presented, is checked instead.
    */
   certificateRole?: (context: CallContext) => { role: OperatorRole; subject: string } | undefined;

@@ -1,7 +1,7 @@
-import { agentMetadata } from '../common/agent-metadata.js';
-import type { ReadImageResponse, StatImageResponse } from '../gen/metalcast/v1/agent_gateway.js';
-import { type ControllerLink, isConnectionError } from './controller-link.js';
-import type { HeartbeatIdentity } from './heartbeat.js';
+import { agentMetadata } from '../../common/agent-metadata.js';
+import type { ReadImageResponse, StatImageResponse } from '../../gen/metalcast/v1/agent_gateway.js';
+import { type ControllerLink, isConnectionError } from '../controller/controller-link.js';
+import type { HeartbeatIdentity } from '../controller/heartbeat.js';
 
 /** Where the image writer gets its bytes: the controller's StatImage and ReadImage, as the writer needs them. */
 export interface ImageSource {

@@ -1,9 +1,9 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ClientError, Status } from 'nice-grpc';
-import { agentMetadata } from '../common/agent-metadata.js';
-import { AsyncQueue } from '../common/async-queue.js';
-import type { Logger } from '../common/logging.js';
-import type { HeartbeatRequest } from '../gen/metalcast/v1/agent_gateway.js';
+import { agentMetadata } from '../../common/agent-metadata.js';
+import { AsyncQueue } from '../../common/async-queue.js';
+import type { Logger } from '../../common/logging.js';
+import type { HeartbeatRequest } from '../../gen/metalcast/v1/agent_gateway.js';
 import { type ControllerLink, isConnectionError } from './controller-link.js';
 
 export interface HeartbeatOptions {

@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import type { Logger } from '../../common/logging.js';
 import { isAgentState } from '../provisioning/states.js';
 import type { Store } from '../store/store.js';
+import { agentCmdline } from './agent-cmdline.js';
 import { entryScript, localDiskScript, macFromPath, ramdiskScript, unknownMacScript } from './ipxe.js';
 
 /** The node property whose value is appended to the ramdisk's kernel command line (e.g. metalcast.advertise_address=…). */
@@ -67,13 +68,11 @@ export function createBootEndpoint(options: BootEndpointOptions): (req: Incoming
       return script(res, unknownMacScript(base, 'boot.ipxe', retry));
     }
     if (!isAgentState(node.provisionState)) return script(res, localDiskScript(node.name));
-    const extra = (node.properties[KERNEL_ARGS_PROPERTY] ?? '').replace(/\p{Cc}/gu, ' ').trim();
-    const cmdline = [
-      'console=ttyS0',
-      `metalcast.controller=${options.controllerAddress()}`,
-      ...(options.insecure ? ['metalcast.insecure'] : []),
-      ...(extra ? [extra] : []),
-    ].join(' ');
+    const cmdline = agentCmdline({
+      controllerAddress: options.controllerAddress(),
+      insecure: options.insecure,
+      extra: node.properties[KERNEL_ARGS_PROPERTY],
+    });
     options.logger.info({ node: node.uuid, nodeName: node.name, mac, state: node.provisionState }, 'network boot of the agent ramdisk');
     script(res, ramdiskScript({ kernelUrl: `${base}/${KERNEL_FILE}`, initrdUrl: `${base}/${INITRAMFS_FILE}`, cmdline, label: node.name }));
   };

@@ -4,8 +4,12 @@ import { QEMU_NIC_PROPERTY, QemuPowerDriver, QMP_SOCKET_PROPERTY } from './qemu.
 /** The node property naming the power driver; a node without it is powered by hand. */
 export const POWER_DRIVER_PROPERTY = 'power.driver';
 
-/** Makes a node's driver from the node's properties; throws a message naming the property to fix. */
-export type PowerDriverFactory = (properties: Record<string, string>) => PowerDriver;
+/**
+ * Makes a node's driver from the node's properties and its secrets (BMC
+ * passwords, keyed like properties: power.redfish.password); throws a message
+ * naming the property to fix, never a secret's value.
+ */
+export type PowerDriverFactory = (properties: Record<string, string>, secrets: Record<string, string>) => PowerDriver;
 
 /**
  * The power drivers a controller knows, by name. `qemu` is built in; tests
@@ -29,7 +33,7 @@ export class PowerDrivers {
   }
 
   /** The node's driver, undefined when the node has none (powered by hand); PowerError when its properties are wrong. */
-  forNode(node: { name: string; properties: Record<string, string> }): PowerDriver | undefined {
+  forNode(node: { name: string; properties: Record<string, string>; secrets?: Record<string, string> }): PowerDriver | undefined {
     const name = node.properties[POWER_DRIVER_PROPERTY];
     if (name === undefined || name === '') return undefined;
     const factory = this.factories.get(name);
@@ -39,7 +43,7 @@ export class PowerDrivers {
       );
     }
     try {
-      return factory(node.properties);
+      return factory(node.properties, node.secrets ?? {});
     } catch (error) {
       throw new PowerError(`node '${node.name}': ${(error as Error).message}`);
     }

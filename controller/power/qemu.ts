@@ -1,5 +1,5 @@
 import { QmpClient } from './qmp.js';
-import type { PowerBootDevice, PowerDriver, PowerState } from './power-driver.js';
+import { type PowerBootDevice, type PowerDriver, PowerError, type PowerState } from './power-driver.js';
 
 /** Node properties the qemu driver reads. */
 export const QMP_SOCKET_PROPERTY = 'power.qmp_socket';
@@ -39,6 +39,8 @@ export class QemuPowerDriver implements PowerDriver {
   }
 
   private async bootIndex(qmp: QmpClient, device: PowerBootDevice): Promise<void> {
+    if (device === 'cd')
+      throw new PowerError('the qemu power driver boots from network or disk, not cd: give the node a redfish BMC for virtual media');
     const path = `/machine/peripheral/${this.nicId}`;
     const wanted = device === 'network' ? 1 : 3;
     // QEMU refuses to set an index the device already has ("already been used").

@@ -1,3 +1,4 @@
+import { ipmiDriverFromNode } from './ipmi/ipmi-driver.js';
 import { PowerError, type PowerDriver } from './power-driver.js';
 import { QEMU_NIC_PROPERTY, QemuPowerDriver, QMP_SOCKET_PROPERTY } from './qemu.js';
 
@@ -13,7 +14,7 @@ export type PowerDriverFactory = (properties: Record<string, string>, secrets: R
 
 /**
  * The power drivers a controller knows, by name. `qemu` is built in; tests
- * register `fake`. Redfish and IPMI register here when they come.
+ * register `fake`. `ipmi` drives a BMC through ipmitool; Redfish registers here when it comes.
  */
 export class PowerDrivers {
   private readonly factories = new Map<string, PowerDriverFactory>([
@@ -25,6 +26,7 @@ export class PowerDrivers {
         return new QemuPowerDriver(socket, properties[QEMU_NIC_PROPERTY] || 'nic0');
       },
     ],
+    ['ipmi', (properties, secrets) => ipmiDriverFromNode(properties, secrets)],
   ]);
 
   register(name: string, factory: PowerDriverFactory): this {

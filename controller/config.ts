@@ -78,6 +78,13 @@ export const CONTROLLER_OPTIONS = {
     defaultValue: '',
     parse: optionalPath,
   },
+  agentCa: {
+    flag: 'agent-ca',
+    description:
+      "PEM file whose first certificate is the CA that signed this controller's --tls-cert: served at <metrics-listen>/ca.pem, and its sha256 put on network-booted agents' kernel command line (metalcast.ca_fingerprint, metalcast.ca_url) so that they trust this controller from their first packet (default: with --tls-generate, <data-dir>/tls/ca.pem; otherwise none, and agents need metalcast.ca= baked into their image)",
+    defaultValue: '',
+    parse: optionalPath,
+  },
   tlsGenerate: {
     flag: 'tls-generate',
     description:

@@ -46,6 +46,7 @@ import { createNodeService } from './services/node-service.js';
 import { setUpOperatorAuth } from './auth/operator-auth.js';
 import { clientCertificateInterceptor, clientCertificateRole } from './auth/operator-tls.js';
 import { setUpControllerTransport } from './tls/transport.js';
+import { loadAgentCa } from './tls/agent-ca.js';
 import { SqliteStore } from './store/sqlite.js';
 import type { Store } from './store/store.js';
 import { Sweep } from './provisioning/sweep.js';
@@ -98,6 +99,7 @@ export async function startController(
   const startedAt = Date.now();
   // TLS files are read and checked before anything starts: a bad one is a ConfigError (exit code 2).
   const transport = setUpControllerTransport(config, logger.child({ component: 'tls' }));
+  const agentCa = loadAgentCa(config);
   const store = await openStore(config, logger);
   // A previous run of this controller (same id) may have died holding locks, maybe half-way through a step.
   const leftovers = await store.releaseHolder(
@@ -294,6 +296,7 @@ export async function startController(
         // Known once gRPC listens; network boots come later.
         controllerAddress: () => config.bootControllerAddress || advertisedAddress(config, grpcPort),
         insecure: config.insecure,
+        agentCa,
         logger: logger.child({ component: 'boot' }),
       }),
     );
@@ -363,6 +366,7 @@ export async function startController(
       advertise,
       controllers: membership.members,
       tls: transport.summary,
+      agentCa: agentCa ? { fingerprint: agentCa.fingerprint, subject: agentCa.subject } : 'none',
     },
     'controller started',
   );

@@ -157,6 +157,26 @@ export const CONTROLLER_OPTIONS = {
     defaultValue: '',
     parse: (raw: string) => (raw === '' ? 0 : duration({ min: 100 })(raw)),
   },
+  powerSyncInterval: {
+    flag: 'power-sync-interval',
+    description:
+      "how often the power sync reads every power-driven node's power state through its BMC, spread over the interval (0: never). A state that differs from what the controller last knew is an event and a metric",
+    defaultValue: '60s',
+    parse: duration({ allowZero: true }),
+  },
+  powerSyncConcurrency: {
+    flag: 'power-sync-concurrency',
+    description: 'most BMCs the power sync talks to at once',
+    defaultValue: '8',
+    parse: integer({ min: 1, max: 1000 }),
+  },
+  powerSyncMaxFailures: {
+    flag: 'power-sync-max-failures',
+    description:
+      "power state reads in a row that may fail before the node is put in maintenance as 'BMC unreachable'; such a node is then read less often (up to 16 intervals apart), and leaves that maintenance when its BMC answers again",
+    defaultValue: '3',
+    parse: integer({ min: 1, max: 1000 }),
+  },
   sweepInterval: durationSpec('sweep-interval', 'how often to look for agents that stopped heartbeating', '10s', 100),
   startupGrace: {
     flag: 'startup-grace',

@@ -36,6 +36,7 @@ import { HeartbeatRecorder } from './agents/heartbeat-recorder.js';
 import { startHttpServer } from './observability/http-server.js';
 import { createBootEndpoint } from './boot/boot-endpoint.js';
 import { PowerDrivers } from './power/drivers.js';
+import { PowerSync } from './power/sync.js';
 import { createControllerMetrics, grpcServerMetricsMiddleware } from './observability/metrics.js';
 import { Provisioner } from './provisioning/provisioner.js';
 import { agentGatewayRateLimits, PeerLimit } from './auth/rate-limit.js';
@@ -70,6 +71,7 @@ export interface RunningController {
   sweep: Sweep;
   recorder: HeartbeatRecorder;
   membership: Membership;
+  powerSync: PowerSync;
   /** Stops accepting, ends heartbeat streams, flushes heartbeats, closes the store. Idempotent. */
   stop(): Promise<void>;
 }
@@ -200,6 +202,20 @@ export async function startController(
     },
     logger.child({ component: 'conductor' }),
   );
+  const powerSync = new PowerSync(
+    store,
+    power,
+    metrics,
+    logger.child({ component: 'power-sync' }),
+    {
+      intervalMs: config.powerSyncInterval,
+      concurrency: config.powerSyncConcurrency,
+      maxFailures: config.powerSyncMaxFailures,
+      holder: config.controllerId,
+      share: () => membership.ranges(),
+    },
+    (node) => feed.publish({ node }),
+  );
   const heartbeat = {
     intervalMinMs: config.heartbeatIntervalMin,
     intervalMaxMs: config.heartbeatIntervalMax,
@@ -322,6 +338,7 @@ export async function startController(
   recorder.start();
   sweep.start();
   conductor.start();
+  powerSync.start();
   health.setStatus('healthy');
   const grpcAddress = `${config.listen.slice(0, config.listen.lastIndexOf(':'))}:${grpcPort}`;
 
@@ -342,6 +359,7 @@ export async function startController(
       clearTimeout(shutdownTimer);
       await images.stop();
       await conductor.stop();
+      await powerSync.stop();
       agentClients.closeAll();
       await sweep.stop();
       await recorder.stop();
@@ -370,5 +388,19 @@ export async function startController(
     },
     'controller started',
   );
-  return { grpcAddress, httpAddress: http.address, store, imageFiles, registry, sessions, locks, feed, sweep, recorder, membership, stop };
+  return {
+    grpcAddress,
+    httpAddress: http.address,
+    store,
+    imageFiles,
+    registry,
+    sessions,
+    locks,
+    feed,
+    sweep,
+    recorder,
+    membership,
+    powerSync,
+    stop,
+  };
 }

@@ -110,6 +110,8 @@ export class Provisioner {
       driver = this.power.forNode(node);
       if (!driver) return node;
       await driver.powerOn('network');
+      // What the power sync expects from now on (controller/power/sync.ts).
+      await this.store.savePowerStatus(node.uuid, { powerState: 'on', checkedAt: Date.now(), failures: 0, error: '' });
     } catch (error) {
       const reason = driver
         ? `power on through ${driver.name} failed: ${(error as Error).message}`

@@ -14,6 +14,7 @@ import {
 } from '../provisioning/states.js';
 import { POSTGRES_MIGRATIONS } from './postgres-migrations.js';
 import type {
+  PowerStatusRecord,
   ControllerRecord,
   EpochMs,
   HashRange,
@@ -33,6 +34,7 @@ import type {
   TimedOutNode,
   Transition,
 } from './store.js';
+import { powerStatusFromRow } from './power-rows.js';
 
 /** The part of a pino logger the store uses; pass `logger.child({ component: 'store' })`. */
 export interface StoreLogger {
@@ -460,6 +462,24 @@ export class PostgresStore implements Store {
       fromState: r.from_state,
       toState: r.to_state,
     }));
+  }
+
+  async getPowerStatuses(uuids: readonly string[]): Promise<Map<string, PowerStatusRecord>> {
+    const found = new Map<string, PowerStatusRecord>();
+    if (uuids.length === 0) return found;
+    const { rows } = await this.pool.query('SELECT * FROM node_power WHERE node_uuid = ANY($1::text[])', [[...uuids]]);
+    for (const row of rows) found.set(row.node_uuid as string, powerStatusFromRow(row));
+    return found;
+  }
+
+  async savePowerStatus(uuid: string, status: PowerStatusRecord): Promise<void> {
+    await this.pool.query(
+      `INSERT INTO node_power (node_uuid, power_state, checked_at, failures, error)
+       SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM nodes WHERE uuid = $1)
+       ON CONFLICT (node_uuid) DO UPDATE SET power_state = excluded.power_state, checked_at = excluded.checked_at,
+         failures = excluded.failures, error = excluded.error`,
+      [uuid, status.powerState, status.checkedAt, status.failures, status.error],
+    );
   }
 
   async addEvent(uuid: string, event: NewNodeEvent): Promise<void> {

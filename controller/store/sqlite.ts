@@ -9,6 +9,7 @@ import { ringHash } from '../cluster/hash-ring.js';
 import { ACTIVE_STATE_FAILURES, PROVISION_STATES, type ProvisionState, WAIT_STATE_FAILURES, WAIT_STATES } from '../provisioning/states.js';
 import { SQLITE_MIGRATIONS } from './sqlite-migrations.js';
 import type {
+  PowerStatusRecord,
   ControllerRecord,
   EpochMs,
   HashRange,
@@ -28,6 +29,7 @@ import type {
   TimedOutNode,
   Transition,
 } from './store.js';
+import { powerStatusFromRow } from './power-rows.js';
 
 type Row = Record<string, SQLInputValue>;
 
@@ -417,6 +419,23 @@ export class SqliteStore implements Store {
       fromState: (r.from_state as ProvisionState | null) ?? null,
       toState: (r.to_state as ProvisionState | null) ?? null,
     }));
+  }
+
+  async getPowerStatuses(uuids: readonly string[]): Promise<Map<string, PowerStatusRecord>> {
+    const found = new Map<string, PowerStatusRecord>();
+    if (uuids.length === 0) return found;
+    const rows = this.db.prepare(`SELECT * FROM node_power WHERE node_uuid IN (${uuids.map(() => '?').join(',')})`).all(...uuids) as Row[];
+    for (const row of rows) found.set(row.node_uuid as string, powerStatusFromRow(row));
+    return found;
+  }
+
+  async savePowerStatus(uuid: string, status: PowerStatusRecord): Promise<void> {
+    this.stmt(
+      `INSERT INTO node_power (node_uuid, power_state, checked_at, failures, error)
+       SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM nodes WHERE uuid = ?)
+       ON CONFLICT (node_uuid) DO UPDATE SET power_state = excluded.power_state, checked_at = excluded.checked_at,
+         failures = excluded.failures, error = excluded.error`,
+    ).run(uuid, status.powerState, status.checkedAt, status.failures, status.error, uuid);
   }
 
   async addEvent(uuid: string, event: NewNodeEvent): Promise<void> {

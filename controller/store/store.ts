@@ -177,6 +177,18 @@ export interface TakeoverResult {
   failed: TimedOutNode[];
 }
 
+/** What the controller knows of a node's power (controller/power/sync.ts). */
+export interface PowerStatusRecord {
+  /** The last state seen by the power sync or set by a power action; '' when not known yet. */
+  powerState: 'on' | 'off' | '';
+  /** When the sync last read it, or an action set it; null never. */
+  checkedAt: EpochMs | null;
+  /** Reads of the power state that failed in a row (0 after a success). */
+  failures: number;
+  /** The last failure's message; '' after a success. */
+  error: string;
+}
+
 /** Notification channels shared by every controller on one database. */
 export type StoreChannel =
   /** payload: node uuid; a node's lock was released. */
@@ -236,6 +248,10 @@ export interface Store {
    */
   listDueNodes(states: readonly ProvisionState[], heardSince: EpochMs, ranges: readonly HashRange[], limit: number): Promise<string[]>;
   countByProvisionState(): Promise<Map<ProvisionState, number>>;
+  /** The power status of these nodes; a node without one is absent from the map. */
+  getPowerStatuses(uuids: readonly string[]): Promise<Map<string, PowerStatusRecord>>;
+  /** Writes a node's power status (insert or replace); nothing when the node no longer exists. */
+  savePowerStatus(uuid: string, status: PowerStatusRecord): Promise<void>;
   listEvents(uuid: string, afterId: number, limit: number): Promise<NodeEventRecord[]>;
   addEvent(uuid: string, event: NewNodeEvent): Promise<void>;
   /**

@@ -273,6 +273,25 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
       });
     });
 
+    describe('power status', () => {
+      it('saves and reads back a node power status, replaces it, and forgets it with the node', async () => {
+        const a = await store.createNode({ name: 'pw-a', macAddresses: ['aa:00:00:00:06:01'], properties: {} }, created());
+        const b = await store.createNode({ name: 'pw-b', macAddresses: ['aa:00:00:00:06:02'], properties: {} }, created());
+        assert.equal((await store.getPowerStatuses([a.uuid, b.uuid])).size, 0);
+        await store.savePowerStatus(a.uuid, { powerState: 'on', checkedAt: 1_700_000_000_123, failures: 0, error: '' });
+        await store.savePowerStatus(b.uuid, { powerState: '', checkedAt: null, failures: 2, error: 'BMC said no' });
+        await store.savePowerStatus(a.uuid, { powerState: 'off', checkedAt: 1_700_000_000_456, failures: 0, error: '' });
+        const found = await store.getPowerStatuses([a.uuid, b.uuid, '00000000-0000-4000-8000-000000000000']);
+        assert.deepEqual(found.get(a.uuid), { powerState: 'off', checkedAt: 1_700_000_000_456, failures: 0, error: '' });
+        assert.deepEqual(found.get(b.uuid), { powerState: '', checkedAt: null, failures: 2, error: 'BMC said no' });
+        assert.equal(found.size, 2);
+        // A node that is gone: nothing saved, nothing thrown.
+        await store.savePowerStatus('00000000-0000-4000-8000-000000000000', { powerState: 'on', checkedAt: 1, failures: 0, error: '' });
+        assert.ok(await store.deleteNode(a.uuid));
+        assert.deepEqual([...(await store.getPowerStatuses([a.uuid, b.uuid])).keys()], [b.uuid]);
+      });
+    });
+
     describe('transitions', () => {
       it('moves a node only from the expected state (compare-and-set)', async () => {
         const node = await store.createNode({ name: 'cas', macAddresses: ['aa:00:00:00:06:01'], properties: {} }, created());

@@ -1,8 +1,9 @@
-import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { createSocket } from 'node:dgram';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { spawnGuarded } from '../../process-guard.js';
 import { freePort } from '../../qemu.js';
 
 /*
@@ -128,19 +129,6 @@ sel_enable 0x20 1000 0x0a
 mc_enable 0x20
 `;
 
-/** ipmi_sim ("$@") ended when our end of its stdin closes, however this process dies. */
-const WATCHDOG = `
-exec 3<&0
-"$@" </dev/null 3<&- &
-child=$!
-( cat <&3; kill -KILL "$child" ) >/dev/null 2>&1 &
-watcher=$!
-wait "$child"
-status=$?
-kill "$watcher" 2>/dev/null
-exit "$status"
-`;
-
 /** Starts ipmi_sim for one guest and waits until it answers over IPMI. */
 export async function startIpmiBmc(options: IpmiBmcOptions): Promise<IpmiBmc> {
   const why = ipmiBmcUnavailable();
@@ -162,40 +150,14 @@ export async function startIpmiBmc(options: IpmiBmcOptions): Promise<IpmiBmc> {
   writeFileSync(emuPath, EMU_COMMANDS);
   const logPath = join(options.dir, 'ipmi_sim.log');
   const binary = options.binary ?? 'ipmi_sim';
-  const child: ChildProcess = spawn(
-    '/bin/sh',
-    ['-c', WATCHDOG, 'ipmi-sim-watchdog', binary, '-c', confPath, '-f', emuPath, '-s', join(options.dir, 'state'), '-n', '-p'],
-    { stdio: ['pipe', 'pipe', 'pipe'] },
-  );
-  child.stdin?.on('error', () => {});
-  let log = '';
-  const append = (text: Buffer) => {
-    log = (log + text.toString('utf8')).slice(-65_536);
-    writeFileSync(logPath, log);
-  };
-  child.stdout?.on('data', append);
-  child.stderr?.on('data', append);
-  let exited = false;
-  const exitedPromise = new Promise<void>((resolve) =>
-    child.once('close', () => {
-      exited = true;
-      resolve();
-    }),
-  );
-  const killOnExit = () => child.kill('SIGKILL');
-  process.once('exit', killOnExit);
-  const stop = async () => {
-    process.off('exit', killOnExit);
-    if (exited) return;
-    child.stdin?.end();
-    await Promise.race([exitedPromise, new Promise((resolve) => setTimeout(resolve, 3000).unref())]);
-    if (!exited) child.kill('SIGKILL');
-  };
+  const sim = spawnGuarded(binary, ['-c', confPath, '-f', emuPath, '-s', join(options.dir, 'state'), '-n', '-p'], logPath);
+  const stop = () => sim.stop();
 
   // Ready when a real IPMI session works (Get Device ID: the chassis program, and so the guest, need not exist yet).
   const deadline = Date.now() + READY_TIMEOUT_MS;
   for (;;) {
-    if (exited) throw new Error(`ipmi_sim for ${options.name} exited at start: ${log.trim() || 'no message'} (config ${confPath})`);
+    if (sim.exited)
+      throw new Error(`ipmi_sim for ${options.name} exited at start: ${sim.output().trim() || 'no message'} (config ${confPath})`);
     const probe = spawnSync(
       'ipmitool',
       ['-I', 'lanplus', '-C', '3', '-H', address, '-p', String(port), '-U', options.username, '-E', '-N', '1', '-R', '1', 'mc', 'info'],
@@ -205,7 +167,7 @@ export async function startIpmiBmc(options: IpmiBmcOptions): Promise<IpmiBmc> {
     if (Date.now() > deadline) {
       await stop();
       throw new Error(
-        `ipmi_sim for ${options.name} did not answer IPMI within ${READY_TIMEOUT_MS / 1000} s: ${probe.stderr?.trim()}; log: ${log.trim()}`,
+        `ipmi_sim for ${options.name} did not answer IPMI within ${READY_TIMEOUT_MS / 1000} s: ${probe.stderr?.trim()}; log: ${sim.output().trim()}`,
       );
     }
     await new Promise((resolve) => setTimeout(resolve, 200));
@@ -216,7 +178,7 @@ export async function startIpmiBmc(options: IpmiBmcOptions): Promise<IpmiBmc> {
     port,
     logPath,
     get pid() {
-      return exited ? undefined : child.pid;
+      return sim.exited ? undefined : sim.child.pid;
     },
     qemuArgs: () => [
       '-chardev',

@@ -100,6 +100,13 @@ export const CONTROLLER_OPTIONS = {
     defaultValue: './metalcast-data',
     parse: (raw: string) => resolve(nonEmpty(raw)),
   },
+  secretsKeyFile: {
+    flag: 'secrets-key-file',
+    description:
+      'file with the key that seals node secrets (BMC passwords) in the database, 64 hex digits, made at the first start when missing (default: <data-dir>/secrets.key); several controllers on one database need the same file',
+    defaultValue: '',
+    parse: optionalPath,
+  },
   database: {
     flag: 'database',
     description:

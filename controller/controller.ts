@@ -36,6 +36,7 @@ import { HeartbeatRecorder } from './agents/heartbeat-recorder.js';
 import { startHttpServer } from './observability/http-server.js';
 import { createBootEndpoint } from './boot/boot-endpoint.js';
 import { PowerDrivers } from './power/drivers.js';
+import { SECRETS_KEY_FILE, SecretBox } from './secrets/secret-box.js';
 import { createControllerMetrics, grpcServerMetricsMiddleware } from './observability/metrics.js';
 import { Provisioner } from './provisioning/provisioner.js';
 import { agentGatewayRateLimits, PeerLimit } from './auth/rate-limit.js';
@@ -98,6 +99,9 @@ export async function startController(
   const startedAt = Date.now();
   // TLS files are read and checked before anything starts: a bad one is a ConfigError (exit code 2).
   const transport = setUpControllerTransport(config, logger.child({ component: 'tls' }));
+  // Node secrets (BMC passwords) are sealed with this key before they reach the database.
+  const secretBox = SecretBox.loadOrCreate(config.secretsKeyFile || join(config.dataDir, SECRETS_KEY_FILE));
+  power.useSecrets(secretBox);
   const store = await openStore(config, logger);
   // A previous run of this controller (same id) may have died holding locks, maybe half-way through a step.
   const leftovers = await store.releaseHolder(
@@ -255,7 +259,15 @@ export async function startController(
   const operatorServer = operatorAuth ? server.with(operatorAuth.middleware) : server;
   operatorServer.add(
     guardRequestDecoding(NodeServiceDefinition, OPERATOR_REQUEST_LIMIT_BYTES),
-    createNodeService({ store, provisioner, locks, feed, logger: logger.child({ component: 'node-service' }) }),
+    createNodeService({
+      store,
+      provisioner,
+      locks,
+      feed,
+      logger: logger.child({ component: 'node-service' }),
+      secrets: secretBox,
+      power,
+    }),
   );
   const images = createImageService({
     store,

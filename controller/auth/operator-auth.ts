@@ -36,6 +36,7 @@ const NODE_ROLES: Record<keyof typeof NodeServiceDefinition.methods, OperatorRol
   deleteNode: 'admin',
   addNodePort: 'admin',
   removeNodePort: 'admin',
+  updateNode: 'admin',
   setMaintenance: 'admin',
   setProvisionState: 'admin',
   listNodeEvents: 'reader',

@@ -124,4 +124,12 @@ export const SQLITE_MIGRATIONS: readonly { version: number; description: string;
       );
     `,
   },
+  {
+    version: 6,
+    description: 'node secrets (BMC passwords), sealed by the controller',
+    sql: `
+      -- JSON object: secret name -> value sealed with the controller's secrets key (controller/secrets/secret-box.ts).
+      ALTER TABLE nodes ADD COLUMN secrets TEXT NOT NULL DEFAULT '{}';
+    `,
+  },
 ];

@@ -77,6 +77,8 @@ const CALLS: Record<string, (c: Clients) => Promise<unknown>> = {
   '/metalcast.v1.NodeService/DeleteNode': (c) => c.nodes.deleteNode({ node: 'no-such-node' }),
   '/metalcast.v1.NodeService/AddNodePort': (c) => c.nodes.addNodePort({ node: 'no-such-node', macAddress: '52:54:00:00:00:01' }),
   '/metalcast.v1.NodeService/RemoveNodePort': (c) => c.nodes.removeNodePort({ node: 'no-such-node', macAddress: '52:54:00:00:00:01' }),
+  '/metalcast.v1.NodeService/UpdateNode': (c) =>
+    c.nodes.updateNode({ node: 'no-such-node', setProperties: {}, unsetProperties: [], setSecrets: {}, unsetSecrets: [] }),
   '/metalcast.v1.NodeService/SetMaintenance': (c) => c.nodes.setMaintenance({ node: 'no-such-node', enabled: true, reason: 'x' }),
   '/metalcast.v1.NodeService/SetProvisionState': (c) =>
     c.nodes.setProvisionState({ node: 'no-such-node', action: ProvisionAction.PROVISION_ACTION_MANAGE }),

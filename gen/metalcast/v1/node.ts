@@ -283,7 +283,14 @@ export interface Node {
     | Date
     | undefined;
   /** When the node entered its current provision state. */
-  provisionUpdatedAt?: Date | undefined;
+  provisionUpdatedAt?:
+    | Date
+    | undefined;
+  /**
+   * Names of the node's secrets that are set, for example
+   * "power.redfish.password", sorted. Their values are never returned.
+   */
+  secretKeys: string[];
 }
 
 export interface Node_PropertiesEntry {
@@ -322,9 +329,20 @@ export interface CreateNodeRequest {
   macAddresses: string[];
   /** Free-form properties; at most 64 entries. */
   properties: { [key: string]: string };
+  /**
+   * Secrets, for example the BMC password under "power.redfish.password" or
+   * "power.ipmi.password"; at most 16 entries. They are stored sealed, used
+   * by the power driver, and never returned or logged.
+   */
+  secrets: { [key: string]: string };
 }
 
 export interface CreateNodeRequest_PropertiesEntry {
+  key: string;
+  value: string;
+}
+
+export interface CreateNodeRequest_SecretsEntry {
   key: string;
   value: string;
 }
@@ -407,6 +425,39 @@ export interface RemoveNodePortRequest {
 /** RemoveNodePortResponse carries the updated node. */
 export interface RemoveNodePortResponse {
   /** The node. */
+  node?: Node | undefined;
+}
+
+/**
+ * UpdateNodeRequest changes properties and secrets in one step: the sets
+ * first, then the unsets. A name may not be both set and unset.
+ */
+export interface UpdateNodeRequest {
+  /** Node uuid or name. */
+  node: string;
+  /** Properties to add or replace. */
+  setProperties: { [key: string]: string };
+  /** Names of properties to remove; removing one that is not set is no error. */
+  unsetProperties: string[];
+  /** Secrets to add or replace; never returned or logged. */
+  setSecrets: { [key: string]: string };
+  /** Names of secrets to remove. */
+  unsetSecrets: string[];
+}
+
+export interface UpdateNodeRequest_SetPropertiesEntry {
+  key: string;
+  value: string;
+}
+
+export interface UpdateNodeRequest_SetSecretsEntry {
+  key: string;
+  value: string;
+}
+
+/** UpdateNodeResponse carries the updated node. */
+export interface UpdateNodeResponse {
+  /** The node; secret_keys lists the secrets now set. */
   node?: Node | undefined;
 }
 
@@ -589,6 +640,7 @@ function createBaseNode(): Node {
     createdAt: undefined,
     updatedAt: undefined,
     provisionUpdatedAt: undefined,
+    secretKeys: [],
   };
 }
 
@@ -653,6 +705,9 @@ export const Node: MessageFns<Node> = {
     }
     if (message.provisionUpdatedAt !== undefined) {
       Timestamp.encode(toTimestamp(message.provisionUpdatedAt), writer.uint32(162).fork()).join();
+    }
+    for (const v of message.secretKeys) {
+      writer.uint32(170).string(v!);
     }
     return writer;
   },
@@ -833,6 +888,14 @@ export const Node: MessageFns<Node> = {
             message.provisionUpdatedAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 21: {
+            if (tag !== 170) {
+              break;
+            }
+
+            message.secretKeys.push(reader.string());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -928,6 +991,11 @@ export const Node: MessageFns<Node> = {
         : isSet(object.provision_updated_at)
         ? fromJsonTimestamp(object.provision_updated_at)
         : undefined,
+      secretKeys: globalThis.Array.isArray(object?.secretKeys)
+        ? object.secretKeys.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.secret_keys)
+        ? object.secret_keys.map((e: any) => globalThis.String(e))
+        : [],
     };
   },
 
@@ -999,6 +1067,9 @@ export const Node: MessageFns<Node> = {
     if (message.provisionUpdatedAt !== undefined) {
       obj.provisionUpdatedAt = message.provisionUpdatedAt.toISOString();
     }
+    if (message.secretKeys?.length) {
+      obj.secretKeys = message.secretKeys;
+    }
     return obj;
   },
 
@@ -1041,6 +1112,7 @@ export const Node: MessageFns<Node> = {
     message.createdAt = object.createdAt ?? undefined;
     message.updatedAt = object.updatedAt ?? undefined;
     message.provisionUpdatedAt = object.provisionUpdatedAt ?? undefined;
+    message.secretKeys = object.secretKeys?.map((e) => e) || [];
     return message;
   },
 };
@@ -1304,7 +1376,7 @@ export const NodeEvent: MessageFns<NodeEvent> = {
 };
 
 function createBaseCreateNodeRequest(): CreateNodeRequest {
-  return { name: "", macAddresses: [], properties: {} };
+  return { name: "", macAddresses: [], properties: {}, secrets: {} };
 }
 
 export const CreateNodeRequest: MessageFns<CreateNodeRequest> = {
@@ -1317,6 +1389,9 @@ export const CreateNodeRequest: MessageFns<CreateNodeRequest> = {
     }
     globalThis.Object.entries(message.properties).forEach(([key, value]: [string, string]) => {
       CreateNodeRequest_PropertiesEntry.encode({ key: key as any, value }, writer.uint32(26).fork()).join();
+    });
+    globalThis.Object.entries(message.secrets).forEach(([key, value]: [string, string]) => {
+      CreateNodeRequest_SecretsEntry.encode({ key: key as any, value }, writer.uint32(34).fork()).join();
     });
     return writer;
   },
@@ -1361,6 +1436,17 @@ export const CreateNodeRequest: MessageFns<CreateNodeRequest> = {
             }
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            const entry4 = CreateNodeRequest_SecretsEntry.decode(reader, reader.uint32());
+            if (entry4.value !== undefined) {
+              message.secrets[entry4.key] = entry4.value;
+            }
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1395,6 +1481,20 @@ export const CreateNodeRequest: MessageFns<CreateNodeRequest> = {
           {},
         )
         : {},
+      secrets: isObject(object.secrets)
+        ? (globalThis.Object.entries(object.secrets) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
     };
   },
 
@@ -1415,6 +1515,15 @@ export const CreateNodeRequest: MessageFns<CreateNodeRequest> = {
         });
       }
     }
+    if (message.secrets) {
+      const entries = globalThis.Object.entries(message.secrets) as [string, string][];
+      if (entries.length > 0) {
+        obj.secrets = {};
+        entries.forEach(([k, v]) => {
+          obj.secrets[k] = v;
+        });
+      }
+    }
     return obj;
   },
 
@@ -1426,6 +1535,15 @@ export const CreateNodeRequest: MessageFns<CreateNodeRequest> = {
     message.name = object.name ?? "";
     message.macAddresses = object.macAddresses?.map((e) => e) || [];
     message.properties = (globalThis.Object.entries(object.properties ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.secrets = (globalThis.Object.entries(object.secrets ?? {}) as [string, string][]).reduce(
       (acc: { [key: string]: string }, [key, value]: [string, string]) => {
         if (value !== undefined) {
           acc[key] = globalThis.String(value);
@@ -1517,6 +1635,91 @@ export const CreateNodeRequest_PropertiesEntry: MessageFns<CreateNodeRequest_Pro
   },
   fromPartial(object: DeepPartial<CreateNodeRequest_PropertiesEntry>): CreateNodeRequest_PropertiesEntry {
     const message = createBaseCreateNodeRequest_PropertiesEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseCreateNodeRequest_SecretsEntry(): CreateNodeRequest_SecretsEntry {
+  return { key: "", value: "" };
+}
+
+export const CreateNodeRequest_SecretsEntry: MessageFns<CreateNodeRequest_SecretsEntry> = {
+  encode(message: CreateNodeRequest_SecretsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CreateNodeRequest_SecretsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCreateNodeRequest_SecretsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CreateNodeRequest_SecretsEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.String(object.value) : "",
+    };
+  },
+
+  toJSON(message: CreateNodeRequest_SecretsEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== "") {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CreateNodeRequest_SecretsEntry>): CreateNodeRequest_SecretsEntry {
+    return CreateNodeRequest_SecretsEntry.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CreateNodeRequest_SecretsEntry>): CreateNodeRequest_SecretsEntry {
+    const message = createBaseCreateNodeRequest_SecretsEntry();
     message.key = object.key ?? "";
     message.value = object.value ?? "";
     return message;
@@ -2373,6 +2576,470 @@ export const RemoveNodePortResponse: MessageFns<RemoveNodePortResponse> = {
   },
 };
 
+function createBaseUpdateNodeRequest(): UpdateNodeRequest {
+  return { node: "", setProperties: {}, unsetProperties: [], setSecrets: {}, unsetSecrets: [] };
+}
+
+export const UpdateNodeRequest: MessageFns<UpdateNodeRequest> = {
+  encode(message: UpdateNodeRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.node !== "") {
+      writer.uint32(10).string(message.node);
+    }
+    globalThis.Object.entries(message.setProperties).forEach(([key, value]: [string, string]) => {
+      UpdateNodeRequest_SetPropertiesEntry.encode({ key: key as any, value }, writer.uint32(18).fork()).join();
+    });
+    for (const v of message.unsetProperties) {
+      writer.uint32(26).string(v!);
+    }
+    globalThis.Object.entries(message.setSecrets).forEach(([key, value]: [string, string]) => {
+      UpdateNodeRequest_SetSecretsEntry.encode({ key: key as any, value }, writer.uint32(34).fork()).join();
+    });
+    for (const v of message.unsetSecrets) {
+      writer.uint32(42).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UpdateNodeRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUpdateNodeRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.node = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            const entry2 = UpdateNodeRequest_SetPropertiesEntry.decode(reader, reader.uint32());
+            if (entry2.value !== undefined) {
+              message.setProperties[entry2.key] = entry2.value;
+            }
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.unsetProperties.push(reader.string());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            const entry4 = UpdateNodeRequest_SetSecretsEntry.decode(reader, reader.uint32());
+            if (entry4.value !== undefined) {
+              message.setSecrets[entry4.key] = entry4.value;
+            }
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.unsetSecrets.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UpdateNodeRequest {
+    return {
+      node: isSet(object.node) ? globalThis.String(object.node) : "",
+      setProperties: isObject(object.setProperties)
+        ? (globalThis.Object.entries(object.setProperties) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : isObject(object.set_properties)
+        ? (globalThis.Object.entries(object.set_properties) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
+      unsetProperties: globalThis.Array.isArray(object?.unsetProperties)
+        ? object.unsetProperties.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.unset_properties)
+        ? object.unset_properties.map((e: any) => globalThis.String(e))
+        : [],
+      setSecrets: isObject(object.setSecrets)
+        ? (globalThis.Object.entries(object.setSecrets) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : isObject(object.set_secrets)
+        ? (globalThis.Object.entries(object.set_secrets) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
+      unsetSecrets: globalThis.Array.isArray(object?.unsetSecrets)
+        ? object.unsetSecrets.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.unset_secrets)
+        ? object.unset_secrets.map((e: any) => globalThis.String(e))
+        : [],
+    };
+  },
+
+  toJSON(message: UpdateNodeRequest): unknown {
+    const obj: any = {};
+    if (message.node !== "") {
+      obj.node = message.node;
+    }
+    if (message.setProperties) {
+      const entries = globalThis.Object.entries(message.setProperties) as [string, string][];
+      if (entries.length > 0) {
+        obj.setProperties = {};
+        entries.forEach(([k, v]) => {
+          obj.setProperties[k] = v;
+        });
+      }
+    }
+    if (message.unsetProperties?.length) {
+      obj.unsetProperties = message.unsetProperties;
+    }
+    if (message.setSecrets) {
+      const entries = globalThis.Object.entries(message.setSecrets) as [string, string][];
+      if (entries.length > 0) {
+        obj.setSecrets = {};
+        entries.forEach(([k, v]) => {
+          obj.setSecrets[k] = v;
+        });
+      }
+    }
+    if (message.unsetSecrets?.length) {
+      obj.unsetSecrets = message.unsetSecrets;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UpdateNodeRequest>): UpdateNodeRequest {
+    return UpdateNodeRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UpdateNodeRequest>): UpdateNodeRequest {
+    const message = createBaseUpdateNodeRequest();
+    message.node = object.node ?? "";
+    message.setProperties = (globalThis.Object.entries(object.setProperties ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.unsetProperties = object.unsetProperties?.map((e) => e) || [];
+    message.setSecrets = (globalThis.Object.entries(object.setSecrets ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.unsetSecrets = object.unsetSecrets?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseUpdateNodeRequest_SetPropertiesEntry(): UpdateNodeRequest_SetPropertiesEntry {
+  return { key: "", value: "" };
+}
+
+export const UpdateNodeRequest_SetPropertiesEntry: MessageFns<UpdateNodeRequest_SetPropertiesEntry> = {
+  encode(message: UpdateNodeRequest_SetPropertiesEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UpdateNodeRequest_SetPropertiesEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUpdateNodeRequest_SetPropertiesEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UpdateNodeRequest_SetPropertiesEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.String(object.value) : "",
+    };
+  },
+
+  toJSON(message: UpdateNodeRequest_SetPropertiesEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== "") {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UpdateNodeRequest_SetPropertiesEntry>): UpdateNodeRequest_SetPropertiesEntry {
+    return UpdateNodeRequest_SetPropertiesEntry.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UpdateNodeRequest_SetPropertiesEntry>): UpdateNodeRequest_SetPropertiesEntry {
+    const message = createBaseUpdateNodeRequest_SetPropertiesEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseUpdateNodeRequest_SetSecretsEntry(): UpdateNodeRequest_SetSecretsEntry {
+  return { key: "", value: "" };
+}
+
+export const UpdateNodeRequest_SetSecretsEntry: MessageFns<UpdateNodeRequest_SetSecretsEntry> = {
+  encode(message: UpdateNodeRequest_SetSecretsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UpdateNodeRequest_SetSecretsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUpdateNodeRequest_SetSecretsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UpdateNodeRequest_SetSecretsEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.String(object.value) : "",
+    };
+  },
+
+  toJSON(message: UpdateNodeRequest_SetSecretsEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== "") {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UpdateNodeRequest_SetSecretsEntry>): UpdateNodeRequest_SetSecretsEntry {
+    return UpdateNodeRequest_SetSecretsEntry.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UpdateNodeRequest_SetSecretsEntry>): UpdateNodeRequest_SetSecretsEntry {
+    const message = createBaseUpdateNodeRequest_SetSecretsEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseUpdateNodeResponse(): UpdateNodeResponse {
+  return { node: undefined };
+}
+
+export const UpdateNodeResponse: MessageFns<UpdateNodeResponse> = {
+  encode(message: UpdateNodeResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.node !== undefined) {
+      Node.encode(message.node, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UpdateNodeResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUpdateNodeResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.node = Node.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UpdateNodeResponse {
+    return { node: isSet(object.node) ? Node.fromJSON(object.node) : undefined };
+  },
+
+  toJSON(message: UpdateNodeResponse): unknown {
+    const obj: any = {};
+    if (message.node !== undefined) {
+      obj.node = Node.toJSON(message.node);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UpdateNodeResponse>): UpdateNodeResponse {
+    return UpdateNodeResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UpdateNodeResponse>): UpdateNodeResponse {
+    const message = createBaseUpdateNodeResponse();
+    message.node = (object.node !== undefined && object.node !== null) ? Node.fromPartial(object.node) : undefined;
+    return message;
+  },
+};
+
 function createBaseSetMaintenanceRequest(): SetMaintenanceRequest {
   return { node: "", enabled: false, reason: "" };
 }
@@ -3139,6 +3806,18 @@ export const NodeServiceDefinition = {
       responseStream: false,
       options: {},
     },
+    /**
+     * UpdateNode changes a node's properties and secrets (BMC settings and
+     * passwords).
+     */
+    updateNode: {
+      name: "UpdateNode",
+      requestType: UpdateNodeRequest as typeof UpdateNodeRequest,
+      requestStream: false,
+      responseType: UpdateNodeResponse as typeof UpdateNodeResponse,
+      responseStream: false,
+      options: {},
+    },
     /** SetMaintenance puts a node into or out of maintenance. */
     setMaintenance: {
       name: "SetMaintenance",
@@ -3203,6 +3882,14 @@ export interface NodeServiceImplementation<CallContextExt = {}> {
     request: RemoveNodePortRequest,
     context: CallContext & CallContextExt,
   ): Promise<DeepPartial<RemoveNodePortResponse>>;
+  /**
+   * UpdateNode changes a node's properties and secrets (BMC settings and
+   * passwords).
+   */
+  updateNode(
+    request: UpdateNodeRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<UpdateNodeResponse>>;
   /** SetMaintenance puts a node into or out of maintenance. */
   setMaintenance(
     request: SetMaintenanceRequest,
@@ -3250,6 +3937,14 @@ export interface NodeServiceClient<CallOptionsExt = {}> {
     request: DeepPartial<RemoveNodePortRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<RemoveNodePortResponse>;
+  /**
+   * UpdateNode changes a node's properties and secrets (BMC settings and
+   * passwords).
+   */
+  updateNode(
+    request: DeepPartial<UpdateNodeRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<UpdateNodeResponse>;
   /** SetMaintenance puts a node into or out of maintenance. */
   setMaintenance(
     request: DeepPartial<SetMaintenanceRequest>,

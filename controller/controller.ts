@@ -37,6 +37,8 @@ import { startHttpServer } from './observability/http-server.js';
 import { createBootEndpoint } from './boot/boot-endpoint.js';
 import { PowerDrivers } from './power/drivers.js';
 import { SECRETS_KEY_FILE, SecretBox } from './secrets/secret-box.js';
+import { redfishDriverFactory } from './power/redfish/factory.js';
+import { RedfishConnections } from './power/redfish/pool.js';
 import { createControllerMetrics, grpcServerMetricsMiddleware } from './observability/metrics.js';
 import { Provisioner } from './provisioning/provisioner.js';
 import { agentGatewayRateLimits, PeerLimit } from './auth/rate-limit.js';
@@ -102,6 +104,9 @@ export async function startController(
   // Node secrets (BMC passwords) are sealed with this key before they reach the database.
   const secretBox = SecretBox.loadOrCreate(config.secretsKeyFile || join(config.dataDir, SECRETS_KEY_FILE));
   power.useSecrets(secretBox);
+  // BMC connections and sessions, shared by every redfish driver this controller makes; closed at stop.
+  const redfish = new RedfishConnections(logger.child({ component: 'redfish' }));
+  if (!power.has('redfish')) power.register('redfish', redfishDriverFactory(redfish, logger.child({ component: 'redfish' })));
   const store = await openStore(config, logger);
   // A previous run of this controller (same id) may have died holding locks, maybe half-way through a step.
   const leftovers = await store.releaseHolder(
@@ -359,6 +364,7 @@ export async function startController(
       stopRelay();
       locks.close();
       await http?.close();
+      await redfish.close();
       transport.close();
       await store.close();
       logger.info('controller stopped');

@@ -74,7 +74,7 @@ function checkProtocol(steps: Map<string, Step>, sim: RedfishSimulator, isoUrl: 
   assert.equal(system?.by_name_identity, sim.uuid, 'the name redirects to the UUID');
   assert.equal(system?.power, 'Off');
   assert.deepEqual(system?.boot_targets, ['Cd', 'Hdd', 'Pxe', 'UefiHttp']);
-  assert.ok((system?.reset_types as string[]).includes('ForceOff'));
+  assert.ok(((system?.reset_types ?? []) as string[]).includes('ForceOff'));
   assert.deepEqual(steps.get('boot_pxe'), { step: 'boot_pxe', target: 'Pxe', enabled: 'Continuous', mode: 'UEFI' });
   assert.equal(steps.get('power_on')?.power, 'On');
   assert.deepEqual(steps.get('insert'), {

@@ -51,6 +51,23 @@ export const CONTROLLER_OPTIONS = {
     defaultValue: '',
     parse: (raw: string) => (raw === '' ? '' : raw.split(',').map(hostPort).join(',')),
   },
+  virtualMediaUrl: {
+    flag: 'virtual-media-url',
+    description:
+      "base URL BMCs fetch the agent ISO from for nodes with boot.method=virtual-media: this controller's HTTP endpoint (--metrics-listen) as the BMCs' network reaches it, for example http://10.0.0.1:9350 (default: http://<the advertised host>:<the HTTP port>)",
+    defaultValue: '',
+    parse: (raw: string) => {
+      if (raw === '') return '';
+      let url: URL;
+      try {
+        url = new URL(raw);
+      } catch {
+        throw new Error(`'${raw}' is not a URL such as http://10.0.0.1:9350`);
+      }
+      if (url.protocol !== 'http:' && url.protocol !== 'https:') throw new Error(`'${raw}' must be an http:// or https:// URL`);
+      return raw.replace(/\/+$/, '');
+    },
+  },
   tlsCert: {
     flag: 'tls-cert',
     description:

@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createServer } from 'nice-grpc';
@@ -33,8 +34,11 @@ import { Admission } from './provisioning/admission.js';
 import { Conductor } from './provisioning/conductor.js';
 import type { ControllerConfig } from './config.js';
 import { HeartbeatRecorder } from './agents/heartbeat-recorder.js';
-import { startHttpServer } from './observability/http-server.js';
-import { createBootEndpoint } from './boot/boot-endpoint.js';
+import { splitHostPort, startHttpServer } from './observability/http-server.js';
+import { createBootEndpoint, KERNEL_ARGS_PROPERTY } from './boot/boot-endpoint.js';
+import { agentCmdline } from './boot/agent-cmdline.js';
+import { AgentIsoBuilder } from './boot/agent-iso.js';
+import { ejectVirtualMedia, VirtualMediaBoot } from './boot/virtual-media.js';
 import { PowerDrivers } from './power/drivers.js';
 import { SECRETS_KEY_FILE, SecretBox } from './secrets/secret-box.js';
 import { redfishDriverFactory } from './power/redfish/factory.js';
@@ -81,6 +85,22 @@ export async function openStore(config: Pick<ControllerConfig, 'database'>, logg
   if (config.database.startsWith('sqlite:')) return SqliteStore.open(config.database.slice('sqlite:'.length));
   const { PostgresStore } = await import('./store/postgres.js');
   return PostgresStore.open(config.database, { logger: logger.child({ component: 'postgres' }) });
+}
+
+/** The host machines and BMCs reach this controller at: the advertised one, or the listen host when it is a single address. */
+function advertisedHost(config: ControllerConfig): string {
+  const address = config.advertiseAddress || config.listen;
+  const host = address.slice(0, address.lastIndexOf(':'));
+  return ['0.0.0.0', '[::]', '::', ''].includes(host) ? hostname() : host;
+}
+
+/** The HTTP routes: agent ISOs first, then network boot. */
+function withVirtualMedia(
+  media: VirtualMediaBoot,
+  boot: (req: IncomingMessage, res: ServerResponse, path: string) => boolean,
+): (req: IncomingMessage, res: ServerResponse, path: string) => boolean {
+  const iso = media.handler();
+  return (req, res, path) => iso(req, res, path) || boot(req, res, path);
 }
 
 /** What other controllers dial: the advertised address, or the listen address with a reachable host. */
@@ -170,11 +190,41 @@ export async function startController(
     },
     (node) => {
       sessions.revoke(node.uuid, new MetalcastError(Status.UNAUTHENTICATED, `the node timed out and is now ${node.toState}`));
-      void store.getNode(node.uuid).then((record) => record && feed.publish({ node: record }));
+      void store.getNode(node.uuid).then(async (record) => {
+        if (!record) return;
+        feed.publish({ node: record });
+        await ejectVirtualMedia({ power, store, node: record, logger: logger.child({ component: 'sweep' }), actor: 'sweep' });
+      });
     },
   );
   const locks = new NodeLocks(store, config.controllerId, metrics.lockWait);
-  const provisioner = new Provisioner(store, sessions, locks, feed, logger.child({ component: 'provisioner' }), config.controllerId, power);
+  // Known once both listen: the address agents dial (for the ISO's command line) and the HTTP port BMCs fetch ISOs from.
+  let grpcPortKnown = 0;
+  let httpAddressKnown = '';
+  const agentControllerAddress = () => config.bootControllerAddress || advertisedAddress(config, grpcPortKnown);
+  const virtualMedia = new VirtualMediaBoot({
+    builder: new AgentIsoBuilder(join(config.dataDir, 'virtual-media')),
+    bootDir: config.bootDir,
+    // The same command line the iPXE script gives network-booted agents (controller/boot/boot-endpoint.ts).
+    cmdline: (node) =>
+      agentCmdline({
+        controllerAddress: agentControllerAddress(),
+        insecure: config.insecure,
+        extra: node.properties[KERNEL_ARGS_PROPERTY],
+      }),
+    baseUrl: () => config.virtualMediaUrl || `http://${advertisedHost(config)}:${splitHostPort(httpAddressKnown).port}`,
+    logger: logger.child({ component: 'virtual-media' }),
+  });
+  const provisioner = new Provisioner(
+    store,
+    sessions,
+    locks,
+    feed,
+    logger.child({ component: 'provisioner' }),
+    config.controllerId,
+    power,
+    virtualMedia,
+  );
   // A recorded heartbeat is fresh for the longest interval an agent may wait, plus the write-behind of the recorder.
   const freshnessMs = config.heartbeatIntervalMax + 2 * config.heartbeatFlushInterval + 1000;
   const directory = new AgentDirectory(sessions, freshnessMs, {
@@ -300,20 +350,25 @@ export async function startController(
   let http: Awaited<ReturnType<typeof startHttpServer>> | undefined;
   try {
     grpcPort = await transport.listen(server, config.listen);
+    grpcPortKnown = grpcPort;
     http = await startHttpServer(
       config.metricsListen,
       registry,
       async () => health.getStatus() === 'healthy',
       logger.child({ component: 'http' }),
-      createBootEndpoint({
-        store,
-        bootDir: config.bootDir,
-        // Known once gRPC listens; network boots come later.
-        controllerAddress: () => config.bootControllerAddress || advertisedAddress(config, grpcPort),
-        insecure: config.insecure,
-        logger: logger.child({ component: 'boot' }),
-      }),
+      withVirtualMedia(
+        virtualMedia,
+        createBootEndpoint({
+          store,
+          bootDir: config.bootDir,
+          // Known once gRPC listens; network boots come later.
+          controllerAddress: () => config.bootControllerAddress || advertisedAddress(config, grpcPort),
+          insecure: config.insecure,
+          logger: logger.child({ component: 'boot' }),
+        }),
+      ),
     );
+    httpAddressKnown = http.address;
   } catch (error) {
     await server.forceShutdown();
     transport.close();

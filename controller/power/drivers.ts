@@ -4,6 +4,9 @@ import { QEMU_NIC_PROPERTY, QemuPowerDriver, QMP_SOCKET_PROPERTY } from './qemu.
 
 /** The node property naming the power driver; a node without it is powered by hand. */
 export const POWER_DRIVER_PROPERTY = 'power.driver';
+/** How a node boots into the agent: `network` (PXE/iPXE, the default) or `virtual-media` (a CD its BMC inserts). */
+export const BOOT_METHOD_PROPERTY = 'boot.method';
+export const BOOT_METHODS = ['network', 'virtual-media'] as const;
 
 /**
  * Makes a node's driver from the node's properties and its secrets (BMC
@@ -75,13 +78,29 @@ export class PowerDrivers {
    * naming what to fix, as forNode would throw it at power time.
    */
   check(node: { name: string; properties: Record<string, string>; secretKeys: readonly string[] }): void {
+    const method = node.properties[BOOT_METHOD_PROPERTY];
+    if (method !== undefined && !(BOOT_METHODS as readonly string[]).includes(method))
+      throw new PowerError(`node '${node.name}': ${BOOT_METHOD_PROPERTY} '${method}' is not one of ${BOOT_METHODS.join(', ')}`);
     const factory = this.factoryFor(node);
-    if (!factory) return;
+    if (!factory) {
+      if (method === 'virtual-media')
+        throw new PowerError(
+          `node '${node.name}': ${BOOT_METHOD_PROPERTY}=virtual-media needs a power driver with virtual media (redfish)`,
+        );
+      return;
+    }
+    let driver: PowerDriver | undefined;
     try {
-      factory(node.properties, Object.fromEntries(node.secretKeys.map((key) => [key, 'stand-in']))).close();
+      driver = factory(node.properties, Object.fromEntries(node.secretKeys.map((key) => [key, 'stand-in'])));
     } catch (error) {
       throw new PowerError(`node '${node.name}': ${(error as Error).message}`);
+    } finally {
+      driver?.close();
     }
+    if (method === 'virtual-media' && !driver.insertMedia)
+      throw new PowerError(
+        `node '${node.name}': ${BOOT_METHOD_PROPERTY}=virtual-media needs a power driver with virtual media; the ${driver.name} driver has none (use redfish, or boot.method=network)`,
+      );
   }
 
   private factoryFor(node: { name: string; properties: Record<string, string> }): PowerDriverFactory | undefined {

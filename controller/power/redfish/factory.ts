@@ -1,11 +1,8 @@
 import type { Logger } from '../../../common/logging.js';
-import type { PowerDriverFactory } from '../drivers.js';
+import { BOOT_METHOD_PROPERTY, type PowerDriverFactory } from '../drivers.js';
 import { RedfishPowerDriver } from './driver.js';
 import type { RedfishConnections } from './pool.js';
 import { redfishSettings } from './settings.js';
-
-/** The node property saying how a node boots into the agent: its NIC, or a virtual CD its BMC inserts. */
-export const BOOT_METHOD_PROPERTY = 'boot.method';
 
 /** The `redfish` power driver, made from a node's power.redfish.* properties and its secret power.redfish.password. */
 export function redfishDriverFactory(connections: RedfishConnections, logger: Logger): PowerDriverFactory {

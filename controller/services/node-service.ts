@@ -27,6 +27,7 @@ import {
 } from './validation.js';
 import type { PowerDrivers } from '../power/drivers.js';
 import type { SecretBox } from '../secrets/secret-box.js';
+import { createNodePowerMethods } from './node-power.js';
 
 /** States a node may be deleted from: nothing is running on it or for it. */
 const DELETABLE: readonly ProvisionState[] = ['enroll', 'manageable', 'available', 'inspect_failed', 'clean_failed', 'deploy_failed'];
@@ -82,6 +83,8 @@ export function createNodeService(deps: NodeServiceDeps): NodeServiceImplementat
   }
 
   return {
+    ...createNodePowerMethods({ store, locks, power: deps.power, logger: deps.logger }),
+
     async createNode(request) {
       const name = validateNodeName(request.name);
       const macs = normaliseMacList(request.macAddresses);

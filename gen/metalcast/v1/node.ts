@@ -213,6 +213,159 @@ export function provisionActionToJSON(object: ProvisionAction): string {
   }
 }
 
+/** PowerAction is what an operator asks a node's BMC to do. */
+export enum PowerAction {
+  /** POWER_ACTION_UNSPECIFIED - Not set; rejected. */
+  POWER_ACTION_UNSPECIFIED = 0,
+  /** POWER_ACTION_ON - Power on (a reset when already on), booting from boot_device. */
+  POWER_ACTION_ON = 1,
+  /** POWER_ACTION_OFF - Hard power off. */
+  POWER_ACTION_OFF = 2,
+  /** POWER_ACTION_RESET - Hard reset; powers on when off. */
+  POWER_ACTION_RESET = 3,
+  /**
+   * POWER_ACTION_SOFT_OFF - Ask the operating system to shut down (ACPI), then power off hard after
+   * the driver's timeout.
+   */
+  POWER_ACTION_SOFT_OFF = 4,
+  UNRECOGNIZED = -1,
+}
+
+export function powerActionFromJSON(object: any): PowerAction {
+  switch (object) {
+    case 0:
+    case "POWER_ACTION_UNSPECIFIED":
+      return PowerAction.POWER_ACTION_UNSPECIFIED;
+    case 1:
+    case "POWER_ACTION_ON":
+      return PowerAction.POWER_ACTION_ON;
+    case 2:
+    case "POWER_ACTION_OFF":
+      return PowerAction.POWER_ACTION_OFF;
+    case 3:
+    case "POWER_ACTION_RESET":
+      return PowerAction.POWER_ACTION_RESET;
+    case 4:
+    case "POWER_ACTION_SOFT_OFF":
+      return PowerAction.POWER_ACTION_SOFT_OFF;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return PowerAction.UNRECOGNIZED;
+  }
+}
+
+export function powerActionToJSON(object: PowerAction): string {
+  switch (object) {
+    case PowerAction.POWER_ACTION_UNSPECIFIED:
+      return "POWER_ACTION_UNSPECIFIED";
+    case PowerAction.POWER_ACTION_ON:
+      return "POWER_ACTION_ON";
+    case PowerAction.POWER_ACTION_OFF:
+      return "POWER_ACTION_OFF";
+    case PowerAction.POWER_ACTION_RESET:
+      return "POWER_ACTION_RESET";
+    case PowerAction.POWER_ACTION_SOFT_OFF:
+      return "POWER_ACTION_SOFT_OFF";
+    case PowerAction.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** NodePowerState is what a node's BMC reports. */
+export enum NodePowerState {
+  /** NODE_POWER_STATE_UNSPECIFIED - Not known. */
+  NODE_POWER_STATE_UNSPECIFIED = 0,
+  /** NODE_POWER_STATE_ON - The machine is on. */
+  NODE_POWER_STATE_ON = 1,
+  /** NODE_POWER_STATE_OFF - The machine is off. */
+  NODE_POWER_STATE_OFF = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function nodePowerStateFromJSON(object: any): NodePowerState {
+  switch (object) {
+    case 0:
+    case "NODE_POWER_STATE_UNSPECIFIED":
+      return NodePowerState.NODE_POWER_STATE_UNSPECIFIED;
+    case 1:
+    case "NODE_POWER_STATE_ON":
+      return NodePowerState.NODE_POWER_STATE_ON;
+    case 2:
+    case "NODE_POWER_STATE_OFF":
+      return NodePowerState.NODE_POWER_STATE_OFF;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return NodePowerState.UNRECOGNIZED;
+  }
+}
+
+export function nodePowerStateToJSON(object: NodePowerState): string {
+  switch (object) {
+    case NodePowerState.NODE_POWER_STATE_UNSPECIFIED:
+      return "NODE_POWER_STATE_UNSPECIFIED";
+    case NodePowerState.NODE_POWER_STATE_ON:
+      return "NODE_POWER_STATE_ON";
+    case NodePowerState.NODE_POWER_STATE_OFF:
+      return "NODE_POWER_STATE_OFF";
+    case NodePowerState.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** BootDevice is what a machine boots from at its next power on. */
+export enum BootDevice {
+  /** BOOT_DEVICE_UNSPECIFIED - Not set: its disk. */
+  BOOT_DEVICE_UNSPECIFIED = 0,
+  /** BOOT_DEVICE_NETWORK - Its NIC: PXE, then the controller's iPXE script. */
+  BOOT_DEVICE_NETWORK = 1,
+  /** BOOT_DEVICE_DISK - Its local disk. */
+  BOOT_DEVICE_DISK = 2,
+  /** BOOT_DEVICE_CD - A virtual CD its BMC attached. */
+  BOOT_DEVICE_CD = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function bootDeviceFromJSON(object: any): BootDevice {
+  switch (object) {
+    case 0:
+    case "BOOT_DEVICE_UNSPECIFIED":
+      return BootDevice.BOOT_DEVICE_UNSPECIFIED;
+    case 1:
+    case "BOOT_DEVICE_NETWORK":
+      return BootDevice.BOOT_DEVICE_NETWORK;
+    case 2:
+    case "BOOT_DEVICE_DISK":
+      return BootDevice.BOOT_DEVICE_DISK;
+    case 3:
+    case "BOOT_DEVICE_CD":
+      return BootDevice.BOOT_DEVICE_CD;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return BootDevice.UNRECOGNIZED;
+  }
+}
+
+export function bootDeviceToJSON(object: BootDevice): string {
+  switch (object) {
+    case BootDevice.BOOT_DEVICE_UNSPECIFIED:
+      return "BOOT_DEVICE_UNSPECIFIED";
+    case BootDevice.BOOT_DEVICE_NETWORK:
+      return "BOOT_DEVICE_NETWORK";
+    case BootDevice.BOOT_DEVICE_DISK:
+      return "BOOT_DEVICE_DISK";
+    case BootDevice.BOOT_DEVICE_CD:
+      return "BOOT_DEVICE_CD";
+    case BootDevice.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** DeploySpec says what to deploy on a node. */
 export interface DeploySpec {
   /** Image name at the controller. */
@@ -491,6 +644,62 @@ export interface SetProvisionStateRequest {
 export interface SetProvisionStateResponse {
   /** The node. */
   node?: Node | undefined;
+}
+
+/** SetNodePowerRequest asks for a power action. */
+export interface SetNodePowerRequest {
+  /** Node uuid or name. */
+  node: string;
+  /** The action. */
+  action: PowerAction;
+  /** What to boot from, for ON; UNSPECIFIED means the disk. */
+  bootDevice: BootDevice;
+}
+
+/** SetNodePowerResponse says what the BMC reports after the action. */
+export interface SetNodePowerResponse {
+  /** The power state read back after the action. */
+  powerState: NodePowerState;
+  /** The power driver that did it, for example "redfish". */
+  driver: string;
+}
+
+/** GetNodePowerRequest names a node. */
+export interface GetNodePowerRequest {
+  /** Node uuid or name. */
+  node: string;
+}
+
+/** GetNodePowerResponse is what the BMC reports. */
+export interface GetNodePowerResponse {
+  /** The power state. */
+  powerState: NodePowerState;
+  /** The power driver asked, for example "redfish". */
+  driver: string;
+}
+
+/** ValidateNodeRequest names a node. */
+export interface ValidateNodeRequest {
+  /** Node uuid or name. */
+  node: string;
+}
+
+/** ValidateNodeResponse lists what was checked. */
+export interface ValidateNodeResponse {
+  /** One row per check, in order. */
+  checks: NodeValidation[];
+  /** The power driver checked; empty when the node has none. */
+  driver: string;
+}
+
+/** NodeValidation is one checked capability. */
+export interface NodeValidation {
+  /** What was checked, for example "credentials" or "virtual media". */
+  check: string;
+  /** Whether it passed. */
+  ok: boolean;
+  /** What was found, or what to fix. */
+  detail: string;
 }
 
 /** ListNodeEventsRequest asks for a node's history. */
@@ -3378,6 +3587,609 @@ export const SetProvisionStateResponse: MessageFns<SetProvisionStateResponse> = 
   },
 };
 
+function createBaseSetNodePowerRequest(): SetNodePowerRequest {
+  return { node: "", action: 0, bootDevice: 0 };
+}
+
+export const SetNodePowerRequest: MessageFns<SetNodePowerRequest> = {
+  encode(message: SetNodePowerRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.node !== "") {
+      writer.uint32(10).string(message.node);
+    }
+    if (message.action !== 0) {
+      writer.uint32(16).int32(message.action);
+    }
+    if (message.bootDevice !== 0) {
+      writer.uint32(24).int32(message.bootDevice);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetNodePowerRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetNodePowerRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.node = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.action = reader.int32() as any;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.bootDevice = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SetNodePowerRequest {
+    return {
+      node: isSet(object.node) ? globalThis.String(object.node) : "",
+      action: isSet(object.action) ? powerActionFromJSON(object.action) : 0,
+      bootDevice: isSet(object.bootDevice)
+        ? bootDeviceFromJSON(object.bootDevice)
+        : isSet(object.boot_device)
+        ? bootDeviceFromJSON(object.boot_device)
+        : 0,
+    };
+  },
+
+  toJSON(message: SetNodePowerRequest): unknown {
+    const obj: any = {};
+    if (message.node !== "") {
+      obj.node = message.node;
+    }
+    if (message.action !== 0) {
+      obj.action = powerActionToJSON(message.action);
+    }
+    if (message.bootDevice !== 0) {
+      obj.bootDevice = bootDeviceToJSON(message.bootDevice);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SetNodePowerRequest>): SetNodePowerRequest {
+    return SetNodePowerRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SetNodePowerRequest>): SetNodePowerRequest {
+    const message = createBaseSetNodePowerRequest();
+    message.node = object.node ?? "";
+    message.action = object.action ?? 0;
+    message.bootDevice = object.bootDevice ?? 0;
+    return message;
+  },
+};
+
+function createBaseSetNodePowerResponse(): SetNodePowerResponse {
+  return { powerState: 0, driver: "" };
+}
+
+export const SetNodePowerResponse: MessageFns<SetNodePowerResponse> = {
+  encode(message: SetNodePowerResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.powerState !== 0) {
+      writer.uint32(8).int32(message.powerState);
+    }
+    if (message.driver !== "") {
+      writer.uint32(18).string(message.driver);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetNodePowerResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetNodePowerResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.powerState = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.driver = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SetNodePowerResponse {
+    return {
+      powerState: isSet(object.powerState)
+        ? nodePowerStateFromJSON(object.powerState)
+        : isSet(object.power_state)
+        ? nodePowerStateFromJSON(object.power_state)
+        : 0,
+      driver: isSet(object.driver) ? globalThis.String(object.driver) : "",
+    };
+  },
+
+  toJSON(message: SetNodePowerResponse): unknown {
+    const obj: any = {};
+    if (message.powerState !== 0) {
+      obj.powerState = nodePowerStateToJSON(message.powerState);
+    }
+    if (message.driver !== "") {
+      obj.driver = message.driver;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SetNodePowerResponse>): SetNodePowerResponse {
+    return SetNodePowerResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SetNodePowerResponse>): SetNodePowerResponse {
+    const message = createBaseSetNodePowerResponse();
+    message.powerState = object.powerState ?? 0;
+    message.driver = object.driver ?? "";
+    return message;
+  },
+};
+
+function createBaseGetNodePowerRequest(): GetNodePowerRequest {
+  return { node: "" };
+}
+
+export const GetNodePowerRequest: MessageFns<GetNodePowerRequest> = {
+  encode(message: GetNodePowerRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.node !== "") {
+      writer.uint32(10).string(message.node);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetNodePowerRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetNodePowerRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.node = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetNodePowerRequest {
+    return { node: isSet(object.node) ? globalThis.String(object.node) : "" };
+  },
+
+  toJSON(message: GetNodePowerRequest): unknown {
+    const obj: any = {};
+    if (message.node !== "") {
+      obj.node = message.node;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetNodePowerRequest>): GetNodePowerRequest {
+    return GetNodePowerRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetNodePowerRequest>): GetNodePowerRequest {
+    const message = createBaseGetNodePowerRequest();
+    message.node = object.node ?? "";
+    return message;
+  },
+};
+
+function createBaseGetNodePowerResponse(): GetNodePowerResponse {
+  return { powerState: 0, driver: "" };
+}
+
+export const GetNodePowerResponse: MessageFns<GetNodePowerResponse> = {
+  encode(message: GetNodePowerResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.powerState !== 0) {
+      writer.uint32(8).int32(message.powerState);
+    }
+    if (message.driver !== "") {
+      writer.uint32(18).string(message.driver);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetNodePowerResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetNodePowerResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.powerState = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.driver = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetNodePowerResponse {
+    return {
+      powerState: isSet(object.powerState)
+        ? nodePowerStateFromJSON(object.powerState)
+        : isSet(object.power_state)
+        ? nodePowerStateFromJSON(object.power_state)
+        : 0,
+      driver: isSet(object.driver) ? globalThis.String(object.driver) : "",
+    };
+  },
+
+  toJSON(message: GetNodePowerResponse): unknown {
+    const obj: any = {};
+    if (message.powerState !== 0) {
+      obj.powerState = nodePowerStateToJSON(message.powerState);
+    }
+    if (message.driver !== "") {
+      obj.driver = message.driver;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetNodePowerResponse>): GetNodePowerResponse {
+    return GetNodePowerResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetNodePowerResponse>): GetNodePowerResponse {
+    const message = createBaseGetNodePowerResponse();
+    message.powerState = object.powerState ?? 0;
+    message.driver = object.driver ?? "";
+    return message;
+  },
+};
+
+function createBaseValidateNodeRequest(): ValidateNodeRequest {
+  return { node: "" };
+}
+
+export const ValidateNodeRequest: MessageFns<ValidateNodeRequest> = {
+  encode(message: ValidateNodeRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.node !== "") {
+      writer.uint32(10).string(message.node);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ValidateNodeRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseValidateNodeRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.node = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ValidateNodeRequest {
+    return { node: isSet(object.node) ? globalThis.String(object.node) : "" };
+  },
+
+  toJSON(message: ValidateNodeRequest): unknown {
+    const obj: any = {};
+    if (message.node !== "") {
+      obj.node = message.node;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ValidateNodeRequest>): ValidateNodeRequest {
+    return ValidateNodeRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ValidateNodeRequest>): ValidateNodeRequest {
+    const message = createBaseValidateNodeRequest();
+    message.node = object.node ?? "";
+    return message;
+  },
+};
+
+function createBaseValidateNodeResponse(): ValidateNodeResponse {
+  return { checks: [], driver: "" };
+}
+
+export const ValidateNodeResponse: MessageFns<ValidateNodeResponse> = {
+  encode(message: ValidateNodeResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.checks) {
+      NodeValidation.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.driver !== "") {
+      writer.uint32(18).string(message.driver);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ValidateNodeResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseValidateNodeResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.checks.push(NodeValidation.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.driver = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ValidateNodeResponse {
+    return {
+      checks: globalThis.Array.isArray(object?.checks) ? object.checks.map((e: any) => NodeValidation.fromJSON(e)) : [],
+      driver: isSet(object.driver) ? globalThis.String(object.driver) : "",
+    };
+  },
+
+  toJSON(message: ValidateNodeResponse): unknown {
+    const obj: any = {};
+    if (message.checks?.length) {
+      obj.checks = message.checks.map((e) => NodeValidation.toJSON(e));
+    }
+    if (message.driver !== "") {
+      obj.driver = message.driver;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ValidateNodeResponse>): ValidateNodeResponse {
+    return ValidateNodeResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ValidateNodeResponse>): ValidateNodeResponse {
+    const message = createBaseValidateNodeResponse();
+    message.checks = object.checks?.map((e) => NodeValidation.fromPartial(e)) || [];
+    message.driver = object.driver ?? "";
+    return message;
+  },
+};
+
+function createBaseNodeValidation(): NodeValidation {
+  return { check: "", ok: false, detail: "" };
+}
+
+export const NodeValidation: MessageFns<NodeValidation> = {
+  encode(message: NodeValidation, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.check !== "") {
+      writer.uint32(10).string(message.check);
+    }
+    if (message.ok !== false) {
+      writer.uint32(16).bool(message.ok);
+    }
+    if (message.detail !== "") {
+      writer.uint32(26).string(message.detail);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): NodeValidation {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNodeValidation();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.check = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.ok = reader.bool();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.detail = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): NodeValidation {
+    return {
+      check: isSet(object.check) ? globalThis.String(object.check) : "",
+      ok: isSet(object.ok) ? globalThis.Boolean(object.ok) : false,
+      detail: isSet(object.detail) ? globalThis.String(object.detail) : "",
+    };
+  },
+
+  toJSON(message: NodeValidation): unknown {
+    const obj: any = {};
+    if (message.check !== "") {
+      obj.check = message.check;
+    }
+    if (message.ok !== false) {
+      obj.ok = message.ok;
+    }
+    if (message.detail !== "") {
+      obj.detail = message.detail;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<NodeValidation>): NodeValidation {
+    return NodeValidation.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<NodeValidation>): NodeValidation {
+    const message = createBaseNodeValidation();
+    message.check = object.check ?? "";
+    message.ok = object.ok ?? false;
+    message.detail = object.detail ?? "";
+    return message;
+  },
+};
+
 function createBaseListNodeEventsRequest(): ListNodeEventsRequest {
   return { node: "", pageSize: 0, pageToken: "" };
 }
@@ -3836,6 +4648,40 @@ export const NodeServiceDefinition = {
       responseStream: false,
       options: {},
     },
+    /**
+     * SetNodePower powers a node on, off or resets it through its power
+     * driver, under the node's lock, and records it in the node's history.
+     */
+    setNodePower: {
+      name: "SetNodePower",
+      requestType: SetNodePowerRequest as typeof SetNodePowerRequest,
+      requestStream: false,
+      responseType: SetNodePowerResponse as typeof SetNodePowerResponse,
+      responseStream: false,
+      options: {},
+    },
+    /** GetNodePower reads a node's power state from its BMC. */
+    getNodePower: {
+      name: "GetNodePower",
+      requestType: GetNodePowerRequest as typeof GetNodePowerRequest,
+      requestStream: false,
+      responseType: GetNodePowerResponse as typeof GetNodePowerResponse,
+      responseStream: false,
+      options: {},
+    },
+    /**
+     * ValidateNode checks a node's power settings against its BMC without
+     * changing the machine: reachability, credentials, reset types, boot
+     * override and virtual media.
+     */
+    validateNode: {
+      name: "ValidateNode",
+      requestType: ValidateNodeRequest as typeof ValidateNodeRequest,
+      requestStream: false,
+      responseType: ValidateNodeResponse as typeof ValidateNodeResponse,
+      responseStream: false,
+      options: {},
+    },
     /** ListNodeEvents returns a node's history, oldest first. */
     listNodeEvents: {
       name: "ListNodeEvents",
@@ -3900,6 +4746,28 @@ export interface NodeServiceImplementation<CallContextExt = {}> {
     request: SetProvisionStateRequest,
     context: CallContext & CallContextExt,
   ): Promise<DeepPartial<SetProvisionStateResponse>>;
+  /**
+   * SetNodePower powers a node on, off or resets it through its power
+   * driver, under the node's lock, and records it in the node's history.
+   */
+  setNodePower(
+    request: SetNodePowerRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<SetNodePowerResponse>>;
+  /** GetNodePower reads a node's power state from its BMC. */
+  getNodePower(
+    request: GetNodePowerRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<GetNodePowerResponse>>;
+  /**
+   * ValidateNode checks a node's power settings against its BMC without
+   * changing the machine: reachability, credentials, reset types, boot
+   * override and virtual media.
+   */
+  validateNode(
+    request: ValidateNodeRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<ValidateNodeResponse>>;
   /** ListNodeEvents returns a node's history, oldest first. */
   listNodeEvents(
     request: ListNodeEventsRequest,
@@ -3955,6 +4823,28 @@ export interface NodeServiceClient<CallOptionsExt = {}> {
     request: DeepPartial<SetProvisionStateRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<SetProvisionStateResponse>;
+  /**
+   * SetNodePower powers a node on, off or resets it through its power
+   * driver, under the node's lock, and records it in the node's history.
+   */
+  setNodePower(
+    request: DeepPartial<SetNodePowerRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<SetNodePowerResponse>;
+  /** GetNodePower reads a node's power state from its BMC. */
+  getNodePower(
+    request: DeepPartial<GetNodePowerRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<GetNodePowerResponse>;
+  /**
+   * ValidateNode checks a node's power settings against its BMC without
+   * changing the machine: reachability, credentials, reset types, boot
+   * override and virtual media.
+   */
+  validateNode(
+    request: DeepPartial<ValidateNodeRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<ValidateNodeResponse>;
   /** ListNodeEvents returns a node's history, oldest first. */
   listNodeEvents(
     request: DeepPartial<ListNodeEventsRequest>,

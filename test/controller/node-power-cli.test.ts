@@ -4,7 +4,6 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { promisify } from 'node:util';
 import { MemoryMachine } from '../../lab/bmc/redfish/machine.js';
 import { RedfishSimulator } from '../../lab/bmc/redfish/simulator.js';
 import { startTestController, type TestController, tempDir } from '../helpers/controller.js';

@@ -51,6 +51,23 @@ export const CONTROLLER_OPTIONS = {
     defaultValue: '',
     parse: (raw: string) => (raw === '' ? '' : raw.split(',').map(hostPort).join(',')),
   },
+  virtualMediaUrl: {
+    flag: 'virtual-media-url',
+    description:
+      "base URL BMCs fetch the agent ISO from for nodes with boot.method=virtual-media: this controller's HTTP endpoint (--metrics-listen) as the BMCs' network reaches it, for example http://10.0.0.1:9350 (default: http://<the advertised host>:<the HTTP port>)",
+    defaultValue: '',
+    parse: (raw: string) => {
+      if (raw === '') return '';
+      let url: URL;
+      try {
+        url = new URL(raw);
+      } catch {
+        throw new Error(`'${raw}' is not a URL such as http://10.0.0.1:9350`);
+      }
+      if (url.protocol !== 'http:' && url.protocol !== 'https:') throw new Error(`'${raw}' must be an http:// or https:// URL`);
+      return raw.replace(/\/+$/, '');
+    },
+  },
   tlsCert: {
     flag: 'tls-cert',
     description:
@@ -106,6 +123,13 @@ export const CONTROLLER_OPTIONS = {
     description: 'directory for the embedded database and images',
     defaultValue: './metalcast-data',
     parse: (raw: string) => resolve(nonEmpty(raw)),
+  },
+  secretsKeyFile: {
+    flag: 'secrets-key-file',
+    description:
+      'file with the key that seals node secrets (BMC passwords) in the database, 64 hex digits, made at the first start when missing (default: <data-dir>/secrets.key); several controllers on one database need the same file',
+    defaultValue: '',
+    parse: optionalPath,
   },
   database: {
     flag: 'database',

@@ -94,6 +94,12 @@ export interface GuestOptions {
   poweredOn?: boolean;
   /** Default qemu-system-x86_64 on the PATH. */
   qemuBinary?: string;
+  /**
+   * An empty IDE CD drive (QEMU device cd0), last in the boot order
+   * (bootindex 4): a Redfish BMC of lab/bmc/redfish/ puts virtual media in it
+   * and moves it first for a Cd boot override. Default: none.
+   */
+  cdrom?: boolean;
   /** Appended to QEMU's arguments. */
   extraArgs?: string[];
   /**
@@ -569,6 +575,7 @@ class QemuGuest implements Guest {
       '-device',
       `virtio-blk-pci,id=disk0,drive=drive0,serial=${serial},bootindex=${order.disk}`,
     ];
+    if (o.cdrom) args.push('-drive', 'if=none,id=cddrive0,media=cdrom,readonly=on', '-device', 'ide-cd,id=cd0,drive=cddrive0,bootindex=4');
     if (typeof source !== 'string') args.push('-kernel', source.kernel, '-initrd', source.initrd, '-append', source.append);
     return [...firmware, ...args, ...(o.extraArgs ?? [])];
   }

@@ -18,6 +18,7 @@ import type { DeploySpecRecord, Provisioner } from './provisioner.js';
 import { describeError as describe } from '../../common/errors.js';
 import { PowerDrivers } from '../power/drivers.js';
 import type { PowerDriver, PowerState } from '../power/power-driver.js';
+import { bootMethodOf } from '../boot/virtual-media.js';
 
 const DEFAULT_POWER_DRIVERS = new PowerDrivers();
 
@@ -335,6 +336,8 @@ export class Conductor {
       node,
       log,
       async (driver) => {
+        // The agent ISO out before the machine restarts into its disk.
+        if (bootMethodOf(node) === 'virtual-media') await driver.ejectMedia?.();
         await driver.setBootDevice('disk');
         if (this.options.finalPower === 'reboot') await driver.reset();
         else if (this.options.finalPower === 'power_off') await driver.powerOff();
@@ -392,7 +395,16 @@ export class Conductor {
       return;
     }
     const erased = final.result?.result?.$case === 'eraseDisks' ? final.result.result.value.devicePaths : [];
-    if ((await this.powerThroughDriver(node, log, (driver) => driver.powerOff(), 'off')) === 'failed') return;
+    const powered = await this.powerThroughDriver(
+      node,
+      log,
+      async (driver) => {
+        if (bootMethodOf(node) === 'virtual-media') await driver.ejectMedia?.();
+        await driver.powerOff();
+      },
+      'off',
+    );
+    if (powered === 'failed') return;
     const cleaning = await this.provisioner.move(
       node,
       'clean_wait',

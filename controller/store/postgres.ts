@@ -13,6 +13,7 @@ import {
   WAIT_STATES,
 } from '../provisioning/states.js';
 import { POSTGRES_MIGRATIONS } from './postgres-migrations.js';
+import { applySettings } from './settings.js';
 import type {
   PowerStatusRecord,
   ControllerRecord,
@@ -26,6 +27,7 @@ import type {
   NewNodeEvent,
   NodeEventRecord,
   NodeRecord,
+  NodeSettingsChange,
   OperatorRole,
   OperatorTokenRecord,
   Store,
@@ -70,6 +72,7 @@ interface NodeRow {
   maintenance_reason: string;
   last_error: string;
   properties: string;
+  secrets: string;
   agent_address: string;
   agent_version: string;
   agent_status: string;
@@ -171,9 +174,9 @@ export class PostgresStore implements Store {
         const uuid = randomUUID();
         const now = Date.now();
         await client.query(
-          `INSERT INTO nodes (uuid, name, provision_state, properties, ring_hash, created_at, updated_at, provision_updated_at)
-           VALUES ($1, $2, 'enroll', $3, $4, $5, $5, $5)`,
-          [uuid, node.name, JSON.stringify(node.properties), ringHash(uuid), now],
+          `INSERT INTO nodes (uuid, name, provision_state, properties, secrets, ring_hash, created_at, updated_at, provision_updated_at)
+           VALUES ($1, $2, 'enroll', $3, $4, $5, $6, $6, $6)`,
+          [uuid, node.name, JSON.stringify(node.properties), JSON.stringify(node.secrets ?? {}), ringHash(uuid), now],
         );
         await client.query('INSERT INTO ports (mac_address, node_uuid) SELECT unnest($1::text[]), $2', [node.macAddresses, uuid]);
         await insertEvent(client, uuid, event, now);
@@ -283,6 +286,28 @@ export class PostgresStore implements Store {
         [uuid, enabled, enabled ? reason : '', now],
       );
       if (!rowCount) return undefined;
+      await insertEvent(client, uuid, event, now);
+      return requireNode(client, uuid);
+    });
+  }
+
+  async updateNodeSettings(uuid: string, change: NodeSettingsChange, event: NewNodeEvent): Promise<NodeRecord | undefined> {
+    return this.withTransaction(async (client) => {
+      const { rows } = await client.query<{ properties: string; secrets: string }>(
+        'SELECT properties, secrets FROM nodes WHERE uuid = $1 FOR UPDATE',
+        [uuid],
+      );
+      const row = rows[0];
+      if (!row) return undefined;
+      const properties = applySettings(JSON.parse(row.properties), change.setProperties, change.unsetProperties);
+      const secrets = applySettings(JSON.parse(row.secrets), change.setSecrets, change.unsetSecrets);
+      const now = Date.now();
+      await client.query('UPDATE nodes SET properties = $2, secrets = $3, updated_at = $4 WHERE uuid = $1', [
+        uuid,
+        JSON.stringify(properties),
+        JSON.stringify(secrets),
+        now,
+      ]);
       await insertEvent(client, uuid, event, now);
       return requireNode(client, uuid);
     });
@@ -1179,6 +1204,7 @@ function toNodeRecord(row: NodeRow): NodeRecord {
     lastError: row.last_error,
     macAddresses: row.mac_addresses,
     properties: JSON.parse(row.properties) as Record<string, string>,
+    secrets: JSON.parse(row.secrets) as Record<string, string>,
     agentAddress: row.agent_address,
     agentVersion: row.agent_version,
     agentStatus: row.agent_status,

@@ -126,6 +126,14 @@ export const SQLITE_MIGRATIONS: readonly { version: number; description: string;
   },
   {
     version: 6,
+    description: 'node secrets (BMC passwords), sealed by the controller',
+    sql: `
+      -- JSON object: secret name -> value sealed with the controller's secrets key (controller/secrets/secret-box.ts).
+      ALTER TABLE nodes ADD COLUMN secrets TEXT NOT NULL DEFAULT '{}';
+    `,
+  },
+  {
+    version: 7,
     description: 'power state sync: the last power state seen or set for each node, and its BMC failures',
     sql: `
       -- controller/power/sync.ts: one row per node with a power driver, written by the sync and by power actions.

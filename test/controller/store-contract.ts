@@ -207,6 +207,60 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
       });
     });
 
+    describe('properties and secrets', () => {
+      it('stores the secrets given at creation as given, and a node without any has none', async () => {
+        const node = await store.createNode(
+          {
+            name: 'bmc-a',
+            macAddresses: ['aa:00:00:00:04:01'],
+            properties: { 'power.driver': 'redfish' },
+            secrets: { 'power.redfish.password': 'mcs1.sealed-value' },
+          },
+          created(),
+        );
+        assert.deepEqual(node.secrets, { 'power.redfish.password': 'mcs1.sealed-value' });
+        assert.deepEqual((await store.getNode('bmc-a'))?.secrets, { 'power.redfish.password': 'mcs1.sealed-value' });
+        assert.deepEqual((await store.listNodes({ limit: 10 }))[0]?.secrets, { 'power.redfish.password': 'mcs1.sealed-value' });
+        const plain = await store.createNode({ name: 'bmc-b', macAddresses: ['aa:00:00:00:04:02'], properties: {} }, created());
+        assert.deepEqual(plain.secrets, {});
+      });
+
+      it('sets and unsets properties and secrets in one write with its event, keeping the rest', async () => {
+        const node = await store.createNode(
+          {
+            name: 'bmc-c',
+            macAddresses: ['aa:00:00:00:04:03'],
+            properties: { rack: 'r1', 'power.driver': 'qemu', 'power.qmp_socket': '/run/x' },
+            secrets: { 'power.ipmi.password': 'old' },
+          },
+          created(),
+        );
+        const updated = await store.updateNodeSettings(
+          node.uuid,
+          {
+            setProperties: { 'power.driver': 'redfish', 'power.redfish.address': 'https://10.0.0.9' },
+            unsetProperties: ['power.qmp_socket', 'never.set'],
+            setSecrets: { 'power.redfish.password': 'new' },
+            unsetSecrets: ['power.ipmi.password'],
+          },
+          event('settings', 'power settings changed'),
+        );
+        assert.ok(updated);
+        assert.deepEqual(updated.properties, { rack: 'r1', 'power.driver': 'redfish', 'power.redfish.address': 'https://10.0.0.9' });
+        assert.deepEqual(updated.secrets, { 'power.redfish.password': 'new' });
+        assert.ok(updated.updatedAt >= node.updatedAt);
+        assert.deepEqual(await store.getNode(node.uuid), updated);
+        const events = await store.listEvents(node.uuid, 0, 10);
+        assert.equal(events.at(-1)?.kind, 'settings');
+        assert.equal(events.at(-1)?.message, 'power settings changed');
+      });
+
+      it('answers undefined for a node that is gone', async () => {
+        const change = { setProperties: { a: 'b' }, unsetProperties: [], setSecrets: {}, unsetSecrets: [] };
+        assert.equal(await store.updateNodeSettings('00000000-0000-4000-8000-000000000000', change, event('settings')), undefined);
+      });
+    });
+
     describe('ports', () => {
       it('adds and removes ports with an event each, refusing duplicates, unknown ports and the last port', async () => {
         const node = await store.createNode({ name: 'ports', macAddresses: ['aa:00:00:00:04:01'], properties: {} }, created());

@@ -55,7 +55,7 @@ export class IpmiError extends PowerError {
 }
 
 /** ipmitool's per-try wait for an answer (-N, seconds) and its own retries (-R): ours do the rest. */
-const IPMITOOL_TRY_SECONDS = 2;
+const IPMITOOL_TRY_SECONDS = 5;
 const IPMITOOL_RETRIES = 1;
 
 /** One queue per BMC (address:port), shared by every driver instance in this process. */
@@ -238,13 +238,12 @@ export function explain(
       kind: 'auth',
       text: `the BMC does not offer cipher suite ${target.cipherSuite} (${said}); set power.ipmi.cipher_suite to one it has (ipmitool lan print shows them; 3 and 17 are common)`,
     };
+  // A slow BMC: ipmitool gave up waiting for the answer, or matched a late one to no request. Worth another try.
+  if (/Request Match NOT FOUND|No response|Insufficient resources|timed? ?out/i.test(all))
+    return { kind: 'timeout', text: `the BMC answered too late or not at all (${said})` };
   if (/insufficient privilege|privilege level/i.test(all))
     return { kind: 'auth', text: `user '${target.username}' may not do this (${said}); it needs the operator or administrator privilege` };
-  if (
-    /Get Auth Capabilities error|Get Channel Authentication Capabilities|No response|Unable to establish|Connection refused|timeout/i.test(
-      all,
-    )
-  )
+  if (/Get Auth Capabilities error|Get Channel Authentication Capabilities|Unable to establish|Connection refused/i.test(all))
     return {
       kind: 'unreachable',
       text: `no answer from the BMC (${said}); check power.ipmi.address, power.ipmi.port and that IPMI over LAN is enabled`,

@@ -23,7 +23,7 @@ import { freePort } from '../../qemu.js';
  * with a VM serial interface alone it answers "Invalid data field in request".
  * With a chassis control program, ipmi_sim also hands it power and reset
  * (its `startcmd`, which would launch QEMU on power on, is then never used),
- * so the program (lab/bmc/ipmi/chassis-control.ts) does all three on the
+ * so the program (lab/bmc/ipmi/chassis-control.mjs) does all three on the
  * guest's QMP socket: the guest's QEMU is owned by lab/qemu.ts, like every
  * lab guest, and stays up across power cycles (off = CPUs stopped).
  *
@@ -62,7 +62,7 @@ export interface IpmiBmc {
   readonly pid: number | undefined;
 }
 
-const CHASSIS_CONTROL = fileURLToPath(new URL('./chassis-control.ts', import.meta.url));
+const CHASSIS_CONTROL = fileURLToPath(new URL('./chassis-control.mjs', import.meta.url));
 const READY_TIMEOUT_MS = 15_000;
 
 /** Why ipmi_sim BMCs cannot run here, or undefined when they can. */
@@ -137,7 +137,7 @@ export async function startIpmiBmc(options: IpmiBmcOptions): Promise<IpmiBmc> {
   const port = await freeUdpPort();
   const vmPort = await freePort();
   const address = '127.0.0.1';
-  const chassisControl = [process.execPath, '--no-warnings', CHASSIS_CONTROL, options.qmpSocketPath, options.nicId ?? 'nic0']
+  const chassisControl = [process.execPath, CHASSIS_CONTROL, options.qmpSocketPath, options.nicId ?? 'nic0']
     .map((word) => (/^[\w./:@+-]+$/.test(word) ? word : `'${word.replaceAll("'", "'\\''")}'`))
     .join(' ');
   const confPath = join(options.dir, 'lan.conf');

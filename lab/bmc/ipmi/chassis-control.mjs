@@ -1,6 +1,6 @@
 /**
  * ipmi_sim's chassis control program for a lab guest (lan.conf
- * `chassis_control "node chassis-control.ts QMP_SOCKET NIC_ID"`): ipmi_sim
+ * `chassis_control "node chassis-control.mjs QMP_SOCKET NIC_ID"`): ipmi_sim
  * runs it for every chassis request it gets over IPMI, as
  *
  *   … get power boot          → prints "power:1" and "boot:pxe", one a line
@@ -14,14 +14,19 @@
  * the NIC's bootindex (1 before the disk's 2, 3 after it). A non-zero exit
  * makes ipmi_sim answer the IPMI request with an error.
  *
- * It runs under Node's type stripping, outside the project's module graph:
- * node built-ins only.
+ * Plain JavaScript, node built-ins only, outside the project's module graph:
+ * ipmi_sim waits for it on every request, and Node's type stripping would
+ * add about half a second to each start on a busy machine.
  */
 import { createConnection } from 'node:net';
 
 const [socketPath, nicId, op, ...rest] = process.argv.slice(2);
 
-function qmpSession(path: string): Promise<(command: string, args?: Record<string, unknown>) => Promise<unknown>> {
+/**
+ * @param {string} path
+ * @returns {Promise<(command: string, args?: Record<string, unknown>) => Promise<unknown>>}
+ */
+function qmpSession(path) {
   return new Promise((resolve, reject) => {
     const socket = createConnection(path);
     socket.setEncoding('utf8');
@@ -30,15 +35,17 @@ function qmpSession(path: string): Promise<(command: string, args?: Record<strin
       reject(new Error(`no answer on the QMP socket ${path} within 5 s`));
     }, 5000);
     let buffer = '';
-    let waiting: ((message: Record<string, unknown>) => void) | undefined;
-    const queue: Record<string, unknown>[] = [];
-    socket.on('data', (text: string) => {
+    /** @type {((message: Record<string, unknown>) => void) | undefined} */
+    let waiting;
+    /** @type {Record<string, unknown>[]} */
+    const queue = [];
+    socket.on('data', (text) => {
       buffer += text;
       for (let nl = buffer.indexOf('\n'); nl >= 0; nl = buffer.indexOf('\n')) {
         const line = buffer.slice(0, nl).trim();
         buffer = buffer.slice(nl + 1);
         if (line === '') continue;
-        const message = JSON.parse(line) as Record<string, unknown>;
+        const message = JSON.parse(line);
         if ('event' in message) continue;
         if (waiting) {
           const deliver = waiting;
@@ -52,12 +59,15 @@ function qmpSession(path: string): Promise<(command: string, args?: Record<strin
       reject(error);
     });
     const next = () =>
-      new Promise<Record<string, unknown>>((deliver) => {
-        const queued = queue.shift();
-        if (queued) deliver(queued);
-        else waiting = deliver;
-      });
-    const execute = async (command: string, args?: Record<string, unknown>) => {
+      /** @type {Promise<Record<string, unknown>>} */ (
+        new Promise((deliver) => {
+          const queued = queue.shift();
+          if (queued) deliver(queued);
+          else waiting = deliver;
+        })
+      );
+    /** @param {string} command @param {Record<string, unknown>} [args] */
+    const execute = async (command, args) => {
       socket.write(`${JSON.stringify({ execute: command, ...(args ? { arguments: args } : {}) })}\n`);
       const reply = await next();
       if (reply.error) throw new Error(`QMP ${command}: ${JSON.stringify(reply.error)}`);
@@ -73,13 +83,13 @@ function qmpSession(path: string): Promise<(command: string, args?: Record<strin
   });
 }
 
-async function main(): Promise<void> {
+async function main() {
   if (!socketPath || !nicId || (op !== 'get' && op !== 'set' && op !== 'check')) {
-    throw new Error('usage: chassis-control.ts QMP_SOCKET NIC_ID get NAME… | set NAME VALUE…');
+    throw new Error('usage: chassis-control.mjs QMP_SOCKET NIC_ID get NAME… | set NAME VALUE…');
   }
   if (op === 'check') return;
   const qmp = await qmpSession(socketPath);
-  const status = async () => ((await qmp('query-status')) as { status: string }).status;
+  const status = async () => /** @type {{ status: string }} */ (await qmp('query-status')).status;
   const nic = `/machine/peripheral/${nicId}`;
   if (op === 'get') {
     for (const name of rest) {
@@ -92,8 +102,8 @@ async function main(): Promise<void> {
     return;
   }
   for (let i = 0; i + 1 < rest.length; i += 2) {
-    const name = rest[i] as string;
-    const value = (rest[i + 1] as string).replace(/^"|"$/g, '');
+    const name = rest[i];
+    const value = String(rest[i + 1]).replace(/^"|"$/g, '');
     if (name === 'power') {
       const now = await status();
       if (value === '0') {
@@ -126,7 +136,7 @@ async function main(): Promise<void> {
 
 main().then(
   () => process.exit(0),
-  (error: Error) => {
+  (error) => {
     process.stderr.write(`chassis-control: ${error.message}\n`);
     process.exit(1);
   },

@@ -309,7 +309,7 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
     const consoleMarks = guests.map((g) => g.consoleLength());
     for (const name of names) await act(name, ProvisionAction.PROVISION_ACTION_DEPLOY, 'lab-test-image');
     await waitAll(names, ProvisionState.PROVISION_STATE_ACTIVE, 'deploying');
-    phase('deployed (network boot, write_image, reboot to disk through QMP)');
+    phase(`deployed (network boot, write_image, reboot to disk through the ${power} power driver)`);
 
     for (const guest of guests) {
       const written = await readStart(guest.diskPath, image.length);
@@ -341,12 +341,14 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
     return { work, timings, guests: guests.map((g) => ({ name: g.name, mac: g.mac, consolePath: g.consolePath })) };
   } finally {
     channel?.close();
-    // The controller before the guests: a guest killed on a tap leaves its TCP connections half-open, and the
-    // controller's stop would wait on them. Bounded anyway.
-    await Promise.race([controller?.stop(), new Promise((resolve) => setTimeout(resolve, 60_000).unref())]);
+    // The controller's stop may wait on connections to guests that are off (on a tap nothing resets them);
+    // destroying the network ends those connections (pxe-network.ts), so it runs while the stop waits.
+    const stopping = controller?.stop();
+    await Promise.race([stopping, new Promise((resolve) => setTimeout(resolve, 15_000).unref())]);
     await Promise.all(guests.map((g) => g.stop()));
     await Promise.all(bmcs.map((bmc) => bmc.stop()));
     await network?.destroy();
+    await Promise.race([stopping, new Promise((resolve) => setTimeout(resolve, 30_000).unref())]);
     if (passed && !options.keep) rmSync(work, { recursive: true, force: true });
   }
 }

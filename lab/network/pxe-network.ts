@@ -73,6 +73,14 @@ export interface PxeNetwork {
   exec(args: string[]): Promise<string>;
   /** Starts dnsmasq inside the namespace with this configuration (plus lease, pid and log files of its own). */
   startDnsmasq(config: string, dir: string, name?: string): Promise<Dnsmasq>;
+  /**
+   * The site's own DHCP server, for proxy-DHCP runs: a second namespace joined
+   * to the bridge by a veth pair, at siteDhcpAddress, running a plain dnsmasq
+   * that hands out addresses from `range` and knows nothing of network boot.
+   */
+  startSiteDhcp(dir: string): Promise<Dnsmasq>;
+  /** The site DHCP server's address on the bridge. */
+  readonly siteDhcpAddress: string;
   /** Removes everything. Idempotent; never throws. */
   destroy(): Promise<void>;
 }
@@ -133,6 +141,7 @@ function removeLeftovers(): void {
     if (!owner || alive(owner.pid)) continue;
     runSync('ip', ['link', 'del', owner.hostInterface]);
     runSync('ip', ['netns', 'del', owner.namespace]);
+    runSync('ip', ['netns', 'del', `${owner.namespace}-site`]);
     try {
       unlinkSync(path);
     } catch {
@@ -174,6 +183,7 @@ export async function createPxeNetwork(): Promise<PxeNetwork> {
   const bridgeAddress = `198.18.${third}.2`;
   let taps = 0;
   let destroyed = false;
+  let siteNamespace: string | undefined;
   const dnsmasqs = new Set<GuardedProcess>();
   const exec = (args: string[]) => run('ip', ['netns', 'exec', namespace, ...args]);
 
@@ -185,6 +195,11 @@ export async function createPxeNetwork(): Promise<PxeNetwork> {
       for (const guarded of dnsmasqs) guarded.kill();
       runSync('ip', ['link', 'del', hostInterface]);
       runSync('ip', ['netns', 'del', namespace]);
+      if (siteNamespace) runSync('ip', ['netns', 'del', siteNamespace]);
+      // A guest that vanished (powered off, killed) never answers again: this process's TCP connections to it
+      // would linger half-open for minutes (FIN-WAIT-1, retransmitting) and keep it from exiting. The kernel
+      // ends them at once.
+      runSync('ss', ['-K', 'dst', `${subnet}/24`]);
       try {
         unlinkSync(lockPath);
       } catch {
@@ -195,6 +210,46 @@ export async function createPxeNetwork(): Promise<PxeNetwork> {
   live.add(handle);
   installExitCleanup();
 
+  async function startDnsmasqIn(inNamespace: string, config: string, dir: string, name: string): Promise<Dnsmasq> {
+    const confPath = join(dir, `${name}.conf`);
+    writeFileSync(confPath, config);
+    const logPath = join(dir, `${name}.log`);
+    const guarded = spawnGuarded(
+      'ip',
+      [
+        'netns',
+        'exec',
+        inNamespace,
+        'dnsmasq',
+        '--keep-in-foreground',
+        `--conf-file=${confPath}`,
+        '--log-facility=-',
+        `--dhcp-leasefile=${join(dir, `${name}.leases`)}`,
+        `--pid-file=${join(dir, `${name}.pid`)}`,
+        // The lab's dnsmasq runs as root: Debian's dnsmasq-base has no user of its own.
+        '--user=root',
+        '--group=root',
+      ],
+      logPath,
+    );
+    dnsmasqs.add(guarded);
+    // Ready when it says so (or fails).
+    const deadline = Date.now() + 10_000;
+    while (!/started, version/.test(guarded.output())) {
+      if (guarded.exited) throw new Error(`dnsmasq exited at start: ${guarded.output().trim()}`);
+      if (Date.now() > deadline) throw new Error(`dnsmasq did not start within 10 s: ${guarded.output().trim()}`);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    return {
+      logPath,
+      log: () => guarded.output(),
+      stop: async () => {
+        dnsmasqs.delete(guarded);
+        await guarded.stop();
+      },
+    };
+  }
+
   const network: PxeNetwork = {
     namespace,
     prefix: ['ip', 'netns', 'exec', namespace],
@@ -203,6 +258,7 @@ export async function createPxeNetwork(): Promise<PxeNetwork> {
     bridgeAddress,
     subnet,
     range: { start: `198.18.${third}.100`, end: `198.18.${third}.199` },
+    siteDhcpAddress: `198.18.${third}.3`,
     async addTap() {
       const name = `tap${taps++}`;
       await exec(['ip', 'tuntap', 'add', 'dev', name, 'mode', 'tap']);
@@ -211,44 +267,31 @@ export async function createPxeNetwork(): Promise<PxeNetwork> {
       return name;
     },
     exec,
-    async startDnsmasq(config, dir, name = 'dnsmasq') {
-      const confPath = join(dir, `${name}.conf`);
-      writeFileSync(confPath, config);
-      const logPath = join(dir, `${name}.log`);
-      const guarded = spawnGuarded(
-        'ip',
-        [
-          'netns',
-          'exec',
-          namespace,
-          'dnsmasq',
-          '--keep-in-foreground',
-          `--conf-file=${confPath}`,
-          '--log-facility=-',
-          `--dhcp-leasefile=${join(dir, `${name}.leases`)}`,
-          `--pid-file=${join(dir, `${name}.pid`)}`,
-          // The lab's dnsmasq runs as root: Debian's dnsmasq-base has no user of its own.
-          '--user=root',
-          '--group=root',
-        ],
-        logPath,
-      );
-      dnsmasqs.add(guarded);
-      // Ready when it says so (or fails).
-      const deadline = Date.now() + 10_000;
-      while (!/started, version/.test(guarded.output())) {
-        if (guarded.exited) throw new Error(`dnsmasq exited at start: ${guarded.output().trim()}`);
-        if (Date.now() > deadline) throw new Error(`dnsmasq did not start within 10 s: ${guarded.output().trim()}`);
-        await new Promise((resolve) => setTimeout(resolve, 50));
-      }
-      return {
-        logPath,
-        log: () => guarded.output(),
-        stop: async () => {
-          dnsmasqs.delete(guarded);
-          await guarded.stop();
-        },
-      };
+    startDnsmasq: (config, dir, name = 'dnsmasq') => startDnsmasqIn(namespace, config, dir, name),
+    async startSiteDhcp(dir) {
+      const site = `${namespace}-site`;
+      await run('ip', ['netns', 'add', site]);
+      siteNamespace = site;
+      await exec(['ip', 'link', 'add', 'site0', 'type', 'veth', 'peer', 'name', 'site1', 'netns', site]);
+      await exec(['ip', 'link', 'set', 'site0', 'master', bridge]);
+      await exec(['ip', 'link', 'set', 'site0', 'up']);
+      const inSite = (args: string[]) => run('ip', ['netns', 'exec', site, ...args]);
+      await inSite(['ip', 'link', 'set', 'lo', 'up']);
+      await inSite(['ip', 'addr', 'add', `${network.siteDhcpAddress}/24`, 'dev', 'site1']);
+      await inSite(['ip', 'link', 'set', 'site1', 'up']);
+      const config = [
+        "# The site's DHCP server: addresses only, no network boot.",
+        'port=0',
+        'interface=site1',
+        'bind-interfaces',
+        'log-dhcp',
+        `dhcp-range=${network.range.start},${network.range.end},255.255.255.0,1h`,
+        'dhcp-option=option:router',
+        'dhcp-option=option:dns-server',
+        'dhcp-authoritative',
+        '',
+      ].join('\n');
+      return startDnsmasqIn(site, config, dir, 'site-dhcp');
     },
     async destroy() {
       if (destroyed) return;

@@ -128,17 +128,27 @@ describe('network boot through dnsmasq in a network namespace', { skip, timeout:
   });
 
   after(async () => {
-    // The controller first, while the guests still answer: a guest killed on a tap leaves the controller's TCP
-    // connections to it half-open (no peer to reset them), and the controller's stop then waits on them.
+    // A guest gone from a tap leaves the controller's TCP connections to it half-open (nothing resets them), and
+    // the controller's stop waits on them: destroying the network ends them (pxe-network.ts) while it waits.
     channel?.close();
-    await controller?.stop();
+    const stopping = controller?.stop();
+    await Promise.race([stopping, new Promise((resolve) => setTimeout(resolve, 15_000).unref())]);
     await Promise.all(guests.map((guest) => guest.stop()));
     await network?.destroy();
+    await stopping;
     if (keep) process.stderr.write(`pxe-dnsmasq.test.ts: files kept in ${work}\n`);
     else if (work) rmSync(work, { recursive: true, force: true });
   });
 
-  const boot = async (ctx: TestContext, name: string, firmware: 'bios' | 'uefi', macIndex: number, firmwareFile?: string) => {
+  const boot = async (
+    ctx: TestContext,
+    name: string,
+    firmware: 'bios' | 'uefi',
+    macIndex: number,
+    firmwareFile?: string,
+    /** Proxy DHCP: the site's server, which hands out the address (default: dnsmasq does it all). */
+    siteDhcp?: Dnsmasq,
+  ) => {
     const tap = await network.addTap();
     const guest = await startGuest({
       name,
@@ -174,12 +184,25 @@ describe('network boot through dnsmasq in a network namespace', { skip, timeout:
       );
       // The chain as the DHCP and TFTP server saw it, and as the guest's console shows it.
       const log = dnsmasq.log();
-      assert.match(log, new RegExp(`DHCPACK\\(${network.bridge}\\) [0-9.]+ ${guest.mac}`));
-      if (firmwareFile)
-        assert.match(log, new RegExp(`bootfile-name  ${firmwareFile.replace('.', '\\.')}`), 'the firmware was sent to TFTP for iPXE');
+      const acked = (server: string) => new RegExp(`DHCPACK\\(${server}\\) [0-9.]+ ${guest.mac}`);
+      if (siteDhcp) {
+        // The address came from the site's server; metalcast's proxy gave only the boot part and leased nothing.
+        assert.match(siteDhcp.log(), acked('site1'));
+        assert.match(log, new RegExp(`\\(${network.bridge}\\) ${guest.mac} proxy`));
+        assert.doesNotMatch(log, acked(network.bridge), 'the proxy leased an address');
+      } else {
+        assert.match(log, acked(network.bridge));
+      }
+      if (firmwareFile) {
+        assert.match(
+          log,
+          new RegExp(`(bootfile-name|boot file:?) +${firmwareFile.replace('.', '\\.')}`),
+          'the firmware was told to fetch iPXE',
+        );
+      }
       assert.match(
         log,
-        new RegExp(`bootfile-name  http://${controller.httpAddress.replaceAll('.', '\\.')}/boot\\.ipxe`),
+        new RegExp(`http://${controller.httpAddress.replaceAll('.', '\\.')}/boot\\.ipxe`),
         'iPXE was sent to the controller',
       );
       const console = readFileSync(guest.consolePath, 'latin1');
@@ -190,7 +213,7 @@ describe('network boot through dnsmasq in a network namespace', { skip, timeout:
     } catch (error) {
       keep = true;
       throw new Error(
-        `${(error as Error).message}\n--- console of ${name}:\n${guest.consoleTail(40)}\n--- dnsmasq:\n${dnsmasq.log().slice(-3000)}\n(files in ${work})`,
+        `${(error as Error).message}\n--- console of ${name}:\n${guest.consoleTail(40)}\n--- dnsmasq:\n${dnsmasq.log().slice(-3000)}${siteDhcp ? `\n--- site DHCP:\n${siteDhcp.log().slice(-2000)}` : ''}\n(files in ${work})`,
         { cause: error },
       );
     }
@@ -213,4 +236,29 @@ describe('network boot through dnsmasq in a network namespace', { skip, timeout:
 
   it('UEFI: OVMF PXE -> dnsmasq DHCP -> TFTP ipxe.efi -> iPXE -> the controller -> the agent over pinned TLS', (ctx) =>
     boot(ctx, 'pxe-uefi', 'uefi', 0x5e0002, 'ipxe.efi'));
+
+  it("next to the site's DHCP server: dnsmasq --mode proxy adds only the boot part, and a UEFI guest boots the agent", async (ctx) => {
+    await dnsmasq.stop();
+    const siteDhcp = await network.startSiteDhcp(work);
+    const generated = spawnSync(
+      process.execPath,
+      [
+        METALCAST,
+        'boot',
+        'dnsmasq-config',
+        '--mode',
+        'proxy',
+        '--boot-url',
+        `http://${controller.httpAddress}/boot.ipxe`,
+        '--interface',
+        network.bridge,
+        '--subnet',
+        network.subnet,
+      ],
+      { encoding: 'utf8', timeout: 60_000 },
+    );
+    assert.equal(generated.status, 0, generated.stderr);
+    dnsmasq = await network.startDnsmasq(generated.stdout, work, 'dnsmasq-proxy');
+    await boot(ctx, 'pxe-proxy', 'uefi', 0x5e0003, 'ipxe.efi', siteDhcp);
+  });
 });

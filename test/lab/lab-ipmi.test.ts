@@ -49,6 +49,11 @@ describe('lab: a guest powered over IPMI and booted through dnsmasq, TLS on', { 
       assert.match(controllerLog, /"driver":"ipmi".*powered on into network boot/);
       assert.match(controllerLog, /"driver":"ipmi".*final reboot through the power driver/);
       assert.match(readFileSync(`${result.work}/dnsmasq.log`, 'utf8'), /DHCPACK\(br0\) [0-9.]+ 52:54:00:4d:00:01/);
+      // The BMC password (a node secret) is in the BMC's own lan.conf and nowhere in the controller's log.
+      const lanConf = readFileSync(`${result.work}/lab-node-1-bmc/lan.conf`, 'utf8');
+      const password = /user 2 true "admin" "([^"]+)"/.exec(lanConf)?.[1];
+      assert.ok(password && password.length >= 12, 'the lab BMC has a password');
+      assert.ok(!controllerLog.includes(password), 'the BMC password is in the controller log');
       rmSync(result.work, { recursive: true, force: true });
     } catch (error) {
       const consoles = guests.map((g) => `--- console of ${g.name} (${g.consolePath}):\n${g.consoleTail(40)}`).join('\n');

@@ -196,7 +196,7 @@ describe('network boot through dnsmasq in a network namespace', { skip, timeout:
       if (firmwareFile) {
         assert.match(
           log,
-          new RegExp(`(bootfile-name|boot file:?) +${firmwareFile.replace('.', '\\.')}`),
+          new RegExp(`bootfile[- ]name:? +${firmwareFile.replace('.', '\\.')}`),
           'the firmware was told to fetch iPXE',
         );
       }

@@ -194,11 +194,7 @@ describe('network boot through dnsmasq in a network namespace', { skip, timeout:
         assert.match(log, acked(network.bridge));
       }
       if (firmwareFile) {
-        assert.match(
-          log,
-          new RegExp(`bootfile[- ]name:? +${firmwareFile.replace('.', '\\.')}`),
-          'the firmware was told to fetch iPXE',
-        );
+        assert.match(log, new RegExp(`bootfile[- ]name:? +${firmwareFile.replace('.', '\\.')}`), 'the firmware was told to fetch iPXE');
       }
       assert.match(
         log,

@@ -14,6 +14,9 @@ import { writeImageCommand } from './commands/write-image.js';
 import { controllerImageSource } from './imaging/image-source.js';
 import { CommandRunner } from './commands/runner.js';
 import { type AgentConfig, checkAgentTlsMode } from './config/config.js';
+import { fetchPinnedCa } from './config/ca-fetch.js';
+import { pinnedCertificate } from '../common/ca-pin.js';
+import { ConfigError } from '../common/config.js';
 import { ControllerLink } from './controller/controller-link.js';
 import { discoverInventory } from './discovery/index.js';
 import { HeartbeatLoop, type HeartbeatIdentity } from './controller/heartbeat.js';
@@ -40,7 +43,8 @@ export interface RunningAgent {
 export async function startAgent(config: AgentConfig, logger: Logger): Promise<RunningAgent> {
   // Checked and read before anything else: a missing or unreadable CA bundle is a ConfigError (exit code 2).
   checkAgentTlsMode(config);
-  const caPem = config.insecure ? undefined : loadCaBundle(config.ca, '--ca');
+  const ca = config.insecure ? undefined : await agentCa(config, logger);
+  const caPem = ca?.pem;
   if (config.insecure) {
     logger.warn(
       { controller: config.controller, listen: config.listen },
@@ -67,7 +71,7 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<R
     keepalive,
     logger.child({ component: 'controller-link' }),
     {},
-    caPem === undefined ? undefined : { caPem, source: `--ca ${config.ca}` },
+    ca === undefined ? undefined : { caPem: ca.pem, source: ca.source },
   );
   const imageSource = controllerImageSource(link, () => identity, config.callTimeout);
   const handlers: CommandHandler[] = [
@@ -213,4 +217,26 @@ async function guessAdvertiseHost(listen: string, controller: string): Promise<s
       .find((nic) => nic && nic.family === 'IPv4' && !nic.internal);
     return fallback?.address ?? '127.0.0.1';
   }
+}
+
+/**
+ * The CA the agent verifies the controller with: --ca (checked against
+ * --ca-fingerprint when both are given; then only the pinned certificate is
+ * kept), or fetched from --ca-url and checked against the fingerprint.
+ */
+async function agentCa(config: AgentConfig, logger: Logger): Promise<{ pem: string; source: string }> {
+  if (config.ca !== '') {
+    const pem = loadCaBundle(config.ca, '--ca');
+    if (config.caFingerprint === '') return { pem, source: `--ca ${config.ca}` };
+    const pinned = pinnedCertificate(pem, config.caFingerprint);
+    if (!pinned) throw new ConfigError([`--ca ${config.ca} holds no certificate with --ca-fingerprint ${config.caFingerprint}`]);
+    return { pem: pinned.pem, source: `--ca ${config.ca} (${config.caFingerprint})` };
+  }
+  const pem = await fetchPinnedCa({
+    url: config.caUrl,
+    fingerprint: config.caFingerprint,
+    attempts: config.caFetchAttempts,
+    logger: logger.child({ component: 'ca-fetch' }),
+  });
+  return { pem, source: `--ca-url ${config.caUrl} (${config.caFingerprint})` };
 }

@@ -3,6 +3,7 @@ import { CONTROLLER_OPTIONS } from '../controller/config.js';
 import { controllerMain } from '../controller/main.js';
 import { byteSize, duration, hostPort, integer, switchValue } from '../common/config.js';
 import { defineAgentCommand } from './agent-command.js';
+import { registerBootCommands } from './commands/boot.js';
 import { registerImageCommands } from './commands/image.js';
 import { registerNodeCommands } from './commands/node.js';
 import { registerTlsCommands } from './commands/tls.js';
@@ -78,6 +79,7 @@ export function buildProgram(): Command {
   registerImageCommands(program, addOperatorOptions);
   registerTokenCommands(program);
   registerTlsCommands(program);
+  registerBootCommands(program);
 
   program
     .command('demo')

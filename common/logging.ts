@@ -8,7 +8,21 @@ export const LOG_LEVELS: readonly LevelWithSilent[] = ['fatal', 'error', 'warn',
  * Paths that may carry secrets. Redaction is the safety net; the code also
  * never puts a token into a log binding on purpose.
  */
-const REDACT_PATHS = ['token', 'agentToken', 'authorization', '*.token', '*.agentToken', '*.authorization', 'metadata.authorization'];
+const REDACT_PATHS = [
+  'token',
+  'agentToken',
+  'authorization',
+  'password',
+  'secrets',
+  'setSecrets',
+  '*.token',
+  '*.agentToken',
+  '*.authorization',
+  '*.password',
+  '*.secrets',
+  '*.setSecrets',
+  'metadata.authorization',
+];
 
 /**
  * Creates the one root logger of a process. Everything else gets a child of

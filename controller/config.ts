@@ -51,6 +51,23 @@ export const CONTROLLER_OPTIONS = {
     defaultValue: '',
     parse: (raw: string) => (raw === '' ? '' : raw.split(',').map(hostPort).join(',')),
   },
+  virtualMediaUrl: {
+    flag: 'virtual-media-url',
+    description:
+      "base URL BMCs fetch the agent ISO from for nodes with boot.method=virtual-media: this controller's HTTP endpoint (--metrics-listen) as the BMCs' network reaches it, for example http://10.0.0.1:9350 (default: http://<the advertised host>:<the HTTP port>)",
+    defaultValue: '',
+    parse: (raw: string) => {
+      if (raw === '') return '';
+      let url: URL;
+      try {
+        url = new URL(raw);
+      } catch {
+        throw new Error(`'${raw}' is not a URL such as http://10.0.0.1:9350`);
+      }
+      if (url.protocol !== 'http:' && url.protocol !== 'https:') throw new Error(`'${raw}' must be an http:// or https:// URL`);
+      return raw.replace(/\/+$/, '');
+    },
+  },
   tlsCert: {
     flag: 'tls-cert',
     description:
@@ -78,6 +95,13 @@ export const CONTROLLER_OPTIONS = {
     defaultValue: '',
     parse: optionalPath,
   },
+  agentCa: {
+    flag: 'agent-ca',
+    description:
+      "PEM file whose first certificate is the CA that signed this controller's --tls-cert: served at <metrics-listen>/ca.pem, and its sha256 put on network-booted agents' kernel command line (metalcast.ca_fingerprint, metalcast.ca_url) so that they trust this controller from their first packet (default: with --tls-generate, <data-dir>/tls/ca.pem; otherwise none, and agents need metalcast.ca= baked into their image)",
+    defaultValue: '',
+    parse: optionalPath,
+  },
   tlsGenerate: {
     flag: 'tls-generate',
     description:
@@ -99,6 +123,13 @@ export const CONTROLLER_OPTIONS = {
     description: 'directory for the embedded database and images',
     defaultValue: './metalcast-data',
     parse: (raw: string) => resolve(nonEmpty(raw)),
+  },
+  secretsKeyFile: {
+    flag: 'secrets-key-file',
+    description:
+      'file with the key that seals node secrets (BMC passwords) in the database, 64 hex digits, made at the first start when missing (default: <data-dir>/secrets.key); several controllers on one database need the same file',
+    defaultValue: '',
+    parse: optionalPath,
   },
   database: {
     flag: 'database',
@@ -149,6 +180,26 @@ export const CONTROLLER_OPTIONS = {
     description: 'longest interval the controller asks agents to heartbeat at (default: 0.6 x heartbeat timeout)',
     defaultValue: '',
     parse: (raw: string) => (raw === '' ? 0 : duration({ min: 100 })(raw)),
+  },
+  powerSyncInterval: {
+    flag: 'power-sync-interval',
+    description:
+      "how often the power sync reads every power-driven node's power state through its BMC, spread over the interval (0: never). A state that differs from what the controller last knew is an event and a metric",
+    defaultValue: '60s',
+    parse: duration({ allowZero: true }),
+  },
+  powerSyncConcurrency: {
+    flag: 'power-sync-concurrency',
+    description: 'most BMCs the power sync talks to at once',
+    defaultValue: '8',
+    parse: integer({ min: 1, max: 1000 }),
+  },
+  powerSyncMaxFailures: {
+    flag: 'power-sync-max-failures',
+    description:
+      "power state reads in a row that may fail before the node is put in maintenance as 'BMC unreachable'; such a node is then read less often (up to 16 intervals apart), and leaves that maintenance when its BMC answers again",
+    defaultValue: '3',
+    parse: integer({ min: 1, max: 1000 }),
   },
   sweepInterval: durationSpec('sweep-interval', 'how often to look for agents that stopped heartbeating', '10s', 100),
   startupGrace: {

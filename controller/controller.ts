@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createServer } from 'nice-grpc';
@@ -33,9 +34,16 @@ import { Admission } from './provisioning/admission.js';
 import { Conductor } from './provisioning/conductor.js';
 import type { ControllerConfig } from './config.js';
 import { HeartbeatRecorder } from './agents/heartbeat-recorder.js';
-import { startHttpServer } from './observability/http-server.js';
-import { createBootEndpoint } from './boot/boot-endpoint.js';
+import { splitHostPort, startHttpServer } from './observability/http-server.js';
+import { createBootEndpoint, KERNEL_ARGS_PROPERTY } from './boot/boot-endpoint.js';
+import { agentCmdline } from './boot/agent-cmdline.js';
+import { AgentIsoBuilder } from './boot/agent-iso.js';
+import { ejectVirtualMedia, VirtualMediaBoot } from './boot/virtual-media.js';
 import { PowerDrivers } from './power/drivers.js';
+import { PowerSync } from './power/sync.js';
+import { SECRETS_KEY_FILE, SecretBox } from './secrets/secret-box.js';
+import { redfishDriverFactory } from './power/redfish/factory.js';
+import { RedfishConnections } from './power/redfish/pool.js';
 import { createControllerMetrics, grpcServerMetricsMiddleware } from './observability/metrics.js';
 import { Provisioner } from './provisioning/provisioner.js';
 import { agentGatewayRateLimits, PeerLimit } from './auth/rate-limit.js';
@@ -46,6 +54,7 @@ import { createNodeService } from './services/node-service.js';
 import { setUpOperatorAuth } from './auth/operator-auth.js';
 import { clientCertificateInterceptor, clientCertificateRole } from './auth/operator-tls.js';
 import { setUpControllerTransport } from './tls/transport.js';
+import { loadAgentCa } from './tls/agent-ca.js';
 import { SqliteStore } from './store/sqlite.js';
 import type { Store } from './store/store.js';
 import { Sweep } from './provisioning/sweep.js';
@@ -69,6 +78,7 @@ export interface RunningController {
   sweep: Sweep;
   recorder: HeartbeatRecorder;
   membership: Membership;
+  powerSync: PowerSync;
   /** Stops accepting, ends heartbeat streams, flushes heartbeats, closes the store. Idempotent. */
   stop(): Promise<void>;
 }
@@ -78,6 +88,22 @@ export async function openStore(config: Pick<ControllerConfig, 'database'>, logg
   if (config.database.startsWith('sqlite:')) return SqliteStore.open(config.database.slice('sqlite:'.length));
   const { PostgresStore } = await import('./store/postgres.js');
   return PostgresStore.open(config.database, { logger: logger.child({ component: 'postgres' }) });
+}
+
+/** The host machines and BMCs reach this controller at: the advertised one, or the listen host when it is a single address. */
+function advertisedHost(config: ControllerConfig): string {
+  const address = config.advertiseAddress || config.listen;
+  const host = address.slice(0, address.lastIndexOf(':'));
+  return ['0.0.0.0', '[::]', '::', ''].includes(host) ? hostname() : host;
+}
+
+/** The HTTP routes: agent ISOs first, then network boot. */
+function withVirtualMedia(
+  media: VirtualMediaBoot,
+  boot: (req: IncomingMessage, res: ServerResponse, path: string) => boolean,
+): (req: IncomingMessage, res: ServerResponse, path: string) => boolean {
+  const iso = media.handler();
+  return (req, res, path) => iso(req, res, path) || boot(req, res, path);
 }
 
 /** What other controllers dial: the advertised address, or the listen address with a reachable host. */
@@ -98,6 +124,13 @@ export async function startController(
   const startedAt = Date.now();
   // TLS files are read and checked before anything starts: a bad one is a ConfigError (exit code 2).
   const transport = setUpControllerTransport(config, logger.child({ component: 'tls' }));
+  const agentCa = loadAgentCa(config);
+  // Node secrets (BMC passwords) are sealed with this key before they reach the database.
+  const secretBox = SecretBox.loadOrCreate(config.secretsKeyFile || join(config.dataDir, SECRETS_KEY_FILE));
+  power.useSecrets(secretBox);
+  // BMC connections and sessions, shared by every redfish driver this controller makes; closed at stop.
+  const redfish = new RedfishConnections(logger.child({ component: 'redfish' }));
+  if (!power.has('redfish')) power.register('redfish', redfishDriverFactory(redfish, logger.child({ component: 'redfish' })));
   const store = await openStore(config, logger);
   // A previous run of this controller (same id) may have died holding locks, maybe half-way through a step.
   const leftovers = await store.releaseHolder(
@@ -161,11 +194,44 @@ export async function startController(
     },
     (node) => {
       sessions.revoke(node.uuid, new MetalcastError(Status.UNAUTHENTICATED, `the node timed out and is now ${node.toState}`));
-      void store.getNode(node.uuid).then((record) => record && feed.publish({ node: record }));
+      void store.getNode(node.uuid).then(async (record) => {
+        if (!record) return;
+        feed.publish({ node: record });
+        await ejectVirtualMedia({ power, store, node: record, logger: logger.child({ component: 'sweep' }), actor: 'sweep' });
+      });
     },
   );
   const locks = new NodeLocks(store, config.controllerId, metrics.lockWait);
-  const provisioner = new Provisioner(store, sessions, locks, feed, logger.child({ component: 'provisioner' }), config.controllerId, power);
+  // Known once both listen: the address agents dial (for the ISO's command line) and the HTTP port BMCs fetch ISOs from.
+  let grpcPortKnown = 0;
+  let httpAddressKnown = '';
+  const agentControllerAddress = () => config.bootControllerAddress || advertisedAddress(config, grpcPortKnown);
+  const virtualMediaBase = () => config.virtualMediaUrl || `http://${advertisedHost(config)}:${splitHostPort(httpAddressKnown).port}`;
+  const virtualMedia = new VirtualMediaBoot({
+    builder: new AgentIsoBuilder(join(config.dataDir, 'virtual-media')),
+    bootDir: config.bootDir,
+    // The same command line the iPXE script gives network-booted agents (controller/boot/boot-endpoint.ts).
+    cmdline: (node) =>
+      agentCmdline({
+        controllerAddress: agentControllerAddress(),
+        insecure: config.insecure,
+        // The ISO's agent fetches the CA from the same place the ISO comes from.
+        ca: agentCa && { fingerprint: agentCa.fingerprint, url: `${virtualMediaBase()}/ca.pem` },
+        extra: node.properties[KERNEL_ARGS_PROPERTY],
+      }),
+    baseUrl: virtualMediaBase,
+    logger: logger.child({ component: 'virtual-media' }),
+  });
+  const provisioner = new Provisioner(
+    store,
+    sessions,
+    locks,
+    feed,
+    logger.child({ component: 'provisioner' }),
+    config.controllerId,
+    power,
+    virtualMedia,
+  );
   // A recorded heartbeat is fresh for the longest interval an agent may wait, plus the write-behind of the recorder.
   const freshnessMs = config.heartbeatIntervalMax + 2 * config.heartbeatFlushInterval + 1000;
   const directory = new AgentDirectory(sessions, freshnessMs, {
@@ -197,6 +263,20 @@ export async function startController(
       power,
     },
     logger.child({ component: 'conductor' }),
+  );
+  const powerSync = new PowerSync(
+    store,
+    power,
+    metrics,
+    logger.child({ component: 'power-sync' }),
+    {
+      intervalMs: config.powerSyncInterval,
+      concurrency: config.powerSyncConcurrency,
+      maxFailures: config.powerSyncMaxFailures,
+      holder: config.controllerId,
+      share: () => membership.ranges(),
+    },
+    (node) => feed.publish({ node }),
   );
   const heartbeat = {
     intervalMinMs: config.heartbeatIntervalMin,
@@ -255,7 +335,15 @@ export async function startController(
   const operatorServer = operatorAuth ? server.with(operatorAuth.middleware) : server;
   operatorServer.add(
     guardRequestDecoding(NodeServiceDefinition, OPERATOR_REQUEST_LIMIT_BYTES),
-    createNodeService({ store, provisioner, locks, feed, logger: logger.child({ component: 'node-service' }) }),
+    createNodeService({
+      store,
+      provisioner,
+      locks,
+      feed,
+      logger: logger.child({ component: 'node-service' }),
+      secrets: secretBox,
+      power,
+    }),
   );
   const images = createImageService({
     store,
@@ -283,20 +371,26 @@ export async function startController(
   let http: Awaited<ReturnType<typeof startHttpServer>> | undefined;
   try {
     grpcPort = await transport.listen(server, config.listen);
+    grpcPortKnown = grpcPort;
     http = await startHttpServer(
       config.metricsListen,
       registry,
       async () => health.getStatus() === 'healthy',
       logger.child({ component: 'http' }),
-      createBootEndpoint({
-        store,
-        bootDir: config.bootDir,
-        // Known once gRPC listens; network boots come later.
-        controllerAddress: () => config.bootControllerAddress || advertisedAddress(config, grpcPort),
-        insecure: config.insecure,
-        logger: logger.child({ component: 'boot' }),
-      }),
+      withVirtualMedia(
+        virtualMedia,
+        createBootEndpoint({
+          store,
+          bootDir: config.bootDir,
+          // Known once gRPC listens; network boots come later.
+          controllerAddress: () => config.bootControllerAddress || advertisedAddress(config, grpcPort),
+          insecure: config.insecure,
+          agentCa,
+          logger: logger.child({ component: 'boot' }),
+        }),
+      ),
     );
+    httpAddressKnown = http.address;
   } catch (error) {
     await server.forceShutdown();
     transport.close();
@@ -319,6 +413,7 @@ export async function startController(
   recorder.start();
   sweep.start();
   conductor.start();
+  powerSync.start();
   health.setStatus('healthy');
   const grpcAddress = `${config.listen.slice(0, config.listen.lastIndexOf(':'))}:${grpcPort}`;
 
@@ -339,6 +434,7 @@ export async function startController(
       clearTimeout(shutdownTimer);
       await images.stop();
       await conductor.stop();
+      await powerSync.stop();
       agentClients.closeAll();
       await sweep.stop();
       await recorder.stop();
@@ -347,6 +443,7 @@ export async function startController(
       stopRelay();
       locks.close();
       await http?.close();
+      await redfish.close();
       transport.close();
       await store.close();
       logger.info('controller stopped');
@@ -363,8 +460,23 @@ export async function startController(
       advertise,
       controllers: membership.members,
       tls: transport.summary,
+      agentCa: agentCa ? { fingerprint: agentCa.fingerprint, subject: agentCa.subject } : 'none',
     },
     'controller started',
   );
-  return { grpcAddress, httpAddress: http.address, store, imageFiles, registry, sessions, locks, feed, sweep, recorder, membership, stop };
+  return {
+    grpcAddress,
+    httpAddress: http.address,
+    store,
+    imageFiles,
+    registry,
+    sessions,
+    locks,
+    feed,
+    sweep,
+    recorder,
+    membership,
+    powerSync,
+    stop,
+  };
 }

@@ -1,5 +1,5 @@
-import { createHash } from 'node:crypto';
-import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { open, readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -7,7 +7,17 @@ import { createChannel, createClient } from 'nice-grpc';
 import pino from 'pino';
 import { clientChannelOptions } from '../common/grpc-options.js';
 import { createLogger } from '../common/logging.js';
+import { tlsClient } from '../common/tls.js';
+import { tlsInit } from '../common/tls-init.js';
 import { KERNEL_ARGS_PROPERTY } from '../controller/boot/boot-endpoint.js';
+import { dnsmasqConfig } from '../controller/boot/dnsmasq-config.js';
+import {
+  BOOT_MODE_PROPERTY,
+  IPMI_ADDRESS_PROPERTY,
+  IPMI_PASSWORD_SECRET,
+  IPMI_PORT_PROPERTY,
+  IPMI_USERNAME_PROPERTY,
+} from '../controller/power/ipmi/ipmi-driver.js';
 import { loadControllerConfig } from '../controller/config.js';
 import { type RunningController, startController } from '../controller/controller.js';
 import { POWER_DRIVER_PROPERTY } from '../controller/power/drivers.js';
@@ -16,8 +26,10 @@ import { ImageServiceDefinition } from '../gen/metalcast/v1/image.js';
 import { type Node, NodeServiceDefinition, ProvisionAction, ProvisionState } from '../gen/metalcast/v1/node.js';
 import { buildRamdisk } from '../scripts/ramdisk/build-ramdisk.js';
 import { buildTestImage, TEST_IMAGE_MARKER } from '../scripts/ramdisk/build-test-image.js';
+import { type IpmiBmc, ipmiBmcUnavailable, startIpmiBmc } from './bmc/ipmi/ipmi-bmc.js';
+import { createPxeNetwork, type PxeNetwork, pxeNetworkUnavailable } from './network/pxe-network.js';
 import { labUnavailable } from './prerequisites.js';
-import { freePort, type Guest, labMac, startGuest } from './qemu.js';
+import { freePort, type Guest, type GuestOptions, labMac, startGuest } from './qemu.js';
 
 /*
  * The lab: a real controller (in this process) and N QEMU guests that
@@ -31,10 +43,25 @@ import { freePort, type Guest, labMac, startGuest } from './qemu.js';
  * console), and undeploys one through cleaning, checking that its disk was
  * erased at both ends. Every guest is stopped at the end, also on failure.
  *
- * The controller serves gRPC in plaintext (--insecure) and the guests'
- * agents do the same (metalcast.insecure on the kernel command line): the
- * lab's network is QEMU's user networking on this machine's loopback.
+ * Power and network boot are chosen per lab run (LabOptions power, network):
+ * - power `qemu`: the controller's qemu driver on a QMP socket of the guest's
+ *   own, as its BMC; `ipmi`: a real IPMI BMC per guest (ipmi_sim, lab/bmc/ipmi)
+ *   that the controller's ipmi driver reaches through ipmitool;
+ * - network `user`: QEMU's user networking, its built-in DHCP handing iPXE the
+ *   controller's script (10.0.2.2 is the host's loopback); `pxe`: a network
+ *   namespace with a bridge and a tap per guest, dnsmasq configured by
+ *   `metalcast boot dnsmasq-config --mode full`, and the controller on the
+ *   guests' segment through a veth pair (lab/network/pxe-network.ts).
+ * Any power pairs with either network. TLS is on in every case: the controller
+ * serves TLS with a CA made for the run and pins it on the ramdisk's command
+ * line (metalcast.ca_fingerprint, metalcast.ca_url); no agent runs with
+ * metalcast.insecure, and the lab checks every console for it.
  */
+
+/** How the lab's controller powers the guests. */
+export type LabPower = 'qemu' | 'ipmi';
+/** How the guests network-boot: QEMU's user networking, or dnsmasq on a bridge in a namespace. */
+export type LabNetwork = 'user' | 'pxe';
 
 const MIB = 1024 * 1024;
 const DISK_BYTES = 256 * MIB;
@@ -52,6 +79,10 @@ export interface LabOptions {
   keep?: boolean;
   /** Called with the guests once they exist, so that a caller can print their consoles on failure. */
   onGuests?: (guests: readonly Guest[], work: string) => void;
+  /** Power driver of every guest (default qemu). */
+  power?: LabPower;
+  /** Network boot path (default: pxe with ipmi power, user with qemu). */
+  network?: LabNetwork;
 }
 
 export interface LabResult {
@@ -66,7 +97,12 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
   const count = options.nodes ?? 3;
   const log = options.log ?? ((line: string) => process.stdout.write(`${line}\n`));
   const phaseTimeoutMs = options.phaseTimeoutMs ?? 600_000;
-  const why = labUnavailable();
+  const power = options.power ?? 'qemu';
+  const networkKind = options.network ?? (power === 'ipmi' ? 'pxe' : 'user');
+  const why =
+    labUnavailable() ??
+    (power === 'ipmi' ? ipmiBmcUnavailable() : undefined) ??
+    (networkKind === 'pxe' ? pxeNetworkUnavailable() : undefined);
   if (why) throw new Error(`the lab cannot run here: ${why}`);
 
   const started = Date.now();
@@ -80,11 +116,15 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
   };
   const work = mkdtempSync(join(tmpdir(), 'metalcast-lab-'));
   const guests: Guest[] = [];
+  const bmcs: IpmiBmc[] = [];
+  let network: PxeNetwork | undefined;
   let controller: RunningController | undefined;
   let channel: ReturnType<typeof createChannel> | undefined;
   let passed = false;
   try {
-    log(`lab: ${count} guests; work folder ${work}`);
+    log(
+      `lab: ${count} guests, power ${power}, network boot ${networkKind === 'pxe' ? 'through dnsmasq in a namespace' : "through QEMU's DHCP"}; work folder ${work}`,
+    );
     const ramdisk = await buildRamdisk();
     const testImage = buildTestImage();
     // Copies of our own: `npm run build` empties dist/, and may run meanwhile.
@@ -98,18 +138,26 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
     const imageSha = createHash('sha256').update(image).digest('hex');
     phase('ramdisk and test image ready');
 
+    if (networkKind === 'pxe') network = await createPxeNetwork();
+    // The address guests reach the controller at: on their segment, or the host's loopback as QEMU's 10.0.2.2.
+    const listenHost = network ? network.hostAddress : '127.0.0.1';
+    const tls = await tlsInit({ dir: join(work, 'tls'), hosts: network ? [network.hostAddress] : ['127.0.0.1', '10.0.2.2'], days: 2 });
+    const caPem = await readFile(tls.ca, 'utf8');
     const grpcPort = await freePort();
     const config = loadControllerConfig(
       {
-        listen: `127.0.0.1:${grpcPort}`,
-        metricsListen: '127.0.0.1:0',
+        listen: `${listenHost}:${grpcPort}`,
+        metricsListen: `${listenHost}:0`,
         dataDir: join(work, 'controller'),
         controllerId: 'lab-controller',
-        insecure: 'true',
+        tlsCert: tls.controller,
+        tlsKey: tls.controllerKey,
+        // Pinned on the ramdisk's command line: the agents fetch it and trust nothing else.
+        agentCa: tls.ca,
         operatorAuth: 'none',
         bootDir,
-        // QEMU's user networking maps 10.0.2.2 to the host's loopback.
-        bootControllerAddress: `10.0.2.2:${grpcPort}`,
+        // QEMU's user networking maps 10.0.2.2 to the host's loopback; on a bridge the guests dial the listen address.
+        ...(network ? {} : { bootControllerAddress: `10.0.2.2:${grpcPort}` }),
         // Emulated guests boot slowly; three at once on two CPUs slower still.
         heartbeatTimeout: '180s',
         heartbeatIntervalMin: '1s',
@@ -130,44 +178,74 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
       destination: pino.destination({ dest: join(work, 'controller.log'), sync: true }),
     });
     controller = await startController(config, logger);
-    channel = createChannel(controller.grpcAddress, undefined, clientChannelOptions({ timeMs: 60_000, timeoutMs: 10_000 }));
+    const client = tlsClient(controller.grpcAddress, { caPem });
+    channel = createChannel(controller.grpcAddress, client.credentials, {
+      ...clientChannelOptions({ timeMs: 60_000, timeoutMs: 10_000 }),
+      ...client.channelOptions,
+    });
     const nodes = createClient(NodeServiceDefinition, channel);
     const images = createClient(ImageServiceDefinition, channel);
     const httpPort = controller.httpAddress.split(':').at(-1);
-    const entryUrl = `http://10.0.2.2:${httpPort}/boot.ipxe`;
-    log(`  controller: gRPC ${controller.grpcAddress}, HTTP ${controller.httpAddress}; guests boot ${entryUrl}`);
+    const entryUrl = network ? `http://${controller.httpAddress}/boot.ipxe` : `http://10.0.2.2:${httpPort}/boot.ipxe`;
+    log(`  controller: gRPC ${controller.grpcAddress} over TLS, HTTP ${controller.httpAddress}; guests boot ${entryUrl}`);
+    if (network) {
+      const dnsmasq = await network.startDnsmasq(
+        dnsmasqConfig({ mode: 'full', bootUrl: entryUrl, interfaces: [network.bridge], range: network.range }),
+        work,
+      );
+      log(`  dnsmasq on ${network.bridge} in namespace ${network.namespace} (${network.subnet}/24); log ${dnsmasq.logPath}`);
+    }
 
     for (let i = 0; i < count; i++) {
       const name = `lab-node-${i + 1}`;
-      const agentPort = await freePort();
-      const guest = await startGuest({
+      const bmcSocketPath = join(work, `${name}.bmc`);
+      const machine: GuestOptions = {
         name,
         mac: labMac(0x4d0001 + i),
         diskPath: join(work, `${name}.img`),
         diskSizeBytes: DISK_BYTES,
         diskSerial: `lab-disk-${i + 1}`,
         boot: 'network',
-        netBootUrl: entryUrl,
-        forwardGuestPort: 9999,
-        forwardHostPort: agentPort,
         consolePath: join(work, `${name}.console.log`),
         qmpSocketPath: join(work, `${name}.qmp`),
-        bmcSocketPath: join(work, `${name}.bmc`),
-        // Off: the controller powers it on through the BMC socket when it needs the agent.
+        bmcSocketPath,
+        // Off: the controller powers it on through its BMC when it needs the agent.
         poweredOn: false,
-      });
+      };
+      if (network) {
+        machine.tap = await network.addTap();
+        machine.commandPrefix = network.prefix;
+      } else {
+        machine.netBootUrl = entryUrl;
+        machine.forwardGuestPort = 9999;
+        machine.forwardHostPort = await freePort();
+      }
+      const properties: Record<string, string> = {
+        // The guest's own address needs no advertising on a bridge; behind QEMU's NAT the controller uses the port forward.
+        [KERNEL_ARGS_PROPERTY]: `quiet panic=-1 metalcast.lookup_backoff_max=2s${network ? '' : ` metalcast.advertise_address=127.0.0.1:${machine.forwardHostPort}`}`,
+      };
+      const secrets: Record<string, string> = {};
+      if (power === 'ipmi') {
+        const password = randomBytes(12).toString('base64url');
+        const bmc = await startIpmiBmc({ name, dir: join(work, `${name}-bmc`), username: 'admin', password, qmpSocketPath: bmcSocketPath });
+        bmcs.push(bmc);
+        machine.extraArgs = bmc.qemuArgs();
+        Object.assign(properties, {
+          [POWER_DRIVER_PROPERTY]: 'ipmi',
+          [IPMI_ADDRESS_PROPERTY]: bmc.address,
+          [IPMI_PORT_PROPERTY]: String(bmc.port),
+          [IPMI_USERNAME_PROPERTY]: 'admin',
+          [BOOT_MODE_PROPERTY]: 'bios',
+        });
+        secrets[IPMI_PASSWORD_SECRET] = password;
+        log(`  ${name}: IPMI BMC (ipmi_sim) at ${bmc.address}:${bmc.port}, log ${bmc.logPath}`);
+      } else {
+        Object.assign(properties, { [POWER_DRIVER_PROPERTY]: 'qemu', [QMP_SOCKET_PROPERTY]: bmcSocketPath });
+      }
+      const guest = await startGuest(machine);
       guests.push(guest);
       options.onGuests?.(guests, work);
-      await nodes.createNode({
-        name,
-        macAddresses: [guest.mac],
-        properties: {
-          [POWER_DRIVER_PROPERTY]: 'qemu',
-          [QMP_SOCKET_PROPERTY]: join(work, `${name}.bmc`),
-          // The controller reaches the agent through QEMU's port forward, not at the guest's own 10.0.2.15.
-          [KERNEL_ARGS_PROPERTY]: `quiet panic=-1 metalcast.advertise_address=${guest.forwardedAddress} metalcast.lookup_backoff_max=2s`,
-        },
-      });
+      await nodes.createNode({ name, macAddresses: [guest.mac], properties, secrets });
       await nodes.setProvisionState({ node: name, action: ProvisionAction.PROVISION_ACTION_MANAGE });
     }
     phase(`${count} guests started (off) and enrolled`);
@@ -231,7 +309,7 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
     const consoleMarks = guests.map((g) => g.consoleLength());
     for (const name of names) await act(name, ProvisionAction.PROVISION_ACTION_DEPLOY, 'lab-test-image');
     await waitAll(names, ProvisionState.PROVISION_STATE_ACTIVE, 'deploying');
-    phase('deployed (network boot, write_image, reboot to disk through QMP)');
+    phase(`deployed (network boot, write_image, reboot to disk through the ${power} power driver)`);
 
     for (const guest of guests) {
       const written = await readStart(guest.diskPath, image.length);
@@ -256,14 +334,37 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
       throw new Error(`${cleaned.name}: after cleaning, the first and last ${ERASED_BYTES / MIB} MiB of its disk are not all zeros`);
     }
     phase(`undeployed ${cleaned.name} through cleaning; its disk is erased at both ends`);
+    checkNoInsecureAgent(guests);
+    log('  every agent fetched the pinned CA and spoke TLS; none ran with metalcast.insecure');
     log(`lab passed in ${((Date.now() - started) / 1000).toFixed(1)} s`);
     passed = true;
     return { work, timings, guests: guests.map((g) => ({ name: g.name, mac: g.mac, consolePath: g.consolePath })) };
   } finally {
-    await Promise.all(guests.map((g) => g.stop()));
     channel?.close();
-    await controller?.stop();
+    // The controller's stop may wait on connections to guests that are off (on a tap nothing resets them);
+    // destroying the network ends those connections (pxe-network.ts), so it runs while the stop waits.
+    const stopping = controller?.stop();
+    await Promise.race([stopping, new Promise((resolve) => setTimeout(resolve, 15_000).unref())]);
+    await Promise.all(guests.map((g) => g.stop()));
+    await Promise.all(bmcs.map((bmc) => bmc.stop()));
+    await network?.destroy();
+    await Promise.race([stopping, new Promise((resolve) => setTimeout(resolve, 30_000).unref())]);
     if (passed && !options.keep) rmSync(work, { recursive: true, force: true });
+  }
+}
+
+/**
+ * Every guest's agent fetched the controller's CA and checked it against the
+ * pinned fingerprint, and none was told metalcast.insecure or warned of
+ * plaintext: throws naming the guest otherwise.
+ */
+export function checkNoInsecureAgent(guests: readonly Pick<Guest, 'name' | 'consolePath'>[]): void {
+  for (const guest of guests) {
+    const console = readFileSync(guest.consolePath, 'latin1');
+    if (/metalcast\.insecure/.test(console)) throw new Error(`${guest.name}: an agent was booted with metalcast.insecure`);
+    if (/in plaintext \(--insecure\)/.test(console)) throw new Error(`${guest.name}: an agent talked to the controller in plaintext`);
+    if (!/fetched the controller CA and checked it against the pinned fingerprint/.test(console))
+      throw new Error(`${guest.name}: no agent fetched the pinned controller CA (metalcast.ca_url)`);
   }
 }
 

@@ -1,5 +1,5 @@
 /**
- * `npm run lab -- --nodes 3 [--keep] [--phase-timeout 600]`: the lab of
+ * `npm run lab -- --nodes 3 [--power qemu|ipmi] [--network user|pxe] [--keep] [--phase-timeout 600]`: the lab of
  * lab/lab.ts from the command line. Exits 0 when every check passed; on
  * failure or Ctrl-C every guest is stopped, and the work folder (consoles,
  * disks, controller log) is kept and named.
@@ -13,8 +13,18 @@ const { values } = parseArgs({
     nodes: { type: 'string', default: '3' },
     keep: { type: 'boolean', default: false },
     'phase-timeout': { type: 'string', default: '600' },
+    power: { type: 'string', default: 'qemu' },
+    network: { type: 'string' },
   },
 });
+if (values.power !== 'qemu' && values.power !== 'ipmi') {
+  console.error(`--power: '${values.power}' is not qemu or ipmi`);
+  process.exit(2);
+}
+if (values.network !== undefined && values.network !== 'user' && values.network !== 'pxe') {
+  console.error(`--network: '${values.network}' is not user (QEMU's DHCP) or pxe (dnsmasq in a network namespace; needs root)`);
+  process.exit(2);
+}
 const nodes = Number(values.nodes);
 if (!Number.isInteger(nodes) || nodes < 1 || nodes > 16) {
   console.error(`--nodes: '${values.nodes}' is not a whole number from 1 to 16`);
@@ -32,6 +42,8 @@ try {
     nodes,
     keep: values.keep,
     phaseTimeoutMs: Number(values['phase-timeout']) * 1000,
+    power: values.power,
+    network: values.network as 'user' | 'pxe' | undefined,
     onGuests: (_guests, folder) => {
       work = folder;
     },

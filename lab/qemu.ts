@@ -1,6 +1,17 @@
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, ftruncateSync, fstatSync, mkdirSync, openSync, readSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  closeSync,
+  copyFileSync,
+  existsSync,
+  ftruncateSync,
+  fstatSync,
+  mkdirSync,
+  openSync,
+  readSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
 import { createServer } from 'node:net';
 import { dirname } from 'node:path';
 import { QmpClient, type QmpEvent } from './qmp.js';
@@ -83,9 +94,40 @@ export interface GuestOptions {
   poweredOn?: boolean;
   /** Default qemu-system-x86_64 on the PATH. */
   qemuBinary?: string;
+  /**
+   * An empty IDE CD drive (QEMU device cd0), last in the boot order
+   * (bootindex 4): a Redfish BMC of lab/bmc/redfish/ puts virtual media in it
+   * and moves it first for a Cd boot override. Default: none.
+   */
+  cdrom?: boolean;
   /** Appended to QEMU's arguments. */
   extraArgs?: string[];
+  /**
+   * A command QEMU runs under, e.g. ['ip', 'netns', 'exec', NS] for a guest
+   * on a tap inside a network namespace; it must exec QEMU (so the pid is
+   * QEMU's). Default none.
+   */
+  commandPrefix?: string[];
+  /**
+   * A tap interface (made beforehand, in the namespace of commandPrefix) for
+   * the NIC instead of QEMU's user networking: the guest then network-boots
+   * from whatever DHCP server is on that segment, so netBootUrl, the port
+   * forward and 10.0.2.2 do not apply. Default: user networking.
+   */
+  tap?: string;
+  /** Firmware: SeaBIOS (default) or OVMF (UEFI, Debian's ovmf package, with a copy of its variable store next to the disk). */
+  firmware?: 'bios' | 'uefi';
+  /**
+   * The NIC's option ROM file (QEMU's romfile=): undefined for QEMU's default
+   * (iPXE from ipxe-qemu), '' for none (OVMF then boots the network with its
+   * own PXE).
+   */
+  nicRomFile?: string;
 }
+
+/** OVMF from Debian's ovmf package: code (read-only) and the variable store template each UEFI guest copies. */
+export const OVMF_CODE = '/usr/share/OVMF/OVMF_CODE_4M.fd';
+export const OVMF_VARS = '/usr/share/OVMF/OVMF_VARS_4M.fd';
 
 export interface Guest {
   readonly name: string;
@@ -268,7 +310,10 @@ class QemuGuest implements Guest {
     this.bootSource = options.boot;
     this.forwardedAddress = forwardHostPort === undefined ? undefined : `127.0.0.1:${forwardHostPort}`;
     this.console = new ConsoleFile(options.consolePath);
-    if (options.boot === 'network' && !options.netBootUrl) throw new Error(`guest ${options.name}: network boot needs netBootUrl`);
+    if (options.boot === 'network' && !options.netBootUrl && !options.tap)
+      throw new Error(`guest ${options.name}: network boot needs netBootUrl (or a tap on a network with a DHCP server)`);
+    if (options.tap && options.forwardGuestPort !== undefined)
+      throw new Error(`guest ${options.name}: forwardGuestPort works with user networking only, not with a tap`);
   }
 
   get pid(): number | undefined {
@@ -330,7 +375,8 @@ class QemuGuest implements Guest {
   }
 
   async setBootDevice(source: BootSource): Promise<void> {
-    if (source === 'network' && !this.options.netBootUrl) throw new Error(`guest ${this.name}: network boot needs netBootUrl`);
+    if (source === 'network' && !this.options.netBootUrl && !this.options.tap)
+      throw new Error(`guest ${this.name}: network boot needs netBootUrl`);
     this.bootSource = source;
     if (!this.alive || typeof source !== 'string') return;
     // Only the NIC moves (1 before the disk's 2, or 3 after it), so no two devices ever share an index.
@@ -410,7 +456,13 @@ class QemuGuest implements Guest {
     const binary = this.options.qemuBinary ?? 'qemu-system-x86_64';
     const args = this.qemuArgs();
     this.startedAt = Date.now();
-    const wrapper = spawn('/bin/sh', ['-c', WATCHDOG, 'qemu-watchdog', binary, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
+    if (this.options.firmware === 'uefi') {
+      const vars = this.uefiVarsPath();
+      if (!existsSync(vars)) copyFileSync(OVMF_VARS, vars);
+    }
+    const wrapper = spawn('/bin/sh', ['-c', WATCHDOG, 'qemu-watchdog', ...(this.options.commandPrefix ?? []), binary, ...args], {
+      stdio: ['pipe', 'pipe', 'pipe'],
+    });
     installExitHandler();
     live.add(this);
     let resolvePid: (pid: number | undefined) => void = () => {};
@@ -468,13 +520,23 @@ class QemuGuest implements Guest {
     return run;
   }
 
+  /** The guest's own copy of OVMF's variable store (boot entries persist across power cycles, as in NVRAM). */
+  private uefiVarsPath(): string {
+    return `${this.options.diskPath}.ovmf-vars.fd`;
+  }
+
   private qemuArgs(): string[] {
     const o = this.options;
     const source = this.bootSource;
     const order = bootIndexes(typeof source === 'string' ? source : 'network');
-    const netdev = ['user', 'id=net0'];
-    if (o.netBootUrl) netdev.push(`bootfile=${o.netBootUrl}`);
+    const netdev = o.tap ? ['tap', 'id=net0', `ifname=${o.tap}`, 'script=no', 'downscript=no'] : ['user', 'id=net0'];
+    if (o.netBootUrl && !o.tap) netdev.push(`bootfile=${o.netBootUrl}`);
     if (o.forwardGuestPort !== undefined) netdev.push(`hostfwd=tcp:127.0.0.1:${this.forwardHostPort}-:${o.forwardGuestPort}`);
+    const nicRom = o.nicRomFile === undefined ? '' : `,romfile=${o.nicRomFile}`;
+    const firmware =
+      o.firmware === 'uefi'
+        ? ['-drive', `if=pflash,format=raw,readonly=on,file=${OVMF_CODE}`, '-drive', `if=pflash,format=raw,file=${this.uefiVarsPath()}`]
+        : [];
     const serial = (o.diskSerial ?? `mc-${createHash('sha256').update(o.name).digest('hex').slice(0, 12)}`).slice(0, 20);
     const args = [
       '-name',
@@ -507,14 +569,15 @@ class QemuGuest implements Guest {
       '-netdev',
       netdev.join(','),
       '-device',
-      `virtio-net-pci,id=nic0,netdev=net0,mac=${o.mac},bootindex=${order.nic}`,
+      `virtio-net-pci,id=nic0,netdev=net0,mac=${o.mac},bootindex=${order.nic}${nicRom}`,
       '-drive',
       `file=${o.diskPath},if=none,id=drive0,format=raw,cache=writeback,discard=unmap`,
       '-device',
       `virtio-blk-pci,id=disk0,drive=drive0,serial=${serial},bootindex=${order.disk}`,
     ];
+    if (o.cdrom) args.push('-drive', 'if=none,id=cddrive0,media=cdrom,readonly=on', '-device', 'ide-cd,id=cd0,drive=cddrive0,bootindex=4');
     if (typeof source !== 'string') args.push('-kernel', source.kernel, '-initrd', source.initrd, '-append', source.append);
-    return [...args, ...(o.extraArgs ?? [])];
+    return [...firmware, ...args, ...(o.extraArgs ?? [])];
   }
 }
 

@@ -13,6 +13,7 @@ import {
   resolveOptions,
   switchValue,
 } from '../../common/config.js';
+import { parseCaPin } from '../../common/ca-pin.js';
 import { type KernelCmdline, type KernelCmdlineKeys, kernelCmdlineSource } from './kernel-cmdline.js';
 
 /** Every option of `metalcast agent`, in the order `--help` lists them. */
@@ -36,6 +37,37 @@ export const AGENT_OPTIONS = {
       "PEM CA bundle the agent verifies the controller's certificate with; required unless --insecure. The agent's own API serves TLS with a key and self-signed certificate made at each start, which the controller pins",
     defaultValue: '',
     parse: (raw: string) => (raw.trim() === '' ? '' : resolve(raw.trim())),
+  },
+  caUrl: {
+    flag: 'ca-url',
+    description:
+      "http:// URL of the controller's CA bundle (its HTTP endpoint's /ca.pem), fetched at start when there is no --ca; only the certificate matching --ca-fingerprint is trusted. Network-booted agents get it on the kernel command line (metalcast.ca_url)",
+    defaultValue: '',
+    parse: (raw: string) => {
+      if (raw.trim() === '') return '';
+      let url: URL;
+      try {
+        url = new URL(raw.trim());
+      } catch {
+        throw new Error(`'${raw}' is not a URL; the form is http://HOST:PORT/ca.pem`);
+      }
+      if (url.protocol !== 'http:' && url.protocol !== 'https:') throw new Error(`'${raw}' is not an http:// URL`);
+      return url.href;
+    },
+  },
+  caFingerprint: {
+    flag: 'ca-fingerprint',
+    description:
+      "sha256:<64 lowercase hex> of the DER of the CA certificate to trust: the one fetched from --ca-url must match it (metalcast.ca_fingerprint; the controller's iPXE script and ISO put it there), and so must --ca when both are given",
+    defaultValue: '',
+    parse: (raw: string) => (raw.trim() === '' ? '' : parseCaPin(raw)),
+  },
+  caFetchAttempts: {
+    flag: 'ca-fetch-attempts',
+    description:
+      'tries to fetch --ca-url before the agent gives up and exits (1 s apart, doubling up to 10 s); a CA that does not match the fingerprint is refused at once',
+    defaultValue: '10',
+    parse: integer({ min: 1, max: 1000 }),
   },
   insecure: {
     flag: 'insecure',
@@ -176,19 +208,25 @@ export function loadAgentConfig(
 }
 
 /**
- * TLS (--ca) or --insecure, never both and never neither; ConfigError
- * otherwise. startAgent checks it, so that loadAgentConfig stays usable
- * for the other settings alone.
+ * TLS (--ca, or --ca-url with --ca-fingerprint) or --insecure, never both
+ * and never neither; ConfigError otherwise. startAgent checks it, so that
+ * loadAgentConfig stays usable for the other settings alone.
  */
-export function checkAgentTlsMode(config: Pick<AgentConfig, 'ca' | 'insecure'>): void {
-  if (config.insecure && config.ca !== '') {
+export function checkAgentTlsMode(config: Pick<AgentConfig, 'ca' | 'insecure' | 'caUrl' | 'caFingerprint'>): void {
+  const pinned = config.caUrl !== '' || config.caFingerprint !== '';
+  if (config.insecure && (config.ca !== '' || pinned)) {
     throw new ConfigError([
-      '--insecure contradicts --ca (metalcast.insecure, metalcast.ca=): talk to the controller over TLS or in plaintext, not both',
+      `--insecure contradicts ${config.ca !== '' ? '--ca (metalcast.ca=)' : '--ca-url/--ca-fingerprint (metalcast.ca_url, metalcast.ca_fingerprint)'}: talk to the controller over TLS or in plaintext, not both`,
     ]);
   }
-  if (!config.insecure && config.ca === '') {
+  if (config.caUrl !== '' && config.caFingerprint === '') {
     throw new ConfigError([
-      "the agent talks to the controller over TLS: give --ca (metalcast.ca= on the kernel command line) with the PEM CA bundle that signed the controller's certificate, or --insecure (metalcast.insecure) for a plaintext lab",
+      '--ca-url (metalcast.ca_url) needs --ca-fingerprint (metalcast.ca_fingerprint=sha256:…): a CA fetched over plain HTTP is trusted only when it matches a pin',
+    ]);
+  }
+  if (!config.insecure && config.ca === '' && config.caUrl === '') {
+    throw new ConfigError([
+      "the agent talks to the controller over TLS: give --ca (metalcast.ca= on the kernel command line) with the PEM CA bundle that signed the controller's certificate, or --ca-url with --ca-fingerprint (metalcast.ca_url, metalcast.ca_fingerprint, which the controller's network boot puts there), or --insecure (metalcast.insecure) for a plaintext lab",
     ]);
   }
 }

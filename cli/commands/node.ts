@@ -10,6 +10,8 @@ import {
 import { withClient } from '../client.js';
 import { stateName } from '../node-format.js';
 import { watchNodes } from './node-watch.js';
+import { addBmcOptions, type BmcOptions, bmcSettings, registerNodeSetCommand } from './node-bmc.js';
+import { registerNodePowerCommands } from './node-power.js';
 import { formatAge, formatBytes, formatTime, printFields, printJson, printTable } from '../output.js';
 
 const stateHelp = PROVISION_STATES.map((s) => `${s} (${allowedActions(s).join(', ') || 'no actions'})`).join('\n    ');
@@ -38,6 +40,8 @@ function printNode(node: Node): void {
         .map(([k, v]) => `${k}=${v}`)
         .join(', ') || '-',
     ],
+    // Secret values never reach the CLI: only their names.
+    ['secrets', node.secretKeys.map((key) => `${key}=********`).join(', ') || '-'],
     ['agent', node.agentAddress ? `${node.agentAddress} (version ${node.agentVersion || '?'})` : '-'],
     ['last heartbeat', formatAge(node.lastHeartbeatAt)],
     ['lock', node.reservation ? `${node.reservation} (${node.reservationOperation})` : '-'],
@@ -82,23 +86,33 @@ export function registerNodeCommands(program: Command, addOperatorOptions: (comm
     .description('enrol, list, inspect and manage nodes')
     .addHelpText('after', `\nProvision states and the actions allowed from each:\n    ${stateHelp}\n`);
 
-  node
-    .command('create')
-    .description('enrol a machine by name and MAC addresses')
-    .argument('<name>', 'unique node name')
-    .requiredOption('--mac <mac>', 'MAC address of a NIC (repeat for each)', (v: string, p: string[] = []) => [...p, v])
-    .option('--property <key=value>', 'free-form property (repeatable)', parseProperty)
-    .action(async (name: string, opts: { mac: string[]; property?: Record<string, string> }, command: Command) =>
-      withClient(command, async ({ nodes }, { json }) => {
-        const { node: created } = await nodes.createNode({ name, macAddresses: opts.mac, properties: opts.property ?? {} });
-        if (!created) throw new Error('the controller returned no node');
-        if (json) printJson(nodeJson(created));
-        else
-          process.stdout.write(
-            `created node ${created.name} (${created.uuid}) in state enroll; next: metalcast node manage ${created.name}\n`,
-          );
-      }),
-    );
+  addBmcOptions(
+    node
+      .command('create')
+      .description('enrol a machine by name and MAC addresses, with its BMC settings')
+      .argument('<name>', 'unique node name')
+      .requiredOption('--mac <mac>', 'MAC address of a NIC (repeat for each)', (v: string, p: string[] = []) => [...p, v])
+      .option('--property <key=value>', 'free-form property (repeatable)', parseProperty),
+  ).action(async (name: string, opts: BmcOptions & { mac: string[]; property?: Record<string, string> }, command: Command) =>
+    withClient(command, async ({ nodes }, { json }) => {
+      const bmc = bmcSettings(opts, opts.property?.['power.driver']);
+      const { node: created } = await nodes.createNode({
+        name,
+        macAddresses: opts.mac,
+        properties: { ...opts.property, ...bmc.set },
+        secrets: bmc.secrets,
+      });
+      if (!created) throw new Error('the controller returned no node');
+      if (json) printJson(nodeJson(created));
+      else
+        process.stdout.write(
+          `created node ${created.name} (${created.uuid}) in state enroll; next: metalcast node manage ${created.name}\n`,
+        );
+    }),
+  );
+
+  registerNodeSetCommand(node);
+  registerNodePowerCommands(node);
 
   node
     .command('list')

@@ -36,8 +36,13 @@ const NODE_ROLES: Record<keyof typeof NodeServiceDefinition.methods, OperatorRol
   deleteNode: 'admin',
   addNodePort: 'admin',
   removeNodePort: 'admin',
+  updateNode: 'admin',
   setMaintenance: 'admin',
   setProvisionState: 'admin',
+  setNodePower: 'admin',
+  getNodePower: 'reader',
+  // Admin: it logs in to the BMC, and failed logins can lock a BMC account.
+  validateNode: 'admin',
   listNodeEvents: 'reader',
   watchNodes: 'reader',
 };

@@ -9,6 +9,13 @@ export interface AgentCmdlineOptions {
   controllerAddress: string;
   /** The controller serves plaintext, so the agents must too (metalcast.insecure). */
   insecure: boolean;
+  /**
+   * How the agent trusts the controller from its first packet, when the
+   * controller serves TLS and knows its CA (--agent-ca): the CA's pin
+   * (sha256:<hex>, metalcast.ca_fingerprint) and where to fetch it
+   * (http://<controller HTTP address>/ca.pem, metalcast.ca_url).
+   */
+  ca?: { fingerprint: string; url: string } | undefined;
   /** The node's boot.kernel_args property; control characters become spaces. */
   extra?: string | undefined;
 }
@@ -19,6 +26,9 @@ export function agentCmdline(options: AgentCmdlineOptions): string {
     'console=ttyS0',
     `metalcast.controller=${options.controllerAddress}`,
     ...(options.insecure ? ['metalcast.insecure'] : []),
+    ...(!options.insecure && options.ca
+      ? [`metalcast.ca_fingerprint=${options.ca.fingerprint}`, `metalcast.ca_url=${options.ca.url}`]
+      : []),
     ...(extra ? [extra] : []),
   ].join(' ');
 }

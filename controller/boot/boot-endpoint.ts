@@ -12,6 +12,8 @@ import { entryScript, localDiskScript, macFromPath, ramdiskScript, unknownMacScr
 export const KERNEL_ARGS_PROPERTY = 'boot.kernel_args';
 export const KERNEL_FILE = 'vmlinuz';
 export const INITRAMFS_FILE = 'initramfs.cpio.gz';
+/** Where agents fetch the CA they pin (metalcast.ca_url). */
+export const CA_FILE = 'ca.pem';
 
 export interface BootEndpointOptions {
   store: Store;
@@ -22,6 +24,12 @@ export interface BootEndpointOptions {
   /** The controller serves plaintext, so the agents must too (metalcast.insecure). */
   insecure: boolean;
   logger: Logger;
+  /**
+   * The CA agents should trust (--agent-ca), served at /ca.pem and pinned by
+   * its fingerprint on the ramdisk's kernel command line; undefined: none
+   * (plaintext, or agents with a CA baked in).
+   */
+  agentCa?: { pem: string; fingerprint: string } | undefined;
   /** Seconds an unknown MAC waits before asking again; default 10. */
   retrySeconds?: number;
 }
@@ -71,6 +79,7 @@ export function createBootEndpoint(options: BootEndpointOptions): (req: Incoming
     const cmdline = agentCmdline({
       controllerAddress: options.controllerAddress(),
       insecure: options.insecure,
+      ca: options.agentCa && { fingerprint: options.agentCa.fingerprint, url: `${base}/${CA_FILE}` },
       extra: node.properties[KERNEL_ARGS_PROPERTY],
     });
     options.logger.info({ node: node.uuid, nodeName: node.name, mac, state: node.provisionState }, 'network boot of the agent ramdisk');
@@ -82,6 +91,16 @@ export function createBootEndpoint(options: BootEndpointOptions): (req: Incoming
     const base = `http://${SAFE_HOST.test(host) ? host : 'invalid-host'}`;
     if (path === '/boot.ipxe') {
       script(res, entryScript(base, retry));
+      return true;
+    }
+    if (path === `/${CA_FILE}`) {
+      if (!options.agentCa) {
+        res
+          .writeHead(404, { 'content-type': 'text/plain' })
+          .end('this controller serves no CA for agents: start it with --agent-ca (or --tls-generate)\n');
+      } else {
+        res.writeHead(200, { 'content-type': 'application/x-pem-file', 'cache-control': 'no-store' }).end(options.agentCa.pem);
+      }
       return true;
     }
     if (path === `/${KERNEL_FILE}` || path === `/${INITRAMFS_FILE}`) {

@@ -45,12 +45,20 @@ chain --replace ${baseUrl}/${entryPath}
 `;
 }
 
-/** Boots the agent ramdisk with these kernel parameters (console=ttyS0 and the metalcast.* keys). */
+/**
+ * Boots the agent ramdisk with these kernel parameters (console=ttyS0 and the
+ * metalcast.* keys). Under UEFI the kernel's EFI stub finds the initramfs only
+ * when the command line names it (initrd=NAME, NAME being the image's name in
+ * iPXE: the URL's last segment); iPXE releases before 2021 offer no other way,
+ * and without it the kernel panics, unable to mount a root file system. BIOS
+ * boots ignore it.
+ */
 export function ramdiskScript(options: { kernelUrl: string; initrdUrl: string; cmdline: string; label?: string }): string {
+  const initrdName = new URL(options.initrdUrl).pathname.split('/').at(-1) || 'initrd';
   return `#!ipxe
 echo metalcast: booting the agent ramdisk${options.label ? ` for ${options.label}` : ''}
-kernel ${options.kernelUrl} ${options.cmdline}
-initrd ${options.initrdUrl}
+kernel ${options.kernelUrl} ${options.cmdline} initrd=${initrdName}
+initrd --name ${initrdName} ${options.initrdUrl}
 boot
 `;
 }

@@ -27,6 +27,7 @@ export function relayNodeChanges(store: Store, feed: NodeFeed, controllerId: str
         progressJson: null,
         agentTokenHash: null,
         agentApiToken: null,
+        secrets: {},
       };
     }
     void store.notify('node_changed', JSON.stringify(notice));

@@ -127,6 +127,29 @@ export function createControllerMetrics(
       labelNames: ['kind'],
       registers: [registry],
     }),
+    powerSyncChecks: new Counter({
+      name: 'metalcast_power_sync_checks_total',
+      help: 'Power state reads by the power sync, by result (on, off, failed).',
+      labelNames: ['result'],
+      registers: [registry],
+    }),
+    powerStateChanges: new Counter({
+      name: 'metalcast_power_state_changes_total',
+      help: 'Power states the power sync found different from what the controller last knew (changed outside metalcast), by the state found.',
+      labelNames: ['power_state'],
+      registers: [registry],
+    }),
+    bmcUnreachableNodes: new Gauge({
+      name: 'metalcast_bmc_unreachable_nodes',
+      help: "Nodes of this controller's share whose BMC failed --power-sync-max-failures power state reads in a row, as of the last power sync round.",
+      registers: [registry],
+    }),
+    powerSyncRoundDuration: new Histogram({
+      name: 'metalcast_power_sync_round_duration_seconds',
+      help: 'Time one power sync round took (spread over --power-sync-interval).',
+      buckets: [0.1, 1, 5, 15, 30, 60, 120, 300, 600],
+      registers: [registry],
+    }),
   };
   // Series that alerts take increase() or rate() of exist from the start at 0:
   // a series born at 1 would hide the first timeout, failed sweep or lock wait.
@@ -134,6 +157,8 @@ export function createControllerMetrics(
   metrics.sweepRuns.inc({ result: 'error' }, 0);
   metrics.lockWait.zero({ kind: 'patient' });
   for (const kind of ['lookup', 'agent_auth']) metrics.rateLimited.inc({ kind }, 0);
+  for (const result of ['on', 'off', 'failed']) metrics.powerSyncChecks.inc({ result }, 0);
+  for (const state of ['on', 'off']) metrics.powerStateChanges.inc({ power_state: state }, 0);
   return metrics;
 }
 

@@ -1,19 +1,36 @@
+import type { SecretBox } from '../secrets/secret-box.js';
+import { ipmiDriverFromNode } from './ipmi/ipmi-driver.js';
 import { PowerError, type PowerDriver } from './power-driver.js';
 import { QEMU_NIC_PROPERTY, QemuPowerDriver, QMP_SOCKET_PROPERTY } from './qemu.js';
 
 /** The node property naming the power driver; a node without it is powered by hand. */
 export const POWER_DRIVER_PROPERTY = 'power.driver';
+/** How a node boots into the agent: `network` (PXE/iPXE, the default) or `virtual-media` (a CD its BMC inserts). */
+export const BOOT_METHOD_PROPERTY = 'boot.method';
+export const BOOT_METHODS = ['network', 'virtual-media'] as const;
 
 /**
  * Makes a node's driver from the node's properties and its secrets (BMC
  * passwords, keyed like properties: power.redfish.password); throws a message
- * naming the property to fix, never a secret's value.
+ * naming the property to fix, never a secret's value. A factory does no I/O:
+ * it is also how the API checks a node's power settings when they are set.
  */
 export type PowerDriverFactory = (properties: Record<string, string>, secrets: Record<string, string>) => PowerDriver;
 
+/** What forNode needs of a node. */
+export interface PowerNode {
+  name: string;
+  properties: Record<string, string>;
+  /**
+   * The node's secrets by name: as the store keeps them (sealed) when these
+   * drivers were given the controller's SecretBox (useSecrets), plain otherwise.
+   */
+  secrets?: Record<string, string>;
+}
+
 /**
  * The power drivers a controller knows, by name. `qemu` is built in; tests
- * register `fake`. Redfish and IPMI register here when they come.
+ * register `fake`; `ipmi` is built in too; `redfish` registers in the controller's wiring.
  */
 export class PowerDrivers {
   private readonly factories = new Map<string, PowerDriverFactory>([
@@ -25,15 +42,71 @@ export class PowerDrivers {
         return new QemuPowerDriver(socket, properties[QEMU_NIC_PROPERTY] || 'nic0');
       },
     ],
+    // Stateless but for the per-BMC pacing in ipmitool.ts, so built in like qemu.
+    ['ipmi', (properties, secrets) => ipmiDriverFromNode(properties, secrets)],
   ]);
+  private box: SecretBox | undefined;
 
   register(name: string, factory: PowerDriverFactory): this {
     this.factories.set(name, factory);
     return this;
   }
 
-  /** The node's driver, undefined when the node has none (powered by hand); PowerError when its properties are wrong. */
-  forNode(node: { name: string; properties: Record<string, string>; secrets?: Record<string, string> }): PowerDriver | undefined {
+  /** Whether a driver of this name is registered. */
+  has(name: string): boolean {
+    return this.factories.has(name);
+  }
+
+  /** From now on, node secrets handed to forNode are sealed by this box, and opened here just before a driver is made. */
+  useSecrets(box: SecretBox): this {
+    this.box = box;
+    return this;
+  }
+
+  /** The node's driver, undefined when the node has none (powered by hand); PowerError when its settings are wrong. */
+  forNode(node: PowerNode): PowerDriver | undefined {
+    const factory = this.factoryFor(node);
+    if (!factory) return undefined;
+    try {
+      const secrets = this.box ? this.box.openAll(node.secrets ?? {}) : (node.secrets ?? {});
+      return factory(node.properties, secrets);
+    } catch (error) {
+      throw new PowerError(`node '${node.name}': ${(error as Error).message}`);
+    }
+  }
+
+  /**
+   * Checks a node's power settings without touching its BMC: the driver is
+   * made (with stand-ins for secrets that are set) and let go. PowerError
+   * naming what to fix, as forNode would throw it at power time.
+   */
+  check(node: { name: string; properties: Record<string, string>; secretKeys: readonly string[] }): void {
+    const method = node.properties[BOOT_METHOD_PROPERTY];
+    if (method !== undefined && !(BOOT_METHODS as readonly string[]).includes(method))
+      throw new PowerError(`node '${node.name}': ${BOOT_METHOD_PROPERTY} '${method}' is not one of ${BOOT_METHODS.join(', ')}`);
+    const factory = this.factoryFor(node);
+    if (!factory) {
+      if (method === 'virtual-media')
+        throw new PowerError(
+          `node '${node.name}': ${BOOT_METHOD_PROPERTY}=virtual-media needs a power driver with virtual media (redfish)`,
+        );
+      return;
+    }
+    let driver: PowerDriver | undefined;
+    try {
+      driver = factory(node.properties, Object.fromEntries(node.secretKeys.map((key) => [key, 'stand-in'])));
+    } catch (error) {
+      throw new PowerError(`node '${node.name}': ${(error as Error).message}`);
+    } finally {
+      driver?.close();
+    }
+    if (method === 'virtual-media' && !driver.insertMedia)
+      throw new PowerError(
+        `node '${node.name}': ${BOOT_METHOD_PROPERTY}=virtual-media needs a power driver with virtual media; the ${driver.name} driver has none (use redfish, or boot.method=network)`,
+      );
+  }
+
+  private factoryFor(node: { name: string; properties: Record<string, string> }): PowerDriverFactory | undefined {
     const name = node.properties[POWER_DRIVER_PROPERTY];
     if (name === undefined || name === '') return undefined;
     const factory = this.factories.get(name);
@@ -42,10 +115,6 @@ export class PowerDrivers {
         `node '${node.name}' has ${POWER_DRIVER_PROPERTY}=${name}, which is not a power driver; known: ${[...this.factories.keys()].join(', ')}`,
       );
     }
-    try {
-      return factory(node.properties, node.secrets ?? {});
-    } catch (error) {
-      throw new PowerError(`node '${node.name}': ${(error as Error).message}`);
-    }
+    return factory;
   }
 }

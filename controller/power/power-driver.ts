@@ -27,6 +27,8 @@ export interface PowerDriver {
   powerOn(bootDevice: PowerBootDevice): Promise<void>;
   /** Hard power off; nothing when off. */
   powerOff(): Promise<void>;
+  /** Asks the OS to shut down (ACPI), then powers off hard after the driver's timeout; drivers without it leave it out (callers use powerOff). */
+  softPowerOff?(): Promise<void>;
   /** Hard reset; powers on when off. */
   reset(): Promise<void>;
   /** Boots from this at the next power on or reset. */

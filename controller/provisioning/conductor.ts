@@ -17,7 +17,8 @@ import type { Admission } from './admission.js';
 import type { DeploySpecRecord, Provisioner } from './provisioner.js';
 import { describeError as describe } from '../../common/errors.js';
 import { PowerDrivers } from '../power/drivers.js';
-import type { PowerDriver } from '../power/power-driver.js';
+import type { PowerDriver, PowerState } from '../power/power-driver.js';
+import { bootMethodOf } from '../boot/virtual-media.js';
 
 const DEFAULT_POWER_DRIVERS = new PowerDrivers();
 
@@ -330,11 +331,19 @@ export class Conductor {
       return;
     }
     const written = final.result?.result?.$case === 'writeImage' ? final.result.result.value : undefined;
-    const driven = await this.powerThroughDriver(node, log, async (driver) => {
-      await driver.setBootDevice('disk');
-      if (this.options.finalPower === 'reboot') await driver.reset();
-      else if (this.options.finalPower === 'power_off') await driver.powerOff();
-    });
+    const finalState = this.options.finalPower === 'power_off' ? 'off' : this.options.finalPower === 'reboot' ? 'on' : undefined;
+    const driven = await this.powerThroughDriver(
+      node,
+      log,
+      async (driver) => {
+        // The agent ISO out before the machine restarts into its disk.
+        if (bootMethodOf(node) === 'virtual-media') await driver.ejectMedia?.();
+        await driver.setBootDevice('disk');
+        if (this.options.finalPower === 'reboot') await driver.reset();
+        else if (this.options.finalPower === 'power_off') await driver.powerOff();
+      },
+      finalState,
+    );
     if (driven === 'failed') {
       return;
     }
@@ -386,7 +395,16 @@ export class Conductor {
       return;
     }
     const erased = final.result?.result?.$case === 'eraseDisks' ? final.result.result.value.devicePaths : [];
-    if ((await this.powerThroughDriver(node, log, (driver) => driver.powerOff())) === 'failed') return;
+    const powered = await this.powerThroughDriver(
+      node,
+      log,
+      async (driver) => {
+        if (bootMethodOf(node) === 'virtual-media') await driver.ejectMedia?.();
+        await driver.powerOff();
+      },
+      'off',
+    );
+    if (powered === 'failed') return;
     const cleaning = await this.provisioner.move(
       node,
       'clean_wait',
@@ -465,6 +483,8 @@ export class Conductor {
     node: NodeRecord,
     log: Logger,
     action: (driver: PowerDriver) => Promise<void>,
+    /** The power state the action leaves, for the power sync to expect; undefined: unchanged. */
+    leaves?: PowerState,
   ): Promise<'done' | 'no driver' | 'failed'> {
     const step = node.provisionState === 'deploy_wait' ? 'deploy' : 'clean';
     const [from, to] = step === 'deploy' ? (['deploy_wait', 'deploy_failed'] as const) : (['clean_wait', 'clean_failed'] as const);
@@ -474,6 +494,7 @@ export class Conductor {
       driver = (this.options.power ?? DEFAULT_POWER_DRIVERS).forNode(node);
       if (!driver) return 'no driver';
       await action(driver);
+      if (leaves) await this.store.savePowerStatus(node.uuid, { powerState: leaves, checkedAt: Date.now(), failures: 0, error: '' });
       log.info({ driver: driver.name }, `${what} through the power driver`);
       return 'done';
     } catch (error) {

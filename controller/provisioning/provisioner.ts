@@ -10,6 +10,7 @@ import type { NodeFeed } from './node-feed.js';
 import type { NodeRecord, Store, Transition } from '../store/store.js';
 import { PowerDrivers } from '../power/drivers.js';
 import type { PowerDriver } from '../power/power-driver.js';
+import { bootMethodOf, ejectVirtualMedia, type VirtualMediaBoot } from '../boot/virtual-media.js';
 import { ACTION_TRANSITIONS, allowedActions, isAgentState, type ProvisionAction, type ProvisionState, type WaitState } from './states.js';
 
 const human = (state: ProvisionState) => state.replaceAll('_', ' ');
@@ -37,6 +38,8 @@ export class Provisioner {
     private readonly holder: string,
     /** Power drivers by name; a node with a power.driver property is powered on into network boot when its agent is needed. */
     private readonly power = new PowerDrivers(),
+    /** Agent ISOs for nodes with boot.method=virtual-media; without it such nodes cannot boot into the agent. */
+    private readonly media?: VirtualMediaBoot,
   ) {}
 
   async runAction(node: NodeRecord, action: ProvisionAction, actor: string, deploy?: DeploySpecRecord): Promise<NodeRecord> {
@@ -101,25 +104,38 @@ export class Provisioner {
 
   /**
    * Once the node waits for its agent: a node with a power driver is powered
-   * on (or reset) into network boot, which serves it the agent ramdisk; one
-   * without is powered by hand, as before. A power failure fails the step.
+   * on (or reset) into the agent, by network boot (the iPXE script serves
+   * the ramdisk) or, with boot.method=virtual-media, from the agent ISO its
+   * BMC inserts; one without is powered by hand, as before. A failure fails
+   * the step.
    */
   private async bootAgent(node: NodeRecord, wait: WaitState, failed: ProvisionState): Promise<NodeRecord> {
+    const method = bootMethodOf(node);
     let driver: PowerDriver | undefined;
     try {
       driver = this.power.forNode(node);
       if (!driver) return node;
-      await driver.powerOn('network');
+      if (method === 'virtual-media') {
+        if (!driver.insertMedia) throw new Error(`the ${driver.name} power driver has no virtual media (use boot.method=network)`);
+        if (!this.media) throw new Error('this controller serves no virtual media');
+        await driver.insertMedia(await this.media.isoUrl(node));
+        await driver.powerOn('cd');
+      } else {
+        await driver.powerOn('network');
+      }
+      // What the power sync expects from now on (controller/power/sync.ts).
+      await this.store.savePowerStatus(node.uuid, { powerState: 'on', checkedAt: Date.now(), failures: 0, error: '' });
     } catch (error) {
+      const what = method === 'virtual-media' ? 'virtual media boot' : 'power on';
       const reason = driver
-        ? `power on through ${driver.name} failed: ${(error as Error).message}`
-        : `power on failed: ${(error as Error).message}`;
+        ? `${what} through ${driver.name} failed: ${(error as Error).message}`
+        : `${what} failed: ${(error as Error).message}`;
       this.logger.warn({ node: node.uuid, nodeName: node.name, reason }, 'powering the node on failed');
       return await this.move(node, wait, failed, null, this.holder, reason, reason);
     } finally {
       driver?.close();
     }
-    this.logger.info({ node: node.uuid, nodeName: node.name, driver: driver.name }, 'powered on into network boot');
+    this.logger.info({ node: node.uuid, nodeName: node.name, driver: driver.name, boot: method }, `powered on into ${method} boot`);
     return node;
   }
 
@@ -192,6 +208,10 @@ export class Provisioner {
     }
     this.feed.publish({ node: updated, event: { ...event, id: 0, nodeUuid: node.uuid, time: Date.now() } });
     this.logger.info({ node: node.uuid, nodeName: node.name, from, to, actor }, 'provision state changed');
+    // The agent's work is over, however it ended: no agent ISO stays in the machine.
+    if (isAgentState(from) && !isAgentState(to)) {
+      await ejectVirtualMedia({ power: this.power, store: this.store, node: updated, logger: this.logger, actor: this.holder });
+    }
     return updated;
   }
 }

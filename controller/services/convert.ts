@@ -65,6 +65,7 @@ export function nodeToProto(node: NodeRecord, withInventory = true): Node {
     createdAt: new Date(node.createdAt),
     updatedAt: new Date(node.updatedAt),
     provisionUpdatedAt: new Date(node.provisionUpdatedAt),
+    secretKeys: Object.keys(node.secrets).sort(),
   };
 }
 

@@ -9,6 +9,7 @@ import type { NodeChange, NodeFeed } from '../provisioning/node-feed.js';
 import type { Provisioner } from '../provisioning/provisioner.js';
 import type { ProvisionState } from '../provisioning/states.js';
 import type { NodeRecord, Store } from '../store/store.js';
+import { applySettings } from '../store/settings.js';
 import {
   decodePageToken,
   encodePageToken,
@@ -18,9 +19,15 @@ import {
   validateMaintenanceReason,
   validateNodeName,
   validateNodeRef,
+  MAX_NODE_SECRETS,
   validateProperties,
+  validateSecrets,
+  validateUnset,
   validateWatchedNodes,
 } from './validation.js';
+import type { PowerDrivers } from '../power/drivers.js';
+import type { SecretBox } from '../secrets/secret-box.js';
+import { createNodePowerMethods } from './node-power.js';
 
 /** States a node may be deleted from: nothing is running on it or for it. */
 const DELETABLE: readonly ProvisionState[] = ['enroll', 'manageable', 'available', 'inspect_failed', 'clean_failed', 'deploy_failed'];
@@ -31,6 +38,10 @@ export interface NodeServiceDeps {
   locks: NodeLocks;
   feed: NodeFeed;
   logger: Logger;
+  /** Seals secrets before they reach the store. */
+  secrets: SecretBox;
+  /** Checks power settings as they are set (the drivers this controller knows). */
+  power: PowerDrivers;
 }
 
 /** Most node changes a WatchNodes stream buffers for a slow reader before it is ended. */
@@ -57,21 +68,41 @@ export function createNodeService(deps: NodeServiceDeps): NodeServiceImplementat
     }
   }
 
+  /** INVALID_ARGUMENT naming the setting to fix when the node's power settings could not make a driver. */
+  function checkPowerSettings(name: string, properties: Record<string, string>, secretKeys: readonly string[]): void {
+    try {
+      deps.power.check({ name, properties, secretKeys });
+    } catch (error) {
+      throw invalidArgument(`${(error as Error).message}; fix the node's power settings`);
+    }
+  }
+
   function published(node: NodeRecord | undefined): NodeRecord | undefined {
     if (node) feed.publish({ node });
     return node;
   }
 
   return {
+    ...createNodePowerMethods({ store, locks, power: deps.power, logger: deps.logger }),
+
     async createNode(request) {
       const name = validateNodeName(request.name);
       const macs = normaliseMacList(request.macAddresses);
       const properties = validateProperties(request.properties);
+      const secrets = validateSecrets(request.secrets);
+      checkPowerSettings(name, properties, Object.keys(secrets));
+      const secretNote = Object.keys(secrets).length ? `; secrets ${Object.keys(secrets).sort().join(', ')}` : '';
       const node = await store.createNode(
-        { name, macAddresses: macs, properties },
-        { kind: 'created', message: `enrolled with MACs ${macs.join(', ')}`, actor: operator, fromState: null, toState: 'enroll' },
+        { name, macAddresses: macs, properties, secrets: deps.secrets.sealAll(secrets) },
+        {
+          kind: 'created',
+          message: `enrolled with MACs ${macs.join(', ')}${secretNote}`,
+          actor: operator,
+          fromState: null,
+          toState: 'enroll',
+        },
       );
-      deps.logger.info({ node: node.uuid, nodeName: name, macs }, 'node created');
+      deps.logger.info({ node: node.uuid, nodeName: name, macs, secretKeys: Object.keys(secrets) }, 'node created');
       return { node: nodeToProto(node) };
     },
 
@@ -138,6 +169,40 @@ export function createNodeService(deps: NodeServiceDeps): NodeServiceImplementat
         store.removePort(node.uuid, mac, { kind: 'port', message: `port ${mac} removed`, actor: operator, fromState: null, toState: null }),
       );
       return { node: nodeToProto(published(updated) as NodeRecord) };
+    },
+
+    async updateNode(request) {
+      validateNodeRef(request.node);
+      const setProperties = validateProperties(request.setProperties, 'set_properties');
+      const unsetProperties = validateUnset(request.unsetProperties, 'unset_properties', setProperties, 'set_properties');
+      const setSecrets = validateSecrets(request.setSecrets, 'set_secrets');
+      const unsetSecrets = validateUnset(request.unsetSecrets, 'unset_secrets', setSecrets, 'set_secrets');
+      const node = await requireNode(request.node);
+      const properties = applySettings(node.properties, setProperties, unsetProperties);
+      const secretKeys = Object.keys(applySettings(node.secrets, setSecrets, unsetSecrets));
+      if (Object.keys(properties).length > 64)
+        throw invalidArgument(`set_properties: node '${node.name}' would have more than 64 properties`);
+      if (secretKeys.length > MAX_NODE_SECRETS)
+        throw invalidArgument(`set_secrets: node '${node.name}' would have more than ${MAX_NODE_SECRETS} secrets`);
+      checkPowerSettings(node.name, properties, secretKeys);
+      // Names only: property values are in the node, secret values nowhere but sealed in the store.
+      const parts = [
+        Object.keys(setProperties).length ? `set ${Object.keys(setProperties).sort().join(', ')}` : '',
+        unsetProperties.length ? `unset ${[...unsetProperties].sort().join(', ')}` : '',
+        Object.keys(setSecrets).length ? `set secret ${Object.keys(setSecrets).sort().join(', ')}` : '',
+        unsetSecrets.length ? `unset secret ${[...unsetSecrets].sort().join(', ')}` : '',
+      ].filter((part) => part !== '');
+      if (parts.length === 0) return { node: nodeToProto(node) };
+      // No lock: this is one atomic write, and a driver is made from the node as it is when it is needed.
+      const updated = await store.updateNodeSettings(
+        node.uuid,
+        { setProperties, unsetProperties, setSecrets: deps.secrets.sealAll(setSecrets), unsetSecrets },
+        { kind: 'settings', message: parts.join('; '), actor: operator, fromState: null, toState: null },
+      );
+      if (!updated) throw notFound(`node '${request.node}' was deleted meanwhile`);
+      published(updated);
+      deps.logger.info({ node: node.uuid, nodeName: node.name, change: parts.join('; ') }, 'node settings changed');
+      return { node: nodeToProto(updated) };
     },
 
     async setMaintenance(request) {

@@ -36,16 +36,45 @@ export function validateNodeRef(ref: string, field = 'node'): string {
   return ref;
 }
 
-export function validateProperties(properties: Record<string, string>): Record<string, string> {
+const SETTING_NAME = /^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$/;
+const SETTING_NAME_RULE = "1 to 64 letters, digits, '.', '_', '/' or '-'";
+/** Most secrets one node may have. */
+export const MAX_NODE_SECRETS = 16;
+
+export function validateProperties(properties: Record<string, string>, field = 'properties'): Record<string, string> {
   const entries = Object.entries(properties);
-  if (entries.length > 64) throw invalid(`properties: at most 64 entries, got ${entries.length}`);
+  if (entries.length > 64) throw invalid(`${field}: at most 64 entries, got ${entries.length}`);
   for (const [key, value] of entries) {
-    if (!/^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$/.test(key))
-      throw invalid(`properties: key '${truncate(key)}' must be 1 to 64 letters, digits, '.', '_', '/' or '-'`);
-    if (value.length > 1024) throw invalid(`properties.${key}: value longer than 1024 characters`);
-    checkText(value, `properties.${key}`, 1024);
+    if (!SETTING_NAME.test(key)) throw invalid(`${field}: key '${truncate(key)}' must be ${SETTING_NAME_RULE}`);
+    if (value.length > 1024) throw invalid(`${field}.${key}: value longer than 1024 characters`);
+    checkText(value, `${field}.${key}`, 1024);
   }
   return properties;
+}
+
+/**
+ * Secrets (BMC passwords): names as property keys, values of 1 to 1024
+ * characters without control characters. No message ever quotes a value.
+ */
+export function validateSecrets(secrets: Record<string, string>, field = 'secrets'): Record<string, string> {
+  const entries = Object.entries(secrets);
+  if (entries.length > MAX_NODE_SECRETS) throw invalid(`${field}: at most ${MAX_NODE_SECRETS} entries, got ${entries.length}`);
+  for (const [key, value] of entries) {
+    if (!SETTING_NAME.test(key)) throw invalid(`${field}: key '${truncate(key)}' must be ${SETTING_NAME_RULE}`);
+    if (value === '') throw invalid(`${field}.${key}: empty; to remove a secret, unset it`);
+    checkText(value, `${field}.${key}`, 1024);
+  }
+  return secrets;
+}
+
+/** Names to unset: at most 64, each a valid name, none also being set in the same request. */
+export function validateUnset(names: readonly string[], field: string, set: Record<string, string>, setField: string): readonly string[] {
+  checkCount(names, field, 64, 'names');
+  for (const name of names) {
+    if (!SETTING_NAME.test(name)) throw invalid(`${field}: '${truncate(name)}' must be ${SETTING_NAME_RULE}`);
+    if (name in set) throw invalid(`${field}: '${name}' is also in ${setField}; set it or unset it, not both`);
+  }
+  return names;
 }
 
 /** A maintenance reason, trimmed: required when turning maintenance on, one line of at most 255 characters. */

@@ -13,7 +13,9 @@ import {
   WAIT_STATES,
 } from '../provisioning/states.js';
 import { POSTGRES_MIGRATIONS } from './postgres-migrations.js';
+import { applySettings } from './settings.js';
 import type {
+  PowerStatusRecord,
   ControllerRecord,
   EpochMs,
   HashRange,
@@ -25,6 +27,7 @@ import type {
   NewNodeEvent,
   NodeEventRecord,
   NodeRecord,
+  NodeSettingsChange,
   OperatorRole,
   OperatorTokenRecord,
   Store,
@@ -33,6 +36,7 @@ import type {
   TimedOutNode,
   Transition,
 } from './store.js';
+import { powerStatusFromRow } from './power-rows.js';
 
 /** The part of a pino logger the store uses; pass `logger.child({ component: 'store' })`. */
 export interface StoreLogger {
@@ -68,6 +72,7 @@ interface NodeRow {
   maintenance_reason: string;
   last_error: string;
   properties: string;
+  secrets: string;
   agent_address: string;
   agent_version: string;
   agent_status: string;
@@ -169,9 +174,9 @@ export class PostgresStore implements Store {
         const uuid = randomUUID();
         const now = Date.now();
         await client.query(
-          `INSERT INTO nodes (uuid, name, provision_state, properties, ring_hash, created_at, updated_at, provision_updated_at)
-           VALUES ($1, $2, 'enroll', $3, $4, $5, $5, $5)`,
-          [uuid, node.name, JSON.stringify(node.properties), ringHash(uuid), now],
+          `INSERT INTO nodes (uuid, name, provision_state, properties, secrets, ring_hash, created_at, updated_at, provision_updated_at)
+           VALUES ($1, $2, 'enroll', $3, $4, $5, $6, $6, $6)`,
+          [uuid, node.name, JSON.stringify(node.properties), JSON.stringify(node.secrets ?? {}), ringHash(uuid), now],
         );
         await client.query('INSERT INTO ports (mac_address, node_uuid) SELECT unnest($1::text[]), $2', [node.macAddresses, uuid]);
         await insertEvent(client, uuid, event, now);
@@ -281,6 +286,28 @@ export class PostgresStore implements Store {
         [uuid, enabled, enabled ? reason : '', now],
       );
       if (!rowCount) return undefined;
+      await insertEvent(client, uuid, event, now);
+      return requireNode(client, uuid);
+    });
+  }
+
+  async updateNodeSettings(uuid: string, change: NodeSettingsChange, event: NewNodeEvent): Promise<NodeRecord | undefined> {
+    return this.withTransaction(async (client) => {
+      const { rows } = await client.query<{ properties: string; secrets: string }>(
+        'SELECT properties, secrets FROM nodes WHERE uuid = $1 FOR UPDATE',
+        [uuid],
+      );
+      const row = rows[0];
+      if (!row) return undefined;
+      const properties = applySettings(JSON.parse(row.properties), change.setProperties, change.unsetProperties);
+      const secrets = applySettings(JSON.parse(row.secrets), change.setSecrets, change.unsetSecrets);
+      const now = Date.now();
+      await client.query('UPDATE nodes SET properties = $2, secrets = $3, updated_at = $4 WHERE uuid = $1', [
+        uuid,
+        JSON.stringify(properties),
+        JSON.stringify(secrets),
+        now,
+      ]);
       await insertEvent(client, uuid, event, now);
       return requireNode(client, uuid);
     });
@@ -460,6 +487,24 @@ export class PostgresStore implements Store {
       fromState: r.from_state,
       toState: r.to_state,
     }));
+  }
+
+  async getPowerStatuses(uuids: readonly string[]): Promise<Map<string, PowerStatusRecord>> {
+    const found = new Map<string, PowerStatusRecord>();
+    if (uuids.length === 0) return found;
+    const { rows } = await this.pool.query('SELECT * FROM node_power WHERE node_uuid = ANY($1::text[])', [[...uuids]]);
+    for (const row of rows) found.set(row.node_uuid as string, powerStatusFromRow(row));
+    return found;
+  }
+
+  async savePowerStatus(uuid: string, status: PowerStatusRecord): Promise<void> {
+    await this.pool.query(
+      `INSERT INTO node_power (node_uuid, power_state, checked_at, failures, error)
+       SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM nodes WHERE uuid = $1)
+       ON CONFLICT (node_uuid) DO UPDATE SET power_state = excluded.power_state, checked_at = excluded.checked_at,
+         failures = excluded.failures, error = excluded.error`,
+      [uuid, status.powerState, status.checkedAt, status.failures, status.error],
+    );
   }
 
   async addEvent(uuid: string, event: NewNodeEvent): Promise<void> {
@@ -1159,6 +1204,7 @@ function toNodeRecord(row: NodeRow): NodeRecord {
     lastError: row.last_error,
     macAddresses: row.mac_addresses,
     properties: JSON.parse(row.properties) as Record<string, string>,
+    secrets: JSON.parse(row.secrets) as Record<string, string>,
     agentAddress: row.agent_address,
     agentVersion: row.agent_version,
     agentStatus: row.agent_status,

@@ -124,4 +124,28 @@ export const SQLITE_MIGRATIONS: readonly { version: number; description: string;
       );
     `,
   },
+  {
+    version: 6,
+    description: 'node secrets (BMC passwords), sealed by the controller',
+    sql: `
+      -- JSON object: secret name -> value sealed with the controller's secrets key (controller/secrets/secret-box.ts).
+      ALTER TABLE nodes ADD COLUMN secrets TEXT NOT NULL DEFAULT '{}';
+    `,
+  },
+  {
+    version: 7,
+    description: 'power state sync: the last power state seen or set for each node, and its BMC failures',
+    sql: `
+      -- controller/power/sync.ts: one row per node with a power driver, written by the sync and by power actions.
+      CREATE TABLE node_power (
+        node_uuid TEXT PRIMARY KEY REFERENCES nodes (uuid) ON DELETE CASCADE,
+        -- 'on', 'off', or '' when not known yet.
+        power_state TEXT NOT NULL DEFAULT '' CHECK (power_state IN ('', 'on', 'off')),
+        checked_at INTEGER,
+        -- Power state reads that failed in a row, and the last failure's message.
+        failures INTEGER NOT NULL DEFAULT 0,
+        error TEXT NOT NULL DEFAULT ''
+      );
+    `,
+  },
 ];

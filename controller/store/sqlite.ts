@@ -8,7 +8,9 @@ import { EventEmitter } from 'node:events';
 import { ringHash } from '../cluster/hash-ring.js';
 import { ACTIVE_STATE_FAILURES, PROVISION_STATES, type ProvisionState, WAIT_STATE_FAILURES, WAIT_STATES } from '../provisioning/states.js';
 import { SQLITE_MIGRATIONS } from './sqlite-migrations.js';
+import { applySettings } from './settings.js';
 import type {
+  PowerStatusRecord,
   ControllerRecord,
   EpochMs,
   HashRange,
@@ -20,6 +22,7 @@ import type {
   NewNodeEvent,
   NodeEventRecord,
   NodeRecord,
+  NodeSettingsChange,
   OperatorRole,
   OperatorTokenRecord,
   Store,
@@ -28,6 +31,7 @@ import type {
   TimedOutNode,
   Transition,
 } from './store.js';
+import { powerStatusFromRow } from './power-rows.js';
 
 type Row = Record<string, SQLInputValue>;
 
@@ -155,9 +159,9 @@ export class SqliteStore implements Store {
       const uuid = randomUUID();
       const now = Date.now();
       this.stmt(
-        `INSERT INTO nodes (uuid, name, provision_state, properties, ring_hash, created_at, updated_at, provision_updated_at)
-         VALUES (?, ?, 'enroll', ?, ?, ?, ?, ?)`,
-      ).run(uuid, node.name, JSON.stringify(node.properties), ringHash(uuid), now, now, now);
+        `INSERT INTO nodes (uuid, name, provision_state, properties, secrets, ring_hash, created_at, updated_at, provision_updated_at)
+         VALUES (?, ?, 'enroll', ?, ?, ?, ?, ?, ?)`,
+      ).run(uuid, node.name, JSON.stringify(node.properties), JSON.stringify(node.secrets ?? {}), ringHash(uuid), now, now, now);
       for (const mac of node.macAddresses) this.stmt('INSERT INTO ports (mac_address, node_uuid) VALUES (?, ?)').run(mac, uuid);
       this.insertEvent(uuid, event, now);
       return this.requireNode(uuid);
@@ -246,6 +250,26 @@ export class SqliteStore implements Store {
          WHERE uuid = ?`,
       ).run(enabled ? 1 : 0, enabled ? reason : '', now, enabled ? 1 : 0, now, uuid).changes;
       if (Number(changes) === 0) return undefined;
+      this.insertEvent(uuid, event, now);
+      return this.requireNode(uuid);
+    });
+  }
+
+  async updateNodeSettings(uuid: string, change: NodeSettingsChange, event: NewNodeEvent): Promise<NodeRecord | undefined> {
+    return this.inTransaction(() => {
+      const row = this.stmt('SELECT properties, secrets FROM nodes WHERE uuid = ?').get(uuid) as
+        | { properties: string; secrets: string }
+        | undefined;
+      if (!row) return undefined;
+      const properties = applySettings(JSON.parse(row.properties), change.setProperties, change.unsetProperties);
+      const secrets = applySettings(JSON.parse(row.secrets), change.setSecrets, change.unsetSecrets);
+      const now = Date.now();
+      this.stmt('UPDATE nodes SET properties = ?, secrets = ?, updated_at = ? WHERE uuid = ?').run(
+        JSON.stringify(properties),
+        JSON.stringify(secrets),
+        now,
+        uuid,
+      );
       this.insertEvent(uuid, event, now);
       return this.requireNode(uuid);
     });
@@ -417,6 +441,23 @@ export class SqliteStore implements Store {
       fromState: (r.from_state as ProvisionState | null) ?? null,
       toState: (r.to_state as ProvisionState | null) ?? null,
     }));
+  }
+
+  async getPowerStatuses(uuids: readonly string[]): Promise<Map<string, PowerStatusRecord>> {
+    const found = new Map<string, PowerStatusRecord>();
+    if (uuids.length === 0) return found;
+    const rows = this.db.prepare(`SELECT * FROM node_power WHERE node_uuid IN (${uuids.map(() => '?').join(',')})`).all(...uuids) as Row[];
+    for (const row of rows) found.set(row.node_uuid as string, powerStatusFromRow(row));
+    return found;
+  }
+
+  async savePowerStatus(uuid: string, status: PowerStatusRecord): Promise<void> {
+    this.stmt(
+      `INSERT INTO node_power (node_uuid, power_state, checked_at, failures, error)
+       SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM nodes WHERE uuid = ?)
+       ON CONFLICT (node_uuid) DO UPDATE SET power_state = excluded.power_state, checked_at = excluded.checked_at,
+         failures = excluded.failures, error = excluded.error`,
+    ).run(uuid, status.powerState, status.checkedAt, status.failures, status.error, uuid);
   }
 
   async addEvent(uuid: string, event: NewNodeEvent): Promise<void> {
@@ -739,6 +780,7 @@ function toNodeRecord(row: Row, macAddresses: string[]): NodeRecord {
     lastError: row.last_error as string,
     macAddresses,
     properties: JSON.parse(row.properties as string) as Record<string, string>,
+    secrets: JSON.parse(row.secrets as string) as Record<string, string>,
     agentAddress: row.agent_address as string,
     agentVersion: row.agent_version as string,
     agentStatus: row.agent_status as string,

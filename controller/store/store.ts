@@ -14,6 +14,12 @@ export interface NodeRecord {
   lastError: string;
   macAddresses: string[];
   properties: Record<string, string>;
+  /**
+   * The node's secrets (BMC passwords), by name (power.redfish.password),
+   * each sealed by the controller's SecretBox (controller/secrets/): the
+   * store keeps them opaque. Never returned by the API: only the names are.
+   */
+  secrets: Record<string, string>;
   agentAddress: string;
   agentVersion: string;
   agentStatus: string;
@@ -65,6 +71,17 @@ export interface NewNode {
   name: string;
   macAddresses: string[];
   properties: Record<string, string>;
+  /** Sealed secrets by name (see NodeRecord.secrets); none when left out. */
+  secrets?: Record<string, string>;
+}
+
+/** A change of a node's properties and secrets, made in one write: sets first, then unsets. */
+export interface NodeSettingsChange {
+  setProperties: Record<string, string>;
+  unsetProperties: readonly string[];
+  /** Sealed values, by name. */
+  setSecrets: Record<string, string>;
+  unsetSecrets: readonly string[];
 }
 
 export interface ListNodesQuery {
@@ -177,6 +194,18 @@ export interface TakeoverResult {
   failed: TimedOutNode[];
 }
 
+/** What the controller knows of a node's power (controller/power/sync.ts). */
+export interface PowerStatusRecord {
+  /** The last state seen by the power sync or set by a power action; '' when not known yet. */
+  powerState: 'on' | 'off' | '';
+  /** When the sync last read it, or an action set it; null never. */
+  checkedAt: EpochMs | null;
+  /** Reads of the power state that failed in a row (0 after a success). */
+  failures: number;
+  /** The last failure's message; '' after a success. */
+  error: string;
+}
+
 /** Notification channels shared by every controller on one database. */
 export type StoreChannel =
   /** payload: node uuid; a node's lock was released. */
@@ -209,6 +238,11 @@ export interface Store {
   addPort(uuid: string, mac: string, event: NewNodeEvent): Promise<NodeRecord>;
   removePort(uuid: string, mac: string, event: NewNodeEvent): Promise<NodeRecord>;
   setMaintenance(uuid: string, enabled: boolean, reason: string, event: NewNodeEvent): Promise<NodeRecord | undefined>;
+  /**
+   * Changes properties and secrets in one transaction with its event;
+   * unsetting a name that is not set is no error. Undefined when the node is gone.
+   */
+  updateNodeSettings(uuid: string, change: NodeSettingsChange, event: NewNodeEvent): Promise<NodeRecord | undefined>;
   /** Compare-and-set on the provision state; undefined when the node was not in `from`. */
   transition(uuid: string, transition: Transition): Promise<NodeRecord | undefined>;
   /** Stores a new agent token hash and the matching API credential, and forgets the pinned agent certificate; also resets the liveness clock. */
@@ -236,6 +270,10 @@ export interface Store {
    */
   listDueNodes(states: readonly ProvisionState[], heardSince: EpochMs, ranges: readonly HashRange[], limit: number): Promise<string[]>;
   countByProvisionState(): Promise<Map<ProvisionState, number>>;
+  /** The power status of these nodes; a node without one is absent from the map. */
+  getPowerStatuses(uuids: readonly string[]): Promise<Map<string, PowerStatusRecord>>;
+  /** Writes a node's power status (insert or replace); nothing when the node no longer exists. */
+  savePowerStatus(uuid: string, status: PowerStatusRecord): Promise<void>;
   listEvents(uuid: string, afterId: number, limit: number): Promise<NodeEventRecord[]>;
   addEvent(uuid: string, event: NewNodeEvent): Promise<void>;
   /**

@@ -19,7 +19,9 @@
  * TLS: the agent verifies the controller with a CA bundle named by
  * metalcast.ca=PATH, a file the kernel command line cannot carry; --ca FILE
  * puts it in the ramdisk as /etc/metalcast/ca.pem (RAMDISK_CA_PATH), so boot
- * with metalcast.ca=/etc/metalcast/ca.pem. Without TLS: metalcast.insecure.
+ * with metalcast.ca=/etc/metalcast/ca.pem. Or none: the controller's network boot puts
+ * metalcast.ca_url and metalcast.ca_fingerprint there, and the agent fetches its
+ * CA and pins it (agent/config/ca-fetch.ts). Without TLS: metalcast.insecure.
  *
  * Flags: --out DIR, --kernel-version V (default: the newest in /boot with its
  * modules), --ca FILE, --force (compress even when nothing changed),

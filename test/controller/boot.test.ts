@@ -71,10 +71,11 @@ describe('network boot over HTTP', () => {
       text,
       /kernel http:\/\/10\.0\.2\.2:9350\/vmlinuz console=ttyS0 metalcast\.controller=10\.0\.2\.2:7350 metalcast\.insecure /,
     );
-    assert.match(text, /metalcast\.advertise_address=127\.0\.0\.1:40001 quiet\n/);
+    // initrd= last: the kernel's EFI stub finds the initramfs by that name under UEFI.
+    assert.match(text, /metalcast\.advertise_address=127\.0\.0\.1:40001 quiet initrd=initramfs\.cpio\.gz\n/);
     // A Host header that could break the script out of its line is not used.
     assert.match(await script('/boot.ipxe', 'x\tboot'), /http:\/\/invalid-host\//);
-    assert.match(text, /initrd http:\/\/10\.0\.2\.2:9350\/initramfs\.cpio\.gz\nboot\n/);
+    assert.match(text, /initrd --name initramfs\.cpio\.gz http:\/\/10\.0\.2\.2:9350\/initramfs\.cpio\.gz\nboot\n/);
   });
 
   it('streams the kernel with its length, says which file is missing, and answers junk with 404', async () => {

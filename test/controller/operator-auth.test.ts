@@ -22,7 +22,7 @@ import {
 import type { Store } from '../../controller/store/store.js';
 import { AgentGatewayServiceDefinition } from '../../gen/metalcast/v1/agent_gateway.js';
 import { ImageServiceDefinition } from '../../gen/metalcast/v1/image.js';
-import { NodeServiceDefinition, ProvisionAction } from '../../gen/metalcast/v1/node.js';
+import { NodeServiceDefinition, PowerAction, ProvisionAction } from '../../gen/metalcast/v1/node.js';
 import { createTestOperatorToken, eventually, operatorCallOptions, tempDir } from '../helpers/controller.js';
 import { assertRejectsWith } from '../helpers/grpc-assert.js';
 
@@ -44,6 +44,7 @@ const READER_METHODS = new Set([
   '/metalcast.v1.NodeService/ListNodes',
   '/metalcast.v1.NodeService/ListNodeEvents',
   '/metalcast.v1.NodeService/WatchNodes',
+  '/metalcast.v1.NodeService/GetNodePower',
   '/metalcast.v1.ImageService/GetImage',
   '/metalcast.v1.ImageService/ListImages',
   '/metalcast.v1.ImageService/DownloadImage',
@@ -77,9 +78,14 @@ const CALLS: Record<string, (c: Clients) => Promise<unknown>> = {
   '/metalcast.v1.NodeService/DeleteNode': (c) => c.nodes.deleteNode({ node: 'no-such-node' }),
   '/metalcast.v1.NodeService/AddNodePort': (c) => c.nodes.addNodePort({ node: 'no-such-node', macAddress: '52:54:00:00:00:01' }),
   '/metalcast.v1.NodeService/RemoveNodePort': (c) => c.nodes.removeNodePort({ node: 'no-such-node', macAddress: '52:54:00:00:00:01' }),
+  '/metalcast.v1.NodeService/UpdateNode': (c) =>
+    c.nodes.updateNode({ node: 'no-such-node', setProperties: {}, unsetProperties: [], setSecrets: {}, unsetSecrets: [] }),
   '/metalcast.v1.NodeService/SetMaintenance': (c) => c.nodes.setMaintenance({ node: 'no-such-node', enabled: true, reason: 'x' }),
   '/metalcast.v1.NodeService/SetProvisionState': (c) =>
     c.nodes.setProvisionState({ node: 'no-such-node', action: ProvisionAction.PROVISION_ACTION_MANAGE }),
+  '/metalcast.v1.NodeService/SetNodePower': (c) => c.nodes.setNodePower({ node: 'no-such-node', action: PowerAction.POWER_ACTION_ON }),
+  '/metalcast.v1.NodeService/GetNodePower': (c) => c.nodes.getNodePower({ node: 'no-such-node' }),
+  '/metalcast.v1.NodeService/ValidateNode': (c) => c.nodes.validateNode({ node: 'no-such-node' }),
   '/metalcast.v1.NodeService/ListNodeEvents': (c) => c.nodes.listNodeEvents({ node: 'no-such-node' }),
   '/metalcast.v1.NodeService/WatchNodes': (c) => drain(c.nodes.watchNodes({ nodes: ['no-such-node'] })),
   '/metalcast.v1.ImageService/UploadImage': (c) =>

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { createChannel, createClient } from 'nice-grpc';
+import { createChannel, createClient, Status } from 'nice-grpc';
 import { clientChannelOptions } from '../../common/grpc-options.js';
 import { loadControllerConfig } from '../../controller/config.js';
 import { type RunningController, startController } from '../../controller/controller.js';
@@ -12,6 +12,7 @@ import { ProvisionAction, ProvisionState, NodeServiceDefinition } from '../../ge
 import { type AgentProcess, spawnAgent } from '../helpers/agent-process.js';
 import { createTestOperatorToken, eventually, operatorCallOptions, tempDir, testLogger } from '../helpers/controller.js';
 import { uniqueFakeMachine } from '../helpers/fake-machine.js';
+import { assertRejectsWith } from '../helpers/grpc-assert.js';
 import { addImage, makeImageContent } from '../helpers/images.js';
 
 /*
@@ -133,20 +134,18 @@ describe('power drivers', () => {
     assert.equal(node?.lastError, 'power on through fake failed: QMP socket /run/p2.bmc: connection refused');
   });
 
-  it('fails the step when the node names a driver that does not exist or lacks its settings', async () => {
-    await nodes.createNode({ name: 'p3', macAddresses: ['52:54:00:77:00:03'], properties: { 'power.driver': 'redfish-ish' } });
-    await act('p3', ProvisionAction.PROVISION_ACTION_MANAGE);
-    const { node } = await act('p3', ProvisionAction.PROVISION_ACTION_INSPECT);
-    assert.equal(node?.provisionState, ProvisionState.PROVISION_STATE_INSPECT_FAILED);
-    assert.match(
-      node?.lastError ?? '',
-      /power on failed: node 'p3' has power\.driver=redfish-ish, which is not a power driver; known: qemu, fake/,
+  it('refuses a node that names a driver that does not exist or lacks its settings, naming what to fix', async () => {
+    await assertRejectsWith(
+      nodes.createNode({ name: 'p3', macAddresses: ['52:54:00:77:00:03'], properties: { 'power.driver': 'redfish-ish' } }),
+      Status.INVALID_ARGUMENT,
+      /node 'p3' has power\.driver=redfish-ish, which is not a power driver; known: qemu, (\w+, )*fake/,
     );
-
-    await nodes.createNode({ name: 'p4', macAddresses: ['52:54:00:77:00:04'], properties: { 'power.driver': 'qemu' } });
-    await act('p4', ProvisionAction.PROVISION_ACTION_MANAGE);
-    const qemu = (await act('p4', ProvisionAction.PROVISION_ACTION_INSPECT)).node;
-    assert.match(qemu?.lastError ?? '', /the qemu power driver needs the property power\.qmp_socket/);
+    await nodes.createNode({ name: 'p4', macAddresses: ['52:54:00:77:00:04'], properties: {} });
+    await assertRejectsWith(
+      nodes.updateNode({ node: 'p4', setProperties: { 'power.driver': 'qemu' }, unsetProperties: [], setSecrets: {}, unsetSecrets: [] }),
+      Status.INVALID_ARGUMENT,
+      /the qemu power driver needs the property power\.qmp_socket/,
+    );
   });
 
   it('reports a qemu driver whose QMP socket is not there', async () => {

@@ -207,6 +207,60 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
       });
     });
 
+    describe('properties and secrets', () => {
+      it('stores the secrets given at creation as given, and a node without any has none', async () => {
+        const node = await store.createNode(
+          {
+            name: 'bmc-a',
+            macAddresses: ['aa:00:00:00:04:01'],
+            properties: { 'power.driver': 'redfish' },
+            secrets: { 'power.redfish.password': 'mcs1.sealed-value' },
+          },
+          created(),
+        );
+        assert.deepEqual(node.secrets, { 'power.redfish.password': 'mcs1.sealed-value' });
+        assert.deepEqual((await store.getNode('bmc-a'))?.secrets, { 'power.redfish.password': 'mcs1.sealed-value' });
+        assert.deepEqual((await store.listNodes({ limit: 10 }))[0]?.secrets, { 'power.redfish.password': 'mcs1.sealed-value' });
+        const plain = await store.createNode({ name: 'bmc-b', macAddresses: ['aa:00:00:00:04:02'], properties: {} }, created());
+        assert.deepEqual(plain.secrets, {});
+      });
+
+      it('sets and unsets properties and secrets in one write with its event, keeping the rest', async () => {
+        const node = await store.createNode(
+          {
+            name: 'bmc-c',
+            macAddresses: ['aa:00:00:00:04:03'],
+            properties: { rack: 'r1', 'power.driver': 'qemu', 'power.qmp_socket': '/run/x' },
+            secrets: { 'power.ipmi.password': 'old' },
+          },
+          created(),
+        );
+        const updated = await store.updateNodeSettings(
+          node.uuid,
+          {
+            setProperties: { 'power.driver': 'redfish', 'power.redfish.address': 'https://10.0.0.9' },
+            unsetProperties: ['power.qmp_socket', 'never.set'],
+            setSecrets: { 'power.redfish.password': 'new' },
+            unsetSecrets: ['power.ipmi.password'],
+          },
+          event('settings', 'power settings changed'),
+        );
+        assert.ok(updated);
+        assert.deepEqual(updated.properties, { rack: 'r1', 'power.driver': 'redfish', 'power.redfish.address': 'https://10.0.0.9' });
+        assert.deepEqual(updated.secrets, { 'power.redfish.password': 'new' });
+        assert.ok(updated.updatedAt >= node.updatedAt);
+        assert.deepEqual(await store.getNode(node.uuid), updated);
+        const events = await store.listEvents(node.uuid, 0, 10);
+        assert.equal(events.at(-1)?.kind, 'settings');
+        assert.equal(events.at(-1)?.message, 'power settings changed');
+      });
+
+      it('answers undefined for a node that is gone', async () => {
+        const change = { setProperties: { a: 'b' }, unsetProperties: [], setSecrets: {}, unsetSecrets: [] };
+        assert.equal(await store.updateNodeSettings('00000000-0000-4000-8000-000000000000', change, event('settings')), undefined);
+      });
+    });
+
     describe('ports', () => {
       it('adds and removes ports with an event each, refusing duplicates, unknown ports and the last port', async () => {
         const node = await store.createNode({ name: 'ports', macAddresses: ['aa:00:00:00:04:01'], properties: {} }, created());
@@ -270,6 +324,25 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
         const idle = await nodeIn('manageable', 'maint-idle', ['aa:00:00:00:05:03']);
         await store.setMaintenance(idle.uuid, true, 'hold', event('maintenance'));
         assert.equal((await store.setMaintenance(idle.uuid, false, '', event('maintenance')))?.livenessAt, null);
+      });
+    });
+
+    describe('power status', () => {
+      it('saves and reads back a node power status, replaces it, and forgets it with the node', async () => {
+        const a = await store.createNode({ name: 'pw-a', macAddresses: ['aa:00:00:00:06:01'], properties: {} }, created());
+        const b = await store.createNode({ name: 'pw-b', macAddresses: ['aa:00:00:00:06:02'], properties: {} }, created());
+        assert.equal((await store.getPowerStatuses([a.uuid, b.uuid])).size, 0);
+        await store.savePowerStatus(a.uuid, { powerState: 'on', checkedAt: 1_700_000_000_123, failures: 0, error: '' });
+        await store.savePowerStatus(b.uuid, { powerState: '', checkedAt: null, failures: 2, error: 'BMC said no' });
+        await store.savePowerStatus(a.uuid, { powerState: 'off', checkedAt: 1_700_000_000_456, failures: 0, error: '' });
+        const found = await store.getPowerStatuses([a.uuid, b.uuid, '00000000-0000-4000-8000-000000000000']);
+        assert.deepEqual(found.get(a.uuid), { powerState: 'off', checkedAt: 1_700_000_000_456, failures: 0, error: '' });
+        assert.deepEqual(found.get(b.uuid), { powerState: '', checkedAt: null, failures: 2, error: 'BMC said no' });
+        assert.equal(found.size, 2);
+        // A node that is gone: nothing saved, nothing thrown.
+        await store.savePowerStatus('00000000-0000-4000-8000-000000000000', { powerState: 'on', checkedAt: 1, failures: 0, error: '' });
+        assert.ok(await store.deleteNode(a.uuid));
+        assert.deepEqual([...(await store.getPowerStatuses([a.uuid, b.uuid])).keys()], [b.uuid]);
       });
     });
 

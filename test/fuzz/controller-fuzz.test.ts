@@ -225,6 +225,18 @@ describe('controller fuzz: hostile requests on every RPC', () => {
           return one(fc.record({ node: ref, macAddress: mac }));
         case 'SetMaintenance':
           return one(fc.record({ node: ref, enabled: fc.boolean(), reason: text }));
+        case 'UpdateNode': {
+          const key = fc.stringMatching(/^[a-z][a-z0-9./-]{0,20}$/);
+          return one(
+            fc.record({
+              node: ref,
+              setProperties: fc.dictionary(key, text, { maxKeys: 3 }),
+              unsetProperties: fc.array(key, { maxLength: 3 }),
+              setSecrets: fc.dictionary(key, text, { maxKeys: 3 }),
+              unsetSecrets: fc.array(key, { maxLength: 3 }),
+            }),
+          );
+        }
         case 'SetProvisionState':
           return one(
             fc.record({

@@ -42,7 +42,7 @@ export function spawnAgent(flags: Record<string, string>, options: SpawnAgentOpt
     'keepalive-time': '1s',
     'keepalive-timeout': '1s',
     // Plaintext unless the test gives a CA bundle to verify the controller with.
-    ...(flags.ca ? {} : { insecure: 'true' }),
+    ...(flags.ca || flags['ca-url'] ? {} : { insecure: 'true' }),
     ...flags,
   };
   if (!all['power-driver']) {

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { copyFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it, type TestContext } from 'node:test';
@@ -12,6 +12,8 @@ import { buildTestImage, TEST_IMAGE_MARKER, type TestImage } from '../../scripts
 import { createWaitingNode } from '../helpers/agent-client.js';
 import { eventually, metricValue, scrapeMetrics, startTestController, type TestController } from '../helpers/controller.js';
 import { type BootServer, startBootServer } from '../../lab/boot-server.js';
+import { caPinOfPem } from '../../common/ca-pin.js';
+import { tlsInit } from '../../common/tls-init.js';
 
 /*
  * QEMU guests (software emulation, -accel tcg) as machines:
@@ -49,6 +51,7 @@ describe('lab: QEMU guests boot the agent ramdisk and the test image', { skip },
   let t: TestController;
   let bootServer: BootServer;
   let work: string;
+  let caPin = '';
   let failed = false;
   const guests: Guest[] = [];
 
@@ -88,7 +91,9 @@ describe('lab: QEMU guests boot the agent ramdisk and the test image', { skip },
       'console=ttyS0',
       'quiet',
       'panic=-1',
-      'metalcast.insecure',
+      // TLS from the first packet, as the controller's own iPXE script does it (controller/boot/agent-cmdline.ts).
+      `metalcast.ca_fingerprint=${caPin}`,
+      `metalcast.ca_url=http://10.0.2.2:${t.controller.httpAddress.split(':').at(-1)}/ca.pem`,
       `metalcast.controller=10.0.2.2:${controllerPort}`,
       'metalcast.lookup_backoff_max=2s',
       ...extra,
@@ -119,16 +124,25 @@ describe('lab: QEMU guests boot the agent ramdisk and the test image', { skip },
       copyFileSync(built.initramfs.path, ramdisk.initramfs.path);
       image = { ...testImage, path: join(work, 'test-image.raw') };
       copyFileSync(testImage.path, image.path);
-      t = await startTestController({
-        // The guests' agents talk plaintext (metalcast.insecure); TLS in the ramdisk needs the CA in it (build:ramdisk --ca).
-        insecure: 'true',
-        heartbeatTimeout: '60s',
-        heartbeatIntervalMin: '1s',
-        heartbeatIntervalMax: '2s',
-        sweepInterval: '1s',
-        heartbeatFlushInterval: '100ms',
-        startupGrace: '0s',
-      });
+      // TLS: the guests reach the controller at 10.0.2.2 (QEMU's user networking), and pin its CA.
+      const tls = await tlsInit({ dir: join(work, 'tls'), hosts: ['127.0.0.1', '10.0.2.2'], days: 2 });
+      const caPem = readFileSync(tls.ca, 'utf8');
+      caPin = caPinOfPem(caPem);
+      t = await startTestController(
+        {
+          tlsCert: tls.controller,
+          tlsKey: tls.controllerKey,
+          agentCa: tls.ca,
+          heartbeatTimeout: '60s',
+          heartbeatIntervalMin: '1s',
+          heartbeatIntervalMax: '2s',
+          sweepInterval: '1s',
+          heartbeatFlushInterval: '100ms',
+          startupGrace: '0s',
+        },
+        undefined,
+        { caPem },
+      );
       bootServer = await startBootServer({ kernel: ramdisk.kernel.path, initramfs: ramdisk.initramfs.path });
     },
     { timeout: 300_000 },

@@ -213,6 +213,159 @@ export function provisionActionToJSON(object: ProvisionAction): string {
   }
 }
 
+/** PowerAction is what an operator asks a node's BMC to do. */
+export enum PowerAction {
+  /** POWER_ACTION_UNSPECIFIED - Not set; rejected. */
+  POWER_ACTION_UNSPECIFIED = 0,
+  /** POWER_ACTION_ON - Power on (a reset when already on), booting from boot_device. */
+  POWER_ACTION_ON = 1,
+  /** POWER_ACTION_OFF - Hard power off. */
+  POWER_ACTION_OFF = 2,
+  /** POWER_ACTION_RESET - Hard reset; powers on when off. */
+  POWER_ACTION_RESET = 3,
+  /**
+   * POWER_ACTION_SOFT_OFF - Ask the operating system to shut down (ACPI), then power off hard after
+   * the driver's timeout.
+   */
+  POWER_ACTION_SOFT_OFF = 4,
+  UNRECOGNIZED = -1,
+}
+
+export function powerActionFromJSON(object: any): PowerAction {
+  switch (object) {
+    case 0:
+    case "POWER_ACTION_UNSPECIFIED":
+      return PowerAction.POWER_ACTION_UNSPECIFIED;
+    case 1:
+    case "POWER_ACTION_ON":
+      return PowerAction.POWER_ACTION_ON;
+    case 2:
+    case "POWER_ACTION_OFF":
+      return PowerAction.POWER_ACTION_OFF;
+    case 3:
+    case "POWER_ACTION_RESET":
+      return PowerAction.POWER_ACTION_RESET;
+    case 4:
+    case "POWER_ACTION_SOFT_OFF":
+      return PowerAction.POWER_ACTION_SOFT_OFF;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return PowerAction.UNRECOGNIZED;
+  }
+}
+
+export function powerActionToJSON(object: PowerAction): string {
+  switch (object) {
+    case PowerAction.POWER_ACTION_UNSPECIFIED:
+      return "POWER_ACTION_UNSPECIFIED";
+    case PowerAction.POWER_ACTION_ON:
+      return "POWER_ACTION_ON";
+    case PowerAction.POWER_ACTION_OFF:
+      return "POWER_ACTION_OFF";
+    case PowerAction.POWER_ACTION_RESET:
+      return "POWER_ACTION_RESET";
+    case PowerAction.POWER_ACTION_SOFT_OFF:
+      return "POWER_ACTION_SOFT_OFF";
+    case PowerAction.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** NodePowerState is what a node's BMC reports. */
+export enum NodePowerState {
+  /** NODE_POWER_STATE_UNSPECIFIED - Not known. */
+  NODE_POWER_STATE_UNSPECIFIED = 0,
+  /** NODE_POWER_STATE_ON - The machine is on. */
+  NODE_POWER_STATE_ON = 1,
+  /** NODE_POWER_STATE_OFF - The machine is off. */
+  NODE_POWER_STATE_OFF = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function nodePowerStateFromJSON(object: any): NodePowerState {
+  switch (object) {
+    case 0:
+    case "NODE_POWER_STATE_UNSPECIFIED":
+      return NodePowerState.NODE_POWER_STATE_UNSPECIFIED;
+    case 1:
+    case "NODE_POWER_STATE_ON":
+      return NodePowerState.NODE_POWER_STATE_ON;
+    case 2:
+    case "NODE_POWER_STATE_OFF":
+      return NodePowerState.NODE_POWER_STATE_OFF;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return NodePowerState.UNRECOGNIZED;
+  }
+}
+
+export function nodePowerStateToJSON(object: NodePowerState): string {
+  switch (object) {
+    case NodePowerState.NODE_POWER_STATE_UNSPECIFIED:
+      return "NODE_POWER_STATE_UNSPECIFIED";
+    case NodePowerState.NODE_POWER_STATE_ON:
+      return "NODE_POWER_STATE_ON";
+    case NodePowerState.NODE_POWER_STATE_OFF:
+      return "NODE_POWER_STATE_OFF";
+    case NodePowerState.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** BootDevice is what a machine boots from at its next power on. */
+export enum BootDevice {
+  /** BOOT_DEVICE_UNSPECIFIED - Not set: its disk. */
+  BOOT_DEVICE_UNSPECIFIED = 0,
+  /** BOOT_DEVICE_NETWORK - Its NIC: PXE, then the controller's iPXE script. */
+  BOOT_DEVICE_NETWORK = 1,
+  /** BOOT_DEVICE_DISK - Its local disk. */
+  BOOT_DEVICE_DISK = 2,
+  /** BOOT_DEVICE_CD - A virtual CD its BMC attached. */
+  BOOT_DEVICE_CD = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function bootDeviceFromJSON(object: any): BootDevice {
+  switch (object) {
+    case 0:
+    case "BOOT_DEVICE_UNSPECIFIED":
+      return BootDevice.BOOT_DEVICE_UNSPECIFIED;
+    case 1:
+    case "BOOT_DEVICE_NETWORK":
+      return BootDevice.BOOT_DEVICE_NETWORK;
+    case 2:
+    case "BOOT_DEVICE_DISK":
+      return BootDevice.BOOT_DEVICE_DISK;
+    case 3:
+    case "BOOT_DEVICE_CD":
+      return BootDevice.BOOT_DEVICE_CD;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return BootDevice.UNRECOGNIZED;
+  }
+}
+
+export function bootDeviceToJSON(object: BootDevice): string {
+  switch (object) {
+    case BootDevice.BOOT_DEVICE_UNSPECIFIED:
+      return "BOOT_DEVICE_UNSPECIFIED";
+    case BootDevice.BOOT_DEVICE_NETWORK:
+      return "BOOT_DEVICE_NETWORK";
+    case BootDevice.BOOT_DEVICE_DISK:
+      return "BOOT_DEVICE_DISK";
+    case BootDevice.BOOT_DEVICE_CD:
+      return "BOOT_DEVICE_CD";
+    case BootDevice.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** DeploySpec says what to deploy on a node. */
 export interface DeploySpec {
   /** Image name at the controller. */
@@ -283,7 +436,14 @@ export interface Node {
     | Date
     | undefined;
   /** When the node entered its current provision state. */
-  provisionUpdatedAt?: Date | undefined;
+  provisionUpdatedAt?:
+    | Date
+    | undefined;
+  /**
+   * Names of the node's secrets that are set, for example
+   * "power.redfish.password", sorted. Their values are never returned.
+   */
+  secretKeys: string[];
 }
 
 export interface Node_PropertiesEntry {
@@ -322,9 +482,20 @@ export interface CreateNodeRequest {
   macAddresses: string[];
   /** Free-form properties; at most 64 entries. */
   properties: { [key: string]: string };
+  /**
+   * Secrets, for example the BMC password under "power.redfish.password" or
+   * "power.ipmi.password"; at most 16 entries. They are stored sealed, used
+   * by the power driver, and never returned or logged.
+   */
+  secrets: { [key: string]: string };
 }
 
 export interface CreateNodeRequest_PropertiesEntry {
+  key: string;
+  value: string;
+}
+
+export interface CreateNodeRequest_SecretsEntry {
   key: string;
   value: string;
 }
@@ -410,6 +581,39 @@ export interface RemoveNodePortResponse {
   node?: Node | undefined;
 }
 
+/**
+ * UpdateNodeRequest changes properties and secrets in one step: the sets
+ * first, then the unsets. A name may not be both set and unset.
+ */
+export interface UpdateNodeRequest {
+  /** Node uuid or name. */
+  node: string;
+  /** Properties to add or replace. */
+  setProperties: { [key: string]: string };
+  /** Names of properties to remove; removing one that is not set is no error. */
+  unsetProperties: string[];
+  /** Secrets to add or replace; never returned or logged. */
+  setSecrets: { [key: string]: string };
+  /** Names of secrets to remove. */
+  unsetSecrets: string[];
+}
+
+export interface UpdateNodeRequest_SetPropertiesEntry {
+  key: string;
+  value: string;
+}
+
+export interface UpdateNodeRequest_SetSecretsEntry {
+  key: string;
+  value: string;
+}
+
+/** UpdateNodeResponse carries the updated node. */
+export interface UpdateNodeResponse {
+  /** The node; secret_keys lists the secrets now set. */
+  node?: Node | undefined;
+}
+
 /** SetMaintenanceRequest turns maintenance on or off. */
 export interface SetMaintenanceRequest {
   /** Node uuid or name. */
@@ -440,6 +644,62 @@ export interface SetProvisionStateRequest {
 export interface SetProvisionStateResponse {
   /** The node. */
   node?: Node | undefined;
+}
+
+/** SetNodePowerRequest asks for a power action. */
+export interface SetNodePowerRequest {
+  /** Node uuid or name. */
+  node: string;
+  /** The action. */
+  action: PowerAction;
+  /** What to boot from, for ON; UNSPECIFIED means the disk. */
+  bootDevice: BootDevice;
+}
+
+/** SetNodePowerResponse says what the BMC reports after the action. */
+export interface SetNodePowerResponse {
+  /** The power state read back after the action. */
+  powerState: NodePowerState;
+  /** The power driver that did it, for example "redfish". */
+  driver: string;
+}
+
+/** GetNodePowerRequest names a node. */
+export interface GetNodePowerRequest {
+  /** Node uuid or name. */
+  node: string;
+}
+
+/** GetNodePowerResponse is what the BMC reports. */
+export interface GetNodePowerResponse {
+  /** The power state. */
+  powerState: NodePowerState;
+  /** The power driver asked, for example "redfish". */
+  driver: string;
+}
+
+/** ValidateNodeRequest names a node. */
+export interface ValidateNodeRequest {
+  /** Node uuid or name. */
+  node: string;
+}
+
+/** ValidateNodeResponse lists what was checked. */
+export interface ValidateNodeResponse {
+  /** One row per check, in order. */
+  checks: NodeValidation[];
+  /** The power driver checked; empty when the node has none. */
+  driver: string;
+}
+
+/** NodeValidation is one checked capability. */
+export interface NodeValidation {
+  /** What was checked, for example "credentials" or "virtual media". */
+  check: string;
+  /** Whether it passed. */
+  ok: boolean;
+  /** What was found, or what to fix. */
+  detail: string;
 }
 
 /** ListNodeEventsRequest asks for a node's history. */
@@ -589,6 +849,7 @@ function createBaseNode(): Node {
     createdAt: undefined,
     updatedAt: undefined,
     provisionUpdatedAt: undefined,
+    secretKeys: [],
   };
 }
 
@@ -653,6 +914,9 @@ export const Node: MessageFns<Node> = {
     }
     if (message.provisionUpdatedAt !== undefined) {
       Timestamp.encode(toTimestamp(message.provisionUpdatedAt), writer.uint32(162).fork()).join();
+    }
+    for (const v of message.secretKeys) {
+      writer.uint32(170).string(v!);
     }
     return writer;
   },
@@ -833,6 +1097,14 @@ export const Node: MessageFns<Node> = {
             message.provisionUpdatedAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 21: {
+            if (tag !== 170) {
+              break;
+            }
+
+            message.secretKeys.push(reader.string());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -928,6 +1200,11 @@ export const Node: MessageFns<Node> = {
         : isSet(object.provision_updated_at)
         ? fromJsonTimestamp(object.provision_updated_at)
         : undefined,
+      secretKeys: globalThis.Array.isArray(object?.secretKeys)
+        ? object.secretKeys.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.secret_keys)
+        ? object.secret_keys.map((e: any) => globalThis.String(e))
+        : [],
     };
   },
 
@@ -999,6 +1276,9 @@ export const Node: MessageFns<Node> = {
     if (message.provisionUpdatedAt !== undefined) {
       obj.provisionUpdatedAt = message.provisionUpdatedAt.toISOString();
     }
+    if (message.secretKeys?.length) {
+      obj.secretKeys = message.secretKeys;
+    }
     return obj;
   },
 
@@ -1041,6 +1321,7 @@ export const Node: MessageFns<Node> = {
     message.createdAt = object.createdAt ?? undefined;
     message.updatedAt = object.updatedAt ?? undefined;
     message.provisionUpdatedAt = object.provisionUpdatedAt ?? undefined;
+    message.secretKeys = object.secretKeys?.map((e) => e) || [];
     return message;
   },
 };
@@ -1304,7 +1585,7 @@ export const NodeEvent: MessageFns<NodeEvent> = {
 };
 
 function createBaseCreateNodeRequest(): CreateNodeRequest {
-  return { name: "", macAddresses: [], properties: {} };
+  return { name: "", macAddresses: [], properties: {}, secrets: {} };
 }
 
 export const CreateNodeRequest: MessageFns<CreateNodeRequest> = {
@@ -1317,6 +1598,9 @@ export const CreateNodeRequest: MessageFns<CreateNodeRequest> = {
     }
     globalThis.Object.entries(message.properties).forEach(([key, value]: [string, string]) => {
       CreateNodeRequest_PropertiesEntry.encode({ key: key as any, value }, writer.uint32(26).fork()).join();
+    });
+    globalThis.Object.entries(message.secrets).forEach(([key, value]: [string, string]) => {
+      CreateNodeRequest_SecretsEntry.encode({ key: key as any, value }, writer.uint32(34).fork()).join();
     });
     return writer;
   },
@@ -1361,6 +1645,17 @@ export const CreateNodeRequest: MessageFns<CreateNodeRequest> = {
             }
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            const entry4 = CreateNodeRequest_SecretsEntry.decode(reader, reader.uint32());
+            if (entry4.value !== undefined) {
+              message.secrets[entry4.key] = entry4.value;
+            }
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1395,6 +1690,20 @@ export const CreateNodeRequest: MessageFns<CreateNodeRequest> = {
           {},
         )
         : {},
+      secrets: isObject(object.secrets)
+        ? (globalThis.Object.entries(object.secrets) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
     };
   },
 
@@ -1415,6 +1724,15 @@ export const CreateNodeRequest: MessageFns<CreateNodeRequest> = {
         });
       }
     }
+    if (message.secrets) {
+      const entries = globalThis.Object.entries(message.secrets) as [string, string][];
+      if (entries.length > 0) {
+        obj.secrets = {};
+        entries.forEach(([k, v]) => {
+          obj.secrets[k] = v;
+        });
+      }
+    }
     return obj;
   },
 
@@ -1426,6 +1744,15 @@ export const CreateNodeRequest: MessageFns<CreateNodeRequest> = {
     message.name = object.name ?? "";
     message.macAddresses = object.macAddresses?.map((e) => e) || [];
     message.properties = (globalThis.Object.entries(object.properties ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.secrets = (globalThis.Object.entries(object.secrets ?? {}) as [string, string][]).reduce(
       (acc: { [key: string]: string }, [key, value]: [string, string]) => {
         if (value !== undefined) {
           acc[key] = globalThis.String(value);
@@ -1517,6 +1844,91 @@ export const CreateNodeRequest_PropertiesEntry: MessageFns<CreateNodeRequest_Pro
   },
   fromPartial(object: DeepPartial<CreateNodeRequest_PropertiesEntry>): CreateNodeRequest_PropertiesEntry {
     const message = createBaseCreateNodeRequest_PropertiesEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseCreateNodeRequest_SecretsEntry(): CreateNodeRequest_SecretsEntry {
+  return { key: "", value: "" };
+}
+
+export const CreateNodeRequest_SecretsEntry: MessageFns<CreateNodeRequest_SecretsEntry> = {
+  encode(message: CreateNodeRequest_SecretsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CreateNodeRequest_SecretsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCreateNodeRequest_SecretsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CreateNodeRequest_SecretsEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.String(object.value) : "",
+    };
+  },
+
+  toJSON(message: CreateNodeRequest_SecretsEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== "") {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CreateNodeRequest_SecretsEntry>): CreateNodeRequest_SecretsEntry {
+    return CreateNodeRequest_SecretsEntry.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CreateNodeRequest_SecretsEntry>): CreateNodeRequest_SecretsEntry {
+    const message = createBaseCreateNodeRequest_SecretsEntry();
     message.key = object.key ?? "";
     message.value = object.value ?? "";
     return message;
@@ -2373,6 +2785,470 @@ export const RemoveNodePortResponse: MessageFns<RemoveNodePortResponse> = {
   },
 };
 
+function createBaseUpdateNodeRequest(): UpdateNodeRequest {
+  return { node: "", setProperties: {}, unsetProperties: [], setSecrets: {}, unsetSecrets: [] };
+}
+
+export const UpdateNodeRequest: MessageFns<UpdateNodeRequest> = {
+  encode(message: UpdateNodeRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.node !== "") {
+      writer.uint32(10).string(message.node);
+    }
+    globalThis.Object.entries(message.setProperties).forEach(([key, value]: [string, string]) => {
+      UpdateNodeRequest_SetPropertiesEntry.encode({ key: key as any, value }, writer.uint32(18).fork()).join();
+    });
+    for (const v of message.unsetProperties) {
+      writer.uint32(26).string(v!);
+    }
+    globalThis.Object.entries(message.setSecrets).forEach(([key, value]: [string, string]) => {
+      UpdateNodeRequest_SetSecretsEntry.encode({ key: key as any, value }, writer.uint32(34).fork()).join();
+    });
+    for (const v of message.unsetSecrets) {
+      writer.uint32(42).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UpdateNodeRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUpdateNodeRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.node = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            const entry2 = UpdateNodeRequest_SetPropertiesEntry.decode(reader, reader.uint32());
+            if (entry2.value !== undefined) {
+              message.setProperties[entry2.key] = entry2.value;
+            }
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.unsetProperties.push(reader.string());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            const entry4 = UpdateNodeRequest_SetSecretsEntry.decode(reader, reader.uint32());
+            if (entry4.value !== undefined) {
+              message.setSecrets[entry4.key] = entry4.value;
+            }
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.unsetSecrets.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UpdateNodeRequest {
+    return {
+      node: isSet(object.node) ? globalThis.String(object.node) : "",
+      setProperties: isObject(object.setProperties)
+        ? (globalThis.Object.entries(object.setProperties) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : isObject(object.set_properties)
+        ? (globalThis.Object.entries(object.set_properties) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
+      unsetProperties: globalThis.Array.isArray(object?.unsetProperties)
+        ? object.unsetProperties.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.unset_properties)
+        ? object.unset_properties.map((e: any) => globalThis.String(e))
+        : [],
+      setSecrets: isObject(object.setSecrets)
+        ? (globalThis.Object.entries(object.setSecrets) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : isObject(object.set_secrets)
+        ? (globalThis.Object.entries(object.set_secrets) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
+      unsetSecrets: globalThis.Array.isArray(object?.unsetSecrets)
+        ? object.unsetSecrets.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.unset_secrets)
+        ? object.unset_secrets.map((e: any) => globalThis.String(e))
+        : [],
+    };
+  },
+
+  toJSON(message: UpdateNodeRequest): unknown {
+    const obj: any = {};
+    if (message.node !== "") {
+      obj.node = message.node;
+    }
+    if (message.setProperties) {
+      const entries = globalThis.Object.entries(message.setProperties) as [string, string][];
+      if (entries.length > 0) {
+        obj.setProperties = {};
+        entries.forEach(([k, v]) => {
+          obj.setProperties[k] = v;
+        });
+      }
+    }
+    if (message.unsetProperties?.length) {
+      obj.unsetProperties = message.unsetProperties;
+    }
+    if (message.setSecrets) {
+      const entries = globalThis.Object.entries(message.setSecrets) as [string, string][];
+      if (entries.length > 0) {
+        obj.setSecrets = {};
+        entries.forEach(([k, v]) => {
+          obj.setSecrets[k] = v;
+        });
+      }
+    }
+    if (message.unsetSecrets?.length) {
+      obj.unsetSecrets = message.unsetSecrets;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UpdateNodeRequest>): UpdateNodeRequest {
+    return UpdateNodeRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UpdateNodeRequest>): UpdateNodeRequest {
+    const message = createBaseUpdateNodeRequest();
+    message.node = object.node ?? "";
+    message.setProperties = (globalThis.Object.entries(object.setProperties ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.unsetProperties = object.unsetProperties?.map((e) => e) || [];
+    message.setSecrets = (globalThis.Object.entries(object.setSecrets ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.unsetSecrets = object.unsetSecrets?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseUpdateNodeRequest_SetPropertiesEntry(): UpdateNodeRequest_SetPropertiesEntry {
+  return { key: "", value: "" };
+}
+
+export const UpdateNodeRequest_SetPropertiesEntry: MessageFns<UpdateNodeRequest_SetPropertiesEntry> = {
+  encode(message: UpdateNodeRequest_SetPropertiesEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UpdateNodeRequest_SetPropertiesEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUpdateNodeRequest_SetPropertiesEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UpdateNodeRequest_SetPropertiesEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.String(object.value) : "",
+    };
+  },
+
+  toJSON(message: UpdateNodeRequest_SetPropertiesEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== "") {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UpdateNodeRequest_SetPropertiesEntry>): UpdateNodeRequest_SetPropertiesEntry {
+    return UpdateNodeRequest_SetPropertiesEntry.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UpdateNodeRequest_SetPropertiesEntry>): UpdateNodeRequest_SetPropertiesEntry {
+    const message = createBaseUpdateNodeRequest_SetPropertiesEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseUpdateNodeRequest_SetSecretsEntry(): UpdateNodeRequest_SetSecretsEntry {
+  return { key: "", value: "" };
+}
+
+export const UpdateNodeRequest_SetSecretsEntry: MessageFns<UpdateNodeRequest_SetSecretsEntry> = {
+  encode(message: UpdateNodeRequest_SetSecretsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UpdateNodeRequest_SetSecretsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUpdateNodeRequest_SetSecretsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UpdateNodeRequest_SetSecretsEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.String(object.value) : "",
+    };
+  },
+
+  toJSON(message: UpdateNodeRequest_SetSecretsEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== "") {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UpdateNodeRequest_SetSecretsEntry>): UpdateNodeRequest_SetSecretsEntry {
+    return UpdateNodeRequest_SetSecretsEntry.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UpdateNodeRequest_SetSecretsEntry>): UpdateNodeRequest_SetSecretsEntry {
+    const message = createBaseUpdateNodeRequest_SetSecretsEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseUpdateNodeResponse(): UpdateNodeResponse {
+  return { node: undefined };
+}
+
+export const UpdateNodeResponse: MessageFns<UpdateNodeResponse> = {
+  encode(message: UpdateNodeResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.node !== undefined) {
+      Node.encode(message.node, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UpdateNodeResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUpdateNodeResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.node = Node.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UpdateNodeResponse {
+    return { node: isSet(object.node) ? Node.fromJSON(object.node) : undefined };
+  },
+
+  toJSON(message: UpdateNodeResponse): unknown {
+    const obj: any = {};
+    if (message.node !== undefined) {
+      obj.node = Node.toJSON(message.node);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UpdateNodeResponse>): UpdateNodeResponse {
+    return UpdateNodeResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UpdateNodeResponse>): UpdateNodeResponse {
+    const message = createBaseUpdateNodeResponse();
+    message.node = (object.node !== undefined && object.node !== null) ? Node.fromPartial(object.node) : undefined;
+    return message;
+  },
+};
+
 function createBaseSetMaintenanceRequest(): SetMaintenanceRequest {
   return { node: "", enabled: false, reason: "" };
 }
@@ -2707,6 +3583,609 @@ export const SetProvisionStateResponse: MessageFns<SetProvisionStateResponse> = 
   fromPartial(object: DeepPartial<SetProvisionStateResponse>): SetProvisionStateResponse {
     const message = createBaseSetProvisionStateResponse();
     message.node = (object.node !== undefined && object.node !== null) ? Node.fromPartial(object.node) : undefined;
+    return message;
+  },
+};
+
+function createBaseSetNodePowerRequest(): SetNodePowerRequest {
+  return { node: "", action: 0, bootDevice: 0 };
+}
+
+export const SetNodePowerRequest: MessageFns<SetNodePowerRequest> = {
+  encode(message: SetNodePowerRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.node !== "") {
+      writer.uint32(10).string(message.node);
+    }
+    if (message.action !== 0) {
+      writer.uint32(16).int32(message.action);
+    }
+    if (message.bootDevice !== 0) {
+      writer.uint32(24).int32(message.bootDevice);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetNodePowerRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetNodePowerRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.node = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.action = reader.int32() as any;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.bootDevice = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SetNodePowerRequest {
+    return {
+      node: isSet(object.node) ? globalThis.String(object.node) : "",
+      action: isSet(object.action) ? powerActionFromJSON(object.action) : 0,
+      bootDevice: isSet(object.bootDevice)
+        ? bootDeviceFromJSON(object.bootDevice)
+        : isSet(object.boot_device)
+        ? bootDeviceFromJSON(object.boot_device)
+        : 0,
+    };
+  },
+
+  toJSON(message: SetNodePowerRequest): unknown {
+    const obj: any = {};
+    if (message.node !== "") {
+      obj.node = message.node;
+    }
+    if (message.action !== 0) {
+      obj.action = powerActionToJSON(message.action);
+    }
+    if (message.bootDevice !== 0) {
+      obj.bootDevice = bootDeviceToJSON(message.bootDevice);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SetNodePowerRequest>): SetNodePowerRequest {
+    return SetNodePowerRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SetNodePowerRequest>): SetNodePowerRequest {
+    const message = createBaseSetNodePowerRequest();
+    message.node = object.node ?? "";
+    message.action = object.action ?? 0;
+    message.bootDevice = object.bootDevice ?? 0;
+    return message;
+  },
+};
+
+function createBaseSetNodePowerResponse(): SetNodePowerResponse {
+  return { powerState: 0, driver: "" };
+}
+
+export const SetNodePowerResponse: MessageFns<SetNodePowerResponse> = {
+  encode(message: SetNodePowerResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.powerState !== 0) {
+      writer.uint32(8).int32(message.powerState);
+    }
+    if (message.driver !== "") {
+      writer.uint32(18).string(message.driver);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetNodePowerResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetNodePowerResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.powerState = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.driver = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SetNodePowerResponse {
+    return {
+      powerState: isSet(object.powerState)
+        ? nodePowerStateFromJSON(object.powerState)
+        : isSet(object.power_state)
+        ? nodePowerStateFromJSON(object.power_state)
+        : 0,
+      driver: isSet(object.driver) ? globalThis.String(object.driver) : "",
+    };
+  },
+
+  toJSON(message: SetNodePowerResponse): unknown {
+    const obj: any = {};
+    if (message.powerState !== 0) {
+      obj.powerState = nodePowerStateToJSON(message.powerState);
+    }
+    if (message.driver !== "") {
+      obj.driver = message.driver;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SetNodePowerResponse>): SetNodePowerResponse {
+    return SetNodePowerResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SetNodePowerResponse>): SetNodePowerResponse {
+    const message = createBaseSetNodePowerResponse();
+    message.powerState = object.powerState ?? 0;
+    message.driver = object.driver ?? "";
+    return message;
+  },
+};
+
+function createBaseGetNodePowerRequest(): GetNodePowerRequest {
+  return { node: "" };
+}
+
+export const GetNodePowerRequest: MessageFns<GetNodePowerRequest> = {
+  encode(message: GetNodePowerRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.node !== "") {
+      writer.uint32(10).string(message.node);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetNodePowerRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetNodePowerRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.node = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetNodePowerRequest {
+    return { node: isSet(object.node) ? globalThis.String(object.node) : "" };
+  },
+
+  toJSON(message: GetNodePowerRequest): unknown {
+    const obj: any = {};
+    if (message.node !== "") {
+      obj.node = message.node;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetNodePowerRequest>): GetNodePowerRequest {
+    return GetNodePowerRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetNodePowerRequest>): GetNodePowerRequest {
+    const message = createBaseGetNodePowerRequest();
+    message.node = object.node ?? "";
+    return message;
+  },
+};
+
+function createBaseGetNodePowerResponse(): GetNodePowerResponse {
+  return { powerState: 0, driver: "" };
+}
+
+export const GetNodePowerResponse: MessageFns<GetNodePowerResponse> = {
+  encode(message: GetNodePowerResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.powerState !== 0) {
+      writer.uint32(8).int32(message.powerState);
+    }
+    if (message.driver !== "") {
+      writer.uint32(18).string(message.driver);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetNodePowerResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetNodePowerResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.powerState = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.driver = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetNodePowerResponse {
+    return {
+      powerState: isSet(object.powerState)
+        ? nodePowerStateFromJSON(object.powerState)
+        : isSet(object.power_state)
+        ? nodePowerStateFromJSON(object.power_state)
+        : 0,
+      driver: isSet(object.driver) ? globalThis.String(object.driver) : "",
+    };
+  },
+
+  toJSON(message: GetNodePowerResponse): unknown {
+    const obj: any = {};
+    if (message.powerState !== 0) {
+      obj.powerState = nodePowerStateToJSON(message.powerState);
+    }
+    if (message.driver !== "") {
+      obj.driver = message.driver;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetNodePowerResponse>): GetNodePowerResponse {
+    return GetNodePowerResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetNodePowerResponse>): GetNodePowerResponse {
+    const message = createBaseGetNodePowerResponse();
+    message.powerState = object.powerState ?? 0;
+    message.driver = object.driver ?? "";
+    return message;
+  },
+};
+
+function createBaseValidateNodeRequest(): ValidateNodeRequest {
+  return { node: "" };
+}
+
+export const ValidateNodeRequest: MessageFns<ValidateNodeRequest> = {
+  encode(message: ValidateNodeRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.node !== "") {
+      writer.uint32(10).string(message.node);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ValidateNodeRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseValidateNodeRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.node = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ValidateNodeRequest {
+    return { node: isSet(object.node) ? globalThis.String(object.node) : "" };
+  },
+
+  toJSON(message: ValidateNodeRequest): unknown {
+    const obj: any = {};
+    if (message.node !== "") {
+      obj.node = message.node;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ValidateNodeRequest>): ValidateNodeRequest {
+    return ValidateNodeRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ValidateNodeRequest>): ValidateNodeRequest {
+    const message = createBaseValidateNodeRequest();
+    message.node = object.node ?? "";
+    return message;
+  },
+};
+
+function createBaseValidateNodeResponse(): ValidateNodeResponse {
+  return { checks: [], driver: "" };
+}
+
+export const ValidateNodeResponse: MessageFns<ValidateNodeResponse> = {
+  encode(message: ValidateNodeResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.checks) {
+      NodeValidation.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.driver !== "") {
+      writer.uint32(18).string(message.driver);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ValidateNodeResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseValidateNodeResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.checks.push(NodeValidation.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.driver = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ValidateNodeResponse {
+    return {
+      checks: globalThis.Array.isArray(object?.checks) ? object.checks.map((e: any) => NodeValidation.fromJSON(e)) : [],
+      driver: isSet(object.driver) ? globalThis.String(object.driver) : "",
+    };
+  },
+
+  toJSON(message: ValidateNodeResponse): unknown {
+    const obj: any = {};
+    if (message.checks?.length) {
+      obj.checks = message.checks.map((e) => NodeValidation.toJSON(e));
+    }
+    if (message.driver !== "") {
+      obj.driver = message.driver;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ValidateNodeResponse>): ValidateNodeResponse {
+    return ValidateNodeResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ValidateNodeResponse>): ValidateNodeResponse {
+    const message = createBaseValidateNodeResponse();
+    message.checks = object.checks?.map((e) => NodeValidation.fromPartial(e)) || [];
+    message.driver = object.driver ?? "";
+    return message;
+  },
+};
+
+function createBaseNodeValidation(): NodeValidation {
+  return { check: "", ok: false, detail: "" };
+}
+
+export const NodeValidation: MessageFns<NodeValidation> = {
+  encode(message: NodeValidation, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.check !== "") {
+      writer.uint32(10).string(message.check);
+    }
+    if (message.ok !== false) {
+      writer.uint32(16).bool(message.ok);
+    }
+    if (message.detail !== "") {
+      writer.uint32(26).string(message.detail);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): NodeValidation {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNodeValidation();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.check = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.ok = reader.bool();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.detail = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): NodeValidation {
+    return {
+      check: isSet(object.check) ? globalThis.String(object.check) : "",
+      ok: isSet(object.ok) ? globalThis.Boolean(object.ok) : false,
+      detail: isSet(object.detail) ? globalThis.String(object.detail) : "",
+    };
+  },
+
+  toJSON(message: NodeValidation): unknown {
+    const obj: any = {};
+    if (message.check !== "") {
+      obj.check = message.check;
+    }
+    if (message.ok !== false) {
+      obj.ok = message.ok;
+    }
+    if (message.detail !== "") {
+      obj.detail = message.detail;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<NodeValidation>): NodeValidation {
+    return NodeValidation.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<NodeValidation>): NodeValidation {
+    const message = createBaseNodeValidation();
+    message.check = object.check ?? "";
+    message.ok = object.ok ?? false;
+    message.detail = object.detail ?? "";
     return message;
   },
 };
@@ -3139,6 +4618,18 @@ export const NodeServiceDefinition = {
       responseStream: false,
       options: {},
     },
+    /**
+     * UpdateNode changes a node's properties and secrets (BMC settings and
+     * passwords).
+     */
+    updateNode: {
+      name: "UpdateNode",
+      requestType: UpdateNodeRequest as typeof UpdateNodeRequest,
+      requestStream: false,
+      responseType: UpdateNodeResponse as typeof UpdateNodeResponse,
+      responseStream: false,
+      options: {},
+    },
     /** SetMaintenance puts a node into or out of maintenance. */
     setMaintenance: {
       name: "SetMaintenance",
@@ -3154,6 +4645,40 @@ export const NodeServiceDefinition = {
       requestType: SetProvisionStateRequest as typeof SetProvisionStateRequest,
       requestStream: false,
       responseType: SetProvisionStateResponse as typeof SetProvisionStateResponse,
+      responseStream: false,
+      options: {},
+    },
+    /**
+     * SetNodePower powers a node on, off or resets it through its power
+     * driver, under the node's lock, and records it in the node's history.
+     */
+    setNodePower: {
+      name: "SetNodePower",
+      requestType: SetNodePowerRequest as typeof SetNodePowerRequest,
+      requestStream: false,
+      responseType: SetNodePowerResponse as typeof SetNodePowerResponse,
+      responseStream: false,
+      options: {},
+    },
+    /** GetNodePower reads a node's power state from its BMC. */
+    getNodePower: {
+      name: "GetNodePower",
+      requestType: GetNodePowerRequest as typeof GetNodePowerRequest,
+      requestStream: false,
+      responseType: GetNodePowerResponse as typeof GetNodePowerResponse,
+      responseStream: false,
+      options: {},
+    },
+    /**
+     * ValidateNode checks a node's power settings against its BMC without
+     * changing the machine: reachability, credentials, reset types, boot
+     * override and virtual media.
+     */
+    validateNode: {
+      name: "ValidateNode",
+      requestType: ValidateNodeRequest as typeof ValidateNodeRequest,
+      requestStream: false,
+      responseType: ValidateNodeResponse as typeof ValidateNodeResponse,
       responseStream: false,
       options: {},
     },
@@ -3203,6 +4728,14 @@ export interface NodeServiceImplementation<CallContextExt = {}> {
     request: RemoveNodePortRequest,
     context: CallContext & CallContextExt,
   ): Promise<DeepPartial<RemoveNodePortResponse>>;
+  /**
+   * UpdateNode changes a node's properties and secrets (BMC settings and
+   * passwords).
+   */
+  updateNode(
+    request: UpdateNodeRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<UpdateNodeResponse>>;
   /** SetMaintenance puts a node into or out of maintenance. */
   setMaintenance(
     request: SetMaintenanceRequest,
@@ -3213,6 +4746,28 @@ export interface NodeServiceImplementation<CallContextExt = {}> {
     request: SetProvisionStateRequest,
     context: CallContext & CallContextExt,
   ): Promise<DeepPartial<SetProvisionStateResponse>>;
+  /**
+   * SetNodePower powers a node on, off or resets it through its power
+   * driver, under the node's lock, and records it in the node's history.
+   */
+  setNodePower(
+    request: SetNodePowerRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<SetNodePowerResponse>>;
+  /** GetNodePower reads a node's power state from its BMC. */
+  getNodePower(
+    request: GetNodePowerRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<GetNodePowerResponse>>;
+  /**
+   * ValidateNode checks a node's power settings against its BMC without
+   * changing the machine: reachability, credentials, reset types, boot
+   * override and virtual media.
+   */
+  validateNode(
+    request: ValidateNodeRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<ValidateNodeResponse>>;
   /** ListNodeEvents returns a node's history, oldest first. */
   listNodeEvents(
     request: ListNodeEventsRequest,
@@ -3250,6 +4805,14 @@ export interface NodeServiceClient<CallOptionsExt = {}> {
     request: DeepPartial<RemoveNodePortRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<RemoveNodePortResponse>;
+  /**
+   * UpdateNode changes a node's properties and secrets (BMC settings and
+   * passwords).
+   */
+  updateNode(
+    request: DeepPartial<UpdateNodeRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<UpdateNodeResponse>;
   /** SetMaintenance puts a node into or out of maintenance. */
   setMaintenance(
     request: DeepPartial<SetMaintenanceRequest>,
@@ -3260,6 +4823,28 @@ export interface NodeServiceClient<CallOptionsExt = {}> {
     request: DeepPartial<SetProvisionStateRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<SetProvisionStateResponse>;
+  /**
+   * SetNodePower powers a node on, off or resets it through its power
+   * driver, under the node's lock, and records it in the node's history.
+   */
+  setNodePower(
+    request: DeepPartial<SetNodePowerRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<SetNodePowerResponse>;
+  /** GetNodePower reads a node's power state from its BMC. */
+  getNodePower(
+    request: DeepPartial<GetNodePowerRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<GetNodePowerResponse>;
+  /**
+   * ValidateNode checks a node's power settings against its BMC without
+   * changing the machine: reachability, credentials, reset types, boot
+   * override and virtual media.
+   */
+  validateNode(
+    request: DeepPartial<ValidateNodeRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<ValidateNodeResponse>;
   /** ListNodeEvents returns a node's history, oldest first. */
   listNodeEvents(
     request: DeepPartial<ListNodeEventsRequest>,

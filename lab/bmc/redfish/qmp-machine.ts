@@ -1,0 +1,150 @@
+import { QmpClient } from '../../qmp.js';
+import type { BootTarget, SimulatedMachine } from './machine.js';
+
+/** QEMU device ids of a lab guest (lab/qemu.ts): the NIC, and the CD drive when the guest has one. */
+export interface QmpMachineDevices {
+  nic: string;
+  cdrom?: string | undefined;
+}
+
+/** Boot indexes per target: the disk keeps 2; the NIC moves between 1 and 3, the CD between 0 and 4, so no two ever share one. */
+const INDEXES: Record<Exclude<BootTarget, 'None'>, { nic: number; cd: number }> = {
+  Pxe: { nic: 1, cd: 4 },
+  Hdd: { nic: 3, cd: 4 },
+  Cd: { nic: 3, cd: 0 },
+};
+
+/**
+ * A lab guest as the machine behind a simulated BMC, through the guest's
+ * own QMP socket (lab/qemu.ts bmcSocketPath; QEMU serves one client per
+ * socket, and this one keeps it for the events).
+ *
+ * - On is "CPUs running"; power on is system_reset then cont (the reset
+ *   rebuilds the firmware's boot order from the bootindex properties), off
+ *   is stop (the guest runs with -no-shutdown), the power button is
+ *   system_powerdown (ACPI);
+ * - the boot target moves the NIC's and the CD's bootindex (qom-set); a
+ *   "once" override is put back to the machine's own order at the first
+ *   RESET event after it was set (a power on, a reset, or the guest
+ *   rebooting itself), once QEMU has built that boot's order;
+ * - media: blockdev-change-medium on the CD device (read-only), eject.
+ */
+export class QmpMachine implements SimulatedMachine {
+  private qmp: QmpClient | undefined;
+  private connecting: Promise<QmpClient> | undefined;
+  /** The machine's own order (its "BIOS setting"), and an override waiting for a reset. */
+  private persistent: Exclude<BootTarget, 'None'>;
+  private onceTarget: Exclude<BootTarget, 'None'> | undefined;
+
+  constructor(
+    private readonly socketPath: string,
+    private readonly devices: QmpMachineDevices,
+    /** The order the guest was started with. */
+    initial: 'Pxe' | 'Hdd' = 'Pxe',
+  ) {
+    this.persistent = initial;
+  }
+
+  private async client(): Promise<QmpClient> {
+    if (this.qmp?.open) return this.qmp;
+    this.connecting ??= QmpClient.connect(this.socketPath, { timeoutMs: 5000 })
+      .then((qmp) => {
+        this.qmp = qmp;
+        qmp.onEvent((event) => {
+          if (event.event === 'RESET' && this.onceTarget) {
+            this.onceTarget = undefined;
+            void this.applyIndexes(this.persistent).catch(() => {});
+          }
+        });
+        return qmp;
+      })
+      .finally(() => {
+        this.connecting = undefined;
+      });
+    return this.connecting;
+  }
+
+  private async status(): Promise<string> {
+    return (await (await this.client()).execute<{ status: string }>('query-status')).status;
+  }
+
+  async isOn(): Promise<boolean> {
+    return (await this.status()) === 'running';
+  }
+
+  async powerOn(): Promise<void> {
+    if (await this.isOn()) return;
+    await this.resetAndRun();
+  }
+
+  async powerOff(): Promise<void> {
+    if (await this.isOn()) await (await this.client()).execute('stop');
+  }
+
+  async pressPowerButton(): Promise<void> {
+    if (await this.isOn()) await (await this.client()).execute('system_powerdown');
+  }
+
+  async reset(): Promise<void> {
+    await this.resetAndRun();
+  }
+
+  /** system_reset, wait for its RESET event (the boot order is built then), then run. */
+  private async resetAndRun(): Promise<void> {
+    const qmp = await this.client();
+    const since = qmp.events.length;
+    await qmp.execute('system_reset');
+    await qmp.waitForEvent('RESET', 10_000, since);
+    if ((await this.status()) !== 'running') await qmp.execute('cont');
+  }
+
+  async setBootTarget(target: BootTarget, once: boolean): Promise<void> {
+    if (target === 'None') {
+      this.onceTarget = undefined;
+      await this.applyIndexes(this.persistent);
+      return;
+    }
+    if (target === 'Cd' && !this.devices.cdrom) throw new Error('this machine has no CD drive');
+    if (once) this.onceTarget = target;
+    else {
+      this.onceTarget = undefined;
+      this.persistent = target;
+    }
+    await this.applyIndexes(target);
+  }
+
+  private async applyIndexes(target: Exclude<BootTarget, 'None'>): Promise<void> {
+    const qmp = await this.client();
+    const wanted = INDEXES[target];
+    const set = async (id: string, value: number) => {
+      const path = `/machine/peripheral/${id}`;
+      // QEMU refuses an index a device already has, and any that another device has.
+      if ((await qmp.execute<number>('qom-get', { path, property: 'bootindex' })) !== value)
+        await qmp.execute('qom-set', { path, property: 'bootindex', value });
+    };
+    // Moving away first keeps the two apart at every step.
+    if (this.devices.cdrom) await set(this.devices.cdrom, 4);
+    await set(this.devices.nic, wanted.nic);
+    if (this.devices.cdrom) await set(this.devices.cdrom, wanted.cd);
+  }
+
+  async insertMedia(file: string): Promise<void> {
+    if (!this.devices.cdrom) throw new Error('this machine has no CD drive');
+    await (await this.client()).execute('blockdev-change-medium', {
+      id: this.devices.cdrom,
+      filename: file,
+      format: 'raw',
+      'read-only-mode': 'read-only',
+    });
+  }
+
+  async ejectMedia(): Promise<void> {
+    if (!this.devices.cdrom) return;
+    await (await this.client()).execute('eject', { id: this.devices.cdrom, force: true });
+  }
+
+  close(): void {
+    this.qmp?.close();
+    this.qmp = undefined;
+  }
+}

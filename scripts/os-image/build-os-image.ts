@@ -270,6 +270,7 @@ function hostSources(): string | undefined {
 
 function hostPackageVersion(name: string): string {
   try {
+    // biome-ignore lint/suspicious/noTemplateCurlyInString: dpkg-query's own field syntax
     return run('dpkg-query', ['-W', '-f', '${Version}', name]);
   } catch {
     return 'not installed';
@@ -277,8 +278,19 @@ function hostPackageVersion(name: string): string {
 }
 
 function checkHostTools(): void {
-  const missing = ['mmdebstrap', 'mkfs.ext4', 'e2fsck', 'mkfs.fat', 'mcopy', 'mmd', 'sgdisk', 'grub-mkstandalone', 'qemu-img', 'dd', 'du']
-    .filter((tool) => findTool(tool) === undefined);
+  const missing = [
+    'mmdebstrap',
+    'mkfs.ext4',
+    'e2fsck',
+    'mkfs.fat',
+    'mcopy',
+    'mmd',
+    'sgdisk',
+    'grub-mkstandalone',
+    'qemu-img',
+    'dd',
+    'du',
+  ].filter((tool) => findTool(tool) === undefined);
   if (missing.length > 0) {
     throw new Error(`build:os-image needs ${missing.join(', ')}: apt-get install -y --no-install-recommends ${OS_IMAGE_APT_PACKAGES}`);
   }
@@ -418,13 +430,7 @@ boot
 }
 
 /** The ESP, the root file system and the partition table, in one raw disk file. Returns its size in bytes. */
-function makeDisk(
-  work: string,
-  rootDir: string,
-  rawPath: string,
-  uuids: ReturnType<typeof stableUuids>,
-  rootTreeBytes: number,
-): number {
+function makeDisk(work: string, rootDir: string, rawPath: string, uuids: ReturnType<typeof stableUuids>, rootTreeBytes: number): number {
   const env = { SOURCE_DATE_EPOCH: '1704067200' };
   // The root: its contents, a quarter more for metadata and growth, at least 384 MiB free, whole 64 MiB.
   const rootMiB = Math.ceil((rootTreeBytes * 1.25 + 384 * MIB) / (64 * MIB)) * 64;

@@ -1,10 +1,12 @@
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { chmodSync, createReadStream, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
 import { after, before, describe, it } from 'node:test';
 import { Status } from 'nice-grpc-common';
 import { detectFormat, UnsupportedFormatError } from '../../controller/images/formats/detect.js';
@@ -23,6 +25,7 @@ import { assertRejectsWith } from '../helpers/grpc-assert.js';
  */
 
 const MIB = 1024 * 1024;
+const run = promisify(execFile);
 const sha256 = (data: Uint8Array) => createHash('sha256').update(data).digest('hex');
 const fileSha256 = (path: string) => sha256(readFileSync(path));
 const qemuImg = (...args: string[]) => execFileSync('qemu-img', args, { stdio: ['ignore', 'pipe', 'pipe'] }).toString();
@@ -106,6 +109,28 @@ describe('image formats: detection, qcow2 safety and conversion at import', () =
     const served = await download('good-qcow2');
     assert.equal(sha256(served), sha256(raw), 'what a node receives is the raw image');
     assert.deepEqual(incoming(), [], 'no temporary file is left behind');
+  });
+
+  it('metalcast image upload sends a qcow2 as it is, and image show says what it became', async () => {
+    const bin = fileURLToPath(new URL('../../bin/metalcast.js', import.meta.url));
+    const env = {
+      ...process.env,
+      METALCAST_CONTROLLER: t.controller.grpcAddress,
+      METALCAST_TOKEN: t.adminToken,
+      METALCAST_INSECURE: 'true',
+    };
+    const raw = rawWithData(16 * MIB, [[4 * MIB, MIB]]);
+    writeFileSync(path('cli.raw'), raw);
+    qemuImg('convert', '-f', 'raw', '-O', 'qcow2', path('cli.raw'), path('cli.qcow2'));
+    // Asynchronously: the controller runs in this process.
+    const cli = async (...args: string[]) => (await run(process.execPath, [bin, ...args], { env })).stdout;
+    const uploaded = await cli('image', 'upload', path('cli.qcow2'), '--name', 'from-cli');
+    assert.match(uploaded, new RegExp(`uploaded cli\\.qcow2 as image from-cli: .*sha256 ${fileSha256(path('cli.qcow2'))}`));
+    assert.match(uploaded, new RegExp(`qcow2, stored as raw: 16\\.0 MiB, sha256 ${sha256(raw)}`));
+    const shown = await cli('image', 'show', 'from-cli');
+    assert.match(shown, /format\s+qcow2 as sent \(.*\), stored as raw; 1\.0 MiB of data in 1 extents \(6\.3%\), the rest zeros/);
+    const listed = JSON.parse(await cli('image', 'list', '--json')) as Image[];
+    assert.equal(listed.find((image) => image.name === 'from-cli')?.format, 'qcow2' as unknown as ImageFormat);
   });
 
   it('keeps a raw upload as it is and records where its data lies', async () => {

@@ -74,7 +74,11 @@ export function imageToProto(image: ImageRecord): Image {
     sourceUrl: image.sourceUrl,
     error: image.error,
     createdAt: new Date(image.createdAt),
-    format: !known ? ImageFormat.IMAGE_FORMAT_UNSPECIFIED : image.format === 'qcow2' ? ImageFormat.IMAGE_FORMAT_QCOW2 : ImageFormat.IMAGE_FORMAT_RAW,
+    format: !known
+      ? ImageFormat.IMAGE_FORMAT_UNSPECIFIED
+      : image.format === 'qcow2'
+        ? ImageFormat.IMAGE_FORMAT_QCOW2
+        : ImageFormat.IMAGE_FORMAT_RAW,
     // Images stored before formats were recorded were raw: the file as sent was the content.
     sourceSha256: image.sourceSha256 || image.sha256,
     sourceSizeBytes: image.sourceSizeBytes || image.sizeBytes,
@@ -94,10 +98,8 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
   const { store, files, config, logger } = deps;
   const catalog = new ImageCatalog(store, files, logger);
   /** Detects the format of received content and converts qcow2 to raw (controller/images/formats/). */
-  const formats =
-    (signal: AbortSignal) =>
-    (path: string, received: { sha256: string; sizeBytes: number }) =>
-      prepareImage(path, received, { maxVirtualSize: config.maxImageVirtualSize, tempPath: () => files.tempPath(), signal });
+  const formats = (signal: AbortSignal) => (path: string, received: { sha256: string; sizeBytes: number }) =>
+    prepareImage(path, received, { maxVirtualSize: config.maxImageVirtualSize, tempPath: () => files.tempPath(), signal });
   const importer = new ImageImporter(
     store,
     files,

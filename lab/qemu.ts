@@ -1,6 +1,6 @@
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, ftruncateSync, fstatSync, mkdirSync, openSync, readSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, copyFileSync, existsSync, ftruncateSync, fstatSync, mkdirSync, openSync, readSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { dirname } from 'node:path';
 import { QmpClient, type QmpEvent } from './qmp.js';
@@ -85,6 +85,29 @@ export interface GuestOptions {
   qemuBinary?: string;
   /** Appended to QEMU's arguments. */
   extraArgs?: string[];
+  /**
+   * The firmware: 'bios' (SeaBIOS, QEMU's default; the default here) or
+   * 'uefi' (OVMF from Debian's ovmf package: OVMF_CODE_4M.fd read-only, and a
+   * per-guest copy of OVMF_VARS_4M.fd as its NVRAM, kept across power cycles).
+   * QEMU cannot change it while it runs.
+   */
+  firmware?: 'bios' | 'uefi';
+  /** The guest's own copy of the UEFI variables; default <diskPath>.OVMF_VARS.fd, created from OVMF_VARS_4M.fd when missing. */
+  uefiVarsPath?: string;
+  /** More ports to forward from the host's 127.0.0.1, each to a guest address (default the DHCP one, 10.0.2.15) and port. */
+  forwards?: { hostPort: number; guestPort: number; guestAddress?: string }[];
+}
+
+/** Debian's OVMF (package ovmf), the 4 MiB build QEMU's own firmware descriptors name. */
+export const OVMF_CODE = '/usr/share/OVMF/OVMF_CODE_4M.fd';
+export const OVMF_VARS_TEMPLATE = '/usr/share/OVMF/OVMF_VARS_4M.fd';
+
+/** Why UEFI guests cannot run here, or undefined when they can. */
+export function uefiUnavailable(): string | undefined {
+  for (const path of [OVMF_CODE, OVMF_VARS_TEMPLATE]) {
+    if (!existsSync(path)) return `${path} is missing (apt-get install -y ovmf)`;
+  }
+  return undefined;
 }
 
 export interface Guest {
@@ -168,6 +191,12 @@ export async function startGuest(options: GuestOptions): Promise<Guest> {
     options.forwardGuestPort === undefined ? undefined : (options.forwardHostPort ?? (await freePort())),
   );
   prepareDisk(options.diskPath, options.diskSizeBytes);
+  if (options.firmware === 'uefi') {
+    const missing = uefiUnavailable();
+    if (missing) throw new Error(`guest ${options.name} boots UEFI, but ${missing}`);
+    const vars = options.uefiVarsPath ?? `${options.diskPath}.OVMF_VARS.fd`;
+    if (!existsSync(vars)) copyFileSync(OVMF_VARS_TEMPLATE, vars);
+  }
   mkdirSync(dirname(options.consolePath), { recursive: true });
   // A new machine starts with an empty console; power cycles append to it.
   writeFileSync(options.consolePath, '');
@@ -475,6 +504,16 @@ class QemuGuest implements Guest {
     const netdev = ['user', 'id=net0'];
     if (o.netBootUrl) netdev.push(`bootfile=${o.netBootUrl}`);
     if (o.forwardGuestPort !== undefined) netdev.push(`hostfwd=tcp:127.0.0.1:${this.forwardHostPort}-:${o.forwardGuestPort}`);
+    for (const f of o.forwards ?? []) netdev.push(`hostfwd=tcp:127.0.0.1:${f.hostPort}-${f.guestAddress ?? ''}:${f.guestPort}`);
+    const firmware =
+      o.firmware === 'uefi'
+        ? [
+            '-drive',
+            `if=pflash,format=raw,unit=0,readonly=on,file=${OVMF_CODE}`,
+            '-drive',
+            `if=pflash,format=raw,unit=1,file=${o.uefiVarsPath ?? `${o.diskPath}.OVMF_VARS.fd`}`,
+          ]
+        : [];
     const serial = (o.diskSerial ?? `mc-${createHash('sha256').update(o.name).digest('hex').slice(0, 12)}`).slice(0, 20);
     const args = [
       '-name',
@@ -483,6 +522,7 @@ class QemuGuest implements Guest {
       'tcg',
       '-machine',
       'pc',
+      ...firmware,
       '-m',
       String(o.memoryMiB ?? 1024),
       '-smp',

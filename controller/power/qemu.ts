@@ -1,5 +1,12 @@
 import { QmpClient } from './qmp.js';
-import { type BootMode, type PowerBootDevice, type PowerDriver, PowerError, type PowerState, type PowerValidation } from './power-driver.js';
+import {
+  type BootMode,
+  type PowerBootDevice,
+  type PowerDriver,
+  PowerError,
+  type PowerState,
+  type PowerValidation,
+} from './power-driver.js';
 
 /** Node properties the qemu driver reads. */
 export const QMP_SOCKET_PROPERTY = 'power.qmp_socket';

@@ -45,11 +45,18 @@ chain --replace ${baseUrl}/${entryPath}
 `;
 }
 
-/** Boots the agent ramdisk with these kernel parameters (console=ttyS0 and the metalcast.* keys). */
+/**
+ * Boots the agent ramdisk with these kernel parameters (console=ttyS0 and the
+ * metalcast.* keys). `initrd=<name>` is for UEFI: this iPXE's EFI build does
+ * not hand the initrd to the kernel itself, the kernel's EFI stub loads it by
+ * that name (iPXE names a fetched image by the last part of its URL). Booted
+ * from BIOS, the kernel ignores it.
+ */
 export function ramdiskScript(options: { kernelUrl: string; initrdUrl: string; cmdline: string; label?: string }): string {
+  const initrdName = new URL(options.initrdUrl).pathname.split('/').at(-1);
   return `#!ipxe
 echo metalcast: booting the agent ramdisk${options.label ? ` for ${options.label}` : ''}
-kernel ${options.kernelUrl} ${options.cmdline}
+kernel ${options.kernelUrl} ${options.cmdline} initrd=${initrdName}
 initrd ${options.initrdUrl}
 boot
 `;

@@ -71,7 +71,8 @@ describe('network boot over HTTP', () => {
       text,
       /kernel http:\/\/10\.0\.2\.2:9350\/vmlinuz console=ttyS0 metalcast\.controller=10\.0\.2\.2:7350 metalcast\.insecure /,
     );
-    assert.match(text, /metalcast\.advertise_address=127\.0\.0\.1:40001 quiet\n/);
+    // initrd=NAME last: the kernel's EFI stub loads the initrd by that name under UEFI iPXE.
+    assert.match(text, /metalcast\.advertise_address=127\.0\.0\.1:40001 quiet initrd=initramfs\.cpio\.gz\n/);
     // A Host header that could break the script out of its line is not used.
     assert.match(await script('/boot.ipxe', 'x\tboot'), /http:\/\/invalid-host\//);
     assert.match(text, /initrd http:\/\/10\.0\.2\.2:9350\/initramfs\.cpio\.gz\nboot\n/);

@@ -45,6 +45,13 @@ import { QmpClient, type QmpEvent } from './qmp.js';
  * bootindex, so switching from or to one restarts the QEMU process at the
  * next power on (same disk, same console file).
  *
+ * Firmware. SeaBIOS by default; `firmware: 'uefi'` boots OVMF (Debian's
+ * ovmf: OVMF_CODE_4M.fd read-only, and a per-guest copy of OVMF_VARS_4M.fd
+ * as its NVRAM). OVMF honours the same bootindex order; its network boot
+ * runs the EFI build of the same iPXE ROM, and a deployed disk boots through
+ * its ESP's EFI/BOOT/BOOTX64.EFI. The firmware is fixed for the life of the
+ * QEMU process.
+ *
  * Every QEMU runs under a small shell that kills it when this process's end
  * of its stdin closes, so no guest outlives the program that started it,
  * however that program dies; an exit handler also kills what is left.

@@ -88,7 +88,8 @@ interface GptLayout {
 
 async function gptLayout(devicePath: string, run: Runner): Promise<GptLayout> {
   const out = await run('sgdisk', ['--print', devicePath]);
-  const sector = /Sector size \(logical\):\s*(\d+)/.exec(out);
+  // A file says "Sector size (logical): 512 bytes", a block device "Sector size (logical/physical): 512/4096 bytes".
+  const sector = /Sector size \(logical(?:\/physical)?\):\s*(\d+)/.exec(out);
   const usable = /last usable sector is (\d+)/.exec(out);
   if (!sector || !usable) throw new Error(`sgdisk --print ${devicePath} did not say the sector size and last usable sector`);
   // Rows: number, start, end, size ("2.0 MiB"), code, name (may be empty); fields within one line.

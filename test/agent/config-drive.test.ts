@@ -9,7 +9,7 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { after, before, describe, it } from 'node:test';
 import { Status } from 'nice-grpc-common';
-import { ensureConfigDrivePartition, partitionTableOf } from '../../agent/configdrive/partition.js';
+import { ensureConfigDrivePartition, partitionTableOf, runTool } from '../../agent/configdrive/partition.js';
 import { checkAgentTools } from '../../agent/configdrive/tools.js';
 import { ImageFormat } from '../../gen/metalcast/v1/image.js';
 import { ProvisionAction, ProvisionState } from '../../gen/metalcast/v1/node.js';
@@ -322,6 +322,19 @@ describe('config drive partition: the pieces', () => {
     assert.equal(again.reused, true);
     assert.equal(again.number, first.number);
     assert.equal(again.offsetBytes, first.offsetBytes);
+  });
+
+  it('reads sgdisk as it prints a block device (logical/physical sector sizes)', async () => {
+    const path = join(dirs.path, 'device.img');
+    gptImage(path, 16 * MIB);
+    execFileSync('truncate', ['-s', String(128 * MIB), path]);
+    const asDevice = async (command: string, args: string[], input?: string) => {
+      const out = await runTool(command, args, input);
+      return out.replace('Sector size (logical): 512 bytes', 'Sector size (logical/physical): 512/4096 bytes');
+    };
+    const made = await ensureConfigDrivePartition(path, 128 * MIB, 64 * MIB, asDevice);
+    assert.equal(made.number, 3);
+    assert.equal(made.offsetBytes + made.sizeBytes, 128 * MIB - 33 * 512, 'up to the last usable sector');
   });
 
   it('says what is wrong when the disk has no partition table or no room', async () => {

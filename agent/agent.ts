@@ -10,7 +10,9 @@ import type { CommandHandler } from './commands/command.js';
 import { eraseDisksCommand } from './commands/erase-disks.js';
 import { getInventoryCommand } from './commands/get-inventory.js';
 import { powerOffCommand, rebootCommand } from './commands/power-commands.js';
+import { writeConfigDriveCommand } from './commands/write-config-drive.js';
 import { writeImageCommand } from './commands/write-image.js';
+import { controllerConfigDriveSource } from './configdrive/config-drive-source.js';
 import { controllerImageSource } from './imaging/image-source.js';
 import { CommandRunner } from './commands/runner.js';
 import { type AgentConfig, checkAgentTlsMode } from './config/config.js';
@@ -77,6 +79,10 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<R
   const handlers: CommandHandler[] = [
     getInventoryCommand(discover) as unknown as CommandHandler,
     writeImageCommand(imageSource, discover) as unknown as CommandHandler,
+    writeConfigDriveCommand(
+      controllerConfigDriveSource(link, () => identity, config.callTimeout),
+      discover,
+    ) as unknown as CommandHandler,
     eraseDisksCommand(discover) as unknown as CommandHandler,
     powerOffCommand(power) as unknown as CommandHandler,
     rebootCommand(power) as unknown as CommandHandler,

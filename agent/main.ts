@@ -1,6 +1,7 @@
 import { ConfigError } from '../common/config.js';
 import { createLogger } from '../common/logging.js';
 import { startAgent } from './agent.js';
+import { checkAgentTools } from './configdrive/tools.js';
 import { AGENT_KERNEL_CMDLINE_KEYS, loadAgentConfig, resolveAgentRoot } from './config/config.js';
 import { type KernelCmdline, kernelCmdlineNotes, parseKernelCmdline, readKernelCmdline } from './config/kernel-cmdline.js';
 import { LookupBudgetExhausted } from './controller/lookup.js';
@@ -23,6 +24,13 @@ export async function agentMain(flags: Record<string, unknown>): Promise<void> {
       process.exit(AGENT_EXIT.config);
     }
     throw error;
+  }
+  try {
+    // sgdisk, sfdisk…: missing tools are found at boot, not in the middle of a deploy.
+    checkAgentTools(process.env.PATH ?? '');
+  } catch (error) {
+    process.stderr.write(`metalcast agent: ${(error as Error).message}\n`);
+    process.exit(AGENT_EXIT.config);
   }
   const logger = createLogger({ name: 'metalcast-agent', level: config.logLevel });
   for (const note of kernelCmdline ? kernelCmdlineNotes(kernelCmdline, AGENT_KERNEL_CMDLINE_KEYS) : []) {

@@ -252,6 +252,13 @@ export const CONTROLLER_OPTIONS = {
     defaultValue: '256G',
     parse: byteSize({ min: 1, max: 2 ** 50 }),
   },
+  maxImageVirtualSize: {
+    flag: 'max-image-virtual-size',
+    description:
+      'largest virtual size of a qcow2 image (the size of the raw image it is converted to and nodes receive); larger ones are refused at import. K, M, G, T suffixes allowed',
+    defaultValue: '256G',
+    parse: byteSize({ min: 1, max: 2 ** 50 }),
+  },
   importAttempts: {
     flag: 'import-attempts',
     description: 'tries for an image import from a URL on 5xx answers and connection errors (4xx fails at once)',

@@ -1,11 +1,14 @@
 /**
  * `npm run lab -- --nodes 3 [--power qemu|ipmi] [--network user|pxe] [--keep] [--phase-timeout 600]`: the lab of
- * lab/lab.ts from the command line. Exits 0 when every check passed; on
+ * lab/lab.ts from the command line. `npm run lab -- --os-image [--keep]`:
+ * the OS image lab of lab/os-image-lab.ts instead (one UEFI guest deployed
+ * with the Debian image and a config drive, then logged into over SSH). Exits 0 when every check passed; on
  * failure or Ctrl-C every guest is stopped, and the work folder (consoles,
  * disks, controller log) is kept and named.
  */
 import { parseArgs } from 'node:util';
 import { runLab } from './lab.js';
+import { runOsImageLab } from './os-image-lab.js';
 import { stopAllGuests } from './qemu.js';
 
 const { values } = parseArgs({
@@ -15,6 +18,7 @@ const { values } = parseArgs({
     'phase-timeout': { type: 'string', default: '600' },
     power: { type: 'string', default: 'qemu' },
     network: { type: 'string' },
+    'os-image': { type: 'boolean', default: false },
   },
 });
 if (values.power !== 'qemu' && values.power !== 'ipmi') {
@@ -38,6 +42,18 @@ for (const signal of ['SIGINT', 'SIGTERM'] as const) {
   });
 }
 try {
+  if (values['os-image']) {
+    const result = await runOsImageLab({
+      keep: values.keep,
+      phaseTimeoutMs: Number(values['phase-timeout']) * 1000,
+      onGuest: (_guest, folder) => {
+        work = folder;
+      },
+    });
+    console.log(`\nsummary: ${result.hostname} answers SSH at its static address; ${result.marker}`);
+    for (const [name, ms] of result.timings) console.log(`  ${(ms / 1000).toFixed(1).padStart(7)} s  ${name}`);
+    process.exit(0);
+  }
   const result = await runLab({
     nodes,
     keep: values.keep,

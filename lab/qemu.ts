@@ -45,6 +45,13 @@ import { QmpClient, type QmpEvent } from './qmp.js';
  * bootindex, so switching from or to one restarts the QEMU process at the
  * next power on (same disk, same console file).
  *
+ * Firmware. SeaBIOS by default; `firmware: 'uefi'` boots OVMF (Debian's
+ * ovmf: OVMF_CODE_4M.fd read-only, and a per-guest copy of OVMF_VARS_4M.fd
+ * as its NVRAM). OVMF honours the same bootindex order; its network boot
+ * runs the EFI build of the same iPXE ROM, and a deployed disk boots through
+ * its ESP's EFI/BOOT/BOOTX64.EFI. The firmware is fixed for the life of the
+ * QEMU process.
+ *
  * Every QEMU runs under a small shell that kills it when this process's end
  * of its stdin closes, so no guest outlives the program that started it,
  * however that program dies; an exit handler also kills what is left.
@@ -115,19 +122,36 @@ export interface GuestOptions {
    * forward and 10.0.2.2 do not apply. Default: user networking.
    */
   tap?: string;
-  /** Firmware: SeaBIOS (default) or OVMF (UEFI, Debian's ovmf package, with a copy of its variable store next to the disk). */
-  firmware?: 'bios' | 'uefi';
   /**
    * The NIC's option ROM file (QEMU's romfile=): undefined for QEMU's default
    * (iPXE from ipxe-qemu), '' for none (OVMF then boots the network with its
    * own PXE).
    */
   nicRomFile?: string;
+  /**
+   * The firmware: 'bios' (SeaBIOS, QEMU's default; the default here) or
+   * 'uefi' (OVMF from Debian's ovmf package: OVMF_CODE_4M.fd read-only, and a
+   * per-guest copy of OVMF_VARS_4M.fd as its NVRAM, kept across power cycles).
+   * QEMU cannot change it while it runs.
+   */
+  firmware?: 'bios' | 'uefi';
+  /** The guest's own copy of the UEFI variables; default <diskPath>.OVMF_VARS.fd, created from OVMF_VARS_4M.fd when missing. */
+  uefiVarsPath?: string;
+  /** More ports to forward from the host's 127.0.0.1, each to a guest address (default the DHCP one, 10.0.2.15) and port. */
+  forwards?: { hostPort: number; guestPort: number; guestAddress?: string }[];
 }
 
-/** OVMF from Debian's ovmf package: code (read-only) and the variable store template each UEFI guest copies. */
+/** Debian's OVMF (package ovmf), the 4 MiB build QEMU's own firmware descriptors name. */
 export const OVMF_CODE = '/usr/share/OVMF/OVMF_CODE_4M.fd';
-export const OVMF_VARS = '/usr/share/OVMF/OVMF_VARS_4M.fd';
+export const OVMF_VARS_TEMPLATE = '/usr/share/OVMF/OVMF_VARS_4M.fd';
+
+/** Why UEFI guests cannot run here, or undefined when they can. */
+export function uefiUnavailable(): string | undefined {
+  for (const path of [OVMF_CODE, OVMF_VARS_TEMPLATE]) {
+    if (!existsSync(path)) return `${path} is missing (apt-get install -y ovmf)`;
+  }
+  return undefined;
+}
 
 export interface Guest {
   readonly name: string;
@@ -210,6 +234,10 @@ export async function startGuest(options: GuestOptions): Promise<Guest> {
     options.forwardGuestPort === undefined ? undefined : (options.forwardHostPort ?? (await freePort())),
   );
   prepareDisk(options.diskPath, options.diskSizeBytes);
+  if (options.firmware === 'uefi') {
+    const missing = uefiUnavailable();
+    if (missing) throw new Error(`guest ${options.name} boots UEFI, but ${missing}`);
+  }
   mkdirSync(dirname(options.consolePath), { recursive: true });
   // A new machine starts with an empty console; power cycles append to it.
   writeFileSync(options.consolePath, '');
@@ -458,7 +486,7 @@ class QemuGuest implements Guest {
     this.startedAt = Date.now();
     if (this.options.firmware === 'uefi') {
       const vars = this.uefiVarsPath();
-      if (!existsSync(vars)) copyFileSync(OVMF_VARS, vars);
+      if (!existsSync(vars)) copyFileSync(OVMF_VARS_TEMPLATE, vars);
     }
     const wrapper = spawn('/bin/sh', ['-c', WATCHDOG, 'qemu-watchdog', ...(this.options.commandPrefix ?? []), binary, ...args], {
       stdio: ['pipe', 'pipe', 'pipe'],
@@ -522,7 +550,7 @@ class QemuGuest implements Guest {
 
   /** The guest's own copy of OVMF's variable store (boot entries persist across power cycles, as in NVRAM). */
   private uefiVarsPath(): string {
-    return `${this.options.diskPath}.ovmf-vars.fd`;
+    return this.options.uefiVarsPath ?? `${this.options.diskPath}.OVMF_VARS.fd`;
   }
 
   private qemuArgs(): string[] {
@@ -532,10 +560,16 @@ class QemuGuest implements Guest {
     const netdev = o.tap ? ['tap', 'id=net0', `ifname=${o.tap}`, 'script=no', 'downscript=no'] : ['user', 'id=net0'];
     if (o.netBootUrl && !o.tap) netdev.push(`bootfile=${o.netBootUrl}`);
     if (o.forwardGuestPort !== undefined) netdev.push(`hostfwd=tcp:127.0.0.1:${this.forwardHostPort}-:${o.forwardGuestPort}`);
+    for (const f of o.forwards ?? []) netdev.push(`hostfwd=tcp:127.0.0.1:${f.hostPort}-${f.guestAddress ?? ''}:${f.guestPort}`);
     const nicRom = o.nicRomFile === undefined ? '' : `,romfile=${o.nicRomFile}`;
     const firmware =
       o.firmware === 'uefi'
-        ? ['-drive', `if=pflash,format=raw,readonly=on,file=${OVMF_CODE}`, '-drive', `if=pflash,format=raw,file=${this.uefiVarsPath()}`]
+        ? [
+            '-drive',
+            `if=pflash,format=raw,unit=0,readonly=on,file=${OVMF_CODE}`,
+            '-drive',
+            `if=pflash,format=raw,unit=1,file=${this.uefiVarsPath()}`,
+          ]
         : [];
     const serial = (o.diskSerial ?? `mc-${createHash('sha256').update(o.name).digest('hex').slice(0, 12)}`).slice(0, 20);
     const args = [
@@ -545,6 +579,7 @@ class QemuGuest implements Guest {
       'tcg',
       '-machine',
       'pc',
+      ...firmware,
       '-m',
       String(o.memoryMiB ?? 1024),
       '-smp',

@@ -8,7 +8,7 @@ import { SingleBar } from 'cli-progress';
 import { type Command, InvalidArgumentError } from 'commander';
 import { ClientError, Status, waitForChannelReady } from 'nice-grpc';
 import { describeError } from '../../common/errors.js';
-import { type Image, ImageState, type UploadImageRequest } from '../../gen/metalcast/v1/image.js';
+import { type Image, ImageFormat, ImageState, type UploadImageRequest } from '../../gen/metalcast/v1/image.js';
 import { type OperatorClients, withClient } from '../client.js';
 import { formatBytes, formatTime, printFields, printJson, printTable } from '../output.js';
 
@@ -27,8 +27,26 @@ const DOWNLOAD_ATTEMPTS = 8;
 const stateName = (state: ImageState) =>
   state === ImageState.IMAGE_STATE_UNSPECIFIED ? '-' : (ImageState[state] ?? String(state)).replace('IMAGE_STATE_', '').toLowerCase();
 
+const formatName = (format: ImageFormat) =>
+  format === ImageFormat.IMAGE_FORMAT_UNSPECIFIED
+    ? '-'
+    : (ImageFormat[format] ?? String(format)).replace('IMAGE_FORMAT_', '').toLowerCase();
+
 function imageJson(image: Image) {
-  return { ...image, state: stateName(image.state) };
+  return { ...image, state: stateName(image.state), format: formatName(image.format) };
+}
+
+/** "qcow2 (120.0 MiB, sha256 ab12…) converted to raw" or "raw", with where the data lies. */
+function formatLine(image: Image): string {
+  if (image.format === ImageFormat.IMAGE_FORMAT_UNSPECIFIED) return '-';
+  const allocated =
+    image.allocatedBytes > 0 && image.sizeBytes > 0
+      ? `; ${formatBytes(image.allocatedBytes)} of data in ${image.allocatedExtentCount} extents (${((100 * image.allocatedBytes) / image.sizeBytes).toFixed(1)}%), the rest zeros`
+      : '';
+  if (image.format === ImageFormat.IMAGE_FORMAT_QCOW2) {
+    return `qcow2 as sent (${formatBytes(image.sourceSizeBytes)}, sha256 ${image.sourceSha256}), stored as raw${allocated}`;
+  }
+  return `raw${allocated}`;
 }
 
 function printImage(image: Image): void {
@@ -37,6 +55,7 @@ function printImage(image: Image): void {
     ['state', stateName(image.state)],
     ['size', image.sizeBytes ? `${formatBytes(image.sizeBytes)} (${image.sizeBytes} bytes)` : '-'],
     ['sha256', image.sha256 || '-'],
+    ['format', formatLine(image)],
     ['source', image.sourceUrl || 'upload'],
     ['error', image.error || '-'],
     ['created', formatTime(image.createdAt)],
@@ -114,21 +133,27 @@ async function uploadCommand(file: string, opts: { name: string; sha256?: string
     }
     if (!image) throw new Error('the controller returned no image');
 
-    // End-to-end check: the file is read once, so its sha256 is known only now.
+    // End-to-end check: the file is read once, so its sha256 is known only now. A qcow2 is
+    // stored converted to raw; what the controller received is its source checksum.
     const local = hash.digest('hex');
-    if (image.sha256 !== local || sent !== info.size) {
+    const received = image.sourceSha256 || image.sha256;
+    const receivedBytes = image.sourceSizeBytes || image.sizeBytes;
+    if (received !== local || sent !== info.size) {
       await images.deleteImage({ name: opts.name }).catch(() => {});
       throw new Error(
-        `the controller stored ${image.sizeBytes} bytes with sha256 ${image.sha256}, but this side read ${sent} bytes with sha256 ${local}; ` +
+        `the controller received ${receivedBytes} bytes with sha256 ${received}, but this side read ${sent} bytes with sha256 ${local}; ` +
           `image ${opts.name} was deleted again. Was ${file} modified during the upload? Upload it again.`,
       );
     }
     if (json) return printJson(imageJson(image));
     const seconds = (Date.now() - started) / 1000;
     process.stdout.write(
-      `uploaded ${basename(file)} as image ${image.name}: ${formatBytes(image.sizeBytes)} in ${seconds.toFixed(1)}s ` +
-        `(${formatBytes(image.sizeBytes / Math.max(seconds, 0.001))}/s), sha256 ${image.sha256}\n`,
+      `uploaded ${basename(file)} as image ${image.name}: ${formatBytes(sent)} in ${seconds.toFixed(1)}s ` +
+        `(${formatBytes(sent / Math.max(seconds, 0.001))}/s), sha256 ${local}\n`,
     );
+    if (image.format === ImageFormat.IMAGE_FORMAT_QCOW2) {
+      process.stdout.write(`  qcow2, stored as raw: ${formatBytes(image.sizeBytes)}, sha256 ${image.sha256}; ${formatLine(image)}\n`);
+    }
   });
 }
 
@@ -419,10 +444,11 @@ retries, or download it from another controller. --timeout bounds connecting onl
         const { images: all } = await images.listImages({});
         if (json) return printJson(all.map(imageJson));
         printTable(
-          ['name', 'state', 'size', 'sha256', 'source'],
+          ['name', 'state', 'format', 'size', 'sha256', 'source'],
           all.map((i) => [
             i.name,
             stateName(i.state),
+            formatName(i.format),
             i.sizeBytes ? formatBytes(i.sizeBytes) : '-',
             i.sha256 ? i.sha256.slice(0, 12) : '-',
             i.sourceUrl || 'upload',

@@ -1,6 +1,7 @@
 import { Argument, type Command, InvalidArgumentError, Option } from 'commander';
 import { Inventory } from '../../gen/metalcast/v1/inventory.js';
-import { type Node, ProvisionAction, ProvisionState } from '../../gen/metalcast/v1/node.js';
+import { readFileSync } from 'node:fs';
+import { DeploySpec, type Node, ProvisionAction, ProvisionState } from '../../gen/metalcast/v1/node.js';
 import {
   allowedActions,
   PROVISION_ACTIONS,
@@ -8,6 +9,7 @@ import {
   type ProvisionState as StateName,
 } from '../../controller/provisioning/states.js';
 import { withClient } from '../client.js';
+import { deployFields } from '../deploy-format.js';
 import { stateName } from '../node-format.js';
 import { watchNodes } from './node-watch.js';
 import { addBmcOptions, type BmcOptions, bmcSettings, registerNodeSetCommand } from './node-bmc.js';
@@ -22,7 +24,18 @@ function nodeJson(node: Node) {
     provisionState: stateName(node.provisionState),
     targetProvisionState: stateName(node.targetProvisionState),
     inventory: node.inventory ? Inventory.toJSON(node.inventory) : undefined,
+    deploy: node.deploy ? DeploySpec.toJSON(node.deploy) : undefined,
   };
+}
+
+/** The lines of an OpenSSH public key file (one key, or several as in authorized_keys). */
+function readSshKeys(files: string[]): string[] {
+  return files.flatMap((file) =>
+    readFileSync(file, 'utf8')
+      .split('\n')
+      .map((line) => line.trim())
+      .filter((line) => line !== '' && !line.startsWith('#')),
+  );
 }
 
 function printNode(node: Node): void {
@@ -46,7 +59,7 @@ function printNode(node: Node): void {
     ['last heartbeat', formatAge(node.lastHeartbeatAt)],
     ['lock', node.reservation ? `${node.reservation} (${node.reservationOperation})` : '-'],
     ['progress', progressLine(node)],
-    ['deploy', node.deploy ? `${node.deploy.image}${node.deploy.target?.devicePath ? ` to ${node.deploy.target.devicePath}` : ''}` : '-'],
+    ...deployFields(node.deploy),
     [
       'inventory',
       node.inventory
@@ -265,7 +278,21 @@ export function registerNodeCommands(program: Command, addOperatorOptions: (comm
     .option('--disk-size <bytes>', 'target disk by exact size in bytes', (v) => Number(v))
     .option('--disk-min-size <bytes>', 'smallest acceptable disk size in bytes', (v) => Number(v))
     .addOption(new Option('--disk-rotational <yes|no>', 'spinning (yes) or solid-state (no) disk').choices(['yes', 'no']))
-    .addHelpText('after', '\nWithout --disk* hints the smallest disk that holds the image is used.')
+    .option('--hostname <name>', 'host name of the deployed system (config drive)')
+    .option(
+      '--ssh-key <file>',
+      "OpenSSH public key file for the image's default user (repeatable; config drive)",
+      (v: string, p: string[] = []) => [...p, v],
+    )
+    .option('--user-data <file>', 'cloud-init user data: #cloud-config or a script (config drive; never shown back)')
+    .option('--network-data <file>', 'OpenStack network_data.json: static addresses, bonds, VLANs (config drive)')
+    .addHelpText(
+      'after',
+      '\nWithout --disk* hints the smallest disk that holds the image is used.' +
+        '\nWith --hostname, --ssh-key, --user-data or --network-data the controller builds a config drive (label config-2,\n' +
+        "the layout cloud-init's ConfigDrive datasource reads) that the agent writes into a 64 MiB partition at the end\n" +
+        'of the disk. metalcast node show displays it, with the user data as its size and sha256 only.',
+    )
     .action(
       async (
         ref: string,
@@ -277,6 +304,10 @@ export function registerNodeCommands(program: Command, addOperatorOptions: (comm
           diskSize?: number;
           diskMinSize?: number;
           diskRotational?: 'yes' | 'no';
+          hostname?: string;
+          sshKey?: string[];
+          userData?: string;
+          networkData?: string;
         },
         command: Command,
       ) =>
@@ -293,7 +324,14 @@ export function registerNodeCommands(program: Command, addOperatorOptions: (comm
           const { node: updated } = await nodes.setProvisionState({
             node: ref,
             action: ProvisionAction.PROVISION_ACTION_DEPLOY,
-            deploy: { image: opts.image, target },
+            deploy: DeploySpec.fromPartial({
+              image: opts.image,
+              target,
+              hostname: opts.hostname ?? '',
+              sshPublicKeys: readSshKeys(opts.sshKey ?? []),
+              userData: opts.userData ? readFileSync(opts.userData) : Buffer.alloc(0),
+              networkData: opts.networkData ? readFileSync(opts.networkData, 'utf8') : '',
+            }),
           });
           if (!updated) throw new Error('the controller returned no node');
           if (json) return printJson(nodeJson(updated));

@@ -31,7 +31,19 @@ export class ImageCatalog {
           `the content of image '${name}' was removed by a delete of another image with the same content at the same moment; send it again`,
         );
       }
-      const image = await this.store.updateImage(name, { state: 'ready', sha256: content.sha256, sizeBytes: content.sizeBytes, error: '' });
+      const format = content.format;
+      const image = await this.store.updateImage(name, {
+        state: 'ready',
+        sha256: content.sha256,
+        sizeBytes: content.sizeBytes,
+        error: '',
+        ...(format && {
+          format: format.format,
+          sourceSha256: format.sourceSha256,
+          sourceSizeBytes: format.sourceSizeBytes,
+          extents: format.extents,
+        }),
+      });
       if (!image) {
         await this.removeIfUnused(content.sha256);
         throw new MetalcastError(Status.ABORTED, `image '${name}' was deleted while its content arrived`);

@@ -3,6 +3,7 @@ import { type FileHandle, mkdir, open, readdir, rename, rm, stat } from 'node:fs
 import { join } from 'node:path';
 import { Status } from 'nice-grpc-common';
 import { MetalcastError } from '../../common/errors.js';
+import type { ImageFormatInfo, PreparedImage } from './formats/prepare.js';
 
 export interface ReceivedContent {
   sha256: string;
@@ -13,6 +14,8 @@ export interface ReceivedContent {
    * yet: call it once the row that uses it is committed, or has failed to be.
    */
   release: () => void;
+  /** What {@link ReceiveOptions.prepare} found: the format as received, its checksum, the allocated extents. */
+  format?: ImageFormatInfo;
 }
 
 /** A blob open for reading; garbage collection leaves it alone until close(). */
@@ -45,6 +48,13 @@ export interface ReceiveOptions {
   /** Refused when the content grows past this. */
   maxBytes?: number;
   signal?: AbortSignal;
+  /**
+   * Runs on the verified file before it becomes a blob, and says what to
+   * keep instead (controller/images/formats/prepare.ts: detect the format,
+   * convert qcow2 to raw); the blob is then addressed by the prepared
+   * content's sha256. It may write new files only at {@link ImageFiles.tempPath}.
+   */
+  prepare?: (path: string, received: { sha256: string; sizeBytes: number }) => Promise<PreparedImage>;
 }
 
 /**
@@ -80,6 +90,11 @@ export class ImageFiles {
     await mkdir(this.incoming, { recursive: true });
   }
 
+  /** A fresh path in the folder of unfinished content (removed at start-up), for work on content being received. */
+  tempPath(): string {
+    return join(this.incoming, randomUUID());
+  }
+
   blobPath(sha256: string): string {
     if (!/^[0-9a-f]{64}$/.test(sha256)) throw new Error(`not a sha256: ${sha256.slice(0, 80)}`);
     return join(this.blobs, sha256);
@@ -94,12 +109,13 @@ export class ImageFiles {
 
   /** Stores content from a stream of chunks; throws MetalcastError (INVALID_ARGUMENT) on a mismatch. */
   async receive(source: AsyncIterable<Uint8Array> | Iterable<Uint8Array>, options: ReceiveOptions = {}): Promise<ReceivedContent> {
-    const temp = join(this.incoming, randomUUID());
+    const temp = this.tempPath();
     const file = await open(temp, 'w');
     const sha256 = createHash('sha256');
     const extra = options.extraDigest ? createHash(options.extraDigest.algorithm) : undefined;
     let size = 0;
     let committed = false;
+    let converted: string | undefined;
     try {
       for await (const chunk of source) {
         options.signal?.throwIfAborted();
@@ -139,21 +155,33 @@ export class ImageFiles {
       }
       await file.sync();
       await file.close();
+      let keep = { path: temp, sha256: digest, sizeBytes: size };
+      let format: ImageFormatInfo | undefined;
+      if (options.prepare) {
+        const prepared = await options.prepare(temp, { sha256: digest, sizeBytes: size });
+        if (prepared.path !== temp) {
+          converted = prepared.path;
+          await rm(temp, { force: true });
+        }
+        keep = prepared;
+        format = prepared.info;
+      }
       // Held before it is visible: garbage collection must not take a blob whose row is being written.
-      const release = this.hold(digest);
+      const release = this.hold(keep.sha256);
       try {
-        await this.removing.get(digest);
-        await rename(temp, this.blobPath(digest));
+        await this.removing.get(keep.sha256);
+        await rename(keep.path, this.blobPath(keep.sha256));
       } catch (error) {
         release();
         throw error;
       }
       committed = true;
-      return { sha256: digest, sizeBytes: size, release };
+      return { sha256: keep.sha256, sizeBytes: keep.sizeBytes, release, format };
     } finally {
       if (!committed) {
         await file.close().catch(() => {});
         await rm(temp, { force: true });
+        if (converted) await rm(converted, { force: true });
       }
     }
   }

@@ -4,7 +4,7 @@ import { MetalcastError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import type { ImageRecord, Store } from '../store/store.js';
 import type { ImageCatalog } from './catalog.js';
-import type { ImageFiles, ReceivedContent } from './image-files.js';
+import type { ImageFiles, ReceivedContent, ReceiveOptions } from './image-files.js';
 import { type Checksum, redactUrl } from './validation.js';
 
 /** The error a row gets when the controller stops while its import runs, or restarts after it. */
@@ -20,7 +20,12 @@ export interface ImporterOptions {
   minBackoffMs?: number;
   /** Longest delay between tries (default 60 s). */
   maxBackoffMs?: number;
+  /** What turns the verified download into the stored content (format detection, qcow2 conversion); none keeps it as it is. */
+  prepare?: Preparer;
 }
+
+/** Makes the ReceiveOptions.prepare step of one attempt, bound to the attempt's abort signal. */
+export type Preparer = (signal: AbortSignal) => NonNullable<ReceiveOptions['prepare']>;
 
 /** Why one attempt failed, and whether another attempt could help. */
 export class AttemptFailed extends Error {
@@ -153,6 +158,8 @@ export interface DownloadOptions {
   maxBytes: number;
   /** The content must be exactly this long (the replicator knows it); otherwise Content-Length, when given, is checked. */
   expectedSize?: number;
+  /** Turns the verified download into the stored content (imports: format detection and conversion). */
+  prepare?: Preparer;
 }
 
 /**
@@ -219,6 +226,7 @@ export async function downloadToBlob(
       expectedSize,
       maxBytes,
       signal: controller.signal,
+      prepare: options.prepare?.(controller.signal),
     });
   } catch (error) {
     if (error instanceof AttemptFailed) throw error;

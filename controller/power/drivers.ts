@@ -1,7 +1,8 @@
 import type { SecretBox } from '../secrets/secret-box.js';
 import { ipmiDriverFromNode } from './ipmi/ipmi-driver.js';
 import { PowerError, type PowerDriver } from './power-driver.js';
-import { QEMU_NIC_PROPERTY, QemuPowerDriver, QMP_SOCKET_PROPERTY } from './qemu.js';
+import type { BootMode } from './power-driver.js';
+import { BOOT_MODE_PROPERTY, QEMU_NIC_PROPERTY, QemuPowerDriver, QMP_SOCKET_PROPERTY } from './qemu.js';
 
 /** The node property naming the power driver; a node without it is powered by hand. */
 export const POWER_DRIVER_PROPERTY = 'power.driver';
@@ -39,7 +40,11 @@ export class PowerDrivers {
       (properties) => {
         const socket = properties[QMP_SOCKET_PROPERTY];
         if (!socket) throw new Error(`the qemu power driver needs the property ${QMP_SOCKET_PROPERTY} (the QMP unix socket path)`);
-        return new QemuPowerDriver(socket, properties[QEMU_NIC_PROPERTY] || 'nic0');
+        const mode = properties[BOOT_MODE_PROPERTY];
+        if (mode !== undefined && mode !== '' && mode !== 'uefi' && mode !== 'bios') {
+          throw new Error(`${BOOT_MODE_PROPERTY}=${mode} is not a boot mode: uefi or bios`);
+        }
+        return new QemuPowerDriver(socket, properties[QEMU_NIC_PROPERTY] || 'nic0', (mode || undefined) as BootMode | undefined);
       },
     ],
     // Stateless but for the per-BMC pacing in ipmitool.ts, so built in like qemu.

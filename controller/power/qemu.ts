@@ -1,9 +1,18 @@
 import { QmpClient } from './qmp.js';
-import { type PowerBootDevice, type PowerDriver, PowerError, type PowerState } from './power-driver.js';
+import {
+  type BootMode,
+  type PowerBootDevice,
+  type PowerDriver,
+  PowerError,
+  type PowerState,
+  type PowerValidation,
+} from './power-driver.js';
 
 /** Node properties the qemu driver reads. */
 export const QMP_SOCKET_PROPERTY = 'power.qmp_socket';
 export const QEMU_NIC_PROPERTY = 'power.qemu_nic';
+/** The node's firmware mode (uefi|bios), shared by every driver. */
+export const BOOT_MODE_PROPERTY = 'boot.mode';
 
 const CONNECT_TIMEOUT_MS = 2000;
 
@@ -23,7 +32,26 @@ export class QemuPowerDriver implements PowerDriver {
   constructor(
     private readonly socketPath: string,
     private readonly nicId = 'nic0',
+    /** The node's boot.mode when set: QEMU's firmware is fixed at its start, so the driver checks it instead of setting it. */
+    private readonly bootMode?: BootMode,
   ) {}
+
+  /** The firmware the guest runs: OVMF has its flash drives (pflash0), SeaBIOS none. */
+  private static async firmware(qmp: QmpClient): Promise<BootMode> {
+    const blocks = await qmp.execute<{ device: string }[]>('query-block');
+    return blocks.some((block) => block.device === 'pflash0') ? 'uefi' : 'bios';
+  }
+
+  /** PowerError when the node asks for a firmware mode its guest does not run. */
+  private async checkBootMode(qmp: QmpClient): Promise<void> {
+    if (!this.bootMode) return;
+    const running = await QemuPowerDriver.firmware(qmp);
+    if (running !== this.bootMode) {
+      throw new PowerError(
+        `the node has boot.mode=${this.bootMode}, but its QEMU guest runs ${running === 'uefi' ? 'OVMF (UEFI)' : 'SeaBIOS (BIOS)'}, and QEMU cannot switch firmware while it runs: start the guest with firmware '${this.bootMode}' (lab/qemu.ts), or set boot.mode=${running}`,
+      );
+    }
+  }
 
   private async withQmp<T>(action: (qmp: QmpClient) => Promise<T>): Promise<T> {
     const qmp = await QmpClient.connect(this.socketPath, { timeoutMs: CONNECT_TIMEOUT_MS });
@@ -50,6 +78,7 @@ export class QemuPowerDriver implements PowerDriver {
 
   powerOn(bootDevice: PowerBootDevice): Promise<void> {
     return this.withQmp(async (qmp) => {
+      await this.checkBootMode(qmp);
       await this.bootIndex(qmp, bootDevice);
       const status = await QemuPowerDriver.status(qmp);
       // Fresh from -S the machine has never run; otherwise it starts over from a reset, as a power on does.
@@ -73,7 +102,25 @@ export class QemuPowerDriver implements PowerDriver {
   }
 
   setBootDevice(device: PowerBootDevice): Promise<void> {
-    return this.withQmp((qmp) => this.bootIndex(qmp, device));
+    return this.withQmp(async (qmp) => {
+      await this.checkBootMode(qmp);
+      await this.bootIndex(qmp, device);
+    });
+  }
+
+  validate(): Promise<PowerValidation[]> {
+    return this.withQmp(async (qmp) => {
+      const running = await QemuPowerDriver.firmware(qmp);
+      const ok = this.bootMode === undefined || this.bootMode === running;
+      return [
+        { check: 'QMP socket', ok: true, detail: `${this.socketPath} answers; the guest is ${await QemuPowerDriver.status(qmp)}` },
+        {
+          check: 'boot mode',
+          ok,
+          detail: `the guest runs ${running === 'uefi' ? 'OVMF (UEFI)' : 'SeaBIOS (BIOS)'}${this.bootMode ? `; the node asks for ${this.bootMode}` : ''}`,
+        },
+      ];
+    });
   }
 
   state(): Promise<PowerState> {

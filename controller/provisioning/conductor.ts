@@ -14,7 +14,8 @@ import type { HeldLock, NodeLocks } from './locks.js';
 import type { NodeFeed } from './node-feed.js';
 import type { NodeRecord, Store } from '../store/store.js';
 import type { Admission } from './admission.js';
-import type { DeploySpecRecord, Provisioner } from './provisioner.js';
+import { type DeploySpecRecord, diskBytesNeeded, type Provisioner } from './provisioner.js';
+import { CONFIG_DRIVE_PARTITION_BYTES } from '../configdrive/config-drive.js';
 import { describeError as describe } from '../../common/errors.js';
 import { PowerDrivers } from '../power/drivers.js';
 import type { PowerDriver, PowerState } from '../power/power-driver.js';
@@ -304,7 +305,11 @@ export class Conductor {
         {},
         { ...agent.auth, deadline: INVENTORY_TIMEOUT_MS, signal: this.stopping.signal },
       );
-      devicePath = pickDisk(inventory?.disks ?? [], spec.target, image.sizeBytes).devicePath;
+      devicePath = pickDisk(
+        inventory?.disks ?? [],
+        spec.target,
+        diskBytesNeeded(image.sizeBytes, spec.configDrive !== undefined),
+      ).devicePath;
     } catch (error) {
       await this.rethrowIfGone(node, error);
       await this.fail(node, 'deploy_wait', 'deploy_failed', `deploy failed: ${describe(error)}`, log);
@@ -331,6 +336,25 @@ export class Conductor {
       return;
     }
     const written = final.result?.result?.$case === 'writeImage' ? final.result.result.value : undefined;
+    let configDriveNote = '';
+    if (spec.configDrive) {
+      log.info({ device: devicePath, configDrive: spec.configDrive.sha256 }, 'deploying: sending write_config_drive');
+      const drive = await this.runToEnd(node, agent, `${requestId}:config-drive`, log, {
+        $case: 'writeConfigDrive',
+        value: {
+          target: { devicePath },
+          sha256: spec.configDrive.sha256,
+          sizeBytes: spec.configDrive.sizeBytes,
+          partitionSizeBytes: CONFIG_DRIVE_PARTITION_BYTES,
+        },
+      });
+      if (drive.state !== CommandState.COMMAND_STATE_SUCCEEDED) {
+        await this.fail(node, 'deploy_wait', 'deploy_failed', `write_config_drive failed: ${drive.error}`, log);
+        return;
+      }
+      const where = drive.result?.result?.$case === 'writeConfigDrive' ? drive.result.result.value : undefined;
+      configDriveNote = where ? `; config drive in partition ${where.partitionNumber} (${where.partitionTable})` : '';
+    }
     const finalState = this.options.finalPower === 'power_off' ? 'off' : this.options.finalPower === 'reboot' ? 'on' : undefined;
     const driven = await this.powerThroughDriver(
       node,
@@ -377,7 +401,7 @@ export class Conductor {
       'active',
       null,
       this.options.holder,
-      `deployed ${image.name} to ${devicePath}: ${written?.writtenBytes ?? image.sizeBytes} bytes, sha256 ${image.sha256.slice(0, 12)}…, ${written?.resumes ?? 0} resumes; final power: ${this.options.finalPower}`,
+      `deployed ${image.name} to ${devicePath}: ${written?.writtenBytes ?? image.sizeBytes} bytes, sha256 ${image.sha256.slice(0, 12)}…, ${written?.resumes ?? 0} resumes${configDriveNote}; final power: ${this.options.finalPower}`,
       '',
     );
     log.info({ image: image.name, device: devicePath, resumes: written?.resumes }, 'deploy finished');
@@ -416,6 +440,8 @@ export class Conductor {
     await this.provisioner.move(cleaning, 'cleaning', 'available', null, this.options.holder, 'cleaning finished', '', {
       deployJson: null,
     });
+    // The user data in it may be secret: nothing of the deploy is kept past cleaning.
+    await this.store.deleteConfigDrive(node.uuid);
     log.info({ erased }, 'cleaning finished');
   }
 

@@ -1,4 +1,6 @@
+import { createHash } from 'node:crypto';
 import { Status } from 'nice-grpc-common';
+import { CONFIG_DRIVE_DISK_BYTES, type ConfigDrive, type InstanceConfig } from '../configdrive/config-drive.js';
 import { pickDisk } from '../../common/disk-hints.js';
 import { MetalcastError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
@@ -7,7 +9,7 @@ import { Inventory } from '../../gen/metalcast/v1/inventory.js';
 import type { AgentSessions } from '../agents/agent-sessions.js';
 import type { NodeLocks } from './locks.js';
 import type { NodeFeed } from './node-feed.js';
-import type { NodeRecord, Store, Transition } from '../store/store.js';
+import type { ImageRecord, NodeRecord, Store, Transition } from '../store/store.js';
 import { PowerDrivers } from '../power/drivers.js';
 import type { PowerDriver } from '../power/power-driver.js';
 import { bootMethodOf, ejectVirtualMedia, type VirtualMediaBoot } from '../boot/virtual-media.js';
@@ -15,10 +17,60 @@ import { ACTION_TRANSITIONS, allowedActions, isAgentState, type ProvisionAction,
 
 const human = (state: ProvisionState) => state.replaceAll('_', ' ');
 
-/** What a deploy writes; stored as JSON with the node. */
+/** Bytes a disk must have for an image, and the config drive partition after it when there is one. */
+export function diskBytesNeeded(imageBytes: number, withConfigDrive: boolean): number {
+  return imageBytes + (withConfigDrive ? CONFIG_DRIVE_DISK_BYTES : 0);
+}
+
+/** The stored deploy: what was asked, what the image was, and a summary of the config drive without the user data. */
+function deployRecord(deploy: DeploySpecRecord, image: ImageRecord, configDrive: DeployConfigDrive | undefined): DeploySpecRecord {
+  const record: DeploySpecRecord = {
+    image: deploy.image,
+    target: deploy.target,
+    imageFormat: image.format === 'qcow2' ? 'IMAGE_FORMAT_QCOW2' : 'IMAGE_FORMAT_RAW',
+    imageSha256: image.sha256,
+    imageSourceSha256: image.sourceSha256 || image.sha256,
+  };
+  if (!configDrive) return record;
+  const { instance, drive } = configDrive;
+  return {
+    ...record,
+    hostname: instance.hostname,
+    sshPublicKeys: instance.sshPublicKeys,
+    networkData: instance.networkData,
+    userDataSizeBytes: instance.userData?.length ?? 0,
+    userDataSha256: instance.userData ? createHash('sha256').update(instance.userData).digest('hex') : '',
+    userDataType: instance.userDataType ?? '',
+    configDrive: { instanceId: drive.instanceId, sizeBytes: drive.iso.length, sha256: drive.sha256 },
+  };
+}
+
+/**
+ * What a deploy writes; stored as JSON with the node, in the JSON form of
+ * the proto DeploySpec (so that the API shows it as it is). The user data
+ * is never in it, only its size, sha256 and type: the text lives in the
+ * config drive alone.
+ */
 export interface DeploySpecRecord {
   image: string;
   target?: DiskHints | undefined;
+  hostname?: string;
+  sshPublicKeys?: string[];
+  networkData?: string;
+  userDataSizeBytes?: number;
+  userDataSha256?: string;
+  userDataType?: string;
+  configDrive?: { instanceId: string; sizeBytes: number; sha256: string };
+  /** ImageFormat's JSON name: IMAGE_FORMAT_RAW or IMAGE_FORMAT_QCOW2. */
+  imageFormat?: string;
+  imageSha256?: string;
+  imageSourceSha256?: string;
+}
+
+/** A deploy's instance configuration and the config drive built from it. */
+export interface DeployConfigDrive {
+  instance: InstanceConfig;
+  drive: ConfigDrive;
 }
 
 /**
@@ -42,7 +94,13 @@ export class Provisioner {
     private readonly media?: VirtualMediaBoot,
   ) {}
 
-  async runAction(node: NodeRecord, action: ProvisionAction, actor: string, deploy?: DeploySpecRecord): Promise<NodeRecord> {
+  async runAction(
+    node: NodeRecord,
+    action: ProvisionAction,
+    actor: string,
+    deploy?: DeploySpecRecord,
+    configDrive?: DeployConfigDrive,
+  ): Promise<NodeRecord> {
     const step = ACTION_TRANSITIONS[action][node.provisionState];
     if (!step) {
       const allowed = allowedActions(node.provisionState);
@@ -57,7 +115,7 @@ export class Provisioner {
         `node '${node.name}' is in maintenance (${node.maintenanceReason}); take it out of maintenance first`,
       );
     }
-    if (action === 'deploy') await this.checkDeploySpec(node, deploy);
+    const image = action === 'deploy' ? await this.checkDeploySpec(node, deploy, configDrive !== undefined) : undefined;
     const lock = await this.locks.lock(node.uuid, action);
     try {
       switch (action) {
@@ -74,9 +132,27 @@ export class Provisioner {
           return await this.bootAgent(waiting, 'clean_wait', 'clean_failed');
         }
         case 'deploy': {
-          const deploying = await this.move(node, 'available', 'deploying', 'active', actor, `deploy of ${deploy?.image}`, '', {
-            deployJson: JSON.stringify(deploy),
-          });
+          const record = deployRecord(deploy as DeploySpecRecord, image as ImageRecord, configDrive);
+          // Stored before the node moves, so that it is there when the agent asks; only an available node gets here.
+          if (configDrive) {
+            await this.store.putConfigDrive({
+              nodeUuid: node.uuid,
+              gzip: configDrive.drive.gzip,
+              sha256: configDrive.drive.sha256,
+              sizeBytes: configDrive.drive.iso.length,
+              createdAt: Date.now(),
+            });
+          }
+          const deploying = await this.move(
+            node,
+            'available',
+            'deploying',
+            'active',
+            actor,
+            `deploy of ${record.image}${configDrive ? ` with a config drive (instance ${configDrive.drive.instanceId})` : ''}`,
+            '',
+            { deployJson: JSON.stringify(record) },
+          );
           const waiting = await this.move(deploying, 'deploying', 'deploy_wait', 'active', this.holder, 'deploy');
           return await this.bootAgent(waiting, 'deploy_wait', 'deploy_failed');
         }
@@ -139,8 +215,8 @@ export class Provisioner {
     return node;
   }
 
-  /** Refuses a deploy that cannot work, before the node moves: unknown image, or hints no inspected disk meets. */
-  private async checkDeploySpec(node: NodeRecord, deploy: DeploySpecRecord | undefined): Promise<void> {
+  /** Refuses a deploy that cannot work, before the node moves: unknown image, or hints no inspected disk meets. Returns the image. */
+  private async checkDeploySpec(node: NodeRecord, deploy: DeploySpecRecord | undefined, withConfigDrive: boolean): Promise<ImageRecord> {
     if (!deploy || deploy.image === '')
       throw new MetalcastError(Status.INVALID_ARGUMENT, 'deploy.image: an image name is required to deploy');
     const image = await this.store.getImage(deploy.image);
@@ -151,11 +227,12 @@ export class Provisioner {
     if (node.inventoryJson) {
       const inventory = Inventory.fromJSON(JSON.parse(node.inventoryJson));
       try {
-        pickDisk(inventory.disks, deploy.target, image.sizeBytes);
+        pickDisk(inventory.disks, deploy.target, diskBytesNeeded(image.sizeBytes, withConfigDrive));
       } catch (error) {
         throw new MetalcastError(Status.FAILED_PRECONDITION, `node '${node.name}' (as last inspected): ${(error as Error).message}`);
       }
     }
+    return image;
   }
 
   /**

@@ -60,13 +60,21 @@ export function nodeToProto(node: NodeRecord, withInventory = true): Node {
     reservation: node.reservation ?? '',
     reservationOperation: node.reservationOperation ?? '',
     inventory: withInventory && node.inventoryJson ? Inventory.fromJSON(JSON.parse(node.inventoryJson)) : undefined,
-    deploy: node.deployJson ? DeploySpec.fromJSON(JSON.parse(node.deployJson)) : undefined,
+    deploy: node.deployJson ? deployToProto(node.deployJson, withInventory) : undefined,
     progress: node.progressJson ? CommandProgress.fromJSON(JSON.parse(node.progressJson)) : undefined,
     createdAt: new Date(node.createdAt),
     updatedAt: new Date(node.updatedAt),
     provisionUpdatedAt: new Date(node.provisionUpdatedAt),
     secretKeys: Object.keys(node.secrets).sort(),
   };
+}
+
+/** The stored deploy (never with user data); lists leave the network data out, as they leave out inventories. */
+function deployToProto(json: string, withDetails: boolean): DeploySpec {
+  const spec = DeploySpec.fromJSON(JSON.parse(json));
+  spec.userData = Buffer.alloc(0);
+  if (!withDetails) spec.networkData = '';
+  return spec;
 }
 
 export function eventToProto(event: NodeEventRecord): NodeEvent {

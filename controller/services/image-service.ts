@@ -16,6 +16,7 @@ import {
   type DownloadImageRequest,
   type DownloadImageResponse,
   type Image,
+  ImageFormat,
   ImageState,
   type ImageServiceImplementation,
   type UploadImageRequest,
@@ -35,7 +36,8 @@ import {
   validateImportUrl,
   validateOptionalSha256,
 } from '../images/validation.js';
-import type { ImageRecord, Store } from '../store/store.js';
+import { prepareImage } from '../images/formats/prepare.js';
+import type { ImageRecord, NewImage, Store } from '../store/store.js';
 
 export interface ImageServiceDeps {
   store: Store;
@@ -63,6 +65,7 @@ export interface ImageService {
 
 /** The proto Image, made at the edge. */
 export function imageToProto(image: ImageRecord): Image {
+  const known = image.sha256 !== '';
   return {
     name: image.name,
     state: ImageState[`IMAGE_STATE_${image.state.toUpperCase()}` as keyof typeof ImageState],
@@ -71,6 +74,16 @@ export function imageToProto(image: ImageRecord): Image {
     sourceUrl: image.sourceUrl,
     error: image.error,
     createdAt: new Date(image.createdAt),
+    format: !known
+      ? ImageFormat.IMAGE_FORMAT_UNSPECIFIED
+      : image.format === 'qcow2'
+        ? ImageFormat.IMAGE_FORMAT_QCOW2
+        : ImageFormat.IMAGE_FORMAT_RAW,
+    // Images stored before formats were recorded were raw: the file as sent was the content.
+    sourceSha256: image.sourceSha256 || image.sha256,
+    sourceSizeBytes: image.sourceSizeBytes || image.sizeBytes,
+    allocatedBytes: image.allocatedBytes ?? 0,
+    allocatedExtentCount: image.extentCount,
   };
 }
 
@@ -84,11 +97,19 @@ export function imageToProto(image: ImageRecord): Image {
 export function createImageService(deps: ImageServiceDeps): ImageService {
   const { store, files, config, logger } = deps;
   const catalog = new ImageCatalog(store, files, logger);
+  /** Detects the format of received content and converts qcow2 to raw (controller/images/formats/). */
+  const formats = (signal: AbortSignal) => (path: string, received: { sha256: string; sizeBytes: number }) =>
+    prepareImage(path, received, { maxVirtualSize: config.maxImageVirtualSize, tempPath: () => files.tempPath(), signal });
   const importer = new ImageImporter(
     store,
     files,
     catalog,
-    { attempts: config.importAttempts, stallTimeoutMs: config.importStallTimeout, maxBytes: config.maxImageSize },
+    {
+      attempts: config.importAttempts,
+      stallTimeoutMs: config.importStallTimeout,
+      maxBytes: config.maxImageSize,
+      prepare: formats,
+    },
     logger.child({ component: 'importer' }),
   );
   const replicator = new ImageReplicator(
@@ -108,7 +129,7 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
   let downloads = 0;
   let stoppingTransfers = false;
 
-  async function reserve(record: Omit<ImageRecord, 'createdAt' | 'updatedAt'>): Promise<ImageRecord> {
+  async function reserve(record: NewImage): Promise<ImageRecord> {
     try {
       return await store.createImage(record);
     } catch (error) {
@@ -272,6 +293,7 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
           expectedSize,
           maxBytes: config.maxImageSize,
           signal: context.signal,
+          prepare: formats(context.signal),
         });
         try {
           image = await catalog.commit(name, content);

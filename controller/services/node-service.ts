@@ -7,6 +7,7 @@ import { actionFromProto, eventToProto, nodeToProto, stateFromProto } from './co
 import type { NodeLocks } from '../provisioning/locks.js';
 import type { NodeChange, NodeFeed } from '../provisioning/node-feed.js';
 import type { Provisioner } from '../provisioning/provisioner.js';
+import { buildConfigDrive, checkInstanceConfig } from '../configdrive/config-drive.js';
 import type { ProvisionState } from '../provisioning/states.js';
 import type { NodeRecord, Store } from '../store/store.js';
 import { applySettings } from '../store/settings.js';
@@ -228,8 +229,13 @@ export function createNodeService(deps: NodeServiceDeps): NodeServiceImplementat
       validateNodeRef(request.node);
       const action = actionFromProto(request.action);
       const deploy = action === 'deploy' ? validateDeploySpec(request.deploy) : undefined;
+      // Hostname, SSH keys, user data, network data: checked here, built into a config drive (controller/configdrive/).
+      const instance = action === 'deploy' && request.deploy ? checkInstanceConfig(request.deploy) : undefined;
       const node = await requireNode(request.node);
-      return { node: nodeToProto(await provisioner.runAction(node, action, operator, deploy)) };
+      const drive = instance ? await buildConfigDrive(instance, node.name) : undefined;
+      return {
+        node: nodeToProto(await provisioner.runAction(node, action, operator, deploy, instance && drive ? { instance, drive } : undefined)),
+      };
     },
 
     async listNodeEvents(request) {

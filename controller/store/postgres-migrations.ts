@@ -157,4 +157,26 @@ export const POSTGRES_MIGRATIONS: readonly { version: number; description: strin
       );
     `,
   },
+  {
+    version: 8,
+    description: 'image formats and extents; config drives',
+    sql: `
+      -- The format as uploaded or imported, and that file's checksum and size (qcow2 is stored converted to raw).
+      ALTER TABLE images ADD COLUMN format TEXT NOT NULL DEFAULT 'raw';
+      ALTER TABLE images ADD COLUMN source_sha256 TEXT NOT NULL DEFAULT '';
+      ALTER TABLE images ADD COLUMN source_size_bytes BIGINT NOT NULL DEFAULT 0;
+      -- The ranges of the raw content that hold data, as JSON [[offset, length], ...]; null when not recorded.
+      ALTER TABLE images ADD COLUMN extents TEXT;
+      ALTER TABLE images ADD COLUMN allocated_bytes BIGINT;
+      ALTER TABLE images ADD COLUMN extent_count INTEGER NOT NULL DEFAULT 0;
+      -- A deployment's config drive (gzip of the ISO): kept from the deploy request until the node is cleaned.
+      CREATE TABLE node_config_drives (
+        node_uuid TEXT PRIMARY KEY REFERENCES nodes (uuid) ON DELETE CASCADE,
+        gzip BYTEA NOT NULL,
+        sha256 TEXT NOT NULL,
+        size_bytes BIGINT NOT NULL,
+        created_at BIGINT NOT NULL
+      );
+    `,
+  },
 ];

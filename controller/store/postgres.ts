@@ -16,12 +16,16 @@ import { POSTGRES_MIGRATIONS } from './postgres-migrations.js';
 import { applySettings } from './settings.js';
 import type {
   PowerStatusRecord,
+  ConfigDriveRecord,
   ControllerRecord,
   EpochMs,
   HashRange,
   HeartbeatRecord,
+  ImageExtent,
+  ImagePatch,
   ImageRecord,
   ImageState,
+  NewImage,
   ListNodesQuery,
   NewNode,
   NewNodeEvent,
@@ -100,9 +104,18 @@ interface ImageRow {
   source_url: string;
   expected_checksum: string;
   error: string;
+  format: ImageRecord['format'];
+  source_sha256: string;
+  source_size_bytes: number;
+  allocated_bytes: number | null;
+  extent_count: number;
   created_at: number;
   updated_at: number;
 }
+
+/** Every image column but the (possibly large) extents, which only getImageExtents reads. */
+const IMAGE_COLUMNS =
+  'name, state, sha256, size_bytes, source_url, expected_checksum, error, format, source_size_bytes, source_sha256, allocated_bytes, extent_count, created_at, updated_at';
 
 const NODE_COLUMNS = 'n.*, ARRAY(SELECT p.mac_address FROM ports p WHERE p.node_uuid = n.uuid ORDER BY p.mac_address) AS mac_addresses';
 
@@ -667,7 +680,7 @@ export class PostgresStore implements Store {
     return `metalcast_${createHash('sha256').update(this.schema).digest('hex').slice(0, 16)}_${channel}`;
   }
 
-  async createImage(image: Omit<ImageRecord, 'createdAt' | 'updatedAt'>): Promise<ImageRecord> {
+  async createImage(image: NewImage): Promise<ImageRecord> {
     const taken = () => new MetalcastError(Status.ALREADY_EXISTS, `an image named '${image.name}' already exists`);
     try {
       return await this.withTransaction(async (client) => {
@@ -675,7 +688,7 @@ export class PostgresStore implements Store {
         const now = Date.now();
         const { rows } = await client.query<ImageRow>(
           `INSERT INTO images (name, state, sha256, size_bytes, source_url, expected_checksum, error, created_at, updated_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) RETURNING *`,
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) RETURNING ${IMAGE_COLUMNS}`,
           [image.name, image.state, image.sha256, image.sizeBytes, image.sourceUrl, image.expectedChecksum, image.error, now],
         );
         return toImageRecord(rows[0] as ImageRow);
@@ -686,34 +699,73 @@ export class PostgresStore implements Store {
   }
 
   async getImage(name: string): Promise<ImageRecord | undefined> {
-    const { rows } = await this.pool.query<ImageRow>('SELECT * FROM images WHERE name = $1', [name]);
+    const { rows } = await this.pool.query<ImageRow>(`SELECT ${IMAGE_COLUMNS} FROM images WHERE name = $1`, [name]);
     return rows[0] && toImageRecord(rows[0]);
   }
 
   async listImages(): Promise<ImageRecord[]> {
-    return (await this.pool.query<ImageRow>('SELECT * FROM images ORDER BY name')).rows.map(toImageRecord);
+    return (await this.pool.query<ImageRow>(`SELECT ${IMAGE_COLUMNS} FROM images ORDER BY name`)).rows.map(toImageRecord);
   }
 
-  async updateImage(
-    name: string,
-    patch: Partial<Pick<ImageRecord, 'state' | 'sha256' | 'sizeBytes' | 'error'>>,
-  ): Promise<ImageRecord | undefined> {
-    const columns: Record<string, string> = { state: 'state', sha256: 'sha256', sizeBytes: 'size_bytes', error: 'error' };
+  async updateImage(name: string, patch: ImagePatch): Promise<ImageRecord | undefined> {
+    const columns: Record<string, string> = {
+      state: 'state',
+      sha256: 'sha256',
+      sizeBytes: 'size_bytes',
+      error: 'error',
+      format: 'format',
+      sourceSha256: 'source_sha256',
+      sourceSizeBytes: 'source_size_bytes',
+    };
     const p = new Params();
     const sets = [`updated_at = ${p.add(Date.now())}`];
     for (const [key, value] of Object.entries(patch)) {
-      if (value !== undefined) sets.push(`${columns[key]} = ${p.add(value)}`);
+      if (value !== undefined && key !== 'extents') sets.push(`${columns[key]} = ${p.add(value)}`);
+    }
+    if (patch.extents) {
+      sets.push(
+        `extents = ${p.add(JSON.stringify(patch.extents))}`,
+        `allocated_bytes = ${p.add(patch.extents.reduce((sum: number, [, length]: ImageExtent) => sum + length, 0))}`,
+        `extent_count = ${p.add(patch.extents.length)}`,
+      );
     }
     const { rows } = await this.pool.query<ImageRow>(
-      `UPDATE images SET ${sets.join(', ')} WHERE name = ${p.add(name)} RETURNING *`,
+      `UPDATE images SET ${sets.join(', ')} WHERE name = ${p.add(name)} RETURNING ${IMAGE_COLUMNS}`,
       p.values,
     );
     return rows[0] && toImageRecord(rows[0]);
   }
 
+  async getImageExtents(name: string): Promise<ImageExtent[] | undefined> {
+    const { rows } = await this.pool.query<{ extents: string | null }>('SELECT extents FROM images WHERE name = $1', [name]);
+    return rows[0]?.extents ? (JSON.parse(rows[0].extents) as ImageExtent[]) : undefined;
+  }
+
+  async putConfigDrive(record: ConfigDriveRecord): Promise<void> {
+    await this.pool.query(
+      `INSERT INTO node_config_drives (node_uuid, gzip, sha256, size_bytes, created_at) VALUES ($1, $2, $3, $4, $5)
+       ON CONFLICT (node_uuid) DO UPDATE SET gzip = excluded.gzip, sha256 = excluded.sha256, size_bytes = excluded.size_bytes, created_at = excluded.created_at`,
+      [record.nodeUuid, record.gzip, record.sha256, record.sizeBytes, record.createdAt],
+    );
+  }
+
+  async getConfigDrive(nodeUuid: string): Promise<ConfigDriveRecord | undefined> {
+    const { rows } = await this.pool.query<{ node_uuid: string; gzip: Buffer; sha256: string; size_bytes: number; created_at: number }>(
+      'SELECT * FROM node_config_drives WHERE node_uuid = $1',
+      [nodeUuid],
+    );
+    const row = rows[0];
+    if (!row) return undefined;
+    return { nodeUuid: row.node_uuid, gzip: row.gzip, sha256: row.sha256, sizeBytes: row.size_bytes, createdAt: row.created_at };
+  }
+
+  async deleteConfigDrive(nodeUuid: string): Promise<boolean> {
+    return ((await this.pool.query('DELETE FROM node_config_drives WHERE node_uuid = $1', [nodeUuid])).rowCount ?? 0) > 0;
+  }
+
   async deleteImage(name: string): Promise<{ deleted: boolean; contentStillUsed: boolean }> {
     return this.withTransaction(async (client) => {
-      const image = (await client.query<ImageRow>('SELECT * FROM images WHERE name = $1 FOR UPDATE', [name])).rows[0];
+      const image = (await client.query<ImageRow>(`SELECT ${IMAGE_COLUMNS} FROM images WHERE name = $1 FOR UPDATE`, [name])).rows[0];
       if (!image) return { deleted: false, contentStillUsed: false };
       // The deploy spec is JSON text; the image name is compared exactly after extraction.
       const user = (
@@ -1260,6 +1312,11 @@ function toImageRecord(row: ImageRow): ImageRecord {
     sourceUrl: row.source_url,
     expectedChecksum: row.expected_checksum,
     error: row.error,
+    format: row.format,
+    sourceSha256: row.source_sha256,
+    sourceSizeBytes: row.source_size_bytes,
+    allocatedBytes: row.allocated_bytes,
+    extentCount: row.extent_count,
     createdAt: row.created_at,
     updatedAt: row.updated_at,
   };

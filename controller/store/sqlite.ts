@@ -15,8 +15,12 @@ import type {
   EpochMs,
   HashRange,
   HeartbeatRecord,
+  ConfigDriveRecord,
+  ImageExtent,
+  ImagePatch,
   ImageRecord,
   ImageState,
+  NewImage,
   ListNodesQuery,
   NewNode,
   NewNodeEvent,
@@ -600,7 +604,7 @@ export class SqliteStore implements Store {
     return () => this.notifications.off(channel, safe);
   }
 
-  async createImage(image: Omit<ImageRecord, 'createdAt' | 'updatedAt'>): Promise<ImageRecord> {
+  async createImage(image: NewImage): Promise<ImageRecord> {
     return this.inTransaction(() => {
       if (this.stmt('SELECT 1 FROM images WHERE name = ?').get(image.name)) {
         throw new MetalcastError(Status.ALREADY_EXISTS, `an image named '${image.name}' already exists`);
@@ -619,23 +623,60 @@ export class SqliteStore implements Store {
   }
 
   async listImages(): Promise<ImageRecord[]> {
-    return (this.stmt('SELECT * FROM images ORDER BY name').all() as Row[]).map(toImageRecord);
+    return (this.stmt(`SELECT ${IMAGE_COLUMNS} FROM images ORDER BY name`).all() as Row[]).map(toImageRecord);
   }
 
-  async updateImage(
-    name: string,
-    patch: Partial<Pick<ImageRecord, 'state' | 'sha256' | 'sizeBytes' | 'error'>>,
-  ): Promise<ImageRecord | undefined> {
-    const columns: Record<string, string> = { state: 'state', sha256: 'sha256', sizeBytes: 'size_bytes', error: 'error' };
+  async updateImage(name: string, patch: ImagePatch): Promise<ImageRecord | undefined> {
+    const columns: Record<string, string> = {
+      state: 'state',
+      sha256: 'sha256',
+      sizeBytes: 'size_bytes',
+      error: 'error',
+      format: 'format',
+      sourceSha256: 'source_sha256',
+      sourceSizeBytes: 'source_size_bytes',
+    };
     const sets = ['updated_at = ?'];
     const params: SQLInputValue[] = [Date.now()];
     for (const [key, value] of Object.entries(patch)) {
-      if (value === undefined) continue;
+      if (value === undefined || key === 'extents') continue;
       sets.push(`${columns[key]} = ?`);
-      params.push(value);
+      params.push(value as SQLInputValue);
+    }
+    if (patch.extents) {
+      sets.push('extents = ?', 'allocated_bytes = ?', 'extent_count = ?');
+      params.push(JSON.stringify(patch.extents), sumExtents(patch.extents), patch.extents.length);
     }
     this.db.prepare(`UPDATE images SET ${sets.join(', ')} WHERE name = ?`).run(...params, name);
     return this.loadImage(name);
+  }
+
+  async getImageExtents(name: string): Promise<ImageExtent[] | undefined> {
+    const row = this.stmt('SELECT extents FROM images WHERE name = ?').get(name) as { extents: string | null } | undefined;
+    return row?.extents ? (JSON.parse(row.extents) as ImageExtent[]) : undefined;
+  }
+
+  async putConfigDrive(record: ConfigDriveRecord): Promise<void> {
+    this.stmt(
+      `INSERT INTO node_config_drives (node_uuid, gzip, sha256, size_bytes, created_at) VALUES (?, ?, ?, ?, ?)
+       ON CONFLICT (node_uuid) DO UPDATE SET gzip = excluded.gzip, sha256 = excluded.sha256, size_bytes = excluded.size_bytes, created_at = excluded.created_at`,
+    ).run(record.nodeUuid, record.gzip, record.sha256, record.sizeBytes, record.createdAt);
+  }
+
+  async getConfigDrive(nodeUuid: string): Promise<ConfigDriveRecord | undefined> {
+    const row = this.stmt('SELECT * FROM node_config_drives WHERE node_uuid = ?').get(nodeUuid) as Row | undefined;
+    if (!row) return undefined;
+    return {
+      nodeUuid: row.node_uuid as string,
+      gzip: Buffer.from(row.gzip as Uint8Array),
+      sha256: row.sha256 as string,
+      sizeBytes: row.size_bytes as number,
+      createdAt: row.created_at as number,
+    };
+  }
+
+  async deleteConfigDrive(nodeUuid: string): Promise<boolean> {
+    return Number(this.stmt('DELETE FROM node_config_drives WHERE node_uuid = ?').run(nodeUuid).changes) > 0;
   }
 
   async deleteImage(name: string): Promise<{ deleted: boolean; contentStillUsed: boolean }> {
@@ -659,7 +700,7 @@ export class SqliteStore implements Store {
   }
 
   private loadImage(name: string): ImageRecord | undefined {
-    const row = this.stmt('SELECT * FROM images WHERE name = ?').get(name) as Row | undefined;
+    const row = this.stmt(`SELECT ${IMAGE_COLUMNS} FROM images WHERE name = ?`).get(name) as Row | undefined;
     return row ? toImageRecord(row) : undefined;
   }
 
@@ -764,9 +805,22 @@ function toImageRecord(row: Row): ImageRecord {
     sourceUrl: row.source_url as string,
     expectedChecksum: row.expected_checksum as string,
     error: row.error as string,
+    format: row.format as ImageRecord['format'],
+    sourceSha256: row.source_sha256 as string,
+    sourceSizeBytes: row.source_size_bytes as number,
+    allocatedBytes: (row.allocated_bytes as number | null) ?? null,
+    extentCount: row.extent_count as number,
     createdAt: row.created_at as number,
     updatedAt: row.updated_at as number,
   };
+}
+
+/** Every image column but the (possibly large) extents, which only getImageExtents reads. */
+const IMAGE_COLUMNS =
+  'name, state, sha256, size_bytes, source_url, expected_checksum, error, format, source_size_bytes, source_sha256, allocated_bytes, extent_count, created_at, updated_at';
+
+function sumExtents(extents: readonly ImageExtent[]): number {
+  return extents.reduce((sum, [, length]) => sum + length, 0);
 }
 
 function toNodeRecord(row: Row, macAddresses: string[]): NodeRecord {

@@ -146,8 +146,49 @@ export interface ImageRecord {
   sourceUrl: string;
   expectedChecksum: string;
   error: string;
+  /** The format of the file as uploaded or imported ('raw' for images stored before formats were recorded). */
+  format: 'raw' | 'qcow2';
+  /** sha256 and size of the file as uploaded or imported (the qcow2 itself); '' and 0 until it arrived, or when not recorded. */
+  sourceSha256: string;
+  sourceSizeBytes: number;
+  /** Bytes of the raw image that hold data (the sum of its extents); null when not recorded. */
+  allocatedBytes: number | null;
+  /** How many allocated extents are recorded (0 when none are). */
+  extentCount: number;
   createdAt: EpochMs;
   updatedAt: EpochMs;
+}
+
+/** What an upload or import reserves; the format fields are set when the content is committed. */
+export type NewImage = Omit<
+  ImageRecord,
+  'createdAt' | 'updatedAt' | 'format' | 'sourceSha256' | 'sourceSizeBytes' | 'allocatedBytes' | 'extentCount'
+>;
+
+/** [offset, length] in bytes of a range of a raw image that holds data. */
+export type ImageExtent = [number, number];
+
+/** What updateImage may change. `extents` also sets allocatedBytes and extentCount. */
+export type ImagePatch = Partial<
+  Pick<ImageRecord, 'state' | 'sha256' | 'sizeBytes' | 'error' | 'format' | 'sourceSha256' | 'sourceSizeBytes'>
+> & {
+  extents?: ImageExtent[];
+};
+
+/**
+ * The config drive of a node's deployment: the ISO 9660 image the agent
+ * writes into a partition at the end of the disk, gzip-compressed. It holds
+ * the user data, which may carry secrets: kept from the deploy request until
+ * the node is cleaned, and served only to the node's own agent.
+ */
+export interface ConfigDriveRecord {
+  nodeUuid: string;
+  /** gzip of the ISO image. */
+  gzip: Buffer;
+  /** sha256 (hex) and size of the ISO image itself. */
+  sha256: string;
+  sizeBytes: number;
+  createdAt: EpochMs;
 }
 
 /** A controller registered in the database (one row per live process). */
@@ -314,14 +355,18 @@ export interface Store {
   /** Calls `handler` for each notification on `channel`; returns a function that stops it. */
   listen(channel: StoreChannel, handler: (payload: string) => void): () => void;
   /** Adds an image row; ALREADY_EXISTS when the name is taken. */
-  createImage(image: Omit<ImageRecord, 'createdAt' | 'updatedAt'>): Promise<ImageRecord>;
+  createImage(image: NewImage): Promise<ImageRecord>;
   getImage(name: string): Promise<ImageRecord | undefined>;
   listImages(): Promise<ImageRecord[]>;
-  /** Updates state, sha256, size and error of an image; undefined when it no longer exists. */
-  updateImage(
-    name: string,
-    patch: Partial<Pick<ImageRecord, 'state' | 'sha256' | 'sizeBytes' | 'error'>>,
-  ): Promise<ImageRecord | undefined>;
+  /** Updates an image's state, content and format fields; undefined when it no longer exists. */
+  updateImage(name: string, patch: ImagePatch): Promise<ImageRecord | undefined>;
+  /** The allocated extents of an image's raw content, sorted; undefined when the image is unknown or none are recorded. */
+  getImageExtents(name: string): Promise<ImageExtent[] | undefined>;
+  /** Stores (or replaces) a node's config drive. */
+  putConfigDrive(record: ConfigDriveRecord): Promise<void>;
+  getConfigDrive(nodeUuid: string): Promise<ConfigDriveRecord | undefined>;
+  /** True when there was one. */
+  deleteConfigDrive(nodeUuid: string): Promise<boolean>;
   /**
    * Deletes an image row unless a node in deploying or deploy wait uses it
    * (FAILED_PRECONDITION naming the node). Returns whether other images

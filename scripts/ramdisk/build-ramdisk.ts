@@ -4,8 +4,9 @@
  *
  *   dist/ramdisk/vmlinuz              Debian's kernel (package linux-image-amd64)
  *   dist/ramdisk/initramfs.cpio.gz    busybox (busybox-static), the virtio drivers, Node.js with its
- *                                     shared libraries, the agent bundle, and an /init that takes a
- *                                     DHCP lease and runs the agent
+ *                                     shared libraries, the tools the agent runs (sgdisk from gdisk,
+ *                                     sfdisk from fdisk: agent/configdrive/tools.ts) with theirs, the
+ *                                     agent bundle, and an /init that takes a DHCP lease and runs the agent
  *   dist/ramdisk/manifest.json        what went in, sizes, kernel version
  *
  * Boot it with `console=ttyS0 metalcast.controller=HOST:PORT` (and any other
@@ -45,6 +46,7 @@ import { basename, dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { gunzipSync, gzipSync } from 'node:zlib';
+import { AGENT_TOOLS } from '../../agent/configdrive/tools.js';
 import { REPO_ROOT } from '../build.js';
 import { formatBytes, packageAgent } from '../package-agent.js';
 import { addBaseLayout, addBusybox, CpioBuilder } from './cpio.js';
@@ -162,6 +164,24 @@ export async function buildRamdisk(options: BuildRamdiskOptions = {}): Promise<R
   );
   measure('shared libraries', libraries.map((l) => basename(l.path)).join(' '), () => {
     for (const library of libraries) entries.file(library.path.slice(1), readFileSync(library.source), 0o755);
+  });
+
+  // The programs the agent runs (it checks for them at start-up), with the libraries Node.js did not bring.
+  const added = new Set(libraries.map((l) => l.path));
+  const tools = AGENT_TOOLS.map(({ tool, pkg }) => {
+    const path = findTool(tool);
+    if (!path) throw new Error(`${tool} is not installed; the agent runs it: apt-get install -y ${pkg}`);
+    return { tool, path: realpathSync(path), libraries: sharedLibraries(path).filter((l) => !added.has(l.path)) };
+  });
+  measure('agent tools', tools.map(({ tool, libraries: libs }) => `${tool} (+${libs.length} libraries)`).join(', '), () => {
+    for (const { tool, path, libraries: libs } of tools) {
+      entries.file(`usr/sbin/${tool}`, readFileSync(path), 0o755);
+      for (const library of libs) {
+        if (added.has(library.path)) continue;
+        added.add(library.path);
+        entries.file(library.path.slice(1), readFileSync(library.source), 0o755);
+      }
+    }
   });
 
   log('packaging the agent (esbuild)');

@@ -113,7 +113,7 @@ describe('inspection with real agent processes', () => {
       await assertRejectsWith(
         client.runCommand({ requestId: 'r1', parameters: { command: undefined } }, auth),
         Status.INVALID_ARGUMENT,
-        /known commands: get_inventory, write_image, erase_disks, power_off, reboot/,
+        /known commands: get_inventory, write_image, write_config_drive, erase_disks, power_off, reboot/,
       );
       const { command } = await client.runCommand({ requestId: 'r2', parameters: { command: { $case: 'powerOff', value: {} } } }, auth);
       const seen = [];

@@ -93,6 +93,70 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
       return moved;
     }
 
+    describe('image formats and config drives', () => {
+      it("records an image's format, source checksum and extents, and reads the extents apart", async () => {
+        const reserved = await store.createImage({
+          name: 'fmt',
+          state: 'importing',
+          sha256: '',
+          sizeBytes: 0,
+          sourceUrl: '',
+          expectedChecksum: '',
+          error: '',
+        });
+        assert.deepEqual(
+          [reserved.format, reserved.sourceSha256, reserved.sourceSizeBytes, reserved.allocatedBytes, reserved.extentCount],
+          ['raw', '', 0, null, 0],
+        );
+        assert.equal(await store.getImageExtents('fmt'), undefined);
+        const extents: [number, number][] = [
+          [0, 4096],
+          [2 ** 33, 2 ** 20],
+        ];
+        const ready = await store.updateImage('fmt', {
+          state: 'ready',
+          sha256: 'a'.repeat(64),
+          sizeBytes: 2 ** 34,
+          format: 'qcow2',
+          sourceSha256: 'b'.repeat(64),
+          sourceSizeBytes: 123_456,
+          extents,
+        });
+        assert.deepEqual(
+          [ready?.format, ready?.sourceSha256, ready?.sourceSizeBytes, ready?.allocatedBytes, ready?.extentCount, ready?.sizeBytes],
+          ['qcow2', 'b'.repeat(64), 123_456, 4096 + 2 ** 20, 2, 2 ** 34],
+        );
+        assert.deepEqual(await store.getImageExtents('fmt'), extents);
+        assert.equal((await store.listImages()).find((i) => i.name === 'fmt')?.format, 'qcow2');
+      });
+
+      it("stores, replaces and deletes a node's config drive; deleting the node deletes it", async () => {
+        const node = await nodeIn('available', 'cd', ['52:54:00:00:cd:01']);
+        assert.equal(await store.getConfigDrive(node.uuid), undefined);
+        const gzip = Buffer.from([0x1f, 0x8b, 0, 1, 2, 255]);
+        await store.putConfigDrive({ nodeUuid: node.uuid, gzip, sha256: 'c'.repeat(64), sizeBytes: 4096, createdAt: 1000 });
+        await store.putConfigDrive({
+          nodeUuid: node.uuid,
+          gzip: Buffer.from([9, 9]),
+          sha256: 'd'.repeat(64),
+          sizeBytes: 8192,
+          createdAt: 2000,
+        });
+        assert.deepEqual(await store.getConfigDrive(node.uuid), {
+          nodeUuid: node.uuid,
+          gzip: Buffer.from([9, 9]),
+          sha256: 'd'.repeat(64),
+          sizeBytes: 8192,
+          createdAt: 2000,
+        });
+        assert.equal(await store.deleteConfigDrive(node.uuid), true);
+        assert.equal(await store.deleteConfigDrive(node.uuid), false);
+        await store.putConfigDrive({ nodeUuid: node.uuid, gzip, sha256: 'c'.repeat(64), sizeBytes: 4096, createdAt: 1000 });
+        await store.deleteNode(node.uuid);
+        assert.equal(await store.getConfigDrive(node.uuid), undefined);
+      });
+    });
+
     describe('nodes', () => {
       it('creates a node in enroll with its ports, properties and a created event', async () => {
         const before = Date.now();

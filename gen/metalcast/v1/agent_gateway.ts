@@ -181,6 +181,20 @@ export interface ReadImageResponse {
   zero: boolean;
 }
 
+/** GetConfigDriveRequest is empty: the node is the caller's. */
+export interface GetConfigDriveRequest {
+}
+
+/** GetConfigDriveResponse carries a config drive image. */
+export interface GetConfigDriveResponse {
+  /** gzip of the ISO 9660 image (labelled config-2). */
+  gzip: Buffer;
+  /** sha256 of the ISO 9660 image (after gunzip), lower-case hex. */
+  sha256: string;
+  /** Size of the ISO 9660 image in bytes. */
+  sizeBytes: number;
+}
+
 function createBaseLookupRequest(): LookupRequest {
   return { macAddresses: [], systemSerial: "", systemUuid: "", agentVersion: "" };
 }
@@ -1245,6 +1259,163 @@ export const ReadImageResponse: MessageFns<ReadImageResponse> = {
   },
 };
 
+function createBaseGetConfigDriveRequest(): GetConfigDriveRequest {
+  return {};
+}
+
+export const GetConfigDriveRequest: MessageFns<GetConfigDriveRequest> = {
+  encode(_: GetConfigDriveRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetConfigDriveRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetConfigDriveRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): GetConfigDriveRequest {
+    return {};
+  },
+
+  toJSON(_: GetConfigDriveRequest): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetConfigDriveRequest>): GetConfigDriveRequest {
+    return GetConfigDriveRequest.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<GetConfigDriveRequest>): GetConfigDriveRequest {
+    const message = createBaseGetConfigDriveRequest();
+    return message;
+  },
+};
+
+function createBaseGetConfigDriveResponse(): GetConfigDriveResponse {
+  return { gzip: Buffer.alloc(0), sha256: "", sizeBytes: 0 };
+}
+
+export const GetConfigDriveResponse: MessageFns<GetConfigDriveResponse> = {
+  encode(message: GetConfigDriveResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.gzip.length !== 0) {
+      writer.uint32(10).bytes(message.gzip);
+    }
+    if (message.sha256 !== "") {
+      writer.uint32(18).string(message.sha256);
+    }
+    if (message.sizeBytes !== 0) {
+      writer.uint32(24).uint64(message.sizeBytes);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetConfigDriveResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetConfigDriveResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.gzip = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.sha256 = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.sizeBytes = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetConfigDriveResponse {
+    return {
+      gzip: isSet(object.gzip) ? Buffer.from(bytesFromBase64(object.gzip)) : Buffer.alloc(0),
+      sha256: isSet(object.sha256) ? globalThis.String(object.sha256) : "",
+      sizeBytes: isSet(object.sizeBytes)
+        ? globalThis.Number(object.sizeBytes)
+        : isSet(object.size_bytes)
+        ? globalThis.Number(object.size_bytes)
+        : 0,
+    };
+  },
+
+  toJSON(message: GetConfigDriveResponse): unknown {
+    const obj: any = {};
+    if (message.gzip.length !== 0) {
+      obj.gzip = base64FromBytes(message.gzip);
+    }
+    if (message.sha256 !== "") {
+      obj.sha256 = message.sha256;
+    }
+    if (message.sizeBytes !== 0) {
+      obj.sizeBytes = Math.round(message.sizeBytes);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetConfigDriveResponse>): GetConfigDriveResponse {
+    return GetConfigDriveResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetConfigDriveResponse>): GetConfigDriveResponse {
+    const message = createBaseGetConfigDriveResponse();
+    message.gzip = object.gzip ?? Buffer.alloc(0);
+    message.sha256 = object.sha256 ?? "";
+    message.sizeBytes = object.sizeBytes ?? 0;
+    return message;
+  },
+};
+
 /**
  * AgentGatewayService is what the controller offers to agents. Every call but
  * Lookup carries the metadata "metalcast-node-uuid" and
@@ -1301,6 +1472,18 @@ export const AgentGatewayServiceDefinition = {
       responseStream: true,
       options: {},
     },
+    /**
+     * GetConfigDrive returns the config drive of the caller's node while the
+     * node is being deployed with one: FAILED_PRECONDITION otherwise.
+     */
+    getConfigDrive: {
+      name: "GetConfigDrive",
+      requestType: GetConfigDriveRequest as typeof GetConfigDriveRequest,
+      requestStream: false,
+      responseType: GetConfigDriveResponse as typeof GetConfigDriveResponse,
+      responseStream: false,
+      options: {},
+    },
   },
 } as const;
 
@@ -1329,6 +1512,14 @@ export interface AgentGatewayServiceImplementation<CallContextExt = {}> {
     request: ReadImageRequest,
     context: CallContext & CallContextExt,
   ): ServerStreamingMethodResult<DeepPartial<ReadImageResponse>>;
+  /**
+   * GetConfigDrive returns the config drive of the caller's node while the
+   * node is being deployed with one: FAILED_PRECONDITION otherwise.
+   */
+  getConfigDrive(
+    request: GetConfigDriveRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<GetConfigDriveResponse>>;
 }
 
 export interface AgentGatewayServiceClient<CallOptionsExt = {}> {
@@ -1356,6 +1547,14 @@ export interface AgentGatewayServiceClient<CallOptionsExt = {}> {
     request: DeepPartial<ReadImageRequest>,
     options?: CallOptions & CallOptionsExt,
   ): AsyncIterable<ReadImageResponse>;
+  /**
+   * GetConfigDrive returns the config drive of the caller's node while the
+   * node is being deployed with one: FAILED_PRECONDITION otherwise.
+   */
+  getConfigDrive(
+    request: DeepPartial<GetConfigDriveRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<GetConfigDriveResponse>;
 }
 
 function bytesFromBase64(b64: string): Uint8Array {

@@ -129,6 +129,9 @@ export interface CommandParameters {
     | //
     /** Reboot the machine. */
     { $case: "reboot"; value: RebootCommand }
+    | //
+    /** Write the deploy's config drive into a partition at the end of a disk. */
+    { $case: "writeConfigDrive"; value: WriteConfigDriveCommand }
     | undefined;
 }
 
@@ -210,6 +213,29 @@ export interface WriteImageCommand {
   timeLimitMs: number;
 }
 
+/**
+ * WriteConfigDriveCommand fetches the node's config drive from the
+ * controller (GetConfigDrive) and writes it, after the image, into a
+ * partition at the end of the disk: on GPT the backup header is moved to the
+ * disk's end first and a partition named "config-2" is added; on MBR a new
+ * primary partition. A partition already named config-2 (GPT) is reused.
+ */
+export interface WriteConfigDriveCommand {
+  /** The disk the image was written to. */
+  target?:
+    | DiskHints
+    | undefined;
+  /** Expected sha256 of the config drive image, lower-case hex. */
+  sha256: string;
+  /** Expected size of the config drive image in bytes. */
+  sizeBytes: number;
+  /**
+   * Size of the partition to create, in bytes; 0 means the agent's default
+   * (64 MiB, as Ironic's agent).
+   */
+  partitionSizeBytes: number;
+}
+
 /** EraseDisksCommand erases disks. */
 export interface EraseDisksCommand {
   /** How thoroughly to erase. */
@@ -247,7 +273,24 @@ export interface CommandResult {
     | //
     /** Result of erase_disks. */
     { $case: "eraseDisks"; value: EraseDisksResult }
+    | //
+    /** Result of write_config_drive. */
+    { $case: "writeConfigDrive"; value: WriteConfigDriveResult }
     | undefined;
+}
+
+/** WriteConfigDriveResult says where the config drive went. */
+export interface WriteConfigDriveResult {
+  /** Device path of the disk. */
+  devicePath: string;
+  /** "gpt" or "mbr". */
+  partitionTable: string;
+  /** Number of the config drive partition (1-based, as the kernel names it). */
+  partitionNumber: number;
+  /** Byte offset of the partition on the disk. */
+  offsetBytes: number;
+  /** Size of the partition in bytes. */
+  partitionSizeBytes: number;
 }
 
 /** WriteImageResult describes a completed image write. */
@@ -323,6 +366,9 @@ export const CommandParameters: MessageFns<CommandParameters> = {
       case "reboot":
         RebootCommand.encode(message.command.value, writer.uint32(42).fork()).join();
         break;
+      case "writeConfigDrive":
+        WriteConfigDriveCommand.encode(message.command.value, writer.uint32(50).fork()).join();
+        break;
     }
     return writer;
   },
@@ -380,6 +426,17 @@ export const CommandParameters: MessageFns<CommandParameters> = {
             message.command = { $case: "reboot", value: RebootCommand.decode(reader, reader.uint32()) };
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.command = {
+              $case: "writeConfigDrive",
+              value: WriteConfigDriveCommand.decode(reader, reader.uint32()),
+            };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -412,6 +469,10 @@ export const CommandParameters: MessageFns<CommandParameters> = {
         ? { $case: "powerOff", value: PowerOffCommand.fromJSON(object.power_off) }
         : isSet(object.reboot)
         ? { $case: "reboot", value: RebootCommand.fromJSON(object.reboot) }
+        : isSet(object.writeConfigDrive)
+        ? { $case: "writeConfigDrive", value: WriteConfigDriveCommand.fromJSON(object.writeConfigDrive) }
+        : isSet(object.write_config_drive)
+        ? { $case: "writeConfigDrive", value: WriteConfigDriveCommand.fromJSON(object.write_config_drive) }
         : undefined,
     };
   },
@@ -428,6 +489,8 @@ export const CommandParameters: MessageFns<CommandParameters> = {
       obj.powerOff = PowerOffCommand.toJSON(message.command.value);
     } else if (message.command?.$case === "reboot") {
       obj.reboot = RebootCommand.toJSON(message.command.value);
+    } else if (message.command?.$case === "writeConfigDrive") {
+      obj.writeConfigDrive = WriteConfigDriveCommand.toJSON(message.command.value);
     }
     return obj;
   },
@@ -465,6 +528,15 @@ export const CommandParameters: MessageFns<CommandParameters> = {
       case "reboot": {
         if (object.command?.value !== undefined && object.command?.value !== null) {
           message.command = { $case: "reboot", value: RebootCommand.fromPartial(object.command.value) };
+        }
+        break;
+      }
+      case "writeConfigDrive": {
+        if (object.command?.value !== undefined && object.command?.value !== null) {
+          message.command = {
+            $case: "writeConfigDrive",
+            value: WriteConfigDriveCommand.fromPartial(object.command.value),
+          };
         }
         break;
       }
@@ -1047,6 +1119,133 @@ export const WriteImageCommand: MessageFns<WriteImageCommand> = {
   },
 };
 
+function createBaseWriteConfigDriveCommand(): WriteConfigDriveCommand {
+  return { target: undefined, sha256: "", sizeBytes: 0, partitionSizeBytes: 0 };
+}
+
+export const WriteConfigDriveCommand: MessageFns<WriteConfigDriveCommand> = {
+  encode(message: WriteConfigDriveCommand, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.target !== undefined) {
+      DiskHints.encode(message.target, writer.uint32(10).fork()).join();
+    }
+    if (message.sha256 !== "") {
+      writer.uint32(18).string(message.sha256);
+    }
+    if (message.sizeBytes !== 0) {
+      writer.uint32(24).uint64(message.sizeBytes);
+    }
+    if (message.partitionSizeBytes !== 0) {
+      writer.uint32(32).uint64(message.partitionSizeBytes);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): WriteConfigDriveCommand {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseWriteConfigDriveCommand();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.target = DiskHints.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.sha256 = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.sizeBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.partitionSizeBytes = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): WriteConfigDriveCommand {
+    return {
+      target: isSet(object.target) ? DiskHints.fromJSON(object.target) : undefined,
+      sha256: isSet(object.sha256) ? globalThis.String(object.sha256) : "",
+      sizeBytes: isSet(object.sizeBytes)
+        ? globalThis.Number(object.sizeBytes)
+        : isSet(object.size_bytes)
+        ? globalThis.Number(object.size_bytes)
+        : 0,
+      partitionSizeBytes: isSet(object.partitionSizeBytes)
+        ? globalThis.Number(object.partitionSizeBytes)
+        : isSet(object.partition_size_bytes)
+        ? globalThis.Number(object.partition_size_bytes)
+        : 0,
+    };
+  },
+
+  toJSON(message: WriteConfigDriveCommand): unknown {
+    const obj: any = {};
+    if (message.target !== undefined) {
+      obj.target = DiskHints.toJSON(message.target);
+    }
+    if (message.sha256 !== "") {
+      obj.sha256 = message.sha256;
+    }
+    if (message.sizeBytes !== 0) {
+      obj.sizeBytes = Math.round(message.sizeBytes);
+    }
+    if (message.partitionSizeBytes !== 0) {
+      obj.partitionSizeBytes = Math.round(message.partitionSizeBytes);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<WriteConfigDriveCommand>): WriteConfigDriveCommand {
+    return WriteConfigDriveCommand.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<WriteConfigDriveCommand>): WriteConfigDriveCommand {
+    const message = createBaseWriteConfigDriveCommand();
+    message.target = (object.target !== undefined && object.target !== null)
+      ? DiskHints.fromPartial(object.target)
+      : undefined;
+    message.sha256 = object.sha256 ?? "";
+    message.sizeBytes = object.sizeBytes ?? 0;
+    message.partitionSizeBytes = object.partitionSizeBytes ?? 0;
+    return message;
+  },
+};
+
 function createBaseEraseDisksCommand(): EraseDisksCommand {
   return { mode: 0, devicePaths: [] };
 }
@@ -1317,6 +1516,9 @@ export const CommandResult: MessageFns<CommandResult> = {
       case "eraseDisks":
         EraseDisksResult.encode(message.result.value, writer.uint32(26).fork()).join();
         break;
+      case "writeConfigDrive":
+        WriteConfigDriveResult.encode(message.result.value, writer.uint32(34).fork()).join();
+        break;
     }
     return writer;
   },
@@ -1358,6 +1560,17 @@ export const CommandResult: MessageFns<CommandResult> = {
             message.result = { $case: "eraseDisks", value: EraseDisksResult.decode(reader, reader.uint32()) };
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.result = {
+              $case: "writeConfigDrive",
+              value: WriteConfigDriveResult.decode(reader, reader.uint32()),
+            };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1382,6 +1595,10 @@ export const CommandResult: MessageFns<CommandResult> = {
         ? { $case: "eraseDisks", value: EraseDisksResult.fromJSON(object.eraseDisks) }
         : isSet(object.erase_disks)
         ? { $case: "eraseDisks", value: EraseDisksResult.fromJSON(object.erase_disks) }
+        : isSet(object.writeConfigDrive)
+        ? { $case: "writeConfigDrive", value: WriteConfigDriveResult.fromJSON(object.writeConfigDrive) }
+        : isSet(object.write_config_drive)
+        ? { $case: "writeConfigDrive", value: WriteConfigDriveResult.fromJSON(object.write_config_drive) }
         : undefined,
     };
   },
@@ -1394,6 +1611,8 @@ export const CommandResult: MessageFns<CommandResult> = {
       obj.writeImage = WriteImageResult.toJSON(message.result.value);
     } else if (message.result?.$case === "eraseDisks") {
       obj.eraseDisks = EraseDisksResult.toJSON(message.result.value);
+    } else if (message.result?.$case === "writeConfigDrive") {
+      obj.writeConfigDrive = WriteConfigDriveResult.toJSON(message.result.value);
     }
     return obj;
   },
@@ -1422,7 +1641,169 @@ export const CommandResult: MessageFns<CommandResult> = {
         }
         break;
       }
+      case "writeConfigDrive": {
+        if (object.result?.value !== undefined && object.result?.value !== null) {
+          message.result = {
+            $case: "writeConfigDrive",
+            value: WriteConfigDriveResult.fromPartial(object.result.value),
+          };
+        }
+        break;
+      }
     }
+    return message;
+  },
+};
+
+function createBaseWriteConfigDriveResult(): WriteConfigDriveResult {
+  return { devicePath: "", partitionTable: "", partitionNumber: 0, offsetBytes: 0, partitionSizeBytes: 0 };
+}
+
+export const WriteConfigDriveResult: MessageFns<WriteConfigDriveResult> = {
+  encode(message: WriteConfigDriveResult, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.devicePath !== "") {
+      writer.uint32(10).string(message.devicePath);
+    }
+    if (message.partitionTable !== "") {
+      writer.uint32(18).string(message.partitionTable);
+    }
+    if (message.partitionNumber !== 0) {
+      writer.uint32(24).uint32(message.partitionNumber);
+    }
+    if (message.offsetBytes !== 0) {
+      writer.uint32(32).uint64(message.offsetBytes);
+    }
+    if (message.partitionSizeBytes !== 0) {
+      writer.uint32(40).uint64(message.partitionSizeBytes);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): WriteConfigDriveResult {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseWriteConfigDriveResult();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.devicePath = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.partitionTable = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.partitionNumber = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.offsetBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.partitionSizeBytes = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): WriteConfigDriveResult {
+    return {
+      devicePath: isSet(object.devicePath)
+        ? globalThis.String(object.devicePath)
+        : isSet(object.device_path)
+        ? globalThis.String(object.device_path)
+        : "",
+      partitionTable: isSet(object.partitionTable)
+        ? globalThis.String(object.partitionTable)
+        : isSet(object.partition_table)
+        ? globalThis.String(object.partition_table)
+        : "",
+      partitionNumber: isSet(object.partitionNumber)
+        ? globalThis.Number(object.partitionNumber)
+        : isSet(object.partition_number)
+        ? globalThis.Number(object.partition_number)
+        : 0,
+      offsetBytes: isSet(object.offsetBytes)
+        ? globalThis.Number(object.offsetBytes)
+        : isSet(object.offset_bytes)
+        ? globalThis.Number(object.offset_bytes)
+        : 0,
+      partitionSizeBytes: isSet(object.partitionSizeBytes)
+        ? globalThis.Number(object.partitionSizeBytes)
+        : isSet(object.partition_size_bytes)
+        ? globalThis.Number(object.partition_size_bytes)
+        : 0,
+    };
+  },
+
+  toJSON(message: WriteConfigDriveResult): unknown {
+    const obj: any = {};
+    if (message.devicePath !== "") {
+      obj.devicePath = message.devicePath;
+    }
+    if (message.partitionTable !== "") {
+      obj.partitionTable = message.partitionTable;
+    }
+    if (message.partitionNumber !== 0) {
+      obj.partitionNumber = Math.round(message.partitionNumber);
+    }
+    if (message.offsetBytes !== 0) {
+      obj.offsetBytes = Math.round(message.offsetBytes);
+    }
+    if (message.partitionSizeBytes !== 0) {
+      obj.partitionSizeBytes = Math.round(message.partitionSizeBytes);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<WriteConfigDriveResult>): WriteConfigDriveResult {
+    return WriteConfigDriveResult.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<WriteConfigDriveResult>): WriteConfigDriveResult {
+    const message = createBaseWriteConfigDriveResult();
+    message.devicePath = object.devicePath ?? "";
+    message.partitionTable = object.partitionTable ?? "";
+    message.partitionNumber = object.partitionNumber ?? 0;
+    message.offsetBytes = object.offsetBytes ?? 0;
+    message.partitionSizeBytes = object.partitionSizeBytes ?? 0;
     return message;
   },
 };

@@ -63,31 +63,104 @@ export function imageStateToJSON(object: ImageState): string {
   }
 }
 
+/** ImageFormat is the format of an image file as it was uploaded or imported. */
+export enum ImageFormat {
+  /** IMAGE_FORMAT_UNSPECIFIED - Not set. */
+  IMAGE_FORMAT_UNSPECIFIED = 0,
+  /** IMAGE_FORMAT_RAW - A raw disk image: its bytes are what the disk receives. */
+  IMAGE_FORMAT_RAW = 1,
+  /** IMAGE_FORMAT_QCOW2 - A qcow2 image, converted to raw on import (nodes receive the raw form). */
+  IMAGE_FORMAT_QCOW2 = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function imageFormatFromJSON(object: any): ImageFormat {
+  switch (object) {
+    case 0:
+    case "IMAGE_FORMAT_UNSPECIFIED":
+      return ImageFormat.IMAGE_FORMAT_UNSPECIFIED;
+    case 1:
+    case "IMAGE_FORMAT_RAW":
+      return ImageFormat.IMAGE_FORMAT_RAW;
+    case 2:
+    case "IMAGE_FORMAT_QCOW2":
+      return ImageFormat.IMAGE_FORMAT_QCOW2;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ImageFormat.UNRECOGNIZED;
+  }
+}
+
+export function imageFormatToJSON(object: ImageFormat): string {
+  switch (object) {
+    case ImageFormat.IMAGE_FORMAT_UNSPECIFIED:
+      return "IMAGE_FORMAT_UNSPECIFIED";
+    case ImageFormat.IMAGE_FORMAT_RAW:
+      return "IMAGE_FORMAT_RAW";
+    case ImageFormat.IMAGE_FORMAT_QCOW2:
+      return "IMAGE_FORMAT_QCOW2";
+    case ImageFormat.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** Image is an OS image in the controller's store. */
 export interface Image {
   /** Unique name. */
   name: string;
   /** Where the image is. */
   state: ImageState;
-  /** Size in bytes; 0 until known. */
+  /**
+   * Size in bytes of the raw content, what a node's disk receives (for a
+   * qcow2 image its virtual size); 0 until known.
+   */
   sizeBytes: number;
-  /** sha256 of the content, lower-case hex. */
+  /** sha256 of the raw content, lower-case hex. */
   sha256: string;
   /** URL the image was imported from; empty for uploads. */
   sourceUrl: string;
   /** Why the import failed; empty otherwise. */
   error: string;
   /** When the image was created. */
-  createdAt?: Date | undefined;
+  createdAt?:
+    | Date
+    | undefined;
+  /**
+   * The format of the file as uploaded or imported, detected from its
+   * content; UNSPECIFIED until the content has arrived.
+   */
+  format: ImageFormat;
+  /**
+   * sha256 of the file as uploaded or imported, lower-case hex: for qcow2
+   * the qcow2 file, for raw the same as sha256. Empty until known.
+   */
+  sourceSha256: string;
+  /** Size in bytes of the file as uploaded or imported. */
+  sourceSizeBytes: number;
+  /**
+   * Bytes of the raw content that hold data; everything else reads as zeros
+   * and need not travel. 0 when not recorded.
+   */
+  allocatedBytes: number;
+  /**
+   * Number of the allocated byte ranges (extents) recorded for the raw
+   * content; 0 when none are recorded.
+   */
+  allocatedExtentCount: number;
 }
 
 /** UploadImageHeader opens an upload. */
 export interface UploadImageHeader {
   /** Unique name for the image. */
   name: string;
-  /** Expected sha256, lower-case hex; empty to accept whatever arrives. */
+  /**
+   * Expected sha256 of the file as sent (a qcow2 file's own, not its raw
+   * form's), lower-case hex; empty to accept whatever arrives.
+   */
   sha256: string;
-  /** Expected size in bytes; 0 when unknown. */
+  /** Expected size in bytes of the file as sent; 0 when unknown. */
   sizeBytes: number;
 }
 
@@ -116,7 +189,10 @@ export interface ImportImageRequest {
   name: string;
   /** http or https URL. */
   url: string;
-  /** Expected checksum as "sha256:<hex>" or "sha512:<hex>". */
+  /**
+   * Expected checksum of the file as served, as "sha256:<hex>" or
+   * "sha512:<hex>".
+   */
   checksum: string;
 }
 
@@ -207,7 +283,20 @@ export interface DownloadImageResponse {
 }
 
 function createBaseImage(): Image {
-  return { name: "", state: 0, sizeBytes: 0, sha256: "", sourceUrl: "", error: "", createdAt: undefined };
+  return {
+    name: "",
+    state: 0,
+    sizeBytes: 0,
+    sha256: "",
+    sourceUrl: "",
+    error: "",
+    createdAt: undefined,
+    format: 0,
+    sourceSha256: "",
+    sourceSizeBytes: 0,
+    allocatedBytes: 0,
+    allocatedExtentCount: 0,
+  };
 }
 
 export const Image: MessageFns<Image> = {
@@ -232,6 +321,21 @@ export const Image: MessageFns<Image> = {
     }
     if (message.createdAt !== undefined) {
       Timestamp.encode(toTimestamp(message.createdAt), writer.uint32(58).fork()).join();
+    }
+    if (message.format !== 0) {
+      writer.uint32(64).int32(message.format);
+    }
+    if (message.sourceSha256 !== "") {
+      writer.uint32(74).string(message.sourceSha256);
+    }
+    if (message.sourceSizeBytes !== 0) {
+      writer.uint32(80).uint64(message.sourceSizeBytes);
+    }
+    if (message.allocatedBytes !== 0) {
+      writer.uint32(88).uint64(message.allocatedBytes);
+    }
+    if (message.allocatedExtentCount !== 0) {
+      writer.uint32(96).uint32(message.allocatedExtentCount);
     }
     return writer;
   },
@@ -305,6 +409,46 @@ export const Image: MessageFns<Image> = {
             message.createdAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.format = reader.int32() as any;
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.sourceSha256 = reader.string();
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.sourceSizeBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.allocatedBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.allocatedExtentCount = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -338,6 +482,27 @@ export const Image: MessageFns<Image> = {
         : isSet(object.created_at)
         ? fromJsonTimestamp(object.created_at)
         : undefined,
+      format: isSet(object.format) ? imageFormatFromJSON(object.format) : 0,
+      sourceSha256: isSet(object.sourceSha256)
+        ? globalThis.String(object.sourceSha256)
+        : isSet(object.source_sha256)
+        ? globalThis.String(object.source_sha256)
+        : "",
+      sourceSizeBytes: isSet(object.sourceSizeBytes)
+        ? globalThis.Number(object.sourceSizeBytes)
+        : isSet(object.source_size_bytes)
+        ? globalThis.Number(object.source_size_bytes)
+        : 0,
+      allocatedBytes: isSet(object.allocatedBytes)
+        ? globalThis.Number(object.allocatedBytes)
+        : isSet(object.allocated_bytes)
+        ? globalThis.Number(object.allocated_bytes)
+        : 0,
+      allocatedExtentCount: isSet(object.allocatedExtentCount)
+        ? globalThis.Number(object.allocatedExtentCount)
+        : isSet(object.allocated_extent_count)
+        ? globalThis.Number(object.allocated_extent_count)
+        : 0,
     };
   },
 
@@ -364,6 +529,21 @@ export const Image: MessageFns<Image> = {
     if (message.createdAt !== undefined) {
       obj.createdAt = message.createdAt.toISOString();
     }
+    if (message.format !== 0) {
+      obj.format = imageFormatToJSON(message.format);
+    }
+    if (message.sourceSha256 !== "") {
+      obj.sourceSha256 = message.sourceSha256;
+    }
+    if (message.sourceSizeBytes !== 0) {
+      obj.sourceSizeBytes = Math.round(message.sourceSizeBytes);
+    }
+    if (message.allocatedBytes !== 0) {
+      obj.allocatedBytes = Math.round(message.allocatedBytes);
+    }
+    if (message.allocatedExtentCount !== 0) {
+      obj.allocatedExtentCount = Math.round(message.allocatedExtentCount);
+    }
     return obj;
   },
 
@@ -379,6 +559,11 @@ export const Image: MessageFns<Image> = {
     message.sourceUrl = object.sourceUrl ?? "";
     message.error = object.error ?? "";
     message.createdAt = object.createdAt ?? undefined;
+    message.format = object.format ?? 0;
+    message.sourceSha256 = object.sourceSha256 ?? "";
+    message.sourceSizeBytes = object.sourceSizeBytes ?? 0;
+    message.allocatedBytes = object.allocatedBytes ?? 0;
+    message.allocatedExtentCount = object.allocatedExtentCount ?? 0;
     return message;
   },
 };
@@ -1598,7 +1783,13 @@ export const ImageServiceDefinition = {
   name: "ImageService",
   fullName: "metalcast.v1.ImageService",
   methods: {
-    /** UploadImage stores an image sent in chunks: first a header, then data. */
+    /**
+     * UploadImage stores an image sent in chunks: first a header, then data.
+     * Raw and qcow2 images are accepted, told apart by their content; qcow2
+     * is checked (no backing file, no external data file, virtual size within
+     * the controller's limit) and converted to raw. Other formats are refused
+     * with INVALID_ARGUMENT.
+     */
     uploadImage: {
       name: "UploadImage",
       requestType: UploadImageRequest as typeof UploadImageRequest,
@@ -1607,7 +1798,10 @@ export const ImageServiceDefinition = {
       responseStream: false,
       options: {},
     },
-    /** ImportImage fetches an image from an http(s) URL and verifies it. */
+    /**
+     * ImportImage fetches an image from an http(s) URL and verifies it; raw
+     * and qcow2 as for UploadImage.
+     */
     importImage: {
       name: "ImportImage",
       requestType: ImportImageRequest as typeof ImportImageRequest,
@@ -1663,12 +1857,21 @@ export const ImageServiceDefinition = {
 } as const;
 
 export interface ImageServiceImplementation<CallContextExt = {}> {
-  /** UploadImage stores an image sent in chunks: first a header, then data. */
+  /**
+   * UploadImage stores an image sent in chunks: first a header, then data.
+   * Raw and qcow2 images are accepted, told apart by their content; qcow2
+   * is checked (no backing file, no external data file, virtual size within
+   * the controller's limit) and converted to raw. Other formats are refused
+   * with INVALID_ARGUMENT.
+   */
   uploadImage(
     request: AsyncIterable<UploadImageRequest>,
     context: CallContext & CallContextExt,
   ): Promise<DeepPartial<UploadImageResponse>>;
-  /** ImportImage fetches an image from an http(s) URL and verifies it. */
+  /**
+   * ImportImage fetches an image from an http(s) URL and verifies it; raw
+   * and qcow2 as for UploadImage.
+   */
   importImage(
     request: ImportImageRequest,
     context: CallContext & CallContextExt,
@@ -1700,12 +1903,21 @@ export interface ImageServiceImplementation<CallContextExt = {}> {
 }
 
 export interface ImageServiceClient<CallOptionsExt = {}> {
-  /** UploadImage stores an image sent in chunks: first a header, then data. */
+  /**
+   * UploadImage stores an image sent in chunks: first a header, then data.
+   * Raw and qcow2 images are accepted, told apart by their content; qcow2
+   * is checked (no backing file, no external data file, virtual size within
+   * the controller's limit) and converted to raw. Other formats are refused
+   * with INVALID_ARGUMENT.
+   */
   uploadImage(
     request: AsyncIterable<DeepPartial<UploadImageRequest>>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<UploadImageResponse>;
-  /** ImportImage fetches an image from an http(s) URL and verifies it. */
+  /**
+   * ImportImage fetches an image from an http(s) URL and verifies it; raw
+   * and qcow2 as for UploadImage.
+   */
   importImage(
     request: DeepPartial<ImportImageRequest>,
     options?: CallOptions & CallOptionsExt,

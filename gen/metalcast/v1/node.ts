@@ -9,6 +9,7 @@ import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire";
 import type { CallContext, CallOptions } from "nice-grpc-common";
 import { Timestamp } from "../../google/protobuf/timestamp.js";
 import { CommandProgress, DiskHints } from "./command.js";
+import { ImageFormat, imageFormatFromJSON, imageFormatToJSON } from "./image.js";
 import { Inventory } from "./inventory.js";
 
 export const protobufPackage = "metalcast.v1";
@@ -366,15 +367,83 @@ export function bootDeviceToJSON(object: BootDevice): string {
   }
 }
 
-/** DeploySpec says what to deploy on a node. */
+/**
+ * DeploySpec says what to deploy on a node, and how to configure the
+ * deployed system. Hostname, SSH keys, user data and network data go into a
+ * config drive (the OpenStack layout cloud-init's ConfigDrive datasource
+ * reads) that the agent writes into a partition at the end of the disk.
+ */
 export interface DeploySpec {
   /** Image name at the controller. */
   image: string;
   /**
    * Which disk to write; unset means the smallest disk of at least the image
-   * size.
+   * size (plus the config drive partition when there is one).
    */
-  target?: DiskHints | undefined;
+  target?:
+    | DiskHints
+    | undefined;
+  /**
+   * The host name of the deployed system: 1 to 253 characters, labels of
+   * letters, digits and '-' separated by dots. Empty: none is set.
+   */
+  hostname: string;
+  /**
+   * OpenSSH public keys for the image's default user, one authorized_keys
+   * line each ("ssh-ed25519 AAAA... comment"); at most 32.
+   */
+  sshPublicKeys: string[];
+  /**
+   * cloud-init user data: cloud-config ("#cloud-config"), a script ("#!"),
+   * MIME multi-part, or gzip of one of these; at most 65536 bytes. It may
+   * carry secrets: write-only, never logged, and left empty in every
+   * response (see user_data_sha256 and user_data_size_bytes).
+   */
+  userData: Buffer;
+  /**
+   * OpenStack network_data.json: links (NICs by MAC, bonds, VLANs),
+   * networks (static IPv4 and IPv6 addresses, routes, or DHCP) and services
+   * (DNS); at most 65536 bytes. Left out of ListNodes.
+   */
+  networkData: string;
+  /** Output only. Size of the user data in bytes; 0 when none. */
+  userDataSizeBytes: number;
+  /** Output only. sha256 of the user data, lower-case hex; empty when none. */
+  userDataSha256: string;
+  /**
+   * Output only. What the user data is: "cloud-config", "script",
+   * "mime-multipart", "gzip", "include", "boothook" or "jinja".
+   */
+  userDataType: string;
+  /**
+   * Output only. The config drive built for this deploy; unset when the
+   * deploy carries no instance configuration.
+   */
+  configDrive?:
+    | ConfigDriveInfo
+    | undefined;
+  /** Output only. The format the image was uploaded or imported in. */
+  imageFormat: ImageFormat;
+  /** Output only. sha256 of the raw image written to the disk. */
+  imageSha256: string;
+  /**
+   * Output only. sha256 of the image file as uploaded or imported (the
+   * qcow2 itself for a qcow2 image).
+   */
+  imageSourceSha256: string;
+}
+
+/** ConfigDriveInfo describes the config drive of a deploy. */
+export interface ConfigDriveInfo {
+  /**
+   * The instance id in meta_data.json ("uuid"): new for every deploy, so
+   * that cloud-init treats each deploy as a new instance.
+   */
+  instanceId: string;
+  /** Size of the ISO 9660 image in bytes. */
+  sizeBytes: number;
+  /** sha256 of the ISO 9660 image, lower-case hex. */
+  sha256: string;
 }
 
 /** Node is one physical machine. */
@@ -741,7 +810,21 @@ export interface WatchNodesResponse {
 }
 
 function createBaseDeploySpec(): DeploySpec {
-  return { image: "", target: undefined };
+  return {
+    image: "",
+    target: undefined,
+    hostname: "",
+    sshPublicKeys: [],
+    userData: Buffer.alloc(0),
+    networkData: "",
+    userDataSizeBytes: 0,
+    userDataSha256: "",
+    userDataType: "",
+    configDrive: undefined,
+    imageFormat: 0,
+    imageSha256: "",
+    imageSourceSha256: "",
+  };
 }
 
 export const DeploySpec: MessageFns<DeploySpec> = {
@@ -751,6 +834,39 @@ export const DeploySpec: MessageFns<DeploySpec> = {
     }
     if (message.target !== undefined) {
       DiskHints.encode(message.target, writer.uint32(18).fork()).join();
+    }
+    if (message.hostname !== "") {
+      writer.uint32(26).string(message.hostname);
+    }
+    for (const v of message.sshPublicKeys) {
+      writer.uint32(34).string(v!);
+    }
+    if (message.userData.length !== 0) {
+      writer.uint32(42).bytes(message.userData);
+    }
+    if (message.networkData !== "") {
+      writer.uint32(50).string(message.networkData);
+    }
+    if (message.userDataSizeBytes !== 0) {
+      writer.uint32(56).uint64(message.userDataSizeBytes);
+    }
+    if (message.userDataSha256 !== "") {
+      writer.uint32(66).string(message.userDataSha256);
+    }
+    if (message.userDataType !== "") {
+      writer.uint32(74).string(message.userDataType);
+    }
+    if (message.configDrive !== undefined) {
+      ConfigDriveInfo.encode(message.configDrive, writer.uint32(82).fork()).join();
+    }
+    if (message.imageFormat !== 0) {
+      writer.uint32(88).int32(message.imageFormat);
+    }
+    if (message.imageSha256 !== "") {
+      writer.uint32(98).string(message.imageSha256);
+    }
+    if (message.imageSourceSha256 !== "") {
+      writer.uint32(106).string(message.imageSourceSha256);
     }
     return writer;
   },
@@ -784,6 +900,94 @@ export const DeploySpec: MessageFns<DeploySpec> = {
             message.target = DiskHints.decode(reader, reader.uint32());
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.hostname = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.sshPublicKeys.push(reader.string());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.userData = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.networkData = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.userDataSizeBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.userDataSha256 = reader.string();
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.userDataType = reader.string();
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.configDrive = ConfigDriveInfo.decode(reader, reader.uint32());
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.imageFormat = reader.int32() as any;
+            continue;
+          }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.imageSha256 = reader.string();
+            continue;
+          }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.imageSourceSha256 = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -800,6 +1004,57 @@ export const DeploySpec: MessageFns<DeploySpec> = {
     return {
       image: isSet(object.image) ? globalThis.String(object.image) : "",
       target: isSet(object.target) ? DiskHints.fromJSON(object.target) : undefined,
+      hostname: isSet(object.hostname) ? globalThis.String(object.hostname) : "",
+      sshPublicKeys: globalThis.Array.isArray(object?.sshPublicKeys)
+        ? object.sshPublicKeys.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.ssh_public_keys)
+        ? object.ssh_public_keys.map((e: any) => globalThis.String(e))
+        : [],
+      userData: isSet(object.userData)
+        ? Buffer.from(bytesFromBase64(object.userData))
+        : isSet(object.user_data)
+        ? Buffer.from(bytesFromBase64(object.user_data))
+        : Buffer.alloc(0),
+      networkData: isSet(object.networkData)
+        ? globalThis.String(object.networkData)
+        : isSet(object.network_data)
+        ? globalThis.String(object.network_data)
+        : "",
+      userDataSizeBytes: isSet(object.userDataSizeBytes)
+        ? globalThis.Number(object.userDataSizeBytes)
+        : isSet(object.user_data_size_bytes)
+        ? globalThis.Number(object.user_data_size_bytes)
+        : 0,
+      userDataSha256: isSet(object.userDataSha256)
+        ? globalThis.String(object.userDataSha256)
+        : isSet(object.user_data_sha256)
+        ? globalThis.String(object.user_data_sha256)
+        : "",
+      userDataType: isSet(object.userDataType)
+        ? globalThis.String(object.userDataType)
+        : isSet(object.user_data_type)
+        ? globalThis.String(object.user_data_type)
+        : "",
+      configDrive: isSet(object.configDrive)
+        ? ConfigDriveInfo.fromJSON(object.configDrive)
+        : isSet(object.config_drive)
+        ? ConfigDriveInfo.fromJSON(object.config_drive)
+        : undefined,
+      imageFormat: isSet(object.imageFormat)
+        ? imageFormatFromJSON(object.imageFormat)
+        : isSet(object.image_format)
+        ? imageFormatFromJSON(object.image_format)
+        : 0,
+      imageSha256: isSet(object.imageSha256)
+        ? globalThis.String(object.imageSha256)
+        : isSet(object.image_sha256)
+        ? globalThis.String(object.image_sha256)
+        : "",
+      imageSourceSha256: isSet(object.imageSourceSha256)
+        ? globalThis.String(object.imageSourceSha256)
+        : isSet(object.image_source_sha256)
+        ? globalThis.String(object.image_source_sha256)
+        : "",
     };
   },
 
@@ -810,6 +1065,39 @@ export const DeploySpec: MessageFns<DeploySpec> = {
     }
     if (message.target !== undefined) {
       obj.target = DiskHints.toJSON(message.target);
+    }
+    if (message.hostname !== "") {
+      obj.hostname = message.hostname;
+    }
+    if (message.sshPublicKeys?.length) {
+      obj.sshPublicKeys = message.sshPublicKeys;
+    }
+    if (message.userData.length !== 0) {
+      obj.userData = base64FromBytes(message.userData);
+    }
+    if (message.networkData !== "") {
+      obj.networkData = message.networkData;
+    }
+    if (message.userDataSizeBytes !== 0) {
+      obj.userDataSizeBytes = Math.round(message.userDataSizeBytes);
+    }
+    if (message.userDataSha256 !== "") {
+      obj.userDataSha256 = message.userDataSha256;
+    }
+    if (message.userDataType !== "") {
+      obj.userDataType = message.userDataType;
+    }
+    if (message.configDrive !== undefined) {
+      obj.configDrive = ConfigDriveInfo.toJSON(message.configDrive);
+    }
+    if (message.imageFormat !== 0) {
+      obj.imageFormat = imageFormatToJSON(message.imageFormat);
+    }
+    if (message.imageSha256 !== "") {
+      obj.imageSha256 = message.imageSha256;
+    }
+    if (message.imageSourceSha256 !== "") {
+      obj.imageSourceSha256 = message.imageSourceSha256;
     }
     return obj;
   },
@@ -823,6 +1111,128 @@ export const DeploySpec: MessageFns<DeploySpec> = {
     message.target = (object.target !== undefined && object.target !== null)
       ? DiskHints.fromPartial(object.target)
       : undefined;
+    message.hostname = object.hostname ?? "";
+    message.sshPublicKeys = object.sshPublicKeys?.map((e) => e) || [];
+    message.userData = object.userData ?? Buffer.alloc(0);
+    message.networkData = object.networkData ?? "";
+    message.userDataSizeBytes = object.userDataSizeBytes ?? 0;
+    message.userDataSha256 = object.userDataSha256 ?? "";
+    message.userDataType = object.userDataType ?? "";
+    message.configDrive = (object.configDrive !== undefined && object.configDrive !== null)
+      ? ConfigDriveInfo.fromPartial(object.configDrive)
+      : undefined;
+    message.imageFormat = object.imageFormat ?? 0;
+    message.imageSha256 = object.imageSha256 ?? "";
+    message.imageSourceSha256 = object.imageSourceSha256 ?? "";
+    return message;
+  },
+};
+
+function createBaseConfigDriveInfo(): ConfigDriveInfo {
+  return { instanceId: "", sizeBytes: 0, sha256: "" };
+}
+
+export const ConfigDriveInfo: MessageFns<ConfigDriveInfo> = {
+  encode(message: ConfigDriveInfo, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.instanceId !== "") {
+      writer.uint32(10).string(message.instanceId);
+    }
+    if (message.sizeBytes !== 0) {
+      writer.uint32(16).uint64(message.sizeBytes);
+    }
+    if (message.sha256 !== "") {
+      writer.uint32(26).string(message.sha256);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ConfigDriveInfo {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseConfigDriveInfo();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.instanceId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.sizeBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.sha256 = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ConfigDriveInfo {
+    return {
+      instanceId: isSet(object.instanceId)
+        ? globalThis.String(object.instanceId)
+        : isSet(object.instance_id)
+        ? globalThis.String(object.instance_id)
+        : "",
+      sizeBytes: isSet(object.sizeBytes)
+        ? globalThis.Number(object.sizeBytes)
+        : isSet(object.size_bytes)
+        ? globalThis.Number(object.size_bytes)
+        : 0,
+      sha256: isSet(object.sha256) ? globalThis.String(object.sha256) : "",
+    };
+  },
+
+  toJSON(message: ConfigDriveInfo): unknown {
+    const obj: any = {};
+    if (message.instanceId !== "") {
+      obj.instanceId = message.instanceId;
+    }
+    if (message.sizeBytes !== 0) {
+      obj.sizeBytes = Math.round(message.sizeBytes);
+    }
+    if (message.sha256 !== "") {
+      obj.sha256 = message.sha256;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ConfigDriveInfo>): ConfigDriveInfo {
+    return ConfigDriveInfo.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ConfigDriveInfo>): ConfigDriveInfo {
+    const message = createBaseConfigDriveInfo();
+    message.instanceId = object.instanceId ?? "";
+    message.sizeBytes = object.sizeBytes ?? 0;
+    message.sha256 = object.sha256 ?? "";
     return message;
   },
 };
@@ -4855,6 +5265,14 @@ export interface NodeServiceClient<CallOptionsExt = {}> {
     request: DeepPartial<WatchNodesRequest>,
     options?: CallOptions & CallOptionsExt,
   ): AsyncIterable<WatchNodesResponse>;
+}
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
 }
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;

@@ -612,7 +612,7 @@ class QemuGuest implements Guest {
     ];
     if (o.cdrom) args.push('-drive', 'if=none,id=cddrive0,media=cdrom,readonly=on', '-device', 'ide-cd,id=cd0,drive=cddrive0,bootindex=4');
     if (typeof source !== 'string') args.push('-kernel', source.kernel, '-initrd', source.initrd, '-append', source.append);
-    return [...firmware, ...args, ...(o.extraArgs ?? [])];
+    return [...args, ...(o.extraArgs ?? [])];
   }
 }
 

@@ -339,7 +339,7 @@ describe('operator authentication', () => {
       const read = await cli(['node', 'list', '--token', token]);
       assert.equal(read.code, 0, read.stderr);
       const write = await cli(['node', 'create', 'cli-node', '--mac', '52:54:00:00:10:01'], { env: { METALCAST_TOKEN: token } });
-      assert.equal(write.code, 1);
+      assert.equal(write.code, 4);
       assert.match(write.stderr, /PERMISSION_DENIED: \/metalcast\.v1\.NodeService\/CreateNode changes state and needs the admin role/);
 
       const deleted = await cli(['token', 'delete', mine?.id as string, '--data-dir', dataDir]);
@@ -367,7 +367,7 @@ describe('operator authentication', () => {
       const elsewhere = join(dir.path, 'elsewhere');
       mkdirSync(elsewhere, { recursive: true });
       const refused = await cli(['node', 'list'], { cwd: elsewhere });
-      assert.equal(refused.code, 1);
+      assert.equal(refused.code, 4);
       assert.match(
         refused.stderr,
         /UNAUTHENTICATED: .*needs an operator token.*--token or METALCAST_TOKEN.*metalcast token create --role reader/,

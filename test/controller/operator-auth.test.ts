@@ -25,6 +25,7 @@ import { ImageServiceDefinition } from '../../gen/metalcast/v1/image.js';
 import { NodeServiceDefinition, PowerAction, ProvisionAction } from '../../gen/metalcast/v1/node.js';
 import { createTestOperatorToken, eventually, operatorCallOptions, tempDir } from '../helpers/controller.js';
 import { assertRejectsWith } from '../helpers/grpc-assert.js';
+import { ServerReflectionV1AlphaService } from '../../controller/services/health-reflection.js';
 
 // google-protobuf CommonJS: its classes are not visible to an ESM named import.
 const REFLECTION_PB = 'nice-grpc-server-reflection/lib/proto/grpc/reflection/v1/reflection_pb.js';
@@ -168,7 +169,7 @@ describe('operator authentication', () => {
     assert.equal(OPERATOR_METHOD_ROLES.get(ServerReflectionService.serverReflectionInfo.path), 'reader');
     assert.deepEqual(
       [...OPERATOR_METHOD_ROLES.keys()].filter((path) => !operatorPaths().includes(path)),
-      [ServerReflectionService.serverReflectionInfo.path],
+      [ServerReflectionService.serverReflectionInfo.path, ServerReflectionV1AlphaService.serverReflectionInfo.path],
       'no stale entries',
     );
   });

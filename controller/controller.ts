@@ -336,6 +336,7 @@ export async function startController(
       logger: logger.child({ component: 'agent-gateway' }),
       heartbeat,
       onHeartbeat: (uuid) => conductor.onHeartbeat(uuid),
+      requireAgentCertificate: !config.insecure,
       images: imageServer,
     }),
   );

@@ -16,8 +16,9 @@ export interface LookupOptions {
 
 /** Thrown when lookups kept failing for the whole budget. */
 export class LookupBudgetExhausted extends Error {
-  constructor(budgetMs: number, cause: unknown) {
-    super(`no successful lookup within ${Math.round(budgetMs / 1000)}s; last error: ${(cause as Error).message}`, { cause });
+  /** `lastFailure`: the one sentence the last attempt was logged with; the raw error stays as the cause (for debug). */
+  constructor(budgetMs: number, cause: unknown, lastFailure: string) {
+    super(`no successful lookup within ${Math.round(budgetMs / 1000)}s; the last attempt: ${lastFailure}`, { cause });
     this.name = 'LookupBudgetExhausted';
   }
 }
@@ -28,9 +29,12 @@ export class LookupRefused extends Error {
 }
 
 /** What an operator should check, by the controller's answer. */
-function hint(error: unknown, controller: string, macs: readonly string[]): string {
+function hint(error: unknown, link: ControllerLink, controller: string, macs: readonly string[]): string {
   if (isConnectionError(error))
-    return `cannot reach the controller at ${controller}: check the address (--controller, metalcast.controller=) and the network`;
+    return (
+      link.diagnosis(controller) ??
+      `cannot reach the controller at ${controller}: check the address (--controller, metalcast.controller=) and the network`
+    );
   if (error instanceof ClientError) {
     switch (error.code) {
       case Status.NOT_FOUND:
@@ -59,6 +63,7 @@ export async function lookupWithBackoff(
   signal: AbortSignal,
 ): Promise<LookupResponse> {
   const started = Date.now();
+  let lastFailure = '';
   try {
     return await pRetry(
       async () => {
@@ -80,21 +85,25 @@ export async function lookupWithBackoff(
         randomize: options.jitter !== false,
         maxRetryTime: options.budgetMs,
         signal,
-        onFailedAttempt: ({ error, attemptNumber }) => {
+        onFailedAttempt: async ({ error, attemptNumber }) => {
           const controller = link.address;
           if (isConnectionError(error)) {
-            link.explainConnectionFailure(error);
+            // Probing the address takes a moment, so that this very line can say a port is wrong or TLS disagrees.
+            await link.explainConnectionFailure(error);
             link.next('lookup could not connect');
           }
+          lastFailure = hint(error, link, controller, request.macAddresses);
           logger.warn(
             { attempt: attemptNumber, controller, elapsedSeconds: Math.round((Date.now() - started) / 1000) },
-            `lookup failed: ${hint(error, controller, request.macAddresses)}`,
+            `lookup failed: ${lastFailure}`,
           );
+          // The raw grpc-js text ("No connection established. Last error: …") only for debugging.
+          logger.debug({ err: error }, 'lookup failure as gRPC reported it');
         },
       },
     );
   } catch (error) {
     if (signal.aborted || error instanceof LookupRefused) throw error;
-    throw new LookupBudgetExhausted(options.budgetMs, error);
+    throw new LookupBudgetExhausted(options.budgetMs, error, lastFailure || (error as Error).message);
   }
 }

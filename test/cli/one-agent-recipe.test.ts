@@ -67,7 +67,10 @@ describe('docs recipe: one agent on a fake machine', () => {
     const agent = spawn(process.execPath, [BIN, ...agentArgs], { cwd: dir.path, env, stdio: 'ignore' });
     children.push(agent);
     const inspected = await inspecting;
-    assert.match(inspected.stdout, /node fake-0 inspect_wait|node fake-0 inspecting/);
+    assert.match(
+      inspected.stdout,
+      /Z fake-0 inspect_wait\n.*Z fake-0 inspect wait -> manageable \(inspection found 1 disks, 2 NICs, 4 CPUs\)\n/s,
+    );
     assert.match(inspected.stdout, /^node fake-0 is manageable$/m);
     const shown = await cli('node', 'inventory', 'fake-0', '--json');
     const inventory = JSON.parse(shown.stdout) as { interfaces?: { macAddress?: string }[] };

@@ -1,5 +1,5 @@
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { AGENT_ISO_APT_PACKAGES } from '../../../controller/boot/agent-iso.js';
 import { type CertificateAuthority, createCertificateAuthority, issueCertificate } from '../../../common/certificates.js';
@@ -14,8 +14,8 @@ import { RedfishSimulator } from './simulator.js';
  * BMC's: no insecure flag), in front of the guest's QMP socket (the guest's
  * NIC nic0 and CD drive cd0, lab/qemu.ts).
  *
- * Every request it answered goes to a log file of its own when it stops
- * (method, path, how it was authenticated, status: never a header or body),
+ * Every request it answered goes to a log file of its own as it is answered
+ * (time, method, path, how it was authenticated, status: never a header or body),
  * so that a failed run shows what the controller asked, and the lab can
  * check that no log holds the BMC's password.
  */
@@ -62,9 +62,9 @@ export interface LabRedfishBmc {
   readonly url: string;
   /** The file holding the password (mode 0600), as an operator gives it: metalcast node create … --bmc-password-file. */
   readonly passwordFile: string;
-  /** Where the request log is written at stop. */
+  /** The request log, one line per request as it is answered. */
   readonly logPath: string;
-  /** Writes the request log, ends the simulator and its QMP connection. Idempotent; never throws. */
+  /** Ends the simulator and its QMP connection. Idempotent; never throws. */
   stop(): Promise<void>;
 }
 
@@ -78,6 +78,8 @@ export async function startLabRedfishBmc(options: LabRedfishBmcOptions): Promise
     usage: 'server',
     validDays: 2,
   });
+  const logPath = join(options.dir, 'requests.log');
+  writeFileSync(logPath, '');
   const simulator = await new RedfishSimulator({
     machine: new QmpMachine(options.qmpSocketPath, { nic: 'nic0', cdrom: 'cd0' }, options.initial),
     name: options.name,
@@ -85,8 +87,15 @@ export async function startLabRedfishBmc(options: LabRedfishBmcOptions): Promise
     tls: { key: leaf.keyPem, cert: leaf.certPem },
     firmware: options.firmware,
     mediaDir: join(options.dir, 'media'),
+    onRequest: (r) => {
+      const line = `${new Date().toISOString()} ${r.method} ${r.path} auth=${r.auth}${r.ifMatch ? ' if-match' : ''} -> ${r.status}\n`;
+      try {
+        appendFileSync(logPath, line);
+      } catch {
+        // the work folder went away: nothing to keep
+      }
+    },
   }).start();
-  const logPath = join(options.dir, 'requests.log');
   let stopped = false;
   return {
     simulator,
@@ -96,12 +105,6 @@ export async function startLabRedfishBmc(options: LabRedfishBmcOptions): Promise
     async stop() {
       if (stopped) return;
       stopped = true;
-      const lines = simulator.requests.map((r) => `${r.method} ${r.path} auth=${r.auth}${r.ifMatch ? ' if-match' : ''} -> ${r.status}`);
-      try {
-        writeFileSync(logPath, lines.length ? `${lines.join('\n')}\n` : '');
-      } catch {
-        // the work folder went away: nothing to keep
-      }
       await simulator.stop().catch(() => {});
     },
   };

@@ -330,6 +330,7 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
       }
     };
     const names = guests.map((g) => g.name);
+    const bootsUsed = [...new Set(guests.map((_, i) => bootOf(i)))].join(' and ');
 
     // Inspect: the controller powers each guest on into network boot; iPXE fetches the ramdisk; the agent looks up.
     for (const name of names) await act(name, ProvisionAction.PROVISION_ACTION_INSPECT);
@@ -345,7 +346,7 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
       log(`  ${node.name}: NIC ${nics.join(', ')}; disk ${disks.join(', ')}`);
     }
     checkVirtualMediaBoots(guests, bootOf);
-    phase(`inspected (${[...new Set(guests.map((_, i) => bootOf(i)))].join(' and ')} boot, agent lookup, inventory)`);
+    phase(`inspected (${bootsUsed} boot, agent lookup, inventory)`);
 
     for (const name of names) await act(name, ProvisionAction.PROVISION_ACTION_PROVIDE);
     await waitAll(names, ProvisionState.PROVISION_STATE_AVAILABLE, 'cleaning (provide)');
@@ -364,7 +365,7 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
     const consoleMarks = guests.map((g) => g.consoleLength());
     for (const name of names) await act(name, ProvisionAction.PROVISION_ACTION_DEPLOY, 'lab-test-image');
     await waitAll(names, ProvisionState.PROVISION_STATE_ACTIVE, 'deploying');
-    phase(`deployed (network boot, write_image, reboot to disk through the ${power} power driver)`);
+    phase(`deployed (${bootsUsed} boot, write_image, reboot to disk through the ${power} power driver)`);
 
     for (const guest of guests) {
       const written = await readStart(guest.diskPath, image.length);

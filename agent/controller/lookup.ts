@@ -34,7 +34,7 @@ function hint(error: unknown, controller: string, macs: readonly string[]): stri
   if (error instanceof ClientError) {
     switch (error.code) {
       case Status.NOT_FOUND:
-        return `the controller knows no node waiting for an agent with MACs ${macs.join(', ')}: enrol the node with these MACs and start inspect, provide or deploy`;
+        return `the controller knows no node waiting for an agent with MACs ${macs.join(', ')}: enrol the node with these MACs and start inspect, provide or deploy (the same answer comes while an earlier agent of this node is still connected; it is retried until that one goes away)`;
       case Status.FAILED_PRECONDITION:
         return 'another agent is still connected for this node; retrying until it goes away';
       case Status.RESOURCE_EXHAUSTED:

@@ -1429,7 +1429,12 @@ export const AgentGatewayServiceDefinition = {
     /**
      * Lookup finds the node an agent runs on by its MAC addresses and hands out
      * a fresh agent token. It succeeds only for nodes in a state that expects
-     * an agent; any other case answers NOT_FOUND.
+     * an agent and whose earlier agent (if any) is gone. Every other lookup of
+     * well-formed MACs answers the same NOT_FOUND, quoting only the MACs asked
+     * for: unknown MACs, a node that expects no agent, MACs of several nodes,
+     * and a node whose agent is still connected, so that a caller learns
+     * nothing about the fleet (agents retry NOT_FOUND with backoff).
+     * Malformed requests answer INVALID_ARGUMENT.
      */
     lookup: {
       name: "Lookup",
@@ -1491,7 +1496,12 @@ export interface AgentGatewayServiceImplementation<CallContextExt = {}> {
   /**
    * Lookup finds the node an agent runs on by its MAC addresses and hands out
    * a fresh agent token. It succeeds only for nodes in a state that expects
-   * an agent; any other case answers NOT_FOUND.
+   * an agent and whose earlier agent (if any) is gone. Every other lookup of
+   * well-formed MACs answers the same NOT_FOUND, quoting only the MACs asked
+   * for: unknown MACs, a node that expects no agent, MACs of several nodes,
+   * and a node whose agent is still connected, so that a caller learns
+   * nothing about the fleet (agents retry NOT_FOUND with backoff).
+   * Malformed requests answer INVALID_ARGUMENT.
    */
   lookup(request: LookupRequest, context: CallContext & CallContextExt): Promise<DeepPartial<LookupResponse>>;
   /**
@@ -1526,7 +1536,12 @@ export interface AgentGatewayServiceClient<CallOptionsExt = {}> {
   /**
    * Lookup finds the node an agent runs on by its MAC addresses and hands out
    * a fresh agent token. It succeeds only for nodes in a state that expects
-   * an agent; any other case answers NOT_FOUND.
+   * an agent and whose earlier agent (if any) is gone. Every other lookup of
+   * well-formed MACs answers the same NOT_FOUND, quoting only the MACs asked
+   * for: unknown MACs, a node that expects no agent, MACs of several nodes,
+   * and a node whose agent is still connected, so that a caller learns
+   * nothing about the fleet (agents retry NOT_FOUND with backoff).
+   * Malformed requests answer INVALID_ARGUMENT.
    */
   lookup(request: DeepPartial<LookupRequest>, options?: CallOptions & CallOptionsExt): Promise<LookupResponse>;
   /**

@@ -65,6 +65,8 @@ export function createHeartbeatHandler(deps: HeartbeatDeps) {
     log.info('heartbeat stream opened');
     const iterator = requests[Symbol.asyncIterator]();
     let count = 0;
+    /** The last sequence number accepted on this stream; 0 before the first heartbeat. */
+    let lastSequence = 0;
     /** Fingerprint of the agent certificate this stream pinned or found pinned; later ones must match it. */
     let pinned: string | undefined;
     try {
@@ -76,6 +78,8 @@ export function createHeartbeatHandler(deps: HeartbeatDeps) {
         }
         const hb = next.value;
         validateHeartbeat(hb);
+        checkSequence(hb.sequence, lastSequence);
+        lastSequence = hb.sequence;
         if (hb.agentCertificatePem !== '') pinned = await pinCertificate(hb.agentCertificatePem, pinned);
         count++;
         metrics.heartbeats.inc();
@@ -144,6 +148,23 @@ export function createHeartbeatHandler(deps: HeartbeatDeps) {
       );
     }
   };
+}
+
+/**
+ * The sequence contract (proto HeartbeatRequest.sequence): a stream starts at
+ * 1 and only goes up; gaps are allowed, repeats and steps back are not. A
+ * heartbeat that breaks it is refused with INVALID_ARGUMENT, which ends the
+ * stream before anything of it is recorded.
+ */
+export function checkSequence(sequence: number, last: number): void {
+  if (last === 0 && sequence !== 1) {
+    throw invalidArgument(`sequence: the first heartbeat of a stream is 1, got ${sequence}; open a new stream and number it from 1`);
+  }
+  if (last !== 0 && sequence <= last) {
+    throw invalidArgument(
+      `sequence: ${sequence} after ${last}; the heartbeats of a stream are numbered upwards without repeats; open a new stream and number it from 1`,
+    );
+  }
 }
 
 /** Largest agent certificate accepted: a self-signed P-256 certificate is well under 1 KiB. */

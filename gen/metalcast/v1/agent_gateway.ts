@@ -107,7 +107,17 @@ export interface LookupResponse {
 
 /** HeartbeatRequest is one heartbeat. */
 export interface HeartbeatRequest {
-  /** Increases by one per heartbeat on a stream, starting at 1. */
+  /**
+   * Numbers the heartbeats of one stream: the first is 1 and each later one
+   * is higher than the one before. The agent counts 1, 2, 3… and may skip a
+   * number (a heartbeat it could not queue on a stuck stream is dropped, not
+   * sent late), but never repeats or goes back. A stream whose first
+   * heartbeat is not 1, or that repeats a number or goes back, is out of step
+   * with its agent (a replay, or two writers on one stream): the controller
+   * ends it with INVALID_ARGUMENT, and the agent opens a new stream that
+   * starts again at 1. The acknowledgement carries the number it
+   * acknowledges. See docs/agent-protocol.md.
+   */
   sequence: number;
   /** host:port where the agent serves AgentService. */
   agentAddress: string;

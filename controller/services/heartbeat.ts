@@ -4,7 +4,7 @@ import type { X509Certificate } from 'node:crypto';
 import { invalidArgument, MetalcastError, unauthenticated } from '../../common/errors.js';
 import { fingerprint, parseCertificates } from '../../common/tls.js';
 import type { Logger } from '../../common/logging.js';
-import { CommandProgress } from '../../gen/metalcast/v1/command.js';
+import { CommandProgress, CommandState } from '../../gen/metalcast/v1/command.js';
 import { AgentStatus, type HeartbeatRequest, type HeartbeatResponse } from '../../gen/metalcast/v1/agent_gateway.js';
 import type { AgentSessions } from '../agents/agent-sessions.js';
 import type { HeartbeatRecorder } from '../agents/heartbeat-recorder.js';
@@ -83,14 +83,17 @@ export function createHeartbeatHandler(deps: HeartbeatDeps) {
         if (hb.agentCertificatePem !== '') pinned = await pinCertificate(hb.agentCertificatePem, pinned);
         count++;
         metrics.heartbeats.inc();
-        const progress = hb.command?.progress;
+        // Progress belongs to the running command only: a finished command's last progress is history
+        // (an agent keeps reporting its last command, e.g. "erasing sda 100 %" long after the clean).
+        const running = hb.command?.state === CommandState.COMMAND_STATE_RUNNING;
+        const progress = running ? hb.command?.progress : undefined;
         recorder.record({
           nodeUuid: node.uuid,
           time: Date.now(),
           agentAddress: hb.agentAddress,
           agentVersion: hb.agentVersion,
           agentStatus: hb.status === AgentStatus.AGENT_STATUS_BUSY ? 'busy' : hb.status === AgentStatus.AGENT_STATUS_IDLE ? 'idle' : '',
-          progressJson: progress ? JSON.stringify(CommandProgress.toJSON(progress)) : null,
+          progressJson: progress ? JSON.stringify(CommandProgress.toJSON(progress)) : hb.command && !running ? '' : null,
         });
         sessions.setAgentAddress(node.uuid, sessionId, hb.agentAddress);
         deps.onHeartbeat(node.uuid);

@@ -60,6 +60,14 @@ class StallError extends Error {
   override name = 'StallError';
 }
 
+/** Why a read was aborted: the disk refused a write; `cause` is the errno error. */
+class DiskWriteError extends Error {
+  override name = 'DiskWriteError';
+  constructor(cause: unknown) {
+    super(describe(cause), { cause });
+  }
+}
+
 const MIB = 1024 * 1024;
 
 /**
@@ -98,7 +106,9 @@ export async function writeImage(
       : 'writing image; all-zero chunks are written as zeros because the disk may hold old data',
   );
 
-  const device = await open(target.devicePath, 'r+');
+  const device = await open(target.devicePath, 'r+').catch((error: unknown) => {
+    throw new Error(`opening ${target.devicePath} to write image '${target.image}' failed: ${describe(error)}`);
+  });
   const hash = createHash('sha256');
   const zeros = Buffer.alloc(Math.max(stat.chunkSizeBytes, 1));
   const rate = new RateMeter();
@@ -119,8 +129,16 @@ export async function writeImage(
         clearTimeout(stallTimer);
         stallTimer = setTimeout(() => call.abort(new StallError(`no data for ${options.stallTimeoutMs / 1000}s`)), options.stallTimeoutMs);
       };
-      // One write in flight while the next chunk is received; a write error surfaces at the next await.
+      // One write in flight while the next chunk is received. A write that fails while the loop waits
+      // for the next chunk must neither go unhandled (an unhandled rejection ends the agent process) nor
+      // wait for that chunk (a stalled link would hide a full disk for the whole stall timeout): the
+      // failure aborts the read at once, and the catch below reports the write error, not the abort.
       let inflight: Promise<void> = Promise.resolve();
+      const startWrite = (data: Uint8Array, at: number) => {
+        const write = writeFully(device, data, at);
+        write.catch((failure: unknown) => call.abort(new DiskWriteError(failure)));
+        return write;
+      };
       try {
         armStallTimer();
         for await (const chunk of source.read(target.image, offset, call.signal)) {
@@ -132,10 +150,10 @@ export async function writeImage(
           await inflight;
           if (chunk.zero) {
             hash.update(zeros.subarray(0, length));
-            if (!options.diskIsZeroed) inflight = writeFully(device, zeros.subarray(0, length), offset);
+            if (!options.diskIsZeroed) inflight = startWrite(zeros.subarray(0, length), offset);
           } else {
             hash.update(chunk.data);
-            inflight = writeFully(device, chunk.data, offset);
+            inflight = startWrite(chunk.data, offset);
           }
           offset += length;
           rate.add(length);
@@ -205,7 +223,9 @@ export async function writeImage(
       );
     }
     report({ phase: 'flushing', doneBytes: size, totalBytes: size, resumes });
-    await device.sync();
+    await device.sync().catch((error: unknown) => {
+      throw new Error(`flushing ${target.devicePath} failed after writing ${size} bytes: ${describe(error)}`);
+    });
     if (options.verifyReadback) {
       report({ phase: 'verifying', doneBytes: 0, totalBytes: size, resumes });
       const readBack = await hashRange(device, size, (done) => report({ phase: 'verifying', doneBytes: done, totalBytes: size, resumes }));
@@ -215,7 +235,10 @@ export async function writeImage(
     logger.info({ size, resumes, seconds: (Date.now() - started) / 1000 }, 'image written and verified');
     return { devicePath: target.devicePath, writtenBytes: size, sha256: digest, resumes, bytesReceivedTwice: 0 };
   } finally {
-    await device.close();
+    // A device that failed or vanished may fail its close too; that must not hide the error that ended the write.
+    await device
+      .close()
+      .catch((error: unknown) => logger.warn({ err: error, device: target.devicePath }, 'closing the target disk failed'));
   }
 }
 

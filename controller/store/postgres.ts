@@ -6,6 +6,7 @@ import { ringHash } from '../cluster/hash-ring.js';
 import {
   ACTIVE_STATE_FAILURES,
   type ActiveState,
+  AGENT_STATES,
   isWaitState,
   PROVISION_STATES,
   type ProvisionState,
@@ -337,6 +338,8 @@ export class PostgresStore implements Store {
         `provision_updated_at = ${p.add(now)}`,
         // Entering a state that waits for an agent starts the sweep's clock.
         `liveness_at = ${p.add(isWaitState(t.to) ? now : null)}`,
+        // The progress shown is the running step's: a new state starts without one.
+        'progress = NULL',
       ];
       if (t.lastError !== undefined) sets.push(`last_error = ${p.add(t.lastError)}`);
       if (!t.keepAgentToken) sets.push('agent_token_hash = NULL', 'agent_api_token = NULL', 'agent_certificate = NULL');
@@ -394,7 +397,10 @@ export class PostgresStore implements Store {
     const beats = [...merged.values()];
     const { rows } = await this.pool.query<{ uuid: string }>(
       `UPDATE nodes n SET last_heartbeat_at = b.time, agent_address = b.address, agent_version = b.version, agent_status = b.status,
-         progress = COALESCE(b.progress, n.progress),
+         -- HeartbeatRecord.progressJson: null keeps, '' clears; a progress only onto the step it was received in.
+         progress = CASE WHEN b.progress IS NULL THEN n.progress WHEN b.progress = '' THEN NULL
+           WHEN n.provision_updated_at <= b.time AND n.provision_state = ANY($8::text[]) THEN b.progress
+           ELSE n.progress END,
          liveness_at = CASE WHEN n.liveness_at IS NULL THEN NULL ELSE GREATEST(n.liveness_at, b.latest) END
        FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[])
          AS b (uuid, time, address, version, status, progress, latest)
@@ -408,6 +414,7 @@ export class PostgresStore implements Store {
         beats.map((b) => b.agentStatus),
         beats.map((b) => b.progressJson),
         beats.map((b) => b.latest),
+        AGENT_STATES,
       ],
     );
     const found = new Set(rows.map((r) => r.uuid));

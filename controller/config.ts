@@ -331,14 +331,28 @@ export const CONTROLLER_OPTIONS = {
   agentAuthFailureLimit: {
     flag: 'agent-auth-failure-limit',
     description:
-      'agent calls with a missing or wrong token per minute one peer address may make, after its burst (0: no limit); while over it, every agent call from that address gets RESOURCE_EXHAUSTED',
+      'failed agent token checks (missing or wrong token) per minute one peer address, and one node uuid, may cause after its burst (0: no limit); while over it, further failed checks from that address or for that node get RESOURCE_EXHAUSTED (calls with a valid token still go through)',
     defaultValue: '120',
     parse: integer({ min: 0, max: 10_000_000 }),
   },
   agentAuthFailureBurst: {
     flag: 'agent-auth-failure-burst',
-    description: 'failed agent token checks one peer address may cause at once before --agent-auth-failure-limit applies',
+    description:
+      'failed agent token checks one peer address (or one node uuid) may cause at once before --agent-auth-failure-limit applies',
     defaultValue: '1000',
+    parse: integer({ min: 1, max: 10_000_000 }),
+  },
+  operatorAuthFailureLimit: {
+    flag: 'operator-auth-failure-limit',
+    description:
+      'failed operator authentications (missing or wrong token) per minute one client (an IPv4 address, an IPv6 /64) may cause after its burst (0: no limit); while over it, further failures get RESOURCE_EXHAUSTED with a retry hint (valid tokens still go through)',
+    defaultValue: '30',
+    parse: integer({ min: 0, max: 10_000_000 }),
+  },
+  operatorAuthFailureBurst: {
+    flag: 'operator-auth-failure-burst',
+    description: 'failed operator authentications one client may cause at once before --operator-auth-failure-limit applies',
+    defaultValue: '20',
     parse: integer({ min: 1, max: 10_000_000 }),
   },
   agentCallTimeout: durationSpec('agent-call-timeout', 'deadline of each unary call the controller makes to an agent', '30s', 100),

@@ -48,6 +48,7 @@ import { createControllerMetrics, grpcServerMetricsMiddleware } from './observab
 import { Provisioner } from './provisioning/provisioner.js';
 import { agentGatewayRateLimits, PeerLimit } from './auth/rate-limit.js';
 import { createAgentGatewayService } from './services/agent-gateway.js';
+import { withAuthenticatedAgent } from './services/agent-auth.js';
 import { SHUTTING_DOWN } from './services/heartbeat.js';
 import { createImageService } from './services/image-service.js';
 import { createNodeService } from './services/node-service.js';
@@ -284,12 +285,19 @@ export async function startController(
     timeoutMs: config.heartbeatTimeout,
   };
 
+  const rateLimitLog = logger.child({ component: 'rate-limit' });
   const operatorAuth = await setUpOperatorAuth(
     store,
     { mode: config.operatorAuth, dataDir: config.dataDir, listen: config.listen },
     logger.child({ component: 'operator-auth' }),
     // Operator mTLS (--tls-client-ca): a verified client certificate's OU gives its role.
     clientCertificateRole,
+    new PeerLimit(
+      'operator_auth',
+      { perMinute: config.operatorAuthFailureLimit, burst: config.operatorAuthFailureBurst },
+      metrics,
+      rateLimitLog,
+    ),
   );
   const imageServer = createImageServer({
     store,
@@ -301,21 +309,21 @@ export async function startController(
     readTimeoutMs: config.imageReadTimeout,
   });
   const health = HealthState();
-  const rateLimitLog = logger.child({ component: 'rate-limit' });
+  const agentAuthLog = logger.child({ component: 'agent-gateway' });
+  const agentAuthLimit = { perMinute: config.agentAuthFailureLimit, burst: config.agentAuthFailureBurst };
   // The interceptor hands a verified client certificate to the operator middleware (and strips forged ones).
   const server = createServer({ ...serverChannelOptions(keepalive), interceptors: [clientCertificateInterceptor] })
     .use(grpcServerMetricsMiddleware(registry))
     .use(errorMappingMiddleware(logger.child({ component: 'grpc' })))
     .use(
-      agentGatewayRateLimits({
-        lookup: new PeerLimit('lookup', { perMinute: config.lookupRateLimit, burst: config.lookupBurst }, metrics, rateLimitLog),
-        agentAuth: new PeerLimit(
-          'agent_auth',
-          { perMinute: config.agentAuthFailureLimit, burst: config.agentAuthFailureBurst },
-          metrics,
-          rateLimitLog,
-        ),
-      }),
+      agentGatewayRateLimits(
+        {
+          lookup: new PeerLimit('lookup', { perMinute: config.lookupRateLimit, burst: config.lookupBurst }, metrics, rateLimitLog),
+          agentAuth: new PeerLimit('agent_auth', agentAuthLimit, metrics, rateLimitLog),
+          agentAuthByNode: new PeerLimit('agent_auth_node', agentAuthLimit, metrics, rateLimitLog),
+        },
+        (context) => withAuthenticatedAgent(context, store, agentAuthLog),
+      ),
     )
     .use(rejectUndecodableRequests());
   server.add(

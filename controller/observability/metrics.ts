@@ -1,4 +1,5 @@
 import { Counter, Gauge, Histogram, type Registry, collectDefaultMetrics } from 'prom-client';
+import { RATE_LIMIT_KINDS } from '../auth/rate-limit.js';
 import { labelNames, labelNamesWithCode, prometheusServerMiddleware } from 'nice-grpc-prometheus';
 import type { ServerMiddleware } from 'nice-grpc';
 import { WAIT_STATES } from '../provisioning/states.js';
@@ -123,7 +124,7 @@ export function createControllerMetrics(
     }),
     rateLimited: new Counter({
       name: 'metalcast_rate_limited_total',
-      help: 'Agent gateway calls refused RESOURCE_EXHAUSTED by a per-peer limit, by kind (lookup: --lookup-rate-limit; agent_auth: --agent-auth-failure-limit).',
+      help: 'Calls refused RESOURCE_EXHAUSTED by a per-client limit, by kind (lookup: --lookup-rate-limit; agent_auth: --agent-auth-failure-limit per address; agent_auth_node: the same per node uuid; operator_auth: --operator-auth-failure-limit per address or IPv6 /64).',
       labelNames: ['kind'],
       registers: [registry],
     }),
@@ -156,7 +157,7 @@ export function createControllerMetrics(
   for (const state of WAIT_STATES) metrics.heartbeatTimeouts.inc({ provision_state: state }, 0);
   metrics.sweepRuns.inc({ result: 'error' }, 0);
   metrics.lockWait.zero({ kind: 'patient' });
-  for (const kind of ['lookup', 'agent_auth']) metrics.rateLimited.inc({ kind }, 0);
+  for (const kind of RATE_LIMIT_KINDS) metrics.rateLimited.inc({ kind }, 0);
   for (const result of ['on', 'off', 'failed']) metrics.powerSyncChecks.inc({ result }, 0);
   for (const state of ['on', 'off']) metrics.powerStateChanges.inc({ power_state: state }, 0);
   return metrics;

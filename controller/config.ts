@@ -357,6 +357,12 @@ export const CONTROLLER_OPTIONS = {
   },
   agentCallTimeout: durationSpec('agent-call-timeout', 'deadline of each unary call the controller makes to an agent', '30s', 100),
   shutdownTimeout: durationSpec('shutdown-timeout', 'on SIGTERM, how long to wait for calls to finish', '10s', 0),
+  shutdownDeadline: durationSpec(
+    'shutdown-deadline',
+    'on SIGTERM, the longest the whole stop may take (calls, heartbeat flush, leaving the cluster, closing the database); what is still running then is abandoned and the process exits with code 1. A second SIGTERM exits at once',
+    '30s',
+    1000,
+  ),
   operatorAuth: {
     flag: 'operator-auth',
     description:
@@ -445,6 +451,11 @@ export function loadControllerConfig(flags: Record<string, unknown>, env: Record
   if (raw.controllerDeadAfter < 3 * raw.controllerTouchInterval) {
     problems.push(
       `--controller-dead-after (${raw.controllerDeadAfter}ms) must be at least 3 x --controller-touch-interval (${raw.controllerTouchInterval}ms), or a live controller could be taken for dead between two touches`,
+    );
+  }
+  if (raw.shutdownDeadline <= raw.shutdownTimeout) {
+    problems.push(
+      `--shutdown-deadline (${raw.shutdownDeadline}ms) must be longer than --shutdown-timeout (${raw.shutdownTimeout}ms): the calls are only the first part of stopping`,
     );
   }
   if (problems.length > 0) {

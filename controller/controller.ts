@@ -59,6 +59,7 @@ import { loadAgentCa } from './tls/agent-ca.js';
 import { SqliteStore } from './store/sqlite.js';
 import type { Store } from './store/store.js';
 import { Sweep } from './provisioning/sweep.js';
+import { BoundedShutdown, CANCELLED_CALLS_GRACE_MS } from './shutdown/bounded-shutdown.js';
 import { MetalcastError } from '../common/errors.js';
 import { Status } from 'nice-grpc-common';
 
@@ -80,7 +81,12 @@ export interface RunningController {
   recorder: HeartbeatRecorder;
   membership: Membership;
   powerSync: PowerSync;
-  /** Stops accepting, ends heartbeat streams, flushes heartbeats, closes the store. Idempotent. */
+  /**
+   * Stops accepting, ends heartbeat streams, flushes heartbeats, closes the
+   * store. Idempotent. Every phase is bounded, and the whole by
+   * --shutdown-deadline: rejects (after the deadline at the latest) naming
+   * the phases that did not finish.
+   */
   stop(): Promise<void>;
 }
 
@@ -429,32 +435,43 @@ export async function startController(
   const stop = () => {
     stopping ??= (async () => {
       logger.info('controller stopping');
+      const shutdown = new BoundedShutdown(config.shutdownDeadline, logger);
       health.setStatus('unhealthy');
       // Heartbeat streams never end by themselves; end them so that shutdown is not held open.
       sessions.revokeAll(SHUTTING_DOWN);
       imageServer.stop();
       images.stopTransfers(); // DownloadImage streams end at their next chunk too; the replicator stops in images.stop()
-      const shutdownTimer = setTimeout(() => {
-        logger.warn({ timeoutMs: config.shutdownTimeout }, 'calls did not finish in time; cancelling them');
-        server.forceShutdown();
-      }, config.shutdownTimeout);
-      await server.shutdown();
-      clearTimeout(shutdownTimer);
-      await images.stop();
-      await conductor.stop();
-      await powerSync.stop();
+      await shutdown.phase(
+        'calls',
+        async () => {
+          const shutdownTimer = setTimeout(() => {
+            logger.warn({ timeoutMs: config.shutdownTimeout }, 'calls did not finish in time; cancelling them');
+            server.forceShutdown();
+          }, config.shutdownTimeout);
+          try {
+            await server.shutdown();
+          } finally {
+            clearTimeout(shutdownTimer);
+          }
+        },
+        // The calls' own time, then a little for cancelled ones to go; a connection that never closes is left to exit.
+        config.shutdownTimeout + CANCELLED_CALLS_GRACE_MS,
+      );
+      await shutdown.phase('image transfers and imports', () => images.stop());
+      await shutdown.phase('conductor', () => conductor.stop());
+      await shutdown.phase('power sync', () => powerSync.stop());
       agentClients.closeAll();
-      await sweep.stop();
-      await recorder.stop();
+      await shutdown.phase('sweep', () => sweep.stop());
+      await shutdown.phase('heartbeat flush', () => recorder.stop());
       // Leaving the ring last: the others take this controller's share at once.
-      await membership.stop();
+      await shutdown.phase('leaving the cluster', () => membership.stop());
       stopRelay();
       locks.close();
-      await http?.close();
-      await redfish.close();
+      await shutdown.phase('HTTP server', () => http?.close());
+      await shutdown.phase('BMC connections', () => redfish.close());
       transport.close();
-      await store.close();
-      logger.info('controller stopped');
+      await shutdown.phase('database', () => store.close());
+      shutdown.finish();
     })();
     return stopping;
   };

@@ -4,7 +4,7 @@ import { NODE_UUID_KEY } from '../../common/agent-metadata.js';
 import { MetalcastError, resourceExhausted } from '../../common/errors.js';
 import { UUID_PATTERN } from '../../common/input.js';
 import type { Logger } from '../../common/logging.js';
-import type { ControllerMetrics } from '../observability/metrics.js';
+import type { ControllerMetrics, RATE_LIMIT_KINDS } from '../observability/metrics.js';
 
 /**
  * Per-client limits on what a stranger can try for free: lookups (guessing
@@ -153,10 +153,7 @@ function expandIpv6(address: string): string[] | undefined {
   return groups.map((group) => Number.parseInt(group, 16).toString(16));
 }
 
-export type RateLimitKind = 'lookup' | 'agent_auth' | 'agent_auth_node' | 'operator_auth';
-
-/** Every kind, so that each series exists from the start. */
-export const RATE_LIMIT_KINDS: readonly RateLimitKind[] = ['lookup', 'agent_auth', 'agent_auth_node', 'operator_auth'];
+export type RateLimitKind = (typeof RATE_LIMIT_KINDS)[number];
 
 const WHAT: Record<RateLimitKind, string> = {
   lookup: 'lookups',

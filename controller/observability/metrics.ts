@@ -1,9 +1,11 @@
 import { Counter, Gauge, Histogram, type Registry, collectDefaultMetrics } from 'prom-client';
-import { RATE_LIMIT_KINDS } from '../auth/rate-limit.js';
 import { labelNames, labelNamesWithCode, prometheusServerMiddleware } from 'nice-grpc-prometheus';
 import type { ServerMiddleware } from 'nice-grpc';
 import { WAIT_STATES } from '../provisioning/states.js';
 import type { Store } from '../store/store.js';
+
+/** The kinds of metalcast_rate_limited_total (controller/auth/rate-limit.ts), so that each series exists from the start. */
+export const RATE_LIMIT_KINDS = ['lookup', 'agent_auth', 'agent_auth_node', 'operator_auth'] as const;
 
 /**
  * The controller's metrics, all in the one registry passed in, so that

@@ -617,10 +617,12 @@ export class PostgresStore implements Store {
       }
       // Every lock let go leaves a trace, so that a node's history shows where one controller's work ended.
       await client.query(
-        `INSERT INTO node_events (node_uuid, time, kind, message, actor, from_state, to_state)
+        // Locked first, as insertEvent does: the events of a node get their ids in commit order.
+        `WITH held AS (SELECT uuid, name, reservation_operation FROM nodes WHERE reservation = $1 ORDER BY name FOR UPDATE)
+         INSERT INTO node_events (node_uuid, time, kind, message, actor, from_state, to_state)
          SELECT uuid, $2, 'lock_released', format('lock of %s for %s released: %s', $1::text, COALESCE(reservation_operation, 'an operation'), $3::text),
            'takeover', NULL, NULL
-         FROM nodes WHERE reservation = $1 ORDER BY name`,
+         FROM held ORDER BY name`,
         [holder, now, reason],
       );
       const released = await client.query('UPDATE nodes SET reservation = NULL, reservation_operation = NULL WHERE reservation = $1', [
@@ -1236,9 +1238,21 @@ async function assertMacsFree(db: Queryable, macs: readonly string[]): Promise<v
   if (mac !== undefined) throw new MetalcastError(Status.ALREADY_EXISTS, `MAC address ${mac} already belongs to node '${owners.get(mac)}'`);
 }
 
+/**
+ * Appends one event of a node. Ids come from an identity column, assigned
+ * at insert and visible at commit, and ListNodeEvents pages by `id >
+ * afterId`: were two transactions to write events of one node at once, the
+ * later id could commit first and a reader between the two commits would
+ * page past the earlier one for good. So every event insert locks its
+ * node's row first (FOR UPDATE, held to commit; most callers hold it
+ * already, from the UPDATE of the node), and the events of one node get
+ * their ids in commit order. Listings are per node, so that is enough.
+ */
 async function insertEvent(db: Queryable, uuid: string, event: NewNodeEvent, time: EpochMs): Promise<void> {
   await db.query(
-    'INSERT INTO node_events (node_uuid, time, kind, message, actor, from_state, to_state) VALUES ($1, $2, $3, $4, $5, $6, $7)',
+    `WITH node AS (SELECT uuid FROM nodes WHERE uuid = $1 FOR UPDATE)
+     INSERT INTO node_events (node_uuid, time, kind, message, actor, from_state, to_state)
+     SELECT node.uuid, $2, $3, $4, $5, $6, $7 FROM node`,
     [uuid, time, event.kind, event.message, event.actor, event.fromState, event.toState],
   );
 }

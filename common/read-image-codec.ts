@@ -1,5 +1,6 @@
 import { BinaryReader } from '@bufbuild/protobuf/wire';
 import { AgentGatewayServiceDefinition, ReadImageResponse } from '../gen/metalcast/v1/agent_gateway.js';
+import { registerInPlaceFramer, writeGrpcFrameHeader } from './grpc-wire.js';
 
 /**
  * A faster wire codec for ReadImage chunks, the one message whose size
@@ -14,10 +15,16 @@ import { AgentGatewayServiceDefinition, ReadImageResponse } from '../gen/metalca
  * agent keeps `data` as a view into the received message. Bytes on the wire
  * are the same protobuf as the generated code's, so either side may use the
  * generated codec.
+ *
+ * On the controller the chunk is not even handed to the serializer: the
+ * framer registered with common/grpc-wire.ts also writes gRPC's 5-byte frame
+ * header into the room, so grpc-js sends the buffer the chunk was read into
+ * (before, nice-grpc's Buffer.from and grpc-js's frame header each copied it).
  */
 
-/** Bytes of room before each chunk: tags and varints of offset, length and the data length. */
+/** Bytes of room before each chunk: gRPC's 5-byte frame header, then tags and varints of offset, length and the data length (at most 23). */
 const HEADER_ROOM = 32;
+const GRPC_FRAME_HEADER = 5;
 const framable = new WeakSet<Uint8Array>();
 
 /** A buffer for `length` bytes of chunk data that the encoder can frame in place. */
@@ -46,17 +53,25 @@ function writeVarint(target: Buffer, at: number, value: number): number {
   return at;
 }
 
-/** Field order and tags as in agent_gateway.proto: offset = 1, data = 2, length = 3 (zero = 4 is never set with data). */
-function encodeInPlace(message: ReadImageResponse): Uint8Array {
+/**
+ * Field order and tags as in agent_gateway.proto: offset = 1, data = 2, length = 3 (zero = 4 is never set with data).
+ * With `grpcFrame`, the result starts with gRPC's frame header (what grpc-js writes to the HTTP/2 stream).
+ */
+function encodeInPlace(message: ReadImageResponse, grpcFrame: boolean): Buffer {
   const data = message.data as Buffer;
   const headerLength =
     (message.offset !== 0 ? 1 + varintLength(message.offset) : 0) +
     (message.length !== 0 ? 1 + varintLength(message.length) : 0) +
     1 +
     varintLength(data.byteLength);
-  const start = data.byteOffset - headerLength;
-  const framed = Buffer.from(data.buffer, start, headerLength + data.byteLength);
+  const prefix = grpcFrame ? GRPC_FRAME_HEADER : 0;
+  const start = data.byteOffset - headerLength - prefix;
+  const framed = Buffer.from(data.buffer, start, prefix + headerLength + data.byteLength);
   let at = 0;
+  if (grpcFrame) {
+    writeGrpcFrameHeader(framed, 0, headerLength + data.byteLength);
+    at = GRPC_FRAME_HEADER;
+  }
   if (message.offset !== 0) {
     framed[at++] = 0x08;
     at = writeVarint(framed, at, message.offset);
@@ -70,12 +85,23 @@ function encodeInPlace(message: ReadImageResponse): Uint8Array {
   return framed;
 }
 
+function isFramable(message: ReadImageResponse): boolean {
+  return !message.zero && message.data.byteLength > 0 && framable.has(message.data);
+}
+
+// Only a ReadImageResponse carries an allocChunk buffer as `data`, so the marker identifies the message type.
+registerInPlaceFramer((value) => {
+  const message = value as ReadImageResponse | undefined;
+  if (typeof message !== 'object' || message === null || !(message.data instanceof Uint8Array) || !isFramable(message)) return undefined;
+  return encodeInPlace(message, true);
+});
+
 const fastResponseType: typeof ReadImageResponse = {
   ...ReadImageResponse,
   encode(message, writer) {
-    if (writer === undefined && !message.zero && message.data.byteLength > 0 && framable.has(message.data)) {
-      const framed = encodeInPlace(message);
-      return { finish: () => framed } as ReturnType<typeof ReadImageResponse.encode>;
+    if (writer === undefined && isFramable(message)) {
+      const framed = encodeInPlace(message, false);
+      return { finish: () => framed } as unknown as ReturnType<typeof ReadImageResponse.encode>;
     }
     return ReadImageResponse.encode(message, writer);
   },

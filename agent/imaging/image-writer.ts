@@ -4,6 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ClientError, Status } from 'nice-grpc';
 import type { Logger } from '../../common/logging.js';
 import type { CommandProgress, WriteImageResult } from '../../gen/metalcast/v1/command.js';
+import { chunkParts } from '../../common/read-image-codec.js';
 import type { ImageSource } from './image-source.js';
 import { describeError as describe } from '../../common/errors.js';
 
@@ -134,8 +135,10 @@ export async function writeImage(
             hash.update(zeros.subarray(0, length));
             if (!options.diskIsZeroed) inflight = writeFully(device, zeros.subarray(0, length), offset);
           } else {
-            hash.update(chunk.data);
-            inflight = writeFully(device, chunk.data, offset);
+            // The chunk as received (common/grpc-wire.ts): hashed and written without joining it into one buffer.
+            const parts = chunkParts(chunk);
+            for (const part of parts) hash.update(part);
+            inflight = writeAllAt(device, parts, offset);
           }
           offset += length;
           rate.add(length);
@@ -224,6 +227,21 @@ async function writeFully(file: FileHandle, data: Uint8Array, position: number):
   while (written < data.byteLength) {
     const { bytesWritten } = await file.write(data, written, data.byteLength - written, position + written);
     written += bytesWritten;
+  }
+}
+
+/** Writes every part, in order, from `position`: one writev per call, continuing after a short write. */
+async function writeAllAt(file: FileHandle, parts: readonly Buffer[], position: number): Promise<void> {
+  let list = parts;
+  let at = position;
+  while (list.length > 0) {
+    const { bytesWritten } = await file.writev(list as Buffer[], at);
+    at += bytesWritten;
+    let skip = bytesWritten;
+    let first = 0;
+    while (first < list.length && skip >= list[first]!.length) skip -= list[first++]!.length;
+    list = list.slice(first);
+    if (skip > 0) list = [list[0]!.subarray(skip), ...list.slice(1)];
   }
 }
 

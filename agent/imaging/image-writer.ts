@@ -126,7 +126,9 @@ export async function writeImage(
         armStallTimer();
         for await (const chunk of source.read(target.image, offset, call.signal)) {
           armStallTimer();
-          const length = chunk.zero ? chunk.length : chunk.data.length;
+          // chunkParts, not chunk.data: reading `data` of a chunk received in parts joins them (a copy).
+          const parts = chunk.zero ? [] : chunkParts(chunk);
+          const length = chunk.zero ? chunk.length : parts.reduce((sum, part) => sum + part.length, 0);
           if (chunk.offset !== offset || length === 0 || offset + length > size || (chunk.zero && length > zeros.length)) {
             throw new Error(`the controller sent a chunk at ${chunk.offset} of ${length} bytes where ${offset} was expected`);
           }
@@ -136,9 +138,8 @@ export async function writeImage(
             if (!options.diskIsZeroed) inflight = writeFully(device, zeros.subarray(0, length), offset);
           } else {
             // The chunk as received (common/grpc-wire.ts): hashed and written without joining it into one buffer.
-            const parts = chunkParts(chunk);
             for (const part of parts) hash.update(part);
-            inflight = writeAllAt(device, parts, offset);
+            inflight = parts.length === 1 ? writeFully(device, parts[0]!, offset) : writeAllAt(device, parts, offset);
           }
           offset += length;
           rate.add(length);

@@ -120,8 +120,9 @@ export async function writeImage(
         clearTimeout(stallTimer);
         stallTimer = setTimeout(() => call.abort(new StallError(`no data for ${options.stallTimeoutMs / 1000}s`)), options.stallTimeoutMs);
       };
-      // One write in flight while the next chunk is received; a write error surfaces at the next await.
-      let inflight: Promise<void> = Promise.resolve();
+      // Up to WRITES_IN_FLIGHT writes queued while the next chunks are received and hashed, so that one slow
+      // write does not stop the stream (memory: that many chunks); a write error surfaces at the next await.
+      const writes = new WriteQueue(WRITES_IN_FLIGHT);
       try {
         armStallTimer();
         for await (const chunk of source.read(target.image, offset, call.signal)) {
@@ -132,14 +133,14 @@ export async function writeImage(
           if (chunk.offset !== offset || length === 0 || offset + length > size || (chunk.zero && length > zeros.length)) {
             throw new Error(`the controller sent a chunk at ${chunk.offset} of ${length} bytes where ${offset} was expected`);
           }
-          await inflight;
+          await writes.room();
           if (chunk.zero) {
             hash.update(zeros.subarray(0, length));
-            if (!options.diskIsZeroed) inflight = writeFully(device, zeros.subarray(0, length), offset);
+            if (!options.diskIsZeroed) writes.add(writeFully(device, zeros.subarray(0, length), offset));
           } else {
             // The chunk as received (common/grpc-wire.ts): hashed and written without joining it into one buffer.
             for (const part of parts) hash.update(part);
-            inflight = parts.length === 1 ? writeFully(device, parts[0]!, offset) : writeAllAt(device, parts, offset);
+            writes.add(parts.length === 1 ? writeFully(device, parts[0]!, offset) : writeAllAt(device, parts, offset));
           }
           offset += length;
           rate.add(length);
@@ -152,12 +153,12 @@ export async function writeImage(
             resumes,
           });
         }
-        await inflight;
+        await writes.all();
         if (offset < size) throw new Error(`the controller ended the stream at ${offset} of ${size} bytes`);
       } catch (error) {
         // A write still in flight when the stream broke may have failed too: its bytes are already
         // counted in offset, so resuming past them would leave a hole that the hash cannot see.
-        const writeError = await inflight.then(
+        const writeError = await writes.all().then(
           () => undefined,
           (failure: unknown) => failure,
         );
@@ -228,6 +229,42 @@ async function writeFully(file: FileHandle, data: Uint8Array, position: number):
   while (written < data.byteLength) {
     const { bytesWritten } = await file.write(data, written, data.byteLength - written, position + written);
     written += bytesWritten;
+  }
+}
+
+/** Disk writes of one write_image attempt may run this many at once (each pins its chunk). */
+const WRITES_IN_FLIGHT = 4;
+
+/** Positional writes in flight, at most `limit`; every failure is kept for all(), never left unhandled. */
+class WriteQueue {
+  private readonly pending = new Set<Promise<void>>();
+  private failure: { error: unknown } | undefined;
+
+  constructor(private readonly limit: number) {}
+
+  add(write: Promise<void>): void {
+    const tracked = write.then(
+      () => {
+        this.pending.delete(tracked);
+      },
+      (error: unknown) => {
+        this.pending.delete(tracked);
+        this.failure ??= { error };
+      },
+    );
+    this.pending.add(tracked);
+  }
+
+  /** Waits until another write may start; throws the first write error. */
+  async room(): Promise<void> {
+    while (this.pending.size >= this.limit) await Promise.race(this.pending);
+    if (this.failure) throw this.failure.error;
+  }
+
+  /** Waits for every write; throws the first write error. */
+  async all(): Promise<void> {
+    await Promise.all(this.pending);
+    if (this.failure) throw this.failure.error;
   }
 }
 

@@ -50,6 +50,7 @@ import { agentGatewayRateLimits, PeerLimit } from './auth/rate-limit.js';
 import { createAgentGatewayService } from './services/agent-gateway.js';
 import { SHUTTING_DOWN } from './services/heartbeat.js';
 import { createImageService } from './services/image-service.js';
+import { ImageManifests } from './images/manifest/manifests.js';
 import { createNodeService } from './services/node-service.js';
 import { setUpOperatorAuth } from './auth/operator-auth.js';
 import { clientCertificateInterceptor, clientCertificateRole } from './auth/operator-tls.js';
@@ -299,6 +300,7 @@ export async function startController(
     chunkSize: config.imageChunkSize,
     maxTransfers: config.maxImageTransfers,
     readTimeoutMs: config.imageReadTimeout,
+    manifests: new ImageManifests(store, imageFiles, config.imageManifestChunkSize, logger.child({ component: 'image-manifests' })),
   });
   const health = HealthState();
   const rateLimitLog = logger.child({ component: 'rate-limit' });

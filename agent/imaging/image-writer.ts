@@ -213,7 +213,17 @@ export async function writeImage(
         throw new Error(`read-back verification failed: ${target.devicePath} hashes to ${readBack}, the image to ${digest}`);
     }
     logger.info({ size, resumes, seconds: (Date.now() - started) / 1000 }, 'image written and verified');
-    return { devicePath: target.devicePath, writtenBytes: size, sha256: digest, resumes, bytesReceivedTwice: 0 };
+    return {
+      devicePath: target.devicePath,
+      writtenBytes: size,
+      sha256: digest,
+      resumes,
+      bytesReceivedTwice: 0,
+      chunksSkipped: 0,
+      chunksFetched: 0,
+      chunksRefetched: 0,
+      bytesSkipped: 0,
+    };
   } finally {
     await device.close();
   }

@@ -306,7 +306,15 @@ describe('the image writer, in process', () => {
     const content = randomBytes(2 * CHUNK_BYTES);
     const reads: number[] = [];
     const source: ImageSource = {
-      stat: async (image) => ({ image, sizeBytes: content.length, sha256: sha256(content), chunkSizeBytes: CHUNK_BYTES }),
+      stat: async (image) => ({
+        image,
+        sizeBytes: content.length,
+        sha256: sha256(content),
+        chunkSizeBytes: CHUNK_BYTES,
+        manifestChunkSizeBytes: 0,
+        manifestChunkCount: 0,
+        manifestRootSha256: '',
+      }),
       async *read(_image, offset) {
         reads.push(offset);
         for (let at = offset; at < content.length; at += CHUNK_BYTES) {

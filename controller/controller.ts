@@ -262,6 +262,10 @@ export async function startController(
       dueScanIntervalMs: Math.min(config.sweepInterval, config.controllerTouchInterval),
       freshnessMs,
       power,
+      onImageWritten: (written) => {
+        metrics.imageBytesSkipped.inc(written.bytesSkipped);
+        metrics.imageChunksRefetched.inc(written.chunksRefetched);
+      },
     },
     logger.child({ component: 'conductor' }),
   );

@@ -4,6 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ClientError, Status } from 'nice-grpc';
 import type { Logger } from '../../common/logging.js';
 import type { CommandProgress, WriteImageResult } from '../../gen/metalcast/v1/command.js';
+import { writeImageByChunks } from './chunked-writer.js';
 import type { ImageSource } from './image-source.js';
 import { describeError as describe } from '../../common/errors.js';
 
@@ -48,7 +49,7 @@ export const DEFAULT_WRITE_OPTIONS: WriteImageOptions = {
 };
 
 /** Answers that no retry can fix: the image is gone or not ours to read. */
-const FATAL_CODES = new Set([
+export const FATAL_CODES = new Set([
   Status.NOT_FOUND,
   Status.PERMISSION_DENIED,
   Status.INVALID_ARGUMENT,
@@ -56,7 +57,7 @@ const FATAL_CODES = new Set([
   Status.DATA_LOSS,
 ]);
 
-class StallError extends Error {
+export class StallError extends Error {
   override name = 'StallError';
 }
 
@@ -97,6 +98,11 @@ export async function writeImage(
       ? 'writing image; all-zero chunks are skipped because the disk was erased to zeros'
       : 'writing image; all-zero chunks are written as zeros because the disk may hold old data',
   );
+
+  if (stat.manifestChunkCount > 0 && source.manifest) {
+    // Chunk by chunk against the manifest: verified on arrival, only what the disk lacks is fetched.
+    return writeImageByChunks(source, target, options, report, signal, logger, stat);
+  }
 
   const device = await open(target.devicePath, 'r+');
   const hash = createHash('sha256');
@@ -229,7 +235,7 @@ export async function writeImage(
   }
 }
 
-async function writeFully(file: FileHandle, data: Uint8Array, position: number): Promise<void> {
+export async function writeFully(file: FileHandle, data: Uint8Array, position: number): Promise<void> {
   let written = 0;
   while (written < data.byteLength) {
     const { bytesWritten } = await file.write(data, written, data.byteLength - written, position + written);
@@ -237,7 +243,7 @@ async function writeFully(file: FileHandle, data: Uint8Array, position: number):
   }
 }
 
-async function hashRange(file: FileHandle, size: number, onProgress: (done: number) => void): Promise<string> {
+export async function hashRange(file: FileHandle, size: number, onProgress: (done: number) => void): Promise<string> {
   const hash = createHash('sha256');
   const buffer = Buffer.allocUnsafe(4 * MIB);
   let done = 0;
@@ -251,7 +257,7 @@ async function hashRange(file: FileHandle, size: number, onProgress: (done: numb
   return hash.digest('hex');
 }
 
-async function withRetries<T>(
+export async function withRetries<T>(
   fn: () => Promise<T>,
   source: ImageSource,
   options: WriteImageOptions,
@@ -276,12 +282,12 @@ async function withRetries<T>(
   }
 }
 
-function isDiskError(error: unknown): boolean {
+export function isDiskError(error: unknown): boolean {
   return typeof (error as NodeJS.ErrnoException)?.code === 'string' && typeof (error as NodeJS.ErrnoException).syscall === 'string';
 }
 
 /** Bytes per second over the last few seconds, for progress and ETA. */
-class RateMeter {
+export class RateMeter {
   private readonly samples: { at: number; bytes: number }[] = [];
 
   add(bytes: number): void {

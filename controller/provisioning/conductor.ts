@@ -2,7 +2,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ClientError, Status } from 'nice-grpc';
 import { pickDisk } from '../../common/disk-hints.js';
 import type { Logger } from '../../common/logging.js';
-import { type Command, CommandState, EraseMode } from '../../gen/metalcast/v1/command.js';
+import { type Command, CommandState, EraseMode, type WriteImageResult } from '../../gen/metalcast/v1/command.js';
 import { Inventory } from '../../gen/metalcast/v1/inventory.js';
 import type { AgentClients, AgentHandle } from '../agents/agent-client.js';
 import type { AgentDirectory } from '../agents/agent-directory.js';
@@ -50,6 +50,8 @@ export interface ConductorOptions {
   freshnessMs: number;
   /** Power drivers by name (default: the built-in ones); a node with power.driver is rebooted into its disk and powered off through it. */
   power?: PowerDrivers;
+  /** Told of every image written (the metrics count the bytes delta re-imaging saved). */
+  onImageWritten?: (result: WriteImageResult) => void;
 }
 
 /** Which nodes this controller drives (the ring, controller/cluster/membership.ts). */
@@ -336,6 +338,11 @@ export class Conductor {
       return;
     }
     const written = final.result?.result?.$case === 'writeImage' ? final.result.result.value : undefined;
+    if (written) this.options.onImageWritten?.(written);
+    const chunkNote =
+      written && written.chunksSkipped + written.chunksFetched > 0
+        ? `, chunks: ${written.chunksSkipped} already on the disk, ${written.chunksFetched} fetched, ${written.chunksRefetched} fetched again`
+        : '';
     let configDriveNote = '';
     if (spec.configDrive) {
       log.info({ device: devicePath, configDrive: spec.configDrive.sha256 }, 'deploying: sending write_config_drive');
@@ -401,7 +408,7 @@ export class Conductor {
       'active',
       null,
       this.options.holder,
-      `deployed ${image.name} to ${devicePath}: ${written?.writtenBytes ?? image.sizeBytes} bytes, sha256 ${image.sha256.slice(0, 12)}…, ${written?.resumes ?? 0} resumes${configDriveNote}; final power: ${this.options.finalPower}`,
+      `deployed ${image.name} to ${devicePath}: ${written?.writtenBytes ?? image.sizeBytes} bytes, sha256 ${image.sha256.slice(0, 12)}…, ${written?.resumes ?? 0} resumes${chunkNote}${configDriveNote}; final power: ${this.options.finalPower}`,
       '',
     );
     log.info({ image: image.name, device: devicePath, resumes: written?.resumes }, 'deploy finished');

@@ -72,6 +72,8 @@ export interface RunningController {
   httpAddress: string;
   store: Store;
   imageFiles: ImageFiles;
+  /** Chunk manifests of the images (built at upload and import, or lazily for older images). */
+  manifests: ImageManifests;
   registry: Registry;
   sessions: AgentSessions;
   locks: NodeLocks;
@@ -296,6 +298,7 @@ export async function startController(
     // Operator mTLS (--tls-client-ca): a verified client certificate's OU gives its role.
     clientCertificateRole,
   );
+  const manifests = new ImageManifests(store, imageFiles, config.imageManifestChunkSize, logger.child({ component: 'image-manifests' }));
   const imageServer = createImageServer({
     store,
     files: imageFiles,
@@ -304,7 +307,7 @@ export async function startController(
     chunkSize: config.imageChunkSize,
     maxTransfers: config.maxImageTransfers,
     readTimeoutMs: config.imageReadTimeout,
-    manifests: new ImageManifests(store, imageFiles, config.imageManifestChunkSize, logger.child({ component: 'image-manifests' })),
+    manifests,
   });
   const health = HealthState();
   const rateLimitLog = logger.child({ component: 'rate-limit' });
@@ -475,6 +478,7 @@ export async function startController(
     httpAddress: http.address,
     store,
     imageFiles,
+    manifests,
     registry,
     sessions,
     locks,

@@ -454,7 +454,7 @@ describe('image file faults on the controller', () => {
     return failed;
   }
 
-  it('a corrupted image file fails the deploy on the sha256 mismatch, and the node never becomes active', async (ctx) => {
+  it('a corrupted image file fails the deploy on the chunk that fails verification, and the node never becomes active', async (ctx) => {
     let blob = '';
     // Corrupt the stored blob after it was added and checked, before any agent reads it.
     const d = await h.startDeploy('bad', 504, {
@@ -465,7 +465,11 @@ describe('image file faults on the controller', () => {
         await file.close();
       },
     });
-    await assertFailedCleanly(d, /write_image failed: sha256 mismatch after writing \d+ bytes/);
+    // The corruption lies in the first manifest chunk (4 MiB): fetched three times, refused three times.
+    await assertFailedCleanly(
+      d,
+      /write_image failed: chunk 0 \(bytes 0-4194303\) failed verification 3 times: it hashes to [0-9a-f]{64}, the manifest says [0-9a-f]{64}/,
+    );
 
     // The agent wrote every byte it received, and refused them: the disk holds the corrupted blob, not the image.
     const disk = await readDiskStart(d.diskPath, d.image.size);
@@ -476,7 +480,7 @@ describe('image file faults on the controller', () => {
     ctx.diagnostic(
       `served ${now.served - d.before.served} bytes for a ${d.image.size}-byte image, ${now.resumes - d.before.resumes} resumes`,
     );
-    assert.equal(now.served - d.before.served, d.image.size, 'without faults nothing is served twice');
+    assert.equal(now.served - d.before.served, d.image.size + 2 * 4 * MIB, 'only the bad chunk is served again, twice');
     assert.equal(now.resumes - d.before.resumes, 0, 'without faults nothing is resumed');
   });
 

@@ -56,7 +56,13 @@ export class ImageManifests {
     const started = Date.now();
     const path = this.files.blobPath(image.sha256);
     if (!(await this.files.has(image.sha256))) {
-      throw unavailable(`the content of image '${image.name}' is not on this controller yet; retry, or read it from another controller`);
+      // As ReadImage answers (image-server.ts): lost here, or on its way from another controller.
+      if (!(await this.files.requestMissing(image.sha256))) {
+        throw dataLoss(`the content of image '${image.name}' is missing on this controller; upload or import it again`);
+      }
+      throw unavailable(
+        `image '${image.name}' is still being copied to this controller from another controller; retry in a few seconds, or read it from another controller`,
+      );
     }
     const release = this.files.hold(image.sha256);
     try {

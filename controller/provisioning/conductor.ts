@@ -493,14 +493,14 @@ export class Conductor {
       }
       // Poll until it ends, the agent goes, or it is time to try watching again.
       for (let polls = 0; polls < 15; polls++) {
-        await this.throwIfGone(node, 'the agent stopped heartbeating');
+        await this.throwIfGone(node, 'the agent stopped heartbeating', agent);
         try {
           const { command: current } = await agent.client.getCommand({ id: started.id }, { ...agent.auth, signal, deadline: 10_000 });
           if (current && current.state !== CommandState.COMMAND_STATE_RUNNING) return current;
           if (current?.progress) this.feed.publish({ node, progress: current.progress });
         } catch (error) {
           signal.throwIfAborted();
-          await this.rethrowIfGone(node, error);
+          await this.rethrowIfGone(node, error, agent);
         }
         await sleep(POLL_INTERVAL_MS, undefined, { signal });
       }
@@ -540,18 +540,27 @@ export class Conductor {
   }
 
   /** Transport failures with the agent's heartbeats gone mean "agent gone", not "step failed". */
-  private async rethrowIfGone(node: NodeRecord, error: unknown): Promise<void> {
+  private async rethrowIfGone(node: NodeRecord, error: unknown, agent?: AgentHandle): Promise<void> {
     if (this.stopping.signal.aborted) throw error;
     const transport =
       error instanceof ClientError &&
       [Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.CANCELLED, Status.UNAUTHENTICATED].includes(error.code);
-    if (transport) await this.throwIfGone(node, describe(error));
+    if (transport) await this.throwIfGone(node, describe(error), agent);
   }
 
-  /** AgentGone when no controller hears the node's agent any more. */
-  private async throwIfGone(node: NodeRecord, reason: string): Promise<void> {
+  /**
+   * AgentGone when no controller hears the node's agent any more, or when
+   * the agent heard is another process (restarted: a new token from a new
+   * lookup). Following the old one's command would wait forever; letting go
+   * gives the new agent the step again, and write_image resumes through its
+   * delta scan (docs/chunk-manifest.md).
+   */
+  private async throwIfGone(node: NodeRecord, reason: string, agent?: AgentHandle): Promise<void> {
     const current = await this.store.getNode(node.uuid);
     if (!current || !this.directory.isAlive(current)) throw new AgentGone(reason);
+    if (agent && current.agentApiToken !== null && current.agentApiToken !== node.agentApiToken) {
+      throw new AgentGone(`the agent restarted (${reason})`);
+    }
   }
 
   private async fail(

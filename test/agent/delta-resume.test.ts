@@ -114,7 +114,13 @@ describe('resuming a deploy at chunk granularity', () => {
     ctx.diagnostic(`agent killed with ${at} bytes written`);
     const again = spawnAgent({ controller: d.proxy.address, root: d.machine.root });
     agents.push(again);
-    const node = await waitFor(t, 'agent-kill', ProvisionState.PROVISION_STATE_ACTIVE, 120_000);
+    const node = await waitFor(t, 'agent-kill', ProvisionState.PROVISION_STATE_ACTIVE, 120_000).catch(async (error) => {
+      const { node: now } = await t.nodes.getNode({ node: 'agent-kill' });
+      const events = (await t.nodes.listNodeEvents({ node: 'agent-kill' })).events.map((e) => e.message);
+      throw new Error(
+        `${(error as Error).message}; node ${JSON.stringify(now?.progress)} ${now?.lastError}; events: ${events.join(' | ')}`,
+      );
+    });
     const sent = d.proxy.stats.bytesFromTarget - d.before;
     const twice = sent - IMAGE_BYTES;
     ctx.diagnostic(
@@ -123,7 +129,7 @@ describe('resuming a deploy at chunk granularity', () => {
     assert.ok(twice < IMAGE_BYTES / 10, `${twice} bytes travelled twice, 10 % of the image is ${IMAGE_BYTES / 10}`);
     assert.equal(sha256(await readDiskStart(d.disk, IMAGE_BYTES)), d.image.sha256, 'the disk holds the image');
     const events = (await t.nodes.listNodeEvents({ node: 'agent-kill' })).events;
-    const deployed = events.find((e) => /^deployed /.test(e.message))?.message ?? '';
+    const deployed = events.find((e) => /^deployed /.test(e.message))?.message ?? events.map((e) => e.message).join(' | ');
     ctx.diagnostic(deployed);
     const skipped = Number(/chunks: (\d+) already on the disk/.exec(deployed)?.[1]);
     assert.ok(skipped >= (at / MIB) * 0.9 - 1, `the restarted agent found ${skipped} chunks on the disk after ${at} bytes were written`);

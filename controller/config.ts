@@ -231,7 +231,7 @@ export const CONTROLLER_OPTIONS = {
     flag: 'image-manifest-chunk-size',
     description:
       'bytes per chunk of the chunk manifest built for each new image (64 KiB to 64 MiB); the unit the agent verifies, re-fetches and skips in delta re-imaging (docs/chunk-manifest.md)',
-    defaultValue: '4M',
+    defaultValue: '1M',
     parse: byteSize({ min: 64 * 1024, max: 64 * 1024 * 1024 }),
   },
   maxImageTransfers: {

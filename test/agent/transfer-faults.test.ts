@@ -465,10 +465,10 @@ describe('image file faults on the controller', () => {
         await file.close();
       },
     });
-    // The corruption lies in the first manifest chunk (4 MiB): fetched three times, refused three times.
+    // The corruption lies in manifest chunk 3 (1 MiB chunks): fetched three times, refused three times.
     await assertFailedCleanly(
       d,
-      /write_image failed: chunk 0 \(bytes 0-4194303\) failed verification 3 times: it hashes to [0-9a-f]{64}, the manifest says [0-9a-f]{64}/,
+      /write_image failed: chunk 3 \(bytes 3145728-4194303\) failed verification 3 times: it hashes to [0-9a-f]{64}, the manifest says [0-9a-f]{64}/,
     );
 
     // The agent wrote every byte it received, and refused them: the disk holds the corrupted blob, not the image.
@@ -480,7 +480,7 @@ describe('image file faults on the controller', () => {
     ctx.diagnostic(
       `served ${now.served - d.before.served} bytes for a ${d.image.size}-byte image, ${now.resumes - d.before.resumes} resumes`,
     );
-    assert.equal(now.served - d.before.served, d.image.size + 2 * 4 * MIB, 'only the bad chunk is served again, twice');
+    assert.equal(now.served - d.before.served, d.image.size + 2 * MIB, 'only the bad chunk is served again, twice');
     assert.equal(now.resumes - d.before.resumes, 0, 'without faults nothing is resumed');
   });
 

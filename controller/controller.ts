@@ -59,6 +59,7 @@ import { createAgentGatewayService } from './services/agent-gateway.js';
 import { withAuthenticatedAgent } from './services/agent-auth.js';
 import { SHUTTING_DOWN } from './services/heartbeat.js';
 import { createImageService } from './services/image-service.js';
+import { ImageManifests } from './images/manifest/manifests.js';
 import { createNodeService } from './services/node-service.js';
 import { setUpOperatorAuth } from './auth/operator-auth.js';
 import { clientCertificateInterceptor, clientCertificateRole } from './auth/operator-tls.js';
@@ -81,6 +82,8 @@ export interface RunningController {
   httpAddress: string;
   store: Store;
   imageFiles: ImageFiles;
+  /** Chunk manifests of the images (built at upload and import, or lazily for older images). */
+  manifests: ImageManifests;
   registry: Registry;
   sessions: AgentSessions;
   locks: NodeLocks;
@@ -276,6 +279,10 @@ export async function startController(
       dueScanIntervalMs: Math.min(config.sweepInterval, config.controllerTouchInterval),
       freshnessMs,
       power,
+      onImageWritten: (written) => {
+        metrics.imageBytesSkipped.inc(written.bytesSkipped);
+        metrics.imageChunksRefetched.inc(written.chunksRefetched);
+      },
     },
     logger.child({ component: 'conductor' }),
   );
@@ -313,6 +320,7 @@ export async function startController(
       rateLimitLog,
     ),
   );
+  const manifests = new ImageManifests(store, imageFiles, config.imageManifestChunkSize, logger.child({ component: 'image-manifests' }));
   const imageServer = createImageServer({
     store,
     files: imageFiles,
@@ -321,6 +329,7 @@ export async function startController(
     chunkSize: config.imageChunkSize,
     maxTransfers: config.maxImageTransfers,
     readTimeoutMs: config.imageReadTimeout,
+    manifests,
   });
   const health = HealthState();
   const agentAuthLog = logger.child({ component: 'agent-gateway' });
@@ -511,6 +520,7 @@ export async function startController(
     httpAddress: http.address,
     store,
     imageFiles,
+    manifests,
     registry,
     sessions,
     locks,

@@ -107,6 +107,16 @@ export function createControllerMetrics(
       help: 'ReadImage streams being served now.',
       registers: [registry],
     }),
+    imageBytesSkipped: new Counter({
+      name: 'metalcast_image_delta_bytes_saved_total',
+      help: 'Image bytes that deploys did not transfer because the target disk already held those chunks (delta re-imaging and resume, docs/chunk-manifest.md).',
+      registers: [registry],
+    }),
+    imageChunksRefetched: new Counter({
+      name: 'metalcast_image_chunks_refetched_total',
+      help: 'Image chunks that agents fetched again because they failed verification against the chunk manifest.',
+      registers: [registry],
+    }),
     imageTransferResumes: new Counter({
       name: 'metalcast_image_transfer_resumes_total',
       help: 'ReadImage calls that start past offset 0: an agent resuming a broken or stalled transfer.',

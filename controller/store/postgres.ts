@@ -1,6 +1,7 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { Status } from 'nice-grpc-common';
 import { Client, type ClientConfig, DatabaseError, escapeIdentifier, Pool, type PoolClient, TypeOverrides, types } from 'pg';
+import type { ChunkManifest } from '../../common/chunk-manifest.js';
 import { MetalcastError } from '../../common/errors.js';
 import { ringHash } from '../cluster/hash-ring.js';
 import {
@@ -748,6 +749,48 @@ export class PostgresStore implements Store {
   async getImageExtents(name: string): Promise<ImageExtent[] | undefined> {
     const { rows } = await this.pool.query<{ extents: string | null }>('SELECT extents FROM images WHERE name = $1', [name]);
     return rows[0]?.extents ? (JSON.parse(rows[0].extents) as ImageExtent[]) : undefined;
+  }
+
+  async putImageManifest(sha256: string, manifest: ChunkManifest): Promise<void> {
+    await this.pool.query(
+      `INSERT INTO image_manifests (sha256, size_bytes, chunk_size, chunk_count, root_sha256, digests, zero_bitmap, created_at)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+       ON CONFLICT (sha256) DO UPDATE SET size_bytes = excluded.size_bytes, chunk_size = excluded.chunk_size, chunk_count = excluded.chunk_count,
+         root_sha256 = excluded.root_sha256, digests = excluded.digests, zero_bitmap = excluded.zero_bitmap, created_at = excluded.created_at`,
+      [
+        sha256,
+        manifest.sizeBytes,
+        manifest.chunkSize,
+        manifest.digests.length / 32,
+        manifest.rootSha256,
+        manifest.digests,
+        manifest.zeroBitmap,
+        Date.now(),
+      ],
+    );
+  }
+
+  async getImageManifest(sha256: string): Promise<ChunkManifest | undefined> {
+    const { rows } = await this.pool.query<{
+      size_bytes: string | number;
+      chunk_size: number;
+      root_sha256: string;
+      digests: Buffer;
+      zero_bitmap: Buffer;
+    }>('SELECT size_bytes, chunk_size, root_sha256, digests, zero_bitmap FROM image_manifests WHERE sha256 = $1', [sha256]);
+    const row = rows[0];
+    if (!row) return undefined;
+    return {
+      sizeBytes: Number(row.size_bytes),
+      chunkSize: row.chunk_size,
+      rootSha256: row.root_sha256,
+      digests: row.digests,
+      zeroBitmap: row.zero_bitmap,
+    };
+  }
+
+  async deleteImageManifest(sha256: string): Promise<boolean> {
+    return ((await this.pool.query('DELETE FROM image_manifests WHERE sha256 = $1', [sha256])).rowCount ?? 0) > 0;
   }
 
   async putConfigDrive(record: ConfigDriveRecord): Promise<void> {

@@ -9,6 +9,7 @@ import type { StatImageResponse } from '../../gen/metalcast/v1/agent_gateway.js'
 import type { CommandProgress, WriteImageResult } from '../../gen/metalcast/v1/command.js';
 import type { ImageSource } from './image-source.js';
 import {
+  DiskWriteError,
   FATAL_CODES,
   hashRange,
   isDiskError,
@@ -166,6 +167,10 @@ export async function writeImageByChunks(
             const data = message.zero ? zeros.subarray(0, length) : message.data;
             await inflight;
             inflight = writeFully(device, data, offset);
+            // A write that fails while the loop waits for the next message must not go unhandled (that ends
+            // the agent process) nor wait for that message (a stalled link would hide a full disk): it aborts
+            // the read at once, and the catch below reports the write error, not the abort.
+            inflight.catch((failure: unknown) => call.abort(new DiskWriteError(failure)));
             receivedTotal += length;
             rate.add(length);
             // Hash the message's pieces chunk by chunk; a chunk is judged when its last byte arrives.

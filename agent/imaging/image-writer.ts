@@ -63,7 +63,7 @@ export class StallError extends Error {
 }
 
 /** Why a read was aborted: the disk refused a write; `cause` is the errno error. */
-class DiskWriteError extends Error {
+export class DiskWriteError extends Error {
   override name = 'DiskWriteError';
   constructor(cause: unknown) {
     super(describe(cause), { cause });

@@ -4,6 +4,8 @@ import type { Logger } from '../../common/logging.js';
 import type { LookupRequest, LookupResponse } from '../../gen/metalcast/v1/agent_gateway.js';
 import { type ControllerLink, isConnectionError } from './controller-link.js';
 import { describeError } from '../../common/errors.js';
+import { retryAfterMs } from '../../common/retry-after.js';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 export interface LookupOptions {
   backoffStartMs: number;
@@ -38,7 +40,7 @@ function hint(error: unknown, link: ControllerLink, controller: string, macs: re
   if (error instanceof ClientError) {
     switch (error.code) {
       case Status.NOT_FOUND:
-        return `the controller knows no node waiting for an agent with MACs ${macs.join(', ')}: enrol the node with these MACs and start inspect, provide or deploy`;
+        return `the controller knows no node waiting for an agent with MACs ${macs.join(', ')}: enrol the node with these MACs and start inspect, provide or deploy (the same answer comes while an earlier agent of this node is still connected; it is retried until that one goes away)`;
       case Status.FAILED_PRECONDITION:
         return 'another agent is still connected for this node; retrying until it goes away';
       case Status.RESOURCE_EXHAUSTED:
@@ -63,12 +65,21 @@ export async function lookupWithBackoff(
   signal: AbortSignal,
 ): Promise<LookupResponse> {
   const started = Date.now();
+  /** What the controller's last refusal asked for in `retry-after-ms`, bounded. */
+  let retryAfter: number | undefined;
   let lastFailure = '';
   try {
     return await pRetry(
       async () => {
+        retryAfter = undefined;
         try {
-          return await link.gateway.lookup(request, { deadline: options.callTimeoutMs, signal });
+          return await link.gateway.lookup(request, {
+            deadline: options.callTimeoutMs,
+            signal,
+            onTrailer: (trailer) => {
+              retryAfter = retryAfterMs(trailer);
+            },
+          });
         } catch (error) {
           // Malformed requests will not get better by retrying.
           if (error instanceof ClientError && error.code === Status.INVALID_ARGUMENT) {
@@ -92,13 +103,22 @@ export async function lookupWithBackoff(
             await link.explainConnectionFailure(error);
             link.next('lookup could not connect');
           }
+          // A controller that is shedding load says how long to stay away; the jittered backoff
+          // comes on top, so that the agents it refused together do not come back together.
+          const wait = retryAfter === undefined ? 0 : Math.min(retryAfter, Math.max(0, options.budgetMs - (Date.now() - started)));
           lastFailure = hint(error, link, controller, request.macAddresses);
           logger.warn(
-            { attempt: attemptNumber, controller, elapsedSeconds: Math.round((Date.now() - started) / 1000) },
-            `lookup failed: ${lastFailure}`,
+            {
+              attempt: attemptNumber,
+              controller,
+              elapsedSeconds: Math.round((Date.now() - started) / 1000),
+              ...(retryAfter === undefined ? {} : { retryAfterMs: wait }),
+            },
+            `lookup failed: ${lastFailure}${retryAfter === undefined ? '' : `; waiting ${wait} ms as the controller asked (retry-after-ms)`}`,
           );
           // The raw grpc-js text ("No connection established. Last error: …") only for debugging.
           logger.debug({ err: error }, 'lookup failure as gRPC reported it');
+          if (wait > 0) await sleep(wait, undefined, { signal }).catch(() => {});
         },
       },
     );

@@ -59,10 +59,17 @@ function printImage(image: Image): void {
     ['size', image.sizeBytes ? `${formatBytes(image.sizeBytes)} (${image.sizeBytes} bytes)` : '-'],
     ['sha256', image.sha256 || '-'],
     ['format', formatLine(image)],
+    ['manifest', manifestLine(image)],
     ['source', image.sourceUrl || 'upload'],
     ['error', image.error || '-'],
     ['created', formatTime(image.createdAt)],
   ]);
+}
+
+/** The chunk manifest: chunk size, count and root digest (docs/chunk-manifest.md). */
+function manifestLine(image: Image): string {
+  if (image.manifestChunkCount === 0 || image.manifestRootSha256 === '') return '-';
+  return `${image.manifestChunkCount} chunks of ${formatBytes(image.manifestChunkSizeBytes)}, root ${image.manifestRootSha256}`;
 }
 
 function parseSha256(value: string): string {
@@ -355,9 +362,18 @@ async function downloadCommand(name: string, opts: { output: string; force?: boo
   });
 }
 
-async function importCommand(url: string, opts: { name: string; checksum: string; wait?: boolean }, command: Command): Promise<void> {
+async function importCommand(
+  url: string,
+  opts: { name: string; checksum: string; manifestRoot?: string; wait?: boolean },
+  command: Command,
+): Promise<void> {
   await withClient(command, async ({ images }, { json }) => {
-    const { image: started } = await images.importImage({ name: opts.name, url, checksum: opts.checksum });
+    const { image: started } = await images.importImage({
+      name: opts.name,
+      url,
+      checksum: opts.checksum,
+      manifestRootSha256: opts.manifestRoot ?? '',
+    });
     if (!started) throw new Error('the controller returned no image');
     if (!opts.wait) {
       if (json) return printJson(imageJson(started));
@@ -419,6 +435,11 @@ on the controller. --timeout bounds connecting only, not the upload itself.
     .argument('<url>', 'http or https URL of the image')
     .requiredOption('--name <name>', 'unique image name')
     .requiredOption('--checksum <algo:hex>', 'expected checksum: sha256:<64 hex> or sha512:<128 hex>')
+    .option(
+      '--manifest-root <hex>',
+      "expected root digest of the image's chunk manifest (as `image show` prints it): the import fails if the content's differs",
+      parseSha256,
+    )
     .option('--wait', 'wait until the import is ready or failed (exit code 1 when it failed)')
     .addHelpText(
       'after',

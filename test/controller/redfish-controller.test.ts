@@ -330,6 +330,32 @@ describe('redfish nodes through a controller', () => {
     });
   });
 
+  it('refuses kernel arguments the agent ISO cannot pass to the kernel when the node is created', async () => {
+    await assert.rejects(
+      nodes.createNode({
+        name: 'badargs',
+        macAddresses: ['52:54:00:6b:02:01'],
+        properties: {
+          'power.driver': 'redfish',
+          'power.redfish.address': 'https://10.0.0.5',
+          'power.redfish.username': 'admin',
+          'boot.method': 'virtual-media',
+          'boot.kernel_args': "metalcast.note=it's",
+        },
+        secrets: { 'power.redfish.password': PASSWORD },
+      }),
+      (error: Error) =>
+        /INVALID_ARGUMENT/.test(error.message) &&
+        error.message.includes("boot.kernel_args: the kernel parameter metalcast.note=it's cannot go on the agent ISO"),
+    );
+    // Network boot has no GRUB in the way: the same arguments are fine there.
+    await nodes.createNode({
+      name: 'netargs',
+      macAddresses: ['52:54:00:6b:02:02'],
+      properties: { 'boot.kernel_args': "metalcast.note=it's" },
+    });
+  });
+
   it('wrote no BMC password into any log line', () => {
     assert.ok(logLines.length > 50);
     const basic = Buffer.from(`admin:${PASSWORD}`).toString('base64');

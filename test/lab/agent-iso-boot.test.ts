@@ -69,6 +69,8 @@ describe('the agent ISO boots under BIOS and UEFI', { skip, timeout: BOOT_TIMEOU
         await machine.setBootTarget('Cd', true);
         const started = Date.now();
         await machine.powerOn();
+        // The guest learns of the power on from QEMU's RESUME event on its own QMP socket, a moment later.
+        for (const deadline = Date.now() + 10_000; !guest.poweredOn && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 50));
         // Up to the end of the line: the console file may hold half of it yet.
         const seen = await guest.waitForConsole(/metalcast-ramdisk: kernel command line: ([^\n]*)\n/, BOOT_TIMEOUT_MS);
         ctx.diagnostic(`${firmware}: the ramdisk started ${((Date.now() - started) / 1000).toFixed(1)} s after power on`);

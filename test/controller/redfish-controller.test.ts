@@ -62,7 +62,8 @@ describe('redfish nodes through a controller', () => {
         controllerId: 'redfish-test',
         insecure: 'true',
         bootDir,
-        heartbeatTimeout: '4s',
+        // Long enough for an agent process to start on a busy machine; the sweep test waits this out once.
+        heartbeatTimeout: '12s',
         heartbeatIntervalMin: '300ms',
         heartbeatIntervalMax: '600ms',
         sweepInterval: '500ms',
@@ -109,6 +110,8 @@ describe('redfish nodes through a controller', () => {
         'power.redfish.address': sim.url,
         'power.redfish.username': 'admin',
         ...FAST,
+        // Faults show within seconds at 1 s a request; a healthy BMC gets room for a busy machine (the ISO fetch on InsertMedia).
+        ...(options.faults ? {} : { 'power.redfish.request_timeout': '5s' }),
         ...(options.virtualMedia === false ? {} : { 'boot.method': 'virtual-media' }),
         'boot.kernel_args': `metalcast.node_hint=${name}`,
       },
@@ -214,7 +217,7 @@ describe('redfish nodes through a controller', () => {
     await eventually(
       async () => (await nodes.getNode({ node: 'vm3' })).node?.provisionState === ProvisionState.PROVISION_STATE_INSPECT_FAILED,
       {
-        timeoutMs: 20_000,
+        timeoutMs: 40_000,
         what: 'the sweep to fail vm3',
       },
     );

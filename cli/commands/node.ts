@@ -1,7 +1,7 @@
 import { Argument, type Command, InvalidArgumentError, Option } from 'commander';
 import { Inventory } from '../../gen/metalcast/v1/inventory.js';
 import { readFileSync } from 'node:fs';
-import { DeploySpec, type Node, ProvisionAction, ProvisionState } from '../../gen/metalcast/v1/node.js';
+import { AbortPower, DeploySpec, type Node, ProvisionAction, ProvisionState } from '../../gen/metalcast/v1/node.js';
 import {
   allowedActions,
   PROVISION_ACTIONS,
@@ -355,22 +355,37 @@ export function registerNodeCommands(program: Command, addOperatorOptions: (comm
 
   for (const action of PROVISION_ACTIONS) {
     if (action === 'deploy') continue; // has its own options, above
-    node
+    const sub = node
       .command(action)
       .description(
         `run the ${action} provision action (allowed from: ${PROVISION_STATES.filter((s) => allowedActions(s).includes(action)).join(', ')})`,
       )
-      .argument('<node>', 'node name or uuid')
-      .action(async (ref: string, _opts: unknown, command: Command) =>
-        withClient(command, async ({ nodes }, { json }) => {
-          const { node: updated } = await nodes.setProvisionState({
-            node: ref,
-            action: ProvisionAction[`PROVISION_ACTION_${action.toUpperCase()}` as keyof typeof ProvisionAction],
-          });
-          if (!updated) throw new Error('the controller returned no node');
-          if (json) return printJson(nodeJson(updated));
-          process.stdout.write(`node ${updated.name} is now ${stateName(updated.provisionState)}\n`);
-        }),
+      .argument('<node>', 'node name or uuid');
+    if (action === 'abort') {
+      sub.option(
+        '--power <what>',
+        'what to do with the machine: off (power it off through its power driver, or else its agent) or keep (leave it as it is)',
+        parseAbortPower,
+        AbortPower.ABORT_POWER_OFF,
       );
+    }
+    sub.action(async (ref: string, opts: { power?: AbortPower }, command: Command) =>
+      withClient(command, async ({ nodes }, { json }) => {
+        const { node: updated } = await nodes.setProvisionState({
+          node: ref,
+          action: ProvisionAction[`PROVISION_ACTION_${action.toUpperCase()}` as keyof typeof ProvisionAction],
+          abortPower: opts.power ?? AbortPower.ABORT_POWER_UNSPECIFIED,
+        });
+        if (!updated) throw new Error('the controller returned no node');
+        if (json) return printJson(nodeJson(updated));
+        process.stdout.write(`node ${updated.name} is now ${stateName(updated.provisionState)}\n`);
+      }),
+    );
   }
+}
+
+function parseAbortPower(value: string): AbortPower {
+  if (value === 'off') return AbortPower.ABORT_POWER_OFF;
+  if (value === 'keep') return AbortPower.ABORT_POWER_KEEP;
+  throw new InvalidArgumentError(`'${value}' is not off or keep`);
 }

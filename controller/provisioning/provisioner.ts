@@ -207,8 +207,12 @@ export class Provisioner {
           }
           // Powered off before the move, while the agent's token is still valid to ask it.
           const power = await this.powerAfterAbort(current, abortPower);
+          // The outcome goes into the history before the transition, which stays the node's last event.
+          await this.store
+            .addEvent(node.uuid, { kind: 'abort_power', message: power.note, actor: this.holder, fromState: null, toState: null })
+            .catch((error: unknown) => this.logger.warn({ err: error, node: node.uuid }, 'recording the power after an abort failed'));
           const reason = `aborted by ${actor} while in ${human(node.provisionState)}`;
-          const aborted = await this.move(
+          return await this.move(
             current,
             node.provisionState,
             step.to,
@@ -217,10 +221,6 @@ export class Provisioner {
             action,
             power.failed ? `${reason}; ${power.note}` : reason,
           );
-          await this.store
-            .addEvent(node.uuid, { kind: 'abort_power', message: power.note, actor: this.holder, fromState: null, toState: null })
-            .catch((error: unknown) => this.logger.warn({ err: error, node: node.uuid }, 'recording the power after an abort failed'));
-          return aborted;
         }
       }
     } finally {

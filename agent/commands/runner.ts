@@ -112,6 +112,10 @@ export class CommandRunner {
           rateBytesPerSecond: 0,
           etaSeconds: 0,
           resumes: 0,
+          chunksTotal: 0,
+          chunksSkipped: 0,
+          chunksFetched: 0,
+          chunksRefetched: 0,
           ...command.progress,
           ...progress,
         };

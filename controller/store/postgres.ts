@@ -1,6 +1,7 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { Status } from 'nice-grpc-common';
 import { Client, type ClientConfig, DatabaseError, escapeIdentifier, Pool, type PoolClient, TypeOverrides, types } from 'pg';
+import type { ChunkManifest } from '../../common/chunk-manifest.js';
 import { MetalcastError } from '../../common/errors.js';
 import { ringHash } from '../cluster/hash-ring.js';
 import {
@@ -617,10 +618,12 @@ export class PostgresStore implements Store {
       }
       // Every lock let go leaves a trace, so that a node's history shows where one controller's work ended.
       await client.query(
-        `INSERT INTO node_events (node_uuid, time, kind, message, actor, from_state, to_state)
+        // Locked first, as insertEvent does: the events of a node get their ids in commit order.
+        `WITH held AS (SELECT uuid, name, reservation_operation FROM nodes WHERE reservation = $1 ORDER BY name FOR UPDATE)
+         INSERT INTO node_events (node_uuid, time, kind, message, actor, from_state, to_state)
          SELECT uuid, $2, 'lock_released', format('lock of %s for %s released: %s', $1::text, COALESCE(reservation_operation, 'an operation'), $3::text),
            'takeover', NULL, NULL
-         FROM nodes WHERE reservation = $1 ORDER BY name`,
+         FROM held ORDER BY name`,
         [holder, now, reason],
       );
       const released = await client.query('UPDATE nodes SET reservation = NULL, reservation_operation = NULL WHERE reservation = $1', [
@@ -746,6 +749,48 @@ export class PostgresStore implements Store {
   async getImageExtents(name: string): Promise<ImageExtent[] | undefined> {
     const { rows } = await this.pool.query<{ extents: string | null }>('SELECT extents FROM images WHERE name = $1', [name]);
     return rows[0]?.extents ? (JSON.parse(rows[0].extents) as ImageExtent[]) : undefined;
+  }
+
+  async putImageManifest(sha256: string, manifest: ChunkManifest): Promise<void> {
+    await this.pool.query(
+      `INSERT INTO image_manifests (sha256, size_bytes, chunk_size, chunk_count, root_sha256, digests, zero_bitmap, created_at)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+       ON CONFLICT (sha256) DO UPDATE SET size_bytes = excluded.size_bytes, chunk_size = excluded.chunk_size, chunk_count = excluded.chunk_count,
+         root_sha256 = excluded.root_sha256, digests = excluded.digests, zero_bitmap = excluded.zero_bitmap, created_at = excluded.created_at`,
+      [
+        sha256,
+        manifest.sizeBytes,
+        manifest.chunkSize,
+        manifest.digests.length / 32,
+        manifest.rootSha256,
+        manifest.digests,
+        manifest.zeroBitmap,
+        Date.now(),
+      ],
+    );
+  }
+
+  async getImageManifest(sha256: string): Promise<ChunkManifest | undefined> {
+    const { rows } = await this.pool.query<{
+      size_bytes: string | number;
+      chunk_size: number;
+      root_sha256: string;
+      digests: Buffer;
+      zero_bitmap: Buffer;
+    }>('SELECT size_bytes, chunk_size, root_sha256, digests, zero_bitmap FROM image_manifests WHERE sha256 = $1', [sha256]);
+    const row = rows[0];
+    if (!row) return undefined;
+    return {
+      sizeBytes: Number(row.size_bytes),
+      chunkSize: row.chunk_size,
+      rootSha256: row.root_sha256,
+      digests: row.digests,
+      zeroBitmap: row.zero_bitmap,
+    };
+  }
+
+  async deleteImageManifest(sha256: string): Promise<boolean> {
+    return ((await this.pool.query('DELETE FROM image_manifests WHERE sha256 = $1', [sha256])).rowCount ?? 0) > 0;
   }
 
   async putConfigDrive(record: ConfigDriveRecord): Promise<void> {
@@ -1236,9 +1281,21 @@ async function assertMacsFree(db: Queryable, macs: readonly string[]): Promise<v
   if (mac !== undefined) throw new MetalcastError(Status.ALREADY_EXISTS, `MAC address ${mac} already belongs to node '${owners.get(mac)}'`);
 }
 
+/**
+ * Appends one event of a node. Ids come from an identity column, assigned
+ * at insert and visible at commit, and ListNodeEvents pages by `id >
+ * afterId`: were two transactions to write events of one node at once, the
+ * later id could commit first and a reader between the two commits would
+ * page past the earlier one for good. So every event insert locks its
+ * node's row first (FOR UPDATE, held to commit; most callers hold it
+ * already, from the UPDATE of the node), and the events of one node get
+ * their ids in commit order. Listings are per node, so that is enough.
+ */
 async function insertEvent(db: Queryable, uuid: string, event: NewNodeEvent, time: EpochMs): Promise<void> {
   await db.query(
-    'INSERT INTO node_events (node_uuid, time, kind, message, actor, from_state, to_state) VALUES ($1, $2, $3, $4, $5, $6, $7)',
+    `WITH node AS (SELECT uuid FROM nodes WHERE uuid = $1 FOR UPDATE)
+     INSERT INTO node_events (node_uuid, time, kind, message, actor, from_state, to_state)
+     SELECT node.uuid, $2, $3, $4, $5, $6, $7 FROM node`,
     [uuid, time, event.kind, event.message, event.actor, event.fromState, event.toState],
   );
 }

@@ -1,3 +1,4 @@
+import type { ChunkManifest } from '../../common/chunk-manifest.js';
 import type { ProvisionState } from '../provisioning/states.js';
 
 /** Milliseconds since the epoch; every time in the store is one of these. */
@@ -375,6 +376,16 @@ export interface Store {
   updateImage(name: string, patch: ImagePatch): Promise<ImageRecord | undefined>;
   /** The allocated extents of an image's raw content, sorted; undefined when the image is unknown or none are recorded. */
   getImageExtents(name: string): Promise<ImageExtent[] | undefined>;
+  /**
+   * Stores the chunk manifest of an image's content, keyed by the content's
+   * sha256 (images with the same content share it); a second put for the
+   * same content replaces it.
+   */
+  putImageManifest(sha256: string, manifest: ChunkManifest): Promise<void>;
+  /** The chunk manifest of the content with this sha256; undefined when none is stored (images stored before manifests). */
+  getImageManifest(sha256: string): Promise<ChunkManifest | undefined>;
+  /** Forgets the manifest of content no image uses any more; true when there was one. */
+  deleteImageManifest(sha256: string): Promise<boolean>;
   /** Stores (or replaces) a node's config drive. */
   putConfigDrive(record: ConfigDriveRecord): Promise<void>;
   getConfigDrive(nodeUuid: string): Promise<ConfigDriveRecord | undefined>;

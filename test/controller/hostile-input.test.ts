@@ -4,7 +4,7 @@ import type { Client } from '@grpc/grpc-js';
 import { createClient, Status } from 'nice-grpc';
 import { HealthDefinition } from 'nice-grpc-server-health';
 import type { AgentStatus } from '../../gen/metalcast/v1/agent_gateway.js';
-import { CommandState } from '../../gen/metalcast/v1/command.js';
+import { CommandProgress, CommandState } from '../../gen/metalcast/v1/command.js';
 import { NodeServiceDefinition, ProvisionAction } from '../../gen/metalcast/v1/node.js';
 import { createWaitingNode, lookup, openHeartbeat } from '../helpers/agent-client.js';
 import { FAST_FLAGS, startTestController, type TestController } from '../helpers/controller.js';
@@ -43,14 +43,19 @@ describe('hostile input to the controller', () => {
     });
 
     it('answers RESOURCE_EXHAUSTED for a request larger than its service takes', async () => {
+      const outcome = await rawCall(raw, method('GetNode'), [new Uint8Array(1024 * 1024 + 1024)], operator());
+      assert.equal(Status[outcome.code as Status], 'RESOURCE_EXHAUSTED');
+      assert.match(outcome.details, /^request: 1049600 bytes, more than the 1048576 that NodeService\/GetNode accepts$/);
+    });
+
+    it('answers an agent call without a valid token UNAUTHENTICATED whatever its bytes (the token is checked first)', async () => {
       const outcome = await rawCall(
         raw,
         { ...method('GetNode'), path: '/metalcast.v1.AgentGatewayService/StatImage', name: 'StatImage' },
         [new Uint8Array(70 * 1024)],
         {},
       );
-      assert.equal(Status[outcome.code as Status], 'RESOURCE_EXHAUSTED');
-      assert.match(outcome.details, /^request: 71680 bytes, more than the 65536 that AgentGatewayService\/StatImage accepts$/);
+      assert.equal(Status[outcome.code as Status], 'UNAUTHENTICATED');
     });
 
     it('answers a reflection request claiming a 4 GiB string at once instead of looping over it', async () => {
@@ -174,7 +179,13 @@ describe('hostile input to the controller', () => {
               state: CommandState.COMMAND_STATE_RUNNING,
               startedAt: undefined,
               finishedAt: undefined,
-              progress: { phase: 'writing', doneBytes: 1, totalBytes: 2, rateBytesPerSecond: Number.NaN, etaSeconds: 0, resumes: 0 },
+              progress: {
+                ...CommandProgress.fromPartial({}),
+                phase: 'writing',
+                doneBytes: 1,
+                totalBytes: 2,
+                rateBytesPerSecond: Number.NaN,
+              },
               error: '',
               result: undefined,
             },

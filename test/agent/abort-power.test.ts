@@ -116,13 +116,15 @@ describe('abort powers the machine off', { timeout: 180_000 }, () => {
   });
 
   it('an abort in the middle of a clean stops the step and powers the machine off', async () => {
-    const { root } = await availableNode('ab2', 2, 512 * MIB);
+    const { root, agent } = await availableNode('ab2', 2, 512 * MIB);
     await act('ab2', ProvisionAction.PROVISION_ACTION_DEPLOY, 'abort-os');
     await waitFor('ab2', ProvisionState.PROVISION_STATE_ACTIVE);
     const afterDeploy = (await powerLog(root)).length; // the deploy's final reboot
     // Undeploy: a full erase of 512 MiB takes a moment; abort while it runs.
+    const since = new Date().toISOString();
     await act('ab2', ProvisionAction.PROVISION_ACTION_UNDEPLOY);
-    await writing('ab2', /^erasing sda$/);
+    // The agent's own word that the erase started: quicker than its progress reaching the node.
+    await agent.waitForLog((l) => l.msg === 'erasing disks' && String(l.time) >= since, 30_000);
     const { node } = await t.nodes.setProvisionState({ node: 'ab2', action: ProvisionAction.PROVISION_ACTION_ABORT });
     assert.equal(node?.provisionState, ProvisionState.PROVISION_STATE_CLEAN_FAILED);
     const log = await eventually(async () => ((await powerLog(root)).length > afterDeploy ? powerLog(root) : undefined), {

@@ -286,6 +286,8 @@ export async function startController(
     },
     logger.child({ component: 'conductor' }),
   );
+  // An abort stops the conductor's step on the node and powers the machine off through its agent when it has no driver.
+  provisioner.steps = conductor;
   const powerSync = new PowerSync(
     store,
     power,

@@ -41,6 +41,7 @@ import type {
   Transition,
 } from './store.js';
 import { powerStatusFromRow } from './power-rows.js';
+import { deployImageOf, deployImageProblem } from './store.js';
 
 /** The part of a pino logger the store uses; pass `logger.child({ component: 'store' })`. */
 export interface StoreLogger {
@@ -328,6 +329,15 @@ export class PostgresStore implements Store {
 
   async transition(uuid: string, t: Transition): Promise<NodeRecord | undefined> {
     return this.withTransaction(async (client) => {
+      const image = deployImageOf(t);
+      if (image) {
+        // FOR SHARE against deleteImage's FOR UPDATE: whichever is second waits, then sees the other's outcome.
+        const found = (
+          await client.query<{ state: string; sha256: string }>('SELECT state, sha256 FROM images WHERE name = $1 FOR SHARE', [image.name])
+        ).rows[0];
+        const problem = deployImageProblem(image, found);
+        if (problem) throw new MetalcastError(Status.FAILED_PRECONDITION, problem);
+      }
       const now = Date.now();
       const p = new Params();
       const sets = [

@@ -227,6 +227,13 @@ export const CONTROLLER_OPTIONS = {
     defaultValue: '3.5M',
     parse: byteSize({ min: 64 * 1024, max: 3.5 * 1024 * 1024 }),
   },
+  imageManifestChunkSize: {
+    flag: 'image-manifest-chunk-size',
+    description:
+      'bytes per chunk of the chunk manifest built for each new image (64 KiB to 64 MiB); the unit the agent verifies, re-fetches and skips in delta re-imaging (docs/chunk-manifest.md)',
+    defaultValue: '1M',
+    parse: byteSize({ min: 64 * 1024, max: 64 * 1024 * 1024 }),
+  },
   maxImageTransfers: {
     flag: 'max-image-transfers',
     description:

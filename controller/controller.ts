@@ -5,6 +5,14 @@ import { fileURLToPath } from 'node:url';
 import { createServer } from 'nice-grpc';
 import { HealthDefinition, HealthServiceImpl, HealthState } from 'nice-grpc-server-health';
 import { ServerReflection, ServerReflectionService } from 'nice-grpc-server-reflection';
+import {
+  HEALTH_SERVICE,
+  healthDescriptorSet,
+  REFLECTION_V1,
+  REFLECTION_V1ALPHA,
+  ServerReflectionV1AlphaService,
+  setServingStatus,
+} from './services/health-reflection.js';
 import { Registry } from 'prom-client';
 import { errorMappingMiddleware } from '../common/errors.js';
 import { FastAgentGatewayServiceDefinition } from '../common/read-image-codec.js';
@@ -51,6 +59,7 @@ import { createAgentGatewayService } from './services/agent-gateway.js';
 import { withAuthenticatedAgent } from './services/agent-auth.js';
 import { SHUTTING_DOWN } from './services/heartbeat.js';
 import { createImageService } from './services/image-service.js';
+import { ImageManifests } from './images/manifest/manifests.js';
 import { createNodeService } from './services/node-service.js';
 import { setUpOperatorAuth } from './auth/operator-auth.js';
 import { clientCertificateInterceptor, clientCertificateRole } from './auth/operator-tls.js';
@@ -73,6 +82,8 @@ export interface RunningController {
   httpAddress: string;
   store: Store;
   imageFiles: ImageFiles;
+  /** Chunk manifests of the images (built at upload and import, or lazily for older images). */
+  manifests: ImageManifests;
   registry: Registry;
   sessions: AgentSessions;
   locks: NodeLocks;
@@ -268,6 +279,10 @@ export async function startController(
       dueScanIntervalMs: Math.min(config.sweepInterval, config.controllerTouchInterval),
       freshnessMs,
       power,
+      onImageWritten: (written) => {
+        metrics.imageBytesSkipped.inc(written.bytesSkipped);
+        metrics.imageChunksRefetched.inc(written.chunksRefetched);
+      },
     },
     logger.child({ component: 'conductor' }),
   );
@@ -305,6 +320,7 @@ export async function startController(
       rateLimitLog,
     ),
   );
+  const manifests = new ImageManifests(store, imageFiles, config.imageManifestChunkSize, logger.child({ component: 'image-manifests' }));
   const imageServer = createImageServer({
     store,
     files: imageFiles,
@@ -313,6 +329,7 @@ export async function startController(
     chunkSize: config.imageChunkSize,
     maxTransfers: config.maxImageTransfers,
     readTimeoutMs: config.imageReadTimeout,
+    manifests,
   });
   const health = HealthState();
   const agentAuthLog = logger.child({ component: 'agent-gateway' });
@@ -342,6 +359,7 @@ export async function startController(
       logger: logger.child({ component: 'agent-gateway' }),
       heartbeat,
       onHeartbeat: (uuid) => conductor.onHeartbeat(uuid),
+      requireAgentCertificate: !config.insecure,
       images: imageServer,
     }),
   );
@@ -371,15 +389,23 @@ export async function startController(
   const imageLimits = (method: string) => (method === 'UploadImage' ? undefined : OPERATOR_REQUEST_LIMIT_BYTES);
   operatorServer.add(guardRequestDecoding(ImageServiceDefinition, imageLimits), images.implementation);
   server.add(guardRequestDecoding(HealthDefinition, HEALTH_REQUEST_LIMIT_BYTES), HealthServiceImpl(health));
-  operatorServer.add(
-    guardRequestDecoding(ServerReflectionService, OPERATOR_REQUEST_LIMIT_BYTES),
-    ServerReflection(readFileSync(DESCRIPTOR_SET), [
-      AgentGatewayServiceDefinition.fullName,
-      NodeServiceDefinition.fullName,
-      ImageServiceDefinition.fullName,
-      'grpc.health.v1.Health',
-    ]),
-  );
+  // Reflection shows the whole API, so it needs an operator token; it describes every service it lists (health too).
+  const reflection = ServerReflection(Buffer.concat([readFileSync(DESCRIPTOR_SET), healthDescriptorSet()]), [
+    AgentGatewayServiceDefinition.fullName,
+    NodeServiceDefinition.fullName,
+    ImageServiceDefinition.fullName,
+    HEALTH_SERVICE,
+  ]);
+  operatorServer.add(guardRequestDecoding(ServerReflectionService, OPERATOR_REQUEST_LIMIT_BYTES), reflection);
+  operatorServer.add(guardRequestDecoding(ServerReflectionV1AlphaService, OPERATOR_REQUEST_LIMIT_BYTES), reflection);
+  const servedServices = [
+    AgentGatewayServiceDefinition.fullName,
+    NodeServiceDefinition.fullName,
+    ImageServiceDefinition.fullName,
+    HEALTH_SERVICE,
+    REFLECTION_V1,
+    REFLECTION_V1ALPHA,
+  ];
 
   let grpcPort: number;
   let http: Awaited<ReturnType<typeof startHttpServer>> | undefined;
@@ -428,7 +454,7 @@ export async function startController(
   sweep.start();
   conductor.start();
   powerSync.start();
-  health.setStatus('healthy');
+  setServingStatus(health, servedServices, 'healthy');
   const grpcAddress = `${config.listen.slice(0, config.listen.lastIndexOf(':'))}:${grpcPort}`;
 
   let stopping: Promise<void> | undefined;
@@ -436,7 +462,7 @@ export async function startController(
     stopping ??= (async () => {
       logger.info('controller stopping');
       const shutdown = new BoundedShutdown(config.shutdownDeadline, logger);
-      health.setStatus('unhealthy');
+      setServingStatus(health, servedServices, 'unhealthy');
       // Heartbeat streams never end by themselves; end them so that shutdown is not held open.
       sessions.revokeAll(SHUTTING_DOWN);
       imageServer.stop();
@@ -494,6 +520,7 @@ export async function startController(
     httpAddress: http.address,
     store,
     imageFiles,
+    manifests,
     registry,
     sessions,
     locks,

@@ -2,7 +2,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ClientError, Status } from 'nice-grpc';
 import { pickDisk } from '../../common/disk-hints.js';
 import type { Logger } from '../../common/logging.js';
-import { type Command, CommandState, EraseMode } from '../../gen/metalcast/v1/command.js';
+import { type Command, CommandState, EraseMode, type WriteImageResult } from '../../gen/metalcast/v1/command.js';
 import { Inventory } from '../../gen/metalcast/v1/inventory.js';
 import type { AgentClients, AgentHandle } from '../agents/agent-client.js';
 import type { AgentDirectory } from '../agents/agent-directory.js';
@@ -50,6 +50,8 @@ export interface ConductorOptions {
   freshnessMs: number;
   /** Power drivers by name (default: the built-in ones); a node with power.driver is rebooted into its disk and powered off through it. */
   power?: PowerDrivers;
+  /** Told of every image written (the metrics count the bytes delta re-imaging saved). */
+  onImageWritten?: (result: WriteImageResult) => void;
 }
 
 /** Which nodes this controller drives (the ring, controller/cluster/membership.ts). */
@@ -336,6 +338,11 @@ export class Conductor {
       return;
     }
     const written = final.result?.result?.$case === 'writeImage' ? final.result.result.value : undefined;
+    if (written) this.options.onImageWritten?.(written);
+    const chunkNote =
+      written && written.chunksSkipped + written.chunksFetched > 0
+        ? `, chunks: ${written.chunksSkipped} already on the disk, ${written.chunksFetched} fetched, ${written.chunksRefetched} fetched again`
+        : '';
     let configDriveNote = '';
     if (spec.configDrive) {
       log.info({ device: devicePath, configDrive: spec.configDrive.sha256 }, 'deploying: sending write_config_drive');
@@ -401,7 +408,7 @@ export class Conductor {
       'active',
       null,
       this.options.holder,
-      `deployed ${image.name} to ${devicePath}: ${written?.writtenBytes ?? image.sizeBytes} bytes, sha256 ${image.sha256.slice(0, 12)}…, ${written?.resumes ?? 0} resumes${configDriveNote}; final power: ${this.options.finalPower}`,
+      `deployed ${image.name} to ${devicePath}: ${written?.writtenBytes ?? image.sizeBytes} bytes, sha256 ${image.sha256.slice(0, 12)}…, ${written?.resumes ?? 0} resumes${chunkNote}${configDriveNote}; final power: ${this.options.finalPower}`,
       '',
     );
     log.info({ image: image.name, device: devicePath, resumes: written?.resumes }, 'deploy finished');
@@ -486,14 +493,14 @@ export class Conductor {
       }
       // Poll until it ends, the agent goes, or it is time to try watching again.
       for (let polls = 0; polls < 15; polls++) {
-        await this.throwIfGone(node, 'the agent stopped heartbeating');
+        await this.throwIfGone(node, 'the agent stopped heartbeating', agent);
         try {
           const { command: current } = await agent.client.getCommand({ id: started.id }, { ...agent.auth, signal, deadline: 10_000 });
           if (current && current.state !== CommandState.COMMAND_STATE_RUNNING) return current;
           if (current?.progress) this.feed.publish({ node, progress: current.progress });
         } catch (error) {
           signal.throwIfAborted();
-          await this.rethrowIfGone(node, error);
+          await this.rethrowIfGone(node, error, agent);
         }
         await sleep(POLL_INTERVAL_MS, undefined, { signal });
       }
@@ -533,18 +540,27 @@ export class Conductor {
   }
 
   /** Transport failures with the agent's heartbeats gone mean "agent gone", not "step failed". */
-  private async rethrowIfGone(node: NodeRecord, error: unknown): Promise<void> {
+  private async rethrowIfGone(node: NodeRecord, error: unknown, agent?: AgentHandle): Promise<void> {
     if (this.stopping.signal.aborted) throw error;
     const transport =
       error instanceof ClientError &&
       [Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.CANCELLED, Status.UNAUTHENTICATED].includes(error.code);
-    if (transport) await this.throwIfGone(node, describe(error));
+    if (transport) await this.throwIfGone(node, describe(error), agent);
   }
 
-  /** AgentGone when no controller hears the node's agent any more. */
-  private async throwIfGone(node: NodeRecord, reason: string): Promise<void> {
+  /**
+   * AgentGone when no controller hears the node's agent any more, or when
+   * the agent heard is another process (restarted: a new token from a new
+   * lookup). Following the old one's command would wait forever; letting go
+   * gives the new agent the step again, and write_image resumes through its
+   * delta scan (docs/chunk-manifest.md).
+   */
+  private async throwIfGone(node: NodeRecord, reason: string, agent?: AgentHandle): Promise<void> {
     const current = await this.store.getNode(node.uuid);
     if (!current || !this.directory.isAlive(current)) throw new AgentGone(reason);
+    if (agent && current.agentApiToken !== null && current.agentApiToken !== node.agentApiToken) {
+      throw new AgentGone(`the agent restarted (${reason})`);
+    }
   }
 
   private async fail(

@@ -1,11 +1,13 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { Status } from 'nice-grpc-common';
 import { Client, type ClientConfig, DatabaseError, escapeIdentifier, Pool, type PoolClient, TypeOverrides, types } from 'pg';
+import type { ChunkManifest } from '../../common/chunk-manifest.js';
 import { MetalcastError } from '../../common/errors.js';
 import { ringHash } from '../cluster/hash-ring.js';
 import {
   ACTIVE_STATE_FAILURES,
   type ActiveState,
+  AGENT_STATES,
   isWaitState,
   PROVISION_STATES,
   type ProvisionState,
@@ -347,6 +349,8 @@ export class PostgresStore implements Store {
         `provision_updated_at = ${p.add(now)}`,
         // Entering a state that waits for an agent starts the sweep's clock.
         `liveness_at = ${p.add(isWaitState(t.to) ? now : null)}`,
+        // The progress shown is the running step's: a new state starts without one.
+        'progress = NULL',
       ];
       if (t.lastError !== undefined) sets.push(`last_error = ${p.add(t.lastError)}`);
       if (!t.keepAgentToken) sets.push('agent_token_hash = NULL', 'agent_api_token = NULL', 'agent_certificate = NULL');
@@ -404,7 +408,10 @@ export class PostgresStore implements Store {
     const beats = [...merged.values()];
     const { rows } = await this.pool.query<{ uuid: string }>(
       `UPDATE nodes n SET last_heartbeat_at = b.time, agent_address = b.address, agent_version = b.version, agent_status = b.status,
-         progress = COALESCE(b.progress, n.progress),
+         -- HeartbeatRecord.progressJson: null keeps, '' clears; a progress only onto the step it was received in.
+         progress = CASE WHEN b.progress IS NULL THEN n.progress WHEN b.progress = '' THEN NULL
+           WHEN n.provision_updated_at <= b.time AND n.provision_state = ANY($8::text[]) THEN b.progress
+           ELSE n.progress END,
          liveness_at = CASE WHEN n.liveness_at IS NULL THEN NULL ELSE GREATEST(n.liveness_at, b.latest) END
        FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[])
          AS b (uuid, time, address, version, status, progress, latest)
@@ -418,6 +425,7 @@ export class PostgresStore implements Store {
         beats.map((b) => b.agentStatus),
         beats.map((b) => b.progressJson),
         beats.map((b) => b.latest),
+        AGENT_STATES,
       ],
     );
     const found = new Set(rows.map((r) => r.uuid));
@@ -751,6 +759,48 @@ export class PostgresStore implements Store {
   async getImageExtents(name: string): Promise<ImageExtent[] | undefined> {
     const { rows } = await this.pool.query<{ extents: string | null }>('SELECT extents FROM images WHERE name = $1', [name]);
     return rows[0]?.extents ? (JSON.parse(rows[0].extents) as ImageExtent[]) : undefined;
+  }
+
+  async putImageManifest(sha256: string, manifest: ChunkManifest): Promise<void> {
+    await this.pool.query(
+      `INSERT INTO image_manifests (sha256, size_bytes, chunk_size, chunk_count, root_sha256, digests, zero_bitmap, created_at)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+       ON CONFLICT (sha256) DO UPDATE SET size_bytes = excluded.size_bytes, chunk_size = excluded.chunk_size, chunk_count = excluded.chunk_count,
+         root_sha256 = excluded.root_sha256, digests = excluded.digests, zero_bitmap = excluded.zero_bitmap, created_at = excluded.created_at`,
+      [
+        sha256,
+        manifest.sizeBytes,
+        manifest.chunkSize,
+        manifest.digests.length / 32,
+        manifest.rootSha256,
+        manifest.digests,
+        manifest.zeroBitmap,
+        Date.now(),
+      ],
+    );
+  }
+
+  async getImageManifest(sha256: string): Promise<ChunkManifest | undefined> {
+    const { rows } = await this.pool.query<{
+      size_bytes: string | number;
+      chunk_size: number;
+      root_sha256: string;
+      digests: Buffer;
+      zero_bitmap: Buffer;
+    }>('SELECT size_bytes, chunk_size, root_sha256, digests, zero_bitmap FROM image_manifests WHERE sha256 = $1', [sha256]);
+    const row = rows[0];
+    if (!row) return undefined;
+    return {
+      sizeBytes: Number(row.size_bytes),
+      chunkSize: row.chunk_size,
+      rootSha256: row.root_sha256,
+      digests: row.digests,
+      zeroBitmap: row.zero_bitmap,
+    };
+  }
+
+  async deleteImageManifest(sha256: string): Promise<boolean> {
+    return ((await this.pool.query('DELETE FROM image_manifests WHERE sha256 = $1', [sha256])).rowCount ?? 0) > 0;
   }
 
   async putConfigDrive(record: ConfigDriveRecord): Promise<void> {

@@ -3,10 +3,18 @@ import { mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { DatabaseSync, type SQLInputValue, type StatementSync } from 'node:sqlite';
 import { Status } from 'nice-grpc-common';
+import type { ChunkManifest } from '../../common/chunk-manifest.js';
 import { MetalcastError } from '../../common/errors.js';
 import { EventEmitter } from 'node:events';
 import { ringHash } from '../cluster/hash-ring.js';
-import { ACTIVE_STATE_FAILURES, PROVISION_STATES, type ProvisionState, WAIT_STATE_FAILURES, WAIT_STATES } from '../provisioning/states.js';
+import {
+  ACTIVE_STATE_FAILURES,
+  AGENT_STATES,
+  PROVISION_STATES,
+  type ProvisionState,
+  WAIT_STATE_FAILURES,
+  WAIT_STATES,
+} from '../provisioning/states.js';
 import { SQLITE_MIGRATIONS } from './sqlite-migrations.js';
 import { applySettings } from './settings.js';
 import type {
@@ -45,6 +53,16 @@ type Row = Record<string, SQLInputValue>;
  * native build step). Calls are synchronous underneath; they are short, and
  * heartbeats reach it in batches, so the event loop is never held for long.
  */
+/**
+ * The heartbeat's progress (HeartbeatRecord.progressJson): null keeps the
+ * node's, '' clears it, a progress is written only onto a node in an agent
+ * state entered at or before the heartbeat; parameters: progress, progress,
+ * time, progress.
+ */
+const PROGRESS_UPDATE = `CASE WHEN ? IS NULL THEN progress WHEN ? = '' THEN NULL
+             WHEN provision_updated_at <= ? AND provision_state IN (${AGENT_STATES.map((s) => `'${s}'`).join(',')}) THEN ?
+             ELSE progress END`;
+
 export class SqliteStore implements Store {
   private readonly db: DatabaseSync;
   private readonly statements = new Map<string, StatementSync>();
@@ -299,6 +317,8 @@ export class SqliteStore implements Store {
         'provision_updated_at = ?',
         // Entering a state that waits for an agent starts the sweep's clock.
         'liveness_at = ?',
+        // The progress shown is the running step's: a new state starts without one.
+        'progress = NULL',
       ];
       const params: SQLInputValue[] = [t.to, t.target, now, now, (WAIT_STATES as string[]).includes(t.to) ? now : null];
       if (t.lastError !== undefined) {
@@ -353,12 +373,13 @@ export class SqliteStore implements Store {
     this.inTransaction(() => {
       const update = this.stmt(
         `UPDATE nodes SET last_heartbeat_at = ?, agent_address = ?, agent_version = ?, agent_status = ?,
-           progress = COALESCE(?, progress),
+           progress = ${PROGRESS_UPDATE},
            liveness_at = CASE WHEN liveness_at IS NULL THEN NULL ELSE MAX(liveness_at, ?) END
          WHERE uuid = ?`,
       );
       for (const hb of batch) {
-        const { changes } = update.run(hb.time, hb.agentAddress, hb.agentVersion, hb.agentStatus, hb.progressJson, hb.time, hb.nodeUuid);
+        const p = hb.progressJson;
+        const { changes } = update.run(hb.time, hb.agentAddress, hb.agentVersion, hb.agentStatus, p, p, hb.time, p, hb.time, hb.nodeUuid);
         if (Number(changes) === 0) missing.push(hb.nodeUuid);
       }
     });
@@ -664,6 +685,40 @@ export class SqliteStore implements Store {
   async getImageExtents(name: string): Promise<ImageExtent[] | undefined> {
     const row = this.stmt('SELECT extents FROM images WHERE name = ?').get(name) as { extents: string | null } | undefined;
     return row?.extents ? (JSON.parse(row.extents) as ImageExtent[]) : undefined;
+  }
+
+  async putImageManifest(sha256: string, manifest: ChunkManifest): Promise<void> {
+    this.stmt(
+      `INSERT INTO image_manifests (sha256, size_bytes, chunk_size, chunk_count, root_sha256, digests, zero_bitmap, created_at)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+       ON CONFLICT (sha256) DO UPDATE SET size_bytes = excluded.size_bytes, chunk_size = excluded.chunk_size, chunk_count = excluded.chunk_count,
+         root_sha256 = excluded.root_sha256, digests = excluded.digests, zero_bitmap = excluded.zero_bitmap, created_at = excluded.created_at`,
+    ).run(
+      sha256,
+      manifest.sizeBytes,
+      manifest.chunkSize,
+      manifest.digests.length / 32,
+      manifest.rootSha256,
+      manifest.digests,
+      manifest.zeroBitmap,
+      Date.now(),
+    );
+  }
+
+  async getImageManifest(sha256: string): Promise<ChunkManifest | undefined> {
+    const row = this.stmt('SELECT * FROM image_manifests WHERE sha256 = ?').get(sha256) as Row | undefined;
+    if (!row) return undefined;
+    return {
+      sizeBytes: row.size_bytes as number,
+      chunkSize: row.chunk_size as number,
+      rootSha256: row.root_sha256 as string,
+      digests: Buffer.from(row.digests as Uint8Array),
+      zeroBitmap: Buffer.from(row.zero_bitmap as Uint8Array),
+    };
+  }
+
+  async deleteImageManifest(sha256: string): Promise<boolean> {
+    return Number(this.stmt('DELETE FROM image_manifests WHERE sha256 = ?').run(sha256).changes) > 0;
   }
 
   async putConfigDrive(record: ConfigDriveRecord): Promise<void> {

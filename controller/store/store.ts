@@ -1,3 +1,4 @@
+import type { ChunkManifest } from '../../common/chunk-manifest.js';
 import type { ProvisionState } from '../provisioning/states.js';
 
 /** Milliseconds since the epoch; every time in the store is one of these. */
@@ -47,7 +48,12 @@ export interface NodeRecord {
   inventoryJson: string | null;
   /** JSON of the deploy spec; null when nothing is deployed. */
   deployJson: string | null;
-  /** JSON of the agent's latest command progress. */
+  /**
+   * JSON of the progress of the agent's running command in the node's
+   * current step; null when no command of this step runs or reported yet.
+   * Every provision state change clears it: an earlier step's progress is
+   * history, never shown as the node's (issue 18 item 6).
+   */
   progressJson: string | null;
   createdAt: EpochMs;
   updatedAt: EpochMs;
@@ -99,6 +105,14 @@ export interface HeartbeatRecord {
   agentAddress: string;
   agentVersion: string;
   agentStatus: string;
+  /**
+   * JSON of the progress of the agent's RUNNING command; '' when the agent
+   * reports a command that is no longer running (clears the node's
+   * progress); null when the heartbeat says nothing about a command (keeps
+   * it). Stores write a progress only onto a node still in the step the
+   * heartbeat was received in (an agent state entered at or before `time`),
+   * so that a late flush cannot put one step's progress on the next.
+   */
   progressJson: string | null;
 }
 
@@ -362,6 +376,16 @@ export interface Store {
   updateImage(name: string, patch: ImagePatch): Promise<ImageRecord | undefined>;
   /** The allocated extents of an image's raw content, sorted; undefined when the image is unknown or none are recorded. */
   getImageExtents(name: string): Promise<ImageExtent[] | undefined>;
+  /**
+   * Stores the chunk manifest of an image's content, keyed by the content's
+   * sha256 (images with the same content share it); a second put for the
+   * same content replaces it.
+   */
+  putImageManifest(sha256: string, manifest: ChunkManifest): Promise<void>;
+  /** The chunk manifest of the content with this sha256; undefined when none is stored (images stored before manifests). */
+  getImageManifest(sha256: string): Promise<ChunkManifest | undefined>;
+  /** Forgets the manifest of content no image uses any more; true when there was one. */
+  deleteImageManifest(sha256: string): Promise<boolean>;
   /** Stores (or replaces) a node's config drive. */
   putConfigDrive(record: ConfigDriveRecord): Promise<void>;
   getConfigDrive(nodeUuid: string): Promise<ConfigDriveRecord | undefined>;

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { afterEach, beforeEach, describe, it } from 'node:test';
 import { Status } from 'nice-grpc-common';
+import { type ChunkManifest, isZeroChunk, ManifestBuilder } from '../../common/chunk-manifest.js';
 import { MetalcastError } from '../../common/errors.js';
 import { RING_SIZE, ringHash } from '../../controller/cluster/hash-ring.js';
 import { PROVISION_STATES, type ProvisionState } from '../../controller/provisioning/states.js';
@@ -154,6 +155,28 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
         await store.putConfigDrive({ nodeUuid: node.uuid, gzip, sha256: 'c'.repeat(64), sizeBytes: 4096, createdAt: 1000 });
         await store.deleteNode(node.uuid);
         assert.equal(await store.getConfigDrive(node.uuid), undefined);
+      });
+
+      it('stores a chunk manifest per content, above 2^32 bytes, replaces it, and deletes it', async () => {
+        const sha = 'e'.repeat(64);
+        assert.equal(await store.getImageManifest(sha), undefined);
+        // 5 GiB in 4 MiB chunks: sizes past 32 bits must round-trip exactly.
+        const builder = new ManifestBuilder(4096);
+        builder.update(Buffer.alloc(4096));
+        builder.update(Buffer.from('not zero'));
+        const { manifest: small } = builder.finish();
+        const big = { ...small, chunkSize: 4 * 1024 * 1024, sizeBytes: 5 * 1024 ** 3 };
+        await store.putImageManifest(sha, big);
+        assert.deepEqual(await store.getImageManifest(sha), big);
+        await store.putImageManifest(sha, small);
+        const back = await store.getImageManifest(sha);
+        assert.deepEqual(back, small);
+        assert.equal(back?.digests.length, 64);
+        assert.equal(isZeroChunk(back as ChunkManifest, 0), true);
+        assert.equal(isZeroChunk(back as ChunkManifest, 1), false);
+        assert.equal(await store.deleteImageManifest(sha), true);
+        assert.equal(await store.deleteImageManifest(sha), false);
+        assert.equal(await store.getImageManifest(sha), undefined);
       });
     });
 
@@ -601,6 +624,32 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
         assert.equal(after?.progressJson, '{"percent":40}');
         assert.equal(after?.livenessAt, time);
         assert.deepEqual(await store.recordHeartbeats([]), []);
+      });
+
+      it('keeps progress to the step it was reported in (issue 18 item 6): cleared by a state change and by an empty progress; never written from before the state change or onto a node in no agent state', async () => {
+        const node = await nodeIn('deploy_wait', 'hb-progress', ['aa:00:00:00:07:0a'], 'active');
+        const entered = node.provisionUpdatedAt;
+        const progressOf = async () => (await store.getNode(node.uuid))?.progressJson;
+        await store.recordHeartbeats([heartbeat(node.uuid, entered + 10, { progressJson: '{"phase":"writing"}' })]);
+        assert.equal(await progressOf(), '{"phase":"writing"}');
+        await store.recordHeartbeats([heartbeat(node.uuid, entered + 20, { progressJson: null })]);
+        assert.equal(await progressOf(), '{"phase":"writing"}', 'a heartbeat that says nothing keeps it');
+        await store.recordHeartbeats([heartbeat(node.uuid, entered + 30, { progressJson: '' })]);
+        assert.equal(await progressOf(), null, "'' (the command ended) clears it");
+        await store.recordHeartbeats([heartbeat(node.uuid, entered - 1, { progressJson: '{"phase":"erasing sda"}' })]);
+        assert.equal(await progressOf(), null, 'a heartbeat received before the node entered its state is an earlier step');
+
+        await store.recordHeartbeats([heartbeat(node.uuid, entered + 40, { progressJson: '{"phase":"flushing"}' })]);
+        const active = await store.transition(node.uuid, {
+          from: ['deploy_wait'],
+          to: 'active',
+          target: null,
+          keepAgentToken: false,
+          event: event('transition'),
+        });
+        assert.equal(active?.progressJson, null, 'a state change clears it');
+        await store.recordHeartbeats([heartbeat(node.uuid, Date.now() + 1000, { progressJson: '{"phase":"flushing"}' })]);
+        assert.equal(await progressOf(), null, 'no progress onto a node in no agent state');
       });
 
       it('pins the agent certificate once per token, by compare-and-set', async () => {

@@ -644,6 +644,11 @@ export class PostgresStore implements Store {
     });
   }
 
+  async clock(): Promise<EpochMs> {
+    const { rows } = await this.pool.query<{ now: number }>('SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now');
+    return Number(rows[0]?.now);
+  }
+
   async registerController(id: string, address: string, now: EpochMs): Promise<void> {
     await this.pool.query(
       `INSERT INTO controllers (id, address, started_at, last_seen_at) VALUES ($1, $2, $3, $3)

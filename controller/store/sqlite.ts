@@ -593,6 +593,11 @@ export class SqliteStore implements Store {
     });
   }
 
+  /** One controller on a local file: its clock is the database's. */
+  async clock(): Promise<EpochMs> {
+    return Date.now();
+  }
+
   async registerController(id: string, address: string, now: EpochMs): Promise<void> {
     this.stmt(
       `INSERT INTO controllers (id, address, started_at, last_seen_at) VALUES (?, ?, ?, ?)

@@ -358,6 +358,13 @@ export interface Store {
    */
   releaseHolder(holder: string, reason: string, now: EpochMs): Promise<TakeoverResult>;
   /** Adds or refreshes this controller's row. */
+  /**
+   * The database's clock, in epoch milliseconds: the one clock every
+   * controller sharing the database agrees on. Membership stamps and
+   * compares controller rows with it, so that a controller whose own clock
+   * is off does not look dead (or make the others look dead).
+   */
+  clock(): Promise<EpochMs>;
   registerController(id: string, address: string, now: EpochMs): Promise<void>;
   /** Touches this controller's row; false when the row is gone (others declared it dead). */
   touchController(id: string, now: EpochMs): Promise<boolean>;

@@ -55,9 +55,19 @@ export interface StoreLogger {
 export interface PostgresStoreOptions {
   /** Where reconnects and lost notifications are reported. Default: silent. */
   logger?: StoreLogger;
-  /** Connections in the pool, besides the one that listens for notifications. Default: 10. */
+  /** Connections in the pool, besides the one that listens for notifications. Default: 20 (--database-pool-size). */
   poolSize?: number;
+  /**
+   * The longest a query waits for a free connection of the pool (or for a
+   * new one to connect); then it fails UNAVAILABLE, saying that the pool was
+   * full. Default: 10 s (--database-pool-wait).
+   */
+  poolWaitMs?: number;
 }
+
+/** Default pool size: a connect storm of 1,000 agents on one controller gets in with it (docs/hardening-controller.md). */
+export const DEFAULT_POOL_SIZE = 20;
+const DEFAULT_POOL_WAIT_MS = 10_000;
 
 const SILENT: StoreLogger = { info() {}, warn() {}, error() {} };
 
@@ -160,13 +170,16 @@ export class PostgresStore implements Store {
       // The listening connection is idle for hours: TCP keepalive is what notices a server that vanished without a word.
       keepAlive: true,
     };
-    const pool = new Pool({ ...connection, max: options.poolSize ?? 10, application_name: 'metalcast' });
+    const poolSize = options.poolSize ?? DEFAULT_POOL_SIZE;
+    const poolWaitMs = options.poolWaitMs ?? DEFAULT_POOL_WAIT_MS;
+    // pg-pool's connectionTimeoutMillis bounds both the wait for a free connection and the connect of a new one.
+    const pool = new Pool({ ...connection, connectionTimeoutMillis: poolWaitMs, max: poolSize, application_name: 'metalcast' });
     // Without a listener, a connection that breaks while idle in the pool would crash the process.
     pool.on('error', (error) => logger.warn({ err: error }, 'an idle PostgreSQL connection broke; the pool will open another'));
     try {
       const schema = await prepareDatabase(pool, masked);
       // From here on, not at open: a server that cannot be reached at start is a configuration problem, explained above.
-      unavailableWhenBusy(pool);
+      unavailableWhenBusy(pool, { poolSize, poolWaitMs });
       const listener = new NotificationListener(
         () => new Client({ ...connection, application_name: `metalcast listen ${schema}`.slice(0, 63) }),
         logger,
@@ -1100,13 +1113,20 @@ const TRANSIENT_MESSAGES =
  * a connect storm of thousands of agents waits for the pool's few
  * connections, and the pool gives up on some of them after its timeout.
  */
-function unavailableWhenBusy(pool: Pool): Pool {
+function unavailableWhenBusy(pool: Pool, limits: { poolSize: number; poolWaitMs: number }): Pool {
   const translate = (error: unknown): unknown => {
     if (!(error instanceof Error) || error instanceof DatabaseError) {
       if (!(error instanceof DatabaseError) || !TRANSIENT_CODES.has(error.code ?? '')) return error;
     }
     const code = (error as { code?: string }).code ?? '';
     if (!TRANSIENT_CODES.has(code) && !TRANSIENT_MESSAGES.test(error.message)) return error;
+    if (/timeout exceeded when trying to connect/i.test(error.message) && pool.totalCount >= limits.poolSize) {
+      // Every connection was busy for the whole wait: say so, and what to change.
+      return new MetalcastError(
+        Status.UNAVAILABLE,
+        `the database is busy: no connection of the pool was free within ${limits.poolWaitMs} ms (all ${limits.poolSize} in use, ${pool.waitingCount} more calls waiting); retry shortly, or raise --database-pool-size (within PostgreSQL's max_connections)`,
+      );
+    }
     return new MetalcastError(Status.UNAVAILABLE, `the database is busy or unreachable (${error.message}); retry shortly`);
   };
   const query = pool.query.bind(pool) as (...args: unknown[]) => Promise<unknown>;

@@ -36,6 +36,13 @@ export async function agentMain(flags: Record<string, unknown>): Promise<void> {
   for (const note of kernelCmdline ? kernelCmdlineNotes(kernelCmdline, AGENT_KERNEL_CMDLINE_KEYS) : []) {
     logger[note.level](note.fields, note.message);
   }
+  // A last line of defence, not the way errors are handled: every command settles its own promises
+  // (agent/commands/runner.ts). Node's default for an unhandled rejection is to end the process, which on
+  // a ramdisk strands the machine until someone reboots it; logged at error level so that tests and
+  // operators see the bug, while the agent keeps heartbeating.
+  process.on('unhandledRejection', (reason) => {
+    logger.error({ err: reason }, 'unhandled rejection (a bug in the agent); the agent keeps running');
+  });
   const exit = (code: number) => {
     logger.flush();
     process.exit(code);

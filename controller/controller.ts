@@ -48,6 +48,7 @@ import { createControllerMetrics, grpcServerMetricsMiddleware } from './observab
 import { Provisioner } from './provisioning/provisioner.js';
 import { agentGatewayRateLimits, PeerLimit } from './auth/rate-limit.js';
 import { createAgentGatewayService } from './services/agent-gateway.js';
+import { withAuthenticatedAgent } from './services/agent-auth.js';
 import { SHUTTING_DOWN } from './services/heartbeat.js';
 import { createImageService } from './services/image-service.js';
 import { createNodeService } from './services/node-service.js';
@@ -58,6 +59,7 @@ import { loadAgentCa } from './tls/agent-ca.js';
 import { SqliteStore } from './store/sqlite.js';
 import type { Store } from './store/store.js';
 import { Sweep } from './provisioning/sweep.js';
+import { BoundedShutdown, CANCELLED_CALLS_GRACE_MS } from './shutdown/bounded-shutdown.js';
 import { MetalcastError } from '../common/errors.js';
 import { Status } from 'nice-grpc-common';
 
@@ -79,7 +81,12 @@ export interface RunningController {
   recorder: HeartbeatRecorder;
   membership: Membership;
   powerSync: PowerSync;
-  /** Stops accepting, ends heartbeat streams, flushes heartbeats, closes the store. Idempotent. */
+  /**
+   * Stops accepting, ends heartbeat streams, flushes heartbeats, closes the
+   * store. Idempotent. Every phase is bounded, and the whole by
+   * --shutdown-deadline: rejects (after the deadline at the latest) naming
+   * the phases that did not finish.
+   */
   stop(): Promise<void>;
 }
 
@@ -284,12 +291,19 @@ export async function startController(
     timeoutMs: config.heartbeatTimeout,
   };
 
+  const rateLimitLog = logger.child({ component: 'rate-limit' });
   const operatorAuth = await setUpOperatorAuth(
     store,
     { mode: config.operatorAuth, dataDir: config.dataDir, listen: config.listen },
     logger.child({ component: 'operator-auth' }),
     // Operator mTLS (--tls-client-ca): a verified client certificate's OU gives its role.
     clientCertificateRole,
+    new PeerLimit(
+      'operator_auth',
+      { perMinute: config.operatorAuthFailureLimit, burst: config.operatorAuthFailureBurst },
+      metrics,
+      rateLimitLog,
+    ),
   );
   const imageServer = createImageServer({
     store,
@@ -301,21 +315,21 @@ export async function startController(
     readTimeoutMs: config.imageReadTimeout,
   });
   const health = HealthState();
-  const rateLimitLog = logger.child({ component: 'rate-limit' });
+  const agentAuthLog = logger.child({ component: 'agent-gateway' });
+  const agentAuthLimit = { perMinute: config.agentAuthFailureLimit, burst: config.agentAuthFailureBurst };
   // The interceptor hands a verified client certificate to the operator middleware (and strips forged ones).
   const server = createServer({ ...serverChannelOptions(keepalive), interceptors: [clientCertificateInterceptor] })
     .use(grpcServerMetricsMiddleware(registry))
     .use(errorMappingMiddleware(logger.child({ component: 'grpc' })))
     .use(
-      agentGatewayRateLimits({
-        lookup: new PeerLimit('lookup', { perMinute: config.lookupRateLimit, burst: config.lookupBurst }, metrics, rateLimitLog),
-        agentAuth: new PeerLimit(
-          'agent_auth',
-          { perMinute: config.agentAuthFailureLimit, burst: config.agentAuthFailureBurst },
-          metrics,
-          rateLimitLog,
-        ),
-      }),
+      agentGatewayRateLimits(
+        {
+          lookup: new PeerLimit('lookup', { perMinute: config.lookupRateLimit, burst: config.lookupBurst }, metrics, rateLimitLog),
+          agentAuth: new PeerLimit('agent_auth', agentAuthLimit, metrics, rateLimitLog),
+          agentAuthByNode: new PeerLimit('agent_auth_node', agentAuthLimit, metrics, rateLimitLog),
+        },
+        (context) => withAuthenticatedAgent(context, store, agentAuthLog),
+      ),
     )
     .use(rejectUndecodableRequests());
   server.add(
@@ -421,32 +435,43 @@ export async function startController(
   const stop = () => {
     stopping ??= (async () => {
       logger.info('controller stopping');
+      const shutdown = new BoundedShutdown(config.shutdownDeadline, logger);
       health.setStatus('unhealthy');
       // Heartbeat streams never end by themselves; end them so that shutdown is not held open.
       sessions.revokeAll(SHUTTING_DOWN);
       imageServer.stop();
       images.stopTransfers(); // DownloadImage streams end at their next chunk too; the replicator stops in images.stop()
-      const shutdownTimer = setTimeout(() => {
-        logger.warn({ timeoutMs: config.shutdownTimeout }, 'calls did not finish in time; cancelling them');
-        server.forceShutdown();
-      }, config.shutdownTimeout);
-      await server.shutdown();
-      clearTimeout(shutdownTimer);
-      await images.stop();
-      await conductor.stop();
-      await powerSync.stop();
+      await shutdown.phase(
+        'calls',
+        async () => {
+          const shutdownTimer = setTimeout(() => {
+            logger.warn({ timeoutMs: config.shutdownTimeout }, 'calls did not finish in time; cancelling them');
+            server.forceShutdown();
+          }, config.shutdownTimeout);
+          try {
+            await server.shutdown();
+          } finally {
+            clearTimeout(shutdownTimer);
+          }
+        },
+        // The calls' own time, then a little for cancelled ones to go; a connection that never closes is left to exit.
+        config.shutdownTimeout + CANCELLED_CALLS_GRACE_MS,
+      );
+      await shutdown.phase('image transfers and imports', () => images.stop());
+      await shutdown.phase('conductor', () => conductor.stop());
+      await shutdown.phase('power sync', () => powerSync.stop());
       agentClients.closeAll();
-      await sweep.stop();
-      await recorder.stop();
+      await shutdown.phase('sweep', () => sweep.stop());
+      await shutdown.phase('heartbeat flush', () => recorder.stop());
       // Leaving the ring last: the others take this controller's share at once.
-      await membership.stop();
+      await shutdown.phase('leaving the cluster', () => membership.stop());
       stopRelay();
       locks.close();
-      await http?.close();
-      await redfish.close();
+      await shutdown.phase('HTTP server', () => http?.close());
+      await shutdown.phase('BMC connections', () => redfish.close());
       transport.close();
-      await store.close();
-      logger.info('controller stopped');
+      await shutdown.phase('database', () => store.close());
+      shutdown.finish();
     })();
     return stopping;
   };

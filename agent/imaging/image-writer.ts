@@ -61,6 +61,14 @@ class StallError extends Error {
   override name = 'StallError';
 }
 
+/** Why a read was aborted: the disk refused a write; `cause` is the errno error. */
+class DiskWriteError extends Error {
+  override name = 'DiskWriteError';
+  constructor(cause: unknown) {
+    super(describe(cause), { cause });
+  }
+}
+
 const MIB = 1024 * 1024;
 
 /**
@@ -99,7 +107,9 @@ export async function writeImage(
       : 'writing image; all-zero chunks are written as zeros because the disk may hold old data',
   );
 
-  const device = await open(target.devicePath, 'r+');
+  const device = await open(target.devicePath, 'r+').catch((error: unknown) => {
+    throw new Error(`opening ${target.devicePath} to write image '${target.image}' failed: ${describe(error)}`);
+  });
   const hash = createHash('sha256');
   const zeros = Buffer.alloc(Math.max(stat.chunkSizeBytes, 1));
   const rate = new RateMeter();
@@ -121,8 +131,11 @@ export async function writeImage(
         stallTimer = setTimeout(() => call.abort(new StallError(`no data for ${options.stallTimeoutMs / 1000}s`)), options.stallTimeoutMs);
       };
       // Up to WRITES_IN_FLIGHT writes queued while the next chunks are received and hashed, so that one slow
-      // write does not stop the stream (memory: that many chunks); a write error surfaces at the next await.
-      const writes = new WriteQueue(WRITES_IN_FLIGHT);
+      // write does not stop the stream (memory: that many chunks). A write that fails while the loop waits
+      // for the next chunk must neither go unhandled (an unhandled rejection ends the agent process) nor
+      // wait for that chunk (a stalled link would hide a full disk for the whole stall timeout): the
+      // failure aborts the read at once, and the catch below reports the write error, not the abort.
+      const writes = new WriteQueue(WRITES_IN_FLIGHT, (failure) => call.abort(new DiskWriteError(failure)));
       try {
         armStallTimer();
         for await (const chunk of source.read(target.image, offset, call.signal)) {
@@ -210,7 +223,9 @@ export async function writeImage(
       );
     }
     report({ phase: 'flushing', doneBytes: size, totalBytes: size, resumes });
-    await device.sync();
+    await device.sync().catch((error: unknown) => {
+      throw new Error(`flushing ${target.devicePath} failed after writing ${size} bytes: ${describe(error)}`);
+    });
     if (options.verifyReadback) {
       report({ phase: 'verifying', doneBytes: 0, totalBytes: size, resumes });
       const readBack = await hashRange(device, size, (done) => report({ phase: 'verifying', doneBytes: done, totalBytes: size, resumes }));
@@ -220,7 +235,10 @@ export async function writeImage(
     logger.info({ size, resumes, seconds: (Date.now() - started) / 1000 }, 'image written and verified');
     return { devicePath: target.devicePath, writtenBytes: size, sha256: digest, resumes, bytesReceivedTwice: 0 };
   } finally {
-    await device.close();
+    // A device that failed or vanished may fail its close too; that must not hide the error that ended the write.
+    await device
+      .close()
+      .catch((error: unknown) => logger.warn({ err: error, device: target.devicePath }, 'closing the target disk failed'));
   }
 }
 
@@ -235,12 +253,15 @@ async function writeFully(file: FileHandle, data: Uint8Array, position: number):
 /** Disk writes of one write_image attempt may run this many at once (each pins its chunk). */
 const WRITES_IN_FLIGHT = 4;
 
-/** Positional writes in flight, at most `limit`; every failure is kept for all(), never left unhandled. */
+/** Positional writes in flight, at most `limit`; every failure is kept for all() and told to `onFailure`, never left unhandled. */
 class WriteQueue {
   private readonly pending = new Set<Promise<void>>();
   private failure: { error: unknown } | undefined;
 
-  constructor(private readonly limit: number) {}
+  constructor(
+    private readonly limit: number,
+    private readonly onFailure: (error: unknown) => void,
+  ) {}
 
   add(write: Promise<void>): void {
     const tracked = write.then(
@@ -250,6 +271,7 @@ class WriteQueue {
       (error: unknown) => {
         this.pending.delete(tracked);
         this.failure ??= { error };
+        this.onFailure(error);
       },
     );
     this.pending.add(tracked);

@@ -4,6 +4,9 @@ import type { ServerMiddleware } from 'nice-grpc';
 import { WAIT_STATES } from '../provisioning/states.js';
 import type { Store } from '../store/store.js';
 
+/** The kinds of metalcast_rate_limited_total (controller/auth/rate-limit.ts), so that each series exists from the start. */
+export const RATE_LIMIT_KINDS = ['lookup', 'agent_auth', 'agent_auth_node', 'operator_auth'] as const;
+
 /**
  * The controller's metrics, all in the one registry passed in, so that
  * tests and several controllers in one process never share counters.
@@ -123,7 +126,7 @@ export function createControllerMetrics(
     }),
     rateLimited: new Counter({
       name: 'metalcast_rate_limited_total',
-      help: 'Agent gateway calls refused RESOURCE_EXHAUSTED by a per-peer limit, by kind (lookup: --lookup-rate-limit; agent_auth: --agent-auth-failure-limit).',
+      help: 'Calls refused RESOURCE_EXHAUSTED by a per-client limit, by kind (lookup: --lookup-rate-limit; agent_auth: --agent-auth-failure-limit per address; agent_auth_node: the same per node uuid; operator_auth: --operator-auth-failure-limit per address or IPv6 /64).',
       labelNames: ['kind'],
       registers: [registry],
     }),
@@ -156,7 +159,7 @@ export function createControllerMetrics(
   for (const state of WAIT_STATES) metrics.heartbeatTimeouts.inc({ provision_state: state }, 0);
   metrics.sweepRuns.inc({ result: 'error' }, 0);
   metrics.lockWait.zero({ kind: 'patient' });
-  for (const kind of ['lookup', 'agent_auth']) metrics.rateLimited.inc({ kind }, 0);
+  for (const kind of RATE_LIMIT_KINDS) metrics.rateLimited.inc({ kind }, 0);
   for (const result of ['on', 'off', 'failed']) metrics.powerSyncChecks.inc({ result }, 0);
   for (const state of ['on', 'off']) metrics.powerStateChanges.inc({ power_state: state }, 0);
   return metrics;

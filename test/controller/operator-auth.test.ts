@@ -121,7 +121,16 @@ async function startLogged(
   const logger = createLogger({ name: 'auth-test', level: 'debug', destination: { write: (line: string) => void lines.push(line) } });
   const config = loadControllerConfig(
     // Plaintext: TLS is not what these tests are about (test/controller/tls.test.ts is).
-    { listen: '127.0.0.1:0', metricsListen: '127.0.0.1:0', dataDir, controllerId: 'auth-test', insecure: 'true', ...flags },
+    // No limit on failures: these tests fail on purpose, many times (test/controller/rate-limit.test.ts tests the limit).
+    {
+      listen: '127.0.0.1:0',
+      metricsListen: '127.0.0.1:0',
+      dataDir,
+      controllerId: 'auth-test',
+      insecure: 'true',
+      operatorAuthFailureLimit: '0',
+      ...flags,
+    },
     {},
   );
   return { controller: await startController(config, logger), lines };

@@ -9,6 +9,7 @@ import type { StatImageResponse } from '../../gen/metalcast/v1/agent_gateway.js'
 import type { CommandProgress, WriteImageResult } from '../../gen/metalcast/v1/command.js';
 import type { ImageSource } from './image-source.js';
 import {
+  DiskWriteError,
   FATAL_CODES,
   hashRange,
   isDiskError,
@@ -16,9 +17,13 @@ import {
   StallError,
   type WriteImageOptions,
   type WriteImageTarget,
+  WRITES_IN_FLIGHT,
+  WriteQueue,
   withRetries,
+  writeAllAt,
   writeFully,
 } from './image-writer.js';
+import { chunkParts } from '../../common/read-image-codec.js';
 
 /**
  * A chunk that fails verification this many times fails the deploy: one bad
@@ -150,8 +155,13 @@ export async function writeImageByChunks(
         clearTimeout(stallTimer);
         stallTimer = setTimeout(() => call.abort(new StallError(`no data for ${options.stallTimeoutMs / 1000}s`)), options.stallTimeoutMs);
       };
-      // One write in flight while the next piece is received; a write error surfaces at the next await.
-      let inflight: Promise<void> = Promise.resolve();
+      // Writes queued as in the stream writer (image-writer.ts): a few in flight, and a failing one aborts
+      // the read at once so that the catch below reports the write error.
+      const writes = new WriteQueue(WRITES_IN_FLIGHT);
+      const startWrite = (write: Promise<void>) => {
+        write.catch((failure: unknown) => call.abort(new DiskWriteError(failure)));
+        writes.add(write);
+      };
       let failedThisPass = 0;
       try {
         armStallTimer();
@@ -159,22 +169,27 @@ export async function writeImageByChunks(
           let offset = range.offset;
           for await (const message of source.read(target.image, range.offset, call.signal, range.end - range.offset)) {
             armStallTimer();
-            const length = message.zero ? message.length : message.data.length;
+            // chunkParts, not message.data: reading `data` of a message received in parts joins them (a copy).
+            const parts: Buffer[] = message.zero ? [] : [...chunkParts(message)];
+            const length = message.zero ? message.length : parts.reduce((sum, part) => sum + part.length, 0);
             if (message.offset !== offset || length === 0 || offset + length > range.end || (message.zero && length > zeros.length)) {
               throw new Error(`the controller sent a chunk at ${message.offset} of ${length} bytes where ${offset} was expected`);
             }
-            const data = message.zero ? zeros.subarray(0, length) : message.data;
-            await inflight;
-            inflight = writeFully(device, data, offset);
+            if (message.zero) parts.push(zeros.subarray(0, length));
+            await writes.room();
+            startWrite(parts.length === 1 ? writeFully(device, parts[0] as Buffer, offset) : writeAllAt(device, parts, offset));
             receivedTotal += length;
             rate.add(length);
             // Hash the message's pieces chunk by chunk; a chunk is judged when its last byte arrives.
             let at = 0;
+            let part = 0;
+            let inPart = 0;
             while (at < length) {
+              const data = parts[part] as Buffer;
               const index = Math.floor((offset + at) / manifest.chunkSize);
               const chunk = chunkRange(manifest, index);
               const within = offset + at - chunk.offset;
-              const take = Math.min(chunk.length - within, length - at);
+              const take = Math.min(chunk.length - within, data.length - inPart);
               let state = partial.get(index);
               if (within === 0) {
                 state = { hash: createHash('sha256'), received: 0 };
@@ -182,9 +197,14 @@ export async function writeImageByChunks(
               } else if (!state || state.received !== within) {
                 throw new Error(`chunk ${index} resumed at byte ${within} but ${state?.received ?? 0} were received`);
               }
-              state.hash.update(data.subarray(at, at + take));
+              state.hash.update(data.subarray(inPart, inPart + take));
               state.received += take;
               at += take;
+              inPart += take;
+              if (inPart === data.length) {
+                part++;
+                inPart = 0;
+              }
               if (state.received < chunk.length) continue;
               partial.delete(index);
               const digest = state.hash.digest();
@@ -211,13 +231,13 @@ export async function writeImageByChunks(
             offset += length;
             progress('writing', { rateBytesPerSecond: rate.perSecond(), etaSeconds: rate.eta(size - doneBytes) });
           }
-          await inflight;
+          await writes.all();
           if (offset < range.end) throw new Error(`the controller ended the stream at ${offset} of the range ending at ${range.end}`);
         }
-        await inflight;
+        await writes.all();
       } catch (error) {
         // A write still in flight when the stream broke may have failed: its chunk must not count as held.
-        const writeError = await inflight.then(
+        const writeError = await writes.all().then(
           () => undefined,
           (failure: unknown) => failure,
         );

@@ -10,6 +10,9 @@ import { ClientError, Status, waitForChannelReady } from 'nice-grpc';
 import { describeError } from '../../common/errors.js';
 import { type Image, ImageFormat, ImageState, type UploadImageRequest } from '../../gen/metalcast/v1/image.js';
 import { type OperatorClients, withClient } from '../client.js';
+import { registerImageMakeTestCommand } from './image-make-test.js';
+import { CliFailure } from '../errors.js';
+import { EXIT } from '../../common/exit-codes.js';
 import { formatBytes, formatTime, printFields, printJson, printTable } from '../output.js';
 
 /**
@@ -99,14 +102,15 @@ function transferProgress(total: number, name: string, start = 0) {
 async function uploadCommand(file: string, opts: { name: string; sha256?: string }, command: Command): Promise<void> {
   await withClient(command, async ({ channel, images }, { json, timeout, controller }) => {
     const info = await stat(file).catch((error: NodeJS.ErrnoException) => {
-      throw new Error(`cannot read ${file}: ${error.code === 'ENOENT' ? 'no such file' : error.message}`);
+      throw new CliFailure(`cannot read ${file}: ${error.code === 'ENOENT' ? 'no such file' : error.message}`, EXIT.USAGE);
     });
-    if (!info.isFile()) throw new Error(`${file} is not a regular file`);
-    if (info.size === 0) throw new Error(`${file} is empty; an image needs content`);
+    if (!info.isFile()) throw new CliFailure(`${file} is not a regular file`, EXIT.USAGE);
+    if (info.size === 0) throw new CliFailure(`${file} is empty; an image needs content`, EXIT.USAGE);
 
     // A deadline for getting connected; the upload itself may take as long as it takes.
     await waitForChannelReady(channel, new Date(Date.now() + timeout)).catch(() => {
-      throw new Error(`cannot reach the controller at ${controller} within ${timeout} ms (set --controller or METALCAST_CONTROLLER)`);
+      // As a failed call would: describeFailure then probes the address for the reason (down, wrong port, TLS mismatch).
+      throw new ClientError('/metalcast.v1.ImageService/UploadImage', Status.UNAVAILABLE, `No connection established within ${timeout} ms`);
     });
 
     const hash = createHash('sha256');
@@ -263,10 +267,15 @@ async function downloadCommand(name: string, opts: { output: string; force?: boo
         () => false,
       ))
     ) {
-      throw new Error(`${output} already exists; choose another --output, or add --force to replace it`);
+      throw new CliFailure(`${output} already exists; choose another --output, or add --force to replace it`, EXIT.FAILED);
     }
     await waitForChannelReady(channel, new Date(Date.now() + timeout)).catch(() => {
-      throw new Error(`cannot reach the controller at ${controller} within ${timeout} ms (set --controller or METALCAST_CONTROLLER)`);
+      // As a failed call would: describeFailure then probes the address for the reason (down, wrong port, TLS mismatch).
+      throw new ClientError(
+        '/metalcast.v1.ImageService/DownloadImage',
+        Status.UNAVAILABLE,
+        `No connection established within ${timeout} ms`,
+      );
     });
 
     // Beside the output, so that the final rename is atomic: the output never holds a partial or unverified image.
@@ -490,6 +499,8 @@ retries, or download it from another controller. --timeout bounds connecting onl
         else printImage(found);
       }),
     );
+
+  registerImageMakeTestCommand(image);
 
   image
     .command('delete')

@@ -25,7 +25,8 @@ export async function watchNodes(
   refs: string[],
   until: Set<StateName> | undefined,
   json: boolean,
-): Promise<void> {
+  signal?: AbortSignal,
+): Promise<Map<string, Node>> {
   const nodes = new Map<string, Node>();
   const live = process.stdout.isTTY && !json;
   let dirty = false;
@@ -42,7 +43,9 @@ export async function watchNodes(
   };
   const timer = live ? setInterval(draw, 250) : undefined;
   const abort = new AbortController();
-  process.once('SIGINT', () => abort.abort());
+  const onSigint = () => abort.abort();
+  process.once('SIGINT', onSigint);
+  signal?.addEventListener('abort', onSigint, { once: true });
   try {
     for await (const change of client.watchNodes({ nodes: refs }, { deadline: undefined, signal: abort.signal })) {
       const node = change.node;
@@ -62,8 +65,10 @@ export async function watchNodes(
     if (!abort.signal.aborted) throw error;
   } finally {
     clearInterval(timer);
+    process.off('SIGINT', onSigint);
     if (live) draw();
   }
+  return nodes;
 }
 
 function isBusy(node: Node): boolean {

@@ -220,8 +220,7 @@ export class Provisioner {
     if (!deploy || deploy.image === '')
       throw new MetalcastError(Status.INVALID_ARGUMENT, 'deploy.image: an image name is required to deploy');
     const image = await this.store.getImage(deploy.image);
-    if (!image)
-      throw new MetalcastError(Status.FAILED_PRECONDITION, `image '${deploy.image}' does not exist; metalcast image list shows the images`);
+    if (!image) throw new MetalcastError(Status.NOT_FOUND, `image '${deploy.image}' does not exist; metalcast image list shows the images`);
     if (image.state !== 'ready')
       throw new MetalcastError(Status.FAILED_PRECONDITION, `image '${deploy.image}' is ${image.state}, not ready`);
     if (node.inventoryJson) {

@@ -7,6 +7,7 @@ import { ringHash } from '../cluster/hash-ring.js';
 import {
   ACTIVE_STATE_FAILURES,
   type ActiveState,
+  AGENT_STATES,
   isWaitState,
   PROVISION_STATES,
   type ProvisionState,
@@ -338,6 +339,8 @@ export class PostgresStore implements Store {
         `provision_updated_at = ${p.add(now)}`,
         // Entering a state that waits for an agent starts the sweep's clock.
         `liveness_at = ${p.add(isWaitState(t.to) ? now : null)}`,
+        // The progress shown is the running step's: a new state starts without one.
+        'progress = NULL',
       ];
       if (t.lastError !== undefined) sets.push(`last_error = ${p.add(t.lastError)}`);
       if (!t.keepAgentToken) sets.push('agent_token_hash = NULL', 'agent_api_token = NULL', 'agent_certificate = NULL');
@@ -395,7 +398,10 @@ export class PostgresStore implements Store {
     const beats = [...merged.values()];
     const { rows } = await this.pool.query<{ uuid: string }>(
       `UPDATE nodes n SET last_heartbeat_at = b.time, agent_address = b.address, agent_version = b.version, agent_status = b.status,
-         progress = COALESCE(b.progress, n.progress),
+         -- HeartbeatRecord.progressJson: null keeps, '' clears; a progress only onto the step it was received in.
+         progress = CASE WHEN b.progress IS NULL THEN n.progress WHEN b.progress = '' THEN NULL
+           WHEN n.provision_updated_at <= b.time AND n.provision_state = ANY($8::text[]) THEN b.progress
+           ELSE n.progress END,
          liveness_at = CASE WHEN n.liveness_at IS NULL THEN NULL ELSE GREATEST(n.liveness_at, b.latest) END
        FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[])
          AS b (uuid, time, address, version, status, progress, latest)
@@ -409,6 +415,7 @@ export class PostgresStore implements Store {
         beats.map((b) => b.agentStatus),
         beats.map((b) => b.progressJson),
         beats.map((b) => b.latest),
+        AGENT_STATES,
       ],
     );
     const found = new Set(rows.map((r) => r.uuid));
@@ -611,10 +618,12 @@ export class PostgresStore implements Store {
       }
       // Every lock let go leaves a trace, so that a node's history shows where one controller's work ended.
       await client.query(
-        `INSERT INTO node_events (node_uuid, time, kind, message, actor, from_state, to_state)
+        // Locked first, as insertEvent does: the events of a node get their ids in commit order.
+        `WITH held AS (SELECT uuid, name, reservation_operation FROM nodes WHERE reservation = $1 ORDER BY name FOR UPDATE)
+         INSERT INTO node_events (node_uuid, time, kind, message, actor, from_state, to_state)
          SELECT uuid, $2, 'lock_released', format('lock of %s for %s released: %s', $1::text, COALESCE(reservation_operation, 'an operation'), $3::text),
            'takeover', NULL, NULL
-         FROM nodes WHERE reservation = $1 ORDER BY name`,
+         FROM held ORDER BY name`,
         [holder, now, reason],
       );
       const released = await client.query('UPDATE nodes SET reservation = NULL, reservation_operation = NULL WHERE reservation = $1', [
@@ -1272,9 +1281,21 @@ async function assertMacsFree(db: Queryable, macs: readonly string[]): Promise<v
   if (mac !== undefined) throw new MetalcastError(Status.ALREADY_EXISTS, `MAC address ${mac} already belongs to node '${owners.get(mac)}'`);
 }
 
+/**
+ * Appends one event of a node. Ids come from an identity column, assigned
+ * at insert and visible at commit, and ListNodeEvents pages by `id >
+ * afterId`: were two transactions to write events of one node at once, the
+ * later id could commit first and a reader between the two commits would
+ * page past the earlier one for good. So every event insert locks its
+ * node's row first (FOR UPDATE, held to commit; most callers hold it
+ * already, from the UPDATE of the node), and the events of one node get
+ * their ids in commit order. Listings are per node, so that is enough.
+ */
 async function insertEvent(db: Queryable, uuid: string, event: NewNodeEvent, time: EpochMs): Promise<void> {
   await db.query(
-    'INSERT INTO node_events (node_uuid, time, kind, message, actor, from_state, to_state) VALUES ($1, $2, $3, $4, $5, $6, $7)',
+    `WITH node AS (SELECT uuid FROM nodes WHERE uuid = $1 FOR UPDATE)
+     INSERT INTO node_events (node_uuid, time, kind, message, actor, from_state, to_state)
+     SELECT node.uuid, $2, $3, $4, $5, $6, $7 FROM node`,
     [uuid, time, event.kind, event.message, event.actor, event.fromState, event.toState],
   );
 }

@@ -48,7 +48,12 @@ export interface NodeRecord {
   inventoryJson: string | null;
   /** JSON of the deploy spec; null when nothing is deployed. */
   deployJson: string | null;
-  /** JSON of the agent's latest command progress. */
+  /**
+   * JSON of the progress of the agent's running command in the node's
+   * current step; null when no command of this step runs or reported yet.
+   * Every provision state change clears it: an earlier step's progress is
+   * history, never shown as the node's (issue 18 item 6).
+   */
   progressJson: string | null;
   createdAt: EpochMs;
   updatedAt: EpochMs;
@@ -100,6 +105,14 @@ export interface HeartbeatRecord {
   agentAddress: string;
   agentVersion: string;
   agentStatus: string;
+  /**
+   * JSON of the progress of the agent's RUNNING command; '' when the agent
+   * reports a command that is no longer running (clears the node's
+   * progress); null when the heartbeat says nothing about a command (keeps
+   * it). Stores write a progress only onto a node still in the step the
+   * heartbeat was received in (an agent state entered at or before `time`),
+   * so that a late flush cannot put one step's progress on the next.
+   */
   progressJson: string | null;
 }
 

@@ -64,12 +64,16 @@ const CONTROLLER_FLAGS: Record<string, string> = {
   transferStallTimeout: `${STALL_MS}ms`,
   transferAttempts: '30',
   // Keepalive on both sides, but slower than the stall timer (an unanswered
-  // ping counts after 3 s): a black hole must be caught by the stall timer,
-  // which is under test; keepalive then ends the dead connection.
+  // ping counts after 6 s): a black hole must be caught by the stall timer,
+  // which is under test; keepalive then ends the dead connection. A ping's
+  // answer queues behind the data in flight (up to the 16 MiB flow-control
+  // window, through this process's proxy), so a ping sent a second before
+  // the black hole may be unanswered for longer than that: with 3 s,
+  // keepalive sometimes won the race.
   keepaliveTime: '1s',
-  keepaliveTimeout: '3s',
+  keepaliveTimeout: '6s',
 };
-const AGENT_FLAGS: Record<string, string> = { 'keepalive-time': '1s', 'keepalive-timeout': '3s' };
+const AGENT_FLAGS: Record<string, string> = { 'keepalive-time': '1s', 'keepalive-timeout': '6s' };
 
 /** The agent's log line for an interrupted transfer. */
 const interrupted = (since: number) => (line: Record<string, unknown>) =>

@@ -102,10 +102,17 @@ export interface RunningController {
 }
 
 /** Opens the store the database URL names: SQLite for one controller, PostgreSQL for several. */
-export async function openStore(config: Pick<ControllerConfig, 'database'>, logger: Logger): Promise<Store> {
+export async function openStore(
+  config: Pick<ControllerConfig, 'database'> & Partial<Pick<ControllerConfig, 'databasePoolSize' | 'databasePoolWait'>>,
+  logger: Logger,
+): Promise<Store> {
   if (config.database.startsWith('sqlite:')) return SqliteStore.open(config.database.slice('sqlite:'.length));
   const { PostgresStore } = await import('./store/postgres.js');
-  return PostgresStore.open(config.database, { logger: logger.child({ component: 'postgres' }) });
+  return PostgresStore.open(config.database, {
+    logger: logger.child({ component: 'postgres' }),
+    poolSize: config.databasePoolSize,
+    poolWaitMs: config.databasePoolWait,
+  });
 }
 
 /** The host machines and BMCs reach this controller at: the advertised one, or the listen host when it is a single address. */
@@ -286,6 +293,8 @@ export async function startController(
     },
     logger.child({ component: 'conductor' }),
   );
+  // An abort stops the conductor's step on the node and powers the machine off through its agent when it has no driver.
+  provisioner.steps = conductor;
   const powerSync = new PowerSync(
     store,
     power,

@@ -108,7 +108,9 @@ export async function writeImageByChunks(
       ...extra,
     });
 
-  const device = await open(target.devicePath, 'r+');
+  const device = await open(target.devicePath, 'r+').catch((error: unknown) => {
+    throw new Error(`opening ${target.devicePath} to write image '${target.image}' failed: ${describe(error)}`);
+  });
   try {
     // 2. What the disk already holds.
     if (options.diskIsZeroed) {
@@ -136,7 +138,9 @@ export async function writeImageByChunks(
     for (let index = 0; index < count; index++) {
       if (done[index] || !isZero(index)) continue;
       const { offset, length } = chunkRange(manifest, index);
-      await writeFully(device, zeros.subarray(0, length), offset);
+      await writeFully(device, zeros.subarray(0, length), offset).catch((error: unknown) => {
+        throw new Error(`writing ${target.devicePath} failed at ${offset} of ${size} bytes (zeroing): ${describe(error)}`);
+      });
       done[index] = 1;
       fetched++;
       doneBytes += length;
@@ -290,7 +294,9 @@ export async function writeImageByChunks(
     }
 
     progress('flushing', { doneBytes: size });
-    await device.sync();
+    await device.sync().catch((error: unknown) => {
+      throw new Error(`flushing ${target.devicePath} failed after writing ${size} bytes: ${describe(error)}`);
+    });
     if (options.verifyReadback) {
       progress('verifying', { doneBytes: 0 });
       const readBack = await hashRange(device, size, (read) => progress('verifying', { doneBytes: read }));
@@ -314,7 +320,10 @@ export async function writeImageByChunks(
       bytesSkipped,
     };
   } finally {
-    await device.close();
+    // A device that failed or vanished may fail its close too; that must not hide the error that ended the write.
+    await device
+      .close()
+      .catch((error: unknown) => logger.warn({ err: error, device: target.devicePath }, 'closing the target disk failed'));
   }
 }
 

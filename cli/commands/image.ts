@@ -100,7 +100,7 @@ function transferProgress(total: number, name: string, start = 0) {
 }
 
 async function uploadCommand(file: string, opts: { name: string; sha256?: string }, command: Command): Promise<void> {
-  await withClient(command, async ({ channel, images }, { json, timeout, controller }) => {
+  await withClient(command, async ({ channel, images }, { json, timeout }) => {
     const info = await stat(file).catch((error: NodeJS.ErrnoException) => {
       throw new CliFailure(`cannot read ${file}: ${error.code === 'ENOENT' ? 'no such file' : error.message}`, EXIT.USAGE);
     });
@@ -258,7 +258,7 @@ async function downloadOnce(
 }
 
 async function downloadCommand(name: string, opts: { output: string; force?: boolean }, command: Command): Promise<void> {
-  await withClient(command, async ({ channel, images }, { json, timeout, controller }) => {
+  await withClient(command, async ({ channel, images }, { json, timeout }) => {
     const output = opts.output;
     if (
       !opts.force &&

@@ -138,6 +138,19 @@ export const CONTROLLER_OPTIONS = {
     defaultValue: '',
     parse: parseDatabaseUrl,
   },
+  databasePoolSize: {
+    flag: 'database-pool-size',
+    description:
+      "PostgreSQL connections this controller keeps at most (besides one that listens for notifications); every controller on the database has its own, within the server's max_connections. The default lets a connect storm of 1,000 agents in at once",
+    defaultValue: '20',
+    parse: integer({ min: 1, max: 1000 }),
+  },
+  databasePoolWait: durationSpec(
+    'database-pool-wait',
+    'the longest a call waits for a free PostgreSQL connection of the pool; then it fails UNAVAILABLE (agents retry) saying that the pool was full',
+    '10s',
+    10,
+  ),
   advertiseAddress: {
     flag: 'advertise-address',
     description:

@@ -16,6 +16,7 @@ import {
 import { Registry } from 'prom-client';
 import { errorMappingMiddleware } from '../common/errors.js';
 import { FastAgentGatewayServiceDefinition } from '../common/read-image-codec.js';
+import { FastImageServiceDefinition } from '../common/upload-image-codec.js';
 import type { Logger } from '../common/logging.js';
 import { serverChannelOptions } from '../common/grpc-options.js';
 import {
@@ -102,10 +103,17 @@ export interface RunningController {
 }
 
 /** Opens the store the database URL names: SQLite for one controller, PostgreSQL for several. */
-export async function openStore(config: Pick<ControllerConfig, 'database'>, logger: Logger): Promise<Store> {
+export async function openStore(
+  config: Pick<ControllerConfig, 'database'> & Partial<Pick<ControllerConfig, 'databasePoolSize' | 'databasePoolWait'>>,
+  logger: Logger,
+): Promise<Store> {
   if (config.database.startsWith('sqlite:')) return SqliteStore.open(config.database.slice('sqlite:'.length));
   const { PostgresStore } = await import('./store/postgres.js');
-  return PostgresStore.open(config.database, { logger: logger.child({ component: 'postgres' }) });
+  return PostgresStore.open(config.database, {
+    logger: logger.child({ component: 'postgres' }),
+    poolSize: config.databasePoolSize,
+    poolWaitMs: config.databasePoolWait,
+  });
 }
 
 /** The host machines and BMCs reach this controller at: the advertised one, or the listen host when it is a single address. */
@@ -389,7 +397,7 @@ export async function startController(
   await images.init();
   // UploadImage data is as large as the server's transport limit allows.
   const imageLimits = (method: string) => (method === 'UploadImage' ? undefined : OPERATOR_REQUEST_LIMIT_BYTES);
-  operatorServer.add(guardRequestDecoding(ImageServiceDefinition, imageLimits), images.implementation);
+  operatorServer.add(guardRequestDecoding(FastImageServiceDefinition, imageLimits), images.implementation);
   server.add(guardRequestDecoding(HealthDefinition, HEALTH_REQUEST_LIMIT_BYTES), HealthServiceImpl(health));
   // Reflection shows the whole API, so it needs an operator token; it describes every service it lists (health too).
   const reflection = ServerReflection(Buffer.concat([readFileSync(DESCRIPTOR_SET), healthDescriptorSet()]), [

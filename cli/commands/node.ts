@@ -355,7 +355,9 @@ export function registerNodeCommands(program: Command, addOperatorOptions: (comm
 
   node
     .command('watch')
-    .description('show nodes live, with the progress of their agents, until Ctrl-C (or --until)')
+    .description(
+      'show nodes live, with the progress of their agents, until Ctrl-C (or --until); without a terminal, a line per state change and a summary',
+    )
     .argument('[nodes...]', 'node names or uuids (default: all)')
     .option('--until <states>', 'exit once every watched node is in one of these comma-separated states (e.g. active,deploy_failed)')
     .action(async (refs: string[], opts: { until?: string }, command: Command) =>

@@ -43,6 +43,7 @@ import type {
   Transition,
 } from './store.js';
 import { powerStatusFromRow } from './power-rows.js';
+import { deployImageOf, deployImageProblem } from './store.js';
 
 /** The part of a pino logger the store uses; pass `logger.child({ component: 'store' })`. */
 export interface StoreLogger {
@@ -54,9 +55,19 @@ export interface StoreLogger {
 export interface PostgresStoreOptions {
   /** Where reconnects and lost notifications are reported. Default: silent. */
   logger?: StoreLogger;
-  /** Connections in the pool, besides the one that listens for notifications. Default: 10. */
+  /** Connections in the pool, besides the one that listens for notifications. Default: 20 (--database-pool-size). */
   poolSize?: number;
+  /**
+   * The longest a query waits for a free connection of the pool (or for a
+   * new one to connect); then it fails UNAVAILABLE, saying that the pool was
+   * full. Default: 10 s (--database-pool-wait).
+   */
+  poolWaitMs?: number;
 }
+
+/** Default pool size: a connect storm of 1,000 agents on one controller gets in with it (docs/hardening-controller.md). */
+export const DEFAULT_POOL_SIZE = 20;
+const DEFAULT_POOL_WAIT_MS = 10_000;
 
 const SILENT: StoreLogger = { info() {}, warn() {}, error() {} };
 
@@ -159,13 +170,16 @@ export class PostgresStore implements Store {
       // The listening connection is idle for hours: TCP keepalive is what notices a server that vanished without a word.
       keepAlive: true,
     };
-    const pool = new Pool({ ...connection, max: options.poolSize ?? 10, application_name: 'metalcast' });
+    const poolSize = options.poolSize ?? DEFAULT_POOL_SIZE;
+    const poolWaitMs = options.poolWaitMs ?? DEFAULT_POOL_WAIT_MS;
+    // pg-pool's connectionTimeoutMillis bounds both the wait for a free connection and the connect of a new one.
+    const pool = new Pool({ ...connection, connectionTimeoutMillis: poolWaitMs, max: poolSize, application_name: 'metalcast' });
     // Without a listener, a connection that breaks while idle in the pool would crash the process.
     pool.on('error', (error) => logger.warn({ err: error }, 'an idle PostgreSQL connection broke; the pool will open another'));
     try {
       const schema = await prepareDatabase(pool, masked);
       // From here on, not at open: a server that cannot be reached at start is a configuration problem, explained above.
-      unavailableWhenBusy(pool);
+      unavailableWhenBusy(pool, { poolSize, poolWaitMs });
       const listener = new NotificationListener(
         () => new Client({ ...connection, application_name: `metalcast listen ${schema}`.slice(0, 63) }),
         logger,
@@ -330,6 +344,15 @@ export class PostgresStore implements Store {
 
   async transition(uuid: string, t: Transition): Promise<NodeRecord | undefined> {
     return this.withTransaction(async (client) => {
+      const image = deployImageOf(t);
+      if (image) {
+        // FOR SHARE against deleteImage's FOR UPDATE: whichever is second waits, then sees the other's outcome.
+        const found = (
+          await client.query<{ state: string; sha256: string }>('SELECT state, sha256 FROM images WHERE name = $1 FOR SHARE', [image.name])
+        ).rows[0];
+        const problem = deployImageProblem(image, found);
+        if (problem) throw new MetalcastError(Status.FAILED_PRECONDITION, problem);
+      }
       const now = Date.now();
       const p = new Params();
       const sets = [
@@ -632,6 +655,11 @@ export class PostgresStore implements Store {
       await client.query('DELETE FROM node_lock_waiters WHERE holder = $1', [holder]);
       return { released: released.rowCount ?? 0, failed };
     });
+  }
+
+  async clock(): Promise<EpochMs> {
+    const { rows } = await this.pool.query<{ now: number }>('SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now');
+    return Number(rows[0]?.now);
   }
 
   async registerController(id: string, address: string, now: EpochMs): Promise<void> {
@@ -1085,13 +1113,20 @@ const TRANSIENT_MESSAGES =
  * a connect storm of thousands of agents waits for the pool's few
  * connections, and the pool gives up on some of them after its timeout.
  */
-function unavailableWhenBusy(pool: Pool): Pool {
+function unavailableWhenBusy(pool: Pool, limits: { poolSize: number; poolWaitMs: number }): Pool {
   const translate = (error: unknown): unknown => {
     if (!(error instanceof Error) || error instanceof DatabaseError) {
       if (!(error instanceof DatabaseError) || !TRANSIENT_CODES.has(error.code ?? '')) return error;
     }
     const code = (error as { code?: string }).code ?? '';
     if (!TRANSIENT_CODES.has(code) && !TRANSIENT_MESSAGES.test(error.message)) return error;
+    if (/timeout exceeded when trying to connect/i.test(error.message) && pool.totalCount >= limits.poolSize) {
+      // Every connection was busy for the whole wait: say so, and what to change.
+      return new MetalcastError(
+        Status.UNAVAILABLE,
+        `the database is busy: no connection of the pool was free within ${limits.poolWaitMs} ms (all ${limits.poolSize} in use, ${pool.waitingCount} more calls waiting); retry shortly, or raise --database-pool-size (within PostgreSQL's max_connections)`,
+      );
+    }
     return new MetalcastError(Status.UNAVAILABLE, `the database is busy or unreachable (${error.message}); retry shortly`);
   };
   const query = pool.query.bind(pool) as (...args: unknown[]) => Promise<unknown>;

@@ -43,6 +43,7 @@ import type {
   TimedOutNode,
   Transition,
 } from './store.js';
+import { deployImageOf, deployImageProblem } from './store.js';
 import { powerStatusFromRow } from './power-rows.js';
 
 type Row = Record<string, SQLInputValue>;
@@ -299,6 +300,15 @@ export class SqliteStore implements Store {
 
   async transition(uuid: string, t: Transition): Promise<NodeRecord | undefined> {
     return this.inTransaction(() => {
+      // In the transaction that names the image: deleteImage cannot come between (see deployImageOf).
+      const image = deployImageOf(t);
+      if (image) {
+        const found = this.stmt('SELECT state, sha256 FROM images WHERE name = ?').get(image.name) as
+          | { state: string; sha256: string }
+          | undefined;
+        const problem = deployImageProblem(image, found);
+        if (problem) throw new MetalcastError(Status.FAILED_PRECONDITION, problem);
+      }
       const now = Date.now();
       const sets = [
         'provision_state = ?',
@@ -581,6 +591,11 @@ export class SqliteStore implements Store {
       this.stmt('DELETE FROM node_lock_waiters WHERE holder = ?').run(holder);
       return { released, failed };
     });
+  }
+
+  /** One controller on a local file: its clock is the database's. */
+  async clock(): Promise<EpochMs> {
+    return Date.now();
   }
 
   async registerController(id: string, address: string, now: EpochMs): Promise<void> {

@@ -1,8 +1,7 @@
 import { ClientError, Status } from 'nice-grpc';
 import { ConfigError } from '../common/config.js';
-import { httpEndpointHint, speaksHttp1 } from '../common/endpoint-probe.js';
+import { diagnoseConnectionFailure } from '../common/endpoint-probe.js';
 import { EXIT, type ExitCode, exitCodeFor } from '../common/exit-codes.js';
-import { explainTlsFailure, speaksTls } from '../common/tls.js';
 
 /**
  * How a failed operator command is told to the user: one line that says what
@@ -51,18 +50,15 @@ function connectReason(details: string): string {
 
 /** The one line (without "error: ") for a connection failure, probing the address to tell a wrong port or a TLS mismatch from a controller that is down. */
 export async function explainConnectionFailure(details: string, context: FailureContext): Promise<string> {
-  const server = `the controller at ${context.controller}`;
-  if (!/ECONNREFUSED|ENOTFOUND|EAI_AGAIN|getaddrinfo|Name resolution failed|EHOSTUNREACH|ENETUNREACH/.test(details)) {
-    // Something answers: ask it what it speaks.
-    if (await speaksHttp1(context.controller)) return httpEndpointHint(server, '--controller');
-    if (context.tls) {
-      const tls = explainTlsFailure(details, server, context.caSource);
-      if (tls) return tls;
-    } else if (await speaksTls(context.controller)) {
-      return `${server} speaks TLS: leave out --insecure (METALCAST_INSECURE) and give --ca with its CA bundle`;
-    }
-  }
-  return `cannot reach ${server} (${connectReason(details)}): is the controller running, and is --controller (METALCAST_CONTROLLER) its gRPC address?`;
+  const diagnosis = await diagnoseConnectionFailure(context.controller, details, {
+    tlsCaSource: context.tls ? context.caSource : undefined,
+    flag: '--controller',
+    plaintextToTls: 'and this command ran with --insecure: leave out --insecure (METALCAST_INSECURE) and give --ca with its CA bundle',
+  });
+  return (
+    diagnosis ??
+    `cannot reach the controller at ${context.controller} (${connectReason(details)}): is the controller running, and is --controller (METALCAST_CONTROLLER) its gRPC address?`
+  );
 }
 
 /** The line to print and the exit code for an error a command failed with. */

@@ -1,8 +1,11 @@
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { dirname, join, relative } from 'node:path';
 import { describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import { fromBinary } from '@bufbuild/protobuf';
+import { FileDescriptorSetSchema } from '@bufbuild/protobuf/wkt';
 import type { Command } from 'commander';
 import { buildProgram } from '../cli/program.js';
 import { REFERENCE_FILES } from '../scripts/docs/reference.js';
@@ -125,6 +128,24 @@ describe('README and docs', () => {
       }
     }
     assert.deepEqual(broken, []);
+  });
+
+  it('tells third-party clients about protoc 3.15 and the descriptor set, which holds every proto file', () => {
+    const page = read('docs/grpc-api.md');
+    assert.match(page, /protoc 3\.15 or newer/);
+    assert.match(page, /gen\/metalcast\.binpb/);
+    const set = fromBinary(FileDescriptorSetSchema, readFileSync(join(REPO, 'gen', 'metalcast.binpb')));
+    const protos = execFileSync('git', ['ls-files', 'proto/*.proto'], { cwd: REPO, encoding: 'utf8' })
+      .split('\n')
+      .filter(Boolean)
+      .map((file) => file.slice('proto/'.length));
+    assert.ok(protos.length > 0);
+    const inSet = new Set(set.file.map((file) => file.name));
+    assert.deepEqual(
+      protos.filter((file) => !inSet.has(file)),
+      [],
+      'gen/metalcast.binpb is out of date: npm run generate',
+    );
   });
 
   it('names every top-level folder of controller/ and agent/ in the README or docs/architecture.md', () => {

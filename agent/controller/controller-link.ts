@@ -4,8 +4,8 @@ import { clientChannelOptions, type KeepaliveOptions } from '../../common/grpc-o
 import { describeError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import { FastAgentGatewayServiceDefinition } from '../../common/read-image-codec.js';
-import { httpEndpointHint, speaksHttp1 } from '../../common/endpoint-probe.js';
-import { explainTlsFailure, speaksTls, tlsClient } from '../../common/tls.js';
+import { diagnoseConnectionFailure, nothingAnswered } from '../../common/endpoint-probe.js';
+import { tlsClient } from '../../common/tls.js';
 import type { AgentGatewayServiceDefinition } from '../../gen/metalcast/v1/agent_gateway.js';
 
 const factory = createClientFactory().use(deadlineMiddleware);
@@ -95,23 +95,20 @@ export class ControllerLink {
     if (!isConnectionError(error)) return;
     const address = this.address;
     const details = describeError(error);
-    if (/ECONNREFUSED|ENOTFOUND|EAI_AGAIN|getaddrinfo|Name resolution failed|EHOSTUNREACH|ENETUNREACH/.test(details)) {
-      // Nothing answers there at all: the plain "cannot reach" is the right message.
+    if (nothingAnswered(details)) {
+      // The plain "cannot reach" is right now, whatever was found before.
       this.diagnoses.delete(address);
       return;
     }
     const now = Date.now();
     if (now - (this.explained.get(address) ?? 0) < EXPLAIN_INTERVAL_MS) return;
     this.explained.set(address, now);
-    const server = `the controller at ${address}`;
-    let explanation: string | undefined;
-    if (await speaksHttp1(address)) {
-      explanation = httpEndpointHint(server, '--controller (metalcast.controller=)');
-    } else if (this.tls) {
-      explanation = explainTlsFailure(details, server, this.tls.source);
-    } else if (await speaksTls(address)) {
-      explanation = `${server} speaks TLS, and this agent runs with --insecure (plaintext): give the agent --ca (metalcast.ca= on the kernel command line) with the CA bundle that signed the controller's certificate`;
-    }
+    const explanation = await diagnoseConnectionFailure(address, details, {
+      tlsCaSource: this.tls?.source,
+      flag: '--controller (metalcast.controller=)',
+      plaintextToTls:
+        "and this agent runs with --insecure (plaintext): give the agent --ca (metalcast.ca= on the kernel command line) with the CA bundle that signed the controller's certificate",
+    });
     if (explanation) {
       this.diagnoses.set(address, explanation);
       this.logger.error({ controller: address, reason: details }, explanation);

@@ -9,6 +9,7 @@ import type { StatImageResponse } from '../../gen/metalcast/v1/agent_gateway.js'
 import type { CommandProgress, WriteImageResult } from '../../gen/metalcast/v1/command.js';
 import type { ImageSource } from './image-source.js';
 import {
+  DiskWriteError,
   FATAL_CODES,
   hashRange,
   isDiskError,
@@ -95,7 +96,9 @@ export async function writeImageByChunks(
       ...extra,
     });
 
-  const device = await open(target.devicePath, 'r+');
+  const device = await open(target.devicePath, 'r+').catch((error: unknown) => {
+    throw new Error(`opening ${target.devicePath} to write image '${target.image}' failed: ${describe(error)}`);
+  });
   try {
     // 2. What the disk already holds.
     if (options.diskIsZeroed) {
@@ -123,7 +126,9 @@ export async function writeImageByChunks(
     for (let index = 0; index < count; index++) {
       if (done[index] || !isZero(index)) continue;
       const { offset, length } = chunkRange(manifest, index);
-      await writeFully(device, zeros.subarray(0, length), offset);
+      await writeFully(device, zeros.subarray(0, length), offset).catch((error: unknown) => {
+        throw new Error(`writing ${target.devicePath} failed at ${offset} of ${size} bytes (zeroing): ${describe(error)}`);
+      });
       done[index] = 1;
       fetched++;
       doneBytes += length;
@@ -166,6 +171,10 @@ export async function writeImageByChunks(
             const data = message.zero ? zeros.subarray(0, length) : message.data;
             await inflight;
             inflight = writeFully(device, data, offset);
+            // A write that fails while the loop waits for the next message must not go unhandled (that ends
+            // the agent process) nor wait for that message (a stalled link would hide a full disk): it aborts
+            // the read at once, and the catch below reports the write error, not the abort.
+            inflight.catch((failure: unknown) => call.abort(new DiskWriteError(failure)));
             receivedTotal += length;
             rate.add(length);
             // Hash the message's pieces chunk by chunk; a chunk is judged when its last byte arrives.
@@ -262,7 +271,9 @@ export async function writeImageByChunks(
     }
 
     progress('flushing', { doneBytes: size });
-    await device.sync();
+    await device.sync().catch((error: unknown) => {
+      throw new Error(`flushing ${target.devicePath} failed after writing ${size} bytes: ${describe(error)}`);
+    });
     if (options.verifyReadback) {
       progress('verifying', { doneBytes: 0 });
       const readBack = await hashRange(device, size, (read) => progress('verifying', { doneBytes: read }));
@@ -286,7 +297,10 @@ export async function writeImageByChunks(
       bytesSkipped,
     };
   } finally {
-    await device.close();
+    // A device that failed or vanished may fail its close too; that must not hide the error that ended the write.
+    await device
+      .close()
+      .catch((error: unknown) => logger.warn({ err: error, device: target.devicePath }, 'closing the target disk failed'));
   }
 }
 

@@ -1,7 +1,7 @@
 import { Argument, type Command, InvalidArgumentError, Option } from 'commander';
 import { Inventory } from '../../gen/metalcast/v1/inventory.js';
 import { readFileSync } from 'node:fs';
-import { DeploySpec, type Node, ProvisionAction, ProvisionState } from '../../gen/metalcast/v1/node.js';
+import { AbortPower, DeploySpec, type Node, ProvisionAction, ProvisionState } from '../../gen/metalcast/v1/node.js';
 import {
   allowedActions,
   PROVISION_ACTIONS,
@@ -355,7 +355,9 @@ export function registerNodeCommands(program: Command, addOperatorOptions: (comm
 
   node
     .command('watch')
-    .description('show nodes live, with the progress of their agents, until Ctrl-C (or --until)')
+    .description(
+      'show nodes live, with the progress of their agents, until Ctrl-C (or --until); without a terminal, a line per state change and a summary',
+    )
     .argument('[nodes...]', 'node names or uuids (default: all)')
     .option('--until <states>', 'exit once every watched node is in one of these comma-separated states (e.g. active,deploy_failed)')
     .action(async (refs: string[], opts: { until?: string }, command: Command) =>
@@ -367,17 +369,26 @@ export function registerNodeCommands(program: Command, addOperatorOptions: (comm
 
   for (const action of PROVISION_ACTIONS) {
     if (action === 'deploy') continue; // has its own options, above
-    const command = node
+    const sub = node
       .command(action)
       .description(
         `run the ${action} provision action (allowed from: ${PROVISION_STATES.filter((s) => allowedActions(s).includes(action)).join(', ')})`,
       )
       .argument('<node>', 'node name or uuid');
-    addWaitOptions(command).action(async (ref: string, opts: { wait?: boolean; waitTimeout: number }, command: Command) =>
+    if (action === 'abort') {
+      sub.option(
+        '--power <what>',
+        'what to do with the machine: off (power it off through its power driver, or else its agent) or keep (leave it as it is)',
+        parseAbortPower,
+        AbortPower.ABORT_POWER_OFF,
+      );
+    }
+    addWaitOptions(sub).action(async (ref: string, opts: { wait?: boolean; waitTimeout: number; power?: AbortPower }, command: Command) =>
       withClient(command, async ({ nodes }, { json }) => {
         const { node: updated } = await nodes.setProvisionState({
           node: ref,
           action: ProvisionAction[`PROVISION_ACTION_${action.toUpperCase()}` as keyof typeof ProvisionAction],
+          abortPower: opts.power ?? AbortPower.ABORT_POWER_UNSPECIFIED,
         });
         if (!updated) throw new Error('the controller returned no node');
         if (opts.wait) {
@@ -389,4 +400,10 @@ export function registerNodeCommands(program: Command, addOperatorOptions: (comm
       }),
     );
   }
+}
+
+function parseAbortPower(value: string): AbortPower {
+  if (value === 'off') return AbortPower.ABORT_POWER_OFF;
+  if (value === 'keep') return AbortPower.ABORT_POWER_KEEP;
+  throw new InvalidArgumentError(`'${value}' is not off or keep`);
 }

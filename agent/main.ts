@@ -68,7 +68,9 @@ export async function agentMain(flags: Record<string, unknown>): Promise<void> {
   process.once('SIGINT', onSignal);
   agent.done.catch(async (error: unknown) => {
     if (error instanceof LookupBudgetExhausted) {
-      logger.fatal({ err: error }, 'giving up: exiting so that the service manager restarts the agent');
+      // One sentence for the operator; the raw gRPC error (its cause) only at debug.
+      logger.debug({ err: error.cause }, 'the last lookup failure as gRPC reported it');
+      logger.fatal(`giving up: ${error.message}; exiting so that the service manager restarts the agent`);
       await agent.stop();
       return exit(AGENT_EXIT.lookupBudget);
     }

@@ -138,6 +138,19 @@ export const CONTROLLER_OPTIONS = {
     defaultValue: '',
     parse: parseDatabaseUrl,
   },
+  databasePoolSize: {
+    flag: 'database-pool-size',
+    description:
+      "PostgreSQL connections this controller keeps at most (besides one that listens for notifications); every controller on the database has its own, within the server's max_connections. The default lets a connect storm of 1,000 agents in at once",
+    defaultValue: '20',
+    parse: integer({ min: 1, max: 1000 }),
+  },
+  databasePoolWait: durationSpec(
+    'database-pool-wait',
+    'the longest a call waits for a free PostgreSQL connection of the pool; then it fails UNAVAILABLE (agents retry) saying that the pool was full',
+    '10s',
+    10,
+  ),
   advertiseAddress: {
     flag: 'advertise-address',
     description:
@@ -226,6 +239,13 @@ export const CONTROLLER_OPTIONS = {
     description: 'bytes per ReadImage chunk (64 KiB to 3.5 MiB); K, M suffixes allowed. A reader that stalls pins about 17 chunks',
     defaultValue: '3.5M',
     parse: byteSize({ min: 64 * 1024, max: 3.5 * 1024 * 1024 }),
+  },
+  imageManifestChunkSize: {
+    flag: 'image-manifest-chunk-size',
+    description:
+      'bytes per chunk of the chunk manifest built for each new image (64 KiB to 64 MiB); the unit the agent verifies, re-fetches and skips in delta re-imaging (docs/chunk-manifest.md)',
+    defaultValue: '1M',
+    parse: byteSize({ min: 64 * 1024, max: 64 * 1024 * 1024 }),
   },
   maxImageTransfers: {
     flag: 'max-image-transfers',

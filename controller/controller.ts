@@ -5,6 +5,14 @@ import { fileURLToPath } from 'node:url';
 import { createServer } from 'nice-grpc';
 import { HealthDefinition, HealthServiceImpl, HealthState } from 'nice-grpc-server-health';
 import { ServerReflection, ServerReflectionService } from 'nice-grpc-server-reflection';
+import {
+  HEALTH_SERVICE,
+  healthDescriptorSet,
+  REFLECTION_V1,
+  REFLECTION_V1ALPHA,
+  ServerReflectionV1AlphaService,
+  setServingStatus,
+} from './services/health-reflection.js';
 import { Registry } from 'prom-client';
 import { errorMappingMiddleware } from '../common/errors.js';
 import { FastAgentGatewayServiceDefinition } from '../common/read-image-codec.js';
@@ -52,6 +60,7 @@ import { createAgentGatewayService } from './services/agent-gateway.js';
 import { withAuthenticatedAgent } from './services/agent-auth.js';
 import { SHUTTING_DOWN } from './services/heartbeat.js';
 import { createImageService } from './services/image-service.js';
+import { ImageManifests } from './images/manifest/manifests.js';
 import { createNodeService } from './services/node-service.js';
 import { setUpOperatorAuth } from './auth/operator-auth.js';
 import { clientCertificateInterceptor, clientCertificateRole } from './auth/operator-tls.js';
@@ -74,6 +83,8 @@ export interface RunningController {
   httpAddress: string;
   store: Store;
   imageFiles: ImageFiles;
+  /** Chunk manifests of the images (built at upload and import, or lazily for older images). */
+  manifests: ImageManifests;
   registry: Registry;
   sessions: AgentSessions;
   locks: NodeLocks;
@@ -92,10 +103,17 @@ export interface RunningController {
 }
 
 /** Opens the store the database URL names: SQLite for one controller, PostgreSQL for several. */
-export async function openStore(config: Pick<ControllerConfig, 'database'>, logger: Logger): Promise<Store> {
+export async function openStore(
+  config: Pick<ControllerConfig, 'database'> & Partial<Pick<ControllerConfig, 'databasePoolSize' | 'databasePoolWait'>>,
+  logger: Logger,
+): Promise<Store> {
   if (config.database.startsWith('sqlite:')) return SqliteStore.open(config.database.slice('sqlite:'.length));
   const { PostgresStore } = await import('./store/postgres.js');
-  return PostgresStore.open(config.database, { logger: logger.child({ component: 'postgres' }) });
+  return PostgresStore.open(config.database, {
+    logger: logger.child({ component: 'postgres' }),
+    poolSize: config.databasePoolSize,
+    poolWaitMs: config.databasePoolWait,
+  });
 }
 
 /** The host machines and BMCs reach this controller at: the advertised one, or the listen host when it is a single address. */
@@ -269,9 +287,15 @@ export async function startController(
       dueScanIntervalMs: Math.min(config.sweepInterval, config.controllerTouchInterval),
       freshnessMs,
       power,
+      onImageWritten: (written) => {
+        metrics.imageBytesSkipped.inc(written.bytesSkipped);
+        metrics.imageChunksRefetched.inc(written.chunksRefetched);
+      },
     },
     logger.child({ component: 'conductor' }),
   );
+  // An abort stops the conductor's step on the node and powers the machine off through its agent when it has no driver.
+  provisioner.steps = conductor;
   const powerSync = new PowerSync(
     store,
     power,
@@ -306,6 +330,7 @@ export async function startController(
       rateLimitLog,
     ),
   );
+  const manifests = new ImageManifests(store, imageFiles, config.imageManifestChunkSize, logger.child({ component: 'image-manifests' }));
   const imageServer = createImageServer({
     store,
     files: imageFiles,
@@ -314,6 +339,7 @@ export async function startController(
     chunkSize: config.imageChunkSize,
     maxTransfers: config.maxImageTransfers,
     readTimeoutMs: config.imageReadTimeout,
+    manifests,
   });
   const health = HealthState();
   const agentAuthLog = logger.child({ component: 'agent-gateway' });
@@ -343,6 +369,7 @@ export async function startController(
       logger: logger.child({ component: 'agent-gateway' }),
       heartbeat,
       onHeartbeat: (uuid) => conductor.onHeartbeat(uuid),
+      requireAgentCertificate: !config.insecure,
       images: imageServer,
     }),
   );
@@ -372,15 +399,23 @@ export async function startController(
   const imageLimits = (method: string) => (method === 'UploadImage' ? undefined : OPERATOR_REQUEST_LIMIT_BYTES);
   operatorServer.add(guardRequestDecoding(FastImageServiceDefinition, imageLimits), images.implementation);
   server.add(guardRequestDecoding(HealthDefinition, HEALTH_REQUEST_LIMIT_BYTES), HealthServiceImpl(health));
-  operatorServer.add(
-    guardRequestDecoding(ServerReflectionService, OPERATOR_REQUEST_LIMIT_BYTES),
-    ServerReflection(readFileSync(DESCRIPTOR_SET), [
-      AgentGatewayServiceDefinition.fullName,
-      NodeServiceDefinition.fullName,
-      ImageServiceDefinition.fullName,
-      'grpc.health.v1.Health',
-    ]),
-  );
+  // Reflection shows the whole API, so it needs an operator token; it describes every service it lists (health too).
+  const reflection = ServerReflection(Buffer.concat([readFileSync(DESCRIPTOR_SET), healthDescriptorSet()]), [
+    AgentGatewayServiceDefinition.fullName,
+    NodeServiceDefinition.fullName,
+    ImageServiceDefinition.fullName,
+    HEALTH_SERVICE,
+  ]);
+  operatorServer.add(guardRequestDecoding(ServerReflectionService, OPERATOR_REQUEST_LIMIT_BYTES), reflection);
+  operatorServer.add(guardRequestDecoding(ServerReflectionV1AlphaService, OPERATOR_REQUEST_LIMIT_BYTES), reflection);
+  const servedServices = [
+    AgentGatewayServiceDefinition.fullName,
+    NodeServiceDefinition.fullName,
+    ImageServiceDefinition.fullName,
+    HEALTH_SERVICE,
+    REFLECTION_V1,
+    REFLECTION_V1ALPHA,
+  ];
 
   let grpcPort: number;
   let http: Awaited<ReturnType<typeof startHttpServer>> | undefined;
@@ -429,7 +464,7 @@ export async function startController(
   sweep.start();
   conductor.start();
   powerSync.start();
-  health.setStatus('healthy');
+  setServingStatus(health, servedServices, 'healthy');
   const grpcAddress = `${config.listen.slice(0, config.listen.lastIndexOf(':'))}:${grpcPort}`;
 
   let stopping: Promise<void> | undefined;
@@ -437,7 +472,7 @@ export async function startController(
     stopping ??= (async () => {
       logger.info('controller stopping');
       const shutdown = new BoundedShutdown(config.shutdownDeadline, logger);
-      health.setStatus('unhealthy');
+      setServingStatus(health, servedServices, 'unhealthy');
       // Heartbeat streams never end by themselves; end them so that shutdown is not held open.
       sessions.revokeAll(SHUTTING_DOWN);
       imageServer.stop();
@@ -495,6 +530,7 @@ export async function startController(
     httpAddress: http.address,
     store,
     imageFiles,
+    manifests,
     registry,
     sessions,
     locks,

@@ -48,7 +48,12 @@ import { freePort, type Guest, type GuestOptions, labMac, startGuest } from './q
  * Power and network boot are chosen per lab run (LabOptions power, network):
  * - power `qemu`: the controller's qemu driver on a QMP socket of the guest's
  *   own, as its BMC; `ipmi`: a real IPMI BMC per guest (ipmi_sim, lab/bmc/ipmi)
- *   that the controller's ipmi driver reaches through ipmitool;
+ *   that the controller's ipmi driver reaches through ipmitool; `redfish`: a
+ *   Redfish BMC per guest (the simulator of lab/bmc/redfish, over HTTPS with
+ *   a CA file, password from a file) that the controller's redfish driver
+ *   reaches, and with it a boot method per guest (LabOptions boot): network,
+ *   or virtual-media (the controller's agent ISO in the guest's IDE CD drive,
+ *   booted once from Cd, ejected when each step ends; needs network pxe);
  * - network `user`: QEMU's user networking, its built-in DHCP handing iPXE the
  *   controller's script (10.0.2.2 is the host's loopback); `pxe`: a network
  *   namespace with a bridge and a tap per guest, dnsmasq configured by

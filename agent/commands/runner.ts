@@ -77,7 +77,7 @@ export class CommandRunner {
       );
     }
     handler.validate?.(chosen.value, `parameters.${wireName(chosen.$case)}`);
-    if (this.current) {
+    if (this.current && !handler.whileBusy) {
       throw new MetalcastError(
         Status.FAILED_PRECONDITION,
         `agent busy with ${this.current.name} (command ${this.current.id}); wait for it to finish`,
@@ -95,7 +95,7 @@ export class CommandRunner {
       error: '',
       result: undefined,
     };
-    this.current = command;
+    if (!handler.whileBusy) this.current = command;
     this.remember(command, requestId);
     const log = this.logger.child({ command: command.id, name: command.name });
     log.info('command started');
@@ -112,6 +112,10 @@ export class CommandRunner {
           rateBytesPerSecond: 0,
           etaSeconds: 0,
           resumes: 0,
+          chunksTotal: 0,
+          chunksSkipped: 0,
+          chunksFetched: 0,
+          chunksRefetched: 0,
           ...command.progress,
           ...progress,
         };
@@ -172,7 +176,7 @@ export class CommandRunner {
     command.error = error;
     command.result = result;
     command.finishedAt = new Date();
-    this.current = undefined;
+    if (this.current === command) this.current = undefined;
     if (state === CommandState.COMMAND_STATE_SUCCEEDED) log.info({ seconds: elapsed(command) }, 'command succeeded');
     else log.warn({ seconds: elapsed(command), error }, 'command failed');
     this.publish(command);

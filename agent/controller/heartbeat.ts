@@ -84,7 +84,7 @@ export class HeartbeatLoop {
           relookup = true;
         } else {
           if (isConnectionError(error)) {
-            this.link.explainConnectionFailure(error);
+            void this.link.explainConnectionFailure(error);
             this.link.next('heartbeat stream failed');
           }
           this.logger.warn({ err: error, controller: this.link.address }, 'heartbeat stream failed; reconnecting after a jittered delay');

@@ -18,8 +18,9 @@ export interface LookupOptions {
 
 /** Thrown when lookups kept failing for the whole budget. */
 export class LookupBudgetExhausted extends Error {
-  constructor(budgetMs: number, cause: unknown) {
-    super(`no successful lookup within ${Math.round(budgetMs / 1000)}s; last error: ${(cause as Error).message}`, { cause });
+  /** `lastFailure`: the one sentence the last attempt was logged with; the raw error stays as the cause (for debug). */
+  constructor(budgetMs: number, cause: unknown, lastFailure: string) {
+    super(`no successful lookup within ${Math.round(budgetMs / 1000)}s; the last attempt: ${lastFailure}`, { cause });
     this.name = 'LookupBudgetExhausted';
   }
 }
@@ -30,9 +31,12 @@ export class LookupRefused extends Error {
 }
 
 /** What an operator should check, by the controller's answer. */
-function hint(error: unknown, controller: string, macs: readonly string[]): string {
+function hint(error: unknown, link: ControllerLink, controller: string, macs: readonly string[]): string {
   if (isConnectionError(error))
-    return `cannot reach the controller at ${controller}: check the address (--controller, metalcast.controller=) and the network`;
+    return (
+      link.diagnosis(controller) ??
+      `cannot reach the controller at ${controller}: check the address (--controller, metalcast.controller=) and the network`
+    );
   if (error instanceof ClientError) {
     switch (error.code) {
       case Status.NOT_FOUND:
@@ -63,6 +67,7 @@ export async function lookupWithBackoff(
   const started = Date.now();
   /** What the controller's last refusal asked for in `retry-after-ms`, bounded. */
   let retryAfter: number | undefined;
+  let lastFailure = '';
   try {
     return await pRetry(
       async () => {
@@ -94,12 +99,14 @@ export async function lookupWithBackoff(
         onFailedAttempt: async ({ error, attemptNumber }) => {
           const controller = link.address;
           if (isConnectionError(error)) {
-            link.explainConnectionFailure(error);
+            // Probing the address takes a moment, so that this very line can say a port is wrong or TLS disagrees.
+            await link.explainConnectionFailure(error);
             link.next('lookup could not connect');
           }
           // A controller that is shedding load says how long to stay away; the jittered backoff
           // comes on top, so that the agents it refused together do not come back together.
           const wait = retryAfter === undefined ? 0 : Math.min(retryAfter, Math.max(0, options.budgetMs - (Date.now() - started)));
+          lastFailure = hint(error, link, controller, request.macAddresses);
           logger.warn(
             {
               attempt: attemptNumber,
@@ -107,14 +114,16 @@ export async function lookupWithBackoff(
               elapsedSeconds: Math.round((Date.now() - started) / 1000),
               ...(retryAfter === undefined ? {} : { retryAfterMs: wait }),
             },
-            `lookup failed: ${hint(error, controller, request.macAddresses)}${retryAfter === undefined ? '' : `; waiting ${wait} ms as the controller asked (retry-after-ms)`}`,
+            `lookup failed: ${lastFailure}${retryAfter === undefined ? '' : `; waiting ${wait} ms as the controller asked (retry-after-ms)`}`,
           );
+          // The raw grpc-js text ("No connection established. Last error: …") only for debugging.
+          logger.debug({ err: error }, 'lookup failure as gRPC reported it');
           if (wait > 0) await sleep(wait, undefined, { signal }).catch(() => {});
         },
       },
     );
   } catch (error) {
     if (signal.aborted || error instanceof LookupRefused) throw error;
-    throw new LookupBudgetExhausted(options.budgetMs, error);
+    throw new LookupBudgetExhausted(options.budgetMs, error, lastFailure || (error as Error).message);
   }
 }

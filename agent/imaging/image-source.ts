@@ -1,13 +1,15 @@
 import { agentMetadata } from '../../common/agent-metadata.js';
-import type { ReadImageResponse, StatImageResponse } from '../../gen/metalcast/v1/agent_gateway.js';
+import type { GetImageManifestResponse, ReadImageResponse, StatImageResponse } from '../../gen/metalcast/v1/agent_gateway.js';
 import { type ControllerLink, isConnectionError } from '../controller/controller-link.js';
 import type { HeartbeatIdentity } from '../controller/heartbeat.js';
 
 /** Where the image writer gets its bytes: the controller's StatImage and ReadImage, as the writer needs them. */
 export interface ImageSource {
   stat(image: string, signal: AbortSignal): Promise<StatImageResponse>;
-  /** Chunks from `offset` to the end of the image; aborting the signal cancels the call. */
-  read(image: string, offset: number, signal: AbortSignal): AsyncIterable<ReadImageResponse>;
+  /** Chunks from `offset` to the end of the image, or of `length` bytes when given; aborting the signal cancels the call. */
+  read(image: string, offset: number, signal: AbortSignal, length?: number): AsyncIterable<ReadImageResponse>;
+  /** The image's chunk manifest in pages from `firstChunk` (agent/imaging/chunked-writer.ts); absent when the source has none. */
+  manifest?(image: string, firstChunk: number, signal: AbortSignal): AsyncIterable<GetImageManifestResponse>;
   /** Told about a failed call, so that connection errors move to the next controller. */
   failed(error: unknown): void;
 }
@@ -29,7 +31,8 @@ export function controllerImageSource(
   };
   return {
     stat: (image, signal) => link.gateway.statImage({ image }, { metadata: metadata(), deadline: callTimeoutMs, signal }),
-    read: (image, offset, signal) => link.gateway.readImage({ image, offset, length: 0 }, { metadata: metadata(), signal }),
+    read: (image, offset, signal, length = 0) => link.gateway.readImage({ image, offset, length }, { metadata: metadata(), signal }),
+    manifest: (image, firstChunk, signal) => link.gateway.getImageManifest({ image, firstChunk }, { metadata: metadata(), signal }),
     failed: (error) => {
       if (isConnectionError(error)) link.next('image transfer could not connect');
     },

@@ -5,6 +5,7 @@ import { ClientError, Status } from 'nice-grpc';
 import type { Logger } from '../../common/logging.js';
 import type { CommandProgress, WriteImageResult } from '../../gen/metalcast/v1/command.js';
 import { chunkParts } from '../../common/read-image-codec.js';
+import { writeImageByChunks } from './chunked-writer.js';
 import type { ImageSource } from './image-source.js';
 import { describeError as describe } from '../../common/errors.js';
 
@@ -49,7 +50,7 @@ export const DEFAULT_WRITE_OPTIONS: WriteImageOptions = {
 };
 
 /** Answers that no retry can fix: the image is gone or not ours to read. */
-const FATAL_CODES = new Set([
+export const FATAL_CODES = new Set([
   Status.NOT_FOUND,
   Status.PERMISSION_DENIED,
   Status.INVALID_ARGUMENT,
@@ -57,12 +58,12 @@ const FATAL_CODES = new Set([
   Status.DATA_LOSS,
 ]);
 
-class StallError extends Error {
+export class StallError extends Error {
   override name = 'StallError';
 }
 
 /** Why a read was aborted: the disk refused a write; `cause` is the errno error. */
-class DiskWriteError extends Error {
+export class DiskWriteError extends Error {
   override name = 'DiskWriteError';
   constructor(cause: unknown) {
     super(describe(cause), { cause });
@@ -106,6 +107,11 @@ export async function writeImage(
       ? 'writing image; all-zero chunks are skipped because the disk was erased to zeros'
       : 'writing image; all-zero chunks are written as zeros because the disk may hold old data',
   );
+
+  if (stat.manifestChunkCount > 0 && source.manifest) {
+    // Chunk by chunk against the manifest: verified on arrival, only what the disk lacks is fetched.
+    return writeImageByChunks(source, target, options, report, signal, logger, stat);
+  }
 
   const device = await open(target.devicePath, 'r+').catch((error: unknown) => {
     throw new Error(`opening ${target.devicePath} to write image '${target.image}' failed: ${describe(error)}`);
@@ -233,7 +239,17 @@ export async function writeImage(
         throw new Error(`read-back verification failed: ${target.devicePath} hashes to ${readBack}, the image to ${digest}`);
     }
     logger.info({ size, resumes, seconds: (Date.now() - started) / 1000 }, 'image written and verified');
-    return { devicePath: target.devicePath, writtenBytes: size, sha256: digest, resumes, bytesReceivedTwice: 0 };
+    return {
+      devicePath: target.devicePath,
+      writtenBytes: size,
+      sha256: digest,
+      resumes,
+      bytesReceivedTwice: 0,
+      chunksSkipped: 0,
+      chunksFetched: 0,
+      chunksRefetched: 0,
+      bytesSkipped: 0,
+    };
   } finally {
     // A device that failed or vanished may fail its close too; that must not hide the error that ended the write.
     await device
@@ -242,7 +258,7 @@ export async function writeImage(
   }
 }
 
-async function writeFully(file: FileHandle, data: Uint8Array, position: number): Promise<void> {
+export async function writeFully(file: FileHandle, data: Uint8Array, position: number): Promise<void> {
   let written = 0;
   while (written < data.byteLength) {
     const { bytesWritten } = await file.write(data, written, data.byteLength - written, position + written);
@@ -305,7 +321,7 @@ async function writeAllAt(file: FileHandle, parts: readonly Buffer[], position: 
   }
 }
 
-async function hashRange(file: FileHandle, size: number, onProgress: (done: number) => void): Promise<string> {
+export async function hashRange(file: FileHandle, size: number, onProgress: (done: number) => void): Promise<string> {
   const hash = createHash('sha256');
   const buffer = Buffer.allocUnsafe(4 * MIB);
   let done = 0;
@@ -319,7 +335,7 @@ async function hashRange(file: FileHandle, size: number, onProgress: (done: numb
   return hash.digest('hex');
 }
 
-async function withRetries<T>(
+export async function withRetries<T>(
   fn: () => Promise<T>,
   source: ImageSource,
   options: WriteImageOptions,
@@ -344,12 +360,12 @@ async function withRetries<T>(
   }
 }
 
-function isDiskError(error: unknown): boolean {
+export function isDiskError(error: unknown): boolean {
   return typeof (error as NodeJS.ErrnoException)?.code === 'string' && typeof (error as NodeJS.ErrnoException).syscall === 'string';
 }
 
 /** Bytes per second over the last few seconds, for progress and ETA. */
-class RateMeter {
+export class RateMeter {
   private readonly samples: { at: number; bytes: number }[] = [];
 
   add(bytes: number): void {

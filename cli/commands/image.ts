@@ -10,6 +10,9 @@ import { describeError } from '../../common/errors.js';
 import { allocUploadChunk } from '../../common/upload-image-codec.js';
 import { type Image, ImageFormat, ImageState, type UploadImageRequest } from '../../gen/metalcast/v1/image.js';
 import { type OperatorClients, withClient } from '../client.js';
+import { registerImageMakeTestCommand } from './image-make-test.js';
+import { CliFailure } from '../errors.js';
+import { EXIT } from '../../common/exit-codes.js';
 import { formatBytes, formatTime, printFields, printJson, printTable } from '../output.js';
 
 /**
@@ -56,10 +59,17 @@ function printImage(image: Image): void {
     ['size', image.sizeBytes ? `${formatBytes(image.sizeBytes)} (${image.sizeBytes} bytes)` : '-'],
     ['sha256', image.sha256 || '-'],
     ['format', formatLine(image)],
+    ['manifest', manifestLine(image)],
     ['source', image.sourceUrl || 'upload'],
     ['error', image.error || '-'],
     ['created', formatTime(image.createdAt)],
   ]);
+}
+
+/** The chunk manifest: chunk size, count and root digest (docs/chunk-manifest.md). */
+function manifestLine(image: Image): string {
+  if (image.manifestChunkCount === 0 || image.manifestRootSha256 === '') return '-';
+  return `${image.manifestChunkCount} chunks of ${formatBytes(image.manifestChunkSizeBytes)}, root ${image.manifestRootSha256}`;
 }
 
 function parseSha256(value: string): string {
@@ -90,16 +100,17 @@ function transferProgress(total: number, name: string, start = 0) {
 }
 
 async function uploadCommand(file: string, opts: { name: string; sha256?: string }, command: Command): Promise<void> {
-  await withClient(command, async ({ channel, images }, { json, timeout, controller }) => {
+  await withClient(command, async ({ channel, images }, { json, timeout }) => {
     const info = await stat(file).catch((error: NodeJS.ErrnoException) => {
-      throw new Error(`cannot read ${file}: ${error.code === 'ENOENT' ? 'no such file' : error.message}`);
+      throw new CliFailure(`cannot read ${file}: ${error.code === 'ENOENT' ? 'no such file' : error.message}`, EXIT.USAGE);
     });
-    if (!info.isFile()) throw new Error(`${file} is not a regular file`);
-    if (info.size === 0) throw new Error(`${file} is empty; an image needs content`);
+    if (!info.isFile()) throw new CliFailure(`${file} is not a regular file`, EXIT.USAGE);
+    if (info.size === 0) throw new CliFailure(`${file} is empty; an image needs content`, EXIT.USAGE);
 
     // A deadline for getting connected; the upload itself may take as long as it takes.
     await waitForChannelReady(channel, new Date(Date.now() + timeout)).catch(() => {
-      throw new Error(`cannot reach the controller at ${controller} within ${timeout} ms (set --controller or METALCAST_CONTROLLER)`);
+      // As a failed call would: describeFailure then probes the address for the reason (down, wrong port, TLS mismatch).
+      throw new ClientError('/metalcast.v1.ImageService/UploadImage', Status.UNAVAILABLE, `No connection established within ${timeout} ms`);
     });
 
     const hash = createHash('sha256');
@@ -264,7 +275,7 @@ async function downloadOnce(
 }
 
 async function downloadCommand(name: string, opts: { output: string; force?: boolean }, command: Command): Promise<void> {
-  await withClient(command, async ({ channel, images }, { json, timeout, controller }) => {
+  await withClient(command, async ({ channel, images }, { json, timeout }) => {
     const output = opts.output;
     if (
       !opts.force &&
@@ -273,10 +284,15 @@ async function downloadCommand(name: string, opts: { output: string; force?: boo
         () => false,
       ))
     ) {
-      throw new Error(`${output} already exists; choose another --output, or add --force to replace it`);
+      throw new CliFailure(`${output} already exists; choose another --output, or add --force to replace it`, EXIT.FAILED);
     }
     await waitForChannelReady(channel, new Date(Date.now() + timeout)).catch(() => {
-      throw new Error(`cannot reach the controller at ${controller} within ${timeout} ms (set --controller or METALCAST_CONTROLLER)`);
+      // As a failed call would: describeFailure then probes the address for the reason (down, wrong port, TLS mismatch).
+      throw new ClientError(
+        '/metalcast.v1.ImageService/DownloadImage',
+        Status.UNAVAILABLE,
+        `No connection established within ${timeout} ms`,
+      );
     });
 
     // Beside the output, so that the final rename is atomic: the output never holds a partial or unverified image.
@@ -363,9 +379,18 @@ async function downloadCommand(name: string, opts: { output: string; force?: boo
   });
 }
 
-async function importCommand(url: string, opts: { name: string; checksum: string; wait?: boolean }, command: Command): Promise<void> {
+async function importCommand(
+  url: string,
+  opts: { name: string; checksum: string; manifestRoot?: string; wait?: boolean },
+  command: Command,
+): Promise<void> {
   await withClient(command, async ({ images }, { json }) => {
-    const { image: started } = await images.importImage({ name: opts.name, url, checksum: opts.checksum });
+    const { image: started } = await images.importImage({
+      name: opts.name,
+      url,
+      checksum: opts.checksum,
+      manifestRootSha256: opts.manifestRoot ?? '',
+    });
     if (!started) throw new Error('the controller returned no image');
     if (!opts.wait) {
       if (json) return printJson(imageJson(started));
@@ -427,6 +452,11 @@ on the controller. --timeout bounds connecting only, not the upload itself.
     .argument('<url>', 'http or https URL of the image')
     .requiredOption('--name <name>', 'unique image name')
     .requiredOption('--checksum <algo:hex>', 'expected checksum: sha256:<64 hex> or sha512:<128 hex>')
+    .option(
+      '--manifest-root <hex>',
+      "expected root digest of the image's chunk manifest (as `image show` prints it): the import fails if the content's differs",
+      parseSha256,
+    )
     .option('--wait', 'wait until the import is ready or failed (exit code 1 when it failed)')
     .addHelpText(
       'after',
@@ -486,6 +516,8 @@ retries, or download it from another controller. --timeout bounds connecting onl
         else printImage(found);
       }),
     );
+
+  registerImageMakeTestCommand(image);
 
   image
     .command('delete')

@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import type { CallContext, ServerMiddleware, ServerMiddlewareCall } from 'nice-grpc';
 import { Metadata } from 'nice-grpc-common';
 import { ServerReflectionService } from 'nice-grpc-server-reflection';
+import { ServerReflectionV1AlphaService } from '../services/health-reflection.js';
 import { bearerToken } from '../../common/agent-metadata.js';
 import { permissionDenied, unauthenticated, unavailable } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
@@ -67,6 +68,7 @@ export const OPERATOR_METHOD_ROLES: ReadonlyMap<string, OperatorRole> = new Map<
   ...Object.entries(NODE_ROLES).map(([method, role]) => [nodeMethod(method as keyof typeof NODE_ROLES), role] as const),
   ...Object.entries(IMAGE_ROLES).map(([method, role]) => [imageMethod(method as keyof typeof IMAGE_ROLES), role] as const),
   [ServerReflectionService.serverReflectionInfo.path, 'reader'],
+  [ServerReflectionV1AlphaService.serverReflectionInfo.path, 'reader'],
 ]);
 
 /** Who made an operator call, as far as logs and refusals need to know; never the token. */

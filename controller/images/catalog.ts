@@ -32,6 +32,8 @@ export class ImageCatalog {
         );
       }
       const format = content.format;
+      // Before the row turns ready, so that a ready image always has its manifest (older ones get theirs lazily).
+      if (content.manifest) await this.store.putImageManifest(content.sha256, content.manifest);
       const image = await this.store.updateImage(name, {
         state: 'ready',
         sha256: content.sha256,
@@ -62,7 +64,10 @@ export class ImageCatalog {
       if (!image) return { deleted: false, blobRemoved: false };
       const { deleted, contentStillUsed } = await this.store.deleteImage(name);
       const blobRemoved = deleted && image.sha256 !== '' && !contentStillUsed;
-      if (blobRemoved) await this.files.remove(image.sha256);
+      if (blobRemoved) {
+        await this.files.remove(image.sha256);
+        await this.store.deleteImageManifest(image.sha256);
+      }
       return { deleted, blobRemoved };
     });
   }

@@ -2,6 +2,7 @@ import { createHash, randomUUID } from 'node:crypto';
 import { type FileHandle, mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Status } from 'nice-grpc-common';
+import type { ChunkManifest } from '../../common/chunk-manifest.js';
 import { MetalcastError } from '../../common/errors.js';
 import type { ImageFormatInfo, PreparedImage } from './formats/prepare.js';
 
@@ -16,6 +17,8 @@ export interface ReceivedContent {
   release: () => void;
   /** What {@link ReceiveOptions.prepare} found: the format as received, its checksum, the allocated extents. */
   format?: ImageFormatInfo;
+  /** The chunk manifest {@link ReceiveOptions.prepare} built, if any. */
+  manifest?: ChunkManifest;
 }
 
 /** A blob open for reading; garbage collection leaves it alone until close(). */
@@ -157,6 +160,7 @@ export class ImageFiles {
       await file.close();
       let keep = { path: temp, sha256: digest, sizeBytes: size };
       let format: ImageFormatInfo | undefined;
+      let manifest: ChunkManifest | undefined;
       if (options.prepare) {
         const prepared = await options.prepare(temp, { sha256: digest, sizeBytes: size });
         if (prepared.path !== temp) {
@@ -165,6 +169,7 @@ export class ImageFiles {
         }
         keep = prepared;
         format = prepared.info;
+        manifest = prepared.manifest;
       }
       // Held before it is visible: garbage collection must not take a blob whose row is being written.
       const release = this.hold(keep.sha256);
@@ -176,7 +181,7 @@ export class ImageFiles {
         throw error;
       }
       committed = true;
-      return { sha256: keep.sha256, sizeBytes: keep.sizeBytes, release, format };
+      return { sha256: keep.sha256, sizeBytes: keep.sizeBytes, release, format, manifest };
     } finally {
       if (!committed) {
         await file.close().catch(() => {});

@@ -10,12 +10,21 @@ import {
 } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import { truncate } from '../../common/mac.js';
-import type { ReadImageRequest, ReadImageResponse, StatImageRequest, StatImageResponse } from '../../gen/metalcast/v1/agent_gateway.js';
+import type {
+  GetImageManifestRequest,
+  GetImageManifestResponse,
+  ReadImageRequest,
+  ReadImageResponse,
+  StatImageRequest,
+  StatImageResponse,
+} from '../../gen/metalcast/v1/agent_gateway.js';
+import { DIGEST_BYTES, isZeroChunk } from '../../common/chunk-manifest.js';
 import { allocChunk } from '../../common/read-image-codec.js';
 import type { ControllerMetrics } from '../observability/metrics.js';
 import { authenticateAgent } from '../services/agent-auth.js';
 import type { ImageRecord, NodeRecord, Store } from '../store/store.js';
 import { type BlobReader, type ImageFiles, ShortBlobError } from './image-files.js';
+import type { ImageManifests } from './manifest/manifests.js';
 import { validateImageName } from './validation.js';
 
 export interface ImageServerDeps {
@@ -27,7 +36,12 @@ export interface ImageServerDeps {
   maxTransfers: number;
   /** Longest one ReadImage stream may run; the agent resumes after it. */
   readTimeoutMs: number;
+  /** Chunk manifests, built lazily for images stored before manifests. */
+  manifests: ImageManifests;
 }
+
+/** Chunks per GetImageManifest page: 128 KiB of digests, well under any message limit. */
+const MANIFEST_PAGE_CHUNKS = 4096;
 
 const RETRY_AFTER_MS = 2000;
 const EMPTY = Buffer.alloc(0);
@@ -87,7 +101,32 @@ export function createImageServer(deps: ImageServerDeps) {
 
   async function statImage(request: StatImageRequest, context: CallContext): Promise<StatImageResponse> {
     const { image } = await authorise(context, request.image);
-    return { image: image.name, sizeBytes: image.sizeBytes, sha256: image.sha256, chunkSizeBytes: deps.chunkSize };
+    const manifest = await deps.manifests.get(image);
+    return {
+      image: image.name,
+      sizeBytes: image.sizeBytes,
+      sha256: image.sha256,
+      chunkSizeBytes: deps.chunkSize,
+      manifestChunkSizeBytes: manifest.chunkSize,
+      manifestChunkCount: manifest.digests.length / DIGEST_BYTES,
+      manifestRootSha256: manifest.rootSha256,
+    };
+  }
+
+  async function* getImageManifest(request: GetImageManifestRequest, context: CallContext): AsyncGenerator<GetImageManifestResponse> {
+    const { image } = await authorise(context, request.image);
+    const manifest = await deps.manifests.get(image);
+    const count = manifest.digests.length / DIGEST_BYTES;
+    if (request.firstChunk > count) {
+      throw invalidArgument(`first_chunk: ${request.firstChunk} is past the last chunk of image '${image.name}' (${count} chunks)`);
+    }
+    for (let first = request.firstChunk; first < count; first += MANIFEST_PAGE_CHUNKS) {
+      if (context.signal.aborted) return;
+      const end = Math.min(count, first + MANIFEST_PAGE_CHUNKS);
+      const zeroChunks: number[] = [];
+      for (let index = first; index < end; index++) if (isZeroChunk(manifest, index)) zeroChunks.push(index);
+      yield { firstChunk: first, chunkSha256s: manifest.digests.subarray(first * DIGEST_BYTES, end * DIGEST_BYTES), zeroChunks };
+    }
   }
 
   async function* readImage(request: ReadImageRequest, context: CallContext): AsyncGenerator<ReadImageResponse> {
@@ -156,7 +195,7 @@ export function createImageServer(deps: ImageServerDeps) {
     stopping = true;
   }
 
-  return { statImage, readImage, stop };
+  return { statImage, readImage, getImageManifest, stop };
 }
 
 export type ImageServer = ReturnType<typeof createImageServer>;

@@ -66,11 +66,11 @@ export class ImageImporter {
     private readonly logger: Logger,
   ) {}
 
-  /** Starts importing into the image row `name` (state 'importing'); returns at once. */
-  start(name: string, url: URL, checksum: Checksum): void {
+  /** Starts importing into the image row `name` (state 'importing'); returns at once. `prepare` replaces the options' for this import. */
+  start(name: string, url: URL, checksum: Checksum, prepare?: Preparer): void {
     const controller = new AbortController();
     const entry: Running = { controller, done: Promise.resolve() };
-    entry.done = this.run(name, url, checksum, controller.signal).finally(() => {
+    entry.done = this.run(name, url, checksum, controller.signal, prepare ?? this.options.prepare).finally(() => {
       if (this.running.get(name) === entry) this.running.delete(name);
     });
     this.running.set(name, entry);
@@ -95,7 +95,7 @@ export class ImageImporter {
     await Promise.all(entries.map((entry) => entry.done));
   }
 
-  private async run(name: string, url: URL, checksum: Checksum, signal: AbortSignal): Promise<void> {
+  private async run(name: string, url: URL, checksum: Checksum, signal: AbortSignal, prepare: Preparer | undefined): Promise<void> {
     const log = this.logger.child({ image: name, url: redactUrl(url) });
     const startedAt = Date.now();
     let lastAttempt = 0;
@@ -103,7 +103,7 @@ export class ImageImporter {
       const content = await pRetry(
         (attempt) => {
           lastAttempt = attempt;
-          return downloadToBlob(this.files, url, checksum, this.options, signal);
+          return downloadToBlob(this.files, url, checksum, { ...this.options, prepare }, signal);
         },
         {
           retries: this.options.attempts - 1,

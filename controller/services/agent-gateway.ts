@@ -11,6 +11,7 @@ export function createAgentGatewayService(deps: LookupDeps & HeartbeatDeps & { i
     heartbeat: createHeartbeatHandler(deps),
     statImage: deps.images.statImage,
     readImage: deps.images.readImage,
+    getImageManifest: deps.images.getImageManifest,
     getConfigDrive: createGetConfigDriveHandler(deps),
   };
 }

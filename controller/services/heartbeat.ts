@@ -1,7 +1,7 @@
 import { abortable, isAbortError } from 'abort-controller-x';
 import { type CallContext, ServerError, Status } from 'nice-grpc';
 import type { X509Certificate } from 'node:crypto';
-import { invalidArgument, MetalcastError, unauthenticated } from '../../common/errors.js';
+import { failedPrecondition, invalidArgument, MetalcastError, unauthenticated } from '../../common/errors.js';
 import { fingerprint, parseCertificates } from '../../common/tls.js';
 import type { Logger } from '../../common/logging.js';
 import { CommandProgress, CommandState } from '../../gen/metalcast/v1/command.js';
@@ -23,7 +23,17 @@ export interface HeartbeatDeps {
   heartbeat: { intervalMinMs: number; intervalMaxMs: number };
   /** Told about every heartbeat after it is recorded; must not block. */
   onHeartbeat: (nodeUuid: string) => void;
+  /**
+   * Refuse a stream whose first heartbeat carries no agent_certificate_pem:
+   * a controller with TLS calls agents only over TLS, pinned to that
+   * certificate, so such an agent could never be given a command.
+   */
+  requireAgentCertificate?: boolean;
 }
+
+/** Why a stream without a certificate is refused, for the agent (the gRPC status) and the operator (the node's last_error). */
+export const NO_AGENT_CERTIFICATE =
+  'heartbeat without agent_certificate_pem: this controller serves TLS and calls agents only over TLS, pinned to the certificate each agent sends with the first heartbeat of its stream; run the agent with --ca (metalcast.ca= on the kernel command line) so that it serves TLS and sends its certificate';
 
 /**
  * The heartbeat stream: authenticated once when it opens and bound to its
@@ -80,6 +90,12 @@ export function createHeartbeatHandler(deps: HeartbeatDeps) {
         validateHeartbeat(hb);
         checkSequence(hb.sequence, lastSequence);
         lastSequence = hb.sequence;
+        if (count === 0 && hb.agentCertificatePem === '' && deps.requireAgentCertificate) {
+          // Before, this was accepted and the node waited for its heartbeat timeout, explained only in
+          // the controller's log; the agent now hears why at once (and can say so in its own log).
+          log.warn({ agentVersion: hb.agentVersion }, 'refused a heartbeat stream without an agent certificate');
+          throw failedPrecondition(NO_AGENT_CERTIFICATE);
+        }
         if (hb.agentCertificatePem !== '') pinned = await pinCertificate(hb.agentCertificatePem, pinned);
         count++;
         metrics.heartbeats.inc();

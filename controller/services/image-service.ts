@@ -37,6 +37,8 @@ import {
   validateOptionalSha256,
 } from '../images/validation.js';
 import { prepareImage } from '../images/formats/prepare.js';
+import { withManifest } from '../images/manifest/build.js';
+import { type ChunkManifest, DIGEST_BYTES } from '../../common/chunk-manifest.js';
 import type { ImageRecord, NewImage, Store } from '../store/store.js';
 
 export interface ImageServiceDeps {
@@ -64,7 +66,7 @@ export interface ImageService {
 }
 
 /** The proto Image, made at the edge. */
-export function imageToProto(image: ImageRecord): Image {
+export function imageToProto(image: ImageRecord, manifest?: ChunkManifest): Image {
   const known = image.sha256 !== '';
   return {
     name: image.name,
@@ -84,6 +86,9 @@ export function imageToProto(image: ImageRecord): Image {
     sourceSizeBytes: image.sourceSizeBytes || image.sizeBytes,
     allocatedBytes: image.allocatedBytes ?? 0,
     allocatedExtentCount: image.extentCount,
+    manifestChunkSizeBytes: manifest?.chunkSize ?? 0,
+    manifestChunkCount: manifest ? manifest.digests.length / DIGEST_BYTES : 0,
+    manifestRootSha256: manifest?.rootSha256 ?? '',
   };
 }
 
@@ -97,9 +102,18 @@ export function imageToProto(image: ImageRecord): Image {
 export function createImageService(deps: ImageServiceDeps): ImageService {
   const { store, files, config, logger } = deps;
   const catalog = new ImageCatalog(store, files, logger);
-  /** Detects the format of received content and converts qcow2 to raw (controller/images/formats/). */
-  const formats = (signal: AbortSignal) => (path: string, received: { sha256: string; sizeBytes: number }) =>
-    prepareImage(path, received, { maxVirtualSize: config.maxImageVirtualSize, tempPath: () => files.tempPath(), signal });
+  /**
+   * Detects the format of received content and converts qcow2 to raw (controller/images/formats/), then
+   * builds the chunk manifest of the raw form, checked against the root the operator expects, if any.
+   */
+  const formats =
+    (expectedManifestRoot?: string) => (signal: AbortSignal) => async (path: string, received: { sha256: string; sizeBytes: number }) =>
+      withManifest(
+        await prepareImage(path, received, { maxVirtualSize: config.maxImageVirtualSize, tempPath: () => files.tempPath(), signal }),
+        config.imageManifestChunkSize,
+        expectedManifestRoot,
+        signal,
+      );
   const importer = new ImageImporter(
     store,
     files,
@@ -108,7 +122,7 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
       attempts: config.importAttempts,
       stallTimeoutMs: config.importStallTimeout,
       maxBytes: config.maxImageSize,
-      prepare: formats,
+      prepare: formats(),
     },
     logger.child({ component: 'importer' }),
   );
@@ -287,23 +301,25 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
       const log = logger.child({ image: name });
       const startedAt = Date.now();
       let image: ImageRecord | undefined;
+      let manifest: ChunkManifest | undefined;
       try {
         const content = await files.receive(uploadData(iterator, context.signal), {
           expectedSha256,
           expectedSize,
           maxBytes: config.maxImageSize,
           signal: context.signal,
-          prepare: formats(context.signal),
+          prepare: formats()(context.signal),
         });
         try {
           image = await catalog.commit(name, content);
+          manifest = content.manifest;
         } finally {
           content.release();
         }
         log.info({ sha256: image.sha256, sizeBytes: image.sizeBytes, seconds: (Date.now() - startedAt) / 1000 }, 'image uploaded');
         // Every controller on the database copies the content now.
         await announceImageReady(store, name, log);
-        return { image: imageToProto(image) };
+        return { image: imageToProto(image, manifest) };
       } catch (error) {
         if (context.signal.aborted || isAbortError(error)) log.info('upload cancelled by the client; nothing kept');
         else log.info({ reason: (error as Error).message }, 'upload refused; nothing kept');
@@ -318,6 +334,7 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
       const name = validateImageName(request.name);
       const url = validateImportUrl(request.url);
       const checksum = parseChecksum(request.checksum);
+      const manifestRoot = validateOptionalSha256(request.manifestRootSha256, 'manifest_root_sha256');
       const image = await reserve({
         name,
         state: 'importing',
@@ -327,7 +344,7 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
         expectedChecksum: formatChecksum(checksum),
         error: '',
       });
-      importer.start(name, url, checksum);
+      importer.start(name, url, checksum, manifestRoot ? formats(manifestRoot) : undefined);
       logger.info({ image: name, url: image.sourceUrl }, 'image import started');
       return { image: imageToProto(image) };
     },
@@ -336,11 +353,12 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
       const name = validateImageName(request.name);
       const image = await store.getImage(name);
       if (!image) throw notFound(`image '${name}' not found; metalcast image list shows the images`);
-      return { image: imageToProto(image) };
+      const manifest = image.state === 'ready' ? await store.getImageManifest(image.sha256) : undefined;
+      return { image: imageToProto(image, manifest) };
     },
 
     async listImages() {
-      return { images: (await store.listImages()).map(imageToProto) };
+      return { images: (await store.listImages()).map((image) => imageToProto(image)) };
     },
 
     async deleteImage(request) {

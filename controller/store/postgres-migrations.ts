@@ -179,4 +179,23 @@ export const POSTGRES_MIGRATIONS: readonly { version: number; description: strin
       );
     `,
   },
+  {
+    version: 9,
+    description: 'chunk manifests of image content',
+    sql: `
+      -- docs/chunk-manifest.md: per content (sha256 of the raw image), shared by images with the same content.
+      -- Images stored before this version get theirs built on first use (controller/images/manifest/).
+      CREATE TABLE image_manifests (
+        sha256 TEXT PRIMARY KEY,
+        size_bytes BIGINT NOT NULL,
+        chunk_size INTEGER NOT NULL,
+        chunk_count INTEGER NOT NULL,
+        root_sha256 TEXT NOT NULL,
+        -- 32 bytes per chunk, in order; and one bit per chunk, set for all-zero chunks.
+        digests BYTEA NOT NULL,
+        zero_bitmap BYTEA NOT NULL,
+        created_at BIGINT NOT NULL
+      );
+    `,
+  },
 ];

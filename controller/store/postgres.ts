@@ -1,6 +1,7 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { Status } from 'nice-grpc-common';
 import { Client, type ClientConfig, DatabaseError, escapeIdentifier, Pool, type PoolClient, TypeOverrides, types } from 'pg';
+import type { ChunkManifest } from '../../common/chunk-manifest.js';
 import { MetalcastError } from '../../common/errors.js';
 import { ringHash } from '../cluster/hash-ring.js';
 import {
@@ -42,6 +43,7 @@ import type {
   Transition,
 } from './store.js';
 import { powerStatusFromRow } from './power-rows.js';
+import { deployImageOf, deployImageProblem } from './store.js';
 
 /** The part of a pino logger the store uses; pass `logger.child({ component: 'store' })`. */
 export interface StoreLogger {
@@ -53,9 +55,19 @@ export interface StoreLogger {
 export interface PostgresStoreOptions {
   /** Where reconnects and lost notifications are reported. Default: silent. */
   logger?: StoreLogger;
-  /** Connections in the pool, besides the one that listens for notifications. Default: 10. */
+  /** Connections in the pool, besides the one that listens for notifications. Default: 20 (--database-pool-size). */
   poolSize?: number;
+  /**
+   * The longest a query waits for a free connection of the pool (or for a
+   * new one to connect); then it fails UNAVAILABLE, saying that the pool was
+   * full. Default: 10 s (--database-pool-wait).
+   */
+  poolWaitMs?: number;
 }
+
+/** Default pool size: a connect storm of 1,000 agents on one controller gets in with it (docs/hardening-controller.md). */
+export const DEFAULT_POOL_SIZE = 20;
+const DEFAULT_POOL_WAIT_MS = 10_000;
 
 const SILENT: StoreLogger = { info() {}, warn() {}, error() {} };
 
@@ -158,13 +170,16 @@ export class PostgresStore implements Store {
       // The listening connection is idle for hours: TCP keepalive is what notices a server that vanished without a word.
       keepAlive: true,
     };
-    const pool = new Pool({ ...connection, max: options.poolSize ?? 10, application_name: 'metalcast' });
+    const poolSize = options.poolSize ?? DEFAULT_POOL_SIZE;
+    const poolWaitMs = options.poolWaitMs ?? DEFAULT_POOL_WAIT_MS;
+    // pg-pool's connectionTimeoutMillis bounds both the wait for a free connection and the connect of a new one.
+    const pool = new Pool({ ...connection, connectionTimeoutMillis: poolWaitMs, max: poolSize, application_name: 'metalcast' });
     // Without a listener, a connection that breaks while idle in the pool would crash the process.
     pool.on('error', (error) => logger.warn({ err: error }, 'an idle PostgreSQL connection broke; the pool will open another'));
     try {
       const schema = await prepareDatabase(pool, masked);
       // From here on, not at open: a server that cannot be reached at start is a configuration problem, explained above.
-      unavailableWhenBusy(pool);
+      unavailableWhenBusy(pool, { poolSize, poolWaitMs });
       const listener = new NotificationListener(
         () => new Client({ ...connection, application_name: `metalcast listen ${schema}`.slice(0, 63) }),
         logger,
@@ -329,6 +344,15 @@ export class PostgresStore implements Store {
 
   async transition(uuid: string, t: Transition): Promise<NodeRecord | undefined> {
     return this.withTransaction(async (client) => {
+      const image = deployImageOf(t);
+      if (image) {
+        // FOR SHARE against deleteImage's FOR UPDATE: whichever is second waits, then sees the other's outcome.
+        const found = (
+          await client.query<{ state: string; sha256: string }>('SELECT state, sha256 FROM images WHERE name = $1 FOR SHARE', [image.name])
+        ).rows[0];
+        const problem = deployImageProblem(image, found);
+        if (problem) throw new MetalcastError(Status.FAILED_PRECONDITION, problem);
+      }
       const now = Date.now();
       const p = new Params();
       const sets = [
@@ -633,6 +657,11 @@ export class PostgresStore implements Store {
     });
   }
 
+  async clock(): Promise<EpochMs> {
+    const { rows } = await this.pool.query<{ now: number }>('SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now');
+    return Number(rows[0]?.now);
+  }
+
   async registerController(id: string, address: string, now: EpochMs): Promise<void> {
     await this.pool.query(
       `INSERT INTO controllers (id, address, started_at, last_seen_at) VALUES ($1, $2, $3, $3)
@@ -748,6 +777,48 @@ export class PostgresStore implements Store {
   async getImageExtents(name: string): Promise<ImageExtent[] | undefined> {
     const { rows } = await this.pool.query<{ extents: string | null }>('SELECT extents FROM images WHERE name = $1', [name]);
     return rows[0]?.extents ? (JSON.parse(rows[0].extents) as ImageExtent[]) : undefined;
+  }
+
+  async putImageManifest(sha256: string, manifest: ChunkManifest): Promise<void> {
+    await this.pool.query(
+      `INSERT INTO image_manifests (sha256, size_bytes, chunk_size, chunk_count, root_sha256, digests, zero_bitmap, created_at)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+       ON CONFLICT (sha256) DO UPDATE SET size_bytes = excluded.size_bytes, chunk_size = excluded.chunk_size, chunk_count = excluded.chunk_count,
+         root_sha256 = excluded.root_sha256, digests = excluded.digests, zero_bitmap = excluded.zero_bitmap, created_at = excluded.created_at`,
+      [
+        sha256,
+        manifest.sizeBytes,
+        manifest.chunkSize,
+        manifest.digests.length / 32,
+        manifest.rootSha256,
+        manifest.digests,
+        manifest.zeroBitmap,
+        Date.now(),
+      ],
+    );
+  }
+
+  async getImageManifest(sha256: string): Promise<ChunkManifest | undefined> {
+    const { rows } = await this.pool.query<{
+      size_bytes: string | number;
+      chunk_size: number;
+      root_sha256: string;
+      digests: Buffer;
+      zero_bitmap: Buffer;
+    }>('SELECT size_bytes, chunk_size, root_sha256, digests, zero_bitmap FROM image_manifests WHERE sha256 = $1', [sha256]);
+    const row = rows[0];
+    if (!row) return undefined;
+    return {
+      sizeBytes: Number(row.size_bytes),
+      chunkSize: row.chunk_size,
+      rootSha256: row.root_sha256,
+      digests: row.digests,
+      zeroBitmap: row.zero_bitmap,
+    };
+  }
+
+  async deleteImageManifest(sha256: string): Promise<boolean> {
+    return ((await this.pool.query('DELETE FROM image_manifests WHERE sha256 = $1', [sha256])).rowCount ?? 0) > 0;
   }
 
   async putConfigDrive(record: ConfigDriveRecord): Promise<void> {
@@ -1042,13 +1113,20 @@ const TRANSIENT_MESSAGES =
  * a connect storm of thousands of agents waits for the pool's few
  * connections, and the pool gives up on some of them after its timeout.
  */
-function unavailableWhenBusy(pool: Pool): Pool {
+function unavailableWhenBusy(pool: Pool, limits: { poolSize: number; poolWaitMs: number }): Pool {
   const translate = (error: unknown): unknown => {
     if (!(error instanceof Error) || error instanceof DatabaseError) {
       if (!(error instanceof DatabaseError) || !TRANSIENT_CODES.has(error.code ?? '')) return error;
     }
     const code = (error as { code?: string }).code ?? '';
     if (!TRANSIENT_CODES.has(code) && !TRANSIENT_MESSAGES.test(error.message)) return error;
+    if (/timeout exceeded when trying to connect/i.test(error.message) && pool.totalCount >= limits.poolSize) {
+      // Every connection was busy for the whole wait: say so, and what to change.
+      return new MetalcastError(
+        Status.UNAVAILABLE,
+        `the database is busy: no connection of the pool was free within ${limits.poolWaitMs} ms (all ${limits.poolSize} in use, ${pool.waitingCount} more calls waiting); retry shortly, or raise --database-pool-size (within PostgreSQL's max_connections)`,
+      );
+    }
     return new MetalcastError(Status.UNAVAILABLE, `the database is busy or unreachable (${error.message}); retry shortly`);
   };
   const query = pool.query.bind(pool) as (...args: unknown[]) => Promise<unknown>;

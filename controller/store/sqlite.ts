@@ -3,6 +3,7 @@ import { mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { DatabaseSync, type SQLInputValue, type StatementSync } from 'node:sqlite';
 import { Status } from 'nice-grpc-common';
+import type { ChunkManifest } from '../../common/chunk-manifest.js';
 import { MetalcastError } from '../../common/errors.js';
 import { EventEmitter } from 'node:events';
 import { ringHash } from '../cluster/hash-ring.js';
@@ -42,6 +43,7 @@ import type {
   TimedOutNode,
   Transition,
 } from './store.js';
+import { deployImageOf, deployImageProblem } from './store.js';
 import { powerStatusFromRow } from './power-rows.js';
 
 type Row = Record<string, SQLInputValue>;
@@ -298,6 +300,15 @@ export class SqliteStore implements Store {
 
   async transition(uuid: string, t: Transition): Promise<NodeRecord | undefined> {
     return this.inTransaction(() => {
+      // In the transaction that names the image: deleteImage cannot come between (see deployImageOf).
+      const image = deployImageOf(t);
+      if (image) {
+        const found = this.stmt('SELECT state, sha256 FROM images WHERE name = ?').get(image.name) as
+          | { state: string; sha256: string }
+          | undefined;
+        const problem = deployImageProblem(image, found);
+        if (problem) throw new MetalcastError(Status.FAILED_PRECONDITION, problem);
+      }
       const now = Date.now();
       const sets = [
         'provision_state = ?',
@@ -582,6 +593,11 @@ export class SqliteStore implements Store {
     });
   }
 
+  /** One controller on a local file: its clock is the database's. */
+  async clock(): Promise<EpochMs> {
+    return Date.now();
+  }
+
   async registerController(id: string, address: string, now: EpochMs): Promise<void> {
     this.stmt(
       `INSERT INTO controllers (id, address, started_at, last_seen_at) VALUES (?, ?, ?, ?)
@@ -674,6 +690,40 @@ export class SqliteStore implements Store {
   async getImageExtents(name: string): Promise<ImageExtent[] | undefined> {
     const row = this.stmt('SELECT extents FROM images WHERE name = ?').get(name) as { extents: string | null } | undefined;
     return row?.extents ? (JSON.parse(row.extents) as ImageExtent[]) : undefined;
+  }
+
+  async putImageManifest(sha256: string, manifest: ChunkManifest): Promise<void> {
+    this.stmt(
+      `INSERT INTO image_manifests (sha256, size_bytes, chunk_size, chunk_count, root_sha256, digests, zero_bitmap, created_at)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+       ON CONFLICT (sha256) DO UPDATE SET size_bytes = excluded.size_bytes, chunk_size = excluded.chunk_size, chunk_count = excluded.chunk_count,
+         root_sha256 = excluded.root_sha256, digests = excluded.digests, zero_bitmap = excluded.zero_bitmap, created_at = excluded.created_at`,
+    ).run(
+      sha256,
+      manifest.sizeBytes,
+      manifest.chunkSize,
+      manifest.digests.length / 32,
+      manifest.rootSha256,
+      manifest.digests,
+      manifest.zeroBitmap,
+      Date.now(),
+    );
+  }
+
+  async getImageManifest(sha256: string): Promise<ChunkManifest | undefined> {
+    const row = this.stmt('SELECT * FROM image_manifests WHERE sha256 = ?').get(sha256) as Row | undefined;
+    if (!row) return undefined;
+    return {
+      sizeBytes: row.size_bytes as number,
+      chunkSize: row.chunk_size as number,
+      rootSha256: row.root_sha256 as string,
+      digests: Buffer.from(row.digests as Uint8Array),
+      zeroBitmap: Buffer.from(row.zero_bitmap as Uint8Array),
+    };
+  }
+
+  async deleteImageManifest(sha256: string): Promise<boolean> {
+    return Number(this.stmt('DELETE FROM image_manifests WHERE sha256 = ?').run(sha256).changes) > 0;
   }
 
   async putConfigDrive(record: ConfigDriveRecord): Promise<void> {

@@ -1,3 +1,4 @@
+import type { ChunkManifest } from '../../common/chunk-manifest.js';
 import type { ProvisionState } from '../provisioning/states.js';
 
 /** Milliseconds since the epoch; every time in the store is one of these. */
@@ -357,6 +358,13 @@ export interface Store {
    */
   releaseHolder(holder: string, reason: string, now: EpochMs): Promise<TakeoverResult>;
   /** Adds or refreshes this controller's row. */
+  /**
+   * The database's clock, in epoch milliseconds: the one clock every
+   * controller sharing the database agrees on. Membership stamps and
+   * compares controller rows with it, so that a controller whose own clock
+   * is off does not look dead (or make the others look dead).
+   */
+  clock(): Promise<EpochMs>;
   registerController(id: string, address: string, now: EpochMs): Promise<void>;
   /** Touches this controller's row; false when the row is gone (others declared it dead). */
   touchController(id: string, now: EpochMs): Promise<boolean>;
@@ -375,6 +383,16 @@ export interface Store {
   updateImage(name: string, patch: ImagePatch): Promise<ImageRecord | undefined>;
   /** The allocated extents of an image's raw content, sorted; undefined when the image is unknown or none are recorded. */
   getImageExtents(name: string): Promise<ImageExtent[] | undefined>;
+  /**
+   * Stores the chunk manifest of an image's content, keyed by the content's
+   * sha256 (images with the same content share it); a second put for the
+   * same content replaces it.
+   */
+  putImageManifest(sha256: string, manifest: ChunkManifest): Promise<void>;
+  /** The chunk manifest of the content with this sha256; undefined when none is stored (images stored before manifests). */
+  getImageManifest(sha256: string): Promise<ChunkManifest | undefined>;
+  /** Forgets the manifest of content no image uses any more; true when there was one. */
+  deleteImageManifest(sha256: string): Promise<boolean>;
   /** Stores (or replaces) a node's config drive. */
   putConfigDrive(record: ConfigDriveRecord): Promise<void>;
   getConfigDrive(nodeUuid: string): Promise<ConfigDriveRecord | undefined>;
@@ -407,4 +425,34 @@ export interface Store {
    */
   ensureClusterSecret(candidate: string): Promise<string>;
   close(): Promise<void>;
+}
+
+/**
+ * The image a transition into deploying names (its deployJson), which `transition`
+ * checks in its own transaction: a deploy and deleteImage are exclusive.
+ * deleteImage refuses an image a deploying node names; the transition that
+ * starts a deploy refuses an image that is gone, not ready, or whose content
+ * changed since the deploy was checked. On PostgreSQL the image row is
+ * locked (FOR SHARE against deleteImage's FOR UPDATE), so that of the two,
+ * whichever comes second sees the other's outcome.
+ */
+export function deployImageOf(t: Pick<Transition, 'to' | 'deployJson'>): { name: string; sha256: string } | undefined {
+  // Only the move into deploying starts a deploy (deleteImage looks at deploying and deploy_wait nodes).
+  if (t.to !== 'deploying' || !t.deployJson) return undefined;
+  const spec = JSON.parse(t.deployJson) as { image?: unknown; imageSha256?: unknown };
+  if (typeof spec.image !== 'string' || spec.image === '') return undefined;
+  return { name: spec.image, sha256: typeof spec.imageSha256 === 'string' ? spec.imageSha256 : '' };
+}
+
+/** Why a deploy cannot start on `image` as the transition found it (undefined: it can). */
+export function deployImageProblem(
+  wanted: { name: string; sha256: string },
+  found: { state: string; sha256: string } | undefined,
+): string | undefined {
+  if (!found) return `image '${wanted.name}' was deleted while the deploy started; upload it again or deploy another image`;
+  if (found.state !== 'ready') return `image '${wanted.name}' is ${found.state}, not ready`;
+  if (wanted.sha256 !== '' && found.sha256 !== wanted.sha256) {
+    return `image '${wanted.name}' was replaced while the deploy started; deploy again`;
+  }
+  return undefined;
 }

@@ -63,6 +63,10 @@ describe('retry-after-ms', { timeout: 120_000 }, () => {
         throw new ServerError(Status.UNIMPLEMENTED, 'not here');
       },
       getConfigDrive: () => Promise.reject(new ServerError(Status.UNIMPLEMENTED, 'not here')),
+      // biome-ignore lint/correctness/useYield: not used by this test
+      async *getImageManifest() {
+        throw new ServerError(Status.UNIMPLEMENTED, 'not here');
+      },
     };
     server = createServer();
     server.add(AgentGatewayServiceDefinition, gateway);

@@ -310,7 +310,15 @@ describe('the image writer, in process', () => {
     const content = randomBytes(2 * CHUNK_BYTES);
     const reads: number[] = [];
     const source: ImageSource = {
-      stat: async (image) => ({ image, sizeBytes: content.length, sha256: sha256(content), chunkSizeBytes: CHUNK_BYTES }),
+      stat: async (image) => ({
+        image,
+        sizeBytes: content.length,
+        sha256: sha256(content),
+        chunkSizeBytes: CHUNK_BYTES,
+        manifestChunkSizeBytes: 0,
+        manifestChunkCount: 0,
+        manifestRootSha256: '',
+      }),
       async *read(_image, offset) {
         reads.push(offset);
         for (let at = offset; at < content.length; at += CHUNK_BYTES) {
@@ -450,7 +458,7 @@ describe('image file faults on the controller', () => {
     return failed;
   }
 
-  it('a corrupted image file fails the deploy on the sha256 mismatch, and the node never becomes active', async (ctx) => {
+  it('a corrupted image file fails the deploy on the chunk that fails verification, and the node never becomes active', async (ctx) => {
     let blob = '';
     // Corrupt the stored blob after it was added and checked, before any agent reads it.
     const d = await h.startDeploy('bad', 504, {
@@ -461,7 +469,11 @@ describe('image file faults on the controller', () => {
         await file.close();
       },
     });
-    await assertFailedCleanly(d, /write_image failed: sha256 mismatch after writing \d+ bytes/);
+    // The corruption lies in manifest chunk 3 (1 MiB chunks): fetched three times, refused three times.
+    await assertFailedCleanly(
+      d,
+      /write_image failed: chunk 3 \(bytes 3145728-4194303\) failed verification 3 times: it hashes to [0-9a-f]{64}, the manifest says [0-9a-f]{64}/,
+    );
 
     // The agent wrote every byte it received, and refused them: the disk holds the corrupted blob, not the image.
     const disk = await readDiskStart(d.diskPath, d.image.size);
@@ -472,7 +484,7 @@ describe('image file faults on the controller', () => {
     ctx.diagnostic(
       `served ${now.served - d.before.served} bytes for a ${d.image.size}-byte image, ${now.resumes - d.before.resumes} resumes`,
     );
-    assert.equal(now.served - d.before.served, d.image.size, 'without faults nothing is served twice');
+    assert.equal(now.served - d.before.served, d.image.size + 2 * MIB, 'only the bad chunk is served again, twice');
     assert.equal(now.resumes - d.before.resumes, 0, 'without faults nothing is resumed');
   });
 

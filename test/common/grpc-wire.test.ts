@@ -121,6 +121,9 @@ describe('grpc-js overrides (common/grpc-wire.ts)', () => {
           yield { offset, data: Buffer.alloc(0), length: 4096, zero: true };
         },
         getConfigDrive: () => Promise.reject(new Error('unused')),
+        getImageManifest: () => {
+          throw new Error('unused');
+        },
       });
       address = `127.0.0.1:${await server.listen('127.0.0.1:0')}`;
     });

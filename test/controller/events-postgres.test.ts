@@ -1,40 +1,11 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import type { Pool, PoolClient } from 'pg';
 import { PostgresStore } from '../../controller/store/postgres.js';
 import type { NodeEventRecord } from '../../controller/store/store.js';
-import { deferred } from '../helpers/deferred.js';
-import { eventually } from '../helpers/controller.js';
-import { adminQuery, postgresSchema, postgresSkipReason } from '../helpers/postgres.js';
+import { postgresSchema, postgresSkipReason } from '../helpers/postgres.js';
+import { holdNextCommit, settledOrWaitingForLock } from '../helpers/postgres-hold.js';
 
 const skip = await postgresSkipReason();
-
-/**
- * Holds the COMMIT of the next transaction of `store` until `release` is
- * called: a writer whose transaction commits late. `atCommit` settles when
- * that transaction has done its work and waits to commit.
- */
-function holdNextCommit(store: PostgresStore): { atCommit: Promise<void>; release: () => void } {
-  const pool = (store as unknown as { pool: Pool }).pool;
-  const reached = deferred<void>();
-  const gate = deferred<void>();
-  const connect = pool.connect.bind(pool) as () => Promise<PoolClient>;
-  (pool as { connect: unknown }).connect = async () => {
-    (pool as { connect: unknown }).connect = connect;
-    const client = await connect();
-    const query = client.query.bind(client) as (...args: unknown[]) => Promise<unknown>;
-    (client as { query: unknown }).query = async (...args: unknown[]) => {
-      if (args[0] === 'COMMIT') {
-        (client as { query: unknown }).query = query;
-        reached.resolve();
-        await gate.promise;
-      }
-      return query(...args);
-    };
-    return client;
-  };
-  return { atCommit: reached.promise, release: () => gate.resolve() };
-}
 
 describe('node events on PostgreSQL, paged by afterId', { skip }, () => {
   let schema: Awaited<ReturnType<typeof postgresSchema>>;
@@ -91,18 +62,7 @@ describe('node events on PostgreSQL, paged by afterId', { skip }, () => {
       toState: null,
     });
     // Either writer 2 is done, or it waits for writer 1 (a lock on the node): both are allowed, the watcher must cope.
-    const secondDone = second.then(() => 'done' as const);
-    const waiting = eventually(
-      async () => {
-        const rows = await adminQuery(
-          schema.url,
-          "SELECT count(*)::int AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%node_events%'",
-        );
-        return (rows[0]?.n as number) > 0 ? ('waiting' as const) : undefined;
-      },
-      { timeoutMs: 10_000, intervalMs: 20, what: 'writer 2 to finish or wait for writer 1' },
-    );
-    await Promise.race([secondDone, waiting]);
+    await settledOrWaitingForLock(schema.url, second, 'node_events');
     await page();
     held.release();
     await first;

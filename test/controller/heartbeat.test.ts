@@ -3,7 +3,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, describe, it } from 'node:test';
 import { Status } from 'nice-grpc-common';
 import { AgentStatus } from '../../gen/metalcast/v1/agent_gateway.js';
-import { CommandState } from '../../gen/metalcast/v1/command.js';
+import { CommandProgress, CommandState } from '../../gen/metalcast/v1/command.js';
 import { ProvisionAction, ProvisionState } from '../../gen/metalcast/v1/node.js';
 import { AGENT_VERSION, createWaitingNode, type HeartbeatStream, lookup, openHeartbeat } from '../helpers/agent-client.js';
 import { eventually, FAST_FLAGS, metricValue, scrapeMetrics, startTestController, type TestController } from '../helpers/controller.js';
@@ -117,7 +117,14 @@ describe('Heartbeat stream', () => {
           name: 'write_image',
           requestId: 'r1',
           state: CommandState.COMMAND_STATE_RUNNING,
-          progress: { phase: 'writing', doneBytes: 1024, totalBytes: 4096, rateBytesPerSecond: 512, etaSeconds: 6, resumes: 0 },
+          progress: {
+            ...CommandProgress.fromPartial({}),
+            phase: 'writing',
+            doneBytes: 1024,
+            totalBytes: 4096,
+            rateBytesPerSecond: 512,
+            etaSeconds: 6,
+          },
           error: '',
         },
       });

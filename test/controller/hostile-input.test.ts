@@ -4,7 +4,7 @@ import type { Client } from '@grpc/grpc-js';
 import { createClient, Status } from 'nice-grpc';
 import { HealthDefinition } from 'nice-grpc-server-health';
 import type { AgentStatus } from '../../gen/metalcast/v1/agent_gateway.js';
-import { CommandState } from '../../gen/metalcast/v1/command.js';
+import { CommandProgress, CommandState } from '../../gen/metalcast/v1/command.js';
 import { NodeServiceDefinition, ProvisionAction } from '../../gen/metalcast/v1/node.js';
 import { createWaitingNode, lookup, openHeartbeat } from '../helpers/agent-client.js';
 import { FAST_FLAGS, startTestController, type TestController } from '../helpers/controller.js';
@@ -179,7 +179,13 @@ describe('hostile input to the controller', () => {
               state: CommandState.COMMAND_STATE_RUNNING,
               startedAt: undefined,
               finishedAt: undefined,
-              progress: { phase: 'writing', doneBytes: 1, totalBytes: 2, rateBytesPerSecond: Number.NaN, etaSeconds: 0, resumes: 0 },
+              progress: {
+                ...CommandProgress.fromPartial({}),
+                phase: 'writing',
+                doneBytes: 1,
+                totalBytes: 2,
+                rateBytesPerSecond: Number.NaN,
+              },
               error: '',
               result: undefined,
             },

@@ -62,7 +62,8 @@ describe('redfish nodes through a controller', () => {
         controllerId: 'redfish-test',
         insecure: 'true',
         bootDir,
-        heartbeatTimeout: '4s',
+        // Long enough for an agent process to start on a busy machine; the sweep test waits this out once.
+        heartbeatTimeout: '12s',
         heartbeatIntervalMin: '300ms',
         heartbeatIntervalMax: '600ms',
         sweepInterval: '500ms',
@@ -109,6 +110,8 @@ describe('redfish nodes through a controller', () => {
         'power.redfish.address': sim.url,
         'power.redfish.username': 'admin',
         ...FAST,
+        // Faults show within seconds at 1 s a request; a healthy BMC gets room for a busy machine (the ISO fetch on InsertMedia).
+        ...(options.faults ? {} : { 'power.redfish.request_timeout': '5s' }),
         ...(options.virtualMedia === false ? {} : { 'boot.method': 'virtual-media' }),
         'boot.kernel_args': `metalcast.node_hint=${name}`,
       },
@@ -214,7 +217,7 @@ describe('redfish nodes through a controller', () => {
     await eventually(
       async () => (await nodes.getNode({ node: 'vm3' })).node?.provisionState === ProvisionState.PROVISION_STATE_INSPECT_FAILED,
       {
-        timeoutMs: 20_000,
+        timeoutMs: 40_000,
         what: 'the sweep to fail vm3',
       },
     );
@@ -327,6 +330,32 @@ describe('redfish nodes through a controller', () => {
       assert.equal(node?.provisionState, ProvisionState.PROVISION_STATE_INSPECT_FAILED);
       assert.match(node?.lastError ?? '', /^virtual media boot through redfish failed: BMC .*: .*this BMC has no virtual media$/);
       assert.ok(!sim.requests.some((r) => r.path.endsWith('ComputerSystem.Reset')), 'not powered on without its ISO');
+    });
+  });
+
+  it('refuses kernel arguments the agent ISO cannot pass to the kernel when the node is created', async () => {
+    await assert.rejects(
+      nodes.createNode({
+        name: 'badargs',
+        macAddresses: ['52:54:00:6b:02:01'],
+        properties: {
+          'power.driver': 'redfish',
+          'power.redfish.address': 'https://10.0.0.5',
+          'power.redfish.username': 'admin',
+          'boot.method': 'virtual-media',
+          'boot.kernel_args': "metalcast.note=it's",
+        },
+        secrets: { 'power.redfish.password': PASSWORD },
+      }),
+      (error: Error) =>
+        /INVALID_ARGUMENT/.test(error.message) &&
+        error.message.includes("boot.kernel_args: the kernel parameter metalcast.note=it's cannot go on the agent ISO"),
+    );
+    // Network boot has no GRUB in the way: the same arguments are fine there.
+    await nodes.createNode({
+      name: 'netargs',
+      macAddresses: ['52:54:00:6b:02:02'],
+      properties: { 'boot.kernel_args': "metalcast.note=it's" },
     });
   });
 

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { afterEach, beforeEach, describe, it } from 'node:test';
 import { Status } from 'nice-grpc-common';
+import { type ChunkManifest, isZeroChunk, ManifestBuilder } from '../../common/chunk-manifest.js';
 import { MetalcastError } from '../../common/errors.js';
 import { RING_SIZE, ringHash } from '../../controller/cluster/hash-ring.js';
 import { PROVISION_STATES, type ProvisionState } from '../../controller/provisioning/states.js';
@@ -154,6 +155,28 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
         await store.putConfigDrive({ nodeUuid: node.uuid, gzip, sha256: 'c'.repeat(64), sizeBytes: 4096, createdAt: 1000 });
         await store.deleteNode(node.uuid);
         assert.equal(await store.getConfigDrive(node.uuid), undefined);
+      });
+
+      it('stores a chunk manifest per content, above 2^32 bytes, replaces it, and deletes it', async () => {
+        const sha = 'e'.repeat(64);
+        assert.equal(await store.getImageManifest(sha), undefined);
+        // 5 GiB in 4 MiB chunks: sizes past 32 bits must round-trip exactly.
+        const builder = new ManifestBuilder(4096);
+        builder.update(Buffer.alloc(4096));
+        builder.update(Buffer.from('not zero'));
+        const { manifest: small } = builder.finish();
+        const big = { ...small, chunkSize: 4 * 1024 * 1024, sizeBytes: 5 * 1024 ** 3 };
+        await store.putImageManifest(sha, big);
+        assert.deepEqual(await store.getImageManifest(sha), big);
+        await store.putImageManifest(sha, small);
+        const back = await store.getImageManifest(sha);
+        assert.deepEqual(back, small);
+        assert.equal(back?.digests.length, 64);
+        assert.equal(isZeroChunk(back as ChunkManifest, 0), true);
+        assert.equal(isZeroChunk(back as ChunkManifest, 1), false);
+        assert.equal(await store.deleteImageManifest(sha), true);
+        assert.equal(await store.deleteImageManifest(sha), false);
+        assert.equal(await store.getImageManifest(sha), undefined);
       });
     });
 

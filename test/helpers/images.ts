@@ -23,14 +23,17 @@ export function sha256(data: Uint8Array): string {
   return createHash('sha256').update(data).digest('hex');
 }
 
-/** Stores an image in a running controller directly (the upload API has its own tests). */
+/**
+ * Stores an image in a running controller directly (the upload API has its own tests), with its chunk
+ * manifest as an upload would have it (delete it from the store to test an image from before manifests).
+ */
 export async function addImage(controller: RunningController, name: string, content: Buffer): Promise<{ sha256: string; size: number }> {
   const stored = await controller.imageFiles.receive(
     (async function* () {
       for (let at = 0; at < content.length; at += 1024 * 1024) yield content.subarray(at, at + 1024 * 1024);
     })(),
   );
-  await controller.store.createImage({
+  const image = await controller.store.createImage({
     name,
     state: 'ready',
     sha256: stored.sha256,
@@ -39,6 +42,7 @@ export async function addImage(controller: RunningController, name: string, cont
     expectedChecksum: '',
     error: '',
   });
+  await controller.manifests.get(image);
   return { sha256: stored.sha256, size: stored.sizeBytes };
 }
 

@@ -3,6 +3,7 @@ import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { open, rm } from 'node:fs/promises';
 import { Status } from 'nice-grpc-common';
+import type { ChunkManifest } from '../../../common/chunk-manifest.js';
 import { MetalcastError } from '../../../common/errors.js';
 import { DETECT_HEAD_BYTES, DETECT_TAIL_BYTES, detectFormat, type ImageFormat, UnsupportedFormatError } from './detect.js';
 import { checkQcow2Header, UnsafeQcow2Error } from './qcow2-header.js';
@@ -31,6 +32,8 @@ export interface PreparedImage {
   sha256: string;
   sizeBytes: number;
   info: ImageFormatInfo;
+  /** The chunk manifest of the raw file, when one was built (controller/images/manifest/build.ts). */
+  manifest?: ChunkManifest;
 }
 
 export interface PrepareOptions {

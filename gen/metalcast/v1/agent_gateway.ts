@@ -167,6 +167,19 @@ export interface StatImageResponse {
   sha256: string;
   /** Size of the chunks ReadImage sends, in bytes. */
   chunkSizeBytes: number;
+  /**
+   * Size of the chunks of the image's chunk manifest, in bytes; 0 from a
+   * controller without manifests. Every chunk is this long but the last.
+   */
+  manifestChunkSizeBytes: number;
+  /** Number of chunks in the manifest. */
+  manifestChunkCount: number;
+  /**
+   * Root digest of the manifest, lower-case hex: sha256 over the chunk size
+   * and the image size (8 bytes each, big-endian) and then every chunk's
+   * 32-byte sha256 in order. GetImageManifest's pages must hash to it.
+   */
+  manifestRootSha256: string;
 }
 
 /** ReadImageRequest asks for a byte range. */
@@ -203,6 +216,24 @@ export interface GetConfigDriveResponse {
   sha256: string;
   /** Size of the ISO 9660 image in bytes. */
   sizeBytes: number;
+}
+
+/** GetImageManifestRequest names an image and where to start. */
+export interface GetImageManifestRequest {
+  /** Image name. */
+  image: string;
+  /** Index of the first chunk to send; 0 for the whole manifest. */
+  firstChunk: number;
+}
+
+/** GetImageManifestResponse is one page of a chunk manifest. */
+export interface GetImageManifestResponse {
+  /** Index of the page's first chunk. */
+  firstChunk: number;
+  /** The sha256 of each chunk of the page, 32 bytes each, concatenated. */
+  chunkSha256s: Buffer;
+  /** Indexes (absolute) of the page's chunks whose bytes are all zero. */
+  zeroChunks: number[];
 }
 
 function createBaseLookupRequest(): LookupRequest {
@@ -927,7 +958,15 @@ export const StatImageRequest: MessageFns<StatImageRequest> = {
 };
 
 function createBaseStatImageResponse(): StatImageResponse {
-  return { image: "", sizeBytes: 0, sha256: "", chunkSizeBytes: 0 };
+  return {
+    image: "",
+    sizeBytes: 0,
+    sha256: "",
+    chunkSizeBytes: 0,
+    manifestChunkSizeBytes: 0,
+    manifestChunkCount: 0,
+    manifestRootSha256: "",
+  };
 }
 
 export const StatImageResponse: MessageFns<StatImageResponse> = {
@@ -943,6 +982,15 @@ export const StatImageResponse: MessageFns<StatImageResponse> = {
     }
     if (message.chunkSizeBytes !== 0) {
       writer.uint32(32).uint32(message.chunkSizeBytes);
+    }
+    if (message.manifestChunkSizeBytes !== 0) {
+      writer.uint32(40).uint32(message.manifestChunkSizeBytes);
+    }
+    if (message.manifestChunkCount !== 0) {
+      writer.uint32(48).uint32(message.manifestChunkCount);
+    }
+    if (message.manifestRootSha256 !== "") {
+      writer.uint32(58).string(message.manifestRootSha256);
     }
     return writer;
   },
@@ -992,6 +1040,30 @@ export const StatImageResponse: MessageFns<StatImageResponse> = {
             message.chunkSizeBytes = reader.uint32();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.manifestChunkSizeBytes = reader.uint32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.manifestChunkCount = reader.uint32();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.manifestRootSha256 = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1018,6 +1090,21 @@ export const StatImageResponse: MessageFns<StatImageResponse> = {
         : isSet(object.chunk_size_bytes)
         ? globalThis.Number(object.chunk_size_bytes)
         : 0,
+      manifestChunkSizeBytes: isSet(object.manifestChunkSizeBytes)
+        ? globalThis.Number(object.manifestChunkSizeBytes)
+        : isSet(object.manifest_chunk_size_bytes)
+        ? globalThis.Number(object.manifest_chunk_size_bytes)
+        : 0,
+      manifestChunkCount: isSet(object.manifestChunkCount)
+        ? globalThis.Number(object.manifestChunkCount)
+        : isSet(object.manifest_chunk_count)
+        ? globalThis.Number(object.manifest_chunk_count)
+        : 0,
+      manifestRootSha256: isSet(object.manifestRootSha256)
+        ? globalThis.String(object.manifestRootSha256)
+        : isSet(object.manifest_root_sha256)
+        ? globalThis.String(object.manifest_root_sha256)
+        : "",
     };
   },
 
@@ -1035,6 +1122,15 @@ export const StatImageResponse: MessageFns<StatImageResponse> = {
     if (message.chunkSizeBytes !== 0) {
       obj.chunkSizeBytes = Math.round(message.chunkSizeBytes);
     }
+    if (message.manifestChunkSizeBytes !== 0) {
+      obj.manifestChunkSizeBytes = Math.round(message.manifestChunkSizeBytes);
+    }
+    if (message.manifestChunkCount !== 0) {
+      obj.manifestChunkCount = Math.round(message.manifestChunkCount);
+    }
+    if (message.manifestRootSha256 !== "") {
+      obj.manifestRootSha256 = message.manifestRootSha256;
+    }
     return obj;
   },
 
@@ -1047,6 +1143,9 @@ export const StatImageResponse: MessageFns<StatImageResponse> = {
     message.sizeBytes = object.sizeBytes ?? 0;
     message.sha256 = object.sha256 ?? "";
     message.chunkSizeBytes = object.chunkSizeBytes ?? 0;
+    message.manifestChunkSizeBytes = object.manifestChunkSizeBytes ?? 0;
+    message.manifestChunkCount = object.manifestChunkCount ?? 0;
+    message.manifestRootSha256 = object.manifestRootSha256 ?? "";
     return message;
   },
 };
@@ -1426,6 +1525,222 @@ export const GetConfigDriveResponse: MessageFns<GetConfigDriveResponse> = {
   },
 };
 
+function createBaseGetImageManifestRequest(): GetImageManifestRequest {
+  return { image: "", firstChunk: 0 };
+}
+
+export const GetImageManifestRequest: MessageFns<GetImageManifestRequest> = {
+  encode(message: GetImageManifestRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.image !== "") {
+      writer.uint32(10).string(message.image);
+    }
+    if (message.firstChunk !== 0) {
+      writer.uint32(16).uint32(message.firstChunk);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetImageManifestRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetImageManifestRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.image = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.firstChunk = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetImageManifestRequest {
+    return {
+      image: isSet(object.image) ? globalThis.String(object.image) : "",
+      firstChunk: isSet(object.firstChunk)
+        ? globalThis.Number(object.firstChunk)
+        : isSet(object.first_chunk)
+        ? globalThis.Number(object.first_chunk)
+        : 0,
+    };
+  },
+
+  toJSON(message: GetImageManifestRequest): unknown {
+    const obj: any = {};
+    if (message.image !== "") {
+      obj.image = message.image;
+    }
+    if (message.firstChunk !== 0) {
+      obj.firstChunk = Math.round(message.firstChunk);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetImageManifestRequest>): GetImageManifestRequest {
+    return GetImageManifestRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetImageManifestRequest>): GetImageManifestRequest {
+    const message = createBaseGetImageManifestRequest();
+    message.image = object.image ?? "";
+    message.firstChunk = object.firstChunk ?? 0;
+    return message;
+  },
+};
+
+function createBaseGetImageManifestResponse(): GetImageManifestResponse {
+  return { firstChunk: 0, chunkSha256s: Buffer.alloc(0), zeroChunks: [] };
+}
+
+export const GetImageManifestResponse: MessageFns<GetImageManifestResponse> = {
+  encode(message: GetImageManifestResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.firstChunk !== 0) {
+      writer.uint32(8).uint32(message.firstChunk);
+    }
+    if (message.chunkSha256s.length !== 0) {
+      writer.uint32(18).bytes(message.chunkSha256s);
+    }
+    if (message.zeroChunks.length !== 0) {
+      writer.uint32(26).fork();
+      for (const v of message.zeroChunks) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetImageManifestResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetImageManifestResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.firstChunk = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.chunkSha256s = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 3: {
+            if (tag === 24) {
+              message.zeroChunks.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 26) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.zeroChunks.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetImageManifestResponse {
+    return {
+      firstChunk: isSet(object.firstChunk)
+        ? globalThis.Number(object.firstChunk)
+        : isSet(object.first_chunk)
+        ? globalThis.Number(object.first_chunk)
+        : 0,
+      chunkSha256s: isSet(object.chunkSha256s)
+        ? Buffer.from(bytesFromBase64(object.chunkSha256s))
+        : isSet(object.chunk_sha256s)
+        ? Buffer.from(bytesFromBase64(object.chunk_sha256s))
+        : Buffer.alloc(0),
+      zeroChunks: globalThis.Array.isArray(object?.zeroChunks)
+        ? object.zeroChunks.map((e: any) => globalThis.Number(e))
+        : globalThis.Array.isArray(object?.zero_chunks)
+        ? object.zero_chunks.map((e: any) => globalThis.Number(e))
+        : [],
+    };
+  },
+
+  toJSON(message: GetImageManifestResponse): unknown {
+    const obj: any = {};
+    if (message.firstChunk !== 0) {
+      obj.firstChunk = Math.round(message.firstChunk);
+    }
+    if (message.chunkSha256s.length !== 0) {
+      obj.chunkSha256s = base64FromBytes(message.chunkSha256s);
+    }
+    if (message.zeroChunks?.length) {
+      obj.zeroChunks = message.zeroChunks.map((e) => Math.round(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetImageManifestResponse>): GetImageManifestResponse {
+    return GetImageManifestResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetImageManifestResponse>): GetImageManifestResponse {
+    const message = createBaseGetImageManifestResponse();
+    message.firstChunk = object.firstChunk ?? 0;
+    message.chunkSha256s = object.chunkSha256s ?? Buffer.alloc(0);
+    message.zeroChunks = object.zeroChunks?.map((e) => e) || [];
+    return message;
+  },
+};
+
 /**
  * AgentGatewayService is what the controller offers to agents. Every call but
  * Lookup carries the metadata "metalcast-node-uuid" and
@@ -1499,6 +1814,21 @@ export const AgentGatewayServiceDefinition = {
       responseStream: false,
       options: {},
     },
+    /**
+     * GetImageManifest streams the chunk manifest of an image the agent is
+     * deploying (docs/chunk-manifest.md), in pages, from a chunk index: the
+     * sha256 of every fixed-size chunk and which chunks are all zeros.
+     * UNAVAILABLE while the controller builds the manifest of an image stored
+     * before manifests existed; retry.
+     */
+    getImageManifest: {
+      name: "GetImageManifest",
+      requestType: GetImageManifestRequest as typeof GetImageManifestRequest,
+      requestStream: false,
+      responseType: GetImageManifestResponse as typeof GetImageManifestResponse,
+      responseStream: true,
+      options: {},
+    },
   },
 } as const;
 
@@ -1540,6 +1870,17 @@ export interface AgentGatewayServiceImplementation<CallContextExt = {}> {
     request: GetConfigDriveRequest,
     context: CallContext & CallContextExt,
   ): Promise<DeepPartial<GetConfigDriveResponse>>;
+  /**
+   * GetImageManifest streams the chunk manifest of an image the agent is
+   * deploying (docs/chunk-manifest.md), in pages, from a chunk index: the
+   * sha256 of every fixed-size chunk and which chunks are all zeros.
+   * UNAVAILABLE while the controller builds the manifest of an image stored
+   * before manifests existed; retry.
+   */
+  getImageManifest(
+    request: GetImageManifestRequest,
+    context: CallContext & CallContextExt,
+  ): ServerStreamingMethodResult<DeepPartial<GetImageManifestResponse>>;
 }
 
 export interface AgentGatewayServiceClient<CallOptionsExt = {}> {
@@ -1580,6 +1921,17 @@ export interface AgentGatewayServiceClient<CallOptionsExt = {}> {
     request: DeepPartial<GetConfigDriveRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<GetConfigDriveResponse>;
+  /**
+   * GetImageManifest streams the chunk manifest of an image the agent is
+   * deploying (docs/chunk-manifest.md), in pages, from a chunk index: the
+   * sha256 of every fixed-size chunk and which chunks are all zeros.
+   * UNAVAILABLE while the controller builds the manifest of an image stored
+   * before manifests existed; retry.
+   */
+  getImageManifest(
+    request: DeepPartial<GetImageManifestRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): AsyncIterable<GetImageManifestResponse>;
 }
 
 function bytesFromBase64(b64: string): Uint8Array {

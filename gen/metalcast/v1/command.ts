@@ -258,6 +258,15 @@ export interface CommandProgress {
   etaSeconds: number;
   /** Number of times a transfer was resumed after a stall or error. */
   resumes: number;
+  /**
+   * write_image with a chunk manifest: the image's chunks, those the disk
+   * already held (not fetched), those fetched and verified, and those
+   * fetched again because they failed verification.
+   */
+  chunksTotal: number;
+  chunksSkipped: number;
+  chunksFetched: number;
+  chunksRefetched: number;
 }
 
 /** CommandResult is what a successful command produced. */
@@ -305,6 +314,16 @@ export interface WriteImageResult {
   resumes: number;
   /** Bytes received more than once because of resumes. */
   bytesReceivedTwice: number;
+  /**
+   * Chunk manifest accounting (docs/chunk-manifest.md): chunks the disk
+   * already held and were not fetched, chunks fetched, and chunks fetched
+   * again because they failed verification.
+   */
+  chunksSkipped: number;
+  chunksFetched: number;
+  chunksRefetched: number;
+  /** Bytes of the image not fetched because the disk already held them. */
+  bytesSkipped: number;
 }
 
 /** EraseDisksResult describes a completed erase. */
@@ -1336,7 +1355,18 @@ export const EraseDisksCommand: MessageFns<EraseDisksCommand> = {
 };
 
 function createBaseCommandProgress(): CommandProgress {
-  return { phase: "", doneBytes: 0, totalBytes: 0, rateBytesPerSecond: 0, etaSeconds: 0, resumes: 0 };
+  return {
+    phase: "",
+    doneBytes: 0,
+    totalBytes: 0,
+    rateBytesPerSecond: 0,
+    etaSeconds: 0,
+    resumes: 0,
+    chunksTotal: 0,
+    chunksSkipped: 0,
+    chunksFetched: 0,
+    chunksRefetched: 0,
+  };
 }
 
 export const CommandProgress: MessageFns<CommandProgress> = {
@@ -1358,6 +1388,18 @@ export const CommandProgress: MessageFns<CommandProgress> = {
     }
     if (message.resumes !== 0) {
       writer.uint32(48).uint32(message.resumes);
+    }
+    if (message.chunksTotal !== 0) {
+      writer.uint32(56).uint32(message.chunksTotal);
+    }
+    if (message.chunksSkipped !== 0) {
+      writer.uint32(64).uint32(message.chunksSkipped);
+    }
+    if (message.chunksFetched !== 0) {
+      writer.uint32(72).uint32(message.chunksFetched);
+    }
+    if (message.chunksRefetched !== 0) {
+      writer.uint32(80).uint32(message.chunksRefetched);
     }
     return writer;
   },
@@ -1423,6 +1465,38 @@ export const CommandProgress: MessageFns<CommandProgress> = {
             message.resumes = reader.uint32();
             continue;
           }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.chunksTotal = reader.uint32();
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.chunksSkipped = reader.uint32();
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.chunksFetched = reader.uint32();
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.chunksRefetched = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1459,6 +1533,26 @@ export const CommandProgress: MessageFns<CommandProgress> = {
         ? globalThis.Number(object.eta_seconds)
         : 0,
       resumes: isSet(object.resumes) ? globalThis.Number(object.resumes) : 0,
+      chunksTotal: isSet(object.chunksTotal)
+        ? globalThis.Number(object.chunksTotal)
+        : isSet(object.chunks_total)
+        ? globalThis.Number(object.chunks_total)
+        : 0,
+      chunksSkipped: isSet(object.chunksSkipped)
+        ? globalThis.Number(object.chunksSkipped)
+        : isSet(object.chunks_skipped)
+        ? globalThis.Number(object.chunks_skipped)
+        : 0,
+      chunksFetched: isSet(object.chunksFetched)
+        ? globalThis.Number(object.chunksFetched)
+        : isSet(object.chunks_fetched)
+        ? globalThis.Number(object.chunks_fetched)
+        : 0,
+      chunksRefetched: isSet(object.chunksRefetched)
+        ? globalThis.Number(object.chunksRefetched)
+        : isSet(object.chunks_refetched)
+        ? globalThis.Number(object.chunks_refetched)
+        : 0,
     };
   },
 
@@ -1482,6 +1576,18 @@ export const CommandProgress: MessageFns<CommandProgress> = {
     if (message.resumes !== 0) {
       obj.resumes = Math.round(message.resumes);
     }
+    if (message.chunksTotal !== 0) {
+      obj.chunksTotal = Math.round(message.chunksTotal);
+    }
+    if (message.chunksSkipped !== 0) {
+      obj.chunksSkipped = Math.round(message.chunksSkipped);
+    }
+    if (message.chunksFetched !== 0) {
+      obj.chunksFetched = Math.round(message.chunksFetched);
+    }
+    if (message.chunksRefetched !== 0) {
+      obj.chunksRefetched = Math.round(message.chunksRefetched);
+    }
     return obj;
   },
 
@@ -1496,6 +1602,10 @@ export const CommandProgress: MessageFns<CommandProgress> = {
     message.rateBytesPerSecond = object.rateBytesPerSecond ?? 0;
     message.etaSeconds = object.etaSeconds ?? 0;
     message.resumes = object.resumes ?? 0;
+    message.chunksTotal = object.chunksTotal ?? 0;
+    message.chunksSkipped = object.chunksSkipped ?? 0;
+    message.chunksFetched = object.chunksFetched ?? 0;
+    message.chunksRefetched = object.chunksRefetched ?? 0;
     return message;
   },
 };
@@ -1809,7 +1919,17 @@ export const WriteConfigDriveResult: MessageFns<WriteConfigDriveResult> = {
 };
 
 function createBaseWriteImageResult(): WriteImageResult {
-  return { devicePath: "", writtenBytes: 0, sha256: "", resumes: 0, bytesReceivedTwice: 0 };
+  return {
+    devicePath: "",
+    writtenBytes: 0,
+    sha256: "",
+    resumes: 0,
+    bytesReceivedTwice: 0,
+    chunksSkipped: 0,
+    chunksFetched: 0,
+    chunksRefetched: 0,
+    bytesSkipped: 0,
+  };
 }
 
 export const WriteImageResult: MessageFns<WriteImageResult> = {
@@ -1828,6 +1948,18 @@ export const WriteImageResult: MessageFns<WriteImageResult> = {
     }
     if (message.bytesReceivedTwice !== 0) {
       writer.uint32(40).uint64(message.bytesReceivedTwice);
+    }
+    if (message.chunksSkipped !== 0) {
+      writer.uint32(48).uint32(message.chunksSkipped);
+    }
+    if (message.chunksFetched !== 0) {
+      writer.uint32(56).uint32(message.chunksFetched);
+    }
+    if (message.chunksRefetched !== 0) {
+      writer.uint32(64).uint32(message.chunksRefetched);
+    }
+    if (message.bytesSkipped !== 0) {
+      writer.uint32(72).uint64(message.bytesSkipped);
     }
     return writer;
   },
@@ -1885,6 +2017,38 @@ export const WriteImageResult: MessageFns<WriteImageResult> = {
             message.bytesReceivedTwice = longToNumber(reader.uint64());
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.chunksSkipped = reader.uint32();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.chunksFetched = reader.uint32();
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.chunksRefetched = reader.uint32();
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.bytesSkipped = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1916,6 +2080,26 @@ export const WriteImageResult: MessageFns<WriteImageResult> = {
         : isSet(object.bytes_received_twice)
         ? globalThis.Number(object.bytes_received_twice)
         : 0,
+      chunksSkipped: isSet(object.chunksSkipped)
+        ? globalThis.Number(object.chunksSkipped)
+        : isSet(object.chunks_skipped)
+        ? globalThis.Number(object.chunks_skipped)
+        : 0,
+      chunksFetched: isSet(object.chunksFetched)
+        ? globalThis.Number(object.chunksFetched)
+        : isSet(object.chunks_fetched)
+        ? globalThis.Number(object.chunks_fetched)
+        : 0,
+      chunksRefetched: isSet(object.chunksRefetched)
+        ? globalThis.Number(object.chunksRefetched)
+        : isSet(object.chunks_refetched)
+        ? globalThis.Number(object.chunks_refetched)
+        : 0,
+      bytesSkipped: isSet(object.bytesSkipped)
+        ? globalThis.Number(object.bytesSkipped)
+        : isSet(object.bytes_skipped)
+        ? globalThis.Number(object.bytes_skipped)
+        : 0,
     };
   },
 
@@ -1936,6 +2120,18 @@ export const WriteImageResult: MessageFns<WriteImageResult> = {
     if (message.bytesReceivedTwice !== 0) {
       obj.bytesReceivedTwice = Math.round(message.bytesReceivedTwice);
     }
+    if (message.chunksSkipped !== 0) {
+      obj.chunksSkipped = Math.round(message.chunksSkipped);
+    }
+    if (message.chunksFetched !== 0) {
+      obj.chunksFetched = Math.round(message.chunksFetched);
+    }
+    if (message.chunksRefetched !== 0) {
+      obj.chunksRefetched = Math.round(message.chunksRefetched);
+    }
+    if (message.bytesSkipped !== 0) {
+      obj.bytesSkipped = Math.round(message.bytesSkipped);
+    }
     return obj;
   },
 
@@ -1949,6 +2145,10 @@ export const WriteImageResult: MessageFns<WriteImageResult> = {
     message.sha256 = object.sha256 ?? "";
     message.resumes = object.resumes ?? 0;
     message.bytesReceivedTwice = object.bytesReceivedTwice ?? 0;
+    message.chunksSkipped = object.chunksSkipped ?? 0;
+    message.chunksFetched = object.chunksFetched ?? 0;
+    message.chunksRefetched = object.chunksRefetched ?? 0;
+    message.bytesSkipped = object.bytesSkipped ?? 0;
     return message;
   },
 };

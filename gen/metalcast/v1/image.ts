@@ -149,6 +149,15 @@ export interface Image {
    * content; 0 when none are recorded.
    */
   allocatedExtentCount: number;
+  /**
+   * The image's chunk manifest (docs/chunk-manifest.md): its chunk size in
+   * bytes, its number of chunks, and its root digest (lower-case hex). 0 and
+   * empty until the manifest exists (it is built when the content arrives,
+   * or on first use for images stored before manifests).
+   */
+  manifestChunkSizeBytes: number;
+  manifestChunkCount: number;
+  manifestRootSha256: string;
 }
 
 /** UploadImageHeader opens an upload. */
@@ -194,6 +203,13 @@ export interface ImportImageRequest {
    * "sha512:<hex>".
    */
   checksum: string;
+  /**
+   * Expected root digest of the image's chunk manifest (lower-case hex, see
+   * Image.manifest_root_sha256), over the raw form with the controller's
+   * manifest chunk size; empty to accept whatever the content gives. A
+   * mismatch fails the import and keeps nothing.
+   */
+  manifestRootSha256: string;
 }
 
 /** ImportImageResponse carries the image, usually IMPORTING. */
@@ -296,6 +312,9 @@ function createBaseImage(): Image {
     sourceSizeBytes: 0,
     allocatedBytes: 0,
     allocatedExtentCount: 0,
+    manifestChunkSizeBytes: 0,
+    manifestChunkCount: 0,
+    manifestRootSha256: "",
   };
 }
 
@@ -336,6 +355,15 @@ export const Image: MessageFns<Image> = {
     }
     if (message.allocatedExtentCount !== 0) {
       writer.uint32(96).uint32(message.allocatedExtentCount);
+    }
+    if (message.manifestChunkSizeBytes !== 0) {
+      writer.uint32(104).uint32(message.manifestChunkSizeBytes);
+    }
+    if (message.manifestChunkCount !== 0) {
+      writer.uint32(112).uint32(message.manifestChunkCount);
+    }
+    if (message.manifestRootSha256 !== "") {
+      writer.uint32(122).string(message.manifestRootSha256);
     }
     return writer;
   },
@@ -449,6 +477,30 @@ export const Image: MessageFns<Image> = {
             message.allocatedExtentCount = reader.uint32();
             continue;
           }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.manifestChunkSizeBytes = reader.uint32();
+            continue;
+          }
+          case 14: {
+            if (tag !== 112) {
+              break;
+            }
+
+            message.manifestChunkCount = reader.uint32();
+            continue;
+          }
+          case 15: {
+            if (tag !== 122) {
+              break;
+            }
+
+            message.manifestRootSha256 = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -503,6 +555,21 @@ export const Image: MessageFns<Image> = {
         : isSet(object.allocated_extent_count)
         ? globalThis.Number(object.allocated_extent_count)
         : 0,
+      manifestChunkSizeBytes: isSet(object.manifestChunkSizeBytes)
+        ? globalThis.Number(object.manifestChunkSizeBytes)
+        : isSet(object.manifest_chunk_size_bytes)
+        ? globalThis.Number(object.manifest_chunk_size_bytes)
+        : 0,
+      manifestChunkCount: isSet(object.manifestChunkCount)
+        ? globalThis.Number(object.manifestChunkCount)
+        : isSet(object.manifest_chunk_count)
+        ? globalThis.Number(object.manifest_chunk_count)
+        : 0,
+      manifestRootSha256: isSet(object.manifestRootSha256)
+        ? globalThis.String(object.manifestRootSha256)
+        : isSet(object.manifest_root_sha256)
+        ? globalThis.String(object.manifest_root_sha256)
+        : "",
     };
   },
 
@@ -544,6 +611,15 @@ export const Image: MessageFns<Image> = {
     if (message.allocatedExtentCount !== 0) {
       obj.allocatedExtentCount = Math.round(message.allocatedExtentCount);
     }
+    if (message.manifestChunkSizeBytes !== 0) {
+      obj.manifestChunkSizeBytes = Math.round(message.manifestChunkSizeBytes);
+    }
+    if (message.manifestChunkCount !== 0) {
+      obj.manifestChunkCount = Math.round(message.manifestChunkCount);
+    }
+    if (message.manifestRootSha256 !== "") {
+      obj.manifestRootSha256 = message.manifestRootSha256;
+    }
     return obj;
   },
 
@@ -564,6 +640,9 @@ export const Image: MessageFns<Image> = {
     message.sourceSizeBytes = object.sourceSizeBytes ?? 0;
     message.allocatedBytes = object.allocatedBytes ?? 0;
     message.allocatedExtentCount = object.allocatedExtentCount ?? 0;
+    message.manifestChunkSizeBytes = object.manifestChunkSizeBytes ?? 0;
+    message.manifestChunkCount = object.manifestChunkCount ?? 0;
+    message.manifestRootSha256 = object.manifestRootSha256 ?? "";
     return message;
   },
 };
@@ -842,7 +921,7 @@ export const UploadImageResponse: MessageFns<UploadImageResponse> = {
 };
 
 function createBaseImportImageRequest(): ImportImageRequest {
-  return { name: "", url: "", checksum: "" };
+  return { name: "", url: "", checksum: "", manifestRootSha256: "" };
 }
 
 export const ImportImageRequest: MessageFns<ImportImageRequest> = {
@@ -855,6 +934,9 @@ export const ImportImageRequest: MessageFns<ImportImageRequest> = {
     }
     if (message.checksum !== "") {
       writer.uint32(26).string(message.checksum);
+    }
+    if (message.manifestRootSha256 !== "") {
+      writer.uint32(34).string(message.manifestRootSha256);
     }
     return writer;
   },
@@ -896,6 +978,14 @@ export const ImportImageRequest: MessageFns<ImportImageRequest> = {
             message.checksum = reader.string();
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.manifestRootSha256 = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -913,6 +1003,11 @@ export const ImportImageRequest: MessageFns<ImportImageRequest> = {
       name: isSet(object.name) ? globalThis.String(object.name) : "",
       url: isSet(object.url) ? globalThis.String(object.url) : "",
       checksum: isSet(object.checksum) ? globalThis.String(object.checksum) : "",
+      manifestRootSha256: isSet(object.manifestRootSha256)
+        ? globalThis.String(object.manifestRootSha256)
+        : isSet(object.manifest_root_sha256)
+        ? globalThis.String(object.manifest_root_sha256)
+        : "",
     };
   },
 
@@ -927,6 +1022,9 @@ export const ImportImageRequest: MessageFns<ImportImageRequest> = {
     if (message.checksum !== "") {
       obj.checksum = message.checksum;
     }
+    if (message.manifestRootSha256 !== "") {
+      obj.manifestRootSha256 = message.manifestRootSha256;
+    }
     return obj;
   },
 
@@ -938,6 +1036,7 @@ export const ImportImageRequest: MessageFns<ImportImageRequest> = {
     message.name = object.name ?? "";
     message.url = object.url ?? "";
     message.checksum = object.checksum ?? "";
+    message.manifestRootSha256 = object.manifestRootSha256 ?? "";
     return message;
   },
 };

@@ -1,0 +1,408 @@
+import { createHash, type Hash } from 'node:crypto';
+import { type FileHandle, open } from 'node:fs/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { ClientError, Status } from 'nice-grpc';
+import { type ChunkManifest, checkManifest, chunkCount, chunkDigest, chunkRange, DIGEST_BYTES } from '../../common/chunk-manifest.js';
+import { describeError as describe } from '../../common/errors.js';
+import type { Logger } from '../../common/logging.js';
+import type { StatImageResponse } from '../../gen/metalcast/v1/agent_gateway.js';
+import type { CommandProgress, WriteImageResult } from '../../gen/metalcast/v1/command.js';
+import type { ImageSource } from './image-source.js';
+import {
+  DiskWriteError,
+  FATAL_CODES,
+  hashRange,
+  isDiskError,
+  RateMeter,
+  StallError,
+  type WriteImageOptions,
+  type WriteImageTarget,
+  withRetries,
+  writeFully,
+} from './image-writer.js';
+
+/**
+ * A chunk that fails verification this many times fails the deploy: one bad
+ * chunk is a flipped bit on the way, the same chunk bad three times is a
+ * controller whose copy is broken, and fetching it forever would hide that.
+ */
+export const MAX_CHUNK_FAILURES = 3;
+
+/** A chunk being received: the hash of its first `received` bytes, which are on their way to the disk. */
+interface PartialChunk {
+  hash: Hash;
+  received: number;
+}
+
+/** A byte range of the image made of chunks to fetch, [offset, end). */
+export interface FetchRange {
+  offset: number;
+  end: number;
+}
+
+/**
+ * write_image against the image's chunk manifest (docs/chunk-manifest.md):
+ *
+ * 1. fetch the manifest and check it against the root digest StatImage announced;
+ * 2. delta: read and hash the chunks the disk already holds (within the image's
+ *    length) and keep those that match; all-zero chunks are written locally;
+ * 3. fetch the rest in ranges of consecutive chunks, verify each chunk as it
+ *    lands, and fetch again only a chunk that fails; a broken or stalled call
+ *    resumes at the first byte not yet received, as the stream writer does.
+ *
+ * Every chunk on the disk is then proven by its sha256, and the manifest's
+ * root ties those to the image whose sha256 the controller verified in the
+ * same pass that built the manifest: so the whole-image sha256 is derived,
+ * not re-read from the disk (the doc gives the argument). An agent restarted
+ * mid-deploy, or a controller that restarted under it, resumes through the
+ * same scan: what is on the disk is re-verified, never trusted.
+ */
+export async function writeImageByChunks(
+  source: ImageSource,
+  target: WriteImageTarget,
+  options: WriteImageOptions,
+  report: (progress: Partial<CommandProgress>) => void,
+  signal: AbortSignal,
+  logger: Logger,
+  stat: StatImageResponse,
+): Promise<WriteImageResult> {
+  const started = Date.now();
+  const size = stat.sizeBytes;
+  const manifest = await withRetries(() => fetchManifest(source, stat, signal), source, options, signal, logger, 'GetImageManifest');
+  const count = chunkCount(size, manifest.chunkSize);
+  const zeroDigestOf = zeroDigests();
+  /** Sound zero test: the digest, which the root covers, not the bitmap, which it does not. */
+  const isZero = (index: number) => chunkDigest(manifest, index).equals(zeroDigestOf(chunkRange(manifest, index).length));
+  const done = new Uint8Array(count);
+  const failures = new Map<number, number>();
+  const partial = new Map<number, PartialChunk>();
+  const rate = new RateMeter();
+  let skipped = 0;
+  let fetched = 0;
+  let refetched = 0;
+  let bytesSkipped = 0;
+  let resumes = 0;
+  let doneBytes = 0;
+  const progress = (phase: string, extra: Partial<CommandProgress> = {}) =>
+    report({
+      phase,
+      doneBytes,
+      totalBytes: size,
+      resumes,
+      chunksTotal: count,
+      chunksSkipped: skipped,
+      chunksFetched: fetched,
+      chunksRefetched: refetched,
+      ...extra,
+    });
+
+  const device = await open(target.devicePath, 'r+').catch((error: unknown) => {
+    throw new Error(`opening ${target.devicePath} to write image '${target.image}' failed: ${describe(error)}`);
+  });
+  try {
+    // 2. What the disk already holds.
+    if (options.diskIsZeroed) {
+      for (let index = 0; index < count; index++) {
+        if (!isZero(index)) continue;
+        done[index] = 1;
+        skipped++;
+        bytesSkipped += chunkRange(manifest, index).length;
+      }
+      doneBytes = bytesSkipped;
+    } else {
+      await scanDisk(device, manifest, signal, (index, digest) => {
+        const length = chunkRange(manifest, index).length;
+        if (digest.equals(chunkDigest(manifest, index))) {
+          done[index] = 1;
+          skipped++;
+          bytesSkipped += length;
+          doneBytes += length;
+        }
+        progress('scanning', { doneBytes: Math.min(size, (index + 1) * manifest.chunkSize) });
+      });
+    }
+    // All-zero chunks the disk lacks need no transfer: the manifest says what they hold.
+    const zeros = Buffer.alloc(manifest.chunkSize);
+    for (let index = 0; index < count; index++) {
+      if (done[index] || !isZero(index)) continue;
+      const { offset, length } = chunkRange(manifest, index);
+      await writeFully(device, zeros.subarray(0, length), offset).catch((error: unknown) => {
+        throw new Error(`writing ${target.devicePath} failed at ${offset} of ${size} bytes (zeroing): ${describe(error)}`);
+      });
+      done[index] = 1;
+      fetched++;
+      doneBytes += length;
+    }
+    logger.info(
+      { image: target.image, chunks: count, chunkSize: manifest.chunkSize, skipped, bytesSkipped, zeroWritten: fetched },
+      skipped > 0 ? 'the disk already holds some chunks of the image; fetching only the others' : 'fetching every chunk of the image',
+    );
+
+    // 3. Fetch, verify, fetch again what failed.
+    let attempts = 0;
+    let fruitless = 0;
+    let lastError = '';
+    let receivedTotal = 0;
+    const remaining = () => done.reduce((n, d) => n + (d ? 0 : 1), 0);
+    while (remaining() > 0) {
+      attempts++;
+      const receivedBefore = receivedTotal;
+      const call = new AbortController();
+      const onAbort = () => call.abort(signal.reason);
+      signal.addEventListener('abort', onAbort);
+      let stallTimer: NodeJS.Timeout | undefined;
+      const armStallTimer = () => {
+        clearTimeout(stallTimer);
+        stallTimer = setTimeout(() => call.abort(new StallError(`no data for ${options.stallTimeoutMs / 1000}s`)), options.stallTimeoutMs);
+      };
+      // One write in flight while the next piece is received; a write error surfaces at the next await.
+      let inflight: Promise<void> = Promise.resolve();
+      let failedThisPass = 0;
+      try {
+        armStallTimer();
+        for (const range of rangesToFetch(manifest, done, partial)) {
+          let offset = range.offset;
+          for await (const message of source.read(target.image, range.offset, call.signal, range.end - range.offset)) {
+            armStallTimer();
+            const length = message.zero ? message.length : message.data.length;
+            if (message.offset !== offset || length === 0 || offset + length > range.end || (message.zero && length > zeros.length)) {
+              throw new Error(`the controller sent a chunk at ${message.offset} of ${length} bytes where ${offset} was expected`);
+            }
+            const data = message.zero ? zeros.subarray(0, length) : message.data;
+            await inflight;
+            inflight = writeFully(device, data, offset);
+            // A write that fails while the loop waits for the next message must not go unhandled (that ends
+            // the agent process) nor wait for that message (a stalled link would hide a full disk): it aborts
+            // the read at once, and the catch below reports the write error, not the abort.
+            inflight.catch((failure: unknown) => call.abort(new DiskWriteError(failure)));
+            receivedTotal += length;
+            rate.add(length);
+            // Hash the message's pieces chunk by chunk; a chunk is judged when its last byte arrives.
+            let at = 0;
+            while (at < length) {
+              const index = Math.floor((offset + at) / manifest.chunkSize);
+              const chunk = chunkRange(manifest, index);
+              const within = offset + at - chunk.offset;
+              const take = Math.min(chunk.length - within, length - at);
+              let state = partial.get(index);
+              if (within === 0) {
+                state = { hash: createHash('sha256'), received: 0 };
+                partial.set(index, state);
+              } else if (!state || state.received !== within) {
+                throw new Error(`chunk ${index} resumed at byte ${within} but ${state?.received ?? 0} were received`);
+              }
+              state.hash.update(data.subarray(at, at + take));
+              state.received += take;
+              at += take;
+              if (state.received < chunk.length) continue;
+              partial.delete(index);
+              const digest = state.hash.digest();
+              if (digest.equals(chunkDigest(manifest, index))) {
+                done[index] = 1;
+                fetched++;
+                doneBytes += chunk.length;
+                continue;
+              }
+              const failed = (failures.get(index) ?? 0) + 1;
+              failures.set(index, failed);
+              refetched++;
+              failedThisPass++;
+              logger.warn(
+                { chunk: index, offset: chunk.offset, length: chunk.length, failures: failed },
+                'a chunk failed verification against the manifest; fetching it again',
+              );
+              if (failed >= MAX_CHUNK_FAILURES) {
+                throw new ChunkVerificationError(
+                  `chunk ${index} (bytes ${chunk.offset}-${chunk.offset + chunk.length - 1}) failed verification ${failed} times: it hashes to ${digest.toString('hex')}, the manifest says ${chunkDigest(manifest, index).toString('hex')}; the controller's copy of image '${target.image}' or the path to it corrupts data`,
+                );
+              }
+            }
+            offset += length;
+            progress('writing', { rateBytesPerSecond: rate.perSecond(), etaSeconds: rate.eta(size - doneBytes) });
+          }
+          await inflight;
+          if (offset < range.end) throw new Error(`the controller ended the stream at ${offset} of the range ending at ${range.end}`);
+        }
+        await inflight;
+      } catch (error) {
+        // A write still in flight when the stream broke may have failed: its chunk must not count as held.
+        const writeError = await inflight.then(
+          () => undefined,
+          (failure: unknown) => failure,
+        );
+        const where = `${doneBytes} of ${size} bytes`;
+        if (signal.aborted) throw new Error(`write_image cancelled at ${where}: the agent is stopping`);
+        if (writeError !== undefined) throw new Error(`writing ${target.devicePath} failed at ${where}: ${describe(writeError)}`);
+        if (error instanceof ChunkVerificationError) throw error;
+        const reason = call.signal.reason instanceof StallError ? call.signal.reason : error;
+        if (reason instanceof ClientError && FATAL_CODES.has(reason.code)) {
+          throw new Error(`the controller refused the image read (${Status[reason.code]}: ${reason.details}) at ${where}`);
+        }
+        if (isDiskError(reason)) throw new Error(`writing ${target.devicePath} failed at ${where}: ${(reason as Error).message}`);
+        source.failed(reason);
+        lastError = describe(reason);
+      } finally {
+        clearTimeout(stallTimer);
+        signal.removeEventListener('abort', onAbort);
+      }
+      if (remaining() === 0) break;
+      // A pass that ended cleanly with chunks to fetch again is no interruption: go again at once.
+      if (lastError === '' && failedThisPass > 0) continue;
+      const where = `${doneBytes} of ${size} bytes (${((100 * doneBytes) / size).toFixed(1)}%)`;
+      fruitless = receivedTotal > receivedBefore ? 1 : fruitless + 1;
+      if (fruitless >= options.maxAttempts) {
+        throw new Error(
+          `gave up after ${fruitless} attempts in a row without progress (${attempts} in all) at ${where}; last error: ${lastError}`,
+        );
+      }
+      if (options.timeLimitMs > 0 && Date.now() - started >= options.timeLimitMs) {
+        throw new Error(`time limit of ${options.timeLimitMs / 1000}s reached at ${where}; last error: ${lastError}`);
+      }
+      resumes++;
+      const delay = Math.min(options.backoffMaxMs, options.backoffBaseMs * 2 ** (fruitless - 1)) * (0.5 + Math.random());
+      logger.warn(
+        { done: doneBytes, size, resumes, delayMs: Math.round(delay), reason: lastError },
+        'image transfer interrupted; resuming from the last written offset',
+      );
+      lastError = '';
+      progress('resuming');
+      await sleep(delay, undefined, { signal }).catch(() => {});
+      if (signal.aborted) throw new Error(`write_image cancelled at ${doneBytes} of ${size} bytes: the agent is stopping`);
+    }
+
+    progress('flushing', { doneBytes: size });
+    await device.sync().catch((error: unknown) => {
+      throw new Error(`flushing ${target.devicePath} failed after writing ${size} bytes: ${describe(error)}`);
+    });
+    if (options.verifyReadback) {
+      progress('verifying', { doneBytes: 0 });
+      const readBack = await hashRange(device, size, (read) => progress('verifying', { doneBytes: read }));
+      if (readBack !== stat.sha256)
+        throw new Error(`read-back verification failed: ${target.devicePath} hashes to ${readBack}, the image to ${stat.sha256}`);
+    }
+    logger.info(
+      { size, resumes, skipped, fetched, refetched, bytesSkipped, seconds: (Date.now() - started) / 1000 },
+      'image written and verified chunk by chunk',
+    );
+    return {
+      devicePath: target.devicePath,
+      writtenBytes: size,
+      // Derived, not re-read: every chunk matched the root-checked manifest (docs/chunk-manifest.md).
+      sha256: stat.sha256,
+      resumes,
+      bytesReceivedTwice: 0,
+      chunksSkipped: skipped,
+      chunksFetched: fetched,
+      chunksRefetched: refetched,
+      bytesSkipped,
+    };
+  } finally {
+    // A device that failed or vanished may fail its close too; that must not hide the error that ended the write.
+    await device
+      .close()
+      .catch((error: unknown) => logger.warn({ err: error, device: target.devicePath }, 'closing the target disk failed'));
+  }
+}
+
+class ChunkVerificationError extends Error {
+  override name = 'ChunkVerificationError';
+}
+
+/**
+ * The ranges of consecutive chunks not yet held. A chunk whose transfer
+ * broke after some of its bytes were written and hashed resumes at its next
+ * byte, so a fault costs what was in flight, not a whole chunk.
+ */
+export function rangesToFetch(manifest: ChunkManifest, done: Uint8Array, partial: Map<number, PartialChunk>): FetchRange[] {
+  const ranges: FetchRange[] = [];
+  for (let index = 0; index < done.length; index++) {
+    if (done[index]) continue;
+    const { offset, length } = chunkRange(manifest, index);
+    const last = ranges.at(-1);
+    if (last && last.end === offset) {
+      last.end = offset + length;
+      partial.delete(index); // fetched again from its start, inside the range
+    } else {
+      ranges.push({ offset: offset + (partial.get(index)?.received ?? 0), end: offset + length });
+    }
+  }
+  return ranges;
+}
+
+/** The manifest in pages, checked against the root digest StatImage announced. */
+async function fetchManifest(source: ImageSource, stat: StatImageResponse, signal: AbortSignal): Promise<ChunkManifest> {
+  const count = stat.manifestChunkCount;
+  if (chunkCount(stat.sizeBytes, stat.manifestChunkSizeBytes) !== count) {
+    throw new Error(
+      `the controller announced ${count} chunks of ${stat.manifestChunkSizeBytes} bytes for an image of ${stat.sizeBytes} bytes`,
+    );
+  }
+  const digests = Buffer.alloc(count * DIGEST_BYTES);
+  let next = 0;
+  for await (const page of (source.manifest as NonNullable<ImageSource['manifest']>)(stat.image, 0, signal)) {
+    const chunks = page.chunkSha256s.length / DIGEST_BYTES;
+    if (page.firstChunk !== next || !Number.isInteger(chunks) || next + chunks > count) {
+      throw new Error(`the controller sent a manifest page at chunk ${page.firstChunk} of ${chunks} chunks where ${next} was expected`);
+    }
+    digests.set(page.chunkSha256s, next * DIGEST_BYTES);
+    next += chunks;
+  }
+  if (next !== count) throw new Error(`the manifest ended at chunk ${next} of ${count}`);
+  const manifest: ChunkManifest = {
+    chunkSize: stat.manifestChunkSizeBytes,
+    sizeBytes: stat.sizeBytes,
+    digests,
+    // Zero chunks are told by their digest (zeroDigests): the bitmap is not covered by the root.
+    zeroBitmap: Buffer.alloc(0),
+    rootSha256: stat.manifestRootSha256,
+  };
+  checkManifest(manifest, stat.manifestRootSha256);
+  return manifest;
+}
+
+/** sha256 of an all-zero chunk of a given length (the full size and the last chunk's). */
+function zeroDigests(): (length: number) => Buffer {
+  const cache = new Map<number, Buffer>();
+  return (length) => {
+    let digest = cache.get(length);
+    if (!digest) {
+      digest = createHash('sha256').update(Buffer.alloc(length)).digest();
+      cache.set(length, digest);
+    }
+    return digest;
+  };
+}
+
+/**
+ * Reads and hashes the disk's chunks within the image's length, two reads
+ * in flight so that the disk and the hashing overlap; memory: two chunks.
+ */
+async function scanDisk(
+  device: FileHandle,
+  manifest: ChunkManifest,
+  signal: AbortSignal,
+  onChunk: (index: number, digest: Buffer) => void,
+): Promise<void> {
+  const count = chunkCount(manifest.sizeBytes, manifest.chunkSize);
+  const buffers = [Buffer.allocUnsafe(manifest.chunkSize), Buffer.allocUnsafe(manifest.chunkSize)];
+  const readChunk = async (index: number): Promise<Buffer> => {
+    const { offset, length } = chunkRange(manifest, index);
+    const buffer = (buffers[index % 2] as Buffer).subarray(0, length);
+    let got = 0;
+    while (got < length) {
+      const { bytesRead } = await device.read(buffer, got, length - got, offset + got);
+      if (bytesRead === 0) break; // a short device reads as a mismatch: the chunk is fetched
+      got += bytesRead;
+    }
+    return got === length ? buffer : Buffer.alloc(0);
+  };
+  let pending = count > 0 ? readChunk(0) : undefined;
+  for (let index = 0; index < count; index++) {
+    signal.throwIfAborted();
+    const data = await (pending as Promise<Buffer>);
+    // The next read goes into the other buffer while this one is hashed.
+    pending = index + 1 < count ? readChunk(index + 1) : undefined;
+    pending?.catch(() => {});
+    onChunk(index, data.length === 0 ? Buffer.alloc(DIGEST_BYTES) : createHash('sha256').update(data).digest());
+  }
+}

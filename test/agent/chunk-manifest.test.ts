@@ -1,0 +1,257 @@
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { open, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { createChannel, createClient } from 'nice-grpc';
+import { agentMetadata } from '../../common/agent-metadata.js';
+import { ManifestBuilder } from '../../common/chunk-manifest.js';
+import { FastAgentGatewayServiceDefinition } from '../../common/read-image-codec.js';
+import type { ImageSource } from '../../agent/imaging/image-source.js';
+import { DEFAULT_WRITE_OPTIONS, writeImage } from '../../agent/imaging/image-writer.js';
+import type { NodeRecord } from '../../controller/store/store.js';
+import type { WriteImageResult } from '../../gen/metalcast/v1/command.js';
+import { lookup } from '../helpers/agent-client.js';
+import { startTestController, type TestController, tempDir, testLogger } from '../helpers/controller.js';
+import { addImage, sha256 } from '../helpers/images.js';
+import { TcpProxy } from '../helpers/tcp-proxy.js';
+
+/*
+ * The agent's image writer against the chunk manifest (docs/chunk-manifest.md),
+ * in process against a real controller: its gRPC server on a real port,
+ * reached through a TcpProxy that counts every byte the controller sends,
+ * and a disk file. The node is put in deploy_wait through the store (no agent
+ * process: the writer under test is the agent's), so that the controller
+ * authorises the reads exactly as for a deploying agent.
+ */
+
+const KIB = 1024;
+const MIB = 1024 * KIB;
+const MANIFEST_CHUNK = 256 * KIB;
+
+const FLAGS: Record<string, string> = {
+  heartbeatTimeout: '120s',
+  sweepInterval: '500ms',
+  startupGrace: '0s',
+  imageChunkSize: '64K',
+  imageManifestChunkSize: '256K',
+};
+
+const OPTIONS = { ...DEFAULT_WRITE_OPTIONS, stallTimeoutMs: 5000, backoffBaseMs: 50, backoffMaxMs: 200 };
+
+describe('image transfer against the chunk manifest', () => {
+  let t: TestController;
+  let proxy: TcpProxy;
+  const dirs = tempDir('metalcast-chunks-');
+  let node: NodeRecord;
+  let source: ImageSource;
+  let channel: ReturnType<typeof createChannel>;
+
+  /** Points the node's deploy at `image` (deploy_wait, as the conductor leaves it while the agent writes). */
+  async function deploying(image: string): Promise<void> {
+    const moved = await t.controller.store.transition(node.uuid, {
+      from: ['enroll', 'deploy_wait'],
+      to: 'deploy_wait',
+      target: 'active',
+      keepAgentToken: true,
+      deployJson: JSON.stringify({ image }),
+      event: { kind: 'transition', message: `test: deploying ${image}`, actor: 'test', fromState: 'enroll', toState: 'deploy_wait' },
+    });
+    assert.ok(moved);
+  }
+
+  before(async () => {
+    t = await startTestController(FLAGS);
+    proxy = await TcpProxy.start(t.controller.grpcAddress);
+    const mac = '52:54:00:c4:00:01';
+    node = await t.controller.store.createNode({ name: 'chunks', macAddresses: [mac], properties: {} }, {
+      kind: 'created',
+      message: 'test',
+      actor: 'test',
+      fromState: null,
+      toState: 'enroll',
+    } as never);
+    await deploying('none-yet');
+    const { nodeUuid, agentToken } = await lookup(t.gateway, [mac]);
+    channel = createChannel(proxy.address);
+    const gateway = createClient(FastAgentGatewayServiceDefinition, channel);
+    const metadata = agentMetadata(nodeUuid, agentToken);
+    source = {
+      stat: (image, signal) => gateway.statImage({ image }, { metadata, signal }),
+      read: (image, offset, signal, length = 0) => gateway.readImage({ image, offset, length }, { metadata, signal }),
+      manifest: (image, firstChunk, signal) => gateway.getImageManifest({ image, firstChunk }, { metadata, signal }),
+      failed: () => {},
+    };
+  });
+  after(async () => {
+    channel?.close();
+    await proxy?.close();
+    await t?.destroy();
+    dirs.remove();
+  });
+
+  /** Writes `image` onto `disk` through the proxy; returns the result and the bytes the controller sent. */
+  async function deploy(image: string, disk: string, from: ImageSource = source): Promise<{ result: WriteImageResult; sent: number }> {
+    await deploying(image);
+    const before = proxy.stats.bytesFromTarget;
+    const { size } = await stat(disk);
+    const result = await writeImage(
+      from,
+      { image, devicePath: disk, deviceSizeBytes: size, expectedSha256: '', expectedSizeBytes: 0 },
+      OPTIONS,
+      () => {},
+      new AbortController().signal,
+      testLogger(),
+    );
+    return { result, sent: proxy.stats.bytesFromTarget - before };
+  }
+
+  async function diskStart(disk: string, length: number): Promise<Buffer> {
+    const file = await open(disk, 'r');
+    try {
+      const buffer = Buffer.alloc(length);
+      await file.read(buffer, 0, length, 0);
+      return buffer;
+    } finally {
+      await file.close();
+    }
+  }
+
+  it('announces the manifest the image has: chunk size, count and the root over its bytes', async () => {
+    const content = randomBytes(MANIFEST_CHUNK * 3 + 1000);
+    content.fill(0, MANIFEST_CHUNK, 2 * MANIFEST_CHUNK);
+    // Through the operator API: the manifest is built at upload.
+    await t.images.uploadImage(
+      (async function* () {
+        yield { part: { $case: 'header' as const, value: { name: 'shown', sha256: '', sizeBytes: 0 } } };
+        yield { part: { $case: 'data' as const, value: content } };
+      })(),
+    );
+    const builder = new ManifestBuilder(MANIFEST_CHUNK);
+    builder.update(content);
+    const { manifest } = builder.finish();
+    const { image } = await t.images.getImage({ name: 'shown' });
+    assert.equal(image?.manifestChunkSizeBytes, MANIFEST_CHUNK);
+    assert.equal(image?.manifestChunkCount, 4);
+    assert.equal(image?.manifestRootSha256, manifest.rootSha256);
+    await deploying('shown');
+    const pages = [];
+    for await (const page of source.manifest?.('shown', 0, new AbortController().signal) ?? []) pages.push(page);
+    assert.equal(pages.length, 1);
+    assert.deepEqual(Buffer.from(pages[0]?.chunkSha256s ?? []), manifest.digests);
+    assert.deepEqual(pages[0]?.zeroChunks, [1], 'the all-zero chunk is marked');
+  });
+
+  it('a chunk corrupted in flight is detected, only it is fetched again, and the disk ends bit-exact', async () => {
+    const content = randomBytes(8 * MIB);
+    const { sha256: digest } = await addImage(t.controller, 'corrupt', content);
+    const disk = join(dirs.path, 'corrupt.disk');
+    await writeFile(disk, Buffer.alloc(10 * MIB));
+    const bad = 13; // the chunk whose first delivery is corrupted
+    const reads: { offset: number; length: number }[] = [];
+    let corrupted = false;
+    // The hook sits where a flipped bit on the path would land: in the bytes the agent receives.
+    const corrupting: ImageSource = {
+      ...source,
+      async *read(image, offset, signal, length = 0) {
+        reads.push({ offset, length });
+        for await (const message of source.read(image, offset, signal, length)) {
+          const at = bad * MANIFEST_CHUNK + 5000;
+          if (!corrupted && !message.zero && message.offset <= at && at < message.offset + message.data.length) {
+            corrupted = true;
+            const data = Buffer.from(message.data);
+            data.writeUInt8(data.readUInt8(at - message.offset) ^ 0x01, at - message.offset);
+            yield { ...message, data };
+          } else yield message;
+        }
+      },
+    };
+    const { result, sent } = await deploy('corrupt', disk, corrupting);
+    assert.ok(corrupted, 'the hook corrupted a chunk');
+    assert.equal(result.chunksRefetched, 1);
+    assert.equal(result.chunksFetched, 32);
+    assert.equal(result.sha256, digest);
+    assert.deepEqual(reads, [
+      { offset: 0, length: 8 * MIB },
+      { offset: bad * MANIFEST_CHUNK, length: MANIFEST_CHUNK },
+    ]);
+    assert.ok(sent < content.length + 2 * MANIFEST_CHUNK, `${sent} bytes sent for an ${content.length}-byte image with one bad chunk`);
+    assert.ok((await diskStart(disk, content.length)).equals(content), 'the disk holds the image');
+  });
+
+  it('a chunk that is corrupt at every delivery fails the deploy with the chunk named, after three tries', async () => {
+    const content = randomBytes(2 * MIB);
+    await addImage(t.controller, 'always-bad', content);
+    const disk = join(dirs.path, 'always-bad.disk');
+    await writeFile(disk, Buffer.alloc(3 * MIB));
+    const corrupting: ImageSource = {
+      ...source,
+      async *read(image, offset, signal, length = 0) {
+        for await (const message of source.read(image, offset, signal, length)) {
+          if (!message.zero && message.offset === 2 * MANIFEST_CHUNK) {
+            const data = Buffer.from(message.data);
+            data.writeUInt8(data.readUInt8(0) ^ 0xff, 0);
+            yield { ...message, data };
+          } else yield message;
+        }
+      },
+    };
+    await assert.rejects(
+      deploy('always-bad', disk, corrupting),
+      /chunk 2 \(bytes 524288-786431\) failed verification 3 times: it hashes to [0-9a-f]{64}, the manifest says [0-9a-f]{64}/,
+    );
+  });
+
+  it('a redeploy of an unchanged image sends under 1 % of it, a 1 %-changed image under 3 %, and the disk ends bit-exact', async (ctx) => {
+    const size = 64 * MIB;
+    const v1 = randomBytes(size);
+    await addImage(t.controller, 'v1', v1);
+    const disk = join(dirs.path, 'delta.disk');
+    await writeFile(disk, Buffer.alloc(size + 4 * MIB));
+
+    const first = await deploy('v1', disk);
+    ctx.diagnostic(`first deploy: ${first.sent} bytes sent for ${size}`);
+    assert.ok(first.sent >= size, 'the first deploy sends the whole image');
+    assert.equal(first.result.chunksSkipped, 0);
+
+    const again = await deploy('v1', disk);
+    ctx.diagnostic(
+      `redeploy: ${again.sent} bytes sent (${((100 * again.sent) / size).toFixed(2)} %), ${again.result.chunksSkipped} chunks skipped`,
+    );
+    assert.equal(again.result.chunksSkipped, size / MANIFEST_CHUNK);
+    assert.equal(again.result.chunksFetched, 0);
+    assert.equal(again.result.bytesSkipped, size);
+    assert.ok(again.sent < size / 100, `an unchanged redeploy sent ${again.sent} bytes, 1 % is ${size / 100}`);
+
+    // 1 % of the chunks change (a byte each, spread over the image).
+    const v2 = Buffer.from(v1);
+    const chunks = size / MANIFEST_CHUNK;
+    const changed = Math.ceil(chunks / 100);
+    for (let i = 0; i < changed; i++) {
+      const at = Math.floor(((i + 0.5) * chunks) / changed) * MANIFEST_CHUNK + 777;
+      v2[at] = (v2[at] as number) ^ 0x5a;
+    }
+    await addImage(t.controller, 'v2', v2);
+    const delta = await deploy('v2', disk);
+    ctx.diagnostic(
+      `1 %-changed: ${delta.sent} bytes sent (${((100 * delta.sent) / size).toFixed(2)} %), ${delta.result.chunksFetched} chunks fetched`,
+    );
+    assert.equal(delta.result.chunksFetched, changed);
+    assert.ok(delta.sent < (3 * size) / 100, `a 1 %-changed redeploy sent ${delta.sent} bytes, 3 % is ${(3 * size) / 100}`);
+    assert.equal(sha256(await diskStart(disk, size)), sha256(v2), 'the disk holds the new image');
+  });
+
+  it('builds the manifest of an image stored before manifests on first use, and checks it against its sha256', async () => {
+    const content = randomBytes(MIB + 5);
+    const { sha256: digest } = await addImage(t.controller, 'older', content);
+    // An image from before migration 9: its row and content, no manifest.
+    assert.equal(await t.controller.store.deleteImageManifest(digest), true);
+    const disk = join(dirs.path, 'older.disk');
+    await writeFile(disk, Buffer.alloc(2 * MIB));
+    const { result } = await deploy('older', disk);
+    assert.equal(result.chunksFetched, 5);
+    const stored = await t.controller.store.getImageManifest(digest);
+    assert.equal(stored?.digests.length, 5 * 32, 'the manifest was built and stored');
+    assert.ok((await diskStart(disk, content.length)).equals(content));
+  });
+});

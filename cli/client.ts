@@ -7,9 +7,9 @@ import { ConfigError } from '../common/config.js';
 import { clientChannelOptions } from '../common/grpc-options.js';
 import { loadCaBundle, loadClientIdentity, type ServerIdentity, tlsClient } from '../common/tls.js';
 import { ADMIN_TOKEN_FILE, operatorMetadata } from '../controller/auth/operator-auth.js';
-import { ImageServiceDefinition } from '../gen/metalcast/v1/image.js';
 import { debugText, describeFailure } from './errors.js';
 import { EXIT } from '../common/exit-codes.js';
+import { FastImageServiceDefinition } from '../common/upload-image-codec.js';
 import { NodeServiceDefinition } from '../gen/metalcast/v1/node.js';
 
 /**
@@ -37,7 +37,8 @@ export function connectOperator(address: string, timeoutMs: number, token?: stri
   return {
     channel,
     nodes: factory.create(NodeServiceDefinition, channel, defaults),
-    images: factory.create(ImageServiceDefinition, channel, defaults),
+    // The upload codec reads file data straight into gRPC frames (common/upload-image-codec.ts).
+    images: factory.create(FastImageServiceDefinition, channel, defaults),
     close: () => channel.close(),
   };
 }

@@ -36,6 +36,11 @@ import { Http2SubchannelCall } from '@grpc/grpc-js/build/src/subchannel-call.js'
  *    data chunks, no copy) through grpc-js's compression filter to the
  *    method's deserializer, which must accept it (the fast ReadImage codec
  *    does). Every other method, and every server, keeps grpc-js's decoder.
+ *
+ * 4. Send a pre-framed request once (uploads): the client's compression
+ *    filter copies every request into a new buffer to put the frame header in
+ *    front. A request registered with `markFramedRequest` carries room for
+ *    it, and is sent as it is.
  */
 
 /** A hook that frames one kind of message in place, or returns undefined to leave it to grpc-js. */
@@ -52,6 +57,18 @@ export function registerInPlaceFramer(framer: InPlaceFramer): void {
 export function writeGrpcFrameHeader(target: Buffer, at: number, messageLength: number): void {
   target[at] = 0;
   target.writeUInt32BE(messageLength, at + 1);
+}
+
+const framedRequests = new WeakSet<ArrayBufferLike>();
+
+/**
+ * Registers an ArrayBuffer that holds one whole serialized request after 5
+ * bytes of room: when a client sends it (as a view of the whole buffer, which
+ * is what nice-grpc's `Buffer.from` makes of an ArrayBuffer, without a copy),
+ * the frame header is written into the room and the buffer goes out as it is.
+ */
+export function markFramedRequest(buffer: ArrayBuffer): void {
+  framedRequests.add(buffer);
 }
 
 const PARTS = Symbol('metalcast.grpcMessageParts');
@@ -203,6 +220,36 @@ function install(): void {
   if (typeof receiveMessage !== 'function') {
     throw new Error('@grpc/grpc-js has no CompressionFilter.receiveMessage: common/grpc-wire.ts needs updating for this version');
   }
+  type WriteObject = { message: Buffer; flags?: number };
+  const sendPrototype = CompressionFilter.prototype as unknown as {
+    sendMessage(message: Promise<WriteObject>): Promise<WriteObject>;
+  };
+  const sendMessage = sendPrototype.sendMessage;
+  if (typeof sendMessage !== 'function') {
+    throw new Error('@grpc/grpc-js has no CompressionFilter.sendMessage: common/grpc-wire.ts needs updating for this version');
+  }
+  sendPrototype.sendMessage = async function sendFramed(
+    this: { sendCompression?: object; maxSendMessageLength?: number },
+    message: Promise<WriteObject>,
+  ) {
+    const resolved = await message;
+    const bytes = resolved.message;
+    const framed =
+      bytes instanceof Uint8Array &&
+      bytes.byteOffset === 0 &&
+      framedRequests.has(bytes.buffer) &&
+      bytes.byteLength === bytes.buffer.byteLength;
+    if (!framed) return sendMessage.call(this, Promise.resolve(resolved));
+    // Only uncompressed messages can go out in place; a compressing channel gets the bare message (and copies it),
+    // and so does one too large (grpc-js refuses it with its own error).
+    const max = this.maxSendMessageLength ?? -1;
+    if (this.sendCompression?.constructor?.name !== 'IdentityHandler' || (max !== -1 && bytes.length - 5 > max)) {
+      return sendMessage.call(this, Promise.resolve({ ...resolved, message: bytes.subarray(5) }));
+    }
+    writeGrpcFrameHeader(bytes, 0, bytes.length - 5);
+    return { message: bytes, flags: resolved.flags };
+  };
+
   // A PartsMessage is already deframed and uncompressed (PartsDecoder keeps compressed messages whole).
   filterPrototype.receiveMessage = async function receiveParts(this: unknown, message: Promise<unknown>): Promise<unknown> {
     const received = await message;

@@ -16,6 +16,7 @@ import {
 import { Registry } from 'prom-client';
 import { errorMappingMiddleware } from '../common/errors.js';
 import { FastAgentGatewayServiceDefinition } from '../common/read-image-codec.js';
+import { FastImageServiceDefinition } from '../common/upload-image-codec.js';
 import type { Logger } from '../common/logging.js';
 import { serverChannelOptions } from '../common/grpc-options.js';
 import {
@@ -396,7 +397,7 @@ export async function startController(
   await images.init();
   // UploadImage data is as large as the server's transport limit allows.
   const imageLimits = (method: string) => (method === 'UploadImage' ? undefined : OPERATOR_REQUEST_LIMIT_BYTES);
-  operatorServer.add(guardRequestDecoding(ImageServiceDefinition, imageLimits), images.implementation);
+  operatorServer.add(guardRequestDecoding(FastImageServiceDefinition, imageLimits), images.implementation);
   server.add(guardRequestDecoding(HealthDefinition, HEALTH_REQUEST_LIMIT_BYTES), HealthServiceImpl(health));
   // Reflection shows the whole API, so it needs an operator token; it describes every service it lists (health too).
   const reflection = ServerReflection(Buffer.concat([readFileSync(DESCRIPTOR_SET), healthDescriptorSet()]), [

@@ -169,11 +169,7 @@ export async function writeImageByChunks(
       };
       // Writes queued as in the stream writer (image-writer.ts): a few in flight, and a failing one aborts
       // the read at once so that the catch below reports the write error.
-      const writes = new WriteQueue(WRITES_IN_FLIGHT);
-      const startWrite = (write: Promise<void>) => {
-        write.catch((failure: unknown) => call.abort(new DiskWriteError(failure)));
-        writes.add(write);
-      };
+      const writes = new WriteQueue(WRITES_IN_FLIGHT, (failure) => call.abort(new DiskWriteError(failure)));
       let failedThisPass = 0;
       try {
         armStallTimer();
@@ -189,7 +185,7 @@ export async function writeImageByChunks(
             }
             if (message.zero) parts.push(zeros.subarray(0, length));
             await writes.room();
-            startWrite(parts.length === 1 ? writeFully(device, parts[0] as Buffer, offset) : writeAllAt(device, parts, offset));
+            writes.add(parts.length === 1 ? writeFully(device, parts[0] as Buffer, offset) : writeAllAt(device, parts, offset));
             receivedTotal += length;
             rate.add(length);
             // Hash the message's pieces chunk by chunk; a chunk is judged when its last byte arrives.

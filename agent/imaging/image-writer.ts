@@ -141,11 +141,7 @@ export async function writeImage(
       // for the next chunk must neither go unhandled (an unhandled rejection ends the agent process) nor
       // wait for that chunk (a stalled link would hide a full disk for the whole stall timeout): the
       // failure aborts the read at once, and the catch below reports the write error, not the abort.
-      const writes = new WriteQueue(WRITES_IN_FLIGHT);
-      const startWrite = (write: Promise<void>) => {
-        write.catch((failure: unknown) => call.abort(new DiskWriteError(failure)));
-        writes.add(write);
-      };
+      const writes = new WriteQueue(WRITES_IN_FLIGHT, (failure) => call.abort(new DiskWriteError(failure)));
       try {
         armStallTimer();
         for await (const chunk of source.read(target.image, offset, call.signal)) {
@@ -159,11 +155,11 @@ export async function writeImage(
           await writes.room();
           if (chunk.zero) {
             hash.update(zeros.subarray(0, length));
-            if (!options.diskIsZeroed) startWrite(writeFully(device, zeros.subarray(0, length), offset));
+            if (!options.diskIsZeroed) writes.add(writeFully(device, zeros.subarray(0, length), offset));
           } else {
             // The chunk as received (common/grpc-wire.ts): hashed and written without joining it into one buffer.
             for (const part of parts) hash.update(part);
-            startWrite(parts.length === 1 ? writeFully(device, parts[0]!, offset) : writeAllAt(device, parts, offset));
+            writes.add(parts.length === 1 ? writeFully(device, parts[0]!, offset) : writeAllAt(device, parts, offset));
           }
           offset += length;
           rate.add(length);
@@ -273,12 +269,15 @@ export async function writeFully(file: FileHandle, data: Uint8Array, position: n
 /** Disk writes of one write_image attempt may run this many at once (each pins its chunk). */
 export const WRITES_IN_FLIGHT = 4;
 
-/** Positional writes in flight, at most `limit`; every failure is kept for all(), never left unhandled. */
+/** Positional writes in flight, at most `limit`; every failure is kept for all() and told to `onFailure`, never left unhandled. */
 export class WriteQueue {
   private readonly pending = new Set<Promise<void>>();
   private failure: { error: unknown } | undefined;
 
-  constructor(private readonly limit: number) {}
+  constructor(
+    private readonly limit: number,
+    private readonly onFailure: (error: unknown) => void,
+  ) {}
 
   add(write: Promise<void>): void {
     const tracked = write.then(
@@ -288,6 +287,7 @@ export class WriteQueue {
       (error: unknown) => {
         this.pending.delete(tracked);
         this.failure ??= { error };
+        this.onFailure(error);
       },
     );
     this.pending.add(tracked);

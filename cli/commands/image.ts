@@ -1,5 +1,4 @@
 import { createHash, type Hash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import { type FileHandle, open, rename, rm, stat } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { basename } from 'node:path';
@@ -8,6 +7,7 @@ import { SingleBar } from 'cli-progress';
 import { type Command, InvalidArgumentError } from 'commander';
 import { ClientError, Status, waitForChannelReady } from 'nice-grpc';
 import { describeError } from '../../common/errors.js';
+import { allocUploadChunk } from '../../common/upload-image-codec.js';
 import { type Image, ImageFormat, ImageState, type UploadImageRequest } from '../../gen/metalcast/v1/image.js';
 import { type OperatorClients, withClient } from '../client.js';
 import { registerImageMakeTestCommand } from './image-make-test.js';
@@ -119,11 +119,28 @@ async function uploadCommand(file: string, opts: { name: string; sha256?: string
     let sent = 0;
     async function* requests(): AsyncGenerator<UploadImageRequest> {
       yield { part: { $case: 'header', value: { name: opts.name, sha256: opts.sha256 ?? '', sizeBytes: info.size } } };
-      for await (const chunk of createReadStream(file, { highWaterMark: UPLOAD_CHUNK_BYTES }) as AsyncIterable<Buffer>) {
-        hash.update(chunk);
-        sent += chunk.byteLength;
-        progress.update(sent);
-        yield { part: { $case: 'data', value: chunk } };
+      // Read to the end of the file, not to the size stat gave: a file that grew is refused by the size check.
+      const handle = await open(file, 'r');
+      try {
+        for (;;) {
+          // Each chunk is read into the buffer it is sent from, with room for the frame (common/upload-image-codec.ts).
+          const buffer = allocUploadChunk(UPLOAD_CHUNK_BYTES);
+          let filled = 0;
+          while (filled < buffer.length) {
+            const { bytesRead } = await handle.read(buffer, filled, buffer.length - filled, sent + filled);
+            if (bytesRead === 0) break;
+            filled += bytesRead;
+          }
+          if (filled === 0) break;
+          const chunk = filled === buffer.length ? buffer : buffer.subarray(0, filled);
+          hash.update(chunk);
+          sent += filled;
+          progress.update(sent);
+          yield { part: { $case: 'data', value: chunk } };
+          if (filled < buffer.length) break;
+        }
+      } finally {
+        await handle.close();
       }
     }
 

@@ -20,6 +20,7 @@ const BENCHMARKS: Record<string, () => Promise<Benchmark>> = {
   'transfer-chunks': () => import('./transfer-chunks.js'),
   'agent-start': () => import('./agent-start.js'),
   heartbeats: () => import('./heartbeats/heartbeats.js'),
+  manifest: () => import('./manifest.js'),
 };
 
 interface Outcome {

@@ -267,10 +267,10 @@ export async function writeFully(file: FileHandle, data: Uint8Array, position: n
 }
 
 /** Disk writes of one write_image attempt may run this many at once (each pins its chunk). */
-const WRITES_IN_FLIGHT = 4;
+export const WRITES_IN_FLIGHT = 4;
 
 /** Positional writes in flight, at most `limit`; every failure is kept for all() and told to `onFailure`, never left unhandled. */
-class WriteQueue {
+export class WriteQueue {
   private readonly pending = new Set<Promise<void>>();
   private failure: { error: unknown } | undefined;
 
@@ -307,7 +307,7 @@ class WriteQueue {
 }
 
 /** Writes every part, in order, from `position`: one writev per call, continuing after a short write. */
-async function writeAllAt(file: FileHandle, parts: readonly Buffer[], position: number): Promise<void> {
+export async function writeAllAt(file: FileHandle, parts: readonly Buffer[], position: number): Promise<void> {
   let list = parts;
   let at = position;
   while (list.length > 0) {

@@ -485,7 +485,8 @@ describe('image file faults on the controller', () => {
       `served ${now.served - d.before.served} bytes for a ${d.image.size}-byte image, ${now.resumes - d.before.resumes} resumes`,
     );
     assert.equal(now.served - d.before.served, d.image.size + 2 * MIB, 'only the bad chunk is served again, twice');
-    assert.equal(now.resumes - d.before.resumes, 0, 'without faults nothing is resumed');
+    // metalcast_image_transfer_resumes_total counts ReadImage calls past offset 0: the two re-fetches of chunk 3.
+    assert.equal(now.resumes - d.before.resumes, 2, "no read but the bad chunk's re-fetches starts past offset 0");
   });
 
   it('a truncated image file fails the deploy at once with DATA_LOSS, with the image written up to the cut', async (ctx) => {

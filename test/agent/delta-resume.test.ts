@@ -21,6 +21,7 @@ import { TcpProxy } from '../helpers/tcp-proxy.js';
 
 const MIB = 1024 * 1024;
 const IMAGE_BYTES = 48 * MIB;
+const AGENT_FLAGS = { 'keepalive-time': '1s', 'keepalive-timeout': '10s' };
 /** Slow enough that a fault lands mid-transfer (about 8 s for the image). */
 const PROXY_RATE = 6_000_000;
 
@@ -35,8 +36,10 @@ const FLAGS: Record<string, string> = {
   imageManifestChunkSize: '1M',
   transferStallTimeout: '3s',
   transferAttempts: '30',
+  // A ping's answer queues behind a full flow-control window (16 MiB, about 3 s through the throttled
+  // proxy): a shorter keepalive timeout would cut healthy connections and resend their windows.
   keepaliveTime: '1s',
-  keepaliveTimeout: '3s',
+  keepaliveTimeout: '10s',
   // A stop cuts running streams, as a crash would.
   shutdownTimeout: '1s',
 };
@@ -63,7 +66,7 @@ describe('resuming a deploy at chunk granularity', () => {
     await t.nodes.createNode({ name, macAddresses: [machine.macs[0] as string] });
     await t.nodes.setProvisionState({ node: name, action: ProvisionAction.PROVISION_ACTION_MANAGE });
     await t.nodes.setProvisionState({ node: name, action: ProvisionAction.PROVISION_ACTION_PROVIDE });
-    const agent = spawnAgent({ controller: proxy.address, root: machine.root });
+    const agent = spawnAgent({ controller: proxy.address, root: machine.root, ...AGENT_FLAGS });
     agents.push(agent);
     await waitFor(t, name, ProvisionState.PROVISION_STATE_AVAILABLE);
     proxy.throttle(PROXY_RATE);
@@ -112,7 +115,7 @@ describe('resuming a deploy at chunk granularity', () => {
     const at = await writtenAtLeast(t, 'agent-kill', IMAGE_BYTES / 2);
     await d.agent.kill('SIGKILL');
     ctx.diagnostic(`agent killed with ${at} bytes written`);
-    const again = spawnAgent({ controller: d.proxy.address, root: d.machine.root });
+    const again = spawnAgent({ controller: d.proxy.address, root: d.machine.root, ...AGENT_FLAGS });
     agents.push(again);
     const node = await waitFor(t, 'agent-kill', ProvisionState.PROVISION_STATE_ACTIVE, 120_000).catch(async (error) => {
       const { node: now } = await t.nodes.getNode({ node: 'agent-kill' });

@@ -3,9 +3,9 @@ import { open } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ClientError, Status } from 'nice-grpc';
 import type { Logger } from '../../common/logging.js';
+import type { StatImageResponse } from '../../gen/metalcast/v1/agent_gateway.js';
 import type { CommandProgress, WriteImageResult } from '../../gen/metalcast/v1/command.js';
 import { chunkParts } from '../../common/read-image-codec.js';
-import { writeImageByChunks } from './chunked-writer.js';
 import type { ImageSource } from './image-source.js';
 import { describeError as describe } from '../../common/errors.js';
 
@@ -28,22 +28,14 @@ import {
 // What callers of writeImage import from here.
 export { DEFAULT_WRITE_OPTIONS, type WriteImageOptions, type WriteImageTarget } from './disk-io.js';
 
-/**
- * Streams an image onto a disk: chunks are written at their offsets and
- * hashed in order; a stall or a broken call resumes from the last written
- * offset with jittered backoff; success needs every byte, the right sha256
- * and a flush to the device. Nothing reports success on a short or corrupt
- * write.
- */
-export async function writeImage(
+/** StatImage with retries, checked against what the deploy expects: the first step of either writer. */
+export async function statImageFor(
   source: ImageSource,
   target: WriteImageTarget,
   options: WriteImageOptions,
-  report: (progress: Partial<CommandProgress>) => void,
   signal: AbortSignal,
   logger: Logger,
-): Promise<WriteImageResult> {
-  const started = Date.now();
+): Promise<StatImageResponse> {
   const stat = await withRetries(() => source.stat(target.image, signal), source, options, signal, logger, 'StatImage');
   if (target.expectedSha256 !== '' && stat.sha256 !== target.expectedSha256) {
     throw new Error(`the controller's image '${target.image}' has sha256 ${stat.sha256}, but the deploy expects ${target.expectedSha256}`);
@@ -53,21 +45,38 @@ export async function writeImage(
       `the controller's image '${target.image}' is ${stat.sizeBytes} bytes, but the deploy expects ${target.expectedSizeBytes}`,
     );
   }
-  const size = stat.sizeBytes;
-  if (size > target.deviceSizeBytes) {
-    throw new Error(`image '${target.image}' (${size} bytes) does not fit on ${target.devicePath} (${target.deviceSizeBytes} bytes)`);
+  if (stat.sizeBytes > target.deviceSizeBytes) {
+    throw new Error(
+      `image '${target.image}' (${stat.sizeBytes} bytes) does not fit on ${target.devicePath} (${target.deviceSizeBytes} bytes)`,
+    );
   }
+  return stat;
+}
+
+/**
+ * Streams an image onto a disk: chunks are written at their offsets and
+ * hashed in order; a stall or a broken call resumes from the last written
+ * offset with jittered backoff; success needs every byte, the right sha256
+ * and a flush to the device. Nothing reports success on a short or corrupt
+ * write. For images without a chunk manifest (write-image.ts picks).
+ */
+export async function writeImageStream(
+  source: ImageSource,
+  target: WriteImageTarget,
+  options: WriteImageOptions,
+  report: (progress: Partial<CommandProgress>) => void,
+  signal: AbortSignal,
+  logger: Logger,
+  stat: StatImageResponse,
+): Promise<WriteImageResult> {
+  const started = Date.now();
+  const size = stat.sizeBytes;
   logger.info(
     { image: target.image, device: target.devicePath, size, chunk: stat.chunkSizeBytes },
     options.diskIsZeroed
       ? 'writing image; all-zero chunks are skipped because the disk was erased to zeros'
       : 'writing image; all-zero chunks are written as zeros because the disk may hold old data',
   );
-
-  if (stat.manifestChunkCount > 0 && source.manifest) {
-    // Chunk by chunk against the manifest: verified on arrival, only what the disk lacks is fetched.
-    return writeImageByChunks(source, target, options, report, signal, logger, stat);
-  }
 
   const device = await open(target.devicePath, 'r+').catch((error: unknown) => {
     throw new Error(`opening ${target.devicePath} to write image '${target.image}' failed: ${describe(error)}`);

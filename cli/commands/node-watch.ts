@@ -6,6 +6,13 @@ import { stateName } from '../node-format.js';
 
 const BAR_WIDTH = 24;
 
+/** write_image against a chunk manifest (docs/chunk-manifest.md): chunks on the disk already, fetched, fetched again. */
+export function chunkCounts(progress: CommandProgress): string {
+  if (progress.chunksTotal === 0) return '';
+  const again = progress.chunksRefetched > 0 ? `, ${progress.chunksRefetched} again` : '';
+  return ` chunks: ${progress.chunksSkipped} on disk, ${progress.chunksFetched} fetched${again} of ${progress.chunksTotal}`;
+}
+
 function bar(progress: CommandProgress | undefined): string {
   if (!progress || progress.totalBytes === 0) return progress?.phase ?? '';
   const fraction = Math.min(1, progress.doneBytes / progress.totalBytes);
@@ -13,7 +20,7 @@ function bar(progress: CommandProgress | undefined): string {
   const rate = progress.rateBytesPerSecond > 0 ? ` ${formatBytes(progress.rateBytesPerSecond)}/s` : '';
   const eta = progress.etaSeconds > 0 ? ` eta ${progress.etaSeconds}s` : '';
   const resumes = progress.resumes > 0 ? ` ${progress.resumes} resumes` : '';
-  return `${'█'.repeat(filled)}${'░'.repeat(BAR_WIDTH - filled)} ${(fraction * 100).toFixed(0).padStart(3)}% ${progress.phase}${rate}${eta}${resumes}`;
+  return `${'█'.repeat(filled)}${'░'.repeat(BAR_WIDTH - filled)} ${(fraction * 100).toFixed(0).padStart(3)}% ${progress.phase}${rate}${eta}${resumes}${chunkCounts(progress)}`;
 }
 
 /**

@@ -12,7 +12,7 @@ import { withClient } from '../client.js';
 import { cliInteger, cliSize, MAX_DISK_BYTES } from '../parsers.js';
 import { deployFields } from '../deploy-format.js';
 import { stateName } from '../node-format.js';
-import { watchNodes } from './node-watch.js';
+import { chunkCounts, watchNodes } from './node-watch.js';
 import { addWaitOptions, waitForRest } from './node-wait.js';
 import { addBmcOptions, type BmcOptions, bmcSettings, registerNodeSetCommand } from './node-bmc.js';
 import { registerNodePowerCommands } from './node-power.js';
@@ -78,7 +78,7 @@ function progressLine(node: Node): string {
   if (!p || p.totalBytes === 0) return p?.phase || '-';
   const percent = ((100 * p.doneBytes) / p.totalBytes).toFixed(1);
   const rate = p.rateBytesPerSecond > 0 ? `, ${formatBytes(p.rateBytesPerSecond)}/s` : '';
-  return `${p.phase} ${formatBytes(p.doneBytes)} of ${formatBytes(p.totalBytes)} (${percent}%${rate}${p.resumes ? `, ${p.resumes} resumes` : ''})`;
+  return `${p.phase} ${formatBytes(p.doneBytes)} of ${formatBytes(p.totalBytes)} (${percent}%${rate}${p.resumes ? `, ${p.resumes} resumes` : ''})${chunkCounts(p)}`;
 }
 
 function parseProperty(value: string, previous: Record<string, string> = {}): Record<string, string> {

@@ -118,13 +118,15 @@ describe('the PostgreSQL connection pool', { skip }, () => {
           const found = await retrying(() => lookup(gateway, [mac]));
           await retrying(async () => {
             const stream = openHeartbeat(gateway, found.nodeUuid, found.agentToken);
-            try {
-              await stream.beat({}, 60_000);
-            } finally {
-              stream.end();
-              const ended = await stream.ended;
-              if (ended) throw ended;
-            }
+            const beat = await stream.beat({}, 60_000).then(
+              () => undefined,
+              (error: unknown) => error,
+            );
+            stream.end();
+            const ended = await stream.ended;
+            // The beat's own failure first; then whatever ended the stream.
+            if (beat !== undefined) throw beat;
+            if (ended) throw ended;
           });
         }),
       );

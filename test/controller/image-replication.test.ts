@@ -196,8 +196,12 @@ describe('image replication: two controllers sharing one SQLite database', () =>
       return Buffer.concat(chunks);
     };
 
-    const stat = await b.gateway.statImage({ image: 'late' }, { metadata });
-    assert.equal(stat.sha256, digest, 'StatImage answers from the shared row');
+    // StatImage announces the chunk manifest, which is built from the content: it waits for the content too.
+    await assertRejectsWith(
+      b.gateway.statImage({ image: 'late' }, { metadata }),
+      Status.UNAVAILABLE,
+      /still being copied to this controller from another controller; retry/,
+    );
     try {
       await readAll();
       assert.fail('ReadImage on B succeeded without the content');
@@ -210,6 +214,9 @@ describe('image replication: two controllers sharing one SQLite database', () =>
     stored.release();
     const read = await eventually(readAll, { timeoutMs: 30_000, intervalMs: 250, what: 'ReadImage on B to serve the content' });
     assert.equal(sha256(read), digest);
+    const stat = await b.gateway.statImage({ image: 'late' }, { metadata });
+    assert.equal(stat.sha256, digest, 'StatImage answers once the content is here');
+    assert.ok(stat.manifestChunkCount > 0, 'with the manifest built from it');
   });
 
   it('resumes a copy broken mid-stream from the bytes already received', async () => {

@@ -6,6 +6,7 @@ import type { Logger } from '../../common/logging.js';
 import type { CommandProgress, WriteImageResult } from '../../gen/metalcast/v1/command.js';
 import { writeImageByChunks } from './chunked-writer.js';
 import type { ImageSource } from './image-source.js';
+import type { FanoutHook } from '../fanout/peer-fetcher.js';
 import { describeError as describe } from '../../common/errors.js';
 
 export interface WriteImageTarget {
@@ -36,6 +37,8 @@ export interface WriteImageOptions {
   /** Backoff between attempts: base × 2^n, capped, times U(0.5, 1.5). */
   backoffBaseMs: number;
   backoffMaxMs: number;
+  /** Fan-out (docs/fanout.md): fetch chunks from the peers of the deploy wave first; undefined: from the controller only. */
+  fanout?: FanoutHook;
 }
 
 export const DEFAULT_WRITE_OPTIONS: WriteImageOptions = {
@@ -229,6 +232,8 @@ export async function writeImage(
       chunksFetched: 0,
       chunksRefetched: 0,
       bytesSkipped: 0,
+      bytesFromPeers: 0,
+      bytesFromController: size,
     };
   } finally {
     await device.close();

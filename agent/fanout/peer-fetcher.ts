@@ -34,6 +34,8 @@ export interface FanoutFetchContext {
   logger: Logger;
   /** No data for this long ends a fetch from the controller; from a peer, at most 10 s. */
   stallTimeoutMs: number;
+  /** Failures of the controller in a row (reads or exchanges) before the plain transfer takes over with its own backoff. */
+  maxAttempts: number;
   /** A chunk landed, verified, from a peer or the controller. */
   onChunk(index: number, bytes: number, from: 'peer' | 'controller'): void;
 }
@@ -58,8 +60,6 @@ export interface FanoutOptions {
   downloadBucket?: TokenBucket;
 }
 
-/** Failures of the controller in a row before the fan-out phase hands over to the plain transfer and its backoff. */
-const MAX_CONTROLLER_FAILURES = 3;
 const PEER_STALL_CAP_MS = 10_000;
 
 class PeerFetchError extends Error {
@@ -257,9 +257,16 @@ export function createFanoutHook(options: FanoutOptions): FanoutHook {
       let fatal: unknown;
       try {
         while (remaining() > 0 && !signal.aborted && fatal === undefined) {
-          if (controllerFailures >= MAX_CONTROLLER_FAILURES) {
-            logger.warn('the controller failed several chunk reads in a row; the plain transfer takes over with its backoff');
+          if (controllerFailures + exchangeFailures >= context.maxAttempts) {
+            logger.warn(
+              { attempts: controllerFailures + exchangeFailures },
+              'the controller failed every call in a row; the plain transfer takes over with its backoff',
+            );
             break;
+          }
+          if (controllerFailures > 0) {
+            // A controller that failed a read (restarting, overloaded) is given a moment, as the plain transfer would.
+            await sleep(Math.min(5000, 200 * 2 ** (controllerFailures - 1)) * (0.5 + Math.random()), undefined, { signal }).catch(() => {});
           }
           const free = options.parallel - fetching.size;
           let answer: ExchangeChunksResponse | undefined;
@@ -291,8 +298,7 @@ export function createFanoutHook(options: FanoutOptions): FanoutHook {
               exchangeFailures++;
               source.failed(error);
               logger.warn({ reason: describeError(error), inARow: exchangeFailures }, 'ExchangeChunks failed');
-              if (exchangeFailures >= MAX_CONTROLLER_FAILURES) break;
-              await sleep(200 * exchangeFailures, undefined, { signal }).catch(() => {});
+              await sleep(Math.min(5000, 200 * 2 ** (exchangeFailures - 1)) * (0.5 + Math.random()), undefined, { signal }).catch(() => {});
               continue;
             }
             if (!answer.enabled) {

@@ -149,6 +149,7 @@ export async function writeImageByChunks(
         signal,
         logger,
         stallTimeoutMs: options.stallTimeoutMs,
+        maxAttempts: options.maxAttempts,
         onChunk: (_index, bytes, from) => {
           fetched++;
           doneBytes += bytes;

@@ -131,7 +131,7 @@ describe('fan-out: agents share verified chunks', () => {
   async function deployedNote(t: TestController, name: string): Promise<string> {
     const events = (await t.nodes.listNodeEvents({ node: name })).events;
     if (process.env.FANOUT_DEBUG) console.log(events.map((e) => e.message).join('\n'));
-    return events.find((e) => /^deployed /.test(e.message))?.message ?? '';
+    return events.findLast((e) => /deployed /.test(e.message))?.message ?? '';
   }
 
   it('a wave of 4: every disk bit-exact, the controller sends the image about once, the rest comes from peers; off per deploy, it sends it 4 times', async (ctx) => {
@@ -165,13 +165,18 @@ describe('fan-out: agents share verified chunks', () => {
       await t.nodes.setProvisionState({ node: m.name, action: ProvisionAction.PROVISION_ACTION_UNDEPLOY });
     }
     for (const m of members) await waitFor(t, m.name, ProvisionState.PROVISION_STATE_AVAILABLE);
+    // A new image: the disks still hold the first one, which delta re-imaging would not fetch again.
+    const second = await addImage(t.controller, 'wave-os-2', randomBytes(IMAGE));
     const offBefore = await metric(t, 'metalcast_image_bytes_served_total');
-    await deploy(t, members, 'wave-os', true);
+    await deploy(t, members, 'wave-os-2', true);
     for (const m of members) await waitFor(t, m.name, ProvisionState.PROVISION_STATE_ACTIVE);
     const offServed = (await metric(t, 'metalcast_image_bytes_served_total')) - offBefore;
     ctx.diagnostic(`fan-out off: the controller sent ${offServed} bytes`);
     assert.ok(offServed >= 4 * IMAGE, `with fan-out off the controller sent ${offServed} bytes, not 4 × the image`);
-    for (const m of members) assert.equal(sha256(await readDiskStart(m.disk, IMAGE)), image.sha256, `${m.name}'s disk holds the image`);
+    for (const m of members) {
+      assert.equal(sha256(await readDiskStart(m.disk, IMAGE)), second.sha256, `${m.name}'s disk holds the second image`);
+      assert.doesNotMatch(await deployedNote(t, m.name), /bytes from peers/, 'no byte came from a peer');
+    }
   });
 
   it('a lying peer (its disk corrupted) and a stalling peer (stopped) are dropped for the wave; every honest disk ends bit-exact', async (ctx) => {

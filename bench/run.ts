@@ -19,6 +19,7 @@ const BENCHMARKS: Record<string, () => Promise<Benchmark>> = {
   transfer: () => import('./transfer.js'),
   'agent-start': () => import('./agent-start.js'),
   heartbeats: () => import('./heartbeats.js'),
+  fanout: () => import('./fanout.js'),
 };
 
 interface Outcome {

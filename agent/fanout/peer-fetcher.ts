@@ -214,6 +214,7 @@ export function createFanoutHook(options: FanoutOptions): FanoutHook {
 
       const run = async (assignment: ChunkAssignment) => {
         const index = assignment.chunk;
+        let busyPeers = 0;
         for (const peer of assignment.peers) {
           if (dropped.has(peer.nodeUuid) || signal.aborted) continue;
           try {
@@ -226,7 +227,8 @@ export function createFanoutHook(options: FanoutOptions): FanoutHook {
             const busy = error instanceof ClientError && error.code === Status.RESOURCE_EXHAUSTED;
             const kind = error instanceof PeerFetchError ? error.kind : PeerFailureKind.PEER_FAILURE_KIND_ERROR;
             const reason = describeError(error);
-            if (!busy) {
+            if (busy) busyPeers++;
+            else {
               failures.push({ nodeUuid: peer.nodeUuid, chunk: index, kind, reason: reason.slice(0, 300) });
               if (kind !== PeerFailureKind.PEER_FAILURE_KIND_ERROR) dropped.add(peer.nodeUuid);
             }
@@ -237,7 +239,9 @@ export function createFanoutHook(options: FanoutOptions): FanoutHook {
           }
         }
         if (signal.aborted) return;
-        // No peer had it, or every peer named failed: the controller serves it.
+        // Every peer named was busy, none failed: ask the tracker again (it spreads the load) rather than load the controller.
+        if (busyPeers > 0 && busyPeers === assignment.peers.length) return;
+        // No peer had it, or a peer failed: the controller serves it.
         try {
           const data = await fromControllerChunk(index);
           await land(index, data, 'controller');

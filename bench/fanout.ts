@@ -202,6 +202,10 @@ export async function run(args: string[]): Promise<BenchResult> {
         const starts = agents.map((a) => logTime(a, 'writing image'));
         const ends = agents.map((a) => logTime(a, 'image written and verified'));
         const fleetMs = Math.max(...ends) - Math.min(...starts);
+        const each = agents.map((_, i) => (ends[i] as number) - (starts[i] as number));
+        console.log(
+          `    writes started over ${formatMs(Math.max(...starts) - Math.min(...starts))}; each agent's write took ${formatMs(Math.min(...each))} to ${formatMs(Math.max(...each))}`,
+        );
         let bitExact = true;
         for (const a of agents) if (sha256(await readDiskStart(a.disk, imageBytes)) !== image.sha256) bitExact = false;
         const rss = Math.max(...agents.map((a) => peakRssMib(a.process.child.pid)));

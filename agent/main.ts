@@ -36,6 +36,13 @@ export async function agentMain(flags: Record<string, unknown>): Promise<void> {
   for (const note of kernelCmdline ? kernelCmdlineNotes(kernelCmdline, AGENT_KERNEL_CMDLINE_KEYS) : []) {
     logger[note.level](note.fields, note.message);
   }
+  // A last line of defence, not the way errors are handled: every command settles its own promises
+  // (agent/commands/runner.ts). Node's default for an unhandled rejection is to end the process, which on
+  // a ramdisk strands the machine until someone reboots it; logged at error level so that tests and
+  // operators see the bug, while the agent keeps heartbeating.
+  process.on('unhandledRejection', (reason) => {
+    logger.error({ err: reason }, 'unhandled rejection (a bug in the agent); the agent keeps running');
+  });
   const exit = (code: number) => {
     logger.flush();
     process.exit(code);
@@ -61,7 +68,9 @@ export async function agentMain(flags: Record<string, unknown>): Promise<void> {
   process.once('SIGINT', onSignal);
   agent.done.catch(async (error: unknown) => {
     if (error instanceof LookupBudgetExhausted) {
-      logger.fatal({ err: error }, 'giving up: exiting so that the service manager restarts the agent');
+      // One sentence for the operator; the raw gRPC error (its cause) only at debug.
+      logger.debug({ err: error.cause }, 'the last lookup failure as gRPC reported it');
+      logger.fatal(`giving up: ${error.message}; exiting so that the service manager restarts the agent`);
       await agent.stop();
       return exit(AGENT_EXIT.lookupBudget);
     }

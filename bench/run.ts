@@ -17,8 +17,10 @@ const BENCHMARKS: Record<string, () => Promise<Benchmark>> = {
   sweep: () => import('./sweep.js'),
   herd: () => import('./herd.js'),
   transfer: () => import('./transfer.js'),
+  'transfer-chunks': () => import('./transfer-chunks.js'),
   'agent-start': () => import('./agent-start.js'),
   heartbeats: () => import('./heartbeats.js'),
+  manifest: () => import('./manifest.js'),
   fanout: () => import('./fanout.js'),
 };
 

@@ -1,5 +1,5 @@
 /**
- * The local limit of bench/transfer.ts, run as a child process on the same
+ * The local limit of bench/transfer-chunks.ts, run as a child process on the same
  * Node as the controller and the agents:
  *
  *   node --import tsx bench/transfer-local.ts IMAGE TARGET SIZE BLOCK [START_AT]

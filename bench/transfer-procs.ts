@@ -1,5 +1,5 @@
 /**
- * Process plumbing for bench/transfer.ts: metalcast processes and helper
+ * Process plumbing for bench/transfer.ts and bench/transfer-chunks.ts: metalcast processes and helper
  * scripts with their JSON log lines, and a sampler of their CPU time and
  * resident memory from /proc.
  */

@@ -1,5 +1,5 @@
 /**
- * The flow-control-window probe of bench/transfer.ts, run as a child process:
+ * The flow-control-window probe of bench/transfer-chunks.ts, run as a child process:
  *
  *   node --import tsx bench/transfer-reader.ts '<json setup>'
  *

@@ -1,147 +1,131 @@
 /**
- * The transfer benchmark: how fast does an image go from the controller to
- * an agent's disk, against how fast this machine can do the same work
- * locally? Controller and agents are real processes (bin/metalcast.js) on
- * loopback; the disks are sparse files of fake machines (demo/fake-machine.ts).
+ * The transfer benchmark (npm run bench -- transfer): an image from the
+ * controller to an agent's disk over TLS, the default, each figure against a
+ * baseline doing the same work in the same run, rounds interleaved, medians
+ * of paired ratios (the machine is shared: only ratios measured minutes
+ * apart mean anything).
  *
- * - The image: --size bytes of random data (nothing the controller could
- *   send as an all-zero chunk), put into the controller's data directory
- *   through ImageFiles before the controller starts, as the tests seed
- *   images, so its blob is in the page cache like a hot image.
- * - The transfer: a deploy through the real API; the controller sends
- *   write_image, the agent reads the image with ReadImage, hashes, writes
- *   and fsyncs once at the end. Timed by the agent's own log lines,
+ * Cases, one of each per round, in an order that rotates every round:
+ * - metalcast TLS: a deploy through the real API to a real agent process
+ *   (bin/metalcast.js) with --ca, the controller with a certificate from
+ *   `metalcast tls init` (ECDSA P-256). Timed by the agent's own log lines,
  *   'writing image; ...' (after StatImage) to 'image written and verified'
- *   (after the fsync). Then undeploy (quick clean) and again.
- * - The local limit: a child process on the same Node reads the same blob
- *   in 4 MiB blocks, hashes sha256 and writes a file, fsync at the end
- *   (bench/transfer-local.ts), timed from opening the target to the end of
- *   the fsync like the agent. Every target, the agent's disk included, is a
- *   fresh sparse file (truncated to 0 and back) before each run, so the page
- *   cache does the same work for both. One local run precedes every
- *   transfer; medians are compared, and each transfer with its neighbour.
- * - Chunk sizes: one controller per --image-chunk-size, restarted between
- *   cases on the same port and database; cases rotate order every round.
- * - Flow-control windows: a bare reader (bench/transfer-reader.ts) runs the
- *   production ControllerLink, lookup, image source and writeImage with
- *   'grpc-node.flow_control_window' set through ControllerLink's
- *   extra-options parameter, on a node left in deploy_wait without an
- *   agent; the production window (4 MiB) is one of the cases, to tie the
- *   probe to the real agent.
- * - N agents at once: per chunk size, a fresh controller, N deploys at once;
- *   aggregate = N x size / (last end - first start); the controller's RSS
- *   is sampled from /proc every 50 ms (and VmHWM read at the end). N local
- *   copies at once give the machine's aggregate limit for comparison.
- * - CPU: utime + stime of each process from /proc/<pid>/stat over the
- *   timed window, as % of one core (threads included: >100% is possible).
+ *   (after hashing everything, and the fsync). Then undeploy (quick clean).
+ * - TLS socket: bench/transfer-socket.ts, two processes, read -> TLS ->
+ *   sha256 -> write, fsync; same certificate, same Node.
+ * - metalcast plaintext (--insecure controller and agent) and the same
+ *   socket pair over plain `net`.
+ * - the Ironic-agent-style peer: Debian's nginx (its own instance and
+ *   config here, sendfile on, HTTPS with the same certificate) serving the
+ *   image file to bench/transfer-requests.py (python3-requests, stream,
+ *   1 MiB chunks, sha256, write, fsync) - what ironic-python-agent does.
+ * - upload: `metalcast image upload` over TLS (the CLI process against the
+ *   controller), timed by the controller's 'image uploaded' line; its
+ *   baseline is the TLS socket pair of the same round (the same work: read,
+ *   TLS, sha256, write).
+ * CPU: utime + stime of every process over its timed window (from /proc for
+ * metalcast and nginx, from the process itself for the baselines), as
+ * CPU-seconds per GB (10^9 bytes): the figure that survives a busy machine.
+ * --noise 1 runs one CPU-bound process per core beside every case, baselines
+ * included. Every written disk and file is hashed (first round) or its
+ * sha256 checked by the writer itself (every run).
  */
-import { seedImage } from '../test/helpers/images.js';
-import { CONTROLLER_OPTIONS } from '../controller/config.js';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { createHash, randomFillSync } from 'node:crypto';
-import { readFileSync, statfsSync } from 'node:fs';
-import { open, rm, truncate, writeFile } from 'node:fs/promises';
+import { existsSync, readFileSync, statfsSync } from 'node:fs';
+import { mkdir, open, rm, truncate, writeFile } from 'node:fs/promises';
 import { availableParallelism, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ClientError, Status } from 'nice-grpc';
 import { connectOperator, type OperatorClients, readTokenFile } from '../cli/client.js';
 import { byteSize } from '../common/config.js';
+import { type TLS_INIT_FILES, tlsInit } from '../common/tls-init.js';
 import { type FakeMachine, uniqueFakeMachine } from '../demo/fake-machine.js';
 import { ProvisionAction, ProvisionState } from '../gen/metalcast/v1/node.js';
+import { seedImage } from '../test/helpers/images.js';
 import {
   type BenchCheck,
   type BenchResult,
   BenchUsageError,
   breathe,
   columns,
-  formatMs,
   type NumberOptions,
   parseNumberOptions,
   withTempDir,
 } from './harness.js';
-import {
-  freePorts,
-  highWaterMark,
-  LoggedProcess,
-  type LogLine,
-  lineTime,
-  MACHINE,
-  METALCAST,
-  ProcSampler,
-  REPO,
-} from './transfer-procs.js';
-import type { ReaderSetup } from './transfer-reader.js';
+import { freePorts, LoggedProcess, type LogLine, lineTime, MACHINE, METALCAST, ProcSampler, REPO } from './transfer-procs.js';
+import type { SocketReceive, SocketSend } from './transfer-socket.js';
 
 export const description =
-  'image transfer controller -> agent processes over loopback vs the local read+sha256+write limit; chunk sizes, flow-control windows, N agents at once';
+  'image transfer over TLS (and plaintext) controller -> agent vs a TLS (net) socket pair, vs nginx + python3-requests, upload; CPU-s per GB; --noise';
 
-const KIB = 1024;
 const MIB = 1024 * 1024;
 const GIB = 1024 * MIB;
 
 export const options = {
-  size: { default: GIB, description: 'image size in bytes; K, M, G suffixes allowed (default 1G)' },
-  runs: { default: 3, integer: true, description: 'measured runs per case, interleaved with runs of the local limit' },
-  chunks: {
-    default: 0,
-    description: '--image-chunk-size values to compare, comma-separated, 64K to 3.5M (0: 256K,1M,3.5M)',
-  },
-  agents: { default: 4, integer: true, description: 'agents deploying at once against one controller, once per chunk size (0: skip)' },
-  windows: {
-    default: 0,
-    description: "agent flow-control windows for the window probe, comma-separated (0: 64K,4M,16M; 'none': skip the probe)",
-  },
-  'window-chunk': { default: 0, description: 'chunk size the window probe runs at; must be one of --chunks (0: 1M)' },
+  size: { default: GIB, description: 'image size in bytes; K, M, G suffixes allowed (default 1G; 256M for a quick run)' },
+  runs: { default: 5, integer: true, description: 'rounds; each round runs every case once, in rotating order' },
+  noise: { default: 0, integer: true, description: '1: one CPU-bound process per core beside every case, baselines included' },
+  plain: { default: 1, integer: true, description: '0: skip metalcast plaintext and its net socket baseline' },
+  nginx: { default: 1, integer: true, description: '0: skip the nginx + python3-requests peer' },
+  upload: { default: 1, integer: true, description: '0: skip metalcast image upload' },
 } satisfies NumberOptions;
 
-/** What the controller's --image-chunk-size accepts (controller/config.ts). */
-const CHUNK_MIN = 64 * KIB;
-const CHUNK_MAX = 3.5 * MIB;
-const DEFAULT_CHUNKS = [256 * KIB, MIB, 3.5 * MIB];
-const DEFAULT_WINDOWS = [64 * KIB - 1, 4 * MIB, 16 * MIB];
-/** The controller's default --image-chunk-size and the window of common/grpc-options.ts clientChannelOptions. */
-const PRODUCTION_CHUNK = CONTROLLER_OPTIONS.imageChunkSize.parse(CONTROLLER_OPTIONS.imageChunkSize.defaultValue);
-const PRODUCTION_WINDOW = 4 * MIB;
-/** Block size of the local limit. */
-const LOCAL_BLOCK = 4 * MIB;
-const IMAGE_NAME = 'bench-os';
-/** The goal of the issue: the transfer at this fraction of the local limit or better. */
-const GOAL_RATIO = 0.9;
-/** Cases within this fraction of the best count as equal (the machine is noisy: runs of one case spread 10-15%). */
-const NOISE = 0.1;
-/** Above this median CPU of other processes (% of a core) during the timed runs, the report warns that the machine was busy. */
-const BUSY_OTHERS = 25;
-/** Chunks a stalled ReadImage stream pins on the controller, and the controller's default --max-image-transfers. */
-const QUEUED_CHUNKS = 17;
-const DEFAULT_MAX_TRANSFERS = CONTROLLER_OPTIONS.maxImageTransfers.parse(CONTROLLER_OPTIONS.maxImageTransfers.defaultValue);
+/** The bars of issue 16, as paired-ratio medians. */
+const BARS = {
+  tlsOverSocket: 0.85,
+  plainOverSocket: 0.9,
+  tlsOverPeer: 1.5,
+  uploadOverSocket: 0.7,
+  noisyTlsOverSocket: 0.7,
+  controllerCpuOverSender: 2,
+  agentCpuOverReceiver: 1.3,
+};
 
-/**
- * Experiment knobs, for trying an optimisation without touching the code under test:
- * BENCH_TRANSFER_METALCAST runs the controller and agents from another bin/metalcast.js
- * (a patched copy under scratch/), BENCH_TRANSFER_NODE_OPTIONS adds Node flags to them
- * (for example --cpu-prof --cpu-prof-dir=/tmp/prof).
- */
+const IMAGE_NAME = 'bench-os';
+const SOCKET_SCRIPT = join(REPO, 'bench', 'transfer-socket.ts');
+const REQUESTS_SCRIPT = join(REPO, 'bench', 'transfer-requests.py');
+const TIMEOUT_MS = 600_000;
+const STATE_TIMEOUT_MS = 180_000;
 const METALCAST_BIN = process.env.BENCH_TRANSFER_METALCAST || METALCAST;
 const NODE_FLAGS = (process.env.BENCH_TRANSFER_NODE_OPTIONS ?? '').split(/\s+/).filter((f) => f !== '');
-const LOCAL_SCRIPT = join(REPO, 'bench', 'transfer-local.ts');
-const READER_SCRIPT = join(REPO, 'bench', 'transfer-reader.ts');
-const CONTROLLER_READY_TIMEOUT_MS = 60_000;
-const TRANSFER_TIMEOUT_MS = 600_000;
-const STATE_TIMEOUT_MS = 120_000;
+
+type CaseName = 'metalcast-tls' | 'tls-socket' | 'metalcast-plain' | 'net-socket' | 'nginx-requests' | 'upload-tls';
+
+interface Sample {
+  round: number;
+  ms: number;
+  mbps: number;
+  /** CPU-seconds per GB of each side. */
+  senderCpuPerGb: number;
+  receiverCpuPerGb: number;
+}
+
+interface Side {
+  controller: LoggedProcess;
+  dataDir: string;
+  address: string;
+  operator: OperatorClients;
+  machine: FakeMachine;
+  disk: string;
+  name: string;
+  agent: LoggedProcess;
+}
 
 type Options = ReturnType<typeof parseOptions>;
 
 export async function run(args: string[]): Promise<BenchResult> {
   const o = parseOptions(args);
-  const machines = Math.max(1, o.agents) + (o.windows.length > 0 ? 1 : 0);
-  // Written data is real: the image, every disk, and N local targets at once, plus room to spare.
-  const needed = o.size * (1 + machines + Math.max(1, o.agents)) + GIB;
+  const needed = o.size * 8 + GIB;
   const fs = statfsSync(tmpdir());
-  const free = fs.bavail * fs.bsize;
-  if (free < needed) {
+  if (fs.bavail * fs.bsize < needed) {
     throw new BenchUsageError(
-      `${tmpdir()} has ${gib(free)} free, the run needs about ${gib(needed)} (image, ${machines} disks, local targets); use a smaller --size`,
+      `${tmpdir()} has ${gib(fs.bavail * fs.bsize)} free, the run needs about ${gib(needed)}; use a smaller --size`,
     );
+  }
+  if (o.nginx && !findNginx()) {
+    throw new BenchUsageError('nginx is not installed: apt-get install -y nginx-light (or run with --nginx 0 to skip the peer)');
   }
   return withTempDir('metalcast-bench-transfer-', async (dir) => {
     const bench = new TransferBench(o, dir);
@@ -154,261 +138,187 @@ export async function run(args: string[]): Promise<BenchResult> {
 }
 
 function parseOptions(args: string[]) {
-  const lists: Record<string, string> = {};
   const rest: string[] = [];
-  const sizeFlag = (flag: string, value: string) => {
-    if (value.trim() === '' || Number.isFinite(Number(value))) return value;
-    try {
-      return String(byteSize({ min: 1, max: 2 ** 50 })(value));
-    } catch (error) {
-      throw new BenchUsageError(`--${flag}: ${(error as Error).message}`);
-    }
-  };
   for (let i = 0; i < args.length; i++) {
     const arg = args[i]!;
     const eq = /^--([^=]+)=(.*)$/.exec(arg);
-    const [flag, value, consumed] = eq ? [eq[1]!, eq[2], 0] : [arg.slice(2), args[i + 1], 1];
-    if (!arg.startsWith('--') || value === undefined) {
-      rest.push(arg);
-    } else if (flag === 'chunks' || flag === 'windows') {
-      lists[flag] = value;
-      i += consumed;
-    } else if (flag === 'size' || flag === 'window-chunk') {
-      rest.push(`--${flag}`, sizeFlag(flag, value));
-      i += consumed;
+    const flag = eq ? eq[1]! : arg.slice(2);
+    const value = eq ? eq[2] : args[i + 1];
+    if (flag === 'noise' && !eq && (value === undefined || value.startsWith('--'))) {
+      rest.push('--noise', '1');
+    } else if (flag === 'size' && value !== undefined) {
+      let bytes: number;
+      try {
+        bytes = Number.isFinite(Number(value)) ? Number(value) : byteSize({ min: 1, max: 2 ** 50 })(value);
+      } catch (error) {
+        throw new BenchUsageError(`--size: ${(error as Error).message}`);
+      }
+      rest.push('--size', String(bytes));
+      if (!eq) i++;
     } else {
       rest.push(arg);
     }
   }
   const raw = parseNumberOptions(rest, options);
-  const list = (flag: string, value: string | undefined, fallback: number[], min: number, max: number): number[] => {
-    if (value === undefined || value.trim() === '0') return fallback;
-    if (value.trim() === 'none') return [];
-    const parse = byteSize({ min, max });
-    try {
-      return [...new Set(value.split(',').map((v) => parse(v)))];
-    } catch (error) {
-      throw new BenchUsageError(
-        `--${flag}: ${(error as Error).message}${flag === 'chunks' ? ' (--image-chunk-size takes 64 KiB to 3.5 MiB, below the default 4 MiB message limit of grpc-js)' : ''}`,
-      );
-    }
+  if (raw.size < MIB) throw new BenchUsageError('--size must be at least 1M');
+  if (raw.runs < 1) throw new BenchUsageError('--runs must be at least 1');
+  return {
+    size: Math.round(raw.size),
+    runs: raw.runs,
+    noise: raw.noise > 0,
+    plain: raw.plain > 0,
+    nginx: raw.nginx > 0,
+    upload: raw.upload > 0,
   };
-  const chunks = list('chunks', lists.chunks, DEFAULT_CHUNKS, CHUNK_MIN, CHUNK_MAX);
-  const windows = list('windows', lists.windows, DEFAULT_WINDOWS, 1024, 2 ** 31 - 1);
-  const windowChunk = raw['window-chunk'] || (chunks.includes(PRODUCTION_CHUNK) ? PRODUCTION_CHUNK : chunks[0]!);
-  const problems = [
-    chunks.length === 0 && '--chunks needs at least one chunk size',
-    raw.size < MIB && '--size must be at least 1M',
-    raw.runs < 1 && '--runs must be at least 1',
-    raw.agents > 32 && '--agents: at most 32',
-    windows.length > 0 && !chunks.includes(windowChunk) && `--window-chunk (${size(windowChunk)}) must be one of --chunks`,
-  ].filter((p): p is string => typeof p === 'string');
-  if (problems.length > 0) throw new BenchUsageError(problems.join('; '));
-  return { size: Math.round(raw.size), runs: raw.runs, chunks, agents: raw.agents, windows, windowChunk };
 }
 
-// ---------------------------------------------------------------------------
-// Samples.
-
-interface Timed {
-  ms: number;
-  mbps: number;
-}
-
-interface LocalSample extends Timed {
-  cpu: number;
-  /** CPU of every other process on the machine meanwhile, % of one core. */
-  othersCpu: number;
-}
-
-interface TransferSample extends Timed {
-  controllerCpu: number;
-  clientCpu: number;
-  othersCpu: number;
-  /** The local run just before this one, for the paired ratio. */
-  local: LocalSample | undefined;
-}
-
-interface MultiSample {
-  chunk: number;
-  agents: number;
-  aggregateMbps: number;
-  perAgentMbps: number[];
-  startSpreadMs: number;
-  wallMs: number;
-  controllerCpu: number;
-  agentsCpu: number;
-  othersCpu: number;
-  rssBefore: number;
-  rssPeak: number;
-  hwm: number;
-}
-
-interface LocalMultiSample {
-  copies: number;
-  aggregateMbps: number;
-  startSpreadMs: number;
-}
-
-/** One fake machine: its agent (if running), its node, its disk. */
-interface Machine {
-  name: string;
-  machine: FakeMachine;
-  disk: string;
-  agent: LoggedProcess | undefined;
+function findNginx(): string | undefined {
+  return ['/usr/sbin/nginx', '/usr/bin/nginx'].find((p) => existsSync(p));
 }
 
 class TransferBench {
   private readonly sampler = new ProcSampler(50);
   private readonly checks: BenchCheck[] = [];
-  private controller: LoggedProcess | undefined;
-  private controllerChunk = 0;
-  private operator: OperatorClients | undefined;
-  private grpcAddress = '';
-  private metricsAddress = '';
-  private readonly dataDir: string;
-  private readonly machines: Machine[] = [];
-  private reader: Machine | undefined;
-  private image = { sha256: '', size: 0, blob: '' };
+  private readonly samples = new Map<CaseName, Sample[]>();
+  private tls!: Side;
+  private plain: Side | undefined;
+  private tlsFiles!: Record<keyof typeof TLS_INIT_FILES, string>;
+  private image = { sha256: '', size: 0, file: '' };
+  private nginx: ChildProcess | undefined;
+  private nginxPort = 0;
+  private noise: ChildProcess[] = [];
   private readonly diskSize: number;
-  private readonly singles = new Map<number, TransferSample[]>();
-  private readonly probes = new Map<number, TransferSample[]>();
-  private readonly multis: MultiSample[] = [];
-  private localMulti: LocalMultiSample | undefined;
-  private logCount = 0;
-  private failedTransfers: string[] = [];
-  private verified: string[] = [];
-  private verifyFailed: string[] = [];
-  private resumes = 0;
-  private readonly started = performance.now();
+  private readonly verifyFailed: string[] = [];
+  private uploads = 0;
 
   constructor(
     private readonly o: Options,
     private readonly dir: string,
   ) {
-    this.dataDir = join(dir, 'controller');
     this.diskSize = Math.ceil((o.size + MIB) / MIB) * MIB;
   }
 
   async run(): Promise<BenchResult> {
     const o = this.o;
     console.log(
-      `transfer: ${size(o.size)} image of random data; chunk sizes ${o.chunks.map(size).join(', ')}; ${o.runs} runs per case; ` +
-        `${o.agents} agents at once; windows ${o.windows.length > 0 ? `${o.windows.map(windowLabel).join(', ')} at chunk ${size(o.windowChunk)}` : 'not probed'}; ` +
-        `Node ${process.version}, @grpc/grpc-js ${grpcVersion()}; files in ${this.dir}`,
+      `transfer: ${size(o.size)} of random data, ${o.runs} rounds; ${o.noise ? `with noise (${availableParallelism()} busy processes)` : 'no added noise'}; ` +
+        `Node ${process.version}; files in ${this.dir}`,
     );
-    if (METALCAST_BIN !== METALCAST || NODE_FLAGS.length > 0) {
-      console.log(
-        `  experiment: controller and agents run ${METALCAST_BIN}${NODE_FLAGS.length > 0 ? ` with ${NODE_FLAGS.join(' ')}` : ''}`,
-      );
-    }
-    console.log(`  load average at the start: ${loadText()}`);
+    console.log(
+      `  load average at the start: ${loadavg()
+        .map((l) => l.toFixed(1))
+        .join(' ')}`,
+    );
     this.sampler.track(MACHINE);
     await this.setup();
-
-    console.log(`\n  measuring: ${o.runs} rounds; each transfer follows a run of the local limit; case order rotates per round`);
-    for (let round = 0; round < o.runs; round++) {
-      for (let j = 0; j < o.chunks.length; j++) {
-        const chunk = o.chunks[(round + j) % o.chunks.length]!;
-        await this.useController(chunk, false);
-        const local = await this.localOnce();
-        const single = await this.singleOnce(chunk, local, round === 0);
-        list(this.singles, chunk).push(single);
-        this.progress(`round ${round + 1}: local ${mbps(local.mbps)}, chunk ${size(chunk)} ${mbps(single.mbps)}`);
-        if (chunk === o.windowChunk && this.reader) {
-          for (let k = 0; k < o.windows.length; k++) {
-            const window = o.windows[(round + k) % o.windows.length]!;
-            const probe = await this.probeOnce(window, local);
-            list(this.probes, window).push(probe);
-            this.progress(`round ${round + 1}: window ${windowLabel(window)} ${mbps(probe.mbps)}`);
-          }
+    const cases: CaseName[] = [
+      'metalcast-tls',
+      'tls-socket',
+      ...(o.plain ? (['metalcast-plain', 'net-socket'] as const) : []),
+      ...(o.nginx ? (['nginx-requests'] as const) : []),
+      ...(o.upload ? (['upload-tls'] as const) : []),
+    ];
+    if (o.noise) this.startNoise();
+    try {
+      for (let round = 0; round < o.runs; round++) {
+        const line: string[] = [];
+        for (let j = 0; j < cases.length; j++) {
+          const name = cases[(round + j) % cases.length]!;
+          const sample = await this.once(name, round);
+          list(this.samples, name).push(sample);
+          line.push(`${name} ${fmt(sample.mbps)}`);
+          await breathe();
         }
-        await breathe();
+        console.log(`  round ${round + 1}: ${line.join(', ')} MB/s`);
       }
+    } finally {
+      this.stopNoise();
     }
-
-    if (o.agents > 0) {
-      console.log(`\n  ${o.agents} agents at once, one fresh controller per chunk size:`);
-      await this.resetDisks(this.machines);
-      this.localMulti = await this.localMultiOnce(o.agents);
-      this.progress(`${o.agents} local copies at once: ${mbps(this.localMulti.aggregateMbps)} aggregate`);
-      for (const [i, chunk] of o.chunks.entries()) {
-        const multi = await this.multiOnce(chunk, i === 0);
-        this.multis.push(multi);
-        this.progress(
-          `chunk ${size(chunk)}: ${mbps(multi.aggregateMbps)} aggregate, controller peak RSS ${mb(multi.rssPeak)} (VmHWM ${mb(multi.hwm)})`,
-        );
-        await breathe();
-      }
-    }
-    console.log(`  load average at the end: ${loadText()}`);
-    return this.report();
+    console.log(
+      `  load average at the end: ${loadavg()
+        .map((l) => l.toFixed(1))
+        .join(' ')}`,
+    );
+    return this.report(cases);
   }
 
   async close(): Promise<void> {
+    this.stopNoise();
     this.sampler.stop();
-    this.operator?.close();
-    const processes = [...this.machines, ...(this.reader ? [this.reader] : [])].map((m) => m.agent).filter((a) => a !== undefined);
-    await Promise.all(processes.map((p) => p.stop(5000)));
-    await this.controller?.stop(10_000);
+    this.nginx?.kill('SIGTERM');
+    for (const side of [this.tls, this.plain]) {
+      if (!side) continue;
+      side.operator.close();
+      await side.agent.stop(5000);
+      await side.controller.stop(10_000);
+    }
   }
 
-  // -------------------------------------------------------------------------
+  // ---------------------------------------------------------------------------
   // Setup.
 
   private async setup(): Promise<void> {
-    const o = this.o;
-    let t = performance.now();
-    this.image = await seedRandomImage(this.dataDir, o.size);
-    this.progress(`image seeded in ${formatMs(performance.now() - t)} (sha256 ${this.image.sha256.slice(0, 12)}…)`);
-
-    const [grpcPort, metricsPort] = await freePorts(2);
-    this.grpcAddress = `127.0.0.1:${grpcPort}`;
-    this.metricsAddress = `127.0.0.1:${metricsPort}`;
-    t = performance.now();
-    await this.useController(o.chunks[0]!, true);
-
-    const count = Math.max(1, o.agents);
-    for (let i = 0; i < count + (o.windows.length > 0 ? 1 : 0); i++) {
-      const name = i < count ? `bench-${i}` : 'bench-reader';
-      const machine = await uniqueFakeMachine(join(this.dir, 'machines', name), i + 1, {
-        disks: [{ name: 'sda', sizeBytes: this.diskSize, model: 'BENCH DISK', serial: `BENCH${i}`, rotational: false }],
-      });
-      const entry: Machine = { name, machine, disk: machine.disks[0]!.path, agent: this.startAgent(name, machine) };
-      if (i < count) this.machines.push(entry);
-      else this.reader = entry;
+    this.tlsFiles = await tlsInit({ dir: join(this.dir, 'tls'), hosts: ['127.0.0.1', 'localhost'], days: 30 });
+    this.image.file = join(this.dir, 'image.raw');
+    this.image.size = this.o.size;
+    await writeRandomFile(this.image.file, this.o.size);
+    this.tls = await this.startSide('tls', true);
+    this.image.sha256 = (await seedImage(this.tls.dataDir, IMAGE_NAME, fileChunks(this.image.file))).sha256;
+    if (this.o.plain) {
+      this.plain = await this.startSide('plain', false);
+      await seedImage(this.plain.dataDir, IMAGE_NAME, fileChunks(this.image.file));
     }
-    const all = [...this.machines, ...(this.reader ? [this.reader] : [])];
-    await Promise.all(all.map((m) => m.agent!.waitFor((l) => l.msg === 'agent API listening', 60_000)));
-    const { nodes } = this.operator!;
-    for (const m of all) {
-      await nodes.createNode({ name: m.name, macAddresses: [m.machine.macs[0]!] });
-      await nodes.setProvisionState({ node: m.name, action: ProvisionAction.PROVISION_ACTION_MANAGE });
-      await nodes.setProvisionState({ node: m.name, action: ProvisionAction.PROVISION_ACTION_PROVIDE });
-    }
-    await this.waitState(
-      all.map((m) => m.name),
-      ProvisionState.PROVISION_STATE_AVAILABLE,
-    );
-    if (this.reader) {
-      // The probe's node: deploy_wait with no agent, so that only the probe reads its image.
-      await this.reader.agent!.stop();
-      this.reader.agent = undefined;
-      await this.deploy(this.reader.name);
-    }
-    this.progress(
-      `controller, ${this.machines.length} agents${this.reader ? ' and the probe node' : ''} ready in ${formatMs(performance.now() - t)}`,
-    );
+    for (const side of [this.tls, this.plain]) if (side) await this.makeAvailable(side);
+    if (this.o.nginx) await this.startNginx();
+    console.log(`  set up: image sha256 ${this.image.sha256.slice(0, 12)}…, controllers and agents ready`);
   }
 
-  private startAgent(name: string, machine: FakeMachine): LoggedProcess {
-    return new LoggedProcess(
-      `agent ${name}`,
+  private async startSide(label: 'tls' | 'plain', tls: boolean): Promise<Side> {
+    const dataDir = join(this.dir, `controller-${label}`);
+    await mkdir(dataDir, { recursive: true });
+    const [grpcPort, metricsPort] = await freePorts(2);
+    const address = `127.0.0.1:${grpcPort}`;
+    const secure = tls ? [`--tls-cert=${this.tlsFiles.controller}`, `--tls-key=${this.tlsFiles.controllerKey}`] : ['--insecure'];
+    const controller = new LoggedProcess(
+      `controller ${label}`,
+      [
+        ...NODE_FLAGS,
+        METALCAST_BIN,
+        'controller',
+        `--listen=${address}`,
+        `--metrics-listen=127.0.0.1:${metricsPort}`,
+        `--data-dir=${dataDir}`,
+        `--controller-id=bench-transfer-${label}`,
+        '--heartbeat-timeout=600s',
+        '--heartbeat-interval-min=250ms',
+        '--heartbeat-interval-max=500ms',
+        '--startup-grace=600s',
+        '--deploy-final-power=none',
+        '--clean-mode=quick',
+        '--shutdown-timeout=5s',
+        '--log-level=info',
+        ...secure,
+      ],
+      join(this.dir, `controller-${label}.log`),
+    );
+    await controller.waitFor((l) => l.msg === 'controller started', 60_000);
+    const operator = connectOperator(
+      address,
+      30_000,
+      readTokenFile(join(dataDir, 'admin.token')),
+      tls ? { caPem: readFileSync(this.tlsFiles.ca, 'utf8') } : undefined,
+    );
+    const name = `bench-${label}`;
+    const machine = await uniqueFakeMachine(join(this.dir, 'machines', name), tls ? 1 : 2, {
+      disks: [{ name: 'sda', sizeBytes: this.diskSize, model: 'BENCH DISK', serial: `BENCH${label}`, rotational: false }],
+    });
+    const agent = new LoggedProcess(
+      `agent ${label}`,
       [
         ...NODE_FLAGS,
         METALCAST_BIN,
         'agent',
-        `--controller=${this.grpcAddress}`,
+        `--controller=${address}`,
         '--listen=127.0.0.1:0',
         `--root=${machine.root}`,
         '--power-driver=recording',
@@ -418,660 +328,464 @@ class TransferBench {
         '--reconnect-delay=200ms',
         '--min-heartbeat-gap=200ms',
         '--log-level=info',
-        // Plaintext, like the in-process baseline it is compared with.
-        '--insecure',
+        ...(tls ? [`--ca=${this.tlsFiles.ca}`] : ['--insecure']),
       ],
-      join(this.dir, `${name}.log`),
+      join(this.dir, `agent-${label}.log`),
     );
+    await agent.waitFor((l) => l.msg === 'agent API listening', 60_000);
+    return { controller, dataDir, address, operator, machine, disk: machine.disks[0]!.path, name, agent };
   }
 
-  /** Makes sure a controller with this chunk size runs (a fresh one if `fresh`), same port, same database. */
-  private async useController(chunk: number, fresh: boolean): Promise<void> {
-    if (this.controller && this.controllerChunk === chunk && !fresh) return;
-    if (this.controller) {
-      this.sampler.untrack(this.controller.pid);
-      this.operator?.close();
-      this.operator = undefined;
-      await this.controller.stop();
+  private async makeAvailable(side: Side): Promise<void> {
+    const { nodes } = side.operator;
+    await nodes.createNode({ name: side.name, macAddresses: [side.machine.macs[0]!] });
+    await nodes.setProvisionState({ node: side.name, action: ProvisionAction.PROVISION_ACTION_MANAGE });
+    await nodes.setProvisionState({ node: side.name, action: ProvisionAction.PROVISION_ACTION_PROVIDE });
+    await this.waitState(side, ProvisionState.PROVISION_STATE_AVAILABLE);
+  }
+
+  private async startNginx(): Promise<void> {
+    const [port] = await freePorts(1);
+    this.nginxPort = port!;
+    const root = join(this.dir, 'nginx');
+    await mkdir(join(root, 'tmp'), { recursive: true });
+    const config = join(root, 'nginx.conf');
+    // Tuned as an operator would for one large static file over HTTPS: sendfile (kTLS when the kernel
+    // offers it), large output buffers, no access log. Runs as this user, so it can read the temp dir.
+    await writeFile(
+      config,
+      `${process.getuid?.() === 0 ? 'user root;\n' : ''}worker_processes 1;
+daemon off;
+master_process on;
+pid ${join(root, 'nginx.pid')};
+error_log ${join(root, 'error.log')} warn;
+events { worker_connections 64; }
+http {
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  output_buffers 2 1m;
+  ssl_buffer_size 16k;
+  client_body_temp_path ${join(root, 'tmp')};
+  proxy_temp_path ${join(root, 'tmp')};
+  fastcgi_temp_path ${join(root, 'tmp')};
+  uwsgi_temp_path ${join(root, 'tmp')};
+  scgi_temp_path ${join(root, 'tmp')};
+  server {
+    listen 127.0.0.1:${this.nginxPort} ssl;
+    ssl_certificate ${this.tlsFiles.controller};
+    ssl_certificate_key ${this.tlsFiles.controllerKey};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_conf_command Options KTLS;
+    root ${this.dir};
+    location = /image.raw { }
+  }
+}
+`,
+    );
+    this.nginx = spawn(findNginx()!, ['-c', config, '-p', root], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    this.nginx.stderr!.on('data', (d: Buffer) => {
+      stderr += d.toString();
+    });
+    const deadline = Date.now() + 10_000;
+    while (!existsSync(join(root, 'nginx.pid'))) {
+      if (Date.now() > deadline || this.nginx.exitCode !== null) throw new Error(`nginx did not start: ${stderr}`);
+      await sleep(100);
     }
-    const controller = new LoggedProcess(
-      'controller',
-      [
-        ...NODE_FLAGS,
-        METALCAST_BIN,
-        'controller',
-        `--listen=${this.grpcAddress}`,
-        `--metrics-listen=${this.metricsAddress}`,
-        `--data-dir=${this.dataDir}`,
-        '--controller-id=bench-transfer',
-        `--image-chunk-size=${chunk}`,
-        '--heartbeat-timeout=600s',
-        '--heartbeat-interval-min=250ms',
-        '--heartbeat-interval-max=500ms',
-        '--startup-grace=600s',
-        '--deploy-final-power=none',
-        '--clean-mode=quick',
-        '--shutdown-timeout=5s',
-        '--log-level=info',
-        '--insecure',
-      ],
-      join(this.dir, `controller-${++this.logCount}-${size(chunk).replace(/ /g, '')}.log`),
-    );
-    this.controller = controller;
-    this.controllerChunk = chunk;
-    await controller.waitFor((l) => l.msg === 'controller started', CONTROLLER_READY_TIMEOUT_MS);
-    this.sampler.track(controller.pid);
-    // The first start wrote an admin token beside the database (a baseline controller from before tokens writes none).
-    this.operator = connectOperator(this.grpcAddress, 30_000, readTokenFile(join(this.dataDir, 'admin.token')));
   }
 
-  // -------------------------------------------------------------------------
-  // Measurements.
+  /** nginx's worker processes (the master only supervises). */
+  private nginxWorkers(): number[] {
+    const master = this.nginx?.pid;
+    if (!master) return [];
+    try {
+      return readFileSync(`/proc/${master}/task/${master}/children`, 'utf8')
+        .trim()
+        .split(/\s+/)
+        .filter((p) => p !== '')
+        .map(Number);
+    } catch {
+      return [];
+    }
+  }
 
-  private async localOnce(): Promise<LocalSample> {
-    const target = join(this.dir, 'local-target');
+  private startNoise(): void {
+    for (let i = 0; i < availableParallelism(); i++) {
+      this.noise.push(
+        spawn(process.execPath, ['-e', 'const end = Date.now() + 3_600_000; while (Date.now() < end) {}'], { stdio: 'ignore' }),
+      );
+    }
+  }
+
+  private stopNoise(): void {
+    for (const child of this.noise) child.kill('SIGKILL');
+    this.noise = [];
+  }
+
+  // ---------------------------------------------------------------------------
+  // Cases.
+
+  private once(name: CaseName, round: number): Promise<Sample> {
+    switch (name) {
+      case 'metalcast-tls':
+        return this.deployOnce(this.tls, round);
+      case 'metalcast-plain':
+        return this.deployOnce(this.plain!, round);
+      case 'tls-socket':
+        return this.socketOnce(true, round);
+      case 'net-socket':
+        return this.socketOnce(false, round);
+      case 'nginx-requests':
+        return this.peerOnce(round);
+      case 'upload-tls':
+        return this.uploadOnce(round);
+    }
+  }
+
+  private sample(round: number, start: number, end: number, senderCpuMs: number, receiverCpuMs: number): Sample {
+    const gb = this.o.size / 1e9;
+    return {
+      round,
+      ms: end - start,
+      mbps: this.o.size / 1e6 / ((end - start) / 1000),
+      senderCpuPerGb: senderCpuMs / 1000 / gb,
+      receiverCpuPerGb: receiverCpuMs / 1000 / gb,
+    };
+  }
+
+  /** CPU milliseconds of `pid` between two times, from the sampler. */
+  private cpuMs(pid: number, from: number, to: number): number {
+    return (this.sampler.cpuPercent(pid, from, to) / 100) * (to - from);
+  }
+
+  private async deployOnce(side: Side, round: number): Promise<Sample> {
+    await truncate(side.disk, 0);
+    await truncate(side.disk, this.diskSize);
+    const from = side.agent.lines.length;
+    this.sampler.track(side.agent.pid);
+    this.sampler.track(side.controller.pid);
+    await side.operator.nodes.setProvisionState({
+      node: side.name,
+      action: ProvisionAction.PROVISION_ACTION_DEPLOY,
+      deploy: { image: IMAGE_NAME, target: undefined },
+    });
+    const startLine = await side.agent.waitFor((l) => typeof l.msg === 'string' && l.msg.startsWith('writing image'), TIMEOUT_MS, from);
+    const endLine = await side.agent.waitFor((l) => l.msg === 'image written and verified' || l.msg === 'command failed', TIMEOUT_MS, from);
+    if (endLine.msg !== 'image written and verified') throw new Error(`${side.agent.label}: write_image failed: ${String(endLine.error)}`);
+    this.sampler.sampleAll();
+    const start = lineTime(startLine);
+    const end = lineTime(endLine);
+    const sample = this.sample(round, start, end, this.cpuMs(side.controller.pid, start, end), this.cpuMs(side.agent.pid, start, end));
+    await this.waitState(side, ProvisionState.PROVISION_STATE_ACTIVE);
+    if (round === 0) await this.verifyFile(side.disk, `${side.agent.label}'s disk`);
+    await side.operator.nodes.setProvisionState({ node: side.name, action: ProvisionAction.PROVISION_ACTION_UNDEPLOY });
+    await this.waitState(side, ProvisionState.PROVISION_STATE_AVAILABLE);
+    return sample;
+  }
+
+  private async socketOnce(tls: boolean, round: number): Promise<Sample> {
+    const target = join(this.dir, 'socket-target');
     await writeFile(target, '');
     await truncate(target, this.diskSize);
+    const sendSetup: SocketSend = {
+      tls,
+      file: this.image.file,
+      size: this.o.size,
+      cert: this.tlsFiles.controller,
+      key: this.tlsFiles.controllerKey,
+    };
+    const sender = new LoggedProcess(
+      'socket sender',
+      ['--import', 'tsx', SOCKET_SCRIPT, 'send', JSON.stringify(sendSetup)],
+      join(this.dir, 'socket.log'),
+    );
     try {
-      const [result] = await this.runLocal([target], 0);
-      const r = result!;
-      this.sampler.sampleAll();
-      const cpu = (100 * r.cpuMs) / r.ms;
-      return { ms: r.ms, mbps: rate(this.o.size, r.ms), cpu, othersCpu: this.sampler.cpuPercent(MACHINE, r.startedAt, r.endedAt) - cpu };
+      const listening = await sender.waitFor((l) => l.type === 'listening', 30_000);
+      const receiveSetup: SocketReceive = { tls, port: Number(listening.port), target, size: this.o.size, ca: this.tlsFiles.ca };
+      const receiver = new LoggedProcess(
+        'socket receiver',
+        ['--import', 'tsx', SOCKET_SCRIPT, 'receive', JSON.stringify(receiveSetup)],
+        join(this.dir, 'socket.log'),
+      );
+      const r = (await receiver.waitFor((l) => l.type === 'result', TIMEOUT_MS)) as LogLine & Record<string, number | string>;
+      const s = (await sender.waitFor((l) => l.type === 'result', 30_000)) as LogLine & Record<string, number | string>;
+      await receiver.exited;
+      if (r.error || s.error) throw new Error(`socket baseline failed: ${String(r.error ?? s.error)}`);
+      if (r.sha256 !== this.image.sha256 || r.bytes !== this.o.size) {
+        this.verifyFailed.push(`${tls ? 'TLS' : 'net'} socket received ${r.bytes} bytes hashing ${String(r.sha256).slice(0, 12)}…`);
+      }
+      return this.sample(round, Number(r.startedAt), Number(r.endedAt), Number(s.cpuMs), Number(r.cpuMs));
     } finally {
+      await sender.stop(5000);
       await rm(target, { force: true });
     }
   }
 
-  /** Local copies, all started at `startAt` (epoch ms; 0: at once). */
-  private async runLocal(targets: string[], startAt: number) {
-    const procs = targets.map(
-      (target, i) =>
-        new LoggedProcess(
-          `local ${i}`,
-          ['--import', 'tsx', LOCAL_SCRIPT, this.image.blob, target, String(this.o.size), String(LOCAL_BLOCK), String(startAt)],
-          join(this.dir, 'local.log'),
-        ),
-    );
+  private async peerOnce(round: number): Promise<Sample> {
+    const target = join(this.dir, 'peer-target');
+    await writeFile(target, '');
+    await truncate(target, this.diskSize);
+    const workers = this.nginxWorkers();
+    for (const pid of workers) this.sampler.track(pid);
     try {
-      const lines = await Promise.all(procs.map((p) => p.waitFor((l) => 'ms' in l, TRANSFER_TIMEOUT_MS)));
-      await Promise.all(procs.map((p) => p.exited));
-      const results = lines as unknown as { ms: number; sha256: string; cpuMs: number; startedAt: number; endedAt: number }[];
-      for (const r of results) {
-        if (r.sha256 !== this.image.sha256) this.verifyFailed.push(`local copy hashed ${r.sha256.slice(0, 12)}…`);
-      }
-      return results;
-    } finally {
-      for (const p of procs) p.kill();
-    }
-  }
-
-  private async singleOnce(chunk: number, local: LocalSample, verify: boolean): Promise<TransferSample> {
-    const m = this.machines[0]!;
-    await this.resetDisks([m]);
-    const agent = m.agent!;
-    const from = agent.lines.length;
-    this.sampler.track(agent.pid);
-    await this.deploy(m.name);
-    const { start, end } = await this.timed(agent, from);
-    this.sampler.sampleAll();
-    const sample = this.transferSample(start, end, agent.pid, local);
-    this.sampler.untrack(agent.pid);
-    await this.waitState([m.name], ProvisionState.PROVISION_STATE_ACTIVE);
-    if (verify) await this.verifyDisk(m, `chunk ${size(chunk)}`);
-    await this.undeploy([m.name]);
-    return sample;
-  }
-
-  private async probeOnce(window: number, local: LocalSample): Promise<TransferSample> {
-    const m = this.reader!;
-    await this.resetDisks([m]);
-    const setup: ReaderSetup = {
-      controller: this.grpcAddress,
-      macs: m.machine.macs,
-      image: IMAGE_NAME,
-      sha256: this.image.sha256,
-      sizeBytes: this.image.size,
-      devicePath: m.disk,
-      deviceSizeBytes: this.diskSize,
-      flowControlWindow: window,
-    };
-    const reader = new LoggedProcess(
-      `reader ${windowLabel(window)}`,
-      ['--import', 'tsx', READER_SCRIPT, JSON.stringify(setup)],
-      join(this.dir, 'reader.log'),
-    );
-    this.sampler.track(reader.pid);
-    try {
-      const { start, end } = await this.timed(reader, 0);
+      const output = await runPython([REQUESTS_SCRIPT, `https://127.0.0.1:${this.nginxPort}/image.raw`, target, this.tlsFiles.ca]);
+      const r = JSON.parse(output.trim().split('\n').at(-1) ?? '{}') as Record<string, number | string>;
       this.sampler.sampleAll();
-      const result = await reader.waitFor((l) => l.type === 'result', 30_000);
-      if (result.ok !== true) throw new Error(`the window probe failed: ${String(result.error)}`);
-      return this.transferSample(start, end, reader.pid, local);
+      if (r.sha256 !== this.image.sha256 || r.bytes !== this.o.size) {
+        this.verifyFailed.push(`nginx + requests received ${r.bytes} bytes hashing ${String(r.sha256).slice(0, 12)}…`);
+      }
+      const start = Number(r.startedAt);
+      const end = Number(r.endedAt);
+      const nginxCpu = workers.reduce((sum, pid) => sum + this.cpuMs(pid, start, end), 0);
+      return this.sample(round, start, end, nginxCpu, Number(r.cpuMs));
     } finally {
-      this.sampler.untrack(reader.pid);
-      await reader.stop(5000);
+      for (const pid of workers) this.sampler.untrack(pid);
+      await rm(target, { force: true });
     }
   }
 
-  private transferSample(start: number, end: number, clientPid: number, local: LocalSample): TransferSample {
-    const controllerCpu = this.sampler.cpuPercent(this.controller!.pid, start, end);
-    const clientCpu = this.sampler.cpuPercent(clientPid, start, end);
-    return {
-      ms: end - start,
-      mbps: rate(this.o.size, end - start),
-      controllerCpu,
-      clientCpu,
-      othersCpu: this.sampler.cpuPercent(MACHINE, start, end) - controllerCpu - clientCpu,
-      local,
-    };
-  }
-
-  private async localMultiOnce(copies: number): Promise<LocalMultiSample> {
-    const targets = Array.from({ length: copies }, (_, i) => join(this.dir, `local-target-${i}`));
-    for (const target of targets) {
-      await writeFile(target, '');
-      await truncate(target, this.diskSize);
-    }
+  private async uploadOnce(round: number): Promise<Sample> {
+    const name = `bench-upload-${++this.uploads}`;
+    const from = this.tls.controller.lines.length;
+    this.sampler.track(this.tls.controller.pid);
+    const cli = new LoggedProcess(
+      'upload',
+      [
+        ...NODE_FLAGS,
+        METALCAST_BIN,
+        'image',
+        'upload',
+        this.image.file,
+        `--name=${name}`,
+        `--controller=${this.tls.address}`,
+        `--ca=${this.tlsFiles.ca}`,
+        `--token=${readTokenFile(join(this.tls.dataDir, 'admin.token'))}`,
+      ],
+      join(this.dir, 'upload.log'),
+    );
+    this.sampler.track(cli.pid);
     try {
-      // Start together once every copy has loaded.
-      const results = await this.runLocal(targets, Date.now() + 3000 + 500 * copies);
-      const first = Math.min(...results.map((r) => r.startedAt));
-      const last = Math.max(...results.map((r) => r.endedAt));
-      return {
-        copies,
-        aggregateMbps: rate(copies * this.o.size, last - first),
-        startSpreadMs: Math.max(...results.map((r) => r.startedAt)) - first,
-      };
+      const line = await this.tls.controller.waitFor(
+        (l) => l.image === name && (l.msg === 'image uploaded' || String(l.msg).startsWith('upload')),
+        TIMEOUT_MS,
+        from,
+      );
+      if (line.msg !== 'image uploaded') throw new Error(`upload failed: ${String(line.msg)} ${String(line.reason ?? '')}`);
+      const code = await cli.exited;
+      if (code !== 0) throw new Error(`metalcast image upload exited with ${code}${cli.tail()}`);
+      this.sampler.sampleAll();
+      if (line.sha256 !== this.image.sha256) this.verifyFailed.push(`upload stored sha256 ${String(line.sha256).slice(0, 12)}…`);
+      const end = lineTime(line);
+      const start = end - Number(line.seconds) * 1000;
+      return this.sample(round, start, end, this.cpuMs(cli.pid, start, end), this.cpuMs(this.tls.controller.pid, start, end));
     } finally {
-      for (const target of targets) await rm(target, { force: true });
+      this.sampler.untrack(cli.pid);
+      await this.tls.operator.images.deleteImage({ name }).catch(() => {});
     }
   }
 
-  private async multiOnce(chunk: number, verify: boolean): Promise<MultiSample> {
-    const ms = this.machines.slice(0, this.o.agents);
-    await this.useController(chunk, true);
-    await this.resetDisks(ms);
-    const pid = this.controller!.pid;
-    // Agents of available nodes are not connected (their lookups answer NOT_FOUND until the deploy), so the
-    // transfers start within one lookup backoff (at most 500 ms here) of each other: see 'starts within'.
-    await sleep(500);
-    const rssBefore = this.sampler.rssAt(pid, Date.now());
-    const froms = ms.map((m) => m.agent!.lines.length);
-    for (const m of ms) this.sampler.track(m.agent!.pid);
-    await Promise.all(ms.map((m) => this.deploy(m.name)));
-    const times = await Promise.all(ms.map((m, i) => this.timed(m.agent!, froms[i]!)));
-    this.sampler.sampleAll();
-    const first = Math.min(...times.map((t) => t.start));
-    const last = Math.max(...times.map((t) => t.end));
-    const controllerCpu = this.sampler.cpuPercent(pid, first, last);
-    const agentsCpu = ms.reduce((sum, m) => sum + this.sampler.cpuPercent(m.agent!.pid, first, last), 0);
-    for (const m of ms) this.sampler.untrack(m.agent!.pid);
-    const sample: MultiSample = {
-      chunk,
-      agents: ms.length,
-      aggregateMbps: rate(ms.length * this.o.size, last - first),
-      perAgentMbps: times.map((t) => rate(this.o.size, t.end - t.start)),
-      startSpreadMs: Math.max(...times.map((t) => t.start)) - first,
-      wallMs: last - first,
-      controllerCpu,
-      agentsCpu,
-      othersCpu: this.sampler.cpuPercent(MACHINE, first, last) - controllerCpu - agentsCpu,
-      rssBefore,
-      rssPeak: this.sampler.peakRss(pid, first, last),
-      hwm: highWaterMark(pid),
-    };
-    const names = ms.map((m) => m.name);
-    await this.waitState(names, ProvisionState.PROVISION_STATE_ACTIVE);
-    if (verify) for (const m of ms) await this.verifyDisk(m, `${ms.length} at once, chunk ${size(chunk)}`);
-    await this.undeploy(names);
-    return sample;
-  }
+  // ---------------------------------------------------------------------------
+  // Helpers.
 
-  /** Waits for a process's 'writing image' and 'image written and verified' lines (from line `from` on); their times. */
-  private async timed(proc: LoggedProcess, from: number): Promise<{ start: number; end: number }> {
-    const isStart = (l: LogLine) => typeof l.msg === 'string' && l.msg.startsWith('writing image');
-    const isEnd = (l: LogLine) => l.msg === 'image written and verified' || l.msg === 'command failed';
-    const startLine = await proc.waitFor(isStart, TRANSFER_TIMEOUT_MS, from);
-    const endLine = await proc.waitFor(isEnd, TRANSFER_TIMEOUT_MS, from);
-    if (endLine.msg !== 'image written and verified') {
-      this.failedTransfers.push(`${proc.label}: ${String(endLine.error)}`);
-      throw new Error(`${proc.label}: write_image failed: ${String(endLine.error)}`);
-    }
-    this.resumes += Number(endLine.resumes ?? 0);
-    return { start: lineTime(startLine), end: lineTime(endLine) };
-  }
-
-  // -------------------------------------------------------------------------
-  // Nodes and disks.
-
-  private async deploy(node: string): Promise<void> {
-    await this.operator!.nodes.setProvisionState({
-      node,
-      action: ProvisionAction.PROVISION_ACTION_DEPLOY,
-      deploy: { image: IMAGE_NAME, target: undefined },
-    });
-  }
-
-  private async undeploy(names: string[]): Promise<void> {
-    for (const node of names) await this.operator!.nodes.setProvisionState({ node, action: ProvisionAction.PROVISION_ACTION_UNDEPLOY });
-    await this.waitState(names, ProvisionState.PROVISION_STATE_AVAILABLE);
-  }
-
-  /** Polls until every node is in `state`; fails at once when one failed. */
-  private async waitState(names: string[], state: ProvisionState): Promise<void> {
+  private async waitState(side: Side, state: ProvisionState): Promise<void> {
     const deadline = Date.now() + STATE_TIMEOUT_MS;
-    while (true) {
-      let all = true;
-      for (const name of names) {
-        let node: Awaited<ReturnType<OperatorClients['nodes']['getNode']>>['node'];
-        try {
-          node = (await this.operator!.nodes.getNode({ node: name })).node;
-        } catch (error) {
-          if (error instanceof ClientError && error.code === Status.UNAVAILABLE && Date.now() < deadline) {
-            all = false;
-            break;
-          }
-          throw error;
-        }
-        const current = node?.provisionState ?? ProvisionState.PROVISION_STATE_UNSPECIFIED;
-        if (current === state) continue;
-        all = false;
-        if (/FAILED/.test(ProvisionState[current] ?? '')) throw new Error(`node ${name} is ${ProvisionState[current]}: ${node?.lastError}`);
+    for (;;) {
+      let current = ProvisionState.PROVISION_STATE_UNSPECIFIED;
+      let lastError = '';
+      try {
+        const { node } = await side.operator.nodes.getNode({ node: side.name });
+        current = node?.provisionState ?? current;
+        lastError = node?.lastError ?? '';
+      } catch (error) {
+        if (!(error instanceof ClientError && error.code === Status.UNAVAILABLE)) throw error;
       }
-      if (all) return;
-      if (Date.now() >= deadline) {
-        throw new Error(
-          `nodes ${names.join(', ')} not ${ProvisionState[state]} within ${STATE_TIMEOUT_MS / 1000}s${this.controller?.tail() ?? ''}`,
-        );
-      }
+      if (current === state) return;
+      if (/FAILED/.test(ProvisionState[current] ?? '')) throw new Error(`node ${side.name} is ${ProvisionState[current]}: ${lastError}`);
+      if (Date.now() > deadline) throw new Error(`node ${side.name} not ${ProvisionState[state]} within ${STATE_TIMEOUT_MS / 1000}s`);
       await sleep(200);
     }
   }
 
-  /** Fresh sparse disks: truncated to nothing and back, so that every run writes into new page-cache pages and blocks. */
-  private async resetDisks(machines: Machine[]): Promise<void> {
-    for (const m of machines) {
-      await truncate(m.disk, 0);
-      await truncate(m.disk, this.diskSize);
+  /** Hashes the first image-size bytes of a written disk: the agent's own check, checked from outside. */
+  private async verifyFile(path: string, what: string): Promise<void> {
+    const hash = createHash('sha256');
+    const file = await open(path, 'r');
+    try {
+      for await (const chunk of file.createReadStream({ start: 0, end: this.o.size - 1, highWaterMark: 4 * MIB }))
+        hash.update(chunk as Buffer);
+    } finally {
+      await file.close();
     }
+    const digest = hash.digest('hex');
+    if (digest !== this.image.sha256) this.verifyFailed.push(`${what} hashes to ${digest.slice(0, 12)}…, not the image`);
   }
 
-  private async verifyDisk(m: Machine, what: string): Promise<void> {
-    const digest = await hashFile(m.disk, this.o.size);
-    if (digest === this.image.sha256) this.verified.push(`${m.name} (${what})`);
-    else this.verifyFailed.push(`${m.name} (${what}) hashes to ${digest.slice(0, 12)}…`);
-  }
-
-  private progress(text: string): void {
-    console.log(`  [${((performance.now() - this.started) / 1000).toFixed(0).padStart(4)}s] ${text}`);
-  }
-
-  // -------------------------------------------------------------------------
+  // ---------------------------------------------------------------------------
   // Report.
 
-  private report(): BenchResult {
+  private report(cases: CaseName[]): BenchResult {
     const o = this.o;
-    const localSamples = [...this.singles.values()].flat().map((s) => s.local!);
-    const localMedian = median(localSamples.map((l) => l.mbps));
-    const rows: string[][] = [
-      ['one agent, window 4 MiB', 'MB/s', 'min - max', '/ local', 'paired', 'controller CPU', 'agent CPU', 'others CPU'],
-    ];
-    rows.push([
-      `local limit (${localSamples.length} runs)`,
-      fmt(localMedian),
-      range(localSamples.map((l) => l.mbps)),
-      '',
-      '',
-      '',
-      `${pct(median(localSamples.map((l) => l.cpu)))} (local)`,
-      pct(median(localSamples.map((l) => l.othersCpu))),
-    ]);
-    const metrics: Record<string, number> = {
-      size_bytes: o.size,
-      runs_count: o.runs,
-      local_mb_per_s: r1(localMedian),
-      local_cpu_percent: r1(median(localSamples.map((l) => l.cpu))),
+    const metrics: Record<string, number> = {};
+    const rows = [['case', 'MB/s', 'min - max', 'sender CPU-s/GB', 'receiver CPU-s/GB']];
+    const labels: Record<CaseName, [string, string, string]> = {
+      'metalcast-tls': ['metalcast over TLS', 'controller', 'agent'],
+      'tls-socket': ['TLS socket pair', 'sender', 'receiver'],
+      'metalcast-plain': ['metalcast plaintext', 'controller', 'agent'],
+      'net-socket': ['net socket pair', 'sender', 'receiver'],
+      'nginx-requests': ['nginx + python3-requests', 'nginx', 'python'],
+      'upload-tls': ['metalcast image upload, TLS', 'CLI', 'controller'],
     };
-    const chunkStats = o.chunks.map((chunk) => {
-      const samples = this.singles.get(chunk) ?? [];
-      const m = median(samples.map((s) => s.mbps));
-      const paired = median(samples.map((s) => s.mbps / s.local!.mbps));
-      const stats = {
-        chunk,
-        mbps: m,
-        ratio: m / localMedian,
-        paired,
-        controllerCpu: median(samples.map((s) => s.controllerCpu)),
-        agentCpu: median(samples.map((s) => s.clientCpu)),
-        othersCpu: median(samples.map((s) => s.othersCpu)),
-      };
+    for (const name of cases) {
+      const s = this.samples.get(name) ?? [];
+      const key = name.replace(/-/g, '_');
+      const m = median(s.map((x) => x.mbps));
+      const snd = median(s.map((x) => x.senderCpuPerGb));
+      const rcv = median(s.map((x) => x.receiverCpuPerGb));
       rows.push([
-        `chunk ${size(chunk)}${chunk === PRODUCTION_CHUNK ? ' (current default)' : ''}`,
+        `${labels[name][0]} (${labels[name][1]} / ${labels[name][2]})`,
         fmt(m),
-        range(samples.map((s) => s.mbps)),
-        ratioText(stats.ratio),
-        ratioText(paired),
-        pct(stats.controllerCpu),
-        pct(stats.agentCpu),
-        pct(stats.othersCpu),
+        `${fmt(Math.min(...s.map((x) => x.mbps)))} - ${fmt(Math.max(...s.map((x) => x.mbps)))}`,
+        snd.toFixed(2),
+        rcv.toFixed(2),
       ]);
-      const key = chunkKey(chunk);
-      Object.assign(metrics, {
-        [`chunk_${key}_mb_per_s`]: r1(m),
-        [`chunk_${key}_over_local_ratio`]: r3(stats.ratio),
-        [`chunk_${key}_paired_ratio`]: r3(paired),
-        [`chunk_${key}_controller_cpu_percent`]: r1(stats.controllerCpu),
-        [`chunk_${key}_agent_cpu_percent`]: r1(stats.agentCpu),
-        [`chunk_${key}_others_cpu_percent`]: r1(stats.othersCpu),
+      metrics[`${key}_mb_per_s`] = r1(m);
+      metrics[`${key}_sender_cpu_s_per_gb`] = r3(snd);
+      metrics[`${key}_receiver_cpu_s_per_gb`] = r3(rcv);
+    }
+    console.log(`\n  ${size(o.size)}, medians of ${o.runs} rounds; MB = 10^6 bytes; CPU-s/GB = CPU-seconds (all threads) per 10^9 bytes`);
+    for (const line of columns(rows, [false, true, true, true, true])) console.log(`    ${line}`);
+
+    const pairedRows = [['paired ratio (same round)', 'median', 'min - max', 'bar']];
+    const pair = (label: string, key: string, over: CaseName, under: CaseName, bar: number | undefined, pick = (x: Sample) => x.mbps) => {
+      const a = this.samples.get(over);
+      const b = this.samples.get(under);
+      if (!a || !b) return;
+      const ratios = a.map((x) => {
+        const y = b.find((z) => z.round === x.round);
+        return y ? pick(x) / pick(y) : Number.NaN;
       });
-      return stats;
-    });
-    console.log(
-      '\n  one agent; MB = 10^6 bytes; medians; "paired": each transfer over the local run just before it; CPU in % of one core ' +
-        `(${availableParallelism()} cores = ${availableParallelism() * 100}%) over the timed window;` +
-        ' "others": every other process meanwhile (idle agents, this bench, anything else)',
-    );
-    for (const line of columns(rows, [false, true, true, true, true, true, true, true])) console.log(`    ${line}`);
-
-    let windowStats: { window: number; mbps: number; ratio: number }[] = [];
-    if (this.probes.size > 0) {
-      const wrows = [
-        [`window probe, chunk ${size(o.windowChunk)}`, 'MB/s', 'min - max', '/ local', 'controller CPU', 'reader CPU', 'others CPU'],
-      ];
-      windowStats = o.windows.map((window) => {
-        const samples = this.probes.get(window) ?? [];
-        const m = median(samples.map((s) => s.mbps));
-        wrows.push([
-          windowLabel(window),
-          fmt(m),
-          range(samples.map((s) => s.mbps)),
-          ratioText(m / localMedian),
-          pct(median(samples.map((s) => s.controllerCpu))),
-          pct(median(samples.map((s) => s.clientCpu))),
-          pct(median(samples.map((s) => s.othersCpu))),
-        ]);
-        const key = chunkKey(window);
-        Object.assign(metrics, {
-          [`window_${key}_mb_per_s`]: r1(m),
-          [`window_${key}_over_local_ratio`]: r3(m / localMedian),
-          [`window_${key}_reader_cpu_percent`]: r1(median(samples.map((s) => s.clientCpu))),
-        });
-        return { window, mbps: m, ratio: m / localMedian };
+      const m = median(ratios.filter(Number.isFinite));
+      metrics[`${key}_ratio`] = r3(m);
+      const higherIsBetter = !key.includes('cpu');
+      pairedRows.push([
+        label,
+        m.toFixed(2),
+        `${Math.min(...ratios).toFixed(2)} - ${Math.max(...ratios).toFixed(2)}`,
+        bar === undefined ? '' : `${higherIsBetter ? '>=' : '<='} ${bar}`,
+      ]);
+      if (bar === undefined) return;
+      const ok = higherIsBetter ? m >= bar : m <= bar;
+      this.checks.push({
+        name: `${key}${o.noise ? '_noise' : ''}`,
+        ok,
+        detail: `${label}: median paired ratio ${m.toFixed(2)}, bar ${higherIsBetter ? '>=' : '<='} ${bar}`,
       });
-      console.log(
-        "\n  flow-control window of the agent's channel: the production writer (ControllerLink, writeImage) in a bare process, the window set through ControllerLink's extra channel options",
-      );
-      for (const line of columns(wrows, [false, true, true, true, true, true, true])) console.log(`    ${line}`);
-    }
-
-    if (this.multis.length > 0) {
-      const n = this.multis[0]!.agents;
-      const mrows = [
-        [
-          `${n} agents at once`,
-          'aggregate MB/s',
-          'per agent',
-          'starts within',
-          'controller CPU',
-          'agents CPU',
-          'others CPU',
-          'ctrl RSS before',
-          'peak',
-          'VmHWM',
-        ],
-      ];
-      if (this.localMulti) {
-        mrows.push([
-          `local limit x${this.localMulti.copies}`,
-          fmt(this.localMulti.aggregateMbps),
-          '',
-          formatMs(this.localMulti.startSpreadMs),
-          '',
-          '',
-          '',
-          '',
-          '',
-          '',
-        ]);
-        metrics.local_multi_aggregate_mb_per_s = r1(this.localMulti.aggregateMbps);
-      }
-      for (const s of this.multis) {
-        mrows.push([
-          `chunk ${size(s.chunk)}`,
-          fmt(s.aggregateMbps),
-          `${fmt(Math.min(...s.perAgentMbps))}-${fmt(Math.max(...s.perAgentMbps))}`,
-          formatMs(s.startSpreadMs),
-          pct(s.controllerCpu),
-          pct(s.agentsCpu),
-          pct(s.othersCpu),
-          mb(s.rssBefore),
-          mb(s.rssPeak),
-          mb(s.hwm),
-        ]);
-        const key = chunkKey(s.chunk);
-        Object.assign(metrics, {
-          [`multi_${key}_aggregate_mb_per_s`]: r1(s.aggregateMbps),
-          [`multi_${key}_controller_cpu_percent`]: r1(s.controllerCpu),
-          [`multi_${key}_agents_cpu_percent`]: r1(s.agentsCpu),
-          [`multi_${key}_others_cpu_percent`]: r1(s.othersCpu),
-          [`multi_${key}_controller_rss_before_bytes`]: s.rssBefore,
-          [`multi_${key}_controller_peak_rss_bytes`]: s.rssPeak,
-          [`multi_${key}_controller_hwm_bytes`]: s.hwm,
-        });
-      }
-      console.log(
-        `\n  ${n} agents deploying at once against one controller (fresh per chunk size); aggregate = ${n} x size / (last end - first start); RSS sampled every 50 ms`,
-      );
-      for (const line of columns(mrows, [false, true, true, true, true, true, true, true, true, true])) console.log(`    ${line}`);
-    }
-
-    // Verdict and recommendation.
-    const best = chunkStats.reduce((a, b) => (b.mbps > a.mbps ? b : a));
-    const current = chunkStats.find((s) => s.chunk === PRODUCTION_CHUNK);
-    const goalMet = best.ratio >= GOAL_RATIO;
-    console.log(
-      `\n  transfer / local: best ${ratioText(best.ratio)} (chunk ${size(best.chunk)}, ${fmt(best.mbps)} of ${fmt(localMedian)} MB/s)` +
-        `${current ? `; current default ${size(PRODUCTION_CHUNK)}: ${ratioText(current.ratio)}` : ''}. ` +
-        `Goal ${GOAL_RATIO} of the local limit: ${goalMet ? 'MET' : 'NOT MET'}.`,
+    };
+    pair(
+      'metalcast TLS / TLS socket',
+      'tls_over_socket',
+      'metalcast-tls',
+      'tls-socket',
+      o.noise ? BARS.noisyTlsOverSocket : BARS.tlsOverSocket,
     );
-    const multiByChunk = new Map(this.multis.map((s) => [s.chunk, s]));
-    const bestMulti = this.multis.length > 0 ? this.multis.reduce((a, b) => (b.aggregateMbps > a.aggregateMbps ? b : a)) : undefined;
-    const fits = (s: (typeof chunkStats)[number]) =>
-      s.mbps >= best.mbps * (1 - NOISE) &&
-      (!bestMulti || (multiByChunk.get(s.chunk)?.aggregateMbps ?? 0) >= bestMulti.aggregateMbps * (1 - NOISE));
-    const recommended = chunkStats.filter(fits).sort((a, b) => a.chunk - b.chunk)[0] ?? best;
-    const recMulti = multiByChunk.get(recommended.chunk);
-    console.log(
-      `  recommended --image-chunk-size: ${size(recommended.chunk)}, the smallest chunk within ${NOISE * 100}% of the fastest ` +
-        `${bestMulti ? `both alone and ${bestMulti.agents} at once` : 'single transfer'}` +
-        `${recMulti ? ` (${recMulti.agents} at once: ${fmt(recMulti.aggregateMbps)} MB/s, controller peak RSS ${mb(recMulti.rssPeak)})` : ''}.`,
+    pair('metalcast plaintext / net socket', 'plain_over_socket', 'metalcast-plain', 'net-socket', BARS.plainOverSocket);
+    pair('metalcast TLS / nginx + requests', 'tls_over_peer', 'metalcast-tls', 'nginx-requests', BARS.tlsOverPeer);
+    pair('upload TLS / TLS socket', 'upload_over_socket', 'upload-tls', 'tls-socket', BARS.uploadOverSocket);
+    pair(
+      'controller CPU/GB / socket sender',
+      'controller_cpu_over_sender',
+      'metalcast-tls',
+      'tls-socket',
+      BARS.controllerCpuOverSender,
+      (x) => x.senderCpuPerGb,
     );
-    console.log(
-      `  memory: a transfer whose reader stalls pins about ${QUEUED_CHUNKS} chunks on the controller (grpc-js queues 16 messages per stream, plus the one read ahead): ` +
-        `${o.chunks.map((c) => `${size(QUEUED_CHUNKS * c)} at ${size(c)}`).join(', ')}; ` +
-        `times --max-image-transfers (default ${DEFAULT_MAX_TRANSFERS}): ${o.chunks.map((c) => size(DEFAULT_MAX_TRANSFERS * QUEUED_CHUNKS * c)).join(', ')}.`,
+    pair(
+      'agent CPU/GB / socket receiver',
+      'agent_cpu_over_receiver',
+      'metalcast-tls',
+      'tls-socket',
+      BARS.agentCpuOverReceiver,
+      (x) => x.receiverCpuPerGb,
     );
-    if (windowStats.length > 0) {
-      const wBest = windowStats.reduce((a, b) => (b.mbps > a.mbps ? b : a));
-      const wRec = windowStats.filter((s) => s.mbps >= wBest.mbps * (1 - NOISE)).sort((a, b) => a.window - b.window)[0]!;
-      const prod = windowStats.find((s) => s.window === PRODUCTION_WINDOW);
-      console.log(
-        `  flow-control window: fastest ${windowLabel(wBest.window)} (${fmt(wBest.mbps)} MB/s); the smallest within ${NOISE * 100}% of it: ${windowLabel(wRec.window)}` +
-          `${prod ? `; production ${windowLabel(PRODUCTION_WINDOW)}: ${fmt(prod.mbps)} MB/s` : ''}.`,
-      );
-      metrics.recommended_window_bytes = wRec.window;
-    }
-    // CPU seconds per 10^9 bytes moved: less sensitive to a busy machine than MB/s.
-    const perGb = (samples: { cpu: number; mbps: number }[]) => median(samples.map((x) => (x.cpu / 100 / x.mbps) * 1000));
-    const all = [...this.singles.values()].flat();
-    const controllerPerGb = perGb(all.map((x) => ({ cpu: x.controllerCpu, mbps: x.mbps })));
-    const agentPerGb = perGb(all.map((x) => ({ cpu: x.clientCpu, mbps: x.mbps })));
-    const localPerGb = perGb(localSamples.map((x) => ({ cpu: x.cpu, mbps: x.mbps })));
-    console.log(
-      `  where the time goes (one agent, all chunk sizes, medians): CPU seconds per GB moved: controller ${controllerPerGb.toFixed(2)}, ` +
-        `agent ${agentPerGb.toFixed(2)}, the local limit ${localPerGb.toFixed(2)} in all; ${bottleneck(all)}.`,
-    );
-    const busy = median([...all.map((x) => x.othersCpu), ...localSamples.map((x) => x.othersCpu)]);
-    if (busy > BUSY_OTHERS) {
-      console.log(
-        `  NOTE: other processes took a median ${pct(busy)} of a core during the timed runs: the machine was shared, ` +
-          'so MB/s and ratios are depressed and noisy; the CPU seconds per GB above hold up better.',
-      );
-    }
-    Object.assign(metrics, {
-      others_cpu_percent: r1(busy),
-      best_over_local_ratio: r3(best.ratio),
-      best_chunk_bytes: best.chunk,
-      recommended_chunk_bytes: recommended.chunk,
-      goal_met_count: goalMet ? 1 : 0,
-      controller_cpu_s_per_gb: r3(controllerPerGb),
-      agent_cpu_s_per_gb: r3(agentPerGb),
-      local_cpu_s_per_gb: r3(localPerGb),
+    pair('metalcast TLS / metalcast plaintext', 'tls_over_plain', 'metalcast-tls', 'metalcast-plain', undefined);
+    console.log('');
+    for (const line of columns(pairedRows, [false, true, true, true])) console.log(`    ${line}`);
+    this.checks.push({
+      name: 'every_copy_verified',
+      ok: this.verifyFailed.length === 0,
+      detail: this.verifyFailed.length === 0 ? 'every transfer hashed to the image sha256' : this.verifyFailed.join('; '),
     });
-
-    const transfers = [...this.singles.values()].flat().length;
-    this.checks.push(
-      {
-        name: 'every transfer wrote the whole image and verified its sha256 (agent and probe)',
-        ok: this.failedTransfers.length === 0 && transfers === o.runs * o.chunks.length,
-        detail: this.failedTransfers.length === 0 ? `${transfers} single transfers` : this.failedTransfers.slice(0, 3).join('; '),
-      },
-      {
-        name: 'no transfer was interrupted and resumed (a resume would distort the timing)',
-        ok: this.resumes === 0,
-        detail: `${this.resumes} resumes`,
-      },
-      {
-        name: 'sampled disks and every local copy hold the image (sha256)',
-        ok: this.verifyFailed.length === 0 && this.verified.length > 0,
-        detail: this.verifyFailed.length > 0 ? this.verifyFailed.slice(0, 3).join('; ') : `verified ${this.verified.join(', ')}`,
-      },
-    );
-    const headline =
-      `${fmt(best.mbps)} MB/s at chunk ${size(best.chunk)} = ${ratioText(best.ratio)} of local ${fmt(localMedian)} MB/s (goal ${GOAL_RATIO}: ${goalMet ? 'met' : 'not met'})` +
-      `${recMulti ? `; ${recMulti.agents} agents ${fmt(recMulti.aggregateMbps)} MB/s, ctrl RSS ${mb(recMulti.rssPeak)}` : ''}; recommend ${size(recommended.chunk)}`;
+    const headline = `TLS ${fmt(metrics.metalcast_tls_mb_per_s ?? Number.NaN)} MB/s, ${fmtRatio(metrics.tls_over_socket_ratio)}× TLS socket, ${fmtRatio(metrics.tls_over_peer_ratio)}× nginx+requests`;
     return { headline, metrics, checks: this.checks };
   }
 }
 
-// ---------------------------------------------------------------------------
-// Helpers.
+// -----------------------------------------------------------------------------
 
-/** Random data into the controller's data directory through ImageFiles (hashed, fsynced, renamed), and its database row. */
-async function seedRandomImage(dataDir: string, bytes: number): Promise<{ sha256: string; size: number; blob: string }> {
+async function writeRandomFile(path: string, bytes: number): Promise<void> {
+  const file = await open(path, 'w');
   const block = Buffer.allocUnsafe(4 * MIB);
-  return seedImage(
-    dataDir,
-    IMAGE_NAME,
-    (function* () {
-      for (let at = 0; at < bytes; at += block.length) {
-        const part = block.subarray(0, Math.min(block.length, bytes - at));
-        randomFillSync(part);
-        yield part;
-      }
-    })(),
-  );
-}
-
-async function hashFile(path: string, bytes: number): Promise<string> {
-  const file = await open(path, 'r');
   try {
-    const hash = createHash('sha256');
-    const buffer = Buffer.allocUnsafe(4 * MIB);
-    for (let at = 0; at < bytes; ) {
-      const { bytesRead } = await file.read(buffer, 0, Math.min(buffer.length, bytes - at), at);
-      if (bytesRead === 0) break;
-      hash.update(buffer.subarray(0, bytesRead));
-      at += bytesRead;
+    for (let at = 0; at < bytes; at += block.length) {
+      const n = Math.min(block.length, bytes - at);
+      randomFillSync(block, 0, n);
+      await file.write(block, 0, n, at);
     }
-    return hash.digest('hex');
   } finally {
     await file.close();
   }
 }
 
+async function* fileChunks(path: string): AsyncGenerator<Uint8Array> {
+  const file = await open(path, 'r');
+  try {
+    for await (const chunk of file.createReadStream({ highWaterMark: 4 * MIB })) yield chunk as Buffer;
+  } finally {
+    await file.close();
+  }
+}
+
+function runPython(args: string[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const child = spawn('/usr/bin/python3', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => {
+      stdout += d.toString();
+    });
+    child.stderr.on('data', (d: Buffer) => {
+      stderr += d.toString();
+    });
+    const timer = setTimeout(() => child.kill('SIGKILL'), TIMEOUT_MS);
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      if (code === 0) resolve(stdout);
+      else reject(new Error(`python3 ${args[0]} exited with ${code}: ${stderr.slice(-1000)}`));
+    });
+  });
+}
+
 function list<K, V>(map: Map<K, V[]>, key: K): V[] {
-  const found = map.get(key);
-  if (found) return found;
-  const created: V[] = [];
-  map.set(key, created);
-  return created;
+  let values = map.get(key);
+  if (!values) {
+    values = [];
+    map.set(key, values);
+  }
+  return values;
 }
 
 function median(values: readonly number[]): number {
-  const sorted = values.filter((v) => Number.isFinite(v)).sort((a, b) => a - b);
-  if (sorted.length === 0) return Number.NaN;
-  const mid = (sorted.length - 1) / 2;
-  return (sorted[Math.floor(mid)]! + sorted[Math.ceil(mid)]!) / 2;
-}
-
-/** MB/s, MB = 10^6 bytes. */
-function rate(bytes: number, ms: number): number {
-  return bytes / 1000 / ms;
-}
-
-/** Which side limits the single transfers, from their CPU use. */
-function bottleneck(samples: TransferSample[]): string {
-  const controller = median(samples.map((x) => x.controllerCpu));
-  const agent = median(samples.map((x) => x.clientCpu));
-  const others = median(samples.map((x) => x.othersCpu));
-  const cores = availableParallelism();
-  const total = controller + agent + Math.max(0, others);
-  if (Math.max(controller, agent) >= 95) {
-    return `the ${controller >= agent ? 'controller' : 'agent'} runs at ${pct(Math.max(controller, agent))} of a core: it sets the pace`;
-  }
-  if (total >= 100 * cores * 0.85) return `the machine is nearly full: ${pct(total)} of ${cores * 100}% busy during the transfers`;
-  return `neither process fills a core (controller ${pct(controller)}, agent ${pct(agent)}): each waits for the other, chunk by chunk, through loopback`;
-}
-
-function loadText(): string {
-  const [one, five] = loadavg();
-  let pressure = '';
-  try {
-    const some = /some avg10=([\d.]+) avg60=([\d.]+)/.exec(readFileSync('/proc/pressure/cpu', 'utf8'));
-    if (some) pressure = `; CPU pressure (time some task waited for a CPU) ${some[1]}% over 10 s, ${some[2]}% over 60 s`;
-  } catch {
-    // no PSI
-  }
-  return `${one!.toFixed(2)} (1 min), ${five!.toFixed(2)} (5 min) on ${availableParallelism()} CPUs${pressure}`;
-}
-
-function grpcVersion(): string {
-  try {
-    return (JSON.parse(readFileSync(join(REPO, 'node_modules', '@grpc', 'grpc-js', 'package.json'), 'utf8')) as { version: string })
-      .version;
-  } catch {
-    return '?';
-  }
-}
-
-function size(bytes: number): string {
-  if (bytes >= GIB) return `${+(bytes / GIB).toFixed(2)} GiB`;
-  if (bytes >= MIB) return `${+(bytes / MIB).toFixed(2)} MiB`;
-  if (bytes >= KIB) return `${+(bytes / KIB).toFixed(2)} KiB`;
-  return `${bytes} B`;
-}
-
-function windowLabel(bytes: number): string {
-  return bytes === 64 * KIB - 1 ? '64 KiB (grpc-js default)' : `${size(bytes)}${bytes === PRODUCTION_WINDOW ? ' (production)' : ''}`;
-}
-
-function chunkKey(bytes: number): string {
-  if (bytes === 64 * KIB - 1) return '64k';
-  return bytes % MIB === 0
-    ? `${bytes / MIB}m`
-    : bytes % (MIB / 2) === 0
-      ? `${(bytes / MIB).toFixed(1).replace('.', '_')}m`
-      : `${Math.round(bytes / KIB)}k`;
+  if (values.length === 0) return Number.NaN;
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = Math.floor(sorted.length / 2);
+  return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
 }
 
 const fmt = (x: number) => (Number.isFinite(x) ? Math.round(x).toLocaleString('en-US') : '-');
-const mbps = (x: number) => `${fmt(x)} MB/s`;
-const mb = (bytes: number) => (Number.isFinite(bytes) && bytes > 0 ? `${Math.round(bytes / 1e6)} MB` : '-');
-const pct = (x: number) => (Number.isFinite(x) ? `${Math.max(0, Math.round(x))}%` : '-');
-const ratioText = (x: number) => (Number.isFinite(x) ? x.toFixed(2) : '-');
-const range = (xs: number[]) => (xs.length === 0 ? '-' : `${fmt(Math.min(...xs))} - ${fmt(Math.max(...xs))}`);
+const fmtRatio = (x: number | undefined) => (x !== undefined && Number.isFinite(x) ? x.toFixed(2) : '-');
+const size = (bytes: number) =>
+  bytes >= GIB ? `${(bytes / GIB).toFixed(bytes % GIB === 0 ? 0 : 1)} GiB` : `${Math.round(bytes / MIB)} MiB`;
 const gib = (bytes: number) => `${(bytes / GIB).toFixed(1)} GiB`;
 const r1 = (x: number) => (Number.isFinite(x) ? Math.round(x * 10) / 10 : -1);
 const r3 = (x: number) => (Number.isFinite(x) ? Math.round(x * 1000) / 1000 : -1);

@@ -1,14 +1,15 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Command } from 'commander';
-import { type Channel, ClientError, createChannel, createClientFactory, Status } from 'nice-grpc';
+import { type Channel, createChannel, createClientFactory } from 'nice-grpc';
 import { deadlineMiddleware } from 'nice-grpc-client-middleware-deadline';
 import { ConfigError } from '../common/config.js';
 import { clientChannelOptions } from '../common/grpc-options.js';
-import { explainTlsFailure, loadCaBundle, loadClientIdentity, type ServerIdentity, speaksTls, tlsClient } from '../common/tls.js';
+import { loadCaBundle, loadClientIdentity, type ServerIdentity, tlsClient } from '../common/tls.js';
 import { ADMIN_TOKEN_FILE, operatorMetadata } from '../controller/auth/operator-auth.js';
-import { ImageServiceDefinition } from '../gen/metalcast/v1/image.js';
-import { reportError } from './output.js';
+import { debugText, describeFailure } from './errors.js';
+import { EXIT } from '../common/exit-codes.js';
+import { FastImageServiceDefinition } from '../common/upload-image-codec.js';
 import { NodeServiceDefinition } from '../gen/metalcast/v1/node.js';
 
 /**
@@ -36,14 +37,15 @@ export function connectOperator(address: string, timeoutMs: number, token?: stri
   return {
     channel,
     nodes: factory.create(NodeServiceDefinition, channel, defaults),
-    images: factory.create(ImageServiceDefinition, channel, defaults),
+    // The upload codec reads file data straight into gRPC frames (common/upload-image-codec.ts).
+    images: factory.create(FastImageServiceDefinition, channel, defaults),
     close: () => channel.close(),
   };
 }
 
 export type OperatorClients = ReturnType<typeof connectOperator>;
 
-/** The options every operator command group takes (see addOperatorOptions in cli/main.ts). */
+/** The options every operator command group takes (see addOperatorOptions in cli/program.ts). */
 export interface OperatorOptions {
   controller: string;
   timeout: number;
@@ -57,6 +59,8 @@ export interface OperatorOptions {
   /** Plaintext, no TLS (--insecure, METALCAST_INSECURE). */
   insecure?: boolean;
   json?: boolean;
+  /** Print the raw gRPC error too (--debug, METALCAST_DEBUG). */
+  debug?: boolean;
 }
 
 /** The TLS settings the operator options ask for (undefined: --insecure); ConfigError naming the option when a file is unusable. */
@@ -80,21 +84,6 @@ export function operatorTls(options: Pick<OperatorOptions, 'ca' | 'cert' | 'key'
         ? loadClientIdentity({ cert: options.cert, key: options.key }, { cert: '--cert', key: '--key' })
         : undefined,
   };
-}
-
-/** A hint when a failed call is about TLS (the two ends disagree, or the certificate is not trusted); '' otherwise. */
-export async function tlsHint(
-  error: unknown,
-  controller: string,
-  tls: OperatorTls | undefined,
-  caOption: string | undefined,
-): Promise<string> {
-  if (!(error instanceof ClientError) || error.code !== Status.UNAVAILABLE) return '';
-  const server = `the controller at ${controller}`;
-  if (tls) return explainTlsFailure(error.details, server, caOption ? `--ca ${caOption}` : "Node's bundled CAs (give --ca)") ?? '';
-  return (await speaksTls(controller))
-    ? `${server} speaks TLS: leave out --insecure (METALCAST_INSECURE) and give --ca with its CA bundle`
-    : '';
 }
 
 /** Where a controller with the default --data-dir and --tls-generate leaves its CA. */
@@ -127,16 +116,22 @@ export async function withClient(
     tls = operatorTls(options);
   } catch (error) {
     process.stderr.write(`error: ${(error as Error).message}\n`);
-    process.exitCode = 2;
+    process.exitCode = EXIT.USAGE;
     return;
   }
   const clients = connectOperator(options.controller, options.timeout, options.token || readTokenFile(), tls);
   try {
     await fn(clients, options);
   } catch (error) {
-    const hint = await tlsHint(error, options.controller, tls, options.ca);
-    if (hint) process.stderr.write(`${hint}\n`);
-    process.exitCode = reportError(error, options.controller);
+    const caSource = options.ca ? `--ca ${options.ca}` : tls?.caPem ? DEFAULT_CA_FILE : "Node's bundled CAs (give --ca)";
+    const { line, code } = await describeFailure(
+      error,
+      { controller: options.controller, tls: tls !== undefined, caSource },
+      options.timeout,
+    );
+    process.stderr.write(`error: ${line}\n`);
+    if (options.debug) process.stderr.write(`${debugText(error)}\n`);
+    process.exitCode = code;
   } finally {
     clients.close();
   }

@@ -1,5 +1,4 @@
 import Table from 'cli-table3';
-import { ClientError, Status } from 'nice-grpc';
 
 /** Prints rows as an aligned table, the default human output. */
 export function printTable(head: string[], rows: (string | number)[][]): void {
@@ -20,22 +19,6 @@ export function printFields(fields: [string, string | number | boolean | undefin
 
 export function printJson(value: unknown): void {
   process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
-}
-
-/** Turns a failed call into one line a user can act on, and an exit code. */
-export function reportError(error: unknown, controller: string): number {
-  if (error instanceof ClientError) {
-    const hint =
-      error.code === Status.UNAVAILABLE
-        ? ` (is the controller running at ${controller}? set --controller or METALCAST_CONTROLLER)`
-        : error.code === Status.DEADLINE_EXCEEDED
-          ? ` (no answer from ${controller} in time; raise --timeout or check the controller)`
-          : '';
-    process.stderr.write(`error: ${Status[error.code]}: ${error.details}${hint}\n`);
-    return error.code === Status.NOT_FOUND ? 3 : 1;
-  }
-  process.stderr.write(`error: ${(error as Error).message}\n`);
-  return 1;
 }
 
 export function formatTime(date: Date | undefined): string {

@@ -19,8 +19,6 @@ export interface ChunkManifest {
 }
 
 export const DIGEST_BYTES = 32;
-/** Default chunk size; the measurement behind it is in docs/chunk-manifest.md. */
-export const DEFAULT_MANIFEST_CHUNK_SIZE = 4 * 1024 * 1024;
 
 export function chunkCount(sizeBytes: number, chunkSize: number): number {
   return Math.ceil(sizeBytes / chunkSize);

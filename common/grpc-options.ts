@@ -1,4 +1,6 @@
 import type { ChannelOptions } from '@grpc/grpc-js';
+// Makes servers honour 'grpc-node.flow_control_window' too, and lets ReadImage chunks go out without copies.
+import './grpc-wire.js';
 
 /** Keepalive settings, in milliseconds. */
 export interface KeepaliveOptions {
@@ -8,12 +10,19 @@ export interface KeepaliveOptions {
   timeoutMs: number;
 }
 
+/** HTTP/2 receive window of every stream and connection, both directions. */
+export const FLOW_CONTROL_WINDOW_BYTES = 16 * 1024 * 1024;
+
 /**
  * What both ends of every connection set. Keepalive is off by default in
  * grpc-js: without it a controller never notices an agent whose link died
  * without FIN or RST, nor an agent a dead controller. The receive window
  * matters for every bulk stream, downloads and uploads alike: grpc-js stalls
- * on the default 64 KiB window (GRPC-NOTES.md; bench transfer).
+ * on the default 64 KiB window (GRPC-NOTES.md; bench transfer). 16 MiB keeps
+ * four 3.5 MiB chunks in flight, so a scheduling delay on a busy host does not
+ * stop the sender (one chunk in flight made transfers latency-bound); it is
+ * also what one connection can pin in the receiver's memory. Servers honour it
+ * through common/grpc-wire.ts (grpc-js itself applies it to clients only).
  */
 function sharedChannelOptions(keepalive: KeepaliveOptions, maxMessageBytes: number): ChannelOptions {
   return {
@@ -22,7 +31,7 @@ function sharedChannelOptions(keepalive: KeepaliveOptions, maxMessageBytes: numb
     'grpc.keepalive_permit_without_calls': 1,
     'grpc.max_receive_message_length': maxMessageBytes,
     'grpc.max_send_message_length': maxMessageBytes,
-    'grpc-node.flow_control_window': 4 * 1024 * 1024,
+    'grpc-node.flow_control_window': FLOW_CONTROL_WINDOW_BYTES,
   };
 }
 

@@ -1,5 +1,6 @@
 import { BinaryReader } from '@bufbuild/protobuf/wire';
 import { AgentGatewayServiceDefinition, ReadImageResponse } from '../gen/metalcast/v1/agent_gateway.js';
+import { isPartsMessage, type PartsMessage, receiveInParts, registerInPlaceFramer, writeGrpcFrameHeader } from './grpc-wire.js';
 
 /**
  * A faster wire codec for ReadImage chunks, the one message whose size
@@ -14,10 +15,16 @@ import { AgentGatewayServiceDefinition, ReadImageResponse } from '../gen/metalca
  * agent keeps `data` as a view into the received message. Bytes on the wire
  * are the same protobuf as the generated code's, so either side may use the
  * generated codec.
+ *
+ * On the controller the chunk is not even handed to the serializer: the
+ * framer registered with common/grpc-wire.ts also writes gRPC's 5-byte frame
+ * header into the room, so grpc-js sends the buffer the chunk was read into
+ * (before, nice-grpc's Buffer.from and grpc-js's frame header each copied it).
  */
 
-/** Bytes of room before each chunk: tags and varints of offset, length and the data length. */
+/** Bytes of room before each chunk: gRPC's 5-byte frame header, then tags and varints of offset, length and the data length (at most 23). */
 const HEADER_ROOM = 32;
+const GRPC_FRAME_HEADER = 5;
 const framable = new WeakSet<Uint8Array>();
 
 /** A buffer for `length` bytes of chunk data that the encoder can frame in place. */
@@ -46,17 +53,25 @@ function writeVarint(target: Buffer, at: number, value: number): number {
   return at;
 }
 
-/** Field order and tags as in agent_gateway.proto: offset = 1, data = 2, length = 3 (zero = 4 is never set with data). */
-function encodeInPlace(message: ReadImageResponse): Uint8Array {
+/**
+ * Field order and tags as in agent_gateway.proto: offset = 1, data = 2, length = 3 (zero = 4 is never set with data).
+ * With `grpcFrame`, the result starts with gRPC's frame header (what grpc-js writes to the HTTP/2 stream).
+ */
+function encodeInPlace(message: ReadImageResponse, grpcFrame: boolean): Buffer {
   const data = message.data as Buffer;
   const headerLength =
     (message.offset !== 0 ? 1 + varintLength(message.offset) : 0) +
     (message.length !== 0 ? 1 + varintLength(message.length) : 0) +
     1 +
     varintLength(data.byteLength);
-  const start = data.byteOffset - headerLength;
-  const framed = Buffer.from(data.buffer, start, headerLength + data.byteLength);
+  const prefix = grpcFrame ? GRPC_FRAME_HEADER : 0;
+  const start = data.byteOffset - headerLength - prefix;
+  const framed = Buffer.from(data.buffer, start, prefix + headerLength + data.byteLength);
   let at = 0;
+  if (grpcFrame) {
+    writeGrpcFrameHeader(framed, 0, headerLength + data.byteLength);
+    at = GRPC_FRAME_HEADER;
+  }
   if (message.offset !== 0) {
     framed[at++] = 0x08;
     at = writeVarint(framed, at, message.offset);
@@ -70,16 +85,28 @@ function encodeInPlace(message: ReadImageResponse): Uint8Array {
   return framed;
 }
 
+function isFramable(message: ReadImageResponse): boolean {
+  return !message.zero && message.data.byteLength > 0 && framable.has(message.data);
+}
+
+// Only a ReadImageResponse carries an allocChunk buffer as `data`, so the marker identifies the message type.
+registerInPlaceFramer((value) => {
+  const message = value as ReadImageResponse | undefined;
+  if (typeof message !== 'object' || message === null || !(message.data instanceof Uint8Array) || !isFramable(message)) return undefined;
+  return encodeInPlace(message, true);
+});
+
 const fastResponseType: typeof ReadImageResponse = {
   ...ReadImageResponse,
   encode(message, writer) {
-    if (writer === undefined && !message.zero && message.data.byteLength > 0 && framable.has(message.data)) {
-      const framed = encodeInPlace(message);
-      return { finish: () => framed } as ReturnType<typeof ReadImageResponse.encode>;
+    if (writer === undefined && isFramable(message)) {
+      const framed = encodeInPlace(message, false);
+      return { finish: () => framed } as unknown as ReturnType<typeof ReadImageResponse.encode>;
     }
     return ReadImageResponse.encode(message, writer);
   },
   decode(input, length) {
+    if (isPartsMessage(input)) return decodeParts(input);
     const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
     const end = length === undefined ? reader.len : reader.pos + length;
     const message: ReadImageResponse = { offset: 0, data: EMPTY, length: 0, zero: false };
@@ -109,6 +136,143 @@ const fastResponseType: typeof ReadImageResponse = {
 };
 
 const EMPTY = Buffer.alloc(0);
+const dataParts = new WeakMap<ReadImageResponse, readonly Buffer[]>();
+
+/**
+ * The chunk's bytes as the pieces they arrived in, without copying them
+ * (hash and writev these); `data` itself is joined on first use. A chunk
+ * that arrived in one piece, or from the generated codec, is [data].
+ */
+export function chunkParts(message: ReadImageResponse): readonly Buffer[] {
+  const parts = dataParts.get(message);
+  if (parts) return parts;
+  return message.data.byteLength === 0 ? [] : [Buffer.from(message.data.buffer, message.data.byteOffset, message.data.byteLength)];
+}
+
+/** Reads protobuf fields across the parts of a received message; bytes fields come out as views. */
+class PartsReader {
+  private part = 0;
+  private at = 0;
+  pos = 0;
+
+  constructor(private readonly message: PartsMessage) {}
+
+  get end(): number {
+    return this.message.length;
+  }
+
+  byte(): number {
+    while (this.at >= (this.message.parts[this.part]?.length ?? 0)) {
+      if (this.part >= this.message.parts.length) throw new RangeError('premature end of a ReadImage response');
+      this.part++;
+      this.at = 0;
+    }
+    this.pos++;
+    return this.message.parts[this.part]![this.at++]!;
+  }
+
+  /** A varint as a Number: exact up to 2^53, far beyond any image offset. */
+  varint(): number {
+    let value = 0;
+    let scale = 1;
+    for (let i = 0; i < 10; i++) {
+      const b = this.byte();
+      value += (b & 0x7f) * scale;
+      if (b < 0x80) return value;
+      scale *= 128;
+    }
+    throw new RangeError('a varint of a ReadImage response is longer than 10 bytes');
+  }
+
+  take(length: number): Buffer[] {
+    const views: Buffer[] = [];
+    let left = length;
+    while (left > 0) {
+      const current = this.message.parts[this.part];
+      if (!current) throw new RangeError('premature end of a ReadImage response');
+      const n = Math.min(left, current.length - this.at);
+      if (n > 0) views.push(current.subarray(this.at, this.at + n));
+      this.at += n;
+      left -= n;
+      if (this.at >= current.length) {
+        this.part++;
+        this.at = 0;
+      }
+    }
+    this.pos += length;
+    return views;
+  }
+
+  skip(wireType: number): void {
+    switch (wireType) {
+      case 0:
+        this.varint();
+        return;
+      case 1:
+        this.take(8);
+        return;
+      case 2:
+        this.take(this.varint());
+        return;
+      case 5:
+        this.take(4);
+        return;
+      default:
+        throw new RangeError(`wire type ${wireType} in a ReadImage response`);
+    }
+  }
+}
+
+/** A ReadImage response received in parts (common/grpc-wire.ts): the data stays in the pieces it arrived in. */
+function decodeParts(input: PartsMessage): ReadImageResponse {
+  const reader = new PartsReader(input);
+  const message: ReadImageResponse = { offset: 0, data: EMPTY, length: 0, zero: false };
+  let parts: Buffer[] = [];
+  while (reader.pos < reader.end) {
+    const tag = reader.varint();
+    switch (tag) {
+      case 0x08:
+        message.offset = reader.varint();
+        break;
+      case 0x12:
+        parts = reader.take(reader.varint());
+        break;
+      case 0x18:
+        message.length = reader.varint() >>> 0;
+        break;
+      case 0x20:
+        message.zero = reader.varint() !== 0;
+        break;
+      default:
+        reader.skip(tag & 7);
+    }
+  }
+  if (parts.length === 1) {
+    message.data = parts[0]!;
+  } else if (parts.length > 1) {
+    let joined: Buffer | undefined;
+    Object.defineProperty(message, 'data', {
+      enumerable: true,
+      configurable: true,
+      get: () => {
+        joined ??= Buffer.concat(parts);
+        return joined;
+      },
+      set: (value: Buffer) => {
+        joined = value;
+      },
+    });
+    dataParts.set(message, parts);
+  }
+  return message;
+}
+
+// ReadImage responses skip grpc-js's reassembly copy (decodeParts takes them). The registration is per method path,
+// so a client built on the generated definition gets them in parts too: its decoder joins them first (the copy
+// grpc-js would have made), in every process that loads this module and therefore registered the path.
+const generatedDecode = ReadImageResponse.decode;
+ReadImageResponse.decode = (input, length) => generatedDecode(isPartsMessage(input) ? Buffer.concat(input.parts) : input, length);
+receiveInParts(`/${AgentGatewayServiceDefinition.fullName}/${AgentGatewayServiceDefinition.methods.readImage.name}`);
 
 /** The agent gateway with the fast ReadImage codec; serve and call it in place of the generated definition. */
 export const FastAgentGatewayServiceDefinition: typeof AgentGatewayServiceDefinition = {

@@ -138,6 +138,19 @@ export const CONTROLLER_OPTIONS = {
     defaultValue: '',
     parse: parseDatabaseUrl,
   },
+  databasePoolSize: {
+    flag: 'database-pool-size',
+    description:
+      "PostgreSQL connections this controller keeps at most (besides one that listens for notifications); every controller on the database has its own, within the server's max_connections. The default lets a connect storm of 1,000 agents in at once",
+    defaultValue: '20',
+    parse: integer({ min: 1, max: 1000 }),
+  },
+  databasePoolWait: durationSpec(
+    'database-pool-wait',
+    'the longest a call waits for a free PostgreSQL connection of the pool; then it fails UNAVAILABLE (agents retry) saying that the pool was full',
+    '10s',
+    10,
+  ),
   advertiseAddress: {
     flag: 'advertise-address',
     description:
@@ -231,7 +244,7 @@ export const CONTROLLER_OPTIONS = {
     flag: 'image-manifest-chunk-size',
     description:
       'bytes per chunk of the chunk manifest built for each new image (64 KiB to 64 MiB); the unit the agent verifies, re-fetches and skips in delta re-imaging (docs/chunk-manifest.md)',
-    defaultValue: '4M',
+    defaultValue: '1M',
     parse: byteSize({ min: 64 * 1024, max: 64 * 1024 * 1024 }),
   },
   maxImageTransfers: {
@@ -363,18 +376,38 @@ export const CONTROLLER_OPTIONS = {
   agentAuthFailureLimit: {
     flag: 'agent-auth-failure-limit',
     description:
-      'agent calls with a missing or wrong token per minute one peer address may make, after its burst (0: no limit); while over it, every agent call from that address gets RESOURCE_EXHAUSTED',
+      'failed agent token checks (missing or wrong token) per minute one peer address, and one node uuid, may cause after its burst (0: no limit); while over it, further failed checks from that address or for that node get RESOURCE_EXHAUSTED (calls with a valid token still go through)',
     defaultValue: '120',
     parse: integer({ min: 0, max: 10_000_000 }),
   },
   agentAuthFailureBurst: {
     flag: 'agent-auth-failure-burst',
-    description: 'failed agent token checks one peer address may cause at once before --agent-auth-failure-limit applies',
+    description:
+      'failed agent token checks one peer address (or one node uuid) may cause at once before --agent-auth-failure-limit applies',
     defaultValue: '1000',
+    parse: integer({ min: 1, max: 10_000_000 }),
+  },
+  operatorAuthFailureLimit: {
+    flag: 'operator-auth-failure-limit',
+    description:
+      'failed operator authentications (missing or wrong token) per minute one client (an IPv4 address, an IPv6 /64) may cause after its burst (0: no limit); while over it, further failures get RESOURCE_EXHAUSTED with a retry hint (valid tokens still go through)',
+    defaultValue: '30',
+    parse: integer({ min: 0, max: 10_000_000 }),
+  },
+  operatorAuthFailureBurst: {
+    flag: 'operator-auth-failure-burst',
+    description: 'failed operator authentications one client may cause at once before --operator-auth-failure-limit applies',
+    defaultValue: '20',
     parse: integer({ min: 1, max: 10_000_000 }),
   },
   agentCallTimeout: durationSpec('agent-call-timeout', 'deadline of each unary call the controller makes to an agent', '30s', 100),
   shutdownTimeout: durationSpec('shutdown-timeout', 'on SIGTERM, how long to wait for calls to finish', '10s', 0),
+  shutdownDeadline: durationSpec(
+    'shutdown-deadline',
+    'on SIGTERM, the longest the whole stop may take (calls, heartbeat flush, leaving the cluster, closing the database); what is still running then is abandoned and the process exits with code 1. A second SIGTERM exits at once',
+    '30s',
+    1000,
+  ),
   operatorAuth: {
     flag: 'operator-auth',
     description:
@@ -463,6 +496,11 @@ export function loadControllerConfig(flags: Record<string, unknown>, env: Record
   if (raw.controllerDeadAfter < 3 * raw.controllerTouchInterval) {
     problems.push(
       `--controller-dead-after (${raw.controllerDeadAfter}ms) must be at least 3 x --controller-touch-interval (${raw.controllerTouchInterval}ms), or a live controller could be taken for dead between two touches`,
+    );
+  }
+  if (raw.shutdownDeadline <= raw.shutdownTimeout) {
+    problems.push(
+      `--shutdown-deadline (${raw.shutdownDeadline}ms) must be longer than --shutdown-timeout (${raw.shutdownTimeout}ms): the calls are only the first part of stopping`,
     );
   }
   if (problems.length > 0) {

@@ -5,9 +5,18 @@ import { fileURLToPath } from 'node:url';
 import { createServer } from 'nice-grpc';
 import { HealthDefinition, HealthServiceImpl, HealthState } from 'nice-grpc-server-health';
 import { ServerReflection, ServerReflectionService } from 'nice-grpc-server-reflection';
+import {
+  HEALTH_SERVICE,
+  healthDescriptorSet,
+  REFLECTION_V1,
+  REFLECTION_V1ALPHA,
+  ServerReflectionV1AlphaService,
+  setServingStatus,
+} from './services/health-reflection.js';
 import { Registry } from 'prom-client';
 import { errorMappingMiddleware } from '../common/errors.js';
 import { FastAgentGatewayServiceDefinition } from '../common/read-image-codec.js';
+import { FastImageServiceDefinition } from '../common/upload-image-codec.js';
 import type { Logger } from '../common/logging.js';
 import { serverChannelOptions } from '../common/grpc-options.js';
 import {
@@ -49,6 +58,7 @@ import { Provisioner } from './provisioning/provisioner.js';
 import { agentGatewayRateLimits, PeerLimit } from './auth/rate-limit.js';
 import { createAgentGatewayService } from './services/agent-gateway.js';
 import { DEFAULT_FANOUT_POLICY, FanoutTracker } from './fanout/tracker.js';
+import { withAuthenticatedAgent } from './services/agent-auth.js';
 import { SHUTTING_DOWN } from './services/heartbeat.js';
 import { createImageService } from './services/image-service.js';
 import { ImageManifests } from './images/manifest/manifests.js';
@@ -60,6 +70,7 @@ import { loadAgentCa } from './tls/agent-ca.js';
 import { SqliteStore } from './store/sqlite.js';
 import type { Store } from './store/store.js';
 import { Sweep } from './provisioning/sweep.js';
+import { BoundedShutdown, CANCELLED_CALLS_GRACE_MS } from './shutdown/bounded-shutdown.js';
 import { MetalcastError } from '../common/errors.js';
 import { Status } from 'nice-grpc-common';
 
@@ -83,15 +94,27 @@ export interface RunningController {
   recorder: HeartbeatRecorder;
   membership: Membership;
   powerSync: PowerSync;
-  /** Stops accepting, ends heartbeat streams, flushes heartbeats, closes the store. Idempotent. */
+  /**
+   * Stops accepting, ends heartbeat streams, flushes heartbeats, closes the
+   * store. Idempotent. Every phase is bounded, and the whole by
+   * --shutdown-deadline: rejects (after the deadline at the latest) naming
+   * the phases that did not finish.
+   */
   stop(): Promise<void>;
 }
 
 /** Opens the store the database URL names: SQLite for one controller, PostgreSQL for several. */
-export async function openStore(config: Pick<ControllerConfig, 'database'>, logger: Logger): Promise<Store> {
+export async function openStore(
+  config: Pick<ControllerConfig, 'database'> & Partial<Pick<ControllerConfig, 'databasePoolSize' | 'databasePoolWait'>>,
+  logger: Logger,
+): Promise<Store> {
   if (config.database.startsWith('sqlite:')) return SqliteStore.open(config.database.slice('sqlite:'.length));
   const { PostgresStore } = await import('./store/postgres.js');
-  return PostgresStore.open(config.database, { logger: logger.child({ component: 'postgres' }) });
+  return PostgresStore.open(config.database, {
+    logger: logger.child({ component: 'postgres' }),
+    poolSize: config.databasePoolSize,
+    poolWaitMs: config.databasePoolWait,
+  });
 }
 
 /** The host machines and BMCs reach this controller at: the advertised one, or the listen host when it is a single address. */
@@ -272,6 +295,8 @@ export async function startController(
     },
     logger.child({ component: 'conductor' }),
   );
+  // An abort stops the conductor's step on the node and powers the machine off through its agent when it has no driver.
+  provisioner.steps = conductor;
   const powerSync = new PowerSync(
     store,
     power,
@@ -292,12 +317,19 @@ export async function startController(
     timeoutMs: config.heartbeatTimeout,
   };
 
+  const rateLimitLog = logger.child({ component: 'rate-limit' });
   const operatorAuth = await setUpOperatorAuth(
     store,
     { mode: config.operatorAuth, dataDir: config.dataDir, listen: config.listen },
     logger.child({ component: 'operator-auth' }),
     // Operator mTLS (--tls-client-ca): a verified client certificate's OU gives its role.
     clientCertificateRole,
+    new PeerLimit(
+      'operator_auth',
+      { perMinute: config.operatorAuthFailureLimit, burst: config.operatorAuthFailureBurst },
+      metrics,
+      rateLimitLog,
+    ),
   );
   const manifests = new ImageManifests(store, imageFiles, config.imageManifestChunkSize, logger.child({ component: 'image-manifests' }));
   const imageServer = createImageServer({
@@ -311,21 +343,21 @@ export async function startController(
     manifests,
   });
   const health = HealthState();
-  const rateLimitLog = logger.child({ component: 'rate-limit' });
+  const agentAuthLog = logger.child({ component: 'agent-gateway' });
+  const agentAuthLimit = { perMinute: config.agentAuthFailureLimit, burst: config.agentAuthFailureBurst };
   // The interceptor hands a verified client certificate to the operator middleware (and strips forged ones).
   const server = createServer({ ...serverChannelOptions(keepalive), interceptors: [clientCertificateInterceptor] })
     .use(grpcServerMetricsMiddleware(registry))
     .use(errorMappingMiddleware(logger.child({ component: 'grpc' })))
     .use(
-      agentGatewayRateLimits({
-        lookup: new PeerLimit('lookup', { perMinute: config.lookupRateLimit, burst: config.lookupBurst }, metrics, rateLimitLog),
-        agentAuth: new PeerLimit(
-          'agent_auth',
-          { perMinute: config.agentAuthFailureLimit, burst: config.agentAuthFailureBurst },
-          metrics,
-          rateLimitLog,
-        ),
-      }),
+      agentGatewayRateLimits(
+        {
+          lookup: new PeerLimit('lookup', { perMinute: config.lookupRateLimit, burst: config.lookupBurst }, metrics, rateLimitLog),
+          agentAuth: new PeerLimit('agent_auth', agentAuthLimit, metrics, rateLimitLog),
+          agentAuthByNode: new PeerLimit('agent_auth_node', agentAuthLimit, metrics, rateLimitLog),
+        },
+        (context) => withAuthenticatedAgent(context, store, agentAuthLog),
+      ),
     )
     .use(rejectUndecodableRequests());
   server.add(
@@ -338,6 +370,7 @@ export async function startController(
       logger: logger.child({ component: 'agent-gateway' }),
       heartbeat,
       onHeartbeat: (uuid) => conductor.onHeartbeat(uuid),
+      requireAgentCertificate: !config.insecure,
       images: imageServer,
       fanout: {
         manifests,
@@ -383,17 +416,25 @@ export async function startController(
   await images.init();
   // UploadImage data is as large as the server's transport limit allows.
   const imageLimits = (method: string) => (method === 'UploadImage' ? undefined : OPERATOR_REQUEST_LIMIT_BYTES);
-  operatorServer.add(guardRequestDecoding(ImageServiceDefinition, imageLimits), images.implementation);
+  operatorServer.add(guardRequestDecoding(FastImageServiceDefinition, imageLimits), images.implementation);
   server.add(guardRequestDecoding(HealthDefinition, HEALTH_REQUEST_LIMIT_BYTES), HealthServiceImpl(health));
-  operatorServer.add(
-    guardRequestDecoding(ServerReflectionService, OPERATOR_REQUEST_LIMIT_BYTES),
-    ServerReflection(readFileSync(DESCRIPTOR_SET), [
-      AgentGatewayServiceDefinition.fullName,
-      NodeServiceDefinition.fullName,
-      ImageServiceDefinition.fullName,
-      'grpc.health.v1.Health',
-    ]),
-  );
+  // Reflection shows the whole API, so it needs an operator token; it describes every service it lists (health too).
+  const reflection = ServerReflection(Buffer.concat([readFileSync(DESCRIPTOR_SET), healthDescriptorSet()]), [
+    AgentGatewayServiceDefinition.fullName,
+    NodeServiceDefinition.fullName,
+    ImageServiceDefinition.fullName,
+    HEALTH_SERVICE,
+  ]);
+  operatorServer.add(guardRequestDecoding(ServerReflectionService, OPERATOR_REQUEST_LIMIT_BYTES), reflection);
+  operatorServer.add(guardRequestDecoding(ServerReflectionV1AlphaService, OPERATOR_REQUEST_LIMIT_BYTES), reflection);
+  const servedServices = [
+    AgentGatewayServiceDefinition.fullName,
+    NodeServiceDefinition.fullName,
+    ImageServiceDefinition.fullName,
+    HEALTH_SERVICE,
+    REFLECTION_V1,
+    REFLECTION_V1ALPHA,
+  ];
 
   let grpcPort: number;
   let http: Awaited<ReturnType<typeof startHttpServer>> | undefined;
@@ -442,39 +483,50 @@ export async function startController(
   sweep.start();
   conductor.start();
   powerSync.start();
-  health.setStatus('healthy');
+  setServingStatus(health, servedServices, 'healthy');
   const grpcAddress = `${config.listen.slice(0, config.listen.lastIndexOf(':'))}:${grpcPort}`;
 
   let stopping: Promise<void> | undefined;
   const stop = () => {
     stopping ??= (async () => {
       logger.info('controller stopping');
-      health.setStatus('unhealthy');
+      const shutdown = new BoundedShutdown(config.shutdownDeadline, logger);
+      setServingStatus(health, servedServices, 'unhealthy');
       // Heartbeat streams never end by themselves; end them so that shutdown is not held open.
       sessions.revokeAll(SHUTTING_DOWN);
       imageServer.stop();
       images.stopTransfers(); // DownloadImage streams end at their next chunk too; the replicator stops in images.stop()
-      const shutdownTimer = setTimeout(() => {
-        logger.warn({ timeoutMs: config.shutdownTimeout }, 'calls did not finish in time; cancelling them');
-        server.forceShutdown();
-      }, config.shutdownTimeout);
-      await server.shutdown();
-      clearTimeout(shutdownTimer);
-      await images.stop();
-      await conductor.stop();
-      await powerSync.stop();
+      await shutdown.phase(
+        'calls',
+        async () => {
+          const shutdownTimer = setTimeout(() => {
+            logger.warn({ timeoutMs: config.shutdownTimeout }, 'calls did not finish in time; cancelling them');
+            server.forceShutdown();
+          }, config.shutdownTimeout);
+          try {
+            await server.shutdown();
+          } finally {
+            clearTimeout(shutdownTimer);
+          }
+        },
+        // The calls' own time, then a little for cancelled ones to go; a connection that never closes is left to exit.
+        config.shutdownTimeout + CANCELLED_CALLS_GRACE_MS,
+      );
+      await shutdown.phase('image transfers and imports', () => images.stop());
+      await shutdown.phase('conductor', () => conductor.stop());
+      await shutdown.phase('power sync', () => powerSync.stop());
       agentClients.closeAll();
-      await sweep.stop();
-      await recorder.stop();
+      await shutdown.phase('sweep', () => sweep.stop());
+      await shutdown.phase('heartbeat flush', () => recorder.stop());
       // Leaving the ring last: the others take this controller's share at once.
-      await membership.stop();
+      await shutdown.phase('leaving the cluster', () => membership.stop());
       stopRelay();
       locks.close();
-      await http?.close();
-      await redfish.close();
+      await shutdown.phase('HTTP server', () => http?.close());
+      await shutdown.phase('BMC connections', () => redfish.close());
       transport.close();
-      await store.close();
-      logger.info('controller stopped');
+      await shutdown.phase('database', () => store.close());
+      shutdown.finish();
     })();
     return stopping;
   };

@@ -4,6 +4,9 @@ import { loadControllerConfig } from './config.js';
 import { startController } from './controller.js';
 import { withGeneratedTls } from './tls/generate.js';
 
+/** Past --shutdown-deadline, the stop's own bound; this is the last resort after it. */
+const FINAL_EXIT_GRACE_MS = 2000;
+
 /** `metalcast controller`: parse config, build the logger, run until SIGTERM or SIGINT. */
 export async function controllerMain(flags: Record<string, unknown>): Promise<void> {
   let config: ReturnType<typeof loadControllerConfig>;
@@ -36,8 +39,22 @@ export async function controllerMain(flags: Record<string, unknown>): Promise<vo
   process.stderr.write(
     `\nmetalcast controller is running\n  gRPC API:  ${controller.grpcAddress}\n  metrics:   http://${controller.httpAddress}/metrics\n  database:  ${config.database}\n\nnext: npx metalcast node create NAME --mac aa:bb:cc:dd:ee:ff --controller ${controller.grpcAddress}\n\n`,
   );
+  let signalled = false;
   const onSignal = (signal: string) => {
+    if (signalled) {
+      // The operator asked twice: do not make them reach for kill -9.
+      logger.warn({ signal }, 'second signal: exiting now without finishing the stop');
+      logger.flush();
+      process.exit(1);
+    }
+    signalled = true;
     logger.info({ signal }, 'signal received');
+    // stop() gives up on each phase by --shutdown-deadline; this covers a stop that itself never settles.
+    setTimeout(() => {
+      logger.error({ deadlineMs: config.shutdownDeadline }, 'the stop did not finish by --shutdown-deadline; exiting');
+      logger.flush();
+      process.exit(1);
+    }, config.shutdownDeadline + FINAL_EXIT_GRACE_MS).unref();
     controller.stop().then(
       () => {
         logger.flush();
@@ -50,6 +67,6 @@ export async function controllerMain(flags: Record<string, unknown>): Promise<vo
       },
     );
   };
-  process.once('SIGTERM', onSignal);
-  process.once('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal);
 }

@@ -29,6 +29,7 @@ const say = (text: string) => process.stdout.write(`\n== ${text}\n`);
  * if every check passed; cleans up after itself either way.
  */
 export async function runDemo(options: DemoOptions): Promise<boolean> {
+  const began = Date.now();
   const dir = await mkdtemp(join(tmpdir(), 'metalcast-demo-'));
   const programs: Program[] = [];
   let clients: OperatorClients | undefined;
@@ -142,7 +143,7 @@ export async function runDemo(options: DemoOptions): Promise<boolean> {
       ),
     );
 
-    say('providing (cleaning) and deploying, with live progress');
+    say(`providing (cleaning) and deploying, with ${process.stdout.isTTY ? 'live progress' : 'a line per state change'}`);
     for (const name of names) await act(nodes, name, ProvisionAction.PROVISION_ACTION_PROVIDE);
     await waitAll(nodes, names, ProvisionState.PROVISION_STATE_AVAILABLE);
     for (const name of names) await act(nodes, name, ProvisionAction.PROVISION_ACTION_DEPLOY, 'demo-os');
@@ -207,7 +208,8 @@ export async function runDemo(options: DemoOptions): Promise<boolean> {
     else await rm(dir, { recursive: true, force: true });
   }
   const failed = checks.filter(([, ok]) => !ok);
-  process.stdout.write(`\n${checks.length - failed.length} passed, ${failed.length} failed\n`);
+  const seconds = ((Date.now() - began) / 1000).toFixed(1);
+  process.stdout.write(`\n${checks.length - failed.length} passed, ${failed.length} failed, in ${seconds} s\n`);
   return failed.length === 0;
 }
 

@@ -40,7 +40,7 @@ export async function startProgram(
   args: string[],
   logFile: string,
   ready: (line: Record<string, unknown>) => boolean,
-  timeoutMs = 20_000,
+  timeoutMs = 60_000, // a loaded machine (CI runners, a shared VM) can take long to start Node and tsx
 ): Promise<{ program: Program; readyLine: Record<string, unknown> }> {
   const child = spawn(process.execPath, [METALCAST, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   const log = createWriteStream(logFile);

@@ -26,6 +26,8 @@ import { ImageServiceDefinition } from '../gen/metalcast/v1/image.js';
 import { type Node, NodeServiceDefinition, ProvisionAction, ProvisionState } from '../gen/metalcast/v1/node.js';
 import { buildRamdisk } from '../scripts/ramdisk/build-ramdisk.js';
 import { buildTestImage, TEST_IMAGE_MARKER } from '../scripts/ramdisk/build-test-image.js';
+import { bmcSettings } from '../cli/commands/node-bmc.js';
+import { type LabRedfishBmc, labBmcCa, startLabRedfishBmc, virtualMediaUnavailable } from './bmc/redfish/lab-bmc.js';
 import { type IpmiBmc, ipmiBmcUnavailable, startIpmiBmc } from './bmc/ipmi/ipmi-bmc.js';
 import { createPxeNetwork, type PxeNetwork, pxeNetworkUnavailable } from './network/pxe-network.js';
 import { labUnavailable } from './prerequisites.js';
@@ -46,7 +48,12 @@ import { freePort, type Guest, type GuestOptions, labMac, startGuest } from './q
  * Power and network boot are chosen per lab run (LabOptions power, network):
  * - power `qemu`: the controller's qemu driver on a QMP socket of the guest's
  *   own, as its BMC; `ipmi`: a real IPMI BMC per guest (ipmi_sim, lab/bmc/ipmi)
- *   that the controller's ipmi driver reaches through ipmitool;
+ *   that the controller's ipmi driver reaches through ipmitool; `redfish`: a
+ *   Redfish BMC per guest (the simulator of lab/bmc/redfish, over HTTPS with
+ *   a CA file, password from a file) that the controller's redfish driver
+ *   reaches, and with it a boot method per guest (LabOptions boot): network,
+ *   or virtual-media (the controller's agent ISO in the guest's IDE CD drive,
+ *   booted once from Cd, ejected when each step ends; needs network pxe);
  * - network `user`: QEMU's user networking, its built-in DHCP handing iPXE the
  *   controller's script (10.0.2.2 is the host's loopback); `pxe`: a network
  *   namespace with a bridge and a tap per guest, dnsmasq configured by
@@ -59,7 +66,9 @@ import { freePort, type Guest, type GuestOptions, labMac, startGuest } from './q
  */
 
 /** How the lab's controller powers the guests. */
-export type LabPower = 'qemu' | 'ipmi';
+export type LabPower = 'qemu' | 'ipmi' | 'redfish';
+/** How a guest boots into the agent (its node's boot.method): its NIC, or a CD its Redfish BMC inserts. */
+export type LabBoot = 'network' | 'virtual-media';
 /** How the guests network-boot: QEMU's user networking, or dnsmasq on a bridge in a namespace. */
 export type LabNetwork = 'user' | 'pxe';
 
@@ -81,15 +90,21 @@ export interface LabOptions {
   onGuests?: (guests: readonly Guest[], work: string) => void;
   /** Power driver of every guest (default qemu). */
   power?: LabPower;
-  /** Network boot path (default: pxe with ipmi power, user with qemu). */
+  /** Network boot path (default: pxe with ipmi and redfish power, user with qemu). */
   network?: LabNetwork;
+  /**
+   * How each guest boots into the agent: one method for all, or a list
+   * given to the guests in turn (guest 1 the first, …). virtual-media needs
+   * redfish power. Default network.
+   */
+  boot?: LabBoot | readonly LabBoot[];
 }
 
 export interface LabResult {
   work: string;
   /** Phase name to milliseconds, in order. */
   timings: [string, number][];
-  guests: { name: string; mac: string; consolePath: string }[];
+  guests: { name: string; mac: string; consolePath: string; boot: LabBoot }[];
 }
 
 /** Runs the lab; throws with what went wrong. The work folder is removed on success unless `keep`. */
@@ -98,10 +113,21 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
   const log = options.log ?? ((line: string) => process.stdout.write(`${line}\n`));
   const phaseTimeoutMs = options.phaseTimeoutMs ?? 600_000;
   const power = options.power ?? 'qemu';
-  const networkKind = options.network ?? (power === 'ipmi' ? 'pxe' : 'user');
+  const networkKind = options.network ?? (power === 'qemu' ? 'user' : 'pxe');
+  const boots = Array.isArray(options.boot) ? options.boot : [options.boot ?? 'network'];
+  if (boots.length === 0) throw new Error('boot: give at least one boot method');
+  const bootOf = (i: number): LabBoot => boots[i % boots.length] as LabBoot;
+  const anyVirtualMedia = Array.from({ length: count }, (_, i) => bootOf(i)).includes('virtual-media');
+  if (anyVirtualMedia && power !== 'redfish')
+    throw new Error(`boot virtual-media needs a BMC with virtual media: power redfish, not ${power}`);
+  // The ISO's agent fetches the CA from the same URL its BMC fetched the ISO from (--virtual-media-url), so both must
+  // reach the controller at one address: on the namespace's segment, yes; through QEMU's NAT (10.0.2.2), no.
+  if (anyVirtualMedia && networkKind === 'user')
+    throw new Error('boot virtual-media runs on network pxe (a namespace the BMCs and the guests both reach the controller in), not user');
   const why =
     labUnavailable() ??
     (power === 'ipmi' ? ipmiBmcUnavailable() : undefined) ??
+    (anyVirtualMedia ? virtualMediaUnavailable() : undefined) ??
     (networkKind === 'pxe' ? pxeNetworkUnavailable() : undefined);
   if (why) throw new Error(`the lab cannot run here: ${why}`);
 
@@ -117,6 +143,7 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
   const work = mkdtempSync(join(tmpdir(), 'metalcast-lab-'));
   const guests: Guest[] = [];
   const bmcs: IpmiBmc[] = [];
+  const redfishBmcs: LabRedfishBmc[] = [];
   let network: PxeNetwork | undefined;
   let controller: RunningController | undefined;
   let channel: ReturnType<typeof createChannel> | undefined;
@@ -196,8 +223,10 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
       log(`  dnsmasq on ${network.bridge} in namespace ${network.namespace} (${network.subnet}/24); log ${dnsmasq.logPath}`);
     }
 
+    const bmcCa = power === 'redfish' ? await labBmcCa(join(work, 'bmc-ca')) : undefined;
     for (let i = 0; i < count; i++) {
       const name = `lab-node-${i + 1}`;
+      const boot = bootOf(i);
       const bmcSocketPath = join(work, `${name}.bmc`);
       const machine: GuestOptions = {
         name,
@@ -205,7 +234,9 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
         diskPath: join(work, `${name}.img`),
         diskSizeBytes: DISK_BYTES,
         diskSerial: `lab-disk-${i + 1}`,
-        boot: 'network',
+        // A virtual-media machine's own order starts at its (empty) disk; its BMC boots it once from the CD.
+        boot: boot === 'virtual-media' ? 'disk' : 'network',
+        cdrom: power === 'redfish',
         consolePath: join(work, `${name}.console.log`),
         qmpSocketPath: join(work, `${name}.qmp`),
         bmcSocketPath,
@@ -239,6 +270,34 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
         });
         secrets[IPMI_PASSWORD_SECRET] = password;
         log(`  ${name}: IPMI BMC (ipmi_sim) at ${bmc.address}:${bmc.port}, log ${bmc.logPath}`);
+      } else if (power === 'redfish' && bmcCa) {
+        const bmc = await startLabRedfishBmc({
+          name,
+          dir: join(work, `${name}-bmc`),
+          username: 'admin',
+          password: randomBytes(12).toString('base64url'),
+          ca: bmcCa.ca,
+          qmpSocketPath: bmcSocketPath,
+          initial: boot === 'virtual-media' ? 'Hdd' : 'Pxe',
+          firmware: 'bios',
+        });
+        redfishBmcs.push(bmc);
+        // What `metalcast node create NAME --power redfish --bmc-address … --bmc-password-file FILE` sends: the same code.
+        const bmcNode = bmcSettings(
+          {
+            power: 'redfish',
+            bmcAddress: bmc.url,
+            bmcUsername: 'admin',
+            bmcPasswordFile: bmc.passwordFile,
+            bmcCaFile: bmcCa.caFile,
+            bootMethod: boot,
+            bootMode: 'bios',
+          },
+          undefined,
+        );
+        Object.assign(properties, bmcNode.set);
+        Object.assign(secrets, bmcNode.secrets);
+        log(`  ${name}: Redfish BMC (lab/bmc/redfish) at ${bmc.url}, TLS verified with ${bmcCa.caFile}; boots the agent by ${boot}`);
       } else {
         Object.assign(properties, { [POWER_DRIVER_PROPERTY]: 'qemu', [QMP_SOCKET_PROPERTY]: bmcSocketPath });
       }
@@ -276,6 +335,7 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
       }
     };
     const names = guests.map((g) => g.name);
+    const bootsUsed = [...new Set(guests.map((_, i) => bootOf(i)))].join(' and ');
 
     // Inspect: the controller powers each guest on into network boot; iPXE fetches the ramdisk; the agent looks up.
     for (const name of names) await act(name, ProvisionAction.PROVISION_ACTION_INSPECT);
@@ -290,7 +350,8 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
         throw new Error(`${node.name}: inspection found disks ${disks.join(', ')}, not /dev/vda of ${DISK_BYTES} bytes`);
       log(`  ${node.name}: NIC ${nics.join(', ')}; disk ${disks.join(', ')}`);
     }
-    phase('inspected (network boot, agent lookup, inventory)');
+    checkVirtualMediaBoots(guests, bootOf);
+    phase(`inspected (${bootsUsed} boot, agent lookup, inventory)`);
 
     for (const name of names) await act(name, ProvisionAction.PROVISION_ACTION_PROVIDE);
     await waitAll(names, ProvisionState.PROVISION_STATE_AVAILABLE, 'cleaning (provide)');
@@ -309,7 +370,7 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
     const consoleMarks = guests.map((g) => g.consoleLength());
     for (const name of names) await act(name, ProvisionAction.PROVISION_ACTION_DEPLOY, 'lab-test-image');
     await waitAll(names, ProvisionState.PROVISION_STATE_ACTIVE, 'deploying');
-    phase(`deployed (network boot, write_image, reboot to disk through the ${power} power driver)`);
+    phase(`deployed (${bootsUsed} boot, write_image, reboot to disk through the ${power} power driver)`);
 
     for (const guest of guests) {
       const written = await readStart(guest.diskPath, image.length);
@@ -318,6 +379,12 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
         throw new Error(`${guest.name}: the disk's first ${image.length} bytes have sha256 ${sha}, not the image's ${imageSha}`);
     }
     log(`  every disk holds the image (sha256 ${imageSha.slice(0, 16)}…)`);
+    // The deploy ejected the agent ISO before the reboot into the disk: no machine keeps it.
+    for (const [i, guest] of guests.entries()) {
+      if (bootOf(i) !== 'virtual-media') continue;
+      const medium = await cdMedium(guest);
+      if (medium) throw new Error(`${guest.name}: deployed, but its CD drive still holds ${medium} (the BMC was not told to eject it)`);
+    }
     await Promise.all(
       guests.map((guest, i) =>
         guest.waitForConsole(new RegExp(TEST_IMAGE_MARKER), Math.min(phaseTimeoutMs, 300_000), { since: consoleMarks[i] }),
@@ -338,7 +405,11 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
     log('  every agent fetched the pinned CA and spoke TLS; none ran with metalcast.insecure');
     log(`lab passed in ${((Date.now() - started) / 1000).toFixed(1)} s`);
     passed = true;
-    return { work, timings, guests: guests.map((g) => ({ name: g.name, mac: g.mac, consolePath: g.consolePath })) };
+    return {
+      work,
+      timings,
+      guests: guests.map((g, i) => ({ name: g.name, mac: g.mac, consolePath: g.consolePath, boot: bootOf(i) })),
+    };
   } finally {
     channel?.close();
     // The controller's stop may wait on connections to guests that are off (on a tap nothing resets them);
@@ -347,6 +418,7 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
     await Promise.race([stopping, new Promise((resolve) => setTimeout(resolve, 15_000).unref())]);
     await Promise.all(guests.map((g) => g.stop()));
     await Promise.all(bmcs.map((bmc) => bmc.stop()));
+    await Promise.all(redfishBmcs.map((bmc) => bmc.stop()));
     await network?.destroy();
     await Promise.race([stopping, new Promise((resolve) => setTimeout(resolve, 30_000).unref())]);
     if (passed && !options.keep) rmSync(work, { recursive: true, force: true });
@@ -366,6 +438,22 @@ export function checkNoInsecureAgent(guests: readonly Pick<Guest, 'name' | 'cons
     if (!/fetched the controller CA and checked it against the pinned fingerprint/.test(console))
       throw new Error(`${guest.name}: no agent fetched the pinned controller CA (metalcast.ca_url)`);
   }
+}
+
+/** Every virtual-media guest booted its agent from the CD (GRUB of the agent ISO on its console); throws naming the guest. */
+function checkVirtualMediaBoots(guests: readonly Guest[], bootOf: (i: number) => LabBoot): void {
+  for (const [i, guest] of guests.entries()) {
+    if (bootOf(i) !== 'virtual-media') continue;
+    const console = readFileSync(guest.consolePath, 'latin1');
+    if (!/Booting `metalcast agent ramdisk'/.test(console))
+      throw new Error(`${guest.name}: boots by virtual media, but its console shows no GRUB of the agent ISO booting`);
+  }
+}
+
+/** The file in the guest's CD drive (QEMU device cd0), or undefined when it is empty. */
+async function cdMedium(guest: Guest): Promise<string | undefined> {
+  const blocks = await guest.qmp<{ qdev?: string; inserted?: { file: string } }[]>('query-block');
+  return blocks.find((b) => b.qdev?.includes('cd0'))?.inserted?.file;
 }
 
 async function readStart(path: string, bytes: number): Promise<Buffer> {

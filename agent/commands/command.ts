@@ -32,6 +32,12 @@ export interface CommandHandler<
    * so that RunCommand refuses a malformed command instead of starting one that fails.
    */
   validate?(parameters: ParametersOf<Name>, field: string): void;
+  /**
+   * Runs even while another command runs, without making the agent busy:
+   * power_off and reboot, which end whatever runs anyway (an aborted deploy
+   * must be able to stop a machine in the middle of writing its disk).
+   */
+  whileBusy?: boolean;
   run(parameters: ParametersOf<Name>, context: CommandContext): Promise<CommandResult | undefined>;
 }
 

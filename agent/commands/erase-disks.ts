@@ -40,7 +40,9 @@ export function eraseDisksCommand(discover: () => Promise<Inventory>): CommandHa
       let done = 0;
       const zeros = Buffer.alloc(FULL_ERASE_BLOCK);
       for (const disk of disks) {
-        const file = await open(disk.devicePath, 'r+');
+        const file = await open(disk.devicePath, 'r+').catch((error: unknown) => {
+          throw new Error(`erasing ${disk.devicePath} failed: ${(error as Error).message}`);
+        });
         try {
           if (full) {
             for (let at = 0; at < disk.sizeBytes; at += FULL_ERASE_BLOCK) {
@@ -61,7 +63,8 @@ export function eraseDisksCommand(discover: () => Promise<Inventory>): CommandHa
         } catch (error) {
           throw new Error(`erasing ${disk.devicePath} failed: ${(error as Error).message}`);
         } finally {
-          await file.close();
+          // A failing device may fail its close too; that must not hide the error above.
+          await file.close().catch(() => {});
         }
       }
       return { result: { $case: 'eraseDisks', value: { devicePaths: disks.map((d) => d.devicePath) } } };

@@ -10,6 +10,7 @@ import type { CommandHandler } from './command.js';
 export function powerOffCommand(driver: PowerDriver): CommandHandler<'powerOff'> {
   return {
     name: 'powerOff',
+    whileBusy: true,
     async run(_parameters, { logger }) {
       logger.info('powering off');
       await driver.powerOff();
@@ -21,6 +22,7 @@ export function powerOffCommand(driver: PowerDriver): CommandHandler<'powerOff'>
 export function rebootCommand(driver: PowerDriver): CommandHandler<'reboot'> {
   return {
     name: 'reboot',
+    whileBusy: true,
     async run(_parameters, { logger }) {
       logger.info('rebooting');
       await driver.reboot();

@@ -77,7 +77,7 @@ export class CommandRunner {
       );
     }
     handler.validate?.(chosen.value, `parameters.${wireName(chosen.$case)}`);
-    if (this.current) {
+    if (this.current && !handler.whileBusy) {
       throw new MetalcastError(
         Status.FAILED_PRECONDITION,
         `agent busy with ${this.current.name} (command ${this.current.id}); wait for it to finish`,
@@ -95,7 +95,7 @@ export class CommandRunner {
       error: '',
       result: undefined,
     };
-    this.current = command;
+    if (!handler.whileBusy) this.current = command;
     this.remember(command, requestId);
     const log = this.logger.child({ command: command.id, name: command.name });
     log.info('command started');
@@ -128,12 +128,20 @@ export class CommandRunner {
         }
       },
     };
-    // The handler's chosen case and parameters were checked together above.
-    (handler.run as (p: unknown, c: typeof context) => ReturnType<CommandHandler['run']>)(chosen.value, context).then(
-      (result) => this.finish(command, CommandState.COMMAND_STATE_SUCCEEDED, '', result, log),
-      (error: unknown) =>
-        this.finish(command, CommandState.COMMAND_STATE_FAILED, (error as Error).message || String(error), undefined, log),
-    );
+    // The handler's chosen case and parameters were checked together above. Wrapped in an async
+    // function so that a handler that throws synchronously also becomes a failed command, and every
+    // way out (including a throw in finish or a watcher) is handled: an unhandled rejection would
+    // end the agent process, stranding the machine until a reboot.
+    const run = async () => (handler.run as (p: unknown, c: typeof context) => ReturnType<CommandHandler['run']>)(chosen.value, context);
+    run()
+      .then(
+        (result) => this.finish(command, CommandState.COMMAND_STATE_SUCCEEDED, '', result, log),
+        (error: unknown) => this.finish(command, CommandState.COMMAND_STATE_FAILED, failureMessage(error), undefined, log),
+      )
+      .catch((error: unknown) => {
+        log.error({ err: error }, 'finishing the command failed');
+        if (this.current === command) this.current = undefined;
+      });
     return command;
   }
 
@@ -170,7 +178,7 @@ export class CommandRunner {
     command.error = error;
     command.result = result;
     command.finishedAt = new Date();
-    this.current = undefined;
+    if (this.current === command) this.current = undefined;
     if (state === CommandState.COMMAND_STATE_SUCCEEDED) log.info({ seconds: elapsed(command) }, 'command succeeded');
     else log.warn({ seconds: elapsed(command), error }, 'command failed');
     this.publish(command);
@@ -192,6 +200,13 @@ export class CommandRunner {
       if (oldest.requestId !== '') this.byRequestId.delete(oldest.requestId);
     }
   }
+}
+
+/** The command's error text: the Error's message, or whatever was thrown, never empty. */
+function failureMessage(error: unknown): string {
+  if (error instanceof Error) return error.message || error.name;
+  const text = String(error);
+  return text === '' ? 'the command failed without saying why' : text;
 }
 
 function elapsed(command: Command): number {

@@ -76,7 +76,9 @@ export function writeConfigDriveCommand(
         throw new Error(`the config drive (${iso.length} bytes) does not fit its partition (${partition.sizeBytes} bytes)`);
       }
       context.progress({ phase: 'writing config drive', totalBytes: iso.length });
-      const file = await open(disk.devicePath, 'r+');
+      const file = await open(disk.devicePath, 'r+').catch((error: unknown) => {
+        throw new Error(`opening ${disk.devicePath} to write the config drive failed: ${(error as Error).message}`);
+      });
       try {
         let written = 0;
         while (written < iso.length) {
@@ -87,8 +89,11 @@ export function writeConfigDriveCommand(
         const back = Buffer.alloc(iso.length);
         await file.read(back, 0, back.length, partition.offsetBytes);
         if (!back.equals(iso)) throw new Error(`reading the config drive back from ${disk.devicePath} gave other bytes`);
+      } catch (error) {
+        throw new Error(`writing the config drive to ${disk.devicePath} failed: ${(error as Error).message}`);
       } finally {
-        await file.close();
+        // A failing device may fail its close too; that must not hide the error above.
+        await file.close().catch(() => {});
       }
       context.progress({ phase: 'config drive written', doneBytes: iso.length, totalBytes: iso.length });
       return {

@@ -4,7 +4,8 @@ import { clientChannelOptions, type KeepaliveOptions } from '../../common/grpc-o
 import { describeError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import { FastAgentGatewayServiceDefinition } from '../../common/read-image-codec.js';
-import { explainTlsFailure, speaksTls, tlsClient } from '../../common/tls.js';
+import { diagnoseConnectionFailure, nothingAnswered } from '../../common/endpoint-probe.js';
+import { tlsClient } from '../../common/tls.js';
 import type { AgentGatewayServiceDefinition } from '../../gen/metalcast/v1/agent_gateway.js';
 
 const factory = createClientFactory().use(deadlineMiddleware);
@@ -36,6 +37,8 @@ export class ControllerLink {
   private index: number;
   /** When each address last had its connection failure explained. */
   private readonly explained = new Map<string, number>();
+  /** What the last explanation found, by address. */
+  private readonly diagnoses = new Map<string, string>();
 
   constructor(
     private readonly addresses: readonly string[],
@@ -78,37 +81,46 @@ export class ControllerLink {
   }
 
   /**
-   * Logs, as an error an operator can act on, when a connection failure is
-   * about TLS: this agent and the controller disagree on TLS, or the
-   * controller's certificate is not one this agent can trust. grpc-js says
-   * only "failed to connect" when a plaintext client meets a TLS server, so
-   * a plaintext agent asks the address for a TLS handshake to tell that case
-   * from a controller that is down. At most once a minute per address;
-   * returns at once (the check runs in the background).
+   * Works out, and logs as an error an operator can act on, why a connection
+   * failed when it is not simply "nothing listens there": the address is an
+   * HTTP endpoint (the controller's metrics port, printed next to its gRPC
+   * port), this agent and the controller disagree on TLS, or the controller's
+   * certificate is not one this agent can trust. grpc-js says only "failed to
+   * connect" when a plaintext client meets a TLS server, so the address is
+   * asked what it speaks. Probes and logs at most once a minute per address;
+   * the finding is kept for {@link diagnosis}, so that every lookup failure
+   * says it instead of "cannot reach".
    */
-  explainConnectionFailure(error: unknown): void {
+  async explainConnectionFailure(error: unknown): Promise<void> {
     if (!isConnectionError(error)) return;
     const address = this.address;
+    const details = describeError(error);
+    if (nothingAnswered(details)) {
+      // The plain "cannot reach" is right now, whatever was found before.
+      this.diagnoses.delete(address);
+      return;
+    }
     const now = Date.now();
     if (now - (this.explained.get(address) ?? 0) < EXPLAIN_INTERVAL_MS) return;
     this.explained.set(address, now);
-    const server = `the controller at ${address}`;
-    if (this.tls) {
-      const explanation = explainTlsFailure(describeError(error), server, this.tls.source);
-      if (explanation) this.logger.error({ controller: address, reason: describeError(error) }, explanation);
-      else this.explained.delete(address);
-      return;
-    }
-    void speaksTls(address).then((tls) => {
-      if (tls) {
-        this.logger.error(
-          { controller: address },
-          `${server} speaks TLS, and this agent runs with --insecure (plaintext): give the agent --ca (metalcast.ca= on the kernel command line) with the CA bundle that signed the controller's certificate`,
-        );
-      } else {
-        this.explained.delete(address);
-      }
+    const explanation = await diagnoseConnectionFailure(address, details, {
+      tlsCaSource: this.tls?.source,
+      flag: '--controller (metalcast.controller=)',
+      plaintextToTls:
+        "and this agent runs with --insecure (plaintext): give the agent --ca (metalcast.ca= on the kernel command line) with the CA bundle that signed the controller's certificate",
     });
+    if (explanation) {
+      this.diagnoses.set(address, explanation);
+      this.logger.error({ controller: address, reason: details }, explanation);
+    } else {
+      this.diagnoses.delete(address);
+      this.explained.delete(address);
+    }
+  }
+
+  /** Why connecting to `address` failed, when {@link explainConnectionFailure} found a reason other than "nothing there". */
+  diagnosis(address: string): string | undefined {
+    return this.diagnoses.get(address);
   }
 
   close(): void {

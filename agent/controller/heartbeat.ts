@@ -2,6 +2,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ClientError, Status } from 'nice-grpc';
 import { agentMetadata } from '../../common/agent-metadata.js';
 import { AsyncQueue } from '../../common/async-queue.js';
+import { retryAfterMs } from '../../common/retry-after.js';
 import type { Logger } from '../../common/logging.js';
 import type { HeartbeatRequest } from '../../gen/metalcast/v1/agent_gateway.js';
 import { type ControllerLink, isConnectionError } from './controller-link.js';
@@ -38,6 +39,8 @@ export class HeartbeatLoop {
   private readonly stopped = new AbortController();
   private running: Promise<void> | undefined;
   private streamControl: { force: () => void } | undefined;
+  /** `retry-after-ms` from the trailer of the stream that just ended, bounded; undefined when none. */
+  private retryAfter: number | undefined;
   /** Counts streams opened, for tests and logs. */
   streamsOpened = 0;
 
@@ -70,6 +73,7 @@ export class HeartbeatLoop {
     const signal = this.stopped.signal;
     while (!signal.aborted) {
       let relookup = false;
+      this.retryAfter = undefined;
       try {
         await this.runStream();
         this.logger.info('controller ended the heartbeat stream; reconnecting');
@@ -80,7 +84,7 @@ export class HeartbeatLoop {
           relookup = true;
         } else {
           if (isConnectionError(error)) {
-            this.link.explainConnectionFailure(error);
+            void this.link.explainConnectionFailure(error);
             this.link.next('heartbeat stream failed');
           }
           this.logger.warn({ err: error, controller: this.link.address }, 'heartbeat stream failed; reconnecting after a jittered delay');
@@ -96,7 +100,15 @@ export class HeartbeatLoop {
           throw error;
         }
       }
-      const delay = this.options.reconnectDelayMs * (this.options.jitter === false ? 1 : 1 + Math.random());
+      const jittered = this.options.reconnectDelayMs * (this.options.jitter === false ? 1 : 1 + Math.random());
+      // A controller shedding load says how long to stay away (bounded by common/retry-after.ts); never sooner than the usual delay.
+      const delay = Math.max(jittered, this.retryAfter ?? 0);
+      if (this.retryAfter !== undefined) {
+        this.logger.info(
+          { delayMs: Math.round(delay), retryAfterMs: this.retryAfter },
+          'waiting as the controller asked (retry-after-ms) before reconnecting',
+        );
+      }
       await sleep(delay, undefined, { signal }).catch(() => {});
     }
   }
@@ -140,7 +152,13 @@ export class HeartbeatLoop {
     };
 
     try {
-      const responses = this.link.gateway.heartbeat(requests, { metadata: agentMetadata(nodeUuid, token), signal: streamAbort.signal });
+      const responses = this.link.gateway.heartbeat(requests, {
+        metadata: agentMetadata(nodeUuid, token),
+        signal: streamAbort.signal,
+        onTrailer: (trailer) => {
+          this.retryAfter = retryAfterMs(trailer);
+        },
+      });
       this.streamsOpened += 1;
       send();
       for await (const ack of responses) {

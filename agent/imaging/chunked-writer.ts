@@ -2,13 +2,22 @@ import { createHash, type Hash } from 'node:crypto';
 import { type FileHandle, open } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ClientError, Status } from 'nice-grpc';
-import { type ChunkManifest, checkManifest, chunkCount, chunkDigest, chunkRange, DIGEST_BYTES } from '../../common/chunk-manifest.js';
+import {
+  allZero,
+  type ChunkManifest,
+  checkManifest,
+  chunkCount,
+  chunkDigest,
+  chunkRange,
+  DIGEST_BYTES,
+} from '../../common/chunk-manifest.js';
 import { describeError as describe } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import type { StatImageResponse } from '../../gen/metalcast/v1/agent_gateway.js';
 import type { CommandProgress, WriteImageResult } from '../../gen/metalcast/v1/command.js';
 import type { ImageSource } from './image-source.js';
 import {
+  DiskWriteError,
   FATAL_CODES,
   hashRange,
   isDiskError,
@@ -16,9 +25,13 @@ import {
   StallError,
   type WriteImageOptions,
   type WriteImageTarget,
+  WRITES_IN_FLIGHT,
+  WriteQueue,
   withRetries,
+  writeAllAt,
   writeFully,
 } from './image-writer.js';
+import { chunkParts } from '../../common/read-image-codec.js';
 
 /**
  * A chunk that fails verification this many times fails the deploy: one bad
@@ -99,7 +112,9 @@ export async function writeImageByChunks(
       ...extra,
     });
 
-  const device = await open(target.devicePath, 'r+');
+  const device = await open(target.devicePath, 'r+').catch((error: unknown) => {
+    throw new Error(`opening ${target.devicePath} to write image '${target.image}' failed: ${describe(error)}`);
+  });
   try {
     // 2. What the disk already holds.
     if (options.diskIsZeroed) {
@@ -111,7 +126,7 @@ export async function writeImageByChunks(
       }
       doneBytes = bytesSkipped;
     } else {
-      await scanDisk(device, manifest, signal, (index, digest) => {
+      await scanDisk(device, manifest, signal, zeroDigestOf, (index, digest) => {
         const length = chunkRange(manifest, index).length;
         if (digest.equals(chunkDigest(manifest, index))) {
           done[index] = 1;
@@ -127,7 +142,9 @@ export async function writeImageByChunks(
     for (let index = 0; index < count; index++) {
       if (done[index] || !isZero(index)) continue;
       const { offset, length } = chunkRange(manifest, index);
-      await writeFully(device, zeros.subarray(0, length), offset);
+      await writeFully(device, zeros.subarray(0, length), offset).catch((error: unknown) => {
+        throw new Error(`writing ${target.devicePath} failed at ${offset} of ${size} bytes (zeroing): ${describe(error)}`);
+      });
       done[index] = 1;
       fetched++;
       doneBytes += length;
@@ -178,8 +195,9 @@ export async function writeImageByChunks(
         clearTimeout(stallTimer);
         stallTimer = setTimeout(() => call.abort(new StallError(`no data for ${options.stallTimeoutMs / 1000}s`)), options.stallTimeoutMs);
       };
-      // One write in flight while the next piece is received; a write error surfaces at the next await.
-      let inflight: Promise<void> = Promise.resolve();
+      // Writes queued as in the stream writer (image-writer.ts): a few in flight, and a failing one aborts
+      // the read at once so that the catch below reports the write error.
+      const writes = new WriteQueue(WRITES_IN_FLIGHT, (failure) => call.abort(new DiskWriteError(failure)));
       let failedThisPass = 0;
       try {
         armStallTimer();
@@ -187,23 +205,28 @@ export async function writeImageByChunks(
           let offset = range.offset;
           for await (const message of source.read(target.image, range.offset, call.signal, range.end - range.offset)) {
             armStallTimer();
-            const length = message.zero ? message.length : message.data.length;
+            // chunkParts, not message.data: reading `data` of a message received in parts joins them (a copy).
+            const parts: Buffer[] = message.zero ? [] : [...chunkParts(message)];
+            const length = message.zero ? message.length : parts.reduce((sum, part) => sum + part.length, 0);
             if (message.offset !== offset || length === 0 || offset + length > range.end || (message.zero && length > zeros.length)) {
               throw new Error(`the controller sent a chunk at ${message.offset} of ${length} bytes where ${offset} was expected`);
             }
-            const data = message.zero ? zeros.subarray(0, length) : message.data;
-            await inflight;
-            inflight = writeFully(device, data, offset);
+            if (message.zero) parts.push(zeros.subarray(0, length));
+            await writes.room();
+            writes.add(parts.length === 1 ? writeFully(device, parts[0] as Buffer, offset) : writeAllAt(device, parts, offset));
             receivedTotal += length;
             fromController += length;
             rate.add(length);
             // Hash the message's pieces chunk by chunk; a chunk is judged when its last byte arrives.
             let at = 0;
+            let part = 0;
+            let inPart = 0;
             while (at < length) {
+              const data = parts[part] as Buffer;
               const index = Math.floor((offset + at) / manifest.chunkSize);
               const chunk = chunkRange(manifest, index);
               const within = offset + at - chunk.offset;
-              const take = Math.min(chunk.length - within, length - at);
+              const take = Math.min(chunk.length - within, data.length - inPart);
               let state = partial.get(index);
               if (within === 0) {
                 state = { hash: createHash('sha256'), received: 0 };
@@ -211,9 +234,14 @@ export async function writeImageByChunks(
               } else if (!state || state.received !== within) {
                 throw new Error(`chunk ${index} resumed at byte ${within} but ${state?.received ?? 0} were received`);
               }
-              state.hash.update(data.subarray(at, at + take));
+              state.hash.update(data.subarray(inPart, inPart + take));
               state.received += take;
               at += take;
+              inPart += take;
+              if (inPart === data.length) {
+                part++;
+                inPart = 0;
+              }
               if (state.received < chunk.length) continue;
               partial.delete(index);
               const digest = state.hash.digest();
@@ -240,13 +268,13 @@ export async function writeImageByChunks(
             offset += length;
             progress('writing', { rateBytesPerSecond: rate.perSecond(), etaSeconds: rate.eta(size - doneBytes) });
           }
-          await inflight;
+          await writes.all();
           if (offset < range.end) throw new Error(`the controller ended the stream at ${offset} of the range ending at ${range.end}`);
         }
-        await inflight;
+        await writes.all();
       } catch (error) {
         // A write still in flight when the stream broke may have failed: its chunk must not count as held.
-        const writeError = await inflight.then(
+        const writeError = await writes.all().then(
           () => undefined,
           (failure: unknown) => failure,
         );
@@ -291,7 +319,9 @@ export async function writeImageByChunks(
     }
 
     progress('flushing', { doneBytes: size });
-    await device.sync();
+    await device.sync().catch((error: unknown) => {
+      throw new Error(`flushing ${target.devicePath} failed after writing ${size} bytes: ${describe(error)}`);
+    });
     if (options.verifyReadback) {
       progress('verifying', { doneBytes: 0 });
       const readBack = await hashRange(device, size, (read) => progress('verifying', { doneBytes: read }));
@@ -317,7 +347,10 @@ export async function writeImageByChunks(
       bytesFromController: fromController,
     };
   } finally {
-    await device.close();
+    // A device that failed or vanished may fail its close too; that must not hide the error that ended the write.
+    await device
+      .close()
+      .catch((error: unknown) => logger.warn({ err: error, device: target.devicePath }, 'closing the target disk failed'));
   }
 }
 
@@ -398,6 +431,7 @@ async function scanDisk(
   device: FileHandle,
   manifest: ChunkManifest,
   signal: AbortSignal,
+  zeroDigestOf: (length: number) => Buffer,
   onChunk: (index: number, digest: Buffer) => void,
 ): Promise<void> {
   const count = chunkCount(manifest.sizeBytes, manifest.chunkSize);
@@ -420,6 +454,15 @@ async function scanDisk(
     // The next read goes into the other buffer while this one is hashed.
     pending = index + 1 < count ? readChunk(index + 1) : undefined;
     pending?.catch(() => {});
-    onChunk(index, data.length === 0 ? Buffer.alloc(DIGEST_BYTES) : createHash('sha256').update(data).digest());
+    // A chunk of zeros on the disk (a fresh or cleaned disk is mostly that) is told by a memcmp, no hash:
+    // it matches exactly the chunks whose digest is that of zeros.
+    onChunk(
+      index,
+      data.length === 0
+        ? Buffer.alloc(DIGEST_BYTES)
+        : allZero(data)
+          ? zeroDigestOf(data.length)
+          : createHash('sha256').update(data).digest(),
+    );
   }
 }

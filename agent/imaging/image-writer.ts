@@ -4,6 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ClientError, Status } from 'nice-grpc';
 import type { Logger } from '../../common/logging.js';
 import type { CommandProgress, WriteImageResult } from '../../gen/metalcast/v1/command.js';
+import { chunkParts } from '../../common/read-image-codec.js';
 import { writeImageByChunks } from './chunked-writer.js';
 import type { ImageSource } from './image-source.js';
 import type { FanoutHook } from '../fanout/peer-fetcher.js';
@@ -64,6 +65,14 @@ export class StallError extends Error {
   override name = 'StallError';
 }
 
+/** Why a read was aborted: the disk refused a write; `cause` is the errno error. */
+export class DiskWriteError extends Error {
+  override name = 'DiskWriteError';
+  constructor(cause: unknown) {
+    super(describe(cause), { cause });
+  }
+}
+
 const MIB = 1024 * 1024;
 
 /**
@@ -107,7 +116,9 @@ export async function writeImage(
     return writeImageByChunks(source, target, options, report, signal, logger, stat);
   }
 
-  const device = await open(target.devicePath, 'r+');
+  const device = await open(target.devicePath, 'r+').catch((error: unknown) => {
+    throw new Error(`opening ${target.devicePath} to write image '${target.image}' failed: ${describe(error)}`);
+  });
   const hash = createHash('sha256');
   const zeros = Buffer.alloc(Math.max(stat.chunkSizeBytes, 1));
   const rate = new RateMeter();
@@ -128,23 +139,30 @@ export async function writeImage(
         clearTimeout(stallTimer);
         stallTimer = setTimeout(() => call.abort(new StallError(`no data for ${options.stallTimeoutMs / 1000}s`)), options.stallTimeoutMs);
       };
-      // One write in flight while the next chunk is received; a write error surfaces at the next await.
-      let inflight: Promise<void> = Promise.resolve();
+      // Up to WRITES_IN_FLIGHT writes queued while the next chunks are received and hashed, so that one slow
+      // write does not stop the stream (memory: that many chunks). A write that fails while the loop waits
+      // for the next chunk must neither go unhandled (an unhandled rejection ends the agent process) nor
+      // wait for that chunk (a stalled link would hide a full disk for the whole stall timeout): the
+      // failure aborts the read at once, and the catch below reports the write error, not the abort.
+      const writes = new WriteQueue(WRITES_IN_FLIGHT, (failure) => call.abort(new DiskWriteError(failure)));
       try {
         armStallTimer();
         for await (const chunk of source.read(target.image, offset, call.signal)) {
           armStallTimer();
-          const length = chunk.zero ? chunk.length : chunk.data.length;
+          // chunkParts, not chunk.data: reading `data` of a chunk received in parts joins them (a copy).
+          const parts = chunk.zero ? [] : chunkParts(chunk);
+          const length = chunk.zero ? chunk.length : parts.reduce((sum, part) => sum + part.length, 0);
           if (chunk.offset !== offset || length === 0 || offset + length > size || (chunk.zero && length > zeros.length)) {
             throw new Error(`the controller sent a chunk at ${chunk.offset} of ${length} bytes where ${offset} was expected`);
           }
-          await inflight;
+          await writes.room();
           if (chunk.zero) {
             hash.update(zeros.subarray(0, length));
-            if (!options.diskIsZeroed) inflight = writeFully(device, zeros.subarray(0, length), offset);
+            if (!options.diskIsZeroed) writes.add(writeFully(device, zeros.subarray(0, length), offset));
           } else {
-            hash.update(chunk.data);
-            inflight = writeFully(device, chunk.data, offset);
+            // The chunk as received (common/grpc-wire.ts): hashed and written without joining it into one buffer.
+            for (const part of parts) hash.update(part);
+            writes.add(parts.length === 1 ? writeFully(device, parts[0]!, offset) : writeAllAt(device, parts, offset));
           }
           offset += length;
           rate.add(length);
@@ -157,12 +175,12 @@ export async function writeImage(
             resumes,
           });
         }
-        await inflight;
+        await writes.all();
         if (offset < size) throw new Error(`the controller ended the stream at ${offset} of ${size} bytes`);
       } catch (error) {
         // A write still in flight when the stream broke may have failed too: its bytes are already
         // counted in offset, so resuming past them would leave a hole that the hash cannot see.
-        const writeError = await inflight.then(
+        const writeError = await writes.all().then(
           () => undefined,
           (failure: unknown) => failure,
         );
@@ -214,7 +232,9 @@ export async function writeImage(
       );
     }
     report({ phase: 'flushing', doneBytes: size, totalBytes: size, resumes });
-    await device.sync();
+    await device.sync().catch((error: unknown) => {
+      throw new Error(`flushing ${target.devicePath} failed after writing ${size} bytes: ${describe(error)}`);
+    });
     if (options.verifyReadback) {
       report({ phase: 'verifying', doneBytes: 0, totalBytes: size, resumes });
       const readBack = await hashRange(device, size, (done) => report({ phase: 'verifying', doneBytes: done, totalBytes: size, resumes }));
@@ -236,7 +256,10 @@ export async function writeImage(
       bytesFromController: size,
     };
   } finally {
-    await device.close();
+    // A device that failed or vanished may fail its close too; that must not hide the error that ended the write.
+    await device
+      .close()
+      .catch((error: unknown) => logger.warn({ err: error, device: target.devicePath }, 'closing the target disk failed'));
   }
 }
 
@@ -245,6 +268,61 @@ export async function writeFully(file: FileHandle, data: Uint8Array, position: n
   while (written < data.byteLength) {
     const { bytesWritten } = await file.write(data, written, data.byteLength - written, position + written);
     written += bytesWritten;
+  }
+}
+
+/** Disk writes of one write_image attempt may run this many at once (each pins its chunk). */
+export const WRITES_IN_FLIGHT = 4;
+
+/** Positional writes in flight, at most `limit`; every failure is kept for all() and told to `onFailure`, never left unhandled. */
+export class WriteQueue {
+  private readonly pending = new Set<Promise<void>>();
+  private failure: { error: unknown } | undefined;
+
+  constructor(
+    private readonly limit: number,
+    private readonly onFailure: (error: unknown) => void,
+  ) {}
+
+  add(write: Promise<void>): void {
+    const tracked = write.then(
+      () => {
+        this.pending.delete(tracked);
+      },
+      (error: unknown) => {
+        this.pending.delete(tracked);
+        this.failure ??= { error };
+        this.onFailure(error);
+      },
+    );
+    this.pending.add(tracked);
+  }
+
+  /** Waits until another write may start; throws the first write error. */
+  async room(): Promise<void> {
+    while (this.pending.size >= this.limit) await Promise.race(this.pending);
+    if (this.failure) throw this.failure.error;
+  }
+
+  /** Waits for every write; throws the first write error. */
+  async all(): Promise<void> {
+    await Promise.all(this.pending);
+    if (this.failure) throw this.failure.error;
+  }
+}
+
+/** Writes every part, in order, from `position`: one writev per call, continuing after a short write. */
+export async function writeAllAt(file: FileHandle, parts: readonly Buffer[], position: number): Promise<void> {
+  let list = parts;
+  let at = position;
+  while (list.length > 0) {
+    const { bytesWritten } = await file.writev(list as Buffer[], at);
+    at += bytesWritten;
+    let skip = bytesWritten;
+    let first = 0;
+    while (first < list.length && skip >= list[first]!.length) skip -= list[first++]!.length;
+    list = list.slice(first);
+    if (skip > 0) list = [list[0]!.subarray(skip), ...list.slice(1)];
   }
 }
 

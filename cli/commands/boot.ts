@@ -3,6 +3,13 @@ import { type Command, InvalidArgumentError, Option } from 'commander';
 import { DEBIAN_IPXE_DIR, type DnsmasqMode, dnsmasqConfig } from '../../controller/boot/dnsmasq-config.js';
 
 /** `metalcast boot …`: what network boot needs besides the controller. */
+/** A dnsmasq lease time: seconds, or with an s, m, h, d or w suffix, or infinite (dnsmasq refuses anything else at start). */
+function parseLeaseTime(raw: string): string {
+  if (!/^(\d+[smhdw]?|infinite)$/.test(raw.trim()))
+    throw new InvalidArgumentError(`'${raw}' is not a lease time such as 1h, 45m, 3600 or infinite`);
+  return raw.trim();
+}
+
 export function registerBootCommands(program: Command): void {
   const boot = program.command('boot').description('network boot: configuration for the DHCP and TFTP side');
   boot
@@ -31,7 +38,7 @@ export function registerBootCommands(program: Command): void {
       return { start, end, netmask };
     })
     .option('--router <address>', 'full mode: default gateway to hand out (default: none, so nothing routes off the provisioning network)')
-    .option('--lease-time <time>', 'full mode: lease time, e.g. 1h', '1h')
+    .option('--lease-time <time>', 'full mode: lease time, e.g. 1h, 45m, 3600 or infinite', parseLeaseTime, '1h')
     .option('--tftp-root <dir>', 'folder holding undionly.kpxe, snponly.efi and ipxe.efi', DEBIAN_IPXE_DIR)
     .addOption(
       new Option(

@@ -1,5 +1,4 @@
 import { createHash, type Hash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import { type FileHandle, open, rename, rm, stat } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { basename } from 'node:path';
@@ -8,8 +7,12 @@ import { SingleBar } from 'cli-progress';
 import { type Command, InvalidArgumentError } from 'commander';
 import { ClientError, Status, waitForChannelReady } from 'nice-grpc';
 import { describeError } from '../../common/errors.js';
+import { allocUploadChunk } from '../../common/upload-image-codec.js';
 import { type Image, ImageFormat, ImageState, type UploadImageRequest } from '../../gen/metalcast/v1/image.js';
 import { type OperatorClients, withClient } from '../client.js';
+import { registerImageMakeTestCommand } from './image-make-test.js';
+import { CliFailure } from '../errors.js';
+import { EXIT } from '../../common/exit-codes.js';
 import { formatBytes, formatTime, printFields, printJson, printTable } from '../output.js';
 
 /**
@@ -97,16 +100,17 @@ function transferProgress(total: number, name: string, start = 0) {
 }
 
 async function uploadCommand(file: string, opts: { name: string; sha256?: string }, command: Command): Promise<void> {
-  await withClient(command, async ({ channel, images }, { json, timeout, controller }) => {
+  await withClient(command, async ({ channel, images }, { json, timeout }) => {
     const info = await stat(file).catch((error: NodeJS.ErrnoException) => {
-      throw new Error(`cannot read ${file}: ${error.code === 'ENOENT' ? 'no such file' : error.message}`);
+      throw new CliFailure(`cannot read ${file}: ${error.code === 'ENOENT' ? 'no such file' : error.message}`, EXIT.USAGE);
     });
-    if (!info.isFile()) throw new Error(`${file} is not a regular file`);
-    if (info.size === 0) throw new Error(`${file} is empty; an image needs content`);
+    if (!info.isFile()) throw new CliFailure(`${file} is not a regular file`, EXIT.USAGE);
+    if (info.size === 0) throw new CliFailure(`${file} is empty; an image needs content`, EXIT.USAGE);
 
     // A deadline for getting connected; the upload itself may take as long as it takes.
     await waitForChannelReady(channel, new Date(Date.now() + timeout)).catch(() => {
-      throw new Error(`cannot reach the controller at ${controller} within ${timeout} ms (set --controller or METALCAST_CONTROLLER)`);
+      // As a failed call would: describeFailure then probes the address for the reason (down, wrong port, TLS mismatch).
+      throw new ClientError('/metalcast.v1.ImageService/UploadImage', Status.UNAVAILABLE, `No connection established within ${timeout} ms`);
     });
 
     const hash = createHash('sha256');
@@ -115,11 +119,28 @@ async function uploadCommand(file: string, opts: { name: string; sha256?: string
     let sent = 0;
     async function* requests(): AsyncGenerator<UploadImageRequest> {
       yield { part: { $case: 'header', value: { name: opts.name, sha256: opts.sha256 ?? '', sizeBytes: info.size } } };
-      for await (const chunk of createReadStream(file, { highWaterMark: UPLOAD_CHUNK_BYTES }) as AsyncIterable<Buffer>) {
-        hash.update(chunk);
-        sent += chunk.byteLength;
-        progress.update(sent);
-        yield { part: { $case: 'data', value: chunk } };
+      // Read to the end of the file, not to the size stat gave: a file that grew is refused by the size check.
+      const handle = await open(file, 'r');
+      try {
+        for (;;) {
+          // Each chunk is read into the buffer it is sent from, with room for the frame (common/upload-image-codec.ts).
+          const buffer = allocUploadChunk(UPLOAD_CHUNK_BYTES);
+          let filled = 0;
+          while (filled < buffer.length) {
+            const { bytesRead } = await handle.read(buffer, filled, buffer.length - filled, sent + filled);
+            if (bytesRead === 0) break;
+            filled += bytesRead;
+          }
+          if (filled === 0) break;
+          const chunk = filled === buffer.length ? buffer : buffer.subarray(0, filled);
+          hash.update(chunk);
+          sent += filled;
+          progress.update(sent);
+          yield { part: { $case: 'data', value: chunk } };
+          if (filled < buffer.length) break;
+        }
+      } finally {
+        await handle.close();
       }
     }
 
@@ -254,7 +275,7 @@ async function downloadOnce(
 }
 
 async function downloadCommand(name: string, opts: { output: string; force?: boolean }, command: Command): Promise<void> {
-  await withClient(command, async ({ channel, images }, { json, timeout, controller }) => {
+  await withClient(command, async ({ channel, images }, { json, timeout }) => {
     const output = opts.output;
     if (
       !opts.force &&
@@ -263,10 +284,15 @@ async function downloadCommand(name: string, opts: { output: string; force?: boo
         () => false,
       ))
     ) {
-      throw new Error(`${output} already exists; choose another --output, or add --force to replace it`);
+      throw new CliFailure(`${output} already exists; choose another --output, or add --force to replace it`, EXIT.FAILED);
     }
     await waitForChannelReady(channel, new Date(Date.now() + timeout)).catch(() => {
-      throw new Error(`cannot reach the controller at ${controller} within ${timeout} ms (set --controller or METALCAST_CONTROLLER)`);
+      // As a failed call would: describeFailure then probes the address for the reason (down, wrong port, TLS mismatch).
+      throw new ClientError(
+        '/metalcast.v1.ImageService/DownloadImage',
+        Status.UNAVAILABLE,
+        `No connection established within ${timeout} ms`,
+      );
     });
 
     // Beside the output, so that the final rename is atomic: the output never holds a partial or unverified image.
@@ -490,6 +516,8 @@ retries, or download it from another controller. --timeout bounds connecting onl
         else printImage(found);
       }),
     );
+
+  registerImageMakeTestCommand(image);
 
   image
     .command('delete')

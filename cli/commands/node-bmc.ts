@@ -4,6 +4,7 @@ import { BOOT_METHOD_PROPERTY, BOOT_METHODS, POWER_DRIVER_PROPERTY } from '../..
 import { BOOT_MODE_PROPERTY, REDFISH_PASSWORD_SECRET, REDFISH_PROPERTIES } from '../../controller/power/redfish/settings.js';
 import { withClient } from '../client.js';
 import { printJson } from '../output.js';
+import { cliIntegerString } from '../parsers.js';
 
 /*
  * A node's BMC settings on the command line: `metalcast node create … --power
@@ -65,7 +66,7 @@ export function addBmcOptions(command: Command): Command {
   return command
     .option('--power <driver>', `power driver: redfish, ipmi or qemu (property ${POWER_DRIVER_PROPERTY}); 'none' to power by hand`)
     .option('--bmc-address <address>', 'BMC address: https://host[:port] for redfish (https is the default scheme), host for ipmi')
-    .option('--bmc-port <port>', 'BMC UDP port for ipmi (default 623)')
+    .option('--bmc-port <port>', 'BMC UDP port for ipmi (default 623)', cliIntegerString(1, 65535))
     .option('--bmc-username <user>', 'BMC user name')
     .option(
       '--bmc-password-file <file>',
@@ -77,7 +78,7 @@ export function addBmcOptions(command: Command): Command {
       '--bmc-insecure',
       "redfish: do not verify the BMC's TLS certificate (labs only: anyone on the BMC network could learn the password)",
     )
-    .option('--bmc-cipher-suite <n>', 'ipmi: lanplus cipher suite (default 3)')
+    .option('--bmc-cipher-suite <n>', 'ipmi: lanplus cipher suite, 0 to 255 (default 3)', cliIntegerString(0, 255))
     .addOption(new Option('--boot-method <method>', `how the node boots into the agent (${BOOT_METHOD_PROPERTY})`).choices(BOOT_METHODS))
     .addOption(new Option('--boot-mode <mode>', `firmware mode of boot overrides (${BOOT_MODE_PROPERTY})`).choices(['uefi', 'bios']));
 }

@@ -1,5 +1,6 @@
 import { type Command, Option } from 'commander';
 import { duration } from '../../common/config.js';
+import { asCli } from '../parsers.js';
 import { BootDevice, NodePowerState, PowerAction } from '../../gen/metalcast/v1/node.js';
 import { withClient } from '../client.js';
 import { printJson, printTable } from '../output.js';
@@ -25,7 +26,7 @@ const DEVICES = { disk: BootDevice.BOOT_DEVICE_DISK, network: BootDevice.BOOT_DE
 function waitOption(): Option {
   return new Option('--wait <duration>', 'how long to wait for the BMC (power changes can take minutes)')
     .default(300_000, '5m')
-    .argParser((raw: string) => duration({ min: 1000 })(raw));
+    .argParser(asCli(duration({ min: 1000 })));
 }
 
 export function registerNodePowerCommands(node: Command): void {

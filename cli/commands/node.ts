@@ -1,7 +1,7 @@
 import { Argument, type Command, InvalidArgumentError, Option } from 'commander';
 import { Inventory } from '../../gen/metalcast/v1/inventory.js';
 import { readFileSync } from 'node:fs';
-import { DeploySpec, type Node, ProvisionAction, ProvisionState } from '../../gen/metalcast/v1/node.js';
+import { AbortPower, DeploySpec, type Node, ProvisionAction, ProvisionState } from '../../gen/metalcast/v1/node.js';
 import {
   allowedActions,
   PROVISION_ACTIONS,
@@ -9,9 +9,11 @@ import {
   type ProvisionState as StateName,
 } from '../../controller/provisioning/states.js';
 import { withClient } from '../client.js';
+import { cliInteger, cliSize, MAX_DISK_BYTES } from '../parsers.js';
 import { deployFields } from '../deploy-format.js';
 import { stateName } from '../node-format.js';
-import { watchNodes } from './node-watch.js';
+import { chunkCounts, watchNodes } from './node-watch.js';
+import { addWaitOptions, waitForRest } from './node-wait.js';
 import { addBmcOptions, type BmcOptions, bmcSettings, registerNodeSetCommand } from './node-bmc.js';
 import { registerNodePowerCommands } from './node-power.js';
 import { formatAge, formatBytes, formatTime, printFields, printJson, printTable } from '../output.js';
@@ -76,7 +78,7 @@ function progressLine(node: Node): string {
   if (!p || p.totalBytes === 0) return p?.phase || '-';
   const percent = ((100 * p.doneBytes) / p.totalBytes).toFixed(1);
   const rate = p.rateBytesPerSecond > 0 ? `, ${formatBytes(p.rateBytesPerSecond)}/s` : '';
-  return `${p.phase} ${formatBytes(p.doneBytes)} of ${formatBytes(p.totalBytes)} (${percent}%${rate}${p.resumes ? `, ${p.resumes} resumes` : ''})`;
+  return `${p.phase} ${formatBytes(p.doneBytes)} of ${formatBytes(p.totalBytes)} (${percent}%${rate}${p.resumes ? `, ${p.resumes} resumes` : ''})${chunkCounts(p)}`;
 }
 
 function parseProperty(value: string, previous: Record<string, string> = {}): Record<string, string> {
@@ -132,7 +134,7 @@ export function registerNodeCommands(program: Command, addOperatorOptions: (comm
     .description('list nodes')
     .option('--state <state>', 'only nodes in this provision state', parseState)
     .addOption(new Option('--maintenance <yes|no>', 'only nodes in (yes) or out of (no) maintenance').choices(['yes', 'no']))
-    .option('--limit <n>', 'most nodes to show (all pages are fetched up to this)', (v) => Number(v), 10_000)
+    .option('--limit <n>', 'most nodes to show (all pages are fetched up to this)', cliInteger(1, 1_000_000), 10_000)
     .action(async (opts: { state?: StateName; maintenance?: 'yes' | 'no'; limit: number }, command: Command) =>
       withClient(command, async ({ nodes }, { json }) => {
         const all: Node[] = [];
@@ -267,7 +269,7 @@ export function registerNodeCommands(program: Command, addOperatorOptions: (comm
       }),
     );
 
-  node
+  const deploy = node
     .command('deploy')
     .description('write an image to an available node and boot it (available -> deploying -> deploy wait -> active)')
     .argument('<node>', 'node name or uuid')
@@ -275,8 +277,12 @@ export function registerNodeCommands(program: Command, addOperatorOptions: (comm
     .option('--disk <path>', 'target disk by device path, e.g. /dev/sda or a /dev/disk/by-path link')
     .option('--disk-serial <serial>', 'target disk by serial number')
     .option('--disk-model <model>', 'target disk by model')
-    .option('--disk-size <bytes>', 'target disk by exact size in bytes', (v) => Number(v))
-    .option('--disk-min-size <bytes>', 'smallest acceptable disk size in bytes', (v) => Number(v))
+    .option(
+      '--disk-size <size>',
+      'target disk by exact size: bytes, or with a K, M, G or T suffix (powers of 1024)',
+      cliSize(1, MAX_DISK_BYTES),
+    )
+    .option('--disk-min-size <size>', 'smallest acceptable disk size: bytes, or with a K, M, G or T suffix', cliSize(1, MAX_DISK_BYTES))
     .addOption(new Option('--disk-rotational <yes|no>', 'spinning (yes) or solid-state (no) disk').choices(['yes', 'no']))
     .option('--hostname <name>', 'host name of the deployed system (config drive)')
     .option(
@@ -293,60 +299,68 @@ export function registerNodeCommands(program: Command, addOperatorOptions: (comm
         '\nWith --hostname, --ssh-key, --user-data or --network-data the controller builds a config drive (label config-2,\n' +
         "the layout cloud-init's ConfigDrive datasource reads) that the agent writes into a 64 MiB partition at the end\n" +
         'of the disk. metalcast node show displays it, with the user data as its size and sha256 only.',
-    )
-    .action(
-      async (
-        ref: string,
-        opts: {
-          image: string;
-          disk?: string;
-          diskSerial?: string;
-          diskModel?: string;
-          diskSize?: number;
-          diskMinSize?: number;
-          diskRotational?: 'yes' | 'no';
-          hostname?: string;
-          sshKey?: string[];
-          userData?: string;
-          networkData?: string;
-          fanout: boolean;
-        },
-        command: Command,
-      ) =>
-        withClient(command, async ({ nodes }, { json }) => {
-          const target = {
-            devicePath: opts.disk,
-            name: undefined,
-            sizeBytes: opts.diskSize,
-            minSizeBytes: opts.diskMinSize,
-            serial: opts.diskSerial,
-            model: opts.diskModel,
-            rotational: opts.diskRotational === undefined ? undefined : opts.diskRotational === 'yes',
-          };
-          const { node: updated } = await nodes.setProvisionState({
-            node: ref,
-            action: ProvisionAction.PROVISION_ACTION_DEPLOY,
-            deploy: DeploySpec.fromPartial({
-              image: opts.image,
-              target,
-              hostname: opts.hostname ?? '',
-              sshPublicKeys: readSshKeys(opts.sshKey ?? []),
-              userData: opts.userData ? readFileSync(opts.userData) : Buffer.alloc(0),
-              networkData: opts.networkData ? readFileSync(opts.networkData, 'utf8') : '',
-              fanoutDisabled: opts.fanout === false,
-            }),
-          });
-          if (!updated) throw new Error('the controller returned no node');
-          if (json) return printJson(nodeJson(updated));
-          process.stdout.write(
-            `node ${updated.name} is now ${stateName(updated.provisionState)}; follow it with: metalcast node watch ${updated.name}\n`,
-          );
-        }),
     );
+  addWaitOptions(deploy).action(
+    async (
+      ref: string,
+      opts: {
+        image: string;
+        disk?: string;
+        diskSerial?: string;
+        diskModel?: string;
+        diskSize?: number;
+        diskMinSize?: number;
+        diskRotational?: 'yes' | 'no';
+        hostname?: string;
+        sshKey?: string[];
+        userData?: string;
+        networkData?: string;
+        fanout: boolean;
+        wait?: boolean;
+        waitTimeout: number;
+      },
+      command: Command,
+    ) =>
+      withClient(command, async ({ nodes }, { json }) => {
+        const target = {
+          devicePath: opts.disk,
+          name: undefined,
+          sizeBytes: opts.diskSize,
+          minSizeBytes: opts.diskMinSize,
+          serial: opts.diskSerial,
+          model: opts.diskModel,
+          rotational: opts.diskRotational === undefined ? undefined : opts.diskRotational === 'yes',
+        };
+        const { node: updated } = await nodes.setProvisionState({
+          node: ref,
+          action: ProvisionAction.PROVISION_ACTION_DEPLOY,
+          deploy: DeploySpec.fromPartial({
+            image: opts.image,
+            target,
+            hostname: opts.hostname ?? '',
+            sshPublicKeys: readSshKeys(opts.sshKey ?? []),
+            userData: opts.userData ? readFileSync(opts.userData) : Buffer.alloc(0),
+            networkData: opts.networkData ? readFileSync(opts.networkData, 'utf8') : '',
+            fanoutDisabled: opts.fanout === false,
+          }),
+        });
+        if (!updated) throw new Error('the controller returned no node');
+        if (opts.wait) {
+          process.exitCode = await waitForRest(nodes, updated.name, opts.waitTimeout, json ?? false);
+          return;
+        }
+        if (json) return printJson(nodeJson(updated));
+        process.stdout.write(
+          `node ${updated.name} is now ${stateName(updated.provisionState)}; follow it with: metalcast node watch ${updated.name}\n`,
+        );
+      }),
+  );
 
   node
     .command('watch')
-    .description('show nodes live, with the progress of their agents, until Ctrl-C (or --until)')
+    .description(
+      'show nodes live, with the progress of their agents, until Ctrl-C (or --until); without a terminal, a line per state change and a summary',
+    )
     .argument('[nodes...]', 'node names or uuids (default: all)')
     .option('--until <states>', 'exit once every watched node is in one of these comma-separated states (e.g. active,deploy_failed)')
     .action(async (refs: string[], opts: { until?: string }, command: Command) =>
@@ -358,22 +372,41 @@ export function registerNodeCommands(program: Command, addOperatorOptions: (comm
 
   for (const action of PROVISION_ACTIONS) {
     if (action === 'deploy') continue; // has its own options, above
-    node
+    const sub = node
       .command(action)
       .description(
         `run the ${action} provision action (allowed from: ${PROVISION_STATES.filter((s) => allowedActions(s).includes(action)).join(', ')})`,
       )
-      .argument('<node>', 'node name or uuid')
-      .action(async (ref: string, _opts: unknown, command: Command) =>
-        withClient(command, async ({ nodes }, { json }) => {
-          const { node: updated } = await nodes.setProvisionState({
-            node: ref,
-            action: ProvisionAction[`PROVISION_ACTION_${action.toUpperCase()}` as keyof typeof ProvisionAction],
-          });
-          if (!updated) throw new Error('the controller returned no node');
-          if (json) return printJson(nodeJson(updated));
-          process.stdout.write(`node ${updated.name} is now ${stateName(updated.provisionState)}\n`);
-        }),
+      .argument('<node>', 'node name or uuid');
+    if (action === 'abort') {
+      sub.option(
+        '--power <what>',
+        'what to do with the machine: off (power it off through its power driver, or else its agent) or keep (leave it as it is)',
+        parseAbortPower,
+        AbortPower.ABORT_POWER_OFF,
       );
+    }
+    addWaitOptions(sub).action(async (ref: string, opts: { wait?: boolean; waitTimeout: number; power?: AbortPower }, command: Command) =>
+      withClient(command, async ({ nodes }, { json }) => {
+        const { node: updated } = await nodes.setProvisionState({
+          node: ref,
+          action: ProvisionAction[`PROVISION_ACTION_${action.toUpperCase()}` as keyof typeof ProvisionAction],
+          abortPower: opts.power ?? AbortPower.ABORT_POWER_UNSPECIFIED,
+        });
+        if (!updated) throw new Error('the controller returned no node');
+        if (opts.wait) {
+          process.exitCode = await waitForRest(nodes, updated.name, opts.waitTimeout, json ?? false);
+          return;
+        }
+        if (json) return printJson(nodeJson(updated));
+        process.stdout.write(`node ${updated.name} is now ${stateName(updated.provisionState)}\n`);
+      }),
+    );
   }
+}
+
+function parseAbortPower(value: string): AbortPower {
+  if (value === 'off') return AbortPower.ABORT_POWER_OFF;
+  if (value === 'keep') return AbortPower.ABORT_POWER_KEEP;
+  throw new InvalidArgumentError(`'${value}' is not off or keep`);
 }

@@ -3,6 +3,7 @@ import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { type Command, InvalidArgumentError } from 'commander';
 import { tlsInit } from '../../common/tls-init.js';
+import { cliInteger } from '../parsers.js';
 
 /** Host names (RFC 1123 labels, wildcards refused) and IP addresses. */
 function parseHosts(raw: string): string[] {
@@ -36,17 +37,7 @@ export function registerTlsCommands(program: Command): void {
       'every host name and IP address agents and operators reach the controller at (they are checked against the certificate), e.g. ctl1.example.net,10.0.0.5',
       parseHosts,
     )
-    .option(
-      '--days <n>',
-      'validity of the controller and admin certificates in days (the CA: 10 years)',
-      (raw: string) => {
-        const days = Number(raw);
-        if (!Number.isInteger(days) || days < 1 || days > 3650)
-          throw new InvalidArgumentError(`'${raw}' is not a number of days between 1 and 3650`);
-        return days;
-      },
-      825,
-    )
+    .option('--days <n>', 'validity of the controller and admin certificates in days (the CA: 10 years)', cliInteger(1, 3650), 825)
     .action(async (opts: { dir: string; host: string[]; days: number }) => {
       let paths: Awaited<ReturnType<typeof tlsInit>>;
       try {

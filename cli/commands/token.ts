@@ -1,4 +1,5 @@
 import { type Command, Option } from 'commander';
+import { EXIT, exitCodeFor } from '../../common/exit-codes.js';
 import { Status } from 'nice-grpc-common';
 import { ConfigError } from '../../common/config.js';
 import { MetalcastError } from '../../common/errors.js';
@@ -31,7 +32,7 @@ const tokenJson = (record: OperatorTokenRecord) => ({
  * Opens the controller's database as `metalcast controller` would with the
  * same --database / --data-dir (flags, then METALCAST_DATABASE and
  * METALCAST_DATA_DIR, then the defaults), runs `fn`, closes it; reports a
- * failure as one line with exit code 1 (2 for bad options, 3 for not found).
+ * failure as one line with the exit code of docs/exit-codes.md.
  */
 async function withStore(flags: DatabaseFlags, fn: (store: Store) => Promise<void>): Promise<void> {
   let store: Store | undefined;
@@ -41,7 +42,8 @@ async function withStore(flags: DatabaseFlags, fn: (store: Store) => Promise<voi
     await fn(store);
   } catch (error) {
     process.stderr.write(`error: ${(error as Error).message}\n`);
-    process.exitCode = error instanceof ConfigError ? 2 : error instanceof MetalcastError ? 3 : 1;
+    process.exitCode =
+      error instanceof ConfigError ? EXIT.USAGE : error instanceof MetalcastError ? exitCodeFor(error.status) : EXIT.FAILED;
   } finally {
     await store?.close();
   }

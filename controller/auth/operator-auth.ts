@@ -4,11 +4,13 @@ import { join } from 'node:path';
 import type { CallContext, ServerMiddleware, ServerMiddlewareCall } from 'nice-grpc';
 import { Metadata } from 'nice-grpc-common';
 import { ServerReflectionService } from 'nice-grpc-server-reflection';
+import { ServerReflectionV1AlphaService } from '../services/health-reflection.js';
 import { bearerToken } from '../../common/agent-metadata.js';
 import { permissionDenied, unauthenticated, unavailable } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import { ImageServiceDefinition } from '../../gen/metalcast/v1/image.js';
 import { NodeServiceDefinition } from '../../gen/metalcast/v1/node.js';
+import { chargeFailure, clientKey, isUnauthenticated, type PeerLimit } from './rate-limit.js';
 import type { EpochMs, OperatorRole, OperatorTokenRecord, Store } from '../store/store.js';
 
 /** Operator tokens start with this, so that one pasted in the wrong place is recognisable (and greppable by secret scanners). */
@@ -66,6 +68,7 @@ export const OPERATOR_METHOD_ROLES: ReadonlyMap<string, OperatorRole> = new Map<
   ...Object.entries(NODE_ROLES).map(([method, role]) => [nodeMethod(method as keyof typeof NODE_ROLES), role] as const),
   ...Object.entries(IMAGE_ROLES).map(([method, role]) => [imageMethod(method as keyof typeof IMAGE_ROLES), role] as const),
   [ServerReflectionService.serverReflectionInfo.path, 'reader'],
+  [ServerReflectionV1AlphaService.serverReflectionInfo.path, 'reader'],
 ]);
 
 /** Who made an operator call, as far as logs and refusals need to know; never the token. */
@@ -140,6 +143,12 @@ export interface OperatorAuthOptions {
    */
   certificateRole?: (context: CallContext) => { role: OperatorRole; subject: string } | undefined;
   now?: () => number;
+  /**
+   * Failed authentications per client (IPv4 address, IPv6 /64): past it,
+   * further failures are answered RESOURCE_EXHAUSTED with retry-after-ms.
+   * Default: no limit.
+   */
+  failures?: PeerLimit;
 }
 
 interface CacheEntry {
@@ -177,7 +186,17 @@ export class OperatorAuth {
   private async *guard<Request, Response>(call: ServerMiddlewareCall<Request, Response>, context: CallContext) {
     const method = call.method.path;
     const need = OPERATOR_METHOD_ROLES.get(method) ?? 'admin';
-    const identity = await this.authenticate(context, method);
+    let identity: OperatorIdentity;
+    try {
+      identity = await this.authenticate(context, method);
+    } catch (error) {
+      const { failures } = this.options;
+      // Failures only: a valid token is never refused because another client at the same address guessed wrong.
+      if (failures && isUnauthenticated(error)) {
+        chargeFailure([[failures, clientKey(context.peer)]], context, error);
+      }
+      throw error;
+    }
     if (!satisfies(identity.role, need)) {
       this.options.logger.warn(
         { peer: context.peer, method, caller: identity.name, role: identity.role, need },
@@ -316,6 +335,7 @@ export async function setUpOperatorAuth(
   settings: { mode: 'token' | 'none'; dataDir: string; listen: string },
   logger: Logger,
   certificateRole?: OperatorAuthOptions['certificateRole'],
+  failures?: PeerLimit,
 ): Promise<OperatorAuth | undefined> {
   if (settings.mode === 'none') {
     logger.warn(
@@ -325,5 +345,5 @@ export async function setUpOperatorAuth(
     return undefined;
   }
   await bootstrapAdminToken(store, settings.dataDir, logger);
-  return new OperatorAuth({ store, logger, clusterSecret: await loadClusterSecret(store), certificateRole });
+  return new OperatorAuth({ store, logger, clusterSecret: await loadClusterSecret(store), certificateRole, failures });
 }

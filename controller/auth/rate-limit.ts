@@ -1,17 +1,21 @@
 import type { CallContext, ServerMiddleware, ServerMiddlewareCall } from 'nice-grpc';
 import { ServerError, Status } from 'nice-grpc-common';
+import { NODE_UUID_KEY } from '../../common/agent-metadata.js';
 import { MetalcastError, resourceExhausted } from '../../common/errors.js';
+import { UUID_PATTERN } from '../../common/input.js';
 import type { Logger } from '../../common/logging.js';
-import type { ControllerMetrics } from '../observability/metrics.js';
+import type { ControllerMetrics, RATE_LIMIT_KINDS } from '../observability/metrics.js';
 
 /**
- * Per-peer limits on what a stranger on the provisioning network can try
- * for free: lookups (guessing MACs) and agent calls with a bad token. Each
- * peer address (the host, without the port: one machine opens many
- * connections) gets a token bucket; a call over the limit is answered
- * RESOURCE_EXHAUSTED with a retry hint (the agent backs off and tries
- * again), counted in metalcast_rate_limited_total, and logged at most once a
- * minute per peer.
+ * Per-client limits on what a stranger can try for free: lookups (guessing
+ * MACs), agent calls with a bad token, and operator calls with a bad token.
+ * Each key (a peer's host without the port, since one machine opens many
+ * connections; a node uuid; an operator client's IPv4 address or IPv6 /64)
+ * gets a token bucket; a call over the limit is answered RESOURCE_EXHAUSTED
+ * with a retry hint (trailer retry-after-ms; the agent backs off and tries
+ * again), counted in metalcast_rate_limited_total, and logged at most once
+ * a minute per key. Failed credential checks are what is limited, never a
+ * valid credential (docs/hardening-controller.md).
  */
 
 /** A token bucket's shape: `perMinute` tokens a minute, at most `burst` saved up. perMinute 0 turns the limit off. */
@@ -116,9 +120,55 @@ export function peerHost(peer: string): string {
   return host;
 }
 
-export type RateLimitKind = 'lookup' | 'agent_auth';
+/**
+ * The key a client's authentication failures are counted under: an IPv4
+ * address as it is, an IPv6 address by its /64 (one host or one site is
+ * given a whole /64, so counting per address would let it rotate through
+ * 2^64 of them).
+ */
+export function clientKey(peer: string): string {
+  const host = peerHost(peer);
+  if (!host.includes(':')) return host;
+  const groups = expandIpv6(host);
+  return groups ? `${groups.slice(0, 4).join(':')}::/64` : host;
+}
 
-const WHAT: Record<RateLimitKind, string> = { lookup: 'lookups', agent_auth: 'failed agent token checks' };
+/** The eight 16-bit groups of an IPv6 address (without a zone), as lower-case hex without leading zeros; undefined when it is not one. */
+function expandIpv6(address: string): string[] | undefined {
+  let text = address.split('%')[0] as string;
+  // An embedded IPv4 tail (::ffff:1.2.3.4 already became 1.2.3.4 in peerHost).
+  const v4 = /(\d+)\.(\d+)\.(\d+)\.(\d+)$/.exec(text);
+  if (v4) {
+    const [a, b, c, d] = v4.slice(1).map(Number) as [number, number, number, number];
+    text = `${text.slice(0, v4.index)}${((a << 8) | b).toString(16)}:${((c << 8) | d).toString(16)}`;
+  }
+  const halves = text.split('::');
+  if (halves.length > 2) return undefined;
+  const head = halves[0] === '' ? [] : (halves[0] as string).split(':');
+  const tail = halves.length === 2 && halves[1] !== '' ? (halves[1] as string).split(':') : [];
+  const missing = 8 - head.length - tail.length;
+  if (halves.length === 1 ? missing !== 0 : missing < 1) return undefined;
+  const groups = [...head, ...Array<string>(halves.length === 2 ? missing : 0).fill('0'), ...tail];
+  if (!groups.every((group) => /^[0-9a-f]{1,4}$/i.test(group))) return undefined;
+  return groups.map((group) => Number.parseInt(group, 16).toString(16));
+}
+
+export type RateLimitKind = (typeof RATE_LIMIT_KINDS)[number];
+
+const WHAT: Record<RateLimitKind, string> = {
+  lookup: 'lookups',
+  agent_auth: 'failed agent token checks',
+  agent_auth_node: 'failed agent token checks',
+  operator_auth: 'failed operator authentications',
+};
+
+/** How a key reads in messages: "from 10.0.0.7", "for node 1b4e…". */
+const SUBJECT: Record<RateLimitKind, (key: string) => string> = {
+  lookup: (key) => `from ${key}`,
+  agent_auth: (key) => `from ${key}`,
+  agent_auth_node: (key) => `for node ${key}`,
+  operator_auth: (key) => `from ${key}`,
+};
 
 /** One limiter with its metric and its (throttled) log line. */
 export class PeerLimit {
@@ -175,13 +225,13 @@ export class PeerLimit {
           burst,
           ...(this.suppressedLines > 0 ? { otherPeersNotLogged: this.suppressedLines } : {}),
         },
-        `too many ${WHAT[this.kind]} from ${peer}; refusing them (logged at most once a minute per peer)`,
+        `too many ${WHAT[this.kind]} ${SUBJECT[this.kind](peer)}; refusing them (logged at most once a minute per peer)`,
       );
       bucket.refused = 0;
       bucket.loggedAt = now;
       this.suppressedLines = 0;
     }
-    throw resourceExhausted(`too many ${WHAT[this.kind]} from ${peer}; retry in ${seconds}s`);
+    throw resourceExhausted(`too many ${WHAT[this.kind]} ${SUBJECT[this.kind](peer)}; retry in ${seconds}s`);
   }
 
   private mayLog(now: number): boolean {
@@ -201,41 +251,45 @@ export class PeerLimit {
 const GATEWAY = '/metalcast.v1.AgentGatewayService/';
 const LOOKUP = `${GATEWAY}Lookup`;
 
-function isUnauthenticated(error: unknown): boolean {
+/** Whether a handler's error is an UNAUTHENTICATED answer (a ServerError or a MetalcastError). */
+export function isUnauthenticated(error: unknown): boolean {
   return (
     (error instanceof ServerError && error.code === Status.UNAUTHENTICATED) ||
     (error instanceof MetalcastError && error.status === Status.UNAUTHENTICATED)
   );
 }
 
-/** Passes a generator through, telling `onYield` about each message. */
-async function* observe<T, R>(inner: AsyncGenerator<T, R, undefined>, onYield: () => void): AsyncGenerator<T, R, undefined> {
-  let finished = false;
-  try {
-    for (;;) {
-      const step = await inner.next();
-      if (step.done) {
-        finished = true;
-        return step.value;
-      }
-      onYield();
-      yield step.value;
-    }
-  } finally {
-    if (!finished) await inner.return(undefined as R);
-  }
+/**
+ * After a failed credential check: RESOURCE_EXHAUSTED when any of the
+ * caller's keys is out of tokens (the check does not count then: a guesser
+ * that keeps guessing stays refused), else each key is charged and the
+ * UNAUTHENTICATED answer stands. Only failures reach here, so a valid
+ * credential is never refused because someone else at the same address
+ * (a NAT, a shared jump host) or for the same node guessed wrong.
+ */
+export function chargeFailure(charges: ReadonlyArray<readonly [PeerLimit, string]>, context: CallContext, error: unknown): never {
+  for (const [limit, key] of charges) limit.check(key, context);
+  for (const [limit, key] of charges) limit.charge(key);
+  throw error;
 }
 
 /**
- * The agent gateway's limits, as a server middleware (other services pass
- * through): every Lookup takes a token of the peer's `lookup` bucket. The
- * other agent calls (Heartbeat, StatImage, ReadImage) are refused while the
- * peer's `agent_auth` bucket is empty, and a call that fails UNAUTHENTICATED
- * before answering anything (the token check of services/agent-auth.ts:
- * missing, unknown or wrong token) takes a token from it. Good agents fail a
- * token check about once per token change, so only strangers run it dry.
+ * The agent gateway's limits and token check, as a server middleware (other
+ * services pass through). Every Lookup takes a token of the peer's `lookup`
+ * bucket. Every other agent call (Heartbeat, StatImage, ReadImage,
+ * GetConfigDrive) has its node uuid and token checked here, before its
+ * request is decoded or validated, so that a malformed call without a valid
+ * token is UNAUTHENTICATED and counted like any other guess. A failed check
+ * is charged to the peer's address (`agentAuth`) and to the node uuid it
+ * claims (`agentAuthByNode`, so that a guesser spread over many addresses
+ * is refused too); while either is out of tokens, failed checks are
+ * answered RESOURCE_EXHAUSTED. A call whose token is valid always goes on.
+ * The handlers find the checked node in the context (authenticateAgent).
  */
-export function agentGatewayRateLimits(limits: { lookup: PeerLimit; agentAuth: PeerLimit }): ServerMiddleware {
+export function agentGatewayRateLimits(
+  limits: { lookup: PeerLimit; agentAuth: PeerLimit; agentAuthByNode: PeerLimit },
+  authenticate: (context: CallContext) => Promise<CallContext>,
+): ServerMiddleware {
   return async function* rateLimits<Request, Response>(call: ServerMiddlewareCall<Request, Response>, context: CallContext) {
     const path = call.method.path;
     if (!path.startsWith(GATEWAY)) return yield* call.next(call.request, context);
@@ -244,16 +298,16 @@ export function agentGatewayRateLimits(limits: { lookup: PeerLimit; agentAuth: P
       limits.lookup.take(peer, context);
       return yield* call.next(call.request, context);
     }
-    limits.agentAuth.check(peer, context);
-    let answered = false;
+    let authenticated: CallContext;
     try {
-      const inner = call.next(call.request, context) as AsyncGenerator<Response, Response | undefined, undefined>;
-      return yield* observe(inner, () => {
-        answered = true;
-      });
+      authenticated = await authenticate(context);
     } catch (error) {
-      if (!answered && isUnauthenticated(error)) limits.agentAuth.charge(peer);
-      throw error;
+      if (!isUnauthenticated(error)) throw error;
+      const charges: [PeerLimit, string][] = [[limits.agentAuth, peer]];
+      const nodeUuid = context.metadata.get(NODE_UUID_KEY) ?? '';
+      if (UUID_PATTERN.test(nodeUuid)) charges.push([limits.agentAuthByNode, nodeUuid]);
+      chargeFailure(charges, context, error);
     }
+    return yield* call.next(call.request, authenticated);
   };
 }

@@ -26,7 +26,7 @@ import { promisify } from 'node:util';
  */
 
 /** Bumped when the ISO's layout changes, so that cached ISOs are rebuilt. */
-const BUILDER_VERSION = 'agent-iso-1';
+const BUILDER_VERSION = 'agent-iso-2';
 const BUILD_TIMEOUT_MS = 300_000;
 /** ISOs kept in the cache folder; older ones are removed after a build. */
 const KEEP_ISOS = 8;
@@ -68,10 +68,48 @@ async function fileDigest(path: string): Promise<string> {
   return digest;
 }
 
-/** The kernel command line as GRUB `linux` arguments: each word single-quoted, so that GRUB expands nothing. */
+/**
+ * Splits a kernel command line into parameters as the kernel does
+ * (lib/cmdline.c next_arg): whitespace separates, except inside double
+ * quotes; the quotes around a whole parameter or around its value are not
+ * part of it (`key="two words"` is key, then `two words`).
+ */
+export function kernelParameters(cmdline: string): string[] {
+  const params: string[] = [];
+  for (const raw of cmdline.match(/(?:[^\s"]+|"[^"]*"?)+/g) ?? []) {
+    let param = raw.startsWith('"') ? raw.slice(1, raw.endsWith('"') && raw.length > 1 ? -1 : undefined) : raw;
+    const equals = param.indexOf('=');
+    const value = equals < 0 ? '' : param.slice(equals + 1);
+    if (value.startsWith('"'))
+      param = `${param.slice(0, equals + 1)}${value.slice(1, value.endsWith('"') && value.length > 1 ? -1 : undefined)}`;
+    params.push(param);
+  }
+  return params;
+}
+
+/**
+ * The kernel command line as GRUB `linux` arguments. GRUB hands each
+ * argument to the kernel, but puts a backslash before every ", ' and \ in it
+ * and double quotes around one that holds a space
+ * (grub_create_loader_cmdline), and the kernel knows no backslash escapes.
+ * So each kernel parameter goes to GRUB without its quotes, as one
+ * single-quoted word (GRUB expands nothing in it): `key="two words"` becomes
+ * 'key=two words', which GRUB hands on as "key=two words", the same
+ * parameter to the kernel (and to the agent, which splits as the kernel
+ * does). A parameter that still holds ", ' or \ cannot reach the kernel
+ * through GRUB unchanged: an Error names it.
+ */
 export function grubArguments(cmdline: string): string {
-  const words = cmdline.match(/(?:[^\s"]+|"[^"]*")+/g) ?? [];
-  return words.map((word) => `'${word.replaceAll("'", `'\\''`)}'`).join(' ');
+  return kernelParameters(cmdline)
+    .map((param) => {
+      const bad = /["'\\]/.exec(param)?.[0];
+      if (bad)
+        throw new Error(
+          `the kernel parameter ${param} cannot go on the agent ISO: GRUB would hand the kernel a backslash before its ${bad} (take quotes other than "…" around a value, and backslashes, out of boot.kernel_args)`,
+        );
+      return `'${param}'`;
+    })
+    .join(' ');
 }
 
 /** GRUB's menu: serial and screen, no wait, one entry. */

@@ -10,6 +10,13 @@ export interface MembershipOptions {
   touchIntervalMs: number;
   /** A controller not seen for this long is dead: its nodes are taken over. */
   deadAfterMs: number;
+  /**
+   * This controller's own clock (default Date.now), used only to measure
+   * time that passed here (is this controller's last touch recent enough?).
+   * Everything other controllers read or compare is stamped with the
+   * database's clock (Store.clock). Tests offset it by ±60 s.
+   */
+  now?: () => number;
 }
 
 /**
@@ -21,6 +28,11 @@ export interface MembershipOptions {
  * left half-way through a step) before deleting the row. The live rows make
  * a consistent hash ring that says which controller sweeps and drives each
  * node; every controller computes the same ring from the same rows.
+ *
+ * Times in the registry come from the database's clock (Store.clock), not
+ * the controllers': their clocks may disagree by minutes, and a controller
+ * whose clock ran 60 s behind would otherwise stamp itself dead at every
+ * touch (or, ahead, find every other controller dead).
  *
  * A controller that cannot touch its row owns nothing until it can again:
  * the others will soon call it dead and take its nodes, and it must not
@@ -37,6 +49,7 @@ export class Membership {
   private stopped = false;
   /** host:port other controllers reach this one at; known once the server listens. */
   private address = '';
+  private readonly now: () => number;
 
   constructor(
     private readonly store: Store,
@@ -46,7 +59,9 @@ export class Membership {
     private readonly onTakeover: (deadId: string, result: TakeoverResult) => void = () => {},
     /** Told when the ring changed (a controller joined or left). */
     private readonly onRingChange: (members: readonly string[]) => void = () => {},
-  ) {}
+  ) {
+    this.now = options.now ?? Date.now;
+  }
 
   get id(): string {
     return this.options.id;
@@ -60,8 +75,9 @@ export class Membership {
   /** Registers this controller under the address others reach it at, and builds the first ring. */
   async start(address: string): Promise<void> {
     this.address = address;
-    await this.store.registerController(this.options.id, address, Date.now());
-    this.lastTouchAt = Date.now();
+    const touchedAt = this.now();
+    await this.store.registerController(this.options.id, address, await this.store.clock());
+    this.lastTouchAt = touchedAt;
     this.unlisten = this.store.listen('membership', () => void this.refresh());
     await this.refresh();
     void this.store.notify('membership', this.options.id);
@@ -96,7 +112,9 @@ export class Membership {
   /** Touches this controller's row, then refreshes; never throws. */
   private async tick(): Promise<void> {
     try {
-      const now = Date.now();
+      // Measured here before asking, so that a slow database errs on the side of owning nothing.
+      const touchedAt = this.now();
+      const now = await this.store.clock();
       if (!(await this.store.touchController(this.options.id, now))) {
         this.logger.warn(
           { controllerId: this.options.id },
@@ -105,7 +123,7 @@ export class Membership {
         await this.store.registerController(this.options.id, this.address, now);
         void this.store.notify('membership', this.options.id);
       }
-      this.lastTouchAt = now;
+      this.lastTouchAt = touchedAt;
     } catch (error) {
       this.logger.error({ err: error }, 'could not touch this controller in the registry; it owns no node until it can');
     }
@@ -123,12 +141,12 @@ export class Membership {
   private async refreshOnce(): Promise<void> {
     if (this.stopped) return;
     try {
-      const now = Date.now();
+      const now = await this.store.clock();
       const cutoff = now - this.options.deadAfterMs;
       const controllers = await this.store.listControllers();
       const live = controllers.filter((c) => c.lastSeenAt >= cutoff).map((c) => c.id);
       for (const dead of controllers.filter((c) => c.lastSeenAt < cutoff && c.id !== this.options.id)) {
-        await this.takeOver(dead.id, dead.lastSeenAt, cutoff);
+        await this.takeOver(dead.id, dead.lastSeenAt, cutoff, now);
       }
       if (this.fresh() && !live.includes(this.options.id)) live.push(this.options.id);
       this.rebuild(live);
@@ -137,10 +155,10 @@ export class Membership {
     }
   }
 
-  private async takeOver(deadId: string, lastSeenAt: number, cutoff: number): Promise<void> {
-    const silentS = Math.round((Date.now() - lastSeenAt) / 1000);
+  private async takeOver(deadId: string, lastSeenAt: number, cutoff: number, now: number): Promise<void> {
+    const silentS = Math.round((now - lastSeenAt) / 1000);
     const reason = `controller ${deadId} stopped (not seen for ${silentS}s) while it held the node; taken over by ${this.options.id}`;
-    const result = await this.store.releaseHolder(deadId, reason, Date.now());
+    const result = await this.store.releaseHolder(deadId, reason, now);
     // Conditional: a controller that came back meanwhile keeps its row.
     const removed = await this.store.removeController(deadId, cutoff);
     // Several survivors may race here; the one that released or removed something reports it.
@@ -166,6 +184,6 @@ export class Membership {
 
   /** Whether this controller touched its row recently enough that the others still count it alive. */
   private fresh(): boolean {
-    return Date.now() - this.lastTouchAt < this.options.deadAfterMs - this.options.touchIntervalMs;
+    return this.now() - this.lastTouchAt < this.options.deadAfterMs - this.options.touchIntervalMs;
   }
 }

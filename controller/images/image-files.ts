@@ -1,8 +1,8 @@
-import { createHash, randomUUID } from 'node:crypto';
+import { createHash, type Hash, randomUUID } from 'node:crypto';
 import { type FileHandle, mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Status } from 'nice-grpc-common';
-import type { ChunkManifest } from '../../common/chunk-manifest.js';
+import { type ChunkManifest, ManifestBuilder } from '../../common/chunk-manifest.js';
 import { MetalcastError } from '../../common/errors.js';
 import type { ImageFormatInfo, PreparedImage } from './formats/prepare.js';
 
@@ -57,7 +57,20 @@ export interface ReceiveOptions {
    * convert qcow2 to raw); the blob is then addressed by the prepared
    * content's sha256. It may write new files only at {@link ImageFiles.tempPath}.
    */
-  prepare?: (path: string, received: { sha256: string; sizeBytes: number }) => Promise<PreparedImage>;
+  prepare?: (path: string, received: ReceivedFile) => Promise<PreparedImage>;
+  /**
+   * Builds the chunk manifest of the content as it arrives, in the pass that hashes it (given to
+   * {@link prepare}, which keeps it when it keeps the bytes as they are, as for a raw image).
+   */
+  manifestChunkSize?: number;
+}
+
+/** What arrived, as {@link ReceiveOptions.prepare} sees it. */
+export interface ReceivedFile {
+  sha256: string;
+  sizeBytes: number;
+  /** The manifest of the received bytes, when {@link ReceiveOptions.manifestChunkSize} asked for one. */
+  manifest?: ChunkManifest;
 }
 
 /**
@@ -114,7 +127,9 @@ export class ImageFiles {
   async receive(source: AsyncIterable<Uint8Array> | Iterable<Uint8Array>, options: ReceiveOptions = {}): Promise<ReceivedContent> {
     const temp = this.tempPath();
     const file = await open(temp, 'w');
-    const sha256 = createHash('sha256');
+    // With a manifest wanted, its builder also yields the sha256: one pass hashes the chunks and the whole.
+    const builder = options.manifestChunkSize ? new ManifestBuilder(options.manifestChunkSize) : undefined;
+    const sha256 = builder ? undefined : createHash('sha256');
     const extra = options.extraDigest ? createHash(options.extraDigest.algorithm) : undefined;
     let size = 0;
     let committed = false;
@@ -129,7 +144,8 @@ export class ImageFiles {
         if (options.expectedSize !== undefined && options.expectedSize > 0 && size > options.expectedSize) {
           throw new MetalcastError(Status.INVALID_ARGUMENT, `more data than the announced size of ${options.expectedSize} bytes`);
         }
-        sha256.update(chunk);
+        if (builder) builder.update(chunk);
+        else sha256?.update(chunk);
         extra?.update(chunk);
         let written = 0;
         while (written < chunk.byteLength) {
@@ -137,7 +153,8 @@ export class ImageFiles {
           written += bytesWritten;
         }
       }
-      const digest = sha256.digest('hex');
+      const built = builder?.finish();
+      const digest = built ? built.sha256 : (sha256 as Hash).digest('hex');
       if (options.expectedSize !== undefined && options.expectedSize > 0 && size !== options.expectedSize) {
         throw new MetalcastError(Status.INVALID_ARGUMENT, `received ${size} bytes, but ${options.expectedSize} were announced`);
       }
@@ -162,7 +179,7 @@ export class ImageFiles {
       let format: ImageFormatInfo | undefined;
       let manifest: ChunkManifest | undefined;
       if (options.prepare) {
-        const prepared = await options.prepare(temp, { sha256: digest, sizeBytes: size });
+        const prepared = await options.prepare(temp, { sha256: digest, sizeBytes: size, manifest: built?.manifest });
         if (prepared.path !== temp) {
           converted = prepared.path;
           await rm(temp, { force: true });

@@ -22,6 +22,8 @@ export interface ImporterOptions {
   maxBackoffMs?: number;
   /** What turns the verified download into the stored content (format detection, qcow2 conversion); none keeps it as it is. */
   prepare?: Preparer;
+  /** Builds the chunk manifest while the download is hashed (ReceiveOptions.manifestChunkSize). */
+  manifestChunkSize?: number;
 }
 
 /** Makes the ReceiveOptions.prepare step of one attempt, bound to the attempt's abort signal. */
@@ -160,6 +162,8 @@ export interface DownloadOptions {
   expectedSize?: number;
   /** Turns the verified download into the stored content (imports: format detection and conversion). */
   prepare?: Preparer;
+  /** Builds the chunk manifest while the download is hashed (ReceiveOptions.manifestChunkSize). */
+  manifestChunkSize?: number;
 }
 
 /**
@@ -227,6 +231,7 @@ export async function downloadToBlob(
       maxBytes,
       signal: controller.signal,
       prepare: options.prepare?.(controller.signal),
+      manifestChunkSize: options.manifestChunkSize,
     });
   } catch (error) {
     if (error instanceof AttemptFailed) throw error;

@@ -4,6 +4,18 @@ import type { ServerMiddleware } from 'nice-grpc';
 import { WAIT_STATES } from '../provisioning/states.js';
 import type { Store } from '../store/store.js';
 
+/** The kinds of metalcast_rate_limited_total (controller/auth/rate-limit.ts), so that each series exists from the start. */
+export const RATE_LIMIT_KINDS = ['lookup', 'agent_auth', 'agent_auth_node', 'operator_auth'] as const;
+/** Every `result` of metalcast_lookups_total (controller/services/lookup.ts). */
+export const LOOKUP_RESULTS = ['found', 'not_found', 'agent_alive', 'invalid'] as const;
+/** Every `result` of metalcast_sweep_runs_total (controller/provisioning/sweep.ts). */
+export const SWEEP_RESULTS = ['ok', 'grace', 'error'] as const;
+/** Every `result` of metalcast_image_transfer_duration_seconds (controller/images/image-server.ts). */
+export const TRANSFER_RESULTS = ['ok', 'error', 'timeout', 'cancelled'] as const;
+
+/** prom-client default metrics that are gauges but end in `_total`. */
+export const GAUGES_NAMED_LIKE_COUNTERS = ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total'];
+
 /**
  * The controller's metrics, all in the one registry passed in, so that
  * tests and several controllers in one process never share counters.
@@ -16,6 +28,10 @@ export function createControllerMetrics(
   controllersLive: () => number = () => 1,
 ) {
   collectDefaultMetrics({ register: registry });
+  // prom-client exports these three gauges twice, once with a counter's `_total` suffix, which makes
+  // `promtool check metrics` exit 3 on every scrape. The same values stay as nodejs_active_handles,
+  // nodejs_active_requests and nodejs_active_resources.
+  for (const name of GAUGES_NAMED_LIKE_COUNTERS) registry.removeSingleMetric(name);
   const metrics = {
     heartbeats: new Counter({
       name: 'metalcast_heartbeats_total',
@@ -150,7 +166,7 @@ export function createControllerMetrics(
     }),
     rateLimited: new Counter({
       name: 'metalcast_rate_limited_total',
-      help: 'Agent gateway calls refused RESOURCE_EXHAUSTED by a per-peer limit, by kind (lookup: --lookup-rate-limit; agent_auth: --agent-auth-failure-limit).',
+      help: 'Calls refused RESOURCE_EXHAUSTED by a per-client limit, by kind (lookup: --lookup-rate-limit; agent_auth: --agent-auth-failure-limit per address; agent_auth_node: the same per node uuid; operator_auth: --operator-auth-failure-limit per address or IPv6 /64).',
       labelNames: ['kind'],
       registers: [registry],
     }),
@@ -181,11 +197,15 @@ export function createControllerMetrics(
   // Series that alerts take increase() or rate() of exist from the start at 0:
   // a series born at 1 would hide the first timeout, failed sweep or lock wait.
   for (const state of WAIT_STATES) metrics.heartbeatTimeouts.inc({ provision_state: state }, 0);
-  metrics.sweepRuns.inc({ result: 'error' }, 0);
   metrics.lockWait.zero({ kind: 'patient' });
-  for (const kind of ['lookup', 'agent_auth']) metrics.rateLimited.inc({ kind }, 0);
+  for (const kind of RATE_LIMIT_KINDS) metrics.rateLimited.inc({ kind }, 0);
   for (const result of ['on', 'off', 'failed']) metrics.powerSyncChecks.inc({ result }, 0);
   for (const state of ['on', 'off']) metrics.powerStateChanges.inc({ power_state: state }, 0);
+  // The dashboard's panels on lookups, sweeps and transfers showed "No data" on a fresh install: a
+  // labelled series exists only from its first event unless it is made here, at 0.
+  for (const result of LOOKUP_RESULTS) metrics.lookups.inc({ result }, 0);
+  for (const result of SWEEP_RESULTS) metrics.sweepRuns.inc({ result }, 0);
+  for (const result of TRANSFER_RESULTS) metrics.imageTransferDuration.zero({ result });
   return metrics;
 }
 

@@ -1,3 +1,4 @@
+import { grubArguments } from '../boot/agent-iso.js';
 import type { SecretBox } from '../secrets/secret-box.js';
 import { ipmiDriverFromNode } from './ipmi/ipmi-driver.js';
 import { PowerError, type PowerDriver } from './power-driver.js';
@@ -9,6 +10,8 @@ export const POWER_DRIVER_PROPERTY = 'power.driver';
 /** How a node boots into the agent: `network` (PXE/iPXE, the default) or `virtual-media` (a CD its BMC inserts). */
 export const BOOT_METHOD_PROPERTY = 'boot.method';
 export const BOOT_METHODS = ['network', 'virtual-media'] as const;
+/** Extra agent kernel arguments (controller/boot/boot-endpoint.ts names it too; kept here so that power needs nothing of boot but the ISO's rules). */
+const KERNEL_ARGS_PROPERTY = 'boot.kernel_args';
 
 /**
  * Makes a node's driver from the node's properties and its secrets (BMC
@@ -109,6 +112,15 @@ export class PowerDrivers {
       throw new PowerError(
         `node '${node.name}': ${BOOT_METHOD_PROPERTY}=virtual-media needs a power driver with virtual media; the ${driver.name} driver has none (use redfish, or boot.method=network)`,
       );
+    // The agent ISO's GRUB cannot pass every kernel parameter unchanged: refused now rather than at the node's next boot.
+    const kernelArgs = node.properties[KERNEL_ARGS_PROPERTY];
+    if (method === 'virtual-media' && kernelArgs) {
+      try {
+        grubArguments(kernelArgs);
+      } catch (error) {
+        throw new PowerError(`node '${node.name}': ${KERNEL_ARGS_PROPERTY}: ${(error as Error).message}`);
+      }
+    }
   }
 
   private factoryFor(node: { name: string; properties: Record<string, string> }): PowerDriverFactory | undefined {

@@ -88,6 +88,10 @@ export class Conductor {
   /** When this controller last told the owner about each due node. */
   private readonly noticed = new Map<string, number>();
   private readonly stopping = new AbortController();
+  /** The running step of each node this controller works on; aborted by stop() or by an operator's abort. */
+  private readonly steps = new Map<string, AbortController>();
+  /** Nodes an operator is aborting: no step starts on them until the abort is done. */
+  private readonly interrupting = new Set<string>();
   private unlisten: (() => void) | undefined;
   private scanTimer: NodeJS.Timeout | undefined;
 
@@ -163,7 +167,7 @@ export class Conductor {
 
   /** Starts the node's next step in the background unless one is under way here; `seen` saves a read when the caller has the node. */
   private dispatch(nodeUuid: string, seen?: NodeRecord): void {
-    if (this.stopping.signal.aborted || this.working.has(nodeUuid)) return;
+    if (this.stopping.signal.aborted || this.working.has(nodeUuid) || this.interrupting.has(nodeUuid)) return;
     const work = this.advance(nodeUuid, seen)
       .catch((error: unknown) => {
         if (!this.stopping.signal.aborted) this.logger.error({ err: error, node: nodeUuid }, 'acting on a heartbeat failed');
@@ -188,12 +192,76 @@ export class Conductor {
     }
   }
 
+  /**
+   * Stops this controller's step on the node, if one runs (an operator
+   * aborts it), waits until the step let go of the node's lock (at most
+   * `timeoutMs`), and keeps new steps off the node until the returned
+   * function is called. The agent's command is not cancelled: the abort
+   * powers the machine off, which ends it.
+   */
+  async interrupt(nodeUuid: string, timeoutMs = 15_000): Promise<() => void> {
+    this.interrupting.add(nodeUuid);
+    const done = () => {
+      this.interrupting.delete(nodeUuid);
+    };
+    const work = this.working.get(nodeUuid);
+    if (!work) return done;
+    this.steps.get(nodeUuid)?.abort(new Error('the step was aborted by an operator'));
+    const timer = new AbortController();
+    await Promise.race([work, sleep(timeoutMs, undefined, { signal: timer.signal }).catch(() => {})]);
+    timer.abort();
+    return done;
+  }
+
+  /**
+   * Asks the node's agent, if it is alive, to power the machine off (after
+   * an abort, for a node without a power driver). Undefined when there is no
+   * agent to ask; otherwise what happened, for the node's history.
+   */
+  async powerOffThroughAgent(node: NodeRecord): Promise<string | undefined> {
+    const endpoint = this.directory.endpoint(node);
+    if (!endpoint || !this.directory.isAlive(node)) return undefined;
+    const agent = this.agents.handle(node.uuid, endpoint.address, endpoint.token, endpoint.certificatePem);
+    try {
+      await agent.client.runCommand(
+        { requestId: `abort:${node.uuid}:${node.provisionUpdatedAt}:power-off`, parameters: { command: { $case: 'powerOff', value: {} } } },
+        { ...agent.auth, deadline: 10_000 },
+      );
+      return `asked its agent at ${agent.address} to power the machine off`;
+    } catch (error) {
+      // The machine may go down before it answers.
+      if (error instanceof ClientError && [Status.UNAVAILABLE, Status.CANCELLED].includes(error.code)) {
+        return `asked its agent at ${agent.address} to power the machine off (it went away before answering)`;
+      }
+      throw new Error(`asking its agent at ${agent.address} to power the machine off failed: ${describe(error)}`);
+    }
+  }
+
   private async advance(nodeUuid: string, known?: NodeRecord): Promise<void> {
     const seen = known ?? (await this.store.getNode(nodeUuid));
     if (!seen || seen.maintenance) return;
     const step: Step | undefined = STEPS[seen.provisionState as keyof typeof STEPS];
     if (!step) return;
-    const signal = this.stopping.signal;
+    // Aborted when the controller stops, or when an operator aborts this step (interrupt()).
+    const stepAbort = new AbortController();
+    const onStop = () => stepAbort.abort(this.stopping.signal.reason);
+    this.stopping.signal.addEventListener('abort', onStop, { once: true });
+    if (this.stopping.signal.aborted) stepAbort.abort();
+    this.steps.set(nodeUuid, stepAbort);
+    try {
+      await this.runStep(nodeUuid, seen, step, stepAbort.signal);
+    } finally {
+      this.stopping.signal.removeEventListener('abort', onStop);
+      if (this.steps.get(nodeUuid) === stepAbort) this.steps.delete(nodeUuid);
+    }
+  }
+
+  /** The signal of the node's running step (the controller's own when none runs). */
+  private signalFor(nodeUuid: string): AbortSignal {
+    return this.steps.get(nodeUuid)?.signal ?? this.stopping.signal;
+  }
+
+  private async runStep(nodeUuid: string, seen: NodeRecord, step: Step, signal: AbortSignal): Promise<void> {
     const admission = step === 'deploy' ? this.options.deploys : step === 'clean' ? this.options.cleans : undefined;
     const leave = admission ? await admission.enter(signal) : () => {};
     let lock: HeldLock | undefined;
@@ -255,7 +323,10 @@ export class Conductor {
     log.info('inspecting: fetching the inventory from the agent');
     let inventory: Inventory;
     try {
-      const response = await agent.client.getInventory({}, { ...agent.auth, deadline: INVENTORY_TIMEOUT_MS, signal: this.stopping.signal });
+      const response = await agent.client.getInventory(
+        {},
+        { ...agent.auth, deadline: INVENTORY_TIMEOUT_MS, signal: this.signalFor(node.uuid) },
+      );
       if (!response.inventory) throw new Error('the agent returned no inventory');
       inventory = response.inventory;
     } catch (error) {
@@ -305,7 +376,7 @@ export class Conductor {
     try {
       const { inventory } = await agent.client.getInventory(
         {},
-        { ...agent.auth, deadline: INVENTORY_TIMEOUT_MS, signal: this.stopping.signal },
+        { ...agent.auth, deadline: INVENTORY_TIMEOUT_MS, signal: this.signalFor(node.uuid) },
       );
       devicePath = pickDisk(
         inventory?.disks ?? [],
@@ -389,7 +460,7 @@ export class Conductor {
       try {
         await agent.client.runCommand(
           { requestId: `${requestId}:final-power`, parameters: { command } },
-          { ...agent.auth, signal: this.stopping.signal },
+          { ...agent.auth, signal: this.signalFor(node.uuid) },
         );
       } catch (error) {
         // The machine may go down before it answers; only a refusal is a failure.
@@ -469,7 +540,7 @@ export class Conductor {
     log: Logger,
     command: NonNullable<Parameters<AgentHandle['client']['runCommand']>[0]['parameters']>['command'],
   ): Promise<Command> {
-    const signal = this.stopping.signal;
+    const signal = this.signalFor(node.uuid);
     let started: Command | undefined;
     try {
       started = (await agent.client.runCommand({ requestId, parameters: { command } }, { ...agent.auth, signal })).command;
@@ -498,14 +569,14 @@ export class Conductor {
       }
       // Poll until it ends, the agent goes, or it is time to try watching again.
       for (let polls = 0; polls < 15; polls++) {
-        await this.throwIfGone(node, 'the agent stopped heartbeating');
+        await this.throwIfGone(node, 'the agent stopped heartbeating', agent);
         try {
           const { command: current } = await agent.client.getCommand({ id: started.id }, { ...agent.auth, signal, deadline: 10_000 });
           if (current && current.state !== CommandState.COMMAND_STATE_RUNNING) return current;
           if (current?.progress) this.feed.publish({ node, progress: current.progress });
         } catch (error) {
           signal.throwIfAborted();
-          await this.rethrowIfGone(node, error);
+          await this.rethrowIfGone(node, error, agent);
         }
         await sleep(POLL_INTERVAL_MS, undefined, { signal });
       }
@@ -545,18 +616,27 @@ export class Conductor {
   }
 
   /** Transport failures with the agent's heartbeats gone mean "agent gone", not "step failed". */
-  private async rethrowIfGone(node: NodeRecord, error: unknown): Promise<void> {
-    if (this.stopping.signal.aborted) throw error;
+  private async rethrowIfGone(node: NodeRecord, error: unknown, agent?: AgentHandle): Promise<void> {
+    if (this.signalFor(node.uuid).aborted) throw error;
     const transport =
       error instanceof ClientError &&
       [Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.CANCELLED, Status.UNAUTHENTICATED].includes(error.code);
-    if (transport) await this.throwIfGone(node, describe(error));
+    if (transport) await this.throwIfGone(node, describe(error), agent);
   }
 
-  /** AgentGone when no controller hears the node's agent any more. */
-  private async throwIfGone(node: NodeRecord, reason: string): Promise<void> {
+  /**
+   * AgentGone when no controller hears the node's agent any more, or when
+   * the agent heard is another process (restarted: a new token from a new
+   * lookup). Following the old one's command would wait forever; letting go
+   * gives the new agent the step again, and write_image resumes through its
+   * delta scan (docs/chunk-manifest.md).
+   */
+  private async throwIfGone(node: NodeRecord, reason: string, agent?: AgentHandle): Promise<void> {
     const current = await this.store.getNode(node.uuid);
     if (!current || !this.directory.isAlive(current)) throw new AgentGone(reason);
+    if (agent && current.agentApiToken !== null && current.agentApiToken !== node.agentApiToken) {
+      throw new AgentGone(`the agent restarted (${reason})`);
+    }
   }
 
   private async fail(

@@ -76,6 +76,17 @@ export interface DeployConfigDrive {
   drive: ConfigDrive;
 }
 
+/** What an abort does with the machine (proto AbortPower). */
+export type AbortPower = 'off' | 'keep';
+
+/** The conductor's side of an abort (controller/provisioning/conductor.ts); set once both exist. */
+export interface StepControl {
+  /** Stops this controller's step on the node and keeps new ones off it until the returned function is called. */
+  interrupt(nodeUuid: string): Promise<() => void>;
+  /** Asks the node's live agent to power off; undefined when there is none. */
+  powerOffThroughAgent(node: NodeRecord): Promise<string | undefined>;
+}
+
 /**
  * Runs operator actions against the state table, each under the node's
  * lock, each step a compare-and-set on the provision state, so two
@@ -83,6 +94,9 @@ export interface DeployConfigDrive {
  * agent leave the node in a wait state; the conductor takes it from there.
  */
 export class Provisioner {
+  /** The conductor, for aborts: set by the controller's wiring. */
+  steps: StepControl | undefined;
+
   constructor(
     private readonly store: Store,
     private readonly sessions: AgentSessions,
@@ -103,6 +117,7 @@ export class Provisioner {
     actor: string,
     deploy?: DeploySpecRecord,
     configDrive?: DeployConfigDrive,
+    abortPower: AbortPower = 'off',
   ): Promise<NodeRecord> {
     const step = ACTION_TRANSITIONS[action][node.provisionState];
     if (!step) {
@@ -119,6 +134,25 @@ export class Provisioner {
       );
     }
     const image = action === 'deploy' ? await this.checkDeploySpec(node, deploy, configDrive !== undefined) : undefined;
+    // An abort stops this controller's running step first (it holds the lock while the agent works).
+    const resume = action === 'abort' ? await this.steps?.interrupt(node.uuid) : undefined;
+    try {
+      return await this.runLocked(node, action, step, actor, deploy, image, configDrive, abortPower);
+    } finally {
+      resume?.();
+    }
+  }
+
+  private async runLocked(
+    node: NodeRecord,
+    action: ProvisionAction,
+    step: { to: ProvisionState },
+    actor: string,
+    deploy: DeploySpecRecord | undefined,
+    image: ImageRecord | undefined,
+    configDrive: DeployConfigDrive | undefined,
+    abortPower: AbortPower,
+  ): Promise<NodeRecord> {
     const lock = await this.locks.lock(node.uuid, action);
     try {
       switch (action) {
@@ -165,19 +199,65 @@ export class Provisioner {
           const waiting = await this.move(cleaning, 'cleaning', 'clean_wait', 'available', this.holder, action);
           return await this.bootAgent(waiting, 'clean_wait', 'clean_failed');
         }
-        case 'abort':
+        case 'abort': {
+          // The node as it is now, under the lock: the interrupted step may have moved it on.
+          const current = (await this.store.getNode(node.uuid)) ?? node;
+          if (current.provisionState !== node.provisionState) {
+            throw new MetalcastError(
+              Status.FAILED_PRECONDITION,
+              `node '${node.name}' moved on to ${human(current.provisionState)} before the abort took hold; nothing was aborted`,
+            );
+          }
+          // Powered off before the move, while the agent's token is still valid to ask it.
+          const power = await this.powerAfterAbort(current, abortPower);
+          // The outcome goes into the history before the transition, which stays the node's last event.
+          await this.store
+            .addEvent(node.uuid, { kind: 'abort_power', message: power.note, actor: this.holder, fromState: null, toState: null })
+            .catch((error: unknown) => this.logger.warn({ err: error, node: node.uuid }, 'recording the power after an abort failed'));
+          const reason = `aborted by ${actor} while in ${human(node.provisionState)}`;
           return await this.move(
-            node,
+            current,
             node.provisionState,
             step.to,
             null,
             actor,
             action,
-            `aborted by ${actor} while in ${human(node.provisionState)}`,
+            power.failed ? `${reason}; ${power.note}` : reason,
           );
+        }
       }
     } finally {
       await lock.release();
+    }
+  }
+
+  /**
+   * After an abort (issue 18 item 14): a machine that was writing or erasing
+   * its disk must not keep running a half-written disk. Powered off through
+   * its power driver, or else by its agent; or left as it is when the
+   * operator asked so. A failure is the node's last_error, so that the
+   * operator knows to power it off by hand.
+   */
+  private async powerAfterAbort(node: NodeRecord, abortPower: AbortPower): Promise<{ note: string; failed: boolean }> {
+    if (abortPower === 'keep') return { note: 'left powered as it was, as the abort asked', failed: false };
+    let driver: PowerDriver | undefined;
+    try {
+      driver = this.power.forNode(node);
+      if (driver) {
+        await driver.powerOff();
+        await this.store.savePowerStatus(node.uuid, { powerState: 'off', checkedAt: Date.now(), failures: 0, error: '' });
+        this.logger.info({ node: node.uuid, nodeName: node.name, driver: driver.name }, 'powered off after an abort');
+        return { note: `powered off through ${driver.name} after the abort`, failed: false };
+      }
+      const viaAgent = await this.steps?.powerOffThroughAgent(node);
+      if (viaAgent) return { note: `${viaAgent} after the abort`, failed: false };
+      return { note: 'no power driver and no live agent: the machine was not powered off; check it by hand', failed: false };
+    } catch (error) {
+      const note = `powering off ${driver ? `through ${driver.name} ` : ''}failed: ${(error as Error).message}; power the machine off by hand`;
+      this.logger.warn({ node: node.uuid, nodeName: node.name, reason: note }, 'powering off after an abort failed');
+      return { note, failed: true };
+    } finally {
+      driver?.close();
     }
   }
 
@@ -223,8 +303,7 @@ export class Provisioner {
     if (!deploy || deploy.image === '')
       throw new MetalcastError(Status.INVALID_ARGUMENT, 'deploy.image: an image name is required to deploy');
     const image = await this.store.getImage(deploy.image);
-    if (!image)
-      throw new MetalcastError(Status.FAILED_PRECONDITION, `image '${deploy.image}' does not exist; metalcast image list shows the images`);
+    if (!image) throw new MetalcastError(Status.NOT_FOUND, `image '${deploy.image}' does not exist; metalcast image list shows the images`);
     if (image.state !== 'ready')
       throw new MetalcastError(Status.FAILED_PRECONDITION, `image '${deploy.image}' is ${image.state}, not ready`);
     if (node.inventoryJson) {

@@ -7,15 +7,31 @@ import { truncate } from '../../common/mac.js';
 import type { NodeRecord, Store } from '../store/store.js';
 import { agentTokenMatches } from '../agents/agent-tokens.js';
 
+export interface AuthenticatedAgent {
+  node: NodeRecord;
+  token: string;
+}
+
+const CHECKED = Symbol('authenticated agent');
+
+/** Checks the call's agent credential and returns the context carrying the result, for the handlers' authenticateAgent; throws as that does. */
+export async function withAuthenticatedAgent(context: CallContext, store: Store, logger: Logger): Promise<CallContext> {
+  const agent = await authenticateAgent(context, store, logger);
+  return { ...context, [CHECKED]: agent } as CallContext;
+}
+
 /**
  * Checks an agent call's node uuid and token against the stored hash; the
  * same UNAUTHENTICATED answer for an unknown node and a wrong token. A peer
  * that fails this check too often is refused for a while before it gets
- * here (agentGatewayRateLimits in controller/auth/rate-limit.ts counts the
- * UNAUTHENTICATED answers). The token is never logged (common/logging.ts
+ * here (agentGatewayRateLimits in controller/auth/rate-limit.ts runs this
+ * check before the request is decoded, and counts the UNAUTHENTICATED answers). The token is never logged (common/logging.ts
  * redacts it too, as a safety net).
  */
 export async function authenticateAgent(context: CallContext, store: Store, logger: Logger): Promise<{ node: NodeRecord; token: string }> {
+  // Checked already for this call by the gateway's middleware (agentGatewayRateLimits), before its request was decoded.
+  const checked = (context as CallContext & { [CHECKED]?: AuthenticatedAgent })[CHECKED];
+  if (checked) return checked;
   const nodeUuid = context.metadata.get(NODE_UUID_KEY) ?? '';
   const token = bearerToken(context.metadata);
   if (nodeUuid === '' || token === '') {

@@ -9,7 +9,7 @@ import {
 } from '../../gen/metalcast/v1/node.js';
 import { MetalcastError } from '../../common/errors.js';
 import { Status } from 'nice-grpc-common';
-import { PROVISION_ACTIONS, PROVISION_STATES, type ProvisionAction, type ProvisionState } from '../provisioning/states.js';
+import { isAgentState, PROVISION_ACTIONS, PROVISION_STATES, type ProvisionAction, type ProvisionState } from '../provisioning/states.js';
 import type { NodeEventRecord, NodeRecord } from '../store/store.js';
 
 /*
@@ -61,7 +61,9 @@ export function nodeToProto(node: NodeRecord, withInventory = true): Node {
     reservationOperation: node.reservationOperation ?? '',
     inventory: withInventory && node.inventoryJson ? Inventory.fromJSON(JSON.parse(node.inventoryJson)) : undefined,
     deploy: node.deployJson ? deployToProto(node.deployJson, withInventory) : undefined,
-    progress: node.progressJson ? CommandProgress.fromJSON(JSON.parse(node.progressJson)) : undefined,
+    // Only a node in a step with an agent has progress; a row written before progress was cleared at
+    // every state change may still hold an old one.
+    progress: node.progressJson && isAgentState(node.provisionState) ? CommandProgress.fromJSON(JSON.parse(node.progressJson)) : undefined,
     createdAt: new Date(node.createdAt),
     updatedAt: new Date(node.updatedAt),
     provisionUpdatedAt: new Date(node.provisionUpdatedAt),

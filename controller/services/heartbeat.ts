@@ -1,10 +1,10 @@
 import { abortable, isAbortError } from 'abort-controller-x';
 import { type CallContext, ServerError, Status } from 'nice-grpc';
 import type { X509Certificate } from 'node:crypto';
-import { invalidArgument, MetalcastError, unauthenticated } from '../../common/errors.js';
+import { failedPrecondition, invalidArgument, MetalcastError, unauthenticated } from '../../common/errors.js';
 import { fingerprint, parseCertificates } from '../../common/tls.js';
 import type { Logger } from '../../common/logging.js';
-import { CommandProgress } from '../../gen/metalcast/v1/command.js';
+import { CommandProgress, CommandState } from '../../gen/metalcast/v1/command.js';
 import { AgentStatus, type HeartbeatRequest, type HeartbeatResponse } from '../../gen/metalcast/v1/agent_gateway.js';
 import type { AgentSessions } from '../agents/agent-sessions.js';
 import type { HeartbeatRecorder } from '../agents/heartbeat-recorder.js';
@@ -23,7 +23,17 @@ export interface HeartbeatDeps {
   heartbeat: { intervalMinMs: number; intervalMaxMs: number };
   /** Told about every heartbeat after it is recorded; must not block. */
   onHeartbeat: (nodeUuid: string) => void;
+  /**
+   * Refuse a stream whose first heartbeat carries no agent_certificate_pem:
+   * a controller with TLS calls agents only over TLS, pinned to that
+   * certificate, so such an agent could never be given a command.
+   */
+  requireAgentCertificate?: boolean;
 }
+
+/** Why a stream without a certificate is refused, for the agent (the gRPC status) and the operator (the node's last_error). */
+export const NO_AGENT_CERTIFICATE =
+  'heartbeat without agent_certificate_pem: this controller serves TLS and calls agents only over TLS, pinned to the certificate each agent sends with the first heartbeat of its stream; run the agent with --ca (metalcast.ca= on the kernel command line) so that it serves TLS and sends its certificate';
 
 /**
  * The heartbeat stream: authenticated once when it opens and bound to its
@@ -65,6 +75,8 @@ export function createHeartbeatHandler(deps: HeartbeatDeps) {
     log.info('heartbeat stream opened');
     const iterator = requests[Symbol.asyncIterator]();
     let count = 0;
+    /** The last sequence number accepted on this stream; 0 before the first heartbeat. */
+    let lastSequence = 0;
     /** Fingerprint of the agent certificate this stream pinned or found pinned; later ones must match it. */
     let pinned: string | undefined;
     try {
@@ -76,17 +88,28 @@ export function createHeartbeatHandler(deps: HeartbeatDeps) {
         }
         const hb = next.value;
         validateHeartbeat(hb);
+        checkSequence(hb.sequence, lastSequence);
+        lastSequence = hb.sequence;
+        if (count === 0 && hb.agentCertificatePem === '' && deps.requireAgentCertificate) {
+          // Before, this was accepted and the node waited for its heartbeat timeout, explained only in
+          // the controller's log; the agent now hears why at once (and can say so in its own log).
+          log.warn({ agentVersion: hb.agentVersion }, 'refused a heartbeat stream without an agent certificate');
+          throw failedPrecondition(NO_AGENT_CERTIFICATE);
+        }
         if (hb.agentCertificatePem !== '') pinned = await pinCertificate(hb.agentCertificatePem, pinned);
         count++;
         metrics.heartbeats.inc();
-        const progress = hb.command?.progress;
+        // Progress belongs to the running command only: a finished command's last progress is history
+        // (an agent keeps reporting its last command, e.g. "erasing sda 100 %" long after the clean).
+        const running = hb.command?.state === CommandState.COMMAND_STATE_RUNNING;
+        const progress = running ? hb.command?.progress : undefined;
         recorder.record({
           nodeUuid: node.uuid,
           time: Date.now(),
           agentAddress: hb.agentAddress,
           agentVersion: hb.agentVersion,
           agentStatus: hb.status === AgentStatus.AGENT_STATUS_BUSY ? 'busy' : hb.status === AgentStatus.AGENT_STATUS_IDLE ? 'idle' : '',
-          progressJson: progress ? JSON.stringify(CommandProgress.toJSON(progress)) : null,
+          progressJson: progress ? JSON.stringify(CommandProgress.toJSON(progress)) : hb.command && !running ? '' : null,
         });
         sessions.setAgentAddress(node.uuid, sessionId, hb.agentAddress);
         deps.onHeartbeat(node.uuid);
@@ -144,6 +167,23 @@ export function createHeartbeatHandler(deps: HeartbeatDeps) {
       );
     }
   };
+}
+
+/**
+ * The sequence contract (proto HeartbeatRequest.sequence): a stream starts at
+ * 1 and only goes up; gaps are allowed, repeats and steps back are not. A
+ * heartbeat that breaks it is refused with INVALID_ARGUMENT, which ends the
+ * stream before anything of it is recorded.
+ */
+export function checkSequence(sequence: number, last: number): void {
+  if (last === 0 && sequence !== 1) {
+    throw invalidArgument(`sequence: the first heartbeat of a stream is 1, got ${sequence}; open a new stream and number it from 1`);
+  }
+  if (last !== 0 && sequence <= last) {
+    throw invalidArgument(
+      `sequence: ${sequence} after ${last}; the heartbeats of a stream are numbered upwards without repeats; open a new stream and number it from 1`,
+    );
+  }
 }
 
 /** Largest agent certificate accepted: a self-signed P-256 certificate is well under 1 KiB. */

@@ -23,7 +23,7 @@ import {
 } from '../../gen/metalcast/v1/image.js';
 import type { ControllerConfig } from '../config.js';
 import { ImageCatalog } from '../images/catalog.js';
-import type { ImageFiles } from '../images/image-files.js';
+import type { ImageFiles, ReceivedFile } from '../images/image-files.js';
 import { explainShortBlob } from '../images/image-server.js';
 import { IMPORT_STOPPED, ImageImporter } from '../images/importer.js';
 import { announceImageReady, ImageReplicator, type ReplicatorOptions } from '../images/replicator.js';
@@ -106,14 +106,18 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
    * Detects the format of received content and converts qcow2 to raw (controller/images/formats/), then
    * builds the chunk manifest of the raw form, checked against the root the operator expects, if any.
    */
-  const formats =
-    (expectedManifestRoot?: string) => (signal: AbortSignal) => async (path: string, received: { sha256: string; sizeBytes: number }) =>
-      withManifest(
-        await prepareImage(path, received, { maxVirtualSize: config.maxImageVirtualSize, tempPath: () => files.tempPath(), signal }),
-        config.imageManifestChunkSize,
-        expectedManifestRoot,
-        signal,
-      );
+  const formats = (expectedManifestRoot?: string) => (signal: AbortSignal) => async (path: string, received: ReceivedFile) =>
+    withManifest(
+      await prepareImage(
+        path,
+        { sha256: received.sha256, sizeBytes: received.sizeBytes },
+        { maxVirtualSize: config.maxImageVirtualSize, tempPath: () => files.tempPath(), signal },
+      ),
+      config.imageManifestChunkSize,
+      expectedManifestRoot,
+      signal,
+      { path, manifest: received.manifest },
+    );
   const importer = new ImageImporter(
     store,
     files,
@@ -123,6 +127,7 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
       stallTimeoutMs: config.importStallTimeout,
       maxBytes: config.maxImageSize,
       prepare: formats(),
+      manifestChunkSize: config.imageManifestChunkSize,
     },
     logger.child({ component: 'importer' }),
   );
@@ -309,6 +314,7 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
           maxBytes: config.maxImageSize,
           signal: context.signal,
           prepare: formats()(context.signal),
+          manifestChunkSize: config.imageManifestChunkSize,
         });
         try {
           image = await catalog.commit(name, content);

@@ -1,5 +1,5 @@
 import type { CallContext } from 'nice-grpc';
-import { failedPrecondition, notFound } from '../../common/errors.js';
+import { notFound } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import { normaliseMacList, truncate } from '../../common/mac.js';
 import type { LookupRequest, LookupResponse } from '../../gen/metalcast/v1/agent_gateway.js';
@@ -23,8 +23,10 @@ export interface LookupDeps {
 
 /**
  * Lookup: an agent that just booted asks which node it is, by its MACs.
- * Unknown MACs and nodes in a state that expects no agent get the same
- * NOT_FOUND, so that a stranger learns nothing about the fleet.
+ * Every failed lookup of well-formed MACs (unknown MACs, a node in a state
+ * that expects no agent, MACs of several nodes, a node whose agent is still
+ * alive) gets the same NOT_FOUND, so that a stranger learns nothing about
+ * the fleet; the log and metalcast_lookups_total{result} tell them apart.
  */
 export function createLookupHandler(deps: LookupDeps) {
   const { store, sessions, metrics, heartbeat } = deps;
@@ -66,10 +68,14 @@ export function createLookupHandler(deps: LookupDeps) {
       !sessions.closedSince(node.uuid, node.lastHeartbeatAt);
     if (node.agentTokenHash !== null && (streamOpen || recentlyHeard)) {
       metrics.lookups.inc({ result: 'agent_alive' });
-      nodeLog.warn({ agentPeer: sessions.peer(node.uuid) }, 'lookup refused: the node already has a live agent');
-      throw failedPrecondition(
-        `node '${node.name}' already has a live agent${streamOpen ? ` (heartbeat stream open from ${sessions.peer(node.uuid)})` : ''}; a second agent is refused until that one disconnects or times out`,
+      // The operator sees who holds the node in the log; the caller gets the same NOT_FOUND as for an
+      // unknown MAC, so that asking with a neighbour's MACs tells a stranger neither that the node exists,
+      // nor its name, nor where its agent runs.
+      nodeLog.warn(
+        { agentPeer: sessions.peer(node.uuid), streamOpen },
+        'lookup refused: the node already has a live agent; a second agent is refused until that one disconnects or times out',
       );
+      throw notFoundError;
     }
 
     const token = generateAgentToken();

@@ -2,7 +2,7 @@ import { Status } from 'nice-grpc-common';
 import { invalidArgument, MetalcastError, notFound } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import { normaliseMac, normaliseMacList } from '../../common/mac.js';
-import type { NodeServiceImplementation } from '../../gen/metalcast/v1/node.js';
+import { AbortPower, type NodeServiceImplementation } from '../../gen/metalcast/v1/node.js';
 import { actionFromProto, eventToProto, nodeToProto, stateFromProto } from './convert.js';
 import type { NodeLocks } from '../provisioning/locks.js';
 import type { NodeChange, NodeFeed } from '../provisioning/node-feed.js';
@@ -228,13 +228,16 @@ export function createNodeService(deps: NodeServiceDeps): NodeServiceImplementat
     async setProvisionState(request) {
       validateNodeRef(request.node);
       const action = actionFromProto(request.action);
+      const abortPower = abortPowerFromProto(request.abortPower);
       const deploy = action === 'deploy' ? validateDeploySpec(request.deploy) : undefined;
       // Hostname, SSH keys, user data, network data: checked here, built into a config drive (controller/configdrive/).
       const instance = action === 'deploy' && request.deploy ? checkInstanceConfig(request.deploy) : undefined;
       const node = await requireNode(request.node);
       const drive = instance ? await buildConfigDrive(instance, node.name) : undefined;
       return {
-        node: nodeToProto(await provisioner.runAction(node, action, operator, deploy, instance && drive ? { instance, drive } : undefined)),
+        node: nodeToProto(
+          await provisioner.runAction(node, action, operator, deploy, instance && drive ? { instance, drive } : undefined, abortPower),
+        ),
       };
     },
 
@@ -293,4 +296,11 @@ export function createNodeService(deps: NodeServiceDeps): NodeServiceImplementat
       await pump;
     },
   };
+}
+
+/** What an abort does with the machine: power off unless KEEP was asked. */
+function abortPowerFromProto(value: AbortPower): 'off' | 'keep' {
+  if (value === AbortPower.ABORT_POWER_KEEP) return 'keep';
+  if (value === AbortPower.ABORT_POWER_UNSPECIFIED || value === AbortPower.ABORT_POWER_OFF) return 'off';
+  throw new MetalcastError(Status.INVALID_ARGUMENT, `abort_power: ${value} is not one of ABORT_POWER_OFF, ABORT_POWER_KEEP`);
 }

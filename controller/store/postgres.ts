@@ -7,6 +7,7 @@ import { ringHash } from '../cluster/hash-ring.js';
 import {
   ACTIVE_STATE_FAILURES,
   type ActiveState,
+  AGENT_STATES,
   isWaitState,
   PROVISION_STATES,
   type ProvisionState,
@@ -42,6 +43,7 @@ import type {
   Transition,
 } from './store.js';
 import { powerStatusFromRow } from './power-rows.js';
+import { deployImageOf, deployImageProblem } from './store.js';
 
 /** The part of a pino logger the store uses; pass `logger.child({ component: 'store' })`. */
 export interface StoreLogger {
@@ -53,9 +55,19 @@ export interface StoreLogger {
 export interface PostgresStoreOptions {
   /** Where reconnects and lost notifications are reported. Default: silent. */
   logger?: StoreLogger;
-  /** Connections in the pool, besides the one that listens for notifications. Default: 10. */
+  /** Connections in the pool, besides the one that listens for notifications. Default: 20 (--database-pool-size). */
   poolSize?: number;
+  /**
+   * The longest a query waits for a free connection of the pool (or for a
+   * new one to connect); then it fails UNAVAILABLE, saying that the pool was
+   * full. Default: 10 s (--database-pool-wait).
+   */
+  poolWaitMs?: number;
 }
+
+/** Default pool size: a connect storm of 1,000 agents on one controller gets in with it (docs/hardening-controller.md). */
+export const DEFAULT_POOL_SIZE = 20;
+const DEFAULT_POOL_WAIT_MS = 10_000;
 
 const SILENT: StoreLogger = { info() {}, warn() {}, error() {} };
 
@@ -158,13 +170,16 @@ export class PostgresStore implements Store {
       // The listening connection is idle for hours: TCP keepalive is what notices a server that vanished without a word.
       keepAlive: true,
     };
-    const pool = new Pool({ ...connection, max: options.poolSize ?? 10, application_name: 'metalcast' });
+    const poolSize = options.poolSize ?? DEFAULT_POOL_SIZE;
+    const poolWaitMs = options.poolWaitMs ?? DEFAULT_POOL_WAIT_MS;
+    // pg-pool's connectionTimeoutMillis bounds both the wait for a free connection and the connect of a new one.
+    const pool = new Pool({ ...connection, connectionTimeoutMillis: poolWaitMs, max: poolSize, application_name: 'metalcast' });
     // Without a listener, a connection that breaks while idle in the pool would crash the process.
     pool.on('error', (error) => logger.warn({ err: error }, 'an idle PostgreSQL connection broke; the pool will open another'));
     try {
       const schema = await prepareDatabase(pool, masked);
       // From here on, not at open: a server that cannot be reached at start is a configuration problem, explained above.
-      unavailableWhenBusy(pool);
+      unavailableWhenBusy(pool, { poolSize, poolWaitMs });
       const listener = new NotificationListener(
         () => new Client({ ...connection, application_name: `metalcast listen ${schema}`.slice(0, 63) }),
         logger,
@@ -329,6 +344,15 @@ export class PostgresStore implements Store {
 
   async transition(uuid: string, t: Transition): Promise<NodeRecord | undefined> {
     return this.withTransaction(async (client) => {
+      const image = deployImageOf(t);
+      if (image) {
+        // FOR SHARE against deleteImage's FOR UPDATE: whichever is second waits, then sees the other's outcome.
+        const found = (
+          await client.query<{ state: string; sha256: string }>('SELECT state, sha256 FROM images WHERE name = $1 FOR SHARE', [image.name])
+        ).rows[0];
+        const problem = deployImageProblem(image, found);
+        if (problem) throw new MetalcastError(Status.FAILED_PRECONDITION, problem);
+      }
       const now = Date.now();
       const p = new Params();
       const sets = [
@@ -338,6 +362,8 @@ export class PostgresStore implements Store {
         `provision_updated_at = ${p.add(now)}`,
         // Entering a state that waits for an agent starts the sweep's clock.
         `liveness_at = ${p.add(isWaitState(t.to) ? now : null)}`,
+        // The progress shown is the running step's: a new state starts without one.
+        'progress = NULL',
       ];
       if (t.lastError !== undefined) sets.push(`last_error = ${p.add(t.lastError)}`);
       if (!t.keepAgentToken) sets.push('agent_token_hash = NULL', 'agent_api_token = NULL', 'agent_certificate = NULL');
@@ -395,7 +421,10 @@ export class PostgresStore implements Store {
     const beats = [...merged.values()];
     const { rows } = await this.pool.query<{ uuid: string }>(
       `UPDATE nodes n SET last_heartbeat_at = b.time, agent_address = b.address, agent_version = b.version, agent_status = b.status,
-         progress = COALESCE(b.progress, n.progress),
+         -- HeartbeatRecord.progressJson: null keeps, '' clears; a progress only onto the step it was received in.
+         progress = CASE WHEN b.progress IS NULL THEN n.progress WHEN b.progress = '' THEN NULL
+           WHEN n.provision_updated_at <= b.time AND n.provision_state = ANY($8::text[]) THEN b.progress
+           ELSE n.progress END,
          liveness_at = CASE WHEN n.liveness_at IS NULL THEN NULL ELSE GREATEST(n.liveness_at, b.latest) END
        FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[])
          AS b (uuid, time, address, version, status, progress, latest)
@@ -409,6 +438,7 @@ export class PostgresStore implements Store {
         beats.map((b) => b.agentStatus),
         beats.map((b) => b.progressJson),
         beats.map((b) => b.latest),
+        AGENT_STATES,
       ],
     );
     const found = new Set(rows.map((r) => r.uuid));
@@ -611,10 +641,12 @@ export class PostgresStore implements Store {
       }
       // Every lock let go leaves a trace, so that a node's history shows where one controller's work ended.
       await client.query(
-        `INSERT INTO node_events (node_uuid, time, kind, message, actor, from_state, to_state)
+        // Locked first, as insertEvent does: the events of a node get their ids in commit order.
+        `WITH held AS (SELECT uuid, name, reservation_operation FROM nodes WHERE reservation = $1 ORDER BY name FOR UPDATE)
+         INSERT INTO node_events (node_uuid, time, kind, message, actor, from_state, to_state)
          SELECT uuid, $2, 'lock_released', format('lock of %s for %s released: %s', $1::text, COALESCE(reservation_operation, 'an operation'), $3::text),
            'takeover', NULL, NULL
-         FROM nodes WHERE reservation = $1 ORDER BY name`,
+         FROM held ORDER BY name`,
         [holder, now, reason],
       );
       const released = await client.query('UPDATE nodes SET reservation = NULL, reservation_operation = NULL WHERE reservation = $1', [
@@ -623,6 +655,11 @@ export class PostgresStore implements Store {
       await client.query('DELETE FROM node_lock_waiters WHERE holder = $1', [holder]);
       return { released: released.rowCount ?? 0, failed };
     });
+  }
+
+  async clock(): Promise<EpochMs> {
+    const { rows } = await this.pool.query<{ now: number }>('SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now');
+    return Number(rows[0]?.now);
   }
 
   async registerController(id: string, address: string, now: EpochMs): Promise<void> {
@@ -1076,13 +1113,20 @@ const TRANSIENT_MESSAGES =
  * a connect storm of thousands of agents waits for the pool's few
  * connections, and the pool gives up on some of them after its timeout.
  */
-function unavailableWhenBusy(pool: Pool): Pool {
+function unavailableWhenBusy(pool: Pool, limits: { poolSize: number; poolWaitMs: number }): Pool {
   const translate = (error: unknown): unknown => {
     if (!(error instanceof Error) || error instanceof DatabaseError) {
       if (!(error instanceof DatabaseError) || !TRANSIENT_CODES.has(error.code ?? '')) return error;
     }
     const code = (error as { code?: string }).code ?? '';
     if (!TRANSIENT_CODES.has(code) && !TRANSIENT_MESSAGES.test(error.message)) return error;
+    if (/timeout exceeded when trying to connect/i.test(error.message) && pool.totalCount >= limits.poolSize) {
+      // Every connection was busy for the whole wait: say so, and what to change.
+      return new MetalcastError(
+        Status.UNAVAILABLE,
+        `the database is busy: no connection of the pool was free within ${limits.poolWaitMs} ms (all ${limits.poolSize} in use, ${pool.waitingCount} more calls waiting); retry shortly, or raise --database-pool-size (within PostgreSQL's max_connections)`,
+      );
+    }
     return new MetalcastError(Status.UNAVAILABLE, `the database is busy or unreachable (${error.message}); retry shortly`);
   };
   const query = pool.query.bind(pool) as (...args: unknown[]) => Promise<unknown>;
@@ -1272,9 +1316,21 @@ async function assertMacsFree(db: Queryable, macs: readonly string[]): Promise<v
   if (mac !== undefined) throw new MetalcastError(Status.ALREADY_EXISTS, `MAC address ${mac} already belongs to node '${owners.get(mac)}'`);
 }
 
+/**
+ * Appends one event of a node. Ids come from an identity column, assigned
+ * at insert and visible at commit, and ListNodeEvents pages by `id >
+ * afterId`: were two transactions to write events of one node at once, the
+ * later id could commit first and a reader between the two commits would
+ * page past the earlier one for good. So every event insert locks its
+ * node's row first (FOR UPDATE, held to commit; most callers hold it
+ * already, from the UPDATE of the node), and the events of one node get
+ * their ids in commit order. Listings are per node, so that is enough.
+ */
 async function insertEvent(db: Queryable, uuid: string, event: NewNodeEvent, time: EpochMs): Promise<void> {
   await db.query(
-    'INSERT INTO node_events (node_uuid, time, kind, message, actor, from_state, to_state) VALUES ($1, $2, $3, $4, $5, $6, $7)',
+    `WITH node AS (SELECT uuid FROM nodes WHERE uuid = $1 FOR UPDATE)
+     INSERT INTO node_events (node_uuid, time, kind, message, actor, from_state, to_state)
+     SELECT node.uuid, $2, $3, $4, $5, $6, $7 FROM node`,
     [uuid, time, event.kind, event.message, event.actor, event.fromState, event.toState],
   );
 }

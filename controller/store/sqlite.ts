@@ -7,7 +7,14 @@ import type { ChunkManifest } from '../../common/chunk-manifest.js';
 import { MetalcastError } from '../../common/errors.js';
 import { EventEmitter } from 'node:events';
 import { ringHash } from '../cluster/hash-ring.js';
-import { ACTIVE_STATE_FAILURES, PROVISION_STATES, type ProvisionState, WAIT_STATE_FAILURES, WAIT_STATES } from '../provisioning/states.js';
+import {
+  ACTIVE_STATE_FAILURES,
+  AGENT_STATES,
+  PROVISION_STATES,
+  type ProvisionState,
+  WAIT_STATE_FAILURES,
+  WAIT_STATES,
+} from '../provisioning/states.js';
 import { SQLITE_MIGRATIONS } from './sqlite-migrations.js';
 import { applySettings } from './settings.js';
 import type {
@@ -36,6 +43,7 @@ import type {
   TimedOutNode,
   Transition,
 } from './store.js';
+import { deployImageOf, deployImageProblem } from './store.js';
 import { powerStatusFromRow } from './power-rows.js';
 
 type Row = Record<string, SQLInputValue>;
@@ -45,6 +53,16 @@ type Row = Record<string, SQLInputValue>;
  * native build step). Calls are synchronous underneath; they are short, and
  * heartbeats reach it in batches, so the event loop is never held for long.
  */
+/**
+ * The heartbeat's progress (HeartbeatRecord.progressJson): null keeps the
+ * node's, '' clears it, a progress is written only onto a node in an agent
+ * state entered at or before the heartbeat; parameters: progress, progress,
+ * time, progress.
+ */
+const PROGRESS_UPDATE = `CASE WHEN ? IS NULL THEN progress WHEN ? = '' THEN NULL
+             WHEN provision_updated_at <= ? AND provision_state IN (${AGENT_STATES.map((s) => `'${s}'`).join(',')}) THEN ?
+             ELSE progress END`;
+
 export class SqliteStore implements Store {
   private readonly db: DatabaseSync;
   private readonly statements = new Map<string, StatementSync>();
@@ -282,6 +300,15 @@ export class SqliteStore implements Store {
 
   async transition(uuid: string, t: Transition): Promise<NodeRecord | undefined> {
     return this.inTransaction(() => {
+      // In the transaction that names the image: deleteImage cannot come between (see deployImageOf).
+      const image = deployImageOf(t);
+      if (image) {
+        const found = this.stmt('SELECT state, sha256 FROM images WHERE name = ?').get(image.name) as
+          | { state: string; sha256: string }
+          | undefined;
+        const problem = deployImageProblem(image, found);
+        if (problem) throw new MetalcastError(Status.FAILED_PRECONDITION, problem);
+      }
       const now = Date.now();
       const sets = [
         'provision_state = ?',
@@ -290,6 +317,8 @@ export class SqliteStore implements Store {
         'provision_updated_at = ?',
         // Entering a state that waits for an agent starts the sweep's clock.
         'liveness_at = ?',
+        // The progress shown is the running step's: a new state starts without one.
+        'progress = NULL',
       ];
       const params: SQLInputValue[] = [t.to, t.target, now, now, (WAIT_STATES as string[]).includes(t.to) ? now : null];
       if (t.lastError !== undefined) {
@@ -344,12 +373,13 @@ export class SqliteStore implements Store {
     this.inTransaction(() => {
       const update = this.stmt(
         `UPDATE nodes SET last_heartbeat_at = ?, agent_address = ?, agent_version = ?, agent_status = ?,
-           progress = COALESCE(?, progress),
+           progress = ${PROGRESS_UPDATE},
            liveness_at = CASE WHEN liveness_at IS NULL THEN NULL ELSE MAX(liveness_at, ?) END
          WHERE uuid = ?`,
       );
       for (const hb of batch) {
-        const { changes } = update.run(hb.time, hb.agentAddress, hb.agentVersion, hb.agentStatus, hb.progressJson, hb.time, hb.nodeUuid);
+        const p = hb.progressJson;
+        const { changes } = update.run(hb.time, hb.agentAddress, hb.agentVersion, hb.agentStatus, p, p, hb.time, p, hb.time, hb.nodeUuid);
         if (Number(changes) === 0) missing.push(hb.nodeUuid);
       }
     });
@@ -561,6 +591,11 @@ export class SqliteStore implements Store {
       this.stmt('DELETE FROM node_lock_waiters WHERE holder = ?').run(holder);
       return { released, failed };
     });
+  }
+
+  /** One controller on a local file: its clock is the database's. */
+  async clock(): Promise<EpochMs> {
+    return Date.now();
   }
 
   async registerController(id: string, address: string, now: EpochMs): Promise<void> {

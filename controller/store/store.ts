@@ -48,7 +48,12 @@ export interface NodeRecord {
   inventoryJson: string | null;
   /** JSON of the deploy spec; null when nothing is deployed. */
   deployJson: string | null;
-  /** JSON of the agent's latest command progress. */
+  /**
+   * JSON of the progress of the agent's running command in the node's
+   * current step; null when no command of this step runs or reported yet.
+   * Every provision state change clears it: an earlier step's progress is
+   * history, never shown as the node's (issue 18 item 6).
+   */
   progressJson: string | null;
   createdAt: EpochMs;
   updatedAt: EpochMs;
@@ -100,6 +105,14 @@ export interface HeartbeatRecord {
   agentAddress: string;
   agentVersion: string;
   agentStatus: string;
+  /**
+   * JSON of the progress of the agent's RUNNING command; '' when the agent
+   * reports a command that is no longer running (clears the node's
+   * progress); null when the heartbeat says nothing about a command (keeps
+   * it). Stores write a progress only onto a node still in the step the
+   * heartbeat was received in (an agent state entered at or before `time`),
+   * so that a late flush cannot put one step's progress on the next.
+   */
   progressJson: string | null;
 }
 
@@ -345,6 +358,13 @@ export interface Store {
    */
   releaseHolder(holder: string, reason: string, now: EpochMs): Promise<TakeoverResult>;
   /** Adds or refreshes this controller's row. */
+  /**
+   * The database's clock, in epoch milliseconds: the one clock every
+   * controller sharing the database agrees on. Membership stamps and
+   * compares controller rows with it, so that a controller whose own clock
+   * is off does not look dead (or make the others look dead).
+   */
+  clock(): Promise<EpochMs>;
   registerController(id: string, address: string, now: EpochMs): Promise<void>;
   /** Touches this controller's row; false when the row is gone (others declared it dead). */
   touchController(id: string, now: EpochMs): Promise<boolean>;
@@ -405,4 +425,34 @@ export interface Store {
    */
   ensureClusterSecret(candidate: string): Promise<string>;
   close(): Promise<void>;
+}
+
+/**
+ * The image a transition into deploying names (its deployJson), which `transition`
+ * checks in its own transaction: a deploy and deleteImage are exclusive.
+ * deleteImage refuses an image a deploying node names; the transition that
+ * starts a deploy refuses an image that is gone, not ready, or whose content
+ * changed since the deploy was checked. On PostgreSQL the image row is
+ * locked (FOR SHARE against deleteImage's FOR UPDATE), so that of the two,
+ * whichever comes second sees the other's outcome.
+ */
+export function deployImageOf(t: Pick<Transition, 'to' | 'deployJson'>): { name: string; sha256: string } | undefined {
+  // Only the move into deploying starts a deploy (deleteImage looks at deploying and deploy_wait nodes).
+  if (t.to !== 'deploying' || !t.deployJson) return undefined;
+  const spec = JSON.parse(t.deployJson) as { image?: unknown; imageSha256?: unknown };
+  if (typeof spec.image !== 'string' || spec.image === '') return undefined;
+  return { name: spec.image, sha256: typeof spec.imageSha256 === 'string' ? spec.imageSha256 : '' };
+}
+
+/** Why a deploy cannot start on `image` as the transition found it (undefined: it can). */
+export function deployImageProblem(
+  wanted: { name: string; sha256: string },
+  found: { state: string; sha256: string } | undefined,
+): string | undefined {
+  if (!found) return `image '${wanted.name}' was deleted while the deploy started; upload it again or deploy another image`;
+  if (found.state !== 'ready') return `image '${wanted.name}' is ${found.state}, not ready`;
+  if (wanted.sha256 !== '' && found.sha256 !== wanted.sha256) {
+    return `image '${wanted.name}' was replaced while the deploy started; deploy again`;
+  }
+  return undefined;
 }

@@ -21,6 +21,7 @@ import { TcpProxy } from '../helpers/tcp-proxy.js';
 
 const MIB = 1024 * 1024;
 const IMAGE_BYTES = 48 * MIB;
+const AGENT_FLAGS = { 'keepalive-time': '1s', 'keepalive-timeout': '10s' };
 /** Slow enough that a fault lands mid-transfer (about 8 s for the image). */
 const PROXY_RATE = 6_000_000;
 
@@ -35,8 +36,10 @@ const FLAGS: Record<string, string> = {
   imageManifestChunkSize: '1M',
   transferStallTimeout: '3s',
   transferAttempts: '30',
+  // A ping's answer queues behind a full flow-control window (16 MiB, about 3 s through the throttled
+  // proxy): a shorter keepalive timeout would cut healthy connections and resend their windows.
   keepaliveTime: '1s',
-  keepaliveTimeout: '3s',
+  keepaliveTimeout: '10s',
   // A stop cuts running streams, as a crash would.
   shutdownTimeout: '1s',
 };
@@ -63,7 +66,7 @@ describe('resuming a deploy at chunk granularity', () => {
     await t.nodes.createNode({ name, macAddresses: [machine.macs[0] as string] });
     await t.nodes.setProvisionState({ node: name, action: ProvisionAction.PROVISION_ACTION_MANAGE });
     await t.nodes.setProvisionState({ node: name, action: ProvisionAction.PROVISION_ACTION_PROVIDE });
-    const agent = spawnAgent({ controller: proxy.address, root: machine.root });
+    const agent = spawnAgent({ controller: proxy.address, root: machine.root, ...AGENT_FLAGS });
     agents.push(agent);
     await waitFor(t, name, ProvisionState.PROVISION_STATE_AVAILABLE);
     proxy.throttle(PROXY_RATE);
@@ -112,9 +115,15 @@ describe('resuming a deploy at chunk granularity', () => {
     const at = await writtenAtLeast(t, 'agent-kill', IMAGE_BYTES / 2);
     await d.agent.kill('SIGKILL');
     ctx.diagnostic(`agent killed with ${at} bytes written`);
-    const again = spawnAgent({ controller: d.proxy.address, root: d.machine.root });
+    const again = spawnAgent({ controller: d.proxy.address, root: d.machine.root, ...AGENT_FLAGS });
     agents.push(again);
-    const node = await waitFor(t, 'agent-kill', ProvisionState.PROVISION_STATE_ACTIVE, 120_000);
+    const node = await waitFor(t, 'agent-kill', ProvisionState.PROVISION_STATE_ACTIVE, 120_000).catch(async (error) => {
+      const { node: now } = await t.nodes.getNode({ node: 'agent-kill' });
+      const events = (await t.nodes.listNodeEvents({ node: 'agent-kill' })).events.map((e) => e.message);
+      throw new Error(
+        `${(error as Error).message}; node ${JSON.stringify(now?.progress)} ${now?.lastError}; events: ${events.join(' | ')}`,
+      );
+    });
     const sent = d.proxy.stats.bytesFromTarget - d.before;
     const twice = sent - IMAGE_BYTES;
     ctx.diagnostic(
@@ -123,7 +132,7 @@ describe('resuming a deploy at chunk granularity', () => {
     assert.ok(twice < IMAGE_BYTES / 10, `${twice} bytes travelled twice, 10 % of the image is ${IMAGE_BYTES / 10}`);
     assert.equal(sha256(await readDiskStart(d.disk, IMAGE_BYTES)), d.image.sha256, 'the disk holds the image');
     const events = (await t.nodes.listNodeEvents({ node: 'agent-kill' })).events;
-    const deployed = events.find((e) => /^deployed /.test(e.message))?.message ?? '';
+    const deployed = events.find((e) => /chunks: \d+ already on the disk/.test(e.message))?.message ?? '';
     ctx.diagnostic(deployed);
     const skipped = Number(/chunks: (\d+) already on the disk/.exec(deployed)?.[1]);
     assert.ok(skipped >= (at / MIB) * 0.9 - 1, `the restarted agent found ${skipped} chunks on the disk after ${at} bytes were written`);

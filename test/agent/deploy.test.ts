@@ -98,7 +98,7 @@ describe('deploy and clean end to end', () => {
     await waitFor('d2', ProvisionState.PROVISION_STATE_AVAILABLE);
     await assert.rejects(
       act('d2', ProvisionAction.PROVISION_ACTION_DEPLOY, 'no-such-image'),
-      /FAILED_PRECONDITION.*image 'no-such-image' does not exist|does not exist/,
+      /NOT_FOUND: image 'no-such-image' does not exist/,
     );
     await assert.rejects(
       t.nodes.setProvisionState({

@@ -164,7 +164,7 @@ describe('inspection with real agent processes', () => {
     await t.nodes.setMaintenance({ node: node.uuid, enabled: true, reason: 'hold' });
     const agent = startAgent(machine.root);
     await agent.waitForLog(msg('heartbeat stream established'));
-    await assertRejectsWith(lookup(t.gateway, [machine.macs[0] as string]), Status.FAILED_PRECONDITION, /already has a live agent/);
+    await assertRejectsWith(lookup(t.gateway, [machine.macs[0] as string]), Status.NOT_FOUND, /no node waiting for an agent/);
   });
 
   it('exits non-zero when its lookup budget runs out', async () => {

@@ -12,6 +12,7 @@ import { AgentServiceDefinition, type AgentServiceImplementation } from '../../g
 import { AgentGatewayServiceDefinition } from '../../gen/metalcast/v1/agent_gateway.js';
 import { Inventory } from '../../gen/metalcast/v1/inventory.js';
 import { NodeServiceDefinition, ProvisionState } from '../../gen/metalcast/v1/node.js';
+import { NO_AGENT_CERTIFICATE } from '../../controller/services/heartbeat.js';
 import { createWaitingNode, lookup, openHeartbeat } from '../helpers/agent-client.js';
 import { eventually, tempDir } from '../helpers/controller.js';
 import { makeTestPki, type TestPki } from '../helpers/tls.js';
@@ -166,19 +167,28 @@ describe('agent certificate pinning', () => {
     assert.equal((await controller.store.getNode(uuid))?.agentCertificatePem, null);
   });
 
-  it('does not call an agent that sent no certificate: a TLS controller calls agents only over TLS', async () => {
+  it('refuses a heartbeat stream without a certificate at once, with FAILED_PRECONDITION saying what to do, and never calls that agent', async () => {
+    // It used to be accepted: the node then waited for its heartbeat timeout, explained only in the controller's log.
     const node = await createWaitingNode(nodes, 'pin-4', ['52:54:00:bb:00:04']);
     const { agentToken } = await lookup(gateway, ['52:54:00:bb:00:04']);
     const stream = openHeartbeat(gateway, node.uuid, agentToken);
-    for (let i = 0; i < 3; i++) await stream.beat({ agentAddress: '127.0.0.1:9' });
-    await eventually(() => logged('not calling the agent: it sent no certificate to pin').find((l) => l.node === node.uuid), {
-      what: 'the refusal to call a plaintext agent',
-    });
-    for (let i = 0; i < 3; i++) await stream.beat({ agentAddress: '127.0.0.1:9' });
-    assert.equal(logged('not calling the agent').filter((l) => l.node === node.uuid).length, 1, 'logged once');
+    stream.send({ agentAddress: '127.0.0.1:9' });
+    const endedOrOpen = Promise.race([stream.ended, new Promise((resolve) => setTimeout(resolve, 10_000, 'still open after 10 s'))]);
+    await endedWith(endedOrOpen, Status.FAILED_PRECONDITION, /^heartbeat without agent_certificate_pem: /);
+    const error = (await stream.ended) as ClientError;
+    assert.equal(error.details, NO_AGENT_CERTIFICATE);
+    assert.equal(logged('refused a heartbeat stream without an agent certificate').filter((l) => l.node === node.uuid).length, 1);
     assert.equal((await nodes.getNode({ node: 'pin-4' })).node?.provisionState, ProvisionState.PROVISION_STATE_INSPECT_WAIT);
-    stream.end();
-    await stream.ended;
+    assert.deepEqual(
+      logged('not calling the agent').filter((l) => l.node === node.uuid),
+      [],
+      'the agent was never considered',
+    );
+    // With its certificate, the same agent is accepted.
+    const again = openHeartbeat(gateway, node.uuid, agentToken);
+    await again.beat({ agentCertificatePem: first.certPem });
+    again.end();
+    await again.ended;
   });
 
   it('calls the agent over TLS trusting only the pinned certificate: another certificate at its address is refused', async () => {

@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, describe, it } from 'node:test';
 import { Status } from 'nice-grpc-common';
 import { AgentStatus } from '../../gen/metalcast/v1/agent_gateway.js';
@@ -168,6 +169,49 @@ describe('Heartbeat stream', () => {
       stream.send({ agentAddress: 'not an address' });
       assertClientError(await stream.ended, Status.INVALID_ARGUMENT, /agent_address: 'not an address' is not of the form host:port/);
       await eventually(async () => (await connected()) === 0, { what: 'the session to close' });
+    });
+
+    it('holds streams to the sequence contract: from 1, upwards with gaps allowed; a late start, a repeat or a step back ends the stream with INVALID_ARGUMENT and records nothing of it', async () => {
+      const { node, token } = await agentFor('hb-sequence', '02:00:00:00:19:01');
+      await t.nodes.setMaintenance({ node: node.uuid, enabled: true, reason: 'sequence test' });
+      // Upwards with a gap: accepted, each ack carries its number.
+      const ok = heartbeat(node.uuid, token);
+      assert.equal((await ok.beat({ sequence: 1 })).sequence, 1);
+      assert.equal((await ok.beat({ sequence: 2 })).sequence, 2);
+      assert.equal((await ok.beat({ sequence: 5 })).sequence, 5);
+      ok.end();
+      assert.equal(await ok.ended, undefined);
+
+      const cases: [string, number[], RegExp][] = [
+        ['starts at 5', [5], /sequence: the first heartbeat of a stream is 1, got 5; open a new stream and number it from 1/],
+        ['starts at 0', [0], /sequence: the first heartbeat of a stream is 1, got 0/],
+        ['repeats', [1, 2, 2], /sequence: 2 after 2; the heartbeats of a stream are numbered upwards without repeats/],
+        ['goes back', [1, 2, 3, 1], /sequence: 1 after 3;/],
+      ];
+      for (const [what, sequences, message] of cases) {
+        const stream = heartbeat(node.uuid, token);
+        const last = sequences.at(-1) as number;
+        for (const sequence of sequences.slice(0, -1)) await stream.beat({ sequence });
+        stream.send({ sequence: last, agentVersion: `refused/${what}` });
+        // Bounded: without the check the stream would simply go on.
+        const ended = await Promise.race([stream.ended, sleep(5000).then(() => 'still open')]);
+        assert.notEqual(ended, 'still open', `${what}: the stream was not ended`);
+        assertClientError(ended, Status.INVALID_ARGUMENT, message);
+        assert.equal(stream.responses.size, 0, `${what}: the refused heartbeat got no ack`);
+      }
+      // A new stream from 1 works again after each refusal, and nothing of a refused heartbeat was recorded.
+      const again = heartbeat(node.uuid, token);
+      await again.beat({ sequence: 1, agentVersion: 'test-agent/after' });
+      const recorded = await eventually(
+        async () => {
+          const got = (await t.nodes.getNode({ node: node.uuid })).node;
+          return got?.agentVersion === 'test-agent/after' ? got : undefined;
+        },
+        { timeoutMs: 5000, what: 'the last good heartbeat to be recorded' },
+      );
+      assert.doesNotMatch(recorded.agentVersion, /refused/);
+      again.end();
+      assert.equal(await again.ended, undefined);
     });
 
     it('ends an older stream of the same node with ABORTED when the agent opens a new one', async () => {

@@ -25,6 +25,7 @@ import { ImageServiceDefinition } from '../../gen/metalcast/v1/image.js';
 import { NodeServiceDefinition, PowerAction, ProvisionAction } from '../../gen/metalcast/v1/node.js';
 import { createTestOperatorToken, eventually, operatorCallOptions, tempDir } from '../helpers/controller.js';
 import { assertRejectsWith } from '../helpers/grpc-assert.js';
+import { ServerReflectionV1AlphaService } from '../../controller/services/health-reflection.js';
 
 // google-protobuf CommonJS: its classes are not visible to an ESM named import.
 const REFLECTION_PB = 'nice-grpc-server-reflection/lib/proto/grpc/reflection/v1/reflection_pb.js';
@@ -121,7 +122,16 @@ async function startLogged(
   const logger = createLogger({ name: 'auth-test', level: 'debug', destination: { write: (line: string) => void lines.push(line) } });
   const config = loadControllerConfig(
     // Plaintext: TLS is not what these tests are about (test/controller/tls.test.ts is).
-    { listen: '127.0.0.1:0', metricsListen: '127.0.0.1:0', dataDir, controllerId: 'auth-test', insecure: 'true', ...flags },
+    // No limit on failures: these tests fail on purpose, many times (test/controller/rate-limit.test.ts tests the limit).
+    {
+      listen: '127.0.0.1:0',
+      metricsListen: '127.0.0.1:0',
+      dataDir,
+      controllerId: 'auth-test',
+      insecure: 'true',
+      operatorAuthFailureLimit: '0',
+      ...flags,
+    },
     {},
   );
   return { controller: await startController(config, logger), lines };
@@ -168,7 +178,7 @@ describe('operator authentication', () => {
     assert.equal(OPERATOR_METHOD_ROLES.get(ServerReflectionService.serverReflectionInfo.path), 'reader');
     assert.deepEqual(
       [...OPERATOR_METHOD_ROLES.keys()].filter((path) => !operatorPaths().includes(path)),
-      [ServerReflectionService.serverReflectionInfo.path],
+      [ServerReflectionService.serverReflectionInfo.path, ServerReflectionV1AlphaService.serverReflectionInfo.path],
       'no stale entries',
     );
   });
@@ -339,7 +349,7 @@ describe('operator authentication', () => {
       const read = await cli(['node', 'list', '--token', token]);
       assert.equal(read.code, 0, read.stderr);
       const write = await cli(['node', 'create', 'cli-node', '--mac', '52:54:00:00:10:01'], { env: { METALCAST_TOKEN: token } });
-      assert.equal(write.code, 1);
+      assert.equal(write.code, 4);
       assert.match(write.stderr, /PERMISSION_DENIED: \/metalcast\.v1\.NodeService\/CreateNode changes state and needs the admin role/);
 
       const deleted = await cli(['token', 'delete', mine?.id as string, '--data-dir', dataDir]);
@@ -367,7 +377,7 @@ describe('operator authentication', () => {
       const elsewhere = join(dir.path, 'elsewhere');
       mkdirSync(elsewhere, { recursive: true });
       const refused = await cli(['node', 'list'], { cwd: elsewhere });
-      assert.equal(refused.code, 1);
+      assert.equal(refused.code, 4);
       assert.match(
         refused.stderr,
         /UNAUTHENTICATED: .*needs an operator token.*--token or METALCAST_TOKEN.*metalcast token create --role reader/,

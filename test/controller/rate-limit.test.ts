@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
 import { createServer, type Server, connect } from 'node:net';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -9,11 +10,20 @@ import { lookupWithBackoff } from '../../agent/controller/lookup.js';
 import type { ControllerLink } from '../../agent/controller/controller-link.js';
 import { loadControllerConfig } from '../../controller/config.js';
 import { type RunningController, startController } from '../../controller/controller.js';
-import { PeerLimit, PeerRateLimiter, peerHost } from '../../controller/auth/rate-limit.js';
+import { clientKey, PeerLimit, PeerRateLimiter, peerHost } from '../../controller/auth/rate-limit.js';
+import { methodsOf, rawCall, rawClient } from '../fuzz/harness.js';
 import { AgentGatewayServiceDefinition, type LookupResponse } from '../../gen/metalcast/v1/agent_gateway.js';
 import { NodeServiceDefinition } from '../../gen/metalcast/v1/node.js';
 import { createWaitingNode, lookup, openHeartbeat } from '../helpers/agent-client.js';
-import { eventually, metricValue, scrapeMetrics, tempDir } from '../helpers/controller.js';
+import {
+  eventually,
+  metricValue,
+  operatorCallOptions,
+  scrapeMetrics,
+  startTestController,
+  type TestController,
+  tempDir,
+} from '../helpers/controller.js';
 import { assertRejectsWith } from '../helpers/grpc-assert.js';
 
 describe('per-peer rate limits', () => {
@@ -65,6 +75,16 @@ describe('per-peer rate limits', () => {
       assert.equal(peerHost('::ffff:10.0.0.7:51234'), '10.0.0.7');
       assert.equal(peerHost('[fe80::1]:51234'), 'fe80::1');
       assert.equal(peerHost('unknown'), 'unknown');
+    });
+
+    it('counts operator clients by IPv4 address and by IPv6 /64', () => {
+      assert.equal(clientKey('10.0.0.7:51234'), '10.0.0.7');
+      assert.equal(clientKey('::ffff:10.0.0.7:51234'), '10.0.0.7');
+      assert.equal(clientKey('[2001:db8:1:2:aaaa::1]:443'), '2001:db8:1:2::/64');
+      assert.equal(clientKey('[2001:db8:1:2:bbbb:cccc:dddd:eeee]:443'), '2001:db8:1:2::/64', 'the same /64');
+      assert.equal(clientKey('[2001:0db8:0001:0003::1]:443'), '2001:db8:1:3::/64', 'another /64');
+      assert.equal(clientKey('::1:51234'), '0:0:0:0::/64');
+      assert.equal(clientKey('[fe80::1%eth0]:1'), 'fe80:0:0:0::/64');
     });
   });
 
@@ -227,7 +247,7 @@ describe('per-peer rate limits', () => {
       );
     });
 
-    it('refuses agent calls from a peer that failed the token check too often, even with a good token; another peer is unaffected', async () => {
+    it('refuses further wrong agent tokens from a peer and for a node, never a valid token at the same address; the guesser stays refused', async () => {
       const gateway = createClient(AgentGatewayServiceDefinition, channel);
       const otherGateway = createClient(AgentGatewayServiceDefinition, otherPeer);
       const nodes = createClient(NodeServiceDefinition, channel);
@@ -235,29 +255,139 @@ describe('per-peer rate limits', () => {
       const good = await lookup(otherGateway, ['02:00:00:00:97:01']);
       const wrong = { metadata: agentMetadata(node.uuid, 'not-the-token') };
       for (let i = 0; i < 3; i++) await assertRejectsWith(gateway.statImage({ image: 'x' }, wrong), Status.UNAUTHENTICATED);
-      const stream = openHeartbeat(gateway, node.uuid, good.agentToken);
-      stream.send();
       await assertRejectsWith(
-        (async () => {
-          const error = await stream.ended;
-          if (error) throw error;
-        })(),
+        gateway.statImage({ image: 'x' }, wrong),
         Status.RESOURCE_EXHAUSTED,
         /^too many failed agent token checks from 127\.0\.0\.1; retry in 1s$/,
       );
-      assert.equal(await limited('agent_auth'), 1);
+      const refusedBefore = await limited('agent_auth');
+      assert.ok(refusedBefore >= 1);
+
+      // The node's own agent behind the same address (a NAT), with its valid token, goes on heartbeating.
+      const stream = openHeartbeat(gateway, node.uuid, good.agentToken);
+      await stream.beat();
+      await stream.beat();
+      stream.end();
+      assert.equal(await stream.ended, undefined, 'a valid token is not refused because a neighbour guessed wrong');
+
+      // The guesser keeps guessing faster than the limit and stays refused: refused guesses do not count as tries.
+      for (let i = 0; i < 20; i++) {
+        await assertRejectsWith(
+          gateway.statImage({ image: 'x' }, { metadata: agentMetadata(randomUUID(), `guess-${i}`) }),
+          Status.RESOURCE_EXHAUSTED,
+        );
+      }
+      assert.equal(await limited('agent_auth'), refusedBefore + 20);
+
+      // From another address, wrong tokens for the same node are refused too (per node uuid); for another node they are merely wrong.
+      await assertRejectsWith(
+        otherGateway.statImage({ image: 'x' }, wrong),
+        Status.RESOURCE_EXHAUSTED,
+        new RegExp(`^too many failed agent token checks for node ${node.uuid}; retry in 1s$`),
+      );
+      assert.ok((await limited('agent_auth_node')) >= 1);
+      await assertRejectsWith(
+        otherGateway.statImage({ image: 'x' }, { metadata: agentMetadata(randomUUID(), 'not-the-token') }),
+        Status.UNAUTHENTICATED,
+      );
+      // And the valid token from there works as well.
+      const otherStream = openHeartbeat(otherGateway, node.uuid, good.agentToken);
+      await otherStream.beat();
+      otherStream.end();
+      assert.equal(await otherStream.ended, undefined);
       assert.equal(
         lines.filter(
           (line) => line.msg === 'too many failed agent token checks from 127.0.0.1; refusing them (logged at most once a minute per peer)',
         ).length,
         1,
       );
-
-      // The agent at another address, with the good token, is not affected.
-      const otherStream = openHeartbeat(otherGateway, node.uuid, good.agentToken);
-      await otherStream.beat();
-      otherStream.end();
-      assert.equal(await otherStream.ended, undefined);
     });
+
+    it('checks the agent token before the request is decoded: malformed calls without a valid token are UNAUTHENTICATED and counted', async () => {
+      // From 127.0.0.2 (the proxy), whose bucket still has a token or two.
+      const raw = rawClient(otherPeer);
+      const statImage = methodsOf(AgentGatewayServiceDefinition).find((m) => m.name === 'StatImage');
+      assert.ok(statImage);
+      const garbage = Uint8Array.of(0x0f);
+      const outcomes: string[] = [];
+      for (let i = 0; i < 8; i++) {
+        const outcome = await rawCall(raw, statImage, [garbage], { 'metalcast-node-uuid': randomUUID(), authorization: 'Bearer x' });
+        outcomes.push(Status[outcome.code as Status]);
+      }
+      raw.close();
+      // Before the token check moved ahead of decoding, every one was INVALID_ARGUMENT and none was counted.
+      assert.equal(outcomes[0], 'UNAUTHENTICATED', outcomes.join());
+      assert.ok(
+        outcomes.every((code) => code === 'UNAUTHENTICATED' || code === 'RESOURCE_EXHAUSTED'),
+        outcomes.join(),
+      );
+      assert.equal(outcomes.at(-1), 'RESOURCE_EXHAUSTED', outcomes.join());
+    });
+  });
+});
+
+describe('operator authentication failures', () => {
+  /** Sends wrong operator tokens for `ms` from 4 concurrent callers; counts the answers by status. */
+  async function guess(t: TestController, ms: number): Promise<Record<string, number>> {
+    const counts: Record<string, number> = {};
+    const until = Date.now() + ms;
+    const caller = async (n: number) => {
+      for (let i = 0; Date.now() < until && i < 100_000; i++) {
+        const nodes = createClient(NodeServiceDefinition, t.channel, operatorCallOptions(`mco_${`${n}x${i}`.padEnd(43, 'A')}`));
+        try {
+          await nodes.listNodes({});
+          counts.OK = (counts.OK ?? 0) + 1;
+        } catch (error) {
+          const code = Status[(error as ClientError).code] ?? 'other';
+          counts[code] = (counts[code] ?? 0) + 1;
+        }
+      }
+    };
+    await Promise.all([0, 1, 2, 3].map(caller));
+    return counts;
+  }
+
+  it('refuses a client that keeps guessing with RESOURCE_EXHAUSTED, a retry hint and a metric; a valid token from the same address still works', async () => {
+    const before = await startTestController({ operatorAuthFailureLimit: '0' });
+    const after = await startTestController({ operatorAuthFailureLimit: '60', operatorAuthFailureBurst: '20' });
+    try {
+      const seconds = 1.5;
+      const off = await guess(before, seconds * 1000);
+      const on = await guess(after, seconds * 1000);
+      const rate = (counts: Record<string, number>) => ((counts.UNAUTHENTICATED ?? 0) / seconds).toFixed(1);
+      console.log(
+        `operator token guesses answered (checked) per second from one address: without the limit ${rate(off)}, with --operator-auth-failure-limit 60 --operator-auth-failure-burst 20 ${rate(on)} (refused RESOURCE_EXHAUSTED: ${on.RESOURCE_EXHAUSTED ?? 0})`,
+      );
+      assert.equal(off.RESOURCE_EXHAUSTED, undefined, 'no limit: every guess is checked');
+      assert.ok((off.UNAUTHENTICATED ?? 0) > 22, `${JSON.stringify(off)}`);
+      // The burst, plus a token a second for the time the run took (and its start).
+      assert.ok((on.UNAUTHENTICATED ?? 0) <= 20 + Math.ceil(seconds) + 2, JSON.stringify(on));
+      assert.ok((on.RESOURCE_EXHAUSTED ?? 0) > 0, JSON.stringify(on));
+
+      let trailer: string | undefined;
+      const wrong = createClient(NodeServiceDefinition, after.channel, operatorCallOptions(`mco_${'B'.repeat(43)}`));
+      await assertRejectsWith(
+        wrong.listNodes(
+          {},
+          {
+            onTrailer: (metadata) => {
+              trailer = metadata.get('retry-after-ms');
+            },
+          },
+        ),
+        Status.RESOURCE_EXHAUSTED,
+        /^too many failed operator authentications from 127\.0\.0\.1; retry in 1s$/,
+      );
+      assert.equal(trailer, '1000');
+      // No token at all counts as a failure too.
+      await assertRejectsWith(createClient(NodeServiceDefinition, after.channel).listNodes({}), Status.RESOURCE_EXHAUSTED);
+      // The operator at the same address, with a valid token, is not refused.
+      assert.ok(Array.isArray((await after.nodes.listNodes({})).nodes));
+      const refused = metricValue(await scrapeMetrics(after.controller), 'metalcast_rate_limited_total{kind="operator_auth"}') ?? 0;
+      assert.ok(refused >= (on.RESOURCE_EXHAUSTED ?? 0) + 2, `metric ${refused}`);
+    } finally {
+      await before.destroy();
+      await after.destroy();
+    }
   });
 });

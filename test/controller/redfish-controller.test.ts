@@ -25,9 +25,11 @@ import { addImage, makeImageContent } from '../helpers/images.js';
  *   serves it, the BMC fetches and inserts it, the machine boots once from
  *   Cd; the ISO is ejected when inspection, deploy or clean ends, and on
  *   abort and when the sweep fails a node whose agent never came;
- * - BMC faults (500s, a stall, a wrong password) fail the step with a
- *   last_error that names the BMC and quotes it, within a bounded time, the
- *   node's lock released, and the password in no log line.
+ * - BMC faults (500s, a stall, dropped connections, a wrong password, only
+ *   some ResetTypes, no virtual media) fail the step with a last_error that
+ *   names the BMC and quotes it, within a bounded time, the node's lock
+ *   released, and the password in no log line; an expired session and a
+ *   required If-Match do not fail it.
  */
 
 const PASSWORD = 'vm-bmc-Pa55word-secret';
@@ -60,7 +62,8 @@ describe('redfish nodes through a controller', () => {
         controllerId: 'redfish-test',
         insecure: 'true',
         bootDir,
-        heartbeatTimeout: '4s',
+        // Long enough for an agent process to start on a busy machine; the sweep test waits this out once.
+        heartbeatTimeout: '12s',
         heartbeatIntervalMin: '300ms',
         heartbeatIntervalMax: '600ms',
         sweepInterval: '500ms',
@@ -107,6 +110,8 @@ describe('redfish nodes through a controller', () => {
         'power.redfish.address': sim.url,
         'power.redfish.username': 'admin',
         ...FAST,
+        // Faults show within seconds at 1 s a request; a healthy BMC gets room for a busy machine (the ISO fetch on InsertMedia).
+        ...(options.faults ? {} : { 'power.redfish.request_timeout': '5s' }),
         ...(options.virtualMedia === false ? {} : { 'boot.method': 'virtual-media' }),
         'boot.kernel_args': `metalcast.node_hint=${name}`,
       },
@@ -212,7 +217,7 @@ describe('redfish nodes through a controller', () => {
     await eventually(
       async () => (await nodes.getNode({ node: 'vm3' })).node?.provisionState === ProvisionState.PROVISION_STATE_INSPECT_FAILED,
       {
-        timeoutMs: 20_000,
+        timeoutMs: 40_000,
         what: 'the sweep to fail vm3',
       },
     );
@@ -272,12 +277,85 @@ describe('redfish nodes through a controller', () => {
       assert.equal(sim.requests.filter((r) => r.method === 'POST').length, 1);
     });
 
+    it('a BMC that keeps dropping the connection', async () => {
+      const { sim, took } = await failsInspect(
+        'fdrop',
+        '52:54:00:6b:01:05',
+        { dropConnections: 1000 },
+        /^power on through redfish failed: BMC http:\/\/127\.0\.0\.1:\d+: GET \/redfish\/v1\/: the BMC closed the connection \(after 3 tries\)$/,
+      );
+      assert.equal(sim.requests.length, 3, 'three tries, no more');
+      assert.ok(took < 10_000, `${took} ms`);
+    });
+
+    it('a system that allows only some ResetTypes, none of them a power on', async () => {
+      const { sim } = await failsInspect(
+        'fresets',
+        '52:54:00:6b:01:06',
+        { resetTypes: ['ForceOff', 'GracefulShutdown'] },
+        /allows no ResetType to power on \(On or ForceOn\); it allows ForceOff, GracefulShutdown$/,
+      );
+      assert.ok(!sim.requests.some((r) => r.path.endsWith('ComputerSystem.Reset')), 'no Reset the BMC would refuse was sent');
+    });
+
+    it('a BMC that requires If-Match and whose session expired between steps: the next step logs in again and goes on', async () => {
+      const { sim, machine } = await redfishNode('fexpire', '52:54:00:6b:01:07', { faults: { requireIfMatch: true } });
+      const first = await act('fexpire', ProvisionAction.PROVISION_ACTION_INSPECT);
+      assert.equal(first.node?.provisionState, ProvisionState.PROVISION_STATE_INSPECT_WAIT, first.node?.lastError);
+      await act('fexpire', ProvisionAction.PROVISION_ACTION_ABORT);
+      await act('fexpire', ProvisionAction.PROVISION_ACTION_MANAGE);
+      // As after a BMC reboot: the token the controller holds is now unknown to the BMC.
+      sim.expireSessions();
+      const before = sim.requests.length;
+      const second = await act('fexpire', ProvisionAction.PROVISION_ACTION_INSPECT);
+      assert.equal(second.node?.provisionState, ProvisionState.PROVISION_STATE_INSPECT_WAIT, second.node?.lastError);
+      const trail = sim.requests.slice(before);
+      const refused = trail.findIndex((r) => r.status === 401 && r.auth === 'bad');
+      assert.ok(refused >= 0, `the old token was refused: ${trail.map((r) => `${r.method} ${r.path} ${r.auth} ${r.status}`).join('; ')}`);
+      const logins = trail.filter((r) => r.method === 'POST' && r.path.endsWith('/Sessions'));
+      assert.equal(logins.length, 1, 'one new login');
+      assert.ok(trail.indexOf(logins[0] as (typeof trail)[number]) > refused, 'logged in again after the 401');
+      assert.ok(
+        trail.filter((r) => r.method === 'PATCH').every((r) => r.ifMatch && r.status !== 428),
+        'every PATCH carried If-Match',
+      );
+      assert.deepEqual(machine.bootedFrom, ['Cd', 'Cd']);
+      await act('fexpire', ProvisionAction.PROVISION_ACTION_ABORT);
+      assert.equal((await nodes.getNode({ node: 'fexpire' })).node?.reservation, '', 'no lock held');
+    });
+
     it('a BMC without virtual media for a virtual-media node', async () => {
       const { sim } = await redfishNode('fnovm', '52:54:00:6b:01:04', { faults: { noVirtualMedia: true } });
       const { node } = await act('fnovm', ProvisionAction.PROVISION_ACTION_INSPECT);
       assert.equal(node?.provisionState, ProvisionState.PROVISION_STATE_INSPECT_FAILED);
       assert.match(node?.lastError ?? '', /^virtual media boot through redfish failed: BMC .*: .*this BMC has no virtual media$/);
       assert.ok(!sim.requests.some((r) => r.path.endsWith('ComputerSystem.Reset')), 'not powered on without its ISO');
+    });
+  });
+
+  it('refuses kernel arguments the agent ISO cannot pass to the kernel when the node is created', async () => {
+    await assert.rejects(
+      nodes.createNode({
+        name: 'badargs',
+        macAddresses: ['52:54:00:6b:02:01'],
+        properties: {
+          'power.driver': 'redfish',
+          'power.redfish.address': 'https://10.0.0.5',
+          'power.redfish.username': 'admin',
+          'boot.method': 'virtual-media',
+          'boot.kernel_args': "metalcast.note=it's",
+        },
+        secrets: { 'power.redfish.password': PASSWORD },
+      }),
+      (error: Error) =>
+        /INVALID_ARGUMENT/.test(error.message) &&
+        error.message.includes("boot.kernel_args: the kernel parameter metalcast.note=it's cannot go on the agent ISO"),
+    );
+    // Network boot has no GRUB in the way: the same arguments are fine there.
+    await nodes.createNode({
+      name: 'netargs',
+      macAddresses: ['52:54:00:6b:02:02'],
+      properties: { 'boot.kernel_args': "metalcast.note=it's" },
     });
   });
 

@@ -84,11 +84,12 @@ describe('redfish power driver', () => {
     return { sim, machine, driver };
   }
 
-  /** Rejects with a PowerError whose message matches; returns how long it took. */
+  /** Rejects with a PowerError that names the BMC first and whose message matches; returns how long it took. */
   async function failsWith(action: Promise<unknown>, pattern: RegExp): Promise<number> {
     const start = Date.now();
     await assert.rejects(action, (error: unknown) => {
       assert.ok(error instanceof PowerError, `expected a PowerError, got ${String(error)}`);
+      assert.match(error.message, /^BMC https?:\/\/127\.0\.0\.1:\d+: /, 'the error names the BMC first');
       assert.match(error.message, pattern);
       return true;
     });

@@ -88,7 +88,7 @@ describe('Controller restart', () => {
     controllers.push(second);
     assertClientError(await stream.ended, Status.UNAVAILABLE, /shutting down/);
     // Within its heartbeat interval the agent may still be alive and about to reconnect: no second token.
-    await assertRejectsWith(lookup(second.gateway, ['02:00:00:00:32:01']), Status.FAILED_PRECONDITION, /already has a live agent/);
+    await assertRejectsWith(lookup(second.gateway, ['02:00:00:00:32:01']), Status.NOT_FOUND, /no node waiting for an agent/);
     const reconnected = heartbeat(second, node.uuid, agentToken);
     await reconnected.beat();
     await reconnected.beat();

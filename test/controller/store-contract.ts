@@ -626,6 +626,32 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
         assert.deepEqual(await store.recordHeartbeats([]), []);
       });
 
+      it('keeps progress to the step it was reported in (issue 18 item 6): cleared by a state change and by an empty progress; never written from before the state change or onto a node in no agent state', async () => {
+        const node = await nodeIn('deploy_wait', 'hb-progress', ['aa:00:00:00:07:0a'], 'active');
+        const entered = node.provisionUpdatedAt;
+        const progressOf = async () => (await store.getNode(node.uuid))?.progressJson;
+        await store.recordHeartbeats([heartbeat(node.uuid, entered + 10, { progressJson: '{"phase":"writing"}' })]);
+        assert.equal(await progressOf(), '{"phase":"writing"}');
+        await store.recordHeartbeats([heartbeat(node.uuid, entered + 20, { progressJson: null })]);
+        assert.equal(await progressOf(), '{"phase":"writing"}', 'a heartbeat that says nothing keeps it');
+        await store.recordHeartbeats([heartbeat(node.uuid, entered + 30, { progressJson: '' })]);
+        assert.equal(await progressOf(), null, "'' (the command ended) clears it");
+        await store.recordHeartbeats([heartbeat(node.uuid, entered - 1, { progressJson: '{"phase":"erasing sda"}' })]);
+        assert.equal(await progressOf(), null, 'a heartbeat received before the node entered its state is an earlier step');
+
+        await store.recordHeartbeats([heartbeat(node.uuid, entered + 40, { progressJson: '{"phase":"flushing"}' })]);
+        const active = await store.transition(node.uuid, {
+          from: ['deploy_wait'],
+          to: 'active',
+          target: null,
+          keepAgentToken: false,
+          event: event('transition'),
+        });
+        assert.equal(active?.progressJson, null, 'a state change clears it');
+        await store.recordHeartbeats([heartbeat(node.uuid, Date.now() + 1000, { progressJson: '{"phase":"flushing"}' })]);
+        assert.equal(await progressOf(), null, 'no progress onto a node in no agent state');
+      });
+
       it('pins the agent certificate once per token, by compare-and-set', async () => {
         const node = await nodeIn('inspect_wait', 'pin', ['aa:00:00:00:07:07']);
         const [hash, pem, other] = ['e'.repeat(64), 'PEM of the first certificate', 'PEM of another certificate'];

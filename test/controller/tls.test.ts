@@ -275,10 +275,10 @@ describe('controller TLS', () => {
       assert.equal(byEnvironment.code, 0, byEnvironment.stderr);
 
       const untrusted = await cli(['--token', t.adminToken]);
-      assert.equal(untrusted.code, 1);
+      assert.equal(untrusted.code, 5);
       assert.match(untrusted.stderr, /the certificate of the controller at .* is not signed by a CA in Node's bundled CAs \(give --ca\)/);
       const plaintext = await cli(['--insecure', '--token', t.adminToken]);
-      assert.equal(plaintext.code, 1);
+      assert.equal(plaintext.code, 5);
       assert.match(plaintext.stderr, /the controller at .* speaks TLS: leave out --insecure \(METALCAST_INSECURE\) and give --ca/);
       const contradictory = await cli(['--insecure', '--ca', pki.caFile]);
       assert.equal(contradictory.code, 2);

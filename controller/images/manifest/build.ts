@@ -49,8 +49,16 @@ export async function withManifest(
   chunkSize: number,
   expectedRoot: string | undefined,
   signal?: AbortSignal,
+  /** The file as received and the manifest built while it arrived: reused when the prepared content is that file. */
+  received?: { path: string; manifest?: ChunkManifest },
 ): Promise<PreparedImage & { manifest: ChunkManifest }> {
-  const { manifest, sha256 } = await manifestOfFile(prepared.path, chunkSize, signal);
+  // A raw image is kept as received (holes punched, bytes the same): its manifest came with the upload's
+  // own hashing pass. A converted qcow2 is new bytes: read once more.
+  const reuse = received?.manifest && received.path === prepared.path && received.manifest.chunkSize === chunkSize;
+  const { manifest, sha256 } =
+    reuse && received.manifest
+      ? { manifest: received.manifest, sha256: prepared.sha256 }
+      : await manifestOfFile(prepared.path, chunkSize, signal);
   if (sha256 !== prepared.sha256 || manifest.sizeBytes !== prepared.sizeBytes) {
     throw new MetalcastError(
       Status.INTERNAL,

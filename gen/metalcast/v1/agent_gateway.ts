@@ -108,7 +108,17 @@ export interface LookupResponse {
 
 /** HeartbeatRequest is one heartbeat. */
 export interface HeartbeatRequest {
-  /** Increases by one per heartbeat on a stream, starting at 1. */
+  /**
+   * Numbers the heartbeats of one stream: the first is 1 and each later one
+   * is higher than the one before. The agent counts 1, 2, 3… and may skip a
+   * number (a heartbeat it could not queue on a stuck stream is dropped, not
+   * sent late), but never repeats or goes back. A stream whose first
+   * heartbeat is not 1, or that repeats a number or goes back, is out of step
+   * with its agent (a replay, or two writers on one stream): the controller
+   * ends it with INVALID_ARGUMENT, and the agent opens a new stream that
+   * starts again at 1. The acknowledgement carries the number it
+   * acknowledges. See docs/agent-protocol.md.
+   */
   sequence: number;
   /** host:port where the agent serves AgentService. */
   agentAddress: string;
@@ -1745,7 +1755,12 @@ export const AgentGatewayServiceDefinition = {
     /**
      * Lookup finds the node an agent runs on by its MAC addresses and hands out
      * a fresh agent token. It succeeds only for nodes in a state that expects
-     * an agent; any other case answers NOT_FOUND.
+     * an agent and whose earlier agent (if any) is gone. Every other lookup of
+     * well-formed MACs answers the same NOT_FOUND, quoting only the MACs asked
+     * for: unknown MACs, a node that expects no agent, MACs of several nodes,
+     * and a node whose agent is still connected, so that a caller learns
+     * nothing about the fleet (agents retry NOT_FOUND with backoff).
+     * Malformed requests answer INVALID_ARGUMENT.
      */
     lookup: {
       name: "Lookup",
@@ -1835,7 +1850,12 @@ export interface AgentGatewayServiceImplementation<CallContextExt = {}> {
   /**
    * Lookup finds the node an agent runs on by its MAC addresses and hands out
    * a fresh agent token. It succeeds only for nodes in a state that expects
-   * an agent; any other case answers NOT_FOUND.
+   * an agent and whose earlier agent (if any) is gone. Every other lookup of
+   * well-formed MACs answers the same NOT_FOUND, quoting only the MACs asked
+   * for: unknown MACs, a node that expects no agent, MACs of several nodes,
+   * and a node whose agent is still connected, so that a caller learns
+   * nothing about the fleet (agents retry NOT_FOUND with backoff).
+   * Malformed requests answer INVALID_ARGUMENT.
    */
   lookup(request: LookupRequest, context: CallContext & CallContextExt): Promise<DeepPartial<LookupResponse>>;
   /**
@@ -1890,7 +1910,12 @@ export interface AgentGatewayServiceClient<CallOptionsExt = {}> {
   /**
    * Lookup finds the node an agent runs on by its MAC addresses and hands out
    * a fresh agent token. It succeeds only for nodes in a state that expects
-   * an agent; any other case answers NOT_FOUND.
+   * an agent and whose earlier agent (if any) is gone. Every other lookup of
+   * well-formed MACs answers the same NOT_FOUND, quoting only the MACs asked
+   * for: unknown MACs, a node that expects no agent, MACs of several nodes,
+   * and a node whose agent is still connected, so that a caller learns
+   * nothing about the fleet (agents retry NOT_FOUND with backoff).
+   * Malformed requests answer INVALID_ARGUMENT.
    */
   lookup(request: DeepPartial<LookupRequest>, options?: CallOptions & CallOptionsExt): Promise<LookupResponse>;
   /**

@@ -368,6 +368,55 @@ export function bootDeviceToJSON(object: BootDevice): string {
 }
 
 /**
+ * AbortPower is what an abort does with the machine, which may be running
+ * the agent in the middle of writing or erasing its disk.
+ */
+export enum AbortPower {
+  /**
+   * ABORT_POWER_UNSPECIFIED - Power it off: through the node's power driver, or else by asking its
+   * agent. The default.
+   */
+  ABORT_POWER_UNSPECIFIED = 0,
+  /** ABORT_POWER_OFF - Power it off (the same as UNSPECIFIED, said explicitly). */
+  ABORT_POWER_OFF = 1,
+  /** ABORT_POWER_KEEP - Leave it as it is, for example to look at the agent on its console. */
+  ABORT_POWER_KEEP = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function abortPowerFromJSON(object: any): AbortPower {
+  switch (object) {
+    case 0:
+    case "ABORT_POWER_UNSPECIFIED":
+      return AbortPower.ABORT_POWER_UNSPECIFIED;
+    case 1:
+    case "ABORT_POWER_OFF":
+      return AbortPower.ABORT_POWER_OFF;
+    case 2:
+    case "ABORT_POWER_KEEP":
+      return AbortPower.ABORT_POWER_KEEP;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return AbortPower.UNRECOGNIZED;
+  }
+}
+
+export function abortPowerToJSON(object: AbortPower): string {
+  switch (object) {
+    case AbortPower.ABORT_POWER_UNSPECIFIED:
+      return "ABORT_POWER_UNSPECIFIED";
+    case AbortPower.ABORT_POWER_OFF:
+      return "ABORT_POWER_OFF";
+    case AbortPower.ABORT_POWER_KEEP:
+      return "ABORT_POWER_KEEP";
+    case AbortPower.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/**
  * DeploySpec says what to deploy on a node, and how to configure the
  * deployed system. Hostname, SSH keys, user data and network data go into a
  * config drive (the OpenStack layout cloud-init's ConfigDrive datasource
@@ -712,7 +761,11 @@ export interface SetProvisionStateRequest {
   /** The action. */
   action: ProvisionAction;
   /** What to deploy; required for DEPLOY, ignored otherwise. */
-  deploy?: DeploySpec | undefined;
+  deploy?:
+    | DeploySpec
+    | undefined;
+  /** What ABORT does with the machine; ignored for other actions. */
+  abortPower: AbortPower;
 }
 
 /** SetProvisionStateResponse carries the node after the action started. */
@@ -3855,7 +3908,7 @@ export const SetMaintenanceResponse: MessageFns<SetMaintenanceResponse> = {
 };
 
 function createBaseSetProvisionStateRequest(): SetProvisionStateRequest {
-  return { node: "", action: 0, deploy: undefined };
+  return { node: "", action: 0, deploy: undefined, abortPower: 0 };
 }
 
 export const SetProvisionStateRequest: MessageFns<SetProvisionStateRequest> = {
@@ -3868,6 +3921,9 @@ export const SetProvisionStateRequest: MessageFns<SetProvisionStateRequest> = {
     }
     if (message.deploy !== undefined) {
       DeploySpec.encode(message.deploy, writer.uint32(26).fork()).join();
+    }
+    if (message.abortPower !== 0) {
+      writer.uint32(32).int32(message.abortPower);
     }
     return writer;
   },
@@ -3909,6 +3965,14 @@ export const SetProvisionStateRequest: MessageFns<SetProvisionStateRequest> = {
             message.deploy = DeploySpec.decode(reader, reader.uint32());
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.abortPower = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3926,6 +3990,11 @@ export const SetProvisionStateRequest: MessageFns<SetProvisionStateRequest> = {
       node: isSet(object.node) ? globalThis.String(object.node) : "",
       action: isSet(object.action) ? provisionActionFromJSON(object.action) : 0,
       deploy: isSet(object.deploy) ? DeploySpec.fromJSON(object.deploy) : undefined,
+      abortPower: isSet(object.abortPower)
+        ? abortPowerFromJSON(object.abortPower)
+        : isSet(object.abort_power)
+        ? abortPowerFromJSON(object.abort_power)
+        : 0,
     };
   },
 
@@ -3940,6 +4009,9 @@ export const SetProvisionStateRequest: MessageFns<SetProvisionStateRequest> = {
     if (message.deploy !== undefined) {
       obj.deploy = DeploySpec.toJSON(message.deploy);
     }
+    if (message.abortPower !== 0) {
+      obj.abortPower = abortPowerToJSON(message.abortPower);
+    }
     return obj;
   },
 
@@ -3953,6 +4025,7 @@ export const SetProvisionStateRequest: MessageFns<SetProvisionStateRequest> = {
     message.deploy = (object.deploy !== undefined && object.deploy !== null)
       ? DeploySpec.fromPartial(object.deploy)
       : undefined;
+    message.abortPower = object.abortPower ?? 0;
     return message;
   },
 };

@@ -14,6 +14,9 @@ const INDEXES: Record<Exclude<BootTarget, 'None'>, { nic: number; cd: number }> 
   Cd: { nic: 3, cd: 0 },
 };
 
+/** How long after a RESET no further one may come before a "once" override counts as used (see QmpMachine). */
+const ONCE_SETTLE_MS = 10_000;
+
 /**
  * A lab guest as the machine behind a simulated BMC, through the guest's
  * own QMP socket (lab/qemu.ts bmcSocketPath; QEMU serves one client per
@@ -23,10 +26,16 @@ const INDEXES: Record<Exclude<BootTarget, 'None'>, { nic: number; cd: number }> 
  *   rebuilds the firmware's boot order from the bootindex properties), off
  *   is stop (the guest runs with -no-shutdown), the power button is
  *   system_powerdown (ACPI);
- * - the boot target moves the NIC's and the CD's bootindex (qom-set); a
- *   "once" override is put back to the machine's own order at the first
- *   RESET event after it was set (a power on, a reset, or the guest
- *   rebooting itself), once QEMU has built that boot's order;
+ * - the boot target moves the NIC's and the CD's bootindex (qom-set); QEMU
+ *   builds the firmware's boot order from them at every reset. A "once"
+ *   override is put back to the machine's own order ONCE_SETTLE_MS after the
+ *   last of the RESET events that follow it (a power on, a reset, or the
+ *   guest rebooting itself): not at the first, because SeaBIOS, started
+ *   again in a machine that already ran (RAM kept, as QEMU's system_reset
+ *   keeps it), resets the machine once more itself, and that second reset
+ *   builds the boot order the firmware then reads; put back at the first,
+ *   the override was gone by then and a running machine restarted into its
+ *   own order (the disk, then the NIC) instead of the CD;
  * - media: blockdev-change-medium on the CD device (read-only), eject.
  */
 export class QmpMachine implements SimulatedMachine {
@@ -35,6 +44,8 @@ export class QmpMachine implements SimulatedMachine {
   /** The machine's own order (its "BIOS setting"), and an override waiting for a reset. */
   private persistent: Exclude<BootTarget, 'None'>;
   private onceTarget: Exclude<BootTarget, 'None'> | undefined;
+  /** Pending put-back of a used "once" override. */
+  private settle: NodeJS.Timeout | undefined;
 
   constructor(
     private readonly socketPath: string,
@@ -52,8 +63,15 @@ export class QmpMachine implements SimulatedMachine {
         this.qmp = qmp;
         qmp.onEvent((event) => {
           if (event.event === 'RESET' && this.onceTarget) {
-            this.onceTarget = undefined;
-            void this.applyIndexes(this.persistent).catch(() => {});
+            // Every further RESET (the firmware's own) starts the wait again.
+            clearTimeout(this.settle);
+            this.settle = setTimeout(() => {
+              this.settle = undefined;
+              if (!this.onceTarget) return;
+              this.onceTarget = undefined;
+              void this.applyIndexes(this.persistent).catch(() => {});
+            }, ONCE_SETTLE_MS);
+            this.settle.unref();
           }
         });
         return qmp;
@@ -99,6 +117,9 @@ export class QmpMachine implements SimulatedMachine {
   }
 
   async setBootTarget(target: BootTarget, once: boolean): Promise<void> {
+    // A new override replaces one still waiting to be put back.
+    clearTimeout(this.settle);
+    this.settle = undefined;
     if (target === 'None') {
       this.onceTarget = undefined;
       await this.applyIndexes(this.persistent);
@@ -144,6 +165,7 @@ export class QmpMachine implements SimulatedMachine {
   }
 
   close(): void {
+    clearTimeout(this.settle);
     this.qmp?.close();
     this.qmp = undefined;
   }

@@ -85,6 +85,8 @@ export interface RedfishSimulatorOptions {
   host?: string;
   port?: number;
   faults?: RedfishFaults;
+  /** Called with each request once its answer is sent (or its connection ends): for a request log. */
+  onRequest?: (request: SimulatedRequest) => void;
 }
 
 /** One request the simulator answered (or not), for tests. */
@@ -224,7 +226,10 @@ export class RedfishSimulator {
     this.requests.push(record);
     this.inFlight++;
     this.maxInFlight = Math.max(this.maxInFlight, this.inFlight);
-    res.on('close', () => this.inFlight--);
+    res.on('close', () => {
+      this.inFlight--;
+      this.options.onRequest?.(record);
+    });
     try {
       const body = await readBody(req);
       if (this.faults.stall) {

@@ -1,0 +1,100 @@
+import assert from 'node:assert/strict';
+import { after, describe, it } from 'node:test';
+import { createClient } from 'nice-grpc';
+import { createLogger } from '../../common/logging.js';
+import { BoundedShutdown, UncleanShutdownError } from '../../controller/shutdown/bounded-shutdown.js';
+import { NodeServiceDefinition } from '../../gen/metalcast/v1/node.js';
+import { spawnController } from '../helpers/controller-process.js';
+import { eventually, tempDir } from '../helpers/controller.js';
+import { postgresSchema, postgresSkipReason } from '../helpers/postgres.js';
+import { TcpProxy } from '../helpers/tcp-proxy.js';
+
+const skipPostgres = await postgresSkipReason();
+
+describe('bounded shutdown', () => {
+  it('leaves a phase that never settles at its limit, goes on with the next, and says what it abandoned', async () => {
+    const lines: Record<string, unknown>[] = [];
+    const logger = createLogger({ name: 't', level: 'info', destination: { write: (l: string) => void lines.push(JSON.parse(l)) } });
+    const shutdown = new BoundedShutdown(10_000, logger);
+    const ran: string[] = [];
+    const started = Date.now();
+    await shutdown.phase('never', () => new Promise(() => {}), 200);
+    await shutdown.phase('fails', () => Promise.reject(new Error('boom')));
+    await shutdown.phase('next', () => void ran.push('next'));
+    assert.ok(Date.now() - started < 2000, 'the hung phase was left at its limit');
+    assert.deepEqual(ran, ['next']);
+    assert.throws(
+      () => shutdown.finish(),
+      (error: unknown) => error instanceof UncleanShutdownError && error.abandoned.join() === 'never',
+    );
+    assert.ok(lines.some((line) => line.msg === 'shutdown: never did not finish within 200ms; going on without it'));
+    assert.ok(lines.some((line) => line.msg === 'shutdown: fails failed; going on'));
+  });
+
+  it('never waits past the deadline, whatever the phases ask for', async () => {
+    const shutdown = new BoundedShutdown(300, createLogger({ name: 't', level: 'silent' }));
+    const started = Date.now();
+    for (let i = 0; i < 5; i++) await shutdown.phase(`hung ${i}`, () => new Promise(() => {}), 60_000);
+    assert.ok(Date.now() - started < 2000, `${Date.now() - started} ms`);
+    assert.throws(() => shutdown.finish(), /hung 0, hung 1, hung 2, hung 3, hung 4/);
+  });
+
+  describe('a controller process', { skip: skipPostgres }, () => {
+    const dir = tempDir('metalcast-shutdown-');
+    let schema: Awaited<ReturnType<typeof postgresSchema>> | undefined;
+    let database: TcpProxy | undefined;
+
+    after(async () => {
+      await database?.close();
+      await schema?.drop();
+      dir.remove();
+    });
+
+    it('exits by --shutdown-deadline after SIGTERM with a call that never ends and a database that stopped answering', async () => {
+      schema = await postgresSchema();
+      const target = new URL(schema.url);
+      database = await TcpProxy.start(`${target.hostname}:${target.port || '5432'}`);
+      const viaProxy = new URL(schema.url);
+      viaProxy.host = database.address;
+      const controller = await spawnController({
+        'data-dir': dir.path,
+        database: viaProxy.toString(),
+        'shutdown-timeout': '1s',
+        'shutdown-deadline': '6s',
+        'controller-touch-interval': '1s',
+        'controller-dead-after': '3s',
+      });
+      // A call that never ends by itself: a watch, whose client never cancels it.
+      const watch = createClient(NodeServiceDefinition, controller.channel, controller.operatorOptions).watchNodes({});
+      void watch[Symbol.asyncIterator]()
+        .next()
+        .catch(() => {});
+      await eventually(
+        async () => {
+          const text = await (await fetch(`http://${controller.httpAddress}/metrics`)).text();
+          return /grpc_server_started_total\{[^}]*grpc_method="WatchNodes"[^}]*\} [1-9]/.test(text);
+        },
+        { timeoutMs: 10_000, intervalMs: 100, what: 'the watch to be open on the controller' },
+      );
+      // The database stops answering (no data, no FIN, no RST): every query from now on hangs.
+      database.blackhole();
+      const signalledAt = Date.now();
+      controller.child.kill('SIGTERM');
+      const timeout = new Promise<'hung'>((resolve) => setTimeout(() => resolve('hung'), 20_000).unref());
+      const code = await Promise.race([controller.exited, timeout]);
+      const tookMs = Date.now() - signalledAt;
+      if (code === 'hung') controller.child.kill('SIGKILL');
+      controller.channel.close();
+      assert.notEqual(code, 'hung', 'the controller did not exit within 20 s of SIGTERM');
+      assert.ok(tookMs < 6000 + 3000, `exited ${tookMs} ms after SIGTERM; the deadline is 6 s`);
+      assert.equal(code, 1, 'an unclean stop exits non-zero');
+      const messages = controller.logs.map((line) => String(line.msg));
+      assert.ok(messages.includes('calls did not finish in time; cancelling them'), messages.join('\n'));
+      assert.ok(
+        messages.some((msg) => /^shutdown: .* did not finish within \d+ms; going on without it$/.test(msg)),
+        messages.join('\n'),
+      );
+      database.restore();
+    });
+  });
+});

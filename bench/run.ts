@@ -19,7 +19,7 @@ const BENCHMARKS: Record<string, () => Promise<Benchmark>> = {
   transfer: () => import('./transfer.js'),
   'transfer-chunks': () => import('./transfer-chunks.js'),
   'agent-start': () => import('./agent-start.js'),
-  heartbeats: () => import('./heartbeats.js'),
+  heartbeats: () => import('./heartbeats/heartbeats.js'),
   manifest: () => import('./manifest.js'),
   fanout: () => import('./fanout.js'),
 };

@@ -1,4 +1,5 @@
 import { type CallContext, type CompatServiceDefinition, type ServerMiddleware, ServerError, Status } from 'nice-grpc';
+import { setReceiveLimit } from './receive-limits.js';
 
 /**
  * Requests that cannot be decoded, or that are larger than their service
@@ -16,10 +17,10 @@ import { type CallContext, type CompatServiceDefinition, type ServerMiddleware, 
  * or RESOURCE_EXHAUSTED inside the middleware chain, so that it is counted
  * like any other call (on the agent, after the token check).
  *
- * The bytes of an oversized request have been received by then (up to the
- * server's transport limit): this bounds what a handler is given, not what
- * the connection carries. Servers that take only small messages (the
- * agent's) set the transport limit itself low as well.
+ * Each method's limit is also set on its calls' stream decoders
+ * (common/receive-limits.ts), which refuse an oversized message at its
+ * length prefix, before its body is read, with the same message; the check
+ * here still catches what only decompression makes too large.
  */
 
 /** Requests agents send (Lookup, Heartbeat, StatImage, ReadImage) and the Agent API's: a heartbeat with its certificate is a few KiB. */
@@ -143,6 +144,10 @@ export function guardRequestDecoding<Service extends CompatServiceDefinition>(
     // A ts-proto definition: nice-grpc decodes with requestType.decode.
     const methods: Record<string, unknown> = {};
     for (const [key, method] of Object.entries(definition.methods as Record<string, { name: string; requestType: { decode: Decode } }>)) {
+      const what = `${definition.fullName.split('.').at(-1)}/${method.name}`;
+      const limit = limitOf(method.name);
+      // Also at the length prefix, before the body is read (common/receive-limits.ts).
+      if (limit !== undefined) setReceiveLimit(`/${definition.fullName}/${method.name}`, limit, what);
       methods[key] = {
         ...method,
         requestType: {
@@ -161,6 +166,8 @@ export function guardRequestDecoding<Service extends CompatServiceDefinition>(
   const methods: Record<string, unknown> = {};
   for (const [key, method] of Object.entries(definition as Record<string, { path: string; requestDeserialize: Decode }>)) {
     const [service = '', name = key] = method.path.split('/').slice(1);
+    const limit = limitOf(name);
+    if (limit !== undefined) setReceiveLimit(method.path, limit, `${service.split('.').at(-1)}/${name}`);
     methods[key] = {
       ...method,
       // Not ts-proto: google-protobuf code (reflection), which must not see lengths past the end.

@@ -118,6 +118,16 @@ describe('README and docs', () => {
     assert.deepEqual(missing, []);
   });
 
+  it('links every page of docs/ from the README (the runbooks through their folder)', () => {
+    const linked = new Set([...readme.matchAll(/\]\((docs\/[^)#\s]*)/g)].map((m) => m[1] as string));
+    const unlinked = readdirSync(join(REPO, 'docs'))
+      .filter((name) => name.endsWith('.md'))
+      .map((name) => `docs/${name}`)
+      .filter((page) => !linked.has(page));
+    assert.deepEqual(unlinked, [], "add a line for each to the README's documentation table");
+    assert.ok(linked.has('docs/runbooks/'));
+  });
+
   it('links only to files that exist', () => {
     const broken: string[] = [];
     for (const file of HAND_WRITTEN) {

@@ -35,7 +35,8 @@ async function makeAvailable(nodes: NodeClient, machines: FakeMachine[]): Promis
       }
       return true;
     },
-    { timeoutMs: 30_000, what: 'every node available' },
+    // Agent processes start slowly on a busy machine.
+    { timeoutMs: 120_000, what: 'every node available' },
   );
 }
 
@@ -54,7 +55,7 @@ describe('crashes mid-deploy', () => {
     dirs.remove();
   });
 
-  it('kill -9 of the controller mid-deploy: after a restart every node ends active or failed with a reason, and no lock is left', async () => {
+  it('kill -9 of the controller in the middle of 5 deploys: after a restart on the same database every node ends active or failed with a reason, none waits past its timeout, and no lock is left', async () => {
     const dataDir = join(dirs.path, 'controller');
     const image = await seedImage(dataDir, 'os', [makeImageContent(24 * MIB)]);
     const port = await freePort();
@@ -72,13 +73,17 @@ describe('crashes mid-deploy', () => {
       'keepalive-time': '1s',
       'keepalive-timeout': '1s',
     };
-    let controller = await spawnController(flags);
+    let controller = await spawnController(flags, 60_000);
     cleanups.push(() => controller.kill());
     // A slow link, so that the kill lands mid-transfer.
     const proxy = await TcpProxy.start(`127.0.0.1:${port}`);
     cleanups.push(() => proxy.close());
-    const machines = await Promise.all([0, 1, 2].map((i) => uniqueFakeMachine(join(dirs.path, `m${i}`), 400 + i)));
-    for (const machine of machines) agents.push(spawnAgent({ controller: proxy.address, root: machine.root }));
+    // The bar of issue 18: five deploys under way when the controller is killed.
+    const machines = await Promise.all([0, 1, 2, 3, 4].map((i) => uniqueFakeMachine(join(dirs.path, `m${i}`), 400 + i)));
+    const started = machines.map((machine) => spawnAgent({ controller: proxy.address, root: machine.root }));
+    agents.push(...started);
+    // Five agent processes starting at once on a busy machine take a while; the nodes wait for them once they are up.
+    for (const agent of started) await agent.waitForLog(msg('hardware discovered'), 90_000);
     await makeAvailable(controller.nodes, machines);
 
     proxy.throttle(3 * MIB);
@@ -100,17 +105,30 @@ describe('crashes mid-deploy', () => {
 
     await controller.kill('SIGKILL');
     await new Promise((r) => setTimeout(r, 1000));
-    controller = await spawnController(flags);
+    controller = await spawnController(flags, 60_000);
+    const restartedAt = Date.now();
     cleanups.push(() => controller.kill());
     proxy.throttle(0);
 
+    // None waits past its timeout: a node still in deploy wait was heard from within the heartbeat timeout
+    // (counted from the end of the startup grace, during which the sweep leaves nodes alone), plus the
+    // sweep interval and slack for a busy machine.
+    const waitLimitMs = 8000 + 500 + 5000;
+    const overdue: string[] = [];
     const finals = await eventually(
       async () => {
         const nodes = await Promise.all(machines.map((_, index) => nodeState(controller.nodes, `c${index}`)));
+        for (const node of nodes) {
+          if (node?.provisionState !== ProvisionState.PROVISION_STATE_DEPLOY_WAIT) continue;
+          const heard = Math.max(node.lastHeartbeatAt?.getTime() ?? 0, restartedAt + 8000);
+          if (Date.now() - heard >= waitLimitMs)
+            overdue.push(`${node.name} in deploy wait ${Date.now() - heard} ms after its agent was last heard`);
+        }
         return nodes.every((n) => n && TERMINAL.has(n.provisionState)) ? (nodes as Node[]) : undefined;
       },
-      { timeoutMs: 45_000, what: 'every node active or deploy failed' },
+      { timeoutMs: 90_000, what: 'every node active or deploy failed' },
     );
+    assert.deepEqual(overdue, [], 'no node waits past its timeout');
     for (const [index, node] of finals.entries()) {
       assert.equal(node.reservation, '', `c${index} holds no lock`);
       if (node.provisionState === ProvisionState.PROVISION_STATE_ACTIVE) {

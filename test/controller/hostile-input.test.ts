@@ -48,14 +48,15 @@ describe('hostile input to the controller', () => {
       assert.match(outcome.details, /^request: 1049600 bytes, more than the 1048576 that NodeService\/GetNode accepts$/);
     });
 
-    it('answers an agent call without a valid token UNAUTHENTICATED whatever its bytes (the token is checked first)', async () => {
+    it('refuses an oversized agent request at its length prefix, before the token check (it reads no more of it)', async () => {
       const outcome = await rawCall(
         raw,
         { ...method('GetNode'), path: '/metalcast.v1.AgentGatewayService/StatImage', name: 'StatImage' },
         [new Uint8Array(70 * 1024)],
         {},
       );
-      assert.equal(Status[outcome.code as Status], 'UNAUTHENTICATED');
+      assert.equal(Status[outcome.code as Status], 'RESOURCE_EXHAUSTED');
+      assert.match(outcome.details, /^request: 71680 bytes, more than the 65536 that AgentGatewayService\/StatImage accepts$/);
     });
 
     it('answers a reflection request claiming a 4 GiB string at once instead of looping over it', async () => {

@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { ManifestBuilder } from '../../common/chunk-manifest.js';
 import { execFile, execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { chmodSync, createReadStream, readdirSync, readFileSync, writeFileSync } from 'node:fs';
@@ -129,6 +130,10 @@ describe('image formats: detection, qcow2 safety and conversion at import', () =
     assert.match(uploaded, new RegExp(`qcow2, stored as raw: 16\\.0 MiB, sha256 ${sha256(raw)}`));
     const shown = await cli('image', 'show', 'from-cli');
     assert.match(shown, /format\s+qcow2 as sent \(.*\), stored as raw; 1\.0 MiB of data in 1 extents \(6\.3%\), the rest zeros/);
+    // The chunk manifest is over the raw bytes a node receives, not over the qcow2 as sent.
+    const builder = new ManifestBuilder(MIB);
+    builder.update(raw);
+    assert.match(shown, new RegExp(`manifest\\s+16 chunks of 1\\.0 MiB, root ${builder.finish().manifest.rootSha256}`));
     const listed = JSON.parse(await cli('image', 'list', '--json')) as Image[];
     assert.equal(listed.find((image) => image.name === 'from-cli')?.format, 'qcow2' as unknown as ImageFormat);
   });

@@ -1,4 +1,4 @@
-/** Messages between bench/heartbeats.ts and its worker processes (bench/heartbeats-worker.ts). */
+/** Messages between bench/heartbeats/heartbeats.ts and its worker processes (bench/heartbeats/worker.ts). */
 
 export interface HeartbeatsWorkerSetup {
   type: 'setup';

@@ -1,5 +1,5 @@
 /**
- * A worker process of the heartbeats benchmark (bench/heartbeats.ts): runs
+ * A worker process of the heartbeats benchmark (bench/heartbeats/heartbeats.ts): runs
  * many simulated agents, each with one Heartbeat stream to the controller,
  * spread over a few HTTP/2 connections, and measures each heartbeat from
  * the write to its ack.
@@ -16,16 +16,16 @@
  */
 import { Client, type ClientDuplexStream, credentials, Metadata, type StatusObject, status } from '@grpc/grpc-js';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
-import { NODE_UUID_KEY } from '../common/agent-metadata.js';
-import { clientChannelOptions } from '../common/grpc-options.js';
-import { AgentStatus, HeartbeatRequest, HeartbeatResponse } from '../gen/metalcast/v1/agent_gateway.js';
+import { NODE_UUID_KEY } from '../../common/agent-metadata.js';
+import { clientChannelOptions } from '../../common/grpc-options.js';
+import { AgentStatus, HeartbeatRequest, HeartbeatResponse } from '../../gen/metalcast/v1/agent_gateway.js';
 import {
   type HeartbeatsParentMessage,
   type HeartbeatsWorkerMessage,
   type HeartbeatsWorkerSetup,
   LATENCY_BUCKETS,
   latencyBucket,
-} from './heartbeats-protocol.js';
+} from './protocol.js';
 
 const METHOD = '/metalcast.v1.AgentGatewayService/Heartbeat';
 const AGENT_VERSION = 'metalcast-bench-heartbeats/1';
@@ -289,7 +289,7 @@ class Fleet {
 
 function main(): void {
   if (!process.send) {
-    console.error('heartbeats-worker runs under bench/heartbeats.ts (it needs an IPC channel)');
+    console.error('heartbeats-worker runs under bench/heartbeats/heartbeats.ts (it needs an IPC channel)');
     process.exit(2);
   }
   let fleet: Fleet | undefined;

@@ -3,7 +3,7 @@ import { checkDiskHints, checkName, checkSha256 } from '../../common/input.js';
 import { MetalcastError } from '../../common/errors.js';
 import { Status } from 'nice-grpc-common';
 import type { Inventory } from '../../gen/metalcast/v1/inventory.js';
-import type { FanoutHook } from '../fanout/peer-fetcher.js';
+import type { FanoutHook } from '../fanout/fanout-hook.js';
 import type { ImageSource } from '../imaging/image-source.js';
 import { DEFAULT_WRITE_OPTIONS, writeImage } from '../imaging/image-writer.js';
 import type { CommandHandler } from './command.js';

@@ -7,7 +7,7 @@ import type { CommandProgress, WriteImageResult } from '../../gen/metalcast/v1/c
 import { chunkParts } from '../../common/read-image-codec.js';
 import { writeImageByChunks } from './chunked-writer.js';
 import type { ImageSource } from './image-source.js';
-import type { FanoutHook } from '../fanout/peer-fetcher.js';
+import type { FanoutHook } from '../fanout/fanout-hook.js';
 import { describeError as describe } from '../../common/errors.js';
 
 export interface WriteImageTarget {

@@ -202,7 +202,9 @@ export function createFanoutHook(options: FanoutOptions): FanoutHook {
             if (busy) busyPeers++;
             else {
               failures.push({ nodeUuid: peer.nodeUuid, chunk: index, kind, reason: reason.slice(0, 300) });
-              if (kind !== PeerFailureKind.PEER_FAILURE_KIND_ERROR) dropped.add(peer.nodeUuid);
+              // A peer whose deploy moved on (FAILED_PRECONDITION: it serves no wave now) will not serve again either.
+              const gone = error instanceof ClientError && error.code === Status.FAILED_PRECONDITION;
+              if (kind !== PeerFailureKind.PEER_FAILURE_KIND_ERROR || gone) dropped.add(peer.nodeUuid);
             }
             logger.warn(
               { chunk: index, peer: peer.nodeUuid, address: peer.address, kind: PeerFailureKind[kind], reason, busy },

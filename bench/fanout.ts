@@ -154,6 +154,7 @@ export async function run(args: string[]): Promise<BenchResult> {
           maxImageTransfers: '256',
           maxConcurrentDeploys: '256',
           maxConcurrentCleans: '256',
+          fanout: 'true',
           fanoutMaxUploadRate: String(o.cap),
           transferStallTimeout: '20s',
           keepaliveTime: '10s',

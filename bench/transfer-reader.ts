@@ -18,7 +18,8 @@ import pino from 'pino';
 import { ControllerLink } from '../agent/controller/controller-link.js';
 import type { HeartbeatIdentity } from '../agent/controller/heartbeat.js';
 import { controllerImageSource } from '../agent/imaging/image-source.js';
-import { DEFAULT_WRITE_OPTIONS, writeImage } from '../agent/imaging/image-writer.js';
+import { DEFAULT_WRITE_OPTIONS } from '../agent/imaging/image-writer.js';
+import { writeImage } from '../agent/imaging/write-image.js';
 import { lookupWithBackoff } from '../agent/controller/lookup.js';
 import { createLogger } from '../common/logging.js';
 

@@ -471,8 +471,13 @@ http {
       deploy: { image: IMAGE_NAME, target: undefined },
     });
     const startLine = await side.agent.waitFor((l) => typeof l.msg === 'string' && l.msg.startsWith('writing image'), TIMEOUT_MS, from);
-    const endLine = await side.agent.waitFor((l) => l.msg === 'image written and verified' || l.msg === 'command failed', TIMEOUT_MS, from);
-    if (endLine.msg !== 'image written and verified') throw new Error(`${side.agent.label}: write_image failed: ${String(endLine.error)}`);
+    const endLine = await side.agent.waitFor(
+      (l) => String(l.msg).startsWith('image written and verified') || l.msg === 'command failed',
+      TIMEOUT_MS,
+      from,
+    );
+    if (!String(endLine.msg).startsWith('image written and verified'))
+      throw new Error(`${side.agent.label}: write_image failed: ${String(endLine.error)}`);
     this.sampler.sampleAll();
     const start = lineTime(startLine);
     const end = lineTime(endLine);

@@ -53,7 +53,7 @@ export async function explainConnectionFailure(details: string, context: Failure
   const diagnosis = await diagnoseConnectionFailure(context.controller, details, {
     tlsCaSource: context.tls ? context.caSource : undefined,
     flag: '--controller',
-    plaintextToTls: 'and this command ran with --insecure: leave out --insecure (METALCAST_INSECURE) and give --ca with its CA bundle',
+    plaintextToTls: ': leave out --insecure (METALCAST_INSECURE) and give --ca with its CA bundle',
   });
   return (
     diagnosis ??

@@ -63,7 +63,7 @@ export async function diagnoseConnectionFailure(
     tlsCaSource: string | undefined;
     /** The flag that names the address, for the HTTP hint ("--controller"). */
     flag: string;
-    /** What a plaintext client that met a TLS server should do. */
+    /** What follows "the controller at X speaks TLS" for a plaintext client: what to do about it. */
     plaintextToTls: string;
   },
 ): Promise<string | undefined> {
@@ -74,6 +74,6 @@ export async function diagnoseConnectionFailure(
     return explainTlsFailure(details, server, how.tlsCaSource);
   }
   if (await speaksHttp1(address)) return httpEndpointHint(server, how.flag);
-  if (await speaksTls(address)) return `${server} speaks TLS, ${how.plaintextToTls}`;
+  if (await speaksTls(address)) return `${server} speaks TLS${how.plaintextToTls}`;
   return undefined;
 }

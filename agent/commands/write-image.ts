@@ -5,7 +5,8 @@ import { Status } from 'nice-grpc-common';
 import type { Inventory } from '../../gen/metalcast/v1/inventory.js';
 import type { FanoutHook } from '../fanout/fanout-hook.js';
 import type { ImageSource } from '../imaging/image-source.js';
-import { DEFAULT_WRITE_OPTIONS, writeImage } from '../imaging/image-writer.js';
+import { DEFAULT_WRITE_OPTIONS } from '../imaging/image-writer.js';
+import { writeImage } from '../imaging/write-image.js';
 import type { CommandHandler } from './command.js';
 
 /**

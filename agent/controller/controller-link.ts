@@ -107,7 +107,7 @@ export class ControllerLink {
       tlsCaSource: this.tls?.source,
       flag: '--controller (metalcast.controller=)',
       plaintextToTls:
-        "and this agent runs with --insecure (plaintext): give the agent --ca (metalcast.ca= on the kernel command line) with the CA bundle that signed the controller's certificate",
+        ", and this agent runs with --insecure (plaintext): give the agent --ca (metalcast.ca= on the kernel command line) with the CA bundle that signed the controller's certificate",
     });
     if (explanation) {
       this.diagnoses.set(address, explanation);

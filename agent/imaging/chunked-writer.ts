@@ -30,7 +30,7 @@ import {
   withRetries,
   writeAllAt,
   writeFully,
-} from './image-writer.js';
+} from './disk-io.js';
 import { chunkParts } from '../../common/read-image-codec.js';
 
 /**

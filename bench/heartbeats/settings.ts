@@ -60,13 +60,13 @@ export const MAX_TRIES = 3;
 /** Longest wait for a quiet machine before each window (at most twice the window). */
 export const QUIET_WAIT_MS = 10_000;
 
-export const REPO = fileURLToPath(new URL('..', import.meta.url));
+export const REPO = fileURLToPath(new URL('../..', import.meta.url));
 export const WORKER = join(dirname(fileURLToPath(import.meta.url)), 'worker.ts');
 export const METALCAST = join(REPO, 'bin', 'metalcast.js');
 /** The tests' default (test/helpers/postgres.ts). */
 export const DEFAULT_POSTGRES_URL = 'postgres://postgres@127.0.0.1:5432/test';
 /** Written by another change; loaded by path so that this file compiles without it. */
-export const POSTGRES_STORE_MODULE = '../controller/store/postgres.js';
+export const POSTGRES_STORE_MODULE = '../../controller/store/postgres.js';
 
 export const CREATE_CONCURRENCY = 16;
 /** How long the controller's idle CPU is measured before the agents connect. */

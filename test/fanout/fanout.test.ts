@@ -22,6 +22,7 @@ import { makeTestPki, type TestPki } from '../helpers/tls.js';
 
 const MIB = 1024 * 1024;
 const FLAGS: Record<string, string> = {
+  fanout: 'true',
   heartbeatTimeout: '60s',
   heartbeatIntervalMin: '300ms',
   heartbeatIntervalMax: '600ms',

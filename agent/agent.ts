@@ -26,6 +26,9 @@ import { lookupWithBackoff } from './controller/lookup.js';
 import { OsPowerDriver, type PowerDriver, RecordingPowerDriver } from './commands/os-power.js';
 import { startAgentServer } from './api/server.js';
 import { createAgentTlsIdentity } from './api/tls-identity.js';
+import { ChunkShare } from './fanout/chunk-share.js';
+import { createFanoutHook } from './fanout/peer-fetcher.js';
+import { TokenBucket } from './fanout/token-bucket.js';
 
 /** A running agent, as startAgent returns it. */
 export interface RunningAgent {
@@ -76,9 +79,20 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<R
     ca === undefined ? undefined : { caPem: ca.pem, source: ca.source },
   );
   const imageSource = controllerImageSource(link, () => identity, config.callTimeout);
+  const share = new ChunkShare(logger.child({ component: 'fanout' }));
+  const fanout = config.fanout
+    ? createFanoutHook({
+        share,
+        insecure: config.insecure,
+        keepalive,
+        lingerMs: config.fanoutLinger,
+        parallel: config.fanoutParallel,
+        downloadBucket: config.fanoutMaxDownloadRate > 0 ? new TokenBucket(config.fanoutMaxDownloadRate) : undefined,
+      })
+    : undefined;
   const handlers: CommandHandler[] = [
     getInventoryCommand(discover) as unknown as CommandHandler,
-    writeImageCommand(imageSource, discover) as unknown as CommandHandler,
+    writeImageCommand(imageSource, discover, fanout) as unknown as CommandHandler,
     writeConfigDriveCommand(
       controllerConfigDriveSource(link, () => identity, config.callTimeout),
       discover,
@@ -87,6 +101,15 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<R
     powerOffCommand(power) as unknown as CommandHandler,
     rebootCommand(power) as unknown as CommandHandler,
   ];
+  // Any other command ends the deploy's serving: the final power-off or reboot, an erase that wipes the chunks.
+  for (const handler of handlers) {
+    if (handler.name === 'writeImage' || handler.name === 'getInventory') continue;
+    const run = handler.run.bind(handler);
+    handler.run = (parameters, context) => {
+      share.end(`the ${handler.name} command started`);
+      return run(parameters, context);
+    };
+  }
   let heartbeat: HeartbeatLoop | undefined;
   const runner = new CommandRunner(handlers, config.commandHistory, logger.child({ component: 'commands' }), () => heartbeat?.forceSoon());
 
@@ -103,6 +126,7 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<R
       currentToken: () => identity?.token,
       inventory: discover,
       logger: logger.child({ component: 'agent-api' }),
+      share,
     },
     tls,
   );
@@ -177,6 +201,7 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<R
     stopped ??= (async () => {
       logger.info('agent stopping');
       stopping.abort();
+      share.end('the agent is stopping');
       await heartbeat?.stop();
       runner.abort();
       await shutdownServer(server);

@@ -21,6 +21,7 @@ const BENCHMARKS: Record<string, () => Promise<Benchmark>> = {
   'agent-start': () => import('./agent-start.js'),
   heartbeats: () => import('./heartbeats/heartbeats.js'),
   manifest: () => import('./manifest.js'),
+  fanout: () => import('./fanout.js'),
 };
 
 interface Outcome {

@@ -254,6 +254,31 @@ export const CONTROLLER_OPTIONS = {
     defaultValue: '16',
     parse: integer({ min: 1, max: 10_000 }),
   },
+  fanout: {
+    flag: 'fanout',
+    description:
+      'fan-out (experimental, off until its 32-agent figures hold: docs/fanout.md): the agents of a deploy wave serve each other the verified chunks of their image, and this controller sends a chunk itself only when no peer has it; false: every agent reads the whole image from the controller. A deploy can turn it off for itself (node deploy --no-fanout)',
+    defaultValue: 'false',
+    parse: switchValue,
+  },
+  fanoutMaxPeers: {
+    flag: 'fanout-max-peers',
+    description: 'peers named for each chunk an agent fetches, tried in order before the controller',
+    defaultValue: '3',
+    parse: integer({ min: 1, max: 16 }),
+  },
+  fanoutMaxUploads: {
+    flag: 'fanout-max-uploads',
+    description: 'most chunk reads one agent serves to its peers at once',
+    defaultValue: '4',
+    parse: integer({ min: 1, max: 64 }),
+  },
+  fanoutMaxUploadRate: {
+    flag: 'fanout-max-upload-rate',
+    description: 'most bytes per second one agent serves to its peers (K, M, G suffixes); 0 for no cap',
+    defaultValue: '0',
+    parse: byteSize({ min: 0, max: 2 ** 40 }),
+  },
   imageReadTimeout: durationSpec(
     'image-read-timeout',
     'longest a single ReadImage stream may run before the server ends it (the agent resumes where it stopped)',

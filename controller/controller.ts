@@ -57,6 +57,7 @@ import { createControllerMetrics, grpcServerMetricsMiddleware } from './observab
 import { Provisioner } from './provisioning/provisioner.js';
 import { agentGatewayRateLimits, PeerLimit } from './auth/rate-limit.js';
 import { createAgentGatewayService } from './services/agent-gateway.js';
+import { DEFAULT_FANOUT_POLICY, FanoutTracker } from './fanout/tracker.js';
 import { withAuthenticatedAgent } from './services/agent-auth.js';
 import { SHUTTING_DOWN } from './services/heartbeat.js';
 import { createImageService } from './services/image-service.js';
@@ -371,6 +372,24 @@ export async function startController(
       onHeartbeat: (uuid) => conductor.onHeartbeat(uuid),
       requireAgentCertificate: !config.insecure,
       images: imageServer,
+      fanout: {
+        manifests,
+        tracker: new FanoutTracker(
+          {
+            ...DEFAULT_FANOUT_POLICY,
+            enabled: config.fanout,
+            maxPeers: config.fanoutMaxPeers,
+            maxUploads: config.fanoutMaxUploads,
+            maxUploadBytesPerSecond: config.fanoutMaxUploadRate,
+          },
+          {
+            bytes: (source, bytes) => metrics.fanoutBytes.inc({ source }, bytes),
+            peerFailure: (kind) => metrics.fanoutPeerFailures.inc({ kind }),
+            peerDropped: () => metrics.fanoutPeersDropped.inc(),
+          },
+          logger.child({ component: 'fanout' }),
+        ),
+      },
     }),
   );
   // Operator services need a token (agents and health do not): see controller/auth/operator-auth.ts.

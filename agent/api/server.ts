@@ -16,6 +16,8 @@ import { type ServerIdentity, tlsServerCredentials } from '../../common/tls.js';
 import { AgentServiceDefinition, type AgentServiceImplementation } from '../../gen/metalcast/v1/agent.js';
 import type { Inventory } from '../../gen/metalcast/v1/inventory.js';
 import type { CommandRunner } from '../commands/runner.js';
+import type { ChunkShare } from '../fanout/chunk-share.js';
+import { PeerChunkServiceDefinition } from '../../gen/metalcast/v1/fanout.js';
 
 export interface AgentServerDeps {
   runner: CommandRunner;
@@ -23,6 +25,8 @@ export interface AgentServerDeps {
   currentToken: () => string | undefined;
   inventory: () => Promise<Inventory>;
   logger: Logger;
+  /** Fan-out: the chunks this agent serves to the peers of its deploy wave. */
+  share?: ChunkShare;
 }
 
 function tokensEqual(expected: string, presented: string): boolean {
@@ -41,6 +45,8 @@ function tokensEqual(expected: string, presented: string): boolean {
 function agentTokenMiddleware(deps: AgentServerDeps): ServerMiddleware {
   return async function* checkToken(call, context: CallContext) {
     if (call.method.path.startsWith('/grpc.health.v1.Health/')) return yield* call.next(call.request, context);
+    // Peers of a deploy wave present the wave's credential instead, which the chunk share checks (agent/fanout/chunk-share.ts).
+    if (call.method.path.startsWith('/metalcast.v1.PeerChunkService/')) return yield* call.next(call.request, context);
     const token = deps.currentToken();
     if (token === undefined) throw unavailable('the agent has not looked up its node yet; retry shortly');
     const expected = agentApiToken(token);
@@ -95,6 +101,7 @@ export async function startAgentServer(
     .use(rejectUndecodableRequests());
   server.add(guardRequestDecoding(AgentServiceDefinition, AGENT_REQUEST_LIMIT_BYTES), createAgentService(deps));
   server.add(guardRequestDecoding(HealthDefinition, HEALTH_REQUEST_LIMIT_BYTES), HealthServiceImpl(health));
+  if (deps.share) server.add(guardRequestDecoding(PeerChunkServiceDefinition, AGENT_REQUEST_LIMIT_BYTES), deps.share.service());
   const port = await server.listen(listen, tls && tlsServerCredentials(tls));
   health.setStatus('healthy');
   return { server, port };

@@ -112,6 +112,8 @@ export class CommandRunner {
           rateBytesPerSecond: 0,
           etaSeconds: 0,
           resumes: 0,
+          bytesFromPeers: 0,
+          bytesFromController: 0,
           chunksTotal: 0,
           chunksSkipped: 0,
           chunksFetched: 0,

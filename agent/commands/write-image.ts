@@ -3,6 +3,7 @@ import { checkDiskHints, checkName, checkSha256 } from '../../common/input.js';
 import { MetalcastError } from '../../common/errors.js';
 import { Status } from 'nice-grpc-common';
 import type { Inventory } from '../../gen/metalcast/v1/inventory.js';
+import type { FanoutHook } from '../fanout/fanout-hook.js';
 import type { ImageSource } from '../imaging/image-source.js';
 import { DEFAULT_WRITE_OPTIONS } from '../imaging/image-writer.js';
 import { writeImage } from '../imaging/write-image.js';
@@ -12,7 +13,11 @@ import type { CommandHandler } from './command.js';
  * write_image: pick the target disk from the hints, then stream the image
  * onto it (agent/imaging/image-writer.ts does the transfer and the checks).
  */
-export function writeImageCommand(source: ImageSource, discover: () => Promise<Inventory>): CommandHandler<'writeImage'> {
+export function writeImageCommand(
+  source: ImageSource,
+  discover: () => Promise<Inventory>,
+  fanout?: FanoutHook,
+): CommandHandler<'writeImage'> {
   return {
     name: 'writeImage',
     validate(parameters, field) {
@@ -35,6 +40,7 @@ export function writeImageCommand(source: ImageSource, discover: () => Promise<I
       const inventory = await discover();
       const disk = pickDisk(inventory.disks, parameters.target, parameters.sizeBytes);
       context.logger.info({ device: disk.devicePath, size: disk.sizeBytes }, 'target disk chosen');
+      let ok = false;
       const result = await writeImage(
         source,
         {
@@ -51,11 +57,17 @@ export function writeImageCommand(source: ImageSource, discover: () => Promise<I
           timeLimitMs: parameters.timeLimitMs,
           verifyReadback: parameters.verifyReadback,
           diskIsZeroed: parameters.diskIsZeroed,
+          fanout,
         },
         context.progress,
         context.signal,
         context.logger,
-      );
+      )
+        .then((written) => {
+          ok = true;
+          return written;
+        })
+        .finally(() => fanout?.writeEnded(ok));
       return { result: { $case: 'writeImage', value: result } };
     },
   };

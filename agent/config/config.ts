@@ -1,5 +1,6 @@
 import { resolve } from 'node:path';
 import {
+  byteSize,
   ConfigError,
   type ConfigOf,
   duration,
@@ -150,6 +151,33 @@ export const AGENT_OPTIONS = {
     description: "file the 'recording' power driver appends actions to",
     defaultValue: '',
     parse: (raw: string) => (raw === '' ? '' : resolve(raw)),
+  },
+  fanout: {
+    flag: 'fanout',
+    description:
+      'take part in fan-out when the controller offers it: fetch chunks of the deploy image from the other agents of the wave and serve them the verified chunks this agent holds (docs/fanout.md)',
+    defaultValue: 'true',
+    parse: switchValue,
+  },
+  fanoutLinger: {
+    flag: 'fanout-linger',
+    description:
+      "how long the agent goes on serving its wave after its own write ended, unless the controller's next command (the final power-off or reboot) comes first",
+    defaultValue: '60s',
+    parse: duration({ min: 0 }),
+  },
+  fanoutParallel: {
+    flag: 'fanout-parallel',
+    description: 'chunks the agent fetches at once during fan-out',
+    defaultValue: '4',
+    parse: integer({ min: 1, max: 32 }),
+  },
+  fanoutMaxDownloadRate: {
+    flag: 'fanout-max-download-rate',
+    description:
+      'most bytes per second the agent receives during fan-out, from peers and controller together (K, M, G suffixes); 0 for no cap. Spares a shared uplink; the fan-out benchmark models NICs with it',
+    defaultValue: '0',
+    parse: byteSize({ min: 0, max: 2 ** 40 }),
   },
   commandHistory: {
     flag: 'command-history',

@@ -95,6 +95,8 @@ export async function writeImageByChunks(
   let bytesSkipped = 0;
   let resumes = 0;
   let doneBytes = 0;
+  let fromPeers = 0;
+  let fromController = 0;
   const progress = (phase: string, extra: Partial<CommandProgress> = {}) =>
     report({
       phase,
@@ -105,6 +107,8 @@ export async function writeImageByChunks(
       chunksSkipped: skipped,
       chunksFetched: fetched,
       chunksRefetched: refetched,
+      bytesFromPeers: fromPeers,
+      bytesFromController: fromController,
       ...extra,
     });
 
@@ -150,6 +154,30 @@ export async function writeImageByChunks(
       skipped > 0 ? 'the disk already holds some chunks of the image; fetching only the others' : 'fetching every chunk of the image',
     );
 
+    // Fan-out (docs/fanout.md): peers of the deploy wave first, the controller for what no peer has; the loop below does the rest.
+    if (options.fanout && source.exchange) {
+      await options.fanout.fetch({
+        image: target.image,
+        devicePath: target.devicePath,
+        manifest,
+        done,
+        device,
+        source,
+        signal,
+        logger,
+        stallTimeoutMs: options.stallTimeoutMs,
+        maxAttempts: options.maxAttempts,
+        onChunk: (_index, bytes, from) => {
+          fetched++;
+          doneBytes += bytes;
+          if (from === 'peer') fromPeers += bytes;
+          else fromController += bytes;
+          rate.add(bytes);
+          progress('writing', { rateBytesPerSecond: rate.perSecond(), etaSeconds: rate.eta(size - doneBytes) });
+        },
+      });
+    }
+
     // 3. Fetch, verify, fetch again what failed.
     let attempts = 0;
     let fruitless = 0;
@@ -187,6 +215,7 @@ export async function writeImageByChunks(
             await writes.room();
             writes.add(parts.length === 1 ? writeFully(device, parts[0] as Buffer, offset) : writeAllAt(device, parts, offset));
             receivedTotal += length;
+            fromController += length;
             rate.add(length);
             // Hash the message's pieces chunk by chunk; a chunk is judged when its last byte arrives.
             let at = 0;
@@ -300,7 +329,7 @@ export async function writeImageByChunks(
         throw new Error(`read-back verification failed: ${target.devicePath} hashes to ${readBack}, the image to ${stat.sha256}`);
     }
     logger.info(
-      { size, resumes, skipped, fetched, refetched, bytesSkipped, seconds: (Date.now() - started) / 1000 },
+      { size, resumes, skipped, fetched, refetched, bytesSkipped, fromPeers, fromController, seconds: (Date.now() - started) / 1000 },
       'image written and verified chunk by chunk',
     );
     return {
@@ -314,6 +343,8 @@ export async function writeImageByChunks(
       chunksFetched: fetched,
       chunksRefetched: refetched,
       bytesSkipped,
+      bytesFromPeers: fromPeers,
+      bytesFromController: fromController,
     };
   } finally {
     // A device that failed or vanished may fail its close too; that must not hide the error that ended the write.

@@ -5,6 +5,7 @@ import { ClientError, Status } from 'nice-grpc';
 import { describeError as describe } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import type { ImageSource } from './image-source.js';
+import type { FanoutHook } from '../fanout/fanout-hook.js';
 
 /*
  * What both ways of writing an image share (the streaming writer in
@@ -41,6 +42,8 @@ export interface WriteImageOptions {
   /** Backoff between attempts: base × 2^n, capped, times U(0.5, 1.5). */
   backoffBaseMs: number;
   backoffMaxMs: number;
+  /** Fan-out (docs/fanout.md): fetch chunks from the peers of the deploy wave first; undefined: from the controller only. */
+  fanout?: FanoutHook;
 }
 
 export const DEFAULT_WRITE_OPTIONS: WriteImageOptions = {

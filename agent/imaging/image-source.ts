@@ -1,5 +1,6 @@
 import { agentMetadata } from '../../common/agent-metadata.js';
 import type { GetImageManifestResponse, ReadImageResponse, StatImageResponse } from '../../gen/metalcast/v1/agent_gateway.js';
+import type { ExchangeChunksRequest, ExchangeChunksResponse } from '../../gen/metalcast/v1/fanout.js';
 import { type ControllerLink, isConnectionError } from '../controller/controller-link.js';
 import type { HeartbeatIdentity } from '../controller/heartbeat.js';
 
@@ -10,6 +11,8 @@ export interface ImageSource {
   read(image: string, offset: number, signal: AbortSignal, length?: number): AsyncIterable<ReadImageResponse>;
   /** The image's chunk manifest in pages from `firstChunk` (agent/imaging/chunked-writer.ts); absent when the source has none. */
   manifest?(image: string, firstChunk: number, signal: AbortSignal): AsyncIterable<GetImageManifestResponse>;
+  /** The fan-out tracker's ExchangeChunks (agent/fanout/peer-fetcher.ts); absent when the source has none. */
+  exchange?(request: ExchangeChunksRequest, signal: AbortSignal): Promise<ExchangeChunksResponse>;
   /** Told about a failed call, so that connection errors move to the next controller. */
   failed(error: unknown): void;
 }
@@ -33,6 +36,7 @@ export function controllerImageSource(
     stat: (image, signal) => link.gateway.statImage({ image }, { metadata: metadata(), deadline: callTimeoutMs, signal }),
     read: (image, offset, signal, length = 0) => link.gateway.readImage({ image, offset, length }, { metadata: metadata(), signal }),
     manifest: (image, firstChunk, signal) => link.gateway.getImageManifest({ image, firstChunk }, { metadata: metadata(), signal }),
+    exchange: (request, signal) => link.gateway.exchangeChunks(request, { metadata: metadata(), deadline: callTimeoutMs, signal }),
     failed: (error) => {
       if (isConnectionError(error)) link.next('image transfer could not connect');
     },

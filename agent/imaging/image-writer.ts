@@ -214,6 +214,8 @@ export async function writeImageStream(
       chunksFetched: 0,
       chunksRefetched: 0,
       bytesSkipped: 0,
+      bytesFromPeers: 0,
+      bytesFromController: size,
     };
   } finally {
     // A device that failed or vanished may fail its close too; that must not hide the error that ended the write.

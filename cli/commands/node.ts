@@ -292,6 +292,7 @@ export function registerNodeCommands(program: Command, addOperatorOptions: (comm
     )
     .option('--user-data <file>', 'cloud-init user data: #cloud-config or a script (config drive; never shown back)')
     .option('--network-data <file>', 'OpenStack network_data.json: static addresses, bonds, VLANs (config drive)')
+    .option('--no-fanout', "the agent fetches every chunk from the controller and serves none to its wave's peers (docs/fanout.md)")
     .addHelpText(
       'after',
       '\nWithout --disk* hints the smallest disk that holds the image is used.' +
@@ -314,6 +315,7 @@ export function registerNodeCommands(program: Command, addOperatorOptions: (comm
         sshKey?: string[];
         userData?: string;
         networkData?: string;
+        fanout: boolean;
         wait?: boolean;
         waitTimeout: number;
       },
@@ -339,6 +341,7 @@ export function registerNodeCommands(program: Command, addOperatorOptions: (comm
             sshPublicKeys: readSshKeys(opts.sshKey ?? []),
             userData: opts.userData ? readFileSync(opts.userData) : Buffer.alloc(0),
             networkData: opts.networkData ? readFileSync(opts.networkData, 'utf8') : '',
+            fanoutDisabled: opts.fanout === false,
           }),
         });
         if (!updated) throw new Error('the controller returned no node');

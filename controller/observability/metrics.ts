@@ -102,6 +102,23 @@ export function createControllerMetrics(
       help: 'Image bytes sent to agents by ReadImage (all-zero chunks count, though they travel as a marker).',
       registers: [registry],
     }),
+    fanoutBytes: new Counter({
+      name: 'metalcast_fanout_image_bytes_total',
+      help: 'Image bytes agents of fan-out deploys received, by source: "peer" (another agent of the wave) or "controller" (docs/fanout.md).',
+      labelNames: ['source'] as const,
+      registers: [registry],
+    }),
+    fanoutPeerFailures: new Counter({
+      name: 'metalcast_fanout_peer_failures_total',
+      help: 'Chunk fetches from peers that failed, as the fetching agents reported them, by kind: corrupt (wrong bytes), stalled, error.',
+      labelNames: ['kind'] as const,
+      registers: [registry],
+    }),
+    fanoutPeersDropped: new Counter({
+      name: 'metalcast_fanout_peers_dropped_total',
+      help: 'Peers dropped from a fan-out wave for serving a wrong chunk, stalling or failing repeatedly.',
+      registers: [registry],
+    }),
     imageTransfersActive: new Gauge({
       name: 'metalcast_image_transfers_active',
       help: 'ReadImage streams being served now.',

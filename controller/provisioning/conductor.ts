@@ -414,6 +414,11 @@ export class Conductor {
       written && written.chunksSkipped + written.chunksFetched > 0
         ? `, chunks: ${written.chunksSkipped} already on the disk, ${written.chunksFetched} fetched, ${written.chunksRefetched} fetched again`
         : '';
+    // Where the bytes came from (fan-out, docs/fanout.md): node show and the events say it.
+    const sourceNote =
+      written && written.bytesFromPeers > 0
+        ? `; bytes from peers ${written.bytesFromPeers}, from the controller ${written.bytesFromController}`
+        : '';
     let configDriveNote = '';
     if (spec.configDrive) {
       log.info({ device: devicePath, configDrive: spec.configDrive.sha256 }, 'deploying: sending write_config_drive');
@@ -479,7 +484,7 @@ export class Conductor {
       'active',
       null,
       this.options.holder,
-      `deployed ${image.name} to ${devicePath}: ${written?.writtenBytes ?? image.sizeBytes} bytes, sha256 ${image.sha256.slice(0, 12)}…, ${written?.resumes ?? 0} resumes${chunkNote}${configDriveNote}; final power: ${this.options.finalPower}`,
+      `deployed ${image.name} to ${devicePath}: ${written?.writtenBytes ?? image.sizeBytes} bytes, sha256 ${image.sha256.slice(0, 12)}…, ${written?.resumes ?? 0} resumes${chunkNote}${sourceNote}${configDriveNote}; final power: ${this.options.finalPower}`,
       '',
     );
     log.info({ image: image.name, device: devicePath, resumes: written?.resumes }, 'deploy finished');

@@ -30,6 +30,7 @@ function deployRecord(deploy: DeploySpecRecord, image: ImageRecord, configDrive:
     imageFormat: image.format === 'qcow2' ? 'IMAGE_FORMAT_QCOW2' : 'IMAGE_FORMAT_RAW',
     imageSha256: image.sha256,
     imageSourceSha256: image.sourceSha256 || image.sha256,
+    ...(deploy.fanoutDisabled ? { fanoutDisabled: true } : {}),
   };
   if (!configDrive) return record;
   const { instance, drive } = configDrive;
@@ -65,6 +66,8 @@ export interface DeploySpecRecord {
   imageFormat?: string;
   imageSha256?: string;
   imageSourceSha256?: string;
+  /** The deploy's agents neither fetch from nor serve to peers (docs/fanout.md). */
+  fanoutDisabled?: boolean;
 }
 
 /** A deploy's instance configuration and the config drive built from it. */

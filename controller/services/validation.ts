@@ -120,11 +120,15 @@ export function validateWatchedNodes(refs: readonly string[]): readonly string[]
 }
 
 /** What DEPLOY needs: an image name, and disk hints whose strings are bounded. */
-export function validateDeploySpec(spec: DeploySpec | undefined): { image: string; target: DeploySpec['target'] } {
+export function validateDeploySpec(spec: DeploySpec | undefined): {
+  image: string;
+  target: DeploySpec['target'];
+  fanoutDisabled?: boolean;
+} {
   if (!spec || spec.image === '') throw invalid('deploy.image: an image name is required to deploy');
   checkName(spec.image, 'deploy.image', 'image');
   checkDiskHints(spec.target, 'deploy.target');
-  return { image: spec.image, target: spec.target };
+  return { image: spec.image, target: spec.target, ...(spec.fanoutDisabled ? { fanoutDisabled: true } : {}) };
 }
 
 /**

@@ -67,6 +67,7 @@ describe('retry-after-ms', { timeout: 120_000 }, () => {
       async *getImageManifest() {
         throw new ServerError(Status.UNIMPLEMENTED, 'not here');
       },
+      exchangeChunks: () => Promise.reject(new ServerError(Status.UNIMPLEMENTED, 'not here')),
     };
     server = createServer();
     server.add(AgentGatewayServiceDefinition, gateway);

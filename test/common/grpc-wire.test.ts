@@ -124,6 +124,7 @@ describe('grpc-js overrides (common/grpc-wire.ts)', () => {
         getImageManifest: () => {
           throw new Error('unused');
         },
+        exchangeChunks: () => Promise.reject(new Error('unused')),
       });
       address = `127.0.0.1:${await server.listen('127.0.0.1:0')}`;
     });

@@ -8,6 +8,7 @@
 import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire";
 import type { CallContext, CallOptions } from "nice-grpc-common";
 import { Command } from "./command.js";
+import { ExchangeChunksRequest, ExchangeChunksResponse } from "./fanout.js";
 
 export const protobufPackage = "metalcast.v1";
 
@@ -1829,6 +1830,19 @@ export const AgentGatewayServiceDefinition = {
       responseStream: true,
       options: {},
     },
+    /**
+     * ExchangeChunks reports which chunks of its deploy image the agent holds
+     * and hands it the chunks to fetch next, each from peers of its deploy
+     * wave or from the controller (docs/fanout.md).
+     */
+    exchangeChunks: {
+      name: "ExchangeChunks",
+      requestType: ExchangeChunksRequest as typeof ExchangeChunksRequest,
+      requestStream: false,
+      responseType: ExchangeChunksResponse as typeof ExchangeChunksResponse,
+      responseStream: false,
+      options: {},
+    },
   },
 } as const;
 
@@ -1881,6 +1895,15 @@ export interface AgentGatewayServiceImplementation<CallContextExt = {}> {
     request: GetImageManifestRequest,
     context: CallContext & CallContextExt,
   ): ServerStreamingMethodResult<DeepPartial<GetImageManifestResponse>>;
+  /**
+   * ExchangeChunks reports which chunks of its deploy image the agent holds
+   * and hands it the chunks to fetch next, each from peers of its deploy
+   * wave or from the controller (docs/fanout.md).
+   */
+  exchangeChunks(
+    request: ExchangeChunksRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<ExchangeChunksResponse>>;
 }
 
 export interface AgentGatewayServiceClient<CallOptionsExt = {}> {
@@ -1932,6 +1955,15 @@ export interface AgentGatewayServiceClient<CallOptionsExt = {}> {
     request: DeepPartial<GetImageManifestRequest>,
     options?: CallOptions & CallOptionsExt,
   ): AsyncIterable<GetImageManifestResponse>;
+  /**
+   * ExchangeChunks reports which chunks of its deploy image the agent holds
+   * and hands it the chunks to fetch next, each from peers of its deploy
+   * wave or from the controller (docs/fanout.md).
+   */
+  exchangeChunks(
+    request: DeepPartial<ExchangeChunksRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<ExchangeChunksResponse>;
 }
 
 function bytesFromBase64(b64: string): Uint8Array {

@@ -267,6 +267,12 @@ export interface CommandProgress {
   chunksSkipped: number;
   chunksFetched: number;
   chunksRefetched: number;
+  /**
+   * Bytes received from peer agents of the deploy wave (fan-out,
+   * docs/fanout.md) and from the controller, so far.
+   */
+  bytesFromPeers: number;
+  bytesFromController: number;
 }
 
 /** CommandResult is what a successful command produced. */
@@ -324,6 +330,12 @@ export interface WriteImageResult {
   chunksRefetched: number;
   /** Bytes of the image not fetched because the disk already held them. */
   bytesSkipped: number;
+  /**
+   * Bytes received from peer agents of the deploy wave (fan-out,
+   * docs/fanout.md) and from the controller.
+   */
+  bytesFromPeers: number;
+  bytesFromController: number;
 }
 
 /** EraseDisksResult describes a completed erase. */
@@ -1366,6 +1378,8 @@ function createBaseCommandProgress(): CommandProgress {
     chunksSkipped: 0,
     chunksFetched: 0,
     chunksRefetched: 0,
+    bytesFromPeers: 0,
+    bytesFromController: 0,
   };
 }
 
@@ -1400,6 +1414,12 @@ export const CommandProgress: MessageFns<CommandProgress> = {
     }
     if (message.chunksRefetched !== 0) {
       writer.uint32(80).uint32(message.chunksRefetched);
+    }
+    if (message.bytesFromPeers !== 0) {
+      writer.uint32(88).uint64(message.bytesFromPeers);
+    }
+    if (message.bytesFromController !== 0) {
+      writer.uint32(96).uint64(message.bytesFromController);
     }
     return writer;
   },
@@ -1497,6 +1517,22 @@ export const CommandProgress: MessageFns<CommandProgress> = {
             message.chunksRefetched = reader.uint32();
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.bytesFromPeers = longToNumber(reader.uint64());
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.bytesFromController = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1553,6 +1589,16 @@ export const CommandProgress: MessageFns<CommandProgress> = {
         : isSet(object.chunks_refetched)
         ? globalThis.Number(object.chunks_refetched)
         : 0,
+      bytesFromPeers: isSet(object.bytesFromPeers)
+        ? globalThis.Number(object.bytesFromPeers)
+        : isSet(object.bytes_from_peers)
+        ? globalThis.Number(object.bytes_from_peers)
+        : 0,
+      bytesFromController: isSet(object.bytesFromController)
+        ? globalThis.Number(object.bytesFromController)
+        : isSet(object.bytes_from_controller)
+        ? globalThis.Number(object.bytes_from_controller)
+        : 0,
     };
   },
 
@@ -1588,6 +1634,12 @@ export const CommandProgress: MessageFns<CommandProgress> = {
     if (message.chunksRefetched !== 0) {
       obj.chunksRefetched = Math.round(message.chunksRefetched);
     }
+    if (message.bytesFromPeers !== 0) {
+      obj.bytesFromPeers = Math.round(message.bytesFromPeers);
+    }
+    if (message.bytesFromController !== 0) {
+      obj.bytesFromController = Math.round(message.bytesFromController);
+    }
     return obj;
   },
 
@@ -1606,6 +1658,8 @@ export const CommandProgress: MessageFns<CommandProgress> = {
     message.chunksSkipped = object.chunksSkipped ?? 0;
     message.chunksFetched = object.chunksFetched ?? 0;
     message.chunksRefetched = object.chunksRefetched ?? 0;
+    message.bytesFromPeers = object.bytesFromPeers ?? 0;
+    message.bytesFromController = object.bytesFromController ?? 0;
     return message;
   },
 };
@@ -1929,6 +1983,8 @@ function createBaseWriteImageResult(): WriteImageResult {
     chunksFetched: 0,
     chunksRefetched: 0,
     bytesSkipped: 0,
+    bytesFromPeers: 0,
+    bytesFromController: 0,
   };
 }
 
@@ -1960,6 +2016,12 @@ export const WriteImageResult: MessageFns<WriteImageResult> = {
     }
     if (message.bytesSkipped !== 0) {
       writer.uint32(72).uint64(message.bytesSkipped);
+    }
+    if (message.bytesFromPeers !== 0) {
+      writer.uint32(80).uint64(message.bytesFromPeers);
+    }
+    if (message.bytesFromController !== 0) {
+      writer.uint32(88).uint64(message.bytesFromController);
     }
     return writer;
   },
@@ -2049,6 +2111,22 @@ export const WriteImageResult: MessageFns<WriteImageResult> = {
             message.bytesSkipped = longToNumber(reader.uint64());
             continue;
           }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.bytesFromPeers = longToNumber(reader.uint64());
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.bytesFromController = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2100,6 +2178,16 @@ export const WriteImageResult: MessageFns<WriteImageResult> = {
         : isSet(object.bytes_skipped)
         ? globalThis.Number(object.bytes_skipped)
         : 0,
+      bytesFromPeers: isSet(object.bytesFromPeers)
+        ? globalThis.Number(object.bytesFromPeers)
+        : isSet(object.bytes_from_peers)
+        ? globalThis.Number(object.bytes_from_peers)
+        : 0,
+      bytesFromController: isSet(object.bytesFromController)
+        ? globalThis.Number(object.bytesFromController)
+        : isSet(object.bytes_from_controller)
+        ? globalThis.Number(object.bytes_from_controller)
+        : 0,
     };
   },
 
@@ -2132,6 +2220,12 @@ export const WriteImageResult: MessageFns<WriteImageResult> = {
     if (message.bytesSkipped !== 0) {
       obj.bytesSkipped = Math.round(message.bytesSkipped);
     }
+    if (message.bytesFromPeers !== 0) {
+      obj.bytesFromPeers = Math.round(message.bytesFromPeers);
+    }
+    if (message.bytesFromController !== 0) {
+      obj.bytesFromController = Math.round(message.bytesFromController);
+    }
     return obj;
   },
 
@@ -2149,6 +2243,8 @@ export const WriteImageResult: MessageFns<WriteImageResult> = {
     message.chunksFetched = object.chunksFetched ?? 0;
     message.chunksRefetched = object.chunksRefetched ?? 0;
     message.bytesSkipped = object.bytesSkipped ?? 0;
+    message.bytesFromPeers = object.bytesFromPeers ?? 0;
+    message.bytesFromController = object.bytesFromController ?? 0;
     return message;
   },
 };

@@ -480,6 +480,12 @@ export interface DeploySpec {
    * qcow2 itself for a qcow2 image).
    */
   imageSourceSha256: string;
+  /**
+   * Turns fan-out off for this deploy: the agent fetches every chunk from
+   * the controller and serves none to peers (docs/fanout.md). Fan-out is on
+   * by default where the controller allows it (--fanout).
+   */
+  fanoutDisabled: boolean;
 }
 
 /** ConfigDriveInfo describes the config drive of a deploy. */
@@ -877,6 +883,7 @@ function createBaseDeploySpec(): DeploySpec {
     imageFormat: 0,
     imageSha256: "",
     imageSourceSha256: "",
+    fanoutDisabled: false,
   };
 }
 
@@ -920,6 +927,9 @@ export const DeploySpec: MessageFns<DeploySpec> = {
     }
     if (message.imageSourceSha256 !== "") {
       writer.uint32(106).string(message.imageSourceSha256);
+    }
+    if (message.fanoutDisabled !== false) {
+      writer.uint32(112).bool(message.fanoutDisabled);
     }
     return writer;
   },
@@ -1041,6 +1051,14 @@ export const DeploySpec: MessageFns<DeploySpec> = {
             message.imageSourceSha256 = reader.string();
             continue;
           }
+          case 14: {
+            if (tag !== 112) {
+              break;
+            }
+
+            message.fanoutDisabled = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1108,6 +1126,11 @@ export const DeploySpec: MessageFns<DeploySpec> = {
         : isSet(object.image_source_sha256)
         ? globalThis.String(object.image_source_sha256)
         : "",
+      fanoutDisabled: isSet(object.fanoutDisabled)
+        ? globalThis.Boolean(object.fanoutDisabled)
+        : isSet(object.fanout_disabled)
+        ? globalThis.Boolean(object.fanout_disabled)
+        : false,
     };
   },
 
@@ -1152,6 +1175,9 @@ export const DeploySpec: MessageFns<DeploySpec> = {
     if (message.imageSourceSha256 !== "") {
       obj.imageSourceSha256 = message.imageSourceSha256;
     }
+    if (message.fanoutDisabled !== false) {
+      obj.fanoutDisabled = message.fanoutDisabled;
+    }
     return obj;
   },
 
@@ -1177,6 +1203,7 @@ export const DeploySpec: MessageFns<DeploySpec> = {
     message.imageFormat = object.imageFormat ?? 0;
     message.imageSha256 = object.imageSha256 ?? "";
     message.imageSourceSha256 = object.imageSourceSha256 ?? "";
+    message.fanoutDisabled = object.fanoutDisabled ?? false;
     return message;
   },
 };

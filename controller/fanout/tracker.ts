@@ -1,0 +1,271 @@
+import { randomBytes } from 'node:crypto';
+import type { Logger } from '../../common/logging.js';
+import { type ChunkAssignment, type ChunkPeer, type PeerFailure, PeerFailureKind } from '../../gen/metalcast/v1/fanout.js';
+
+/** Fan-out policy of one controller (docs/fanout.md); the flags that set it are in controller/config.ts. */
+export interface FanoutPolicy {
+  /** --fanout: agents share chunks at all. */
+  enabled: boolean;
+  /** --fanout-max-peers: peers named per chunk, the fetching agent tries them in order. */
+  maxPeers: number;
+  /** --fanout-max-uploads: chunk reads one agent serves at once. */
+  maxUploads: number;
+  /** --fanout-max-upload-rate: bytes per second one agent serves to peers; 0 for no cap. */
+  maxUploadBytesPerSecond: number;
+  /** How long a chunk handed out to be read from the controller is reserved for that agent. */
+  controllerLeaseMs: number;
+  /** A member that has not exchanged for this long is no longer handed out as a peer. */
+  memberTtlMs: number;
+}
+
+export const DEFAULT_FANOUT_POLICY: FanoutPolicy = {
+  enabled: true,
+  maxPeers: 3,
+  maxUploads: 4,
+  maxUploadBytesPerSecond: 0,
+  controllerLeaseMs: 30_000,
+  memberTtlMs: 60_000,
+};
+
+/** Errors from one peer before it is dropped for the wave; a corrupt or stalled chunk drops it at once. */
+const MAX_PEER_ERRORS = 3;
+/** How long an assignment counts towards a peer's load, so that one peer is not handed every fetcher. */
+const LOAD_WINDOW_MS = 3_000;
+/** A wave nobody exchanged with for this long is forgotten. */
+const WAVE_IDLE_MS = 10 * 60_000;
+const RETRY_AFTER_MS = 150;
+
+/** An agent of a wave, as the tracker knows it. */
+interface Member {
+  nodeUuid: string;
+  address: string;
+  certificatePem: string;
+  rack: string;
+  zone: string;
+  /** Bit i set: holds chunk i, verified. */
+  held: Uint8Array;
+  heldCount: number;
+  seenAt: number;
+  /** When assignments naming this member as first peer were handed out, within LOAD_WINDOW_MS. */
+  recent: number[];
+  errors: number;
+  bytesFromPeers: number;
+  bytesFromController: number;
+}
+
+/** The agents deploying one image (by content) at the same time through this controller. */
+interface Wave {
+  key: string;
+  credential: string;
+  chunkCount: number;
+  members: Map<string, Member>;
+  /** Chunk → the agent reading it from the controller now, and until when that holds. */
+  leases: Map<number, { nodeUuid: string; until: number }>;
+  /** Peers dropped for this wave: they served a wrong chunk, stalled or failed too often. */
+  dropped: Set<string>;
+  touchedAt: number;
+}
+
+/** The exchange as the tracker sees it, after the gRPC edge has authenticated and checked it. */
+export interface ExchangeInput {
+  nodeUuid: string;
+  address: string;
+  certificatePem: string;
+  properties: Record<string, string>;
+  /** Identifies the wave: image name and content. */
+  waveKey: string;
+  chunkCount: number;
+  held: Uint8Array;
+  fetching: Uint8Array;
+  maxAssignments: number;
+  failures: PeerFailure[];
+  bytesFromPeers: number;
+  bytesFromController: number;
+}
+
+export interface ExchangeOutput {
+  credential: string;
+  assignments: ChunkAssignment[];
+  retryAfterMs: number;
+}
+
+/** What the tracker reports for metrics: byte deltas by source and failures by kind. */
+export interface TrackerEvents {
+  bytes(source: 'peer' | 'controller', bytes: number): void;
+  peerFailure(kind: string): void;
+  peerDropped(): void;
+}
+
+export function bit(bitmap: Uint8Array, index: number): boolean {
+  return ((bitmap[index >> 3] ?? 0) & (1 << (index & 7))) !== 0;
+}
+
+function popcount(bitmap: Uint8Array, count: number): number {
+  let n = 0;
+  for (let i = 0; i < count; i++) if (bit(bitmap, i)) n++;
+  return n;
+}
+
+/**
+ * The controller as tracker: it learns from each agent's exchange which
+ * chunks it holds, and answers with chunks to fetch — rarest first, each
+ * from peers that hold it (same rack, then same zone, then least loaded),
+ * or from the controller when no live peer holds it and no other agent is
+ * reading it from the controller already (a lease), so that the controller
+ * sends each chunk about once per wave. All in memory: a controller that
+ * restarts starts new waves, and agents re-report what they hold at their
+ * next exchange.
+ */
+export class FanoutTracker {
+  private readonly waves = new Map<string, Wave>();
+
+  constructor(
+    readonly policy: FanoutPolicy,
+    private readonly events: TrackerEvents,
+    private readonly logger: Logger,
+    private readonly now: () => number = Date.now,
+  ) {}
+
+  exchange(input: ExchangeInput): ExchangeOutput {
+    const now = this.now();
+    this.forgetIdleWaves(now);
+    const wave = this.wave(input.waveKey, input.chunkCount, now);
+    const member = this.member(wave, input, now);
+
+    for (const failure of input.failures) this.peerFailed(wave, input.nodeUuid, failure);
+
+    // Leases end when their agent holds the chunk or no longer fetches it, or when they time out.
+    for (const [chunk, lease] of wave.leases) {
+      if (lease.until <= now) wave.leases.delete(chunk);
+      else if (lease.nodeUuid === input.nodeUuid && !bit(input.fetching, chunk)) wave.leases.delete(chunk);
+    }
+
+    const live = [...wave.members.values()].filter(
+      (m) => m.nodeUuid !== member.nodeUuid && !wave.dropped.has(m.nodeUuid) && now - m.seenAt < this.policy.memberTtlMs && m.heldCount > 0,
+    );
+    // Holders per chunk this agent lacks.
+    const wanted: { chunk: number; holders: Member[]; tie: number }[] = [];
+    for (let chunk = 0; chunk < wave.chunkCount; chunk++) {
+      if (bit(input.held, chunk) || bit(input.fetching, chunk)) continue;
+      const holders = live.filter((m) => bit(m.held, chunk));
+      if (holders.length === 0) {
+        const lease = wave.leases.get(chunk);
+        if (lease && lease.nodeUuid !== member.nodeUuid) continue; // someone brings it from the controller: wait for them
+      }
+      wanted.push({ chunk, holders, tie: Math.random() });
+    }
+    // Rarest first: the chunks few agents hold spread before the common ones; a chunk nobody holds is the rarest.
+    wanted.sort((a, b) => a.holders.length - b.holders.length || a.tie - b.tie);
+    const assignments: ChunkAssignment[] = [];
+    for (const { chunk, holders } of wanted) {
+      if (assignments.length >= input.maxAssignments) break;
+      if (holders.length === 0) {
+        wave.leases.set(chunk, { nodeUuid: member.nodeUuid, until: now + this.policy.controllerLeaseMs });
+        assignments.push({ chunk, peers: [] });
+        continue;
+      }
+      const ranked = holders
+        .map((m) => {
+          m.recent = m.recent.filter((at) => now - at < LOAD_WINDOW_MS);
+          const locality = (member.rack !== '' && m.rack === member.rack ? 2 : 0) + (member.zone !== '' && m.zone === member.zone ? 1 : 0);
+          return { m, locality, load: m.recent.length, tie: Math.random() };
+        })
+        .sort((a, b) => b.locality - a.locality || a.load - b.load || a.tie - b.tie)
+        .slice(0, this.policy.maxPeers)
+        .map((r) => r.m);
+      ranked[0]?.recent.push(now);
+      assignments.push({ chunk, peers: ranked.map(toPeer) });
+    }
+    return { credential: wave.credential, assignments, retryAfterMs: assignments.length === 0 ? RETRY_AFTER_MS : 0 };
+  }
+
+  /** For tests and `node show`: what a wave looks like now. */
+  snapshot(waveKey: string): { members: number; dropped: string[]; leases: number } | undefined {
+    const wave = this.waves.get(waveKey);
+    if (!wave) return undefined;
+    return { members: wave.members.size, dropped: [...wave.dropped], leases: wave.leases.size };
+  }
+
+  private wave(key: string, chunkCount: number, now: number): Wave {
+    let wave = this.waves.get(key);
+    if (!wave || wave.chunkCount !== chunkCount) {
+      wave = {
+        key,
+        credential: randomBytes(32).toString('base64url'),
+        chunkCount,
+        members: new Map(),
+        leases: new Map(),
+        dropped: new Set(),
+        touchedAt: now,
+      };
+      this.waves.set(key, wave);
+      this.logger.info({ wave: key, chunks: chunkCount }, 'fan-out wave started');
+    }
+    wave.touchedAt = now;
+    return wave;
+  }
+
+  private member(wave: Wave, input: ExchangeInput, now: number): Member {
+    let member = wave.members.get(input.nodeUuid);
+    if (!member) {
+      member = {
+        nodeUuid: input.nodeUuid,
+        address: '',
+        certificatePem: '',
+        rack: '',
+        zone: '',
+        held: new Uint8Array(0),
+        heldCount: 0,
+        seenAt: now,
+        recent: [],
+        errors: 0,
+        bytesFromPeers: 0,
+        bytesFromController: 0,
+      };
+      wave.members.set(input.nodeUuid, member);
+    }
+    member.address = input.address;
+    member.certificatePem = input.certificatePem;
+    member.rack = input.properties.rack ?? '';
+    member.zone = input.properties.zone ?? '';
+    member.held = input.held;
+    member.heldCount = popcount(input.held, wave.chunkCount);
+    member.seenAt = now;
+    // Byte counts are cumulative per deploy; a restarted agent starts again from 0.
+    const fromPeers = input.bytesFromPeers - member.bytesFromPeers;
+    const fromController = input.bytesFromController - member.bytesFromController;
+    if (fromPeers > 0) this.events.bytes('peer', fromPeers);
+    if (fromController > 0) this.events.bytes('controller', fromController);
+    member.bytesFromPeers = input.bytesFromPeers;
+    member.bytesFromController = input.bytesFromController;
+    return member;
+  }
+
+  private peerFailed(wave: Wave, reporter: string, failure: PeerFailure): void {
+    const kind = PeerFailureKind[failure.kind]?.replace('PEER_FAILURE_KIND_', '').toLowerCase() ?? 'unspecified';
+    this.events.peerFailure(kind);
+    const peer = wave.members.get(failure.nodeUuid);
+    if (!peer || wave.dropped.has(failure.nodeUuid)) return;
+    peer.errors++;
+    const drop =
+      failure.kind === PeerFailureKind.PEER_FAILURE_KIND_CORRUPT ||
+      failure.kind === PeerFailureKind.PEER_FAILURE_KIND_STALLED ||
+      peer.errors >= MAX_PEER_ERRORS;
+    this.logger.warn(
+      { wave: wave.key, peer: failure.nodeUuid, reporter, chunk: failure.chunk, kind, reason: failure.reason.slice(0, 300), dropped: drop },
+      drop ? 'peer dropped from the fan-out wave' : 'a peer failed to serve a chunk',
+    );
+    if (drop) {
+      wave.dropped.add(failure.nodeUuid);
+      this.events.peerDropped();
+    }
+  }
+
+  private forgetIdleWaves(now: number): void {
+    for (const [key, wave] of this.waves) if (now - wave.touchedAt > WAVE_IDLE_MS) this.waves.delete(key);
+  }
+}
+
+function toPeer(m: Member): ChunkPeer {
+  return { nodeUuid: m.nodeUuid, address: m.address, certificatePem: m.certificatePem };
+}

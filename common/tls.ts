@@ -327,7 +327,12 @@ type Listeners = { event: string; listener: (...args: unknown[]) => void }[];
  * fallback, the first accepted socket on that port ('net.server.socket')
  * names its server. A TLS server gets a 'tlsClientError' listener, a
  * plaintext one 'session'/'sessionError' ("bad client magic" is a TLS
- * ClientHello). Returns the port and the function that stops watching.
+ * ClientHello). Returns the port, the function that stops watching, and
+ * one that destroys every connection still open on the port: grpc-js's
+ * forceShutdown ends only the HTTP/2 sessions it knows, so a connection
+ * still in its TLS handshake when the shutdown began (an agent reconnecting
+ * after its heartbeat stream was ended) becomes a session nobody ends, and
+ * holds the server's close open for as long as the agent answers pings.
  */
 export async function listenWatchingHandshakes(
   server: { listen(address: string, credentials?: ServerCredentials): Promise<number> },
@@ -335,8 +340,10 @@ export async function listenWatchingHandshakes(
   credentials: ServerCredentials | undefined,
   watch: HandshakeWatch,
   logger: Logger,
-): Promise<{ port: number; unwatch: () => void }> {
+): Promise<{ port: number; unwatch: () => void; destroyConnections: () => number }> {
   const secure = credentials !== undefined;
+  // Every connection accepted on the port, so that a shutdown can end the ones grpc-js does not know of (below).
+  const connections = new Set<Socket>();
   const hooked = new Map<EventEmitter, Listeners>();
   const lastLogged = new Map<string, number>();
   const peers = new WeakMap<object, string>();
@@ -414,6 +421,8 @@ export async function listenWatchingHandshakes(
   const onSocket = (message: unknown) => {
     const socket = (message as { socket?: Socket & { server?: EventEmitter } }).socket;
     if (!socket || port === undefined || socket.localPort !== port) return;
+    connections.add(socket);
+    socket.once('close', () => connections.delete(socket));
     const peer = addressOf(socket);
     if (peer) peers.set(socket, peer);
     if (socket.server) hook(socket.server);
@@ -439,6 +448,12 @@ export async function listenWatchingHandshakes(
     unwatch: () => {
       diagnostics.unsubscribe(SERVER_SOCKET_CHANNEL, onSocket);
       for (const candidate of [...hooked.keys()]) unhook(candidate);
+    },
+    destroyConnections: () => {
+      const open = [...connections];
+      for (const socket of open) socket.destroy();
+      connections.clear();
+      return open.length;
     },
   };
 }

@@ -26,6 +26,8 @@ export interface ControllerTransport {
    * listenWatchingHandshakes); returns the bound port.
    */
   listen(server: ListeningServer, address: string): Promise<number>;
+  /** Destroys every connection still open on the API's port (after forceShutdown); returns how many there were. */
+  destroyConnections(): number;
   /** Stops watching handshakes. */
   close(): void;
 }
@@ -77,9 +79,11 @@ export function setUpControllerTransport(config: ControllerConfig, logger: Logge
   if (problems.length > 0) throw new ConfigError(problems);
 
   let unwatch: (() => void) | undefined;
+  let destroyConnections = () => 0;
   const listenWith = (credentials: ServerCredentials | undefined) => async (server: ListeningServer, address: string) => {
     const watching = await listenWatchingHandshakes(server, address, credentials, HANDSHAKE_HINTS, logger);
     unwatch = watching.unwatch;
+    destroyConnections = watching.destroyConnections;
     return watching.port;
   };
   const close = () => {
@@ -92,7 +96,14 @@ export function setUpControllerTransport(config: ControllerConfig, logger: Logge
       { listen: config.listen },
       'serving gRPC in plaintext (--insecure): agent and operator tokens and images cross the network readable by anyone on it, and anyone there can pose as an agent or as this controller; for isolated labs and tests only',
     );
-    return { credentials: undefined, summary: 'off (--insecure)', peerClient: () => undefined, listen: listenWith(undefined), close };
+    return {
+      credentials: undefined,
+      summary: 'off (--insecure)',
+      peerClient: () => undefined,
+      listen: listenWith(undefined),
+      destroyConnections: () => destroyConnections(),
+      close,
+    };
   }
 
   const tls = loadServerTls({ cert: config.tlsCert, key: config.tlsKey, clientCa: config.tlsClientCa || undefined });
@@ -114,6 +125,7 @@ export function setUpControllerTransport(config: ControllerConfig, logger: Logge
     summary,
     peerClient: (address) => tlsClient(address, { caPem: peerCaPem }),
     listen: listenWith(credentials),
+    destroyConnections: () => destroyConnections(),
     close,
   };
 }

@@ -245,7 +245,7 @@ function harness(h: Harness) {
       d.proxy.restore();
     }
     const detectedMs = Date.parse(String(line.time)) - at;
-    ctx.diagnostic(`black hole at ${line.offset} bytes detected after ${detectedMs} ms (${line.reason})`);
+    ctx.diagnostic(`black hole at ${line.done ?? line.offset} bytes detected after ${detectedMs} ms (${line.reason})`);
     assert.match(String(line.reason), /^no data for/, 'the stall timer caught it');
     assert.ok(
       detectedMs <= STALL_MS + DETECTION_SLACK_MS,
@@ -259,7 +259,7 @@ function harness(h: Harness) {
     d.proxy.resetAll();
     const line = await d.agent.waitForLog(interrupted(at), 10_000);
     const detectedMs = Date.parse(String(line.time)) - at;
-    ctx.diagnostic(`reset at ${line.offset} bytes detected after ${detectedMs} ms (${line.reason})`);
+    ctx.diagnostic(`reset at ${line.done ?? line.offset} bytes detected after ${detectedMs} ms (${line.reason})`);
     assert.ok(detectedMs <= DETECTION_SLACK_MS, `a reset was detected after ${detectedMs} ms`);
   }
 
@@ -596,7 +596,10 @@ describe('a controller restarted mid-transfer', () => {
     let t = await startTestController(flags);
     const h = harness({ t: () => t, agents, proxies });
     try {
-      const d = await h.startDeploy('rs', 505);
+      // Larger than what can be in flight when the stop comes (the 16 MiB flow-control window and the buffers past
+      // the 4 MiB written, plus the progress report's lag): with the 16 MiB image, the controller had sometimes sent
+      // the last byte before it stopped, nothing was interrupted, and the test waited for a resume that never came.
+      const d = await h.startDeploy('rs', 505, { imageBytes: 4 * IMAGE_BYTES });
       await h.writtenAtLeast(d, 4 * MIB);
       const first = t.controller;
       const address = t.controller.grpcAddress;
@@ -606,7 +609,7 @@ describe('a controller restarted mid-transfer', () => {
       t = await startTestController({ ...flags, listen: address }, t.dataDir);
       // Generous: on a loaded CI host the agent notices the cut only after its keepalive (6 s) and a slow restart.
       const line = await d.agent.waitForLog(interrupted(stopAt), 45_000);
-      ctx.diagnostic(`the agent resumes from ${line.offset} bytes (${line.reason})`);
+      ctx.diagnostic(`the agent resumes from ${line.done ?? line.offset} bytes (${line.reason})`);
       const firstCounters = await imageTransferCounters(first);
       await h.finish(d, 1, ctx, async () => {
         const second = await imageTransferCounters(t.controller);

@@ -145,7 +145,7 @@ describe('image transfer across a veth link cut by iptables', { skip }, () => {
         STALL_MS + 10_000,
       );
       const detectedMs = Date.parse(String(line.time)) - cutAt;
-      ctx.diagnostic(`cut at ${line.offset} bytes detected after ${detectedMs} ms (${line.reason})`);
+      ctx.diagnostic(`cut at ${line.done ?? line.offset} bytes detected after ${detectedMs} ms (${line.reason})`);
       assert.match(String(line.reason), /^no data for/, 'the stall timer caught it');
       assert.ok(detectedMs <= STALL_MS + 1500, `the cut was detected after ${detectedMs} ms; the stall timeout is ${STALL_MS} ms`);
       await sleep(Math.max(0, cutAt + CUT_MS - Date.now()));

@@ -340,7 +340,7 @@ export async function listenWatchingHandshakes(
   credentials: ServerCredentials | undefined,
   watch: HandshakeWatch,
   logger: Logger,
-): Promise<{ port: number; unwatch: () => void; destroyConnections: () => number }> {
+): Promise<{ port: number; unwatch: () => void; destroyConnections: () => string[] }> {
   const secure = credentials !== undefined;
   // Every connection accepted on the port, so that a shutdown can end the ones grpc-js does not know of (below).
   const connections = new Set<Socket>();
@@ -453,7 +453,7 @@ export async function listenWatchingHandshakes(
       const open = [...connections];
       for (const socket of open) socket.destroy();
       connections.clear();
-      return open.length;
+      return open.map((socket) => addressOf(socket) ?? 'unknown peer');
     },
   };
 }

@@ -503,8 +503,10 @@ export async function startController(
             logger.warn({ timeoutMs: config.shutdownTimeout }, 'calls did not finish in time; cancelling them');
             server.forceShutdown();
             // Connections grpc-js does not track (one still in its TLS handshake when the stop began) would hold the close open.
-            const destroyed = transport.destroyConnections();
-            if (destroyed > 0) logger.warn({ connections: destroyed }, 'closed connections that outlived the cancelled calls');
+            const peers = transport.destroyConnections();
+            if (peers.length > 0) {
+              logger.warn({ connections: peers.length, peers: peers.slice(0, 10) }, 'closed connections that outlived the cancelled calls');
+            }
           }, config.shutdownTimeout);
           try {
             await server.shutdown();

@@ -26,8 +26,8 @@ export interface ControllerTransport {
    * listenWatchingHandshakes); returns the bound port.
    */
   listen(server: ListeningServer, address: string): Promise<number>;
-  /** Destroys every connection still open on the API's port (after forceShutdown); returns how many there were. */
-  destroyConnections(): number;
+  /** Destroys every connection still open on the API's port (after forceShutdown); returns their peers' addresses. */
+  destroyConnections(): string[];
   /** Stops watching handshakes. */
   close(): void;
 }
@@ -79,7 +79,7 @@ export function setUpControllerTransport(config: ControllerConfig, logger: Logge
   if (problems.length > 0) throw new ConfigError(problems);
 
   let unwatch: (() => void) | undefined;
-  let destroyConnections = () => 0;
+  let destroyConnections = (): string[] => [];
   const listenWith = (credentials: ServerCredentials | undefined) => async (server: ListeningServer, address: string) => {
     const watching = await listenWatchingHandshakes(server, address, credentials, HANDSHAKE_HINTS, logger);
     unwatch = watching.unwatch;

@@ -18,7 +18,7 @@ export interface AgentCallPolicy {
  * heartbeat) otherwise.
  */
 export class AgentDirectory {
-  /** Nodes already logged as uncallable (no pinned certificate), by the token hash they had then: one line per lookup. */
+  /** Nodes already logged as not callable yet (no pinned certificate), by the token hash they had then: one line per lookup. */
   private readonly refused = new Map<string, string | null>();
 
   constructor(
@@ -31,20 +31,24 @@ export class AgentDirectory {
   /**
    * How to call the node's agent: its address, the API credential, and the
    * certificate pinned for it (null: plaintext). Undefined when it cannot be
-   * called: no address or credential yet, or no pinned certificate while
-   * this controller speaks only TLS (logged once per lookup; the node waits,
-   * and the sweep fails it if nothing changes).
+   * called yet: no address or credential, or no certificate pinned since the
+   * lookup while this controller speaks only TLS (the agent's next heartbeat
+   * pins it and moves the node on; the sweep fails the node if none comes).
    */
   endpoint(node: NodeRecord): { address: string; token: string; certificatePem: string | null } | undefined {
     const address = this.sessions.agentEndpoint(node.uuid)?.address || node.agentAddress;
     if (address === '' || node.agentApiToken === null) return undefined;
     if (node.agentCertificatePem === null && !this.policy.allowPlaintext) {
+      // A heartbeat without a certificate is refused (FAILED_PRECONDITION, logged by the heartbeat service), so
+      // no pinned certificate here means that the agent has not heartbeated since its lookup gave it this
+      // token: its first heartbeat pins the certificate and moves the node on. Between the two, the node
+      // waits; that is normal (an agent that looked up again), not a misconfigured agent, so it is no warning.
       if (this.refused.get(node.uuid) !== node.agentTokenHash) {
         this.refused.set(node.uuid, node.agentTokenHash);
         if (this.refused.size > 10_000) this.refused.clear();
-        this.policy.logger.warn(
+        this.policy.logger.debug(
           { node: node.uuid, nodeName: node.name, agent: address },
-          'not calling the agent: it sent no certificate to pin, and this controller calls agents only over TLS; the agent must run with --ca (an agent that speaks TLS sends its certificate with its first heartbeat)',
+          'agent not called yet: its first heartbeat since the lookup, which pins its certificate, has not come',
         );
       }
       return undefined;

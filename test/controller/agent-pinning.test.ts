@@ -180,7 +180,7 @@ describe('agent certificate pinning', () => {
     assert.equal(logged('refused a heartbeat stream without an agent certificate').filter((l) => l.node === node.uuid).length, 1);
     assert.equal((await nodes.getNode({ node: 'pin-4' })).node?.provisionState, ProvisionState.PROVISION_STATE_INSPECT_WAIT);
     assert.deepEqual(
-      logged('not calling the agent').filter((l) => l.node === node.uuid),
+      logged('agent not called yet').filter((l) => l.node === node.uuid),
       [],
       'the agent was never considered',
     );

@@ -329,10 +329,13 @@ type Listeners = { event: string; listener: (...args: unknown[]) => void }[];
  * plaintext one 'session'/'sessionError' ("bad client magic" is a TLS
  * ClientHello). Returns the port, the function that stops watching, and
  * one that destroys every connection still open on the port: grpc-js's
- * forceShutdown ends only the HTTP/2 sessions it knows, so a connection
- * still in its TLS handshake when the shutdown began (an agent reconnecting
- * after its heartbeat stream was ended) becomes a session nobody ends, and
- * holds the server's close open for as long as the agent answers pings.
+ * server's close waits for every socket, and two kinds outlive grpc-js's
+ * forceShutdown: one still in its TLS handshake when the stop began (an
+ * agent reconnecting after its heartbeat stream was ended), which grpc-js
+ * does not know yet; and one whose session the stop had already closed
+ * gracefully, whose peer went silent (the agent of a machine just powered
+ * off): Node's http2 then only ends that socket and waits for a FIN that
+ * never comes. Both held the controller's stop until it gave up.
  */
 export async function listenWatchingHandshakes(
   server: { listen(address: string, credentials?: ServerCredentials): Promise<number> },

@@ -502,7 +502,8 @@ export async function startController(
           const shutdownTimer = setTimeout(() => {
             logger.warn({ timeoutMs: config.shutdownTimeout }, 'calls did not finish in time; cancelling them');
             server.forceShutdown();
-            // Connections grpc-js does not track (one still in its TLS handshake when the stop began) would hold the close open.
+            // Sockets that outlive forceShutdown would hold the close open: one still in its TLS handshake, or one of a
+            // gracefully closed session whose peer went silent (common/tls.ts listenWatchingHandshakes says more).
             const peers = transport.destroyConnections();
             if (peers.length > 0) {
               logger.warn({ connections: peers.length, peers: peers.slice(0, 10) }, 'closed connections that outlived the cancelled calls');

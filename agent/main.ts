@@ -1,7 +1,7 @@
 import { ConfigError } from '../common/config.js';
 import { createLogger } from '../common/logging.js';
 import { startAgent } from './agent.js';
-import { checkAgentTools } from './configdrive/tools.js';
+import { missingAgentTools } from './configdrive/tools.js';
 import { AGENT_KERNEL_CMDLINE_KEYS, loadAgentConfig, resolveAgentRoot } from './config/config.js';
 import { type KernelCmdline, kernelCmdlineNotes, parseKernelCmdline, readKernelCmdline } from './config/kernel-cmdline.js';
 import { LookupBudgetExhausted } from './controller/lookup.js';
@@ -25,14 +25,17 @@ export async function agentMain(flags: Record<string, unknown>): Promise<void> {
     }
     throw error;
   }
-  try {
-    // sgdisk, sfdisk…: missing tools are found at boot, not in the middle of a deploy.
-    checkAgentTools(process.env.PATH ?? '');
-  } catch (error) {
-    process.stderr.write(`metalcast agent: ${(error as Error).message}\n`);
+  // sgdisk, sfdisk…: missing tools are found at boot, not in the middle of a deploy. A real machine (root /)
+  // cannot write a config drive without them, so the agent stops; a fake machine (--root: the demo, tests,
+  // a developer's laptop without gdisk) runs on, and a deploy with a config drive fails naming the tool.
+  const missingTools = missingAgentTools(process.env.PATH ?? '');
+  if (missingTools !== undefined && config.root === '/') {
+    process.stderr.write(`metalcast agent: ${missingTools}\n`);
     process.exit(AGENT_EXIT.config);
   }
   const logger = createLogger({ name: 'metalcast-agent', level: config.logLevel });
+  if (missingTools !== undefined)
+    logger.warn({ root: config.root }, `${missingTools}; a fake machine runs without them until a deploy writes a config drive`);
   for (const note of kernelCmdline ? kernelCmdlineNotes(kernelCmdline, AGENT_KERNEL_CMDLINE_KEYS) : []) {
     logger[note.level](note.fields, note.message);
   }

@@ -1,5 +1,6 @@
 import { execFile } from 'node:child_process';
 import { open } from 'node:fs/promises';
+import { agentToolCommand } from './tools.js';
 
 /**
  * A partition at the end of a disk for the config drive, after the image
@@ -33,7 +34,7 @@ export type Runner = (command: string, args: string[], input?: string) => Promis
 /** Runs a partitioning tool; rejects with its stderr. */
 export const runTool: Runner = (command, args, input) =>
   new Promise((resolve, reject) => {
-    const child = execFile(command, args, { timeout: 60_000, encoding: 'utf8' }, (error, stdout, stderr) => {
+    const child = execFile(agentToolCommand(command), args, { timeout: 60_000, encoding: 'utf8' }, (error, stdout, stderr) => {
       if (!error) return resolve(stdout);
       const why = (error as NodeJS.ErrnoException).code === 'ENOENT' ? 'not installed' : String(stderr).trim() || error.message;
       reject(new Error(`${command} ${args.join(' ')}: ${why}`));

@@ -370,10 +370,8 @@ describe('config drive partition: the pieces', () => {
     });
     const exited = once(agent, 'exit');
     try {
-      await eventuallyTrue(
-        () => output.includes('hardware discovered'),
-        15_000,
-        () => `the agent did not start: ${output}`,
+      await eventually(() => output.includes('hardware discovered'), { timeoutMs: 15_000, what: 'the agent to start' }).catch(() =>
+        assert.fail(`the agent did not start: ${output}`),
       );
       assert.doesNotMatch(output, /the agent needs sgdisk/);
     } finally {
@@ -382,12 +380,3 @@ describe('config drive partition: the pieces', () => {
     }
   });
 });
-
-/** Resolves once `check()` holds; fails with `why()` after `timeoutMs`. */
-async function eventuallyTrue(check: () => boolean, timeoutMs: number, why: () => string): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!check()) {
-    if (Date.now() > deadline) assert.fail(why());
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-}

@@ -46,9 +46,3 @@ export function missingAgentTools(path: string, extraDirs: readonly string[] = S
   if (missing.length === 0) return undefined;
   return `the agent needs ${missing.map(({ tool, pkg, why }) => `${tool} (Debian package ${pkg}; for the ${why})`).join(' and ')}, which ${missing.length === 1 ? 'is' : 'are'} not on the PATH (${path}) nor in ${extraDirs.join(', ') || 'any other directory'}: apt-get install -y ${missing.map(({ pkg }) => pkg).join(' ')}, or rebuild the ramdisk (npm run build:ramdisk)`;
 }
-
-/** Throws an Error with {@link missingAgentTools}'s message when a tool is missing. */
-export function checkAgentTools(path: string, extraDirs: readonly string[] = SYSTEM_TOOL_DIRS): void {
-  const missing = missingAgentTools(path, extraDirs);
-  if (missing !== undefined) throw new Error(missing);
-}

@@ -14,6 +14,15 @@ import { makeTestPki } from '../helpers/tls.js';
 
 const skipPostgres = await postgresSkipReason();
 
+/** A controller in this process over TLS that cancels calls after 1 s and gives up by 5 s: a stop that abandons something rejects. */
+async function tlsControllerThatStopsFast(dir: string) {
+  const pki = await makeTestPki(dir);
+  const t = await startTestController({ ...pki.controllerFlags, shutdownTimeout: '1s', shutdownDeadline: '5s' }, undefined, {
+    caPem: pki.ca.certPem,
+  });
+  return { pki, t };
+}
+
 describe('bounded shutdown', () => {
   it('leaves a phase that never settles at its limit, goes on with the next, and says what it abandoned', async () => {
     const lines: Record<string, unknown>[] = [];
@@ -48,10 +57,7 @@ describe('bounded shutdown', () => {
     // (without that, this test fails with UncleanShutdownError: calls).
     const dir = tempDir('metalcast-shutdown-tls-');
     try {
-      const pki = await makeTestPki(dir.path);
-      const t = await startTestController({ ...pki.controllerFlags, shutdownTimeout: '1s', shutdownDeadline: '5s' }, undefined, {
-        caPem: pki.ca.certPem,
-      });
+      const { t } = await tlsControllerThatStopsFast(dir.path);
       const [host, port] = [t.controller.grpcAddress.replace(/:\d+$/, ''), Number(t.controller.grpcAddress.split(':').pop())];
       const silent = connect({ host, port }); // connects, never sends a ClientHello
       await new Promise<void>((resolve, reject) => silent.once('connect', resolve).once('error', reject));
@@ -73,10 +79,7 @@ describe('bounded shutdown', () => {
     const dir = tempDir('metalcast-shutdown-silent-');
     let proxy: TcpProxy | undefined;
     try {
-      const pki = await makeTestPki(dir.path);
-      const t = await startTestController({ ...pki.controllerFlags, shutdownTimeout: '1s', shutdownDeadline: '5s' }, undefined, {
-        caPem: pki.ca.certPem,
-      });
+      const { pki, t } = await tlsControllerThatStopsFast(dir.path);
       proxy = await TcpProxy.start(t.controller.grpcAddress);
       const client = tlsClient(proxy.address, { caPem: pki.ca.certPem });
       const channel = createChannel(proxy.address, client.credentials, client.channelOptions);

@@ -129,7 +129,7 @@ describe('chaos: 20 deploys through a proxy that cuts, stalls and trickles at ra
     proxy.throttle(BASE_RATE);
     const chaos = (async () => {
       while (!chaosDone.signal.aborted) {
-        await sleep(300 + random() * 1200, undefined, { signal: chaosDone.signal }).catch(() => {});
+        await sleep(150 + random() * 600, undefined, { signal: chaosDone.signal }).catch(() => {});
         if (chaosDone.signal.aborted) break;
         const pick = random();
         const lasting = 300 + random() * 2200;

@@ -227,6 +227,13 @@ export const CONTROLLER_OPTIONS = {
     '1s',
     10,
   ),
+  heartbeatCheckWindow: {
+    flag: 'heartbeat-check-window',
+    description:
+      'heartbeats are acted on in batches: the nodes heard from within this window are read in one query to see whether one waits for its agent (0: read the whole node for each heartbeat on its own, one query per heartbeat)',
+    defaultValue: '100ms',
+    parse: duration({ allowZero: true, max: 5000 }),
+  },
   keepaliveTime: durationSpec('keepalive-time', 'interval of gRPC keepalive pings to each connected peer', '10s', 100),
   keepaliveTimeout: durationSpec(
     'keepalive-timeout',

@@ -286,6 +286,7 @@ export async function startController(
       deploys: new Admission(config.maxConcurrentDeploys),
       cleans: new Admission(config.maxConcurrentCleans),
       dueScanIntervalMs: Math.min(config.sweepInterval, config.controllerTouchInterval),
+      heartbeatCheckWindowMs: config.heartbeatCheckWindow,
       freshnessMs,
       power,
       onImageWritten: (written) => {

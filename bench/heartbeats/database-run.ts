@@ -17,6 +17,7 @@ import {
 import { openSqliteStore, openPostgresStore, ensureNodes, PostgresSchema } from './nodes.js';
 import { FleetSession } from './fleet.js';
 import { summarizeProfiles } from './profile.js';
+import { compareReads, readsReserveMs } from './reads-comparison.js';
 import { seconds, pct, printConnect, printWindows, printStep, stepProblem, fleetProblem } from './report.js';
 
 export async function runDatabase(database: DatabaseKind, o: Options, dir: string, deadline: number): Promise<DatabaseRun> {
@@ -69,10 +70,11 @@ export async function runDatabase(database: DatabaseKind, o: Options, dir: strin
         point.idleCpu,
       );
 
-      // Phase 2: faster and faster.
+      // Phase 2: faster and faster, leaving time for the reads comparison.
+      const phase2Deadline = deadline - readsReserveMs(o, connect.allMs);
       let speedup = 1;
       for (let step = 1; step <= o.maxSteps; step++) {
-        if (performance.now() + o.settleMs + o.stepWindowMs + 15_000 > deadline) {
+        if (performance.now() + o.settleMs + o.stepWindowMs + 15_000 > phase2Deadline) {
           out.phase2Stop = `time budget (--budget ${seconds(o.budgetMs)} s) reached`;
           break;
         }
@@ -96,6 +98,20 @@ export async function runDatabase(database: DatabaseKind, o: Options, dir: strin
       await session.stop();
     }
     if (o.cpuProf) out.profile = summarizeProfiles(profDir);
+
+    // The conductor's heartbeat reads, before and after batching, on the same agents.
+    if (o.compareRounds > 0) {
+      out.reads = await compareReads(
+        o,
+        databaseUrl,
+        dir,
+        logPath,
+        nodes.slice(0, o.agents),
+        db?.adminUrl,
+        out.phase1?.connect.allMs ?? o.connectTimeoutMs,
+        deadline,
+      );
+    }
 
     // Phase 3: bigger fleets, each on a fresh controller, same database.
     for (let agents = o.agents * 2; o.maxAgents > 0 && agents <= o.maxAgents; agents *= 2) {

@@ -74,8 +74,10 @@ export class FleetSession {
     nodes: { uuid: string; token: string }[],
     profDir: string | undefined,
     postgresUrl: string | undefined,
+    /** Controller flags beyond the benchmark's own (e.g. the reads comparison's --heartbeat-check-window). */
+    extraFlags: readonly string[] = [],
   ): Promise<FleetSession> {
-    const controller = await ControllerProcess.start(o, databaseUrl, dir, logPath, profDir);
+    const controller = await ControllerProcess.start(o, databaseUrl, dir, logPath, profDir, extraFlags);
     const workers: WorkerHandle[] = [];
     try {
       const idleStarted = performance.now();
@@ -400,6 +402,7 @@ export class ControllerProcess {
     dir: string,
     logPath: string,
     profDir: string | undefined,
+    extraFlags: readonly string[] = [],
   ): Promise<ControllerProcess> {
     const nodeFlags = profDir ? ['--cpu-prof', `--cpu-prof-dir=${profDir}`] : [];
     const flags = [
@@ -415,6 +418,7 @@ export class ControllerProcess {
       ['--log-level', 'info'],
       // Plaintext over loopback: the agents here have no CA to verify a certificate with (TLS is not measured).
       ['--insecure', 'true'],
+      extraFlags,
     ].flat();
     // Straight into the log file, as under a service manager: a pipe to this busy process could block pino's writes.
     const logOffset = existsSync(logPath) ? statSync(logPath).size : 0;

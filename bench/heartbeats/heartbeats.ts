@@ -24,6 +24,10 @@
  * 2. the same agents, every interval divided by 2, 4, 8 ... until p99
  *    passes 100 ms or errors appear: the last step under is the sustainable
  *    heartbeat rate of one controller;
+ * then the reads comparison (reads-comparison.ts): the conductor's heartbeat
+ *    reads before and after batching (a read per heartbeat vs one per window),
+ *    alternating fresh controllers on the same N agents: CPU per heartbeat by
+ *    mode and their ratio (--compare-rounds);
  * 3. fresh controllers on the same database with 2N, 4N ... agents (up to
  *    --max-agents) at the normal interval, until p99 passes 50 ms, errors
  *    appear, or memory or CPU run out.

@@ -13,8 +13,10 @@ import {
   MIN_DELIVERED_RATIO,
   MAX_RSS_SHARE,
   MAX_CPU_CORES,
+  READS_MIN_RATIO,
 } from './settings.js';
 import type { ProfileSummary } from './profile.js';
+import { READ_MODES, type ReadsComparison } from './reads-comparison.js';
 
 // ---------------------------------------------------------------------------
 // Report.
@@ -140,12 +142,12 @@ export function stepRow(w: Window): string[] {
   ];
 }
 
-export function printStep(w: Window): void {
+export function printStep(w: Window, prefix = 'phase 2'): void {
   const line = columns(
     [STEP_HEADER, stepRow(w)],
     STEP_HEADER.map(() => true),
   );
-  console.log(`  phase 2 ${line[1]}`);
+  console.log(`  ${prefix} ${line[1]}`);
 }
 
 export function report(o: Options, runs: DatabaseRun[]): BenchResult {
@@ -204,6 +206,8 @@ export function report(o: Options, runs: DatabaseRun[]): BenchResult {
       );
       metrics[`${r.label}_cpu_per_heartbeat_fit_us`] = Math.round(fit.slopeUs * 10) / 10;
     }
+
+    if (r.reads) printReads(r.label, r.reads, checks, metrics);
 
     if (r.phase3.length > 0) {
       console.log('\n  phase 3: more agents at the normal interval, a fresh controller each');
@@ -309,6 +313,51 @@ export function report(o: Options, runs: DatabaseRun[]): BenchResult {
     });
   }
   return { headline: headlines.join('; '), metrics, checks };
+}
+
+/** The reads comparison: CPU per heartbeat by mode, the ratio, its check and metrics. */
+function printReads(label: string, reads: ReadsComparison, checks: BenchCheck[], metrics: Record<string, number>): void {
+  console.log(`\n  reads: the conductor's heartbeat reads, ${reads.rounds} round(s) of alternating controllers on the same agents`);
+  const header = ['mode', 'windows', 'heartbeats', 'CPU per heartbeat (controller + database)', 'p99 at the top rate (median)'];
+  const rows = [header];
+  for (const mode of READ_MODES) {
+    const windows = reads.windows[mode.key];
+    const top = Math.max(0, ...windows.map((w) => w.speedup));
+    const p99s = windows
+      .filter((w) => w.speedup === top)
+      .map((w) => w.p99)
+      .sort((a, b) => a - b);
+    const cpu = reads.cpuPerHeartbeatUs[mode.key];
+    rows.push([
+      mode.name,
+      String(windows.length),
+      formatCount(Math.round(sum(windows.map((w) => (w.serverRate * w.windowMs) / 1000)))),
+      cpu === undefined ? '-' : `${cpu.toFixed(0)} µs`,
+      p99s.length ? `${lat(p99s[Math.floor(p99s.length / 2)]!)} (x${top})` : '-',
+    ]);
+    if (cpu !== undefined) metrics[`${label}_reads_${mode.key}_cpu_per_heartbeat_us`] = Math.round(cpu * 10) / 10;
+  }
+  for (const line of columns(
+    rows,
+    header.map((_, i) => i > 0),
+  ))
+    console.log(`    ${line}`);
+  if (reads.stop) console.log(`    stopped: ${reads.stop}`);
+  const ratio = reads.ratio;
+  const bar = READS_MIN_RATIO[label === 'postgres' ? 'postgres' : 'sqlite'];
+  console.log(
+    `    a heartbeat costs ${ratio === undefined ? '-' : `${ratio.toFixed(2)}x`} less CPU with batched reads ` +
+      `(CPU per heartbeat with a read each, over batched; bar: at least ${bar}x)`,
+  );
+  if (ratio !== undefined) metrics[`${label}_reads_cpu_ratio`] = Math.round(ratio * 1000) / 1000;
+  checks.push({
+    name: `${label}: batched heartbeat reads cut the CPU a heartbeat costs (controller and database) at least ${bar}x against a read per heartbeat, in the same run`,
+    ok: ratio !== undefined && ratio >= bar,
+    detail:
+      ratio === undefined
+        ? `not measured (${reads.rounds} round(s)${reads.stop ? `; ${reads.stop}` : ''})`
+        : `${ratio.toFixed(2)}x: ${reads.cpuPerHeartbeatUs.each?.toFixed(0)} µs before, ${reads.cpuPerHeartbeatUs.batched?.toFixed(0)} µs after`,
+  });
 }
 
 export function stepProblem(w: Window): string | undefined {

@@ -12,7 +12,7 @@ import { MetalcastError } from '../../common/errors.js';
 import { Status as GrpcStatus } from 'nice-grpc-common';
 import type { HeldLock, NodeLocks } from './locks.js';
 import type { NodeFeed } from './node-feed.js';
-import type { NodeRecord, Store } from '../store/store.js';
+import type { NodeHeartbeatView, NodeRecord, Store } from '../store/store.js';
 import type { Admission } from './admission.js';
 import { type DeploySpecRecord, diskBytesNeeded, type Provisioner } from './provisioner.js';
 import { CONFIG_DRIVE_PARTITION_BYTES } from '../configdrive/config-drive.js';
@@ -46,6 +46,11 @@ export interface ConductorOptions {
   cleans: Admission;
   /** How often the owner looks for due nodes whose heartbeats landed elsewhere (a safety net for lost notices). */
   dueScanIntervalMs: number;
+  /**
+   * Heartbeats are acted on in batches: the nodes heard from within this
+   * window are read in one query. 0 reads each heartbeat's whole node on its own.
+   */
+  heartbeatCheckWindowMs: number;
   /** How recent a recorded heartbeat must be for the due scan to act on it. */
   freshnessMs: number;
   /** Power drivers by name (default: the built-in ones); a node with power.driver is rebooted into its disk and powered off through it. */
@@ -94,6 +99,9 @@ export class Conductor {
   private readonly interrupting = new Set<string>();
   private unlisten: (() => void) | undefined;
   private scanTimer: NodeJS.Timeout | undefined;
+  /** Nodes heard from since the last batched read (see checkHeard). */
+  private heard = new Set<string>();
+  private checkTimer: NodeJS.Timeout | undefined;
 
   constructor(
     private readonly store: Store,
@@ -120,14 +128,54 @@ export class Conductor {
   /** Called for every heartbeat this controller receives; returns at once. */
   onHeartbeat(nodeUuid: string): void {
     if (this.stopping.signal.aborted || this.checking.has(nodeUuid) || this.working.has(nodeUuid)) return;
+    if (this.options.heartbeatCheckWindowMs === 0) {
+      this.checkOne(nodeUuid);
+      return;
+    }
+    // Bounded by the number of nodes: a node heard from twice in a window is read once.
+    this.heard.add(nodeUuid);
+    this.checkTimer ??= setTimeout(() => void this.checkHeard(), this.options.heartbeatCheckWindowMs);
+  }
+
+  /** Without a check window: the whole node, read at once for this heartbeat. */
+  private checkOne(nodeUuid: string): void {
     this.checking.add(nodeUuid);
     this.store
       .getNode(nodeUuid)
-      .then((node) => node && this.consider(node))
+      .then((node) => node && this.consider(node, node))
       .catch((error: unknown) => {
         if (!this.stopping.signal.aborted) this.logger.error({ err: error, node: nodeUuid }, 'acting on a heartbeat failed');
       })
       .finally(() => this.checking.delete(nodeUuid));
+  }
+
+  /**
+   * The nodes heard from in the last window, read in one narrow query: at
+   * high heartbeat rates a full read per heartbeat was the controller's
+   * largest cost. Nothing is cached between windows, because another
+   * controller may change a node (its state, its token) at any time.
+   */
+  private async checkHeard(): Promise<void> {
+    this.checkTimer = undefined;
+    const batch = [...this.heard];
+    this.heard = new Set();
+    for (const uuid of batch) this.checking.add(uuid);
+    try {
+      const views = await this.store.getHeartbeatViews(batch);
+      const outcomes = await Promise.allSettled(views.map((view) => this.consider(view)));
+      for (const [i, outcome] of outcomes.entries()) {
+        if (outcome.status === 'rejected' && !this.stopping.signal.aborted) {
+          this.logger.error({ err: outcome.reason, node: views[i]?.uuid }, 'acting on a heartbeat failed');
+        }
+      }
+    } catch (error) {
+      // The next heartbeat of each node tries again; the due scan is the safety net meanwhile.
+      if (!this.stopping.signal.aborted) {
+        this.logger.error({ err: error, nodes: batch.length }, 'reading the nodes of a batch of heartbeats failed');
+      }
+    } finally {
+      for (const uuid of batch) this.checking.delete(uuid);
+    }
   }
 
   /** Stops following agents (they carry on; another controller or a restarted one picks them up) and releases the locks. */
@@ -135,11 +183,13 @@ export class Conductor {
     this.stopping.abort();
     this.unlisten?.();
     clearInterval(this.scanTimer);
+    clearTimeout(this.checkTimer);
+    this.heard.clear();
     await Promise.allSettled(this.working.values());
   }
 
-  /** What a heartbeat means for its node, as the node is now. */
-  private async consider(node: NodeRecord): Promise<void> {
+  /** What a heartbeat means for its node, as the node is now; `record` is the whole node when the caller read it. */
+  private async consider(node: NodeHeartbeatView, record?: NodeRecord): Promise<void> {
     // Another controller may have replaced or wiped the token; only it could end streams it held itself.
     if (this.sessions.holdsStaleToken(node.uuid, node.agentTokenHash)) {
       this.sessions.revoke(
@@ -155,7 +205,7 @@ export class Conductor {
     }
     if (node.maintenance || !(node.provisionState in STEPS)) return;
     if (this.ownership.owns(node.uuid)) {
-      this.dispatch(node.uuid, node);
+      this.dispatch(node.uuid, record);
       return;
     }
     const now = Date.now();

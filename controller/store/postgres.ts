@@ -32,6 +32,7 @@ import type {
   NewNode,
   NewNodeEvent,
   NodeEventRecord,
+  NodeHeartbeatView,
   NodeRecord,
   NodeSettingsChange,
   OperatorRole,
@@ -240,6 +241,22 @@ export class PostgresStore implements Store {
       [uuidOrName],
     );
     return rows[0] && toNodeRecord(rows[0]);
+  }
+
+  async getHeartbeatViews(uuids: readonly string[]): Promise<NodeHeartbeatView[]> {
+    if (uuids.length === 0) return [];
+    const { rows } = await this.pool.query<{
+      uuid: string;
+      provision_state: ProvisionState;
+      maintenance: boolean;
+      agent_token_hash: string | null;
+    }>('SELECT uuid, provision_state, maintenance, agent_token_hash FROM nodes WHERE uuid = ANY($1::text[])', [uuids]);
+    return rows.map((row) => ({
+      uuid: row.uuid,
+      provisionState: row.provision_state,
+      maintenance: row.maintenance,
+      agentTokenHash: row.agent_token_hash,
+    }));
   }
 
   async findNodesByMacs(macs: readonly string[]): Promise<NodeRecord[]> {

@@ -6,6 +6,7 @@ import { Status } from 'nice-grpc-common';
 import type { ChunkManifest } from '../../common/chunk-manifest.js';
 import { MetalcastError } from '../../common/errors.js';
 import { EventEmitter } from 'node:events';
+import { setImmediate as yieldToEventLoop } from 'node:timers/promises';
 import { ringHash } from '../cluster/hash-ring.js';
 import {
   ACTIVE_STATE_FAILURES,
@@ -33,6 +34,7 @@ import type {
   NewNode,
   NewNodeEvent,
   NodeEventRecord,
+  NodeHeartbeatView,
   NodeRecord,
   NodeSettingsChange,
   OperatorRole,
@@ -47,6 +49,11 @@ import { deployImageOf, deployImageProblem } from './store.js';
 import { powerStatusFromRow } from './power-rows.js';
 
 type Row = Record<string, SQLInputValue>;
+
+/** Heartbeats written by one transaction of recordHeartbeats: a few milliseconds of the event loop at a time. */
+const HEARTBEAT_WRITE_SLICE = 250;
+/** Nodes read by one statement of getHeartbeatViews (SQLite allows 32,766 parameters). */
+const HEARTBEAT_VIEW_SLICE = 1000;
 
 /**
  * The embedded store: one SQLite file in WAL mode, through node:sqlite (no
@@ -193,6 +200,26 @@ export class SqliteStore implements Store {
 
   async getNode(uuidOrName: string): Promise<NodeRecord | undefined> {
     return this.loadNode('uuid', uuidOrName) ?? this.loadNode('name', uuidOrName);
+  }
+
+  async getHeartbeatViews(uuids: readonly string[]): Promise<NodeHeartbeatView[]> {
+    const views: NodeHeartbeatView[] = [];
+    // A statement per slice: SQLite caps the parameters of one statement.
+    for (let from = 0; from < uuids.length; from += HEARTBEAT_VIEW_SLICE) {
+      const slice = uuids.slice(from, from + HEARTBEAT_VIEW_SLICE);
+      const rows = this.db
+        .prepare(`SELECT uuid, provision_state, maintenance, agent_token_hash FROM nodes WHERE uuid IN (${slice.map(() => '?').join(',')})`)
+        .all(...slice) as { uuid: string; provision_state: ProvisionState; maintenance: number; agent_token_hash: string | null }[];
+      for (const row of rows) {
+        views.push({
+          uuid: row.uuid,
+          provisionState: row.provision_state,
+          maintenance: row.maintenance === 1,
+          agentTokenHash: row.agent_token_hash,
+        });
+      }
+    }
+    return views;
   }
 
   async findNodesByMacs(macs: readonly string[]): Promise<NodeRecord[]> {
@@ -368,21 +395,26 @@ export class SqliteStore implements Store {
   }
 
   async recordHeartbeats(batch: readonly HeartbeatRecord[]): Promise<string[]> {
-    if (batch.length === 0) return [];
     const missing: string[] = [];
-    this.inTransaction(() => {
-      const update = this.stmt(
-        `UPDATE nodes SET last_heartbeat_at = ?, agent_address = ?, agent_version = ?, agent_status = ?,
-           progress = ${PROGRESS_UPDATE},
-           liveness_at = CASE WHEN liveness_at IS NULL THEN NULL ELSE MAX(liveness_at, ?) END
-         WHERE uuid = ?`,
-      );
-      for (const hb of batch) {
-        const p = hb.progressJson;
-        const { changes } = update.run(hb.time, hb.agentAddress, hb.agentVersion, hb.agentStatus, p, p, hb.time, p, hb.time, hb.nodeUuid);
-        if (Number(changes) === 0) missing.push(hb.nodeUuid);
-      }
-    });
+    // node:sqlite is synchronous: one transaction for a large fleet's second of heartbeats held every
+    // call on the controller for tens of milliseconds. Slices, each its own transaction, with the
+    // event loop served between them; heartbeats of different nodes need no common transaction.
+    for (let from = 0; from < batch.length; from += HEARTBEAT_WRITE_SLICE) {
+      if (from > 0) await yieldToEventLoop();
+      this.inTransaction(() => {
+        const update = this.stmt(
+          `UPDATE nodes SET last_heartbeat_at = ?, agent_address = ?, agent_version = ?, agent_status = ?,
+             progress = ${PROGRESS_UPDATE},
+             liveness_at = CASE WHEN liveness_at IS NULL THEN NULL ELSE MAX(liveness_at, ?) END
+           WHERE uuid = ?`,
+        );
+        for (const hb of batch.slice(from, from + HEARTBEAT_WRITE_SLICE)) {
+          const p = hb.progressJson;
+          const { changes } = update.run(hb.time, hb.agentAddress, hb.agentVersion, hb.agentStatus, p, p, hb.time, p, hb.time, hb.nodeUuid);
+          if (Number(changes) === 0) missing.push(hb.nodeUuid);
+        }
+      });
+    }
     return missing;
   }
 

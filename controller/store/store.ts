@@ -275,6 +275,17 @@ export type StoreChannel =
   | 'node_changed';
 
 /**
+ * What the conductor needs to act on a heartbeat: whether the node waits for
+ * its agent, and whether the agent's token is still the node's.
+ */
+export interface NodeHeartbeatView {
+  uuid: string;
+  provisionState: ProvisionState;
+  maintenance: boolean;
+  agentTokenHash: string | null;
+}
+
+/**
  * The node database. Two implementations (SQLite now, PostgreSQL later)
  * pass one contract suite, test/controller/store-contract.ts.
  *
@@ -286,6 +297,11 @@ export interface Store {
   createNode(node: NewNode, event: NewNodeEvent): Promise<NodeRecord>;
   /** By uuid or by name. */
   getNode(uuidOrName: string): Promise<NodeRecord | undefined>;
+  /**
+   * The heartbeat views of those of these nodes (by uuid) that exist, in any
+   * order: one narrow read for a batch of heartbeats (see Conductor).
+   */
+  getHeartbeatViews(uuids: readonly string[]): Promise<NodeHeartbeatView[]>;
   /** The nodes owning any of these MACs (normally zero or one). */
   findNodesByMacs(macs: readonly string[]): Promise<NodeRecord[]>;
   listNodes(query: ListNodesQuery): Promise<NodeRecord[]>;

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { Status } from 'nice-grpc-common';
 import { ProvisionAction } from '../../gen/metalcast/v1/node.js';
 import { createWaitingNode, type HeartbeatStream, lookup, openHeartbeat } from '../helpers/agent-client.js';
@@ -167,4 +168,27 @@ describe('Lookup', () => {
     fresh.end();
     assert.equal(await fresh.ended, undefined);
   });
+});
+
+describe('A token replaced on another controller', () => {
+  // A lookup on another controller of the same database leaves a token this one never handed out: the
+  // conductor sees it when it reads the node for the stream's next heartbeat (batched, or one read each).
+  for (const window of ['100ms', '0']) {
+    it(`ends the stream at its next heartbeat with UNAUTHENTICATED (--heartbeat-check-window ${window})`, async () => {
+      const t = await startTestController({ ...FAST_FLAGS, heartbeatCheckWindow: window });
+      try {
+        const node = await createWaitingNode(t.nodes, 'lk-elsewhere', ['02:00:00:00:09:11']);
+        const { agentToken } = await lookup(t.gateway, ['02:00:00:00:09:11']);
+        const live = openHeartbeat(t.gateway, node.uuid, agentToken);
+        await live.beat();
+        await t.controller.store.setAgentToken(node.uuid, 'f'.repeat(64), 'api-token-from-elsewhere');
+        live.send();
+        const outcome = await Promise.race([live.ended, sleep(5000).then(() => 'still open after 5 s')]);
+        live.cancel();
+        assertClientError(outcome, Status.UNAUTHENTICATED, /agent token was replaced by a newer lookup/);
+      } finally {
+        await t.destroy();
+      }
+    });
+  }
 });

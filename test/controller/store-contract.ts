@@ -584,6 +584,24 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
         assert.equal(cleared?.agentApiToken, null, 'no API credential without a token');
       });
 
+      it('reads the heartbeat views of a batch of nodes in one call, leaving out the ones that do not exist', async () => {
+        const waiting = await nodeIn('deploy_wait', 'views-wait', ['aa:00:00:00:07:11'], 'active');
+        await store.setAgentToken(waiting.uuid, 'e'.repeat(64), 'api-token');
+        const resting = await nodeIn('manageable', 'views-rest', ['aa:00:00:00:07:12']);
+        await store.setMaintenance(resting.uuid, true, 'bad DIMM', event('maintenance'));
+        // More uuids than one SQLite statement takes (HEARTBEAT_VIEW_SLICE), the real ones past the first slice.
+        const missing = Array.from({ length: 1500 }, (_, i) => `00000000-0000-4000-8000-${String(i).padStart(12, '0')}`);
+        const views = await store.getHeartbeatViews([...missing, waiting.uuid, resting.uuid]);
+        assert.deepEqual(
+          views.sort((a, b) => a.uuid.localeCompare(b.uuid)),
+          [
+            { uuid: waiting.uuid, provisionState: 'deploy_wait', maintenance: false, agentTokenHash: 'e'.repeat(64) },
+            { uuid: resting.uuid, provisionState: 'manageable', maintenance: true, agentTokenHash: null },
+          ].sort((a, b) => a.uuid.localeCompare(b.uuid)),
+        );
+        assert.deepEqual(await store.getHeartbeatViews([]), []);
+      });
+
       it('setting a token restarts the liveness clock of a waiting node, never moving it back', async () => {
         const node = await nodeIn('inspect_wait', 'token-clock', ['aa:00:00:00:07:05']);
         const future = Date.now() + 60_000;
@@ -624,6 +642,23 @@ export function runStoreContract(name: string, openStore: () => Promise<OpenedSt
         assert.equal(after?.progressJson, '{"percent":40}');
         assert.equal(after?.livenessAt, time);
         assert.deepEqual(await store.recordHeartbeats([]), []);
+      });
+
+      it('records a batch larger than one write (SQLite writes slices of 250), every heartbeat and every missing uuid', async () => {
+        const first = await nodeIn('inspect_wait', 'hb-big-1', ['aa:00:00:00:07:21']);
+        const last = await nodeIn('inspect_wait', 'hb-big-2', ['aa:00:00:00:07:22']);
+        const time = Math.max(first.livenessAt ?? 0, last.livenessAt ?? 0) + 5000;
+        const absent = Array.from({ length: 700 }, (_, i) => `00000000-0000-4000-8000-${String(i + 100).padStart(12, '0')}`);
+        const missing = await store.recordHeartbeats([
+          heartbeat(first.uuid, time),
+          ...absent.map((uuid) => heartbeat(uuid, time)),
+          heartbeat(last.uuid, time, { agentAddress: '10.0.0.9:7351' }),
+        ]);
+        assert.deepEqual(missing, absent);
+        assert.equal((await store.getNode(first.uuid))?.livenessAt, time);
+        const l = await store.getNode(last.uuid);
+        assert.equal(l?.livenessAt, time, 'the heartbeat in the last slice is written too');
+        assert.equal(l?.agentAddress, '10.0.0.9:7351');
       });
 
       it('keeps progress to the step it was reported in (issue 18 item 6): cleared by a state change and by an empty progress; never written from before the state change or onto a node in no agent state', async () => {

@@ -57,7 +57,7 @@ export const GOAL_P99_MS = 50;
 /**
  * Issue 18 item 15: how many times less CPU (controller and database) a heartbeat must cost with batched
  * reads than with a read each. On PostgreSQL each read was a query round trip and a backend's work (measured
- * 2.4x); on SQLite it was about 25 µs in-process of some 190 µs a heartbeat costs (measured 1.07x to 1.16x).
+ * 2.8x to 3.4x); on SQLite it was about 25 µs in-process of some 190 µs a heartbeat costs (measured 1.16x to 1.33x).
  */
 export const READS_MIN_RATIO = { sqlite: 1.05, postgres: 1.5 };
 /** Phase 2 stops at the first step whose p99 passes this. */

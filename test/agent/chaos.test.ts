@@ -17,7 +17,8 @@ import { TcpProxy } from '../helpers/tcp-proxy.js';
  * success; no node is left stuck in a wait state; no reservation is left.
  *
  * Five real agent processes reach the controller through one TcpProxy; each
- * node is deployed four times (undeployed in between). The faults come from
+ * node is deployed four times (undeployed in between), more if fewer than
+ * MIN_FAULTS faults landed by then. The faults come from
  * a seeded generator whose seed is printed: METALCAST_CHAOS_SEED=<seed>
  * replays the same sequence of faults (the timing of the machine around
  * them still varies). About 1.5 minutes on a busy 2-core machine; bounded at 4.
@@ -26,6 +27,9 @@ import { TcpProxy } from '../helpers/tcp-proxy.js';
 const MIB = 1024 * 1024;
 const NODES = 5;
 const ROUNDS = 4;
+/** Faults that must land while the deploys run; rounds go on (up to MAX_ROUNDS) until they have. */
+const MIN_FAULTS = 10;
+const MAX_ROUNDS = 8;
 const IMAGE_BYTES = 3 * MIB + 4321;
 /** Base rate of every connection through the proxy, so that a transfer lasts long enough for faults to land in it. */
 const BASE_RATE = 2 * MIB;
@@ -122,9 +126,10 @@ describe('chaos: 20 deploys through a proxy that cuts, stalls and trickles at ra
     for (let i = 0; i < NODES; i++) await act(`chaos-${i}`, ProvisionAction.PROVISION_ACTION_PROVIDE);
     for (let i = 0; i < NODES; i++) await settle(`chaos-${i}`, [ProvisionState.PROVISION_STATE_AVAILABLE]);
 
-    // The chaos: one fault at a time, 300-1500 ms apart, each lasting up to 2.5 s.
+    // The chaos: one fault at a time, 150-750 ms apart, each lasting up to 2.5 s.
     const random = generator(seed);
     const counts = { cut: 0, stall: 0, trickle: 0 };
+    const faults = () => counts.cut + counts.stall + counts.trickle;
     const chaosDone = new AbortController();
     proxy.throttle(BASE_RATE);
     const chaos = (async () => {
@@ -157,7 +162,11 @@ describe('chaos: 20 deploys through a proxy that cuts, stalls and trickles at ra
       await Promise.all(
         Array.from({ length: NODES }, async (_, i) => {
           const name = `chaos-${i}`;
-          for (let round = 0; round < ROUNDS; round++) {
+          for (let round = 0; ; round++) {
+            if (round > 0) {
+              await act(name, ProvisionAction.PROVISION_ACTION_UNDEPLOY);
+              await settle(name, [ProvisionState.PROVISION_STATE_AVAILABLE]);
+            }
             const failures: string[] = [];
             for (;;) {
               await act(name, ProvisionAction.PROVISION_ACTION_DEPLOY, 'chaos-os');
@@ -179,10 +188,8 @@ describe('chaos: 20 deploys through a proxy that cuts, stalls and trickles at ra
               `${name} round ${round}: the disk is bit-exact`,
             );
             outcomes.push({ node: name, round, failures });
-            if (round < ROUNDS - 1) {
-              await act(name, ProvisionAction.PROVISION_ACTION_UNDEPLOY);
-              await settle(name, [ProvisionState.PROVISION_STATE_AVAILABLE]);
-            }
+            // On a quiet machine the four rounds can end before MIN_FAULTS faults landed: deploy again until they did.
+            if (round + 1 >= ROUNDS && (faults() >= MIN_FAULTS || round + 1 >= MAX_ROUNDS)) break;
           }
         }),
       );
@@ -198,8 +205,8 @@ describe('chaos: 20 deploys through a proxy that cuts, stalls and trickles at ra
       );
     }
 
-    assert.equal(outcomes.length, NODES * ROUNDS, '20 deploys');
-    assert.ok(counts.cut + counts.stall + counts.trickle >= 10, `faults injected: ${JSON.stringify(counts)}`);
+    assert.ok(outcomes.length >= NODES * ROUNDS, `at least 20 deploys, got ${outcomes.length}`);
+    assert.ok(faults() >= MIN_FAULTS, `faults injected: ${JSON.stringify(counts)}`);
     // Nothing stuck, nothing locked.
     const { nodes } = await t.nodes.listNodes({});
     for (const node of nodes.filter((n) => n.name.startsWith('chaos-'))) {

@@ -20,27 +20,10 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { formatMs } from '../harness.js';
 import { FleetSession } from './fleet.js';
 import { printStep, seconds } from './report.js';
-import { IDLE_MS, type Options, type Window } from './settings.js';
+import { IDLE_MS, type Options, READ_MODES, type ReadModeKey, type ReadsComparison, type Window } from './settings.js';
 
 /** Speedups over the normal interval measured in each session. */
 export const COMPARE_SPEEDUPS = [2, 4, 8];
-
-export const READ_MODES = [
-  { key: 'each', name: 'a read per heartbeat (--heartbeat-check-window 0, as before)', flags: ['--heartbeat-check-window', '0'] },
-  { key: 'batched', name: 'batched reads (the default window)', flags: [] },
-] as const;
-
-export type ReadModeKey = (typeof READ_MODES)[number]['key'];
-
-export interface ReadsComparison {
-  windows: Record<ReadModeKey, Window[]>;
-  /** CPU per heartbeat by mode (µs), the controller's and its database's: see cpuPerHeartbeatUs. */
-  cpuPerHeartbeatUs: Record<ReadModeKey, number | undefined>;
-  /** CPU per heartbeat before over after: how many times cheaper a heartbeat became. */
-  ratio: number | undefined;
-  rounds: number;
-  stop?: string;
-}
 
 /** CPU seconds of the controller and its database over the windows, per heartbeat the controller counted in them, in µs. */
 export function cpuPerHeartbeatUs(windows: readonly Window[]): number | undefined {

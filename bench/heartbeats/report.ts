@@ -14,9 +14,10 @@ import {
   MAX_RSS_SHARE,
   MAX_CPU_CORES,
   READS_MIN_RATIO,
+  READ_MODES,
+  type ReadsComparison,
 } from './settings.js';
 import type { ProfileSummary } from './profile.js';
-import { READ_MODES, type ReadsComparison } from './reads-comparison.js';
 
 // ---------------------------------------------------------------------------
 // Report.

@@ -5,7 +5,6 @@ import { fileURLToPath } from 'node:url';
 import type { NumberOptions } from '../harness.js';
 
 import type { ProfileSummary } from './profile.js';
-import type { ReadsComparison } from './reads-comparison.js';
 
 export const description =
   'heartbeat capacity of one controller process: agents at the normal interval, then faster, then more agents ' +
@@ -185,6 +184,24 @@ export interface DatabaseRun {
   phase3Stop?: string;
   reads?: ReadsComparison;
   profile?: ProfileSummary;
+}
+
+/** The two ways the conductor reads nodes for heartbeats, compared by reads-comparison.ts. */
+export const READ_MODES = [
+  { key: 'each', name: 'a read per heartbeat (--heartbeat-check-window 0, as before)', flags: ['--heartbeat-check-window', '0'] },
+  { key: 'batched', name: 'batched reads (the default window)', flags: [] },
+] as const;
+
+export type ReadModeKey = (typeof READ_MODES)[number]['key'];
+
+export interface ReadsComparison {
+  windows: Record<ReadModeKey, Window[]>;
+  /** CPU per heartbeat by mode (µs), the controller's and its database's: see cpuPerHeartbeatUs. */
+  cpuPerHeartbeatUs: Record<ReadModeKey, number | undefined>;
+  /** CPU per heartbeat before over after: how many times cheaper a heartbeat became. */
+  ratio: number | undefined;
+  rounds: number;
+  stop?: string;
 }
 
 export function parseOptions(args: string[]) {

@@ -76,6 +76,11 @@ describe('deploy and clean end to end', () => {
     );
     const power = await readFile(join(machine.root, 'power-actions.log'), 'utf8');
     assert.match(power, /reboot/);
+    // The agent's log brackets the write: an operator reads it, and the transfer and fan-out benchmarks time it.
+    const messages = (agents[0] as AgentProcess).logs.map((l) => String(l.msg));
+    const start = messages.findIndex((m) => m.startsWith('writing image'));
+    const end = messages.findIndex((m) => m.startsWith('image written and verified'));
+    assert.ok(start >= 0 && end > start, `a 'writing image' line, then 'image written and verified': ${messages.join(' / ')}`);
 
     await act('d1', ProvisionAction.PROVISION_ACTION_UNDEPLOY);
     const available = await waitFor('d1', ProvisionState.PROVISION_STATE_AVAILABLE);

@@ -280,6 +280,13 @@ export const CONTROLLER_OPTIONS = {
     defaultValue: '4',
     parse: integer({ min: 1, max: 64 }),
   },
+  fanoutControllerStreams: {
+    flag: 'fanout-controller-streams',
+    description:
+      "chunks of one fan-out wave this controller sends at once, each to one agent; the others wait for those chunks to reach a peer. Few streams make each chunk whole early so that it spreads while the next ones are sent; all of them at once would split the controller's link until the whole image had been sent",
+    defaultValue: '4',
+    parse: integer({ min: 1, max: 64 }),
+  },
   fanoutMaxUploadRate: {
     flag: 'fanout-max-upload-rate',
     description: 'most bytes per second one agent serves to its peers (K, M, G suffixes); 0 for no cap',

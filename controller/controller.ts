@@ -267,6 +267,23 @@ export async function startController(
   });
   const keepalive = { timeMs: config.keepaliveTime, timeoutMs: config.keepaliveTimeout };
   const agentClients = new AgentClients(keepalive, config.agentCallTimeout, logger.child({ component: 'agent-client' }));
+  // The fan-out tracker (docs/fanout.md): the agent gateway answers ExchangeChunks with it; the conductor tells it who left.
+  const fanoutTracker = new FanoutTracker(
+    {
+      ...DEFAULT_FANOUT_POLICY,
+      enabled: config.fanout,
+      maxPeers: config.fanoutMaxPeers,
+      maxUploads: config.fanoutMaxUploads,
+      controllerStreams: config.fanoutControllerStreams,
+      maxUploadBytesPerSecond: config.fanoutMaxUploadRate,
+    },
+    {
+      bytes: (source, bytes) => metrics.fanoutBytes.inc({ source }, bytes),
+      peerFailure: (kind) => metrics.fanoutPeerFailures.inc({ kind }),
+      peerDropped: () => metrics.fanoutPeersDropped.inc(),
+    },
+    logger.child({ component: 'fanout' }),
+  );
   const conductor = new Conductor(
     store,
     sessions,
@@ -293,6 +310,7 @@ export async function startController(
         metrics.imageBytesSkipped.inc(written.bytesSkipped);
         metrics.imageChunksRefetched.inc(written.chunksRefetched);
       },
+      onWaveLeft: (nodeUuid) => fanoutTracker.leave(nodeUuid),
     },
     logger.child({ component: 'conductor' }),
   );
@@ -375,21 +393,7 @@ export async function startController(
       images: imageServer,
       fanout: {
         manifests,
-        tracker: new FanoutTracker(
-          {
-            ...DEFAULT_FANOUT_POLICY,
-            enabled: config.fanout,
-            maxPeers: config.fanoutMaxPeers,
-            maxUploads: config.fanoutMaxUploads,
-            maxUploadBytesPerSecond: config.fanoutMaxUploadRate,
-          },
-          {
-            bytes: (source, bytes) => metrics.fanoutBytes.inc({ source }, bytes),
-            peerFailure: (kind) => metrics.fanoutPeerFailures.inc({ kind }),
-            peerDropped: () => metrics.fanoutPeersDropped.inc(),
-          },
-          logger.child({ component: 'fanout' }),
-        ),
+        tracker: fanoutTracker,
       },
     }),
   );

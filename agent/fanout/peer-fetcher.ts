@@ -75,7 +75,8 @@ export function createFanoutHook(options: FanoutOptions): FanoutHook {
       for (let index = 0; index < count; index++) if (done[index]) share.markServable(index);
 
       const channels = new Map<string, { channel: Channel; client: ReturnType<typeof createClient<typeof PeerChunkServiceDefinition>> }>();
-      const dropped = new Set<string>();
+      /** Peers this agent no longer asks, and why: reported again when the tracker still names them (it may have restarted). */
+      const dropped = new Map<string, PeerFailureKind>();
       const failures: PeerFailure[] = [];
       const fetching = new Map<number, Promise<void>>();
       let fromPeers = 0;
@@ -186,9 +187,13 @@ export function createFanoutHook(options: FanoutOptions): FanoutHook {
 
       const run = async (assignment: ChunkAssignment) => {
         const index = assignment.chunk;
-        let busyPeers = 0;
         for (const peer of assignment.peers) {
-          if (dropped.has(peer.nodeUuid) || signal.aborted) continue;
+          if (signal.aborted) return;
+          const droppedAs = dropped.get(peer.nodeUuid);
+          if (droppedAs !== undefined) {
+            failures.push({ nodeUuid: peer.nodeUuid, chunk: index, kind: droppedAs, reason: 'dropped by this agent earlier in the wave' });
+            continue;
+          }
           try {
             const data = await fromPeer(peer, index);
             await land(index, data, 'peer');
@@ -197,14 +202,18 @@ export function createFanoutHook(options: FanoutOptions): FanoutHook {
             if (signal.aborted) return;
             if (isDiskError(error)) throw error;
             const busy = error instanceof ClientError && error.code === Status.RESOURCE_EXHAUSTED;
-            const kind = error instanceof PeerFetchError ? error.kind : PeerFailureKind.PEER_FAILURE_KIND_ERROR;
+            // A peer whose deploy moved on (FAILED_PRECONDITION: it serves no wave now) will not serve again either.
+            const gone = error instanceof ClientError && error.code === Status.FAILED_PRECONDITION;
+            const kind =
+              error instanceof PeerFetchError
+                ? error.kind
+                : gone
+                  ? PeerFailureKind.PEER_FAILURE_KIND_GONE
+                  : PeerFailureKind.PEER_FAILURE_KIND_ERROR;
             const reason = describeError(error);
-            if (busy) busyPeers++;
-            else {
+            if (!busy) {
               failures.push({ nodeUuid: peer.nodeUuid, chunk: index, kind, reason: reason.slice(0, 300) });
-              // A peer whose deploy moved on (FAILED_PRECONDITION: it serves no wave now) will not serve again either.
-              const gone = error instanceof ClientError && error.code === Status.FAILED_PRECONDITION;
-              if (kind !== PeerFailureKind.PEER_FAILURE_KIND_ERROR || gone) dropped.add(peer.nodeUuid);
+              if (kind !== PeerFailureKind.PEER_FAILURE_KIND_ERROR) dropped.set(peer.nodeUuid, kind);
             }
             logger.warn(
               { chunk: index, peer: peer.nodeUuid, address: peer.address, kind: PeerFailureKind[kind], reason, busy },
@@ -212,10 +221,12 @@ export function createFanoutHook(options: FanoutOptions): FanoutHook {
             );
           }
         }
-        if (signal.aborted) return;
-        // Every peer named was busy, none failed: ask the tracker again (it spreads the load) rather than load the controller.
-        if (busyPeers > 0 && busyPeers === assignment.peers.length) return;
-        // No peer had it, or a peer failed: the controller serves it.
+        // Every peer named was busy or failed: the chunk goes back to the tracker, which hears of the
+        // failures at the next exchange and names other peers, or leases the chunk from the controller.
+        // Reading it from the controller here, outside the tracker's leases, would split the
+        // controller's link among every agent whose peer failed.
+        if (signal.aborted || assignment.peers.length > 0) return;
+        // Nobody holds it: the tracker leased it to this agent, and the controller serves it.
         try {
           const data = await fromControllerChunk(index);
           await land(index, data, 'controller');
@@ -322,7 +333,7 @@ export function createFanoutHook(options: FanoutOptions): FanoutHook {
             signal,
           ).catch(() => {});
         }
-        logger.info({ fromPeers, fromController, droppedPeers: [...dropped] }, 'fan-out phase ended');
+        logger.info({ fromPeers, fromController, droppedPeers: [...dropped.keys()] }, 'fan-out phase ended');
       } finally {
         await Promise.allSettled(fetching.values());
         for (const { channel } of channels.values()) channel.close();

@@ -12,6 +12,8 @@ export interface FanoutPolicy {
   maxUploads: number;
   /** --fanout-max-upload-rate: bytes per second one agent serves to peers; 0 for no cap. */
   maxUploadBytesPerSecond: number;
+  /** --fanout-controller-streams: chunks of one wave read from the controller at once. */
+  controllerStreams: number;
   /** How long a chunk handed out to be read from the controller is reserved for that agent. */
   controllerLeaseMs: number;
   /** A member that has not exchanged for this long is no longer handed out as a peer. */
@@ -23,14 +25,19 @@ export const DEFAULT_FANOUT_POLICY: FanoutPolicy = {
   maxPeers: 3,
   maxUploads: 4,
   maxUploadBytesPerSecond: 0,
+  controllerStreams: 4,
   controllerLeaseMs: 30_000,
   memberTtlMs: 60_000,
 };
 
 /** Errors from one peer before it is dropped for the wave; a corrupt or stalled chunk drops it at once. */
 const MAX_PEER_ERRORS = 3;
-/** How long an assignment counts towards a peer's load, so that one peer is not handed every fetcher. */
-const LOAD_WINDOW_MS = 3_000;
+/**
+ * An assignment counts towards its peer's load until the fetcher reports it
+ * no longer fetches that chunk; this bounds how long one that never reports
+ * again (its agent died) counts.
+ */
+const INFLIGHT_TTL_MS = 60_000;
 /** A wave nobody exchanged with for this long is forgotten. */
 const WAVE_IDLE_MS = 10 * 60_000;
 const RETRY_AFTER_MS = 150;
@@ -46,8 +53,8 @@ interface Member {
   held: Uint8Array;
   heldCount: number;
   seenAt: number;
-  /** When assignments naming this member as first peer were handed out, within LOAD_WINDOW_MS. */
-  recent: number[];
+  /** Chunks this member fetches now from a peer, as assigned: chunk → the first peer named, and when. */
+  inflight: Map<number, { peer: string; at: number }>;
   errors: number;
   bytesFromPeers: number;
   bytesFromController: number;
@@ -109,10 +116,12 @@ function popcount(bitmap: Uint8Array, count: number): number {
 /**
  * The controller as tracker: it learns from each agent's exchange which
  * chunks it holds, and answers with chunks to fetch — rarest first, each
- * from peers that hold it (same rack, then same zone, then least loaded),
- * or from the controller when no live peer holds it and no other agent is
- * reading it from the controller already (a lease), so that the controller
- * sends each chunk about once per wave. All in memory: a controller that
+ * from peers that hold it and serve fewer reads than they accept (same
+ * rack, then same zone, then least loaded), or from the controller when no
+ * live peer holds it and no other agent is reading it from the controller
+ * already (a lease), so that the controller sends each chunk about once per
+ * wave, a few chunks at a time (controllerStreams) so that each spreads
+ * while the next is sent. All in memory: a controller that
  * restarts starts new waves, and agents re-report what they hold at their
  * next exchange.
  */
@@ -139,10 +148,24 @@ export class FanoutTracker {
       if (lease.until <= now) wave.leases.delete(chunk);
       else if (lease.nodeUuid === input.nodeUuid && !bit(input.fetching, chunk)) wave.leases.delete(chunk);
     }
+    // Likewise this agent's fetches from peers: the ones it no longer reports as fetching have ended.
+    for (const [chunk, fetch] of member.inflight) {
+      if (!bit(input.fetching, chunk) || now - fetch.at > INFLIGHT_TTL_MS) member.inflight.delete(chunk);
+    }
 
     const live = [...wave.members.values()].filter(
       (m) => m.nodeUuid !== member.nodeUuid && !wave.dropped.has(m.nodeUuid) && now - m.seenAt < this.policy.memberTtlMs && m.heldCount > 0,
     );
+    const load = this.uploads(wave, now);
+    // The controller sends a few chunks at a time, each to one agent, so that each is whole
+    // early and spreads among the peers while the next ones are sent. Leasing every chunk at
+    // once would split the controller's link between all of them: none would be whole, and
+    // none could spread, until the whole image had been sent.
+    let leasesLeft = Math.max(0, this.policy.controllerStreams - wave.leases.size);
+    // Spread the streams over the wave's agents: one agent's own link would otherwise carry them all.
+    let members = 0;
+    for (const m of wave.members.values()) if (!wave.dropped.has(m.nodeUuid) && now - m.seenAt < this.policy.memberTtlMs) members++;
+    let ownLeasesLeft = Math.max(0, Math.ceil(this.policy.controllerStreams / members) - leasesOf(wave, member.nodeUuid));
     // Holders per chunk this agent lacks.
     const wanted: { chunk: number; holders: Member[]; tie: number }[] = [];
     for (let chunk = 0; chunk < wave.chunkCount; chunk++) {
@@ -160,23 +183,53 @@ export class FanoutTracker {
     for (const { chunk, holders } of wanted) {
       if (assignments.length >= input.maxAssignments) break;
       if (holders.length === 0) {
+        if (leasesLeft === 0 || ownLeasesLeft === 0) continue; // the controller's streams are taken: wait for a peer to hold it
+        leasesLeft--;
+        ownLeasesLeft--;
         wave.leases.set(chunk, { nodeUuid: member.nodeUuid, until: now + this.policy.controllerLeaseMs });
         assignments.push({ chunk, peers: [] });
         continue;
       }
+      // Holders serving as many reads as they accept would answer RESOURCE_EXHAUSTED: another chunk, or later.
       const ranked = holders
+        .filter((m) => (load.get(m.nodeUuid) ?? 0) < this.policy.maxUploads)
         .map((m) => {
-          m.recent = m.recent.filter((at) => now - at < LOAD_WINDOW_MS);
           const locality = (member.rack !== '' && m.rack === member.rack ? 2 : 0) + (member.zone !== '' && m.zone === member.zone ? 1 : 0);
-          return { m, locality, load: m.recent.length, tie: Math.random() };
+          return { m, locality, load: load.get(m.nodeUuid) ?? 0, tie: Math.random() };
         })
         .sort((a, b) => b.locality - a.locality || a.load - b.load || a.tie - b.tie)
         .slice(0, this.policy.maxPeers)
         .map((r) => r.m);
-      ranked[0]?.recent.push(now);
+      const first = ranked[0];
+      if (!first) continue;
+      load.set(first.nodeUuid, (load.get(first.nodeUuid) ?? 0) + 1);
+      member.inflight.set(chunk, { peer: first.nodeUuid, at: now });
       assignments.push({ chunk, peers: ranked.map(toPeer) });
     }
     return { credential: wave.credential, assignments, retryAfterMs: assignments.length === 0 ? RETRY_AFTER_MS : 0 };
+  }
+
+  /** Reads each member serves now, as far as the tracker knows: the fetches it named the member first for that have not ended. */
+  private uploads(wave: Wave, now: number): Map<string, number> {
+    const load = new Map<string, number>();
+    for (const m of wave.members.values()) {
+      for (const fetch of m.inflight.values()) {
+        if (now - fetch.at <= INFLIGHT_TTL_MS) load.set(fetch.peer, (load.get(fetch.peer) ?? 0) + 1);
+      }
+    }
+    return load;
+  }
+
+  /**
+   * The node's agent stops serving its wave (the conductor says so: its write
+   * failed, or its next command follows at once). It is named no more, and
+   * what it was reading from the controller is handed out again.
+   */
+  leave(nodeUuid: string): void {
+    for (const wave of this.waves.values()) {
+      if (!wave.members.delete(nodeUuid)) continue;
+      for (const [chunk, lease] of wave.leases) if (lease.nodeUuid === nodeUuid) wave.leases.delete(chunk);
+    }
   }
 
   /** For tests and `node show`: what a wave looks like now. */
@@ -217,7 +270,7 @@ export class FanoutTracker {
         held: new Uint8Array(0),
         heldCount: 0,
         seenAt: now,
-        recent: [],
+        inflight: new Map(),
         errors: 0,
         bytesFromPeers: 0,
         bytesFromController: 0,
@@ -250,6 +303,7 @@ export class FanoutTracker {
     const drop =
       failure.kind === PeerFailureKind.PEER_FAILURE_KIND_CORRUPT ||
       failure.kind === PeerFailureKind.PEER_FAILURE_KIND_STALLED ||
+      failure.kind === PeerFailureKind.PEER_FAILURE_KIND_GONE ||
       peer.errors >= MAX_PEER_ERRORS;
     this.logger.warn(
       { wave: wave.key, peer: failure.nodeUuid, reporter, chunk: failure.chunk, kind, reason: failure.reason.slice(0, 300), dropped: drop },
@@ -258,12 +312,20 @@ export class FanoutTracker {
     if (drop) {
       wave.dropped.add(failure.nodeUuid);
       this.events.peerDropped();
+      // What it was reading from the controller is handed out again rather than waited for.
+      for (const [chunk, lease] of wave.leases) if (lease.nodeUuid === failure.nodeUuid) wave.leases.delete(chunk);
     }
   }
 
   private forgetIdleWaves(now: number): void {
     for (const [key, wave] of this.waves) if (now - wave.touchedAt > WAVE_IDLE_MS) this.waves.delete(key);
   }
+}
+
+function leasesOf(wave: Wave, nodeUuid: string): number {
+  let n = 0;
+  for (const lease of wave.leases.values()) if (lease.nodeUuid === nodeUuid) n++;
+  return n;
 }
 
 function toPeer(m: Member): ChunkPeer {

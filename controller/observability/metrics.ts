@@ -110,7 +110,7 @@ export function createControllerMetrics(
     }),
     fanoutPeerFailures: new Counter({
       name: 'metalcast_fanout_peer_failures_total',
-      help: 'Chunk fetches from peers that failed, as the fetching agents reported them, by kind: corrupt (wrong bytes), stalled, error.',
+      help: 'Chunk fetches from peers that failed, as the fetching agents reported them, by kind: corrupt (wrong bytes), stalled, gone (its deploy moved on), error.',
       labelNames: ['kind'] as const,
       registers: [registry],
     }),

@@ -57,6 +57,13 @@ export interface ConductorOptions {
   power?: PowerDrivers;
   /** Told of every image written (the metrics count the bytes delta re-imaging saved). */
   onImageWritten?: (result: WriteImageResult) => void;
+  /**
+   * Told when a node's agent stops serving its fan-out wave: its write_image
+   * failed, or a next command (the config drive, the final power) follows at
+   * once and ends its serving. The tracker stops naming it rather than let
+   * its peers find out one failed fetch at a time.
+   */
+  onWaveLeft?: (nodeUuid: string) => void;
 }
 
 /** Which nodes this controller drives (the ring, controller/cluster/membership.ts). */
@@ -454,6 +461,10 @@ export class Conductor {
         timeLimitMs: 0,
       },
     });
+    // With no config drive to write and no final power, the agent lingers as a peer (--fanout-linger).
+    if (final.state !== CommandState.COMMAND_STATE_SUCCEEDED || spec.configDrive || this.options.finalPower !== 'none') {
+      this.options.onWaveLeft?.(node.uuid);
+    }
     if (final.state !== CommandState.COMMAND_STATE_SUCCEEDED) {
       await this.fail(node, 'deploy_wait', 'deploy_failed', `write_image failed: ${final.error}`, log);
       return;

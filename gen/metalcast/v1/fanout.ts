@@ -22,6 +22,12 @@ export enum PeerFailureKind {
   PEER_FAILURE_KIND_STALLED = 2,
   /** PEER_FAILURE_KIND_ERROR - The call failed (connection, TLS pin, refusal). */
   PEER_FAILURE_KIND_ERROR = 3,
+  /**
+   * PEER_FAILURE_KIND_GONE - The peer serves this wave's chunks no more (FAILED_PRECONDITION: its
+   * deploy moved on, or it does not hold the chunk): the controller stops
+   * naming it at once.
+   */
+  PEER_FAILURE_KIND_GONE = 4,
   UNRECOGNIZED = -1,
 }
 
@@ -39,6 +45,9 @@ export function peerFailureKindFromJSON(object: any): PeerFailureKind {
     case 3:
     case "PEER_FAILURE_KIND_ERROR":
       return PeerFailureKind.PEER_FAILURE_KIND_ERROR;
+    case 4:
+    case "PEER_FAILURE_KIND_GONE":
+      return PeerFailureKind.PEER_FAILURE_KIND_GONE;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -56,6 +65,8 @@ export function peerFailureKindToJSON(object: PeerFailureKind): string {
       return "PEER_FAILURE_KIND_STALLED";
     case PeerFailureKind.PEER_FAILURE_KIND_ERROR:
       return "PEER_FAILURE_KIND_ERROR";
+    case PeerFailureKind.PEER_FAILURE_KIND_GONE:
+      return "PEER_FAILURE_KIND_GONE";
     case PeerFailureKind.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

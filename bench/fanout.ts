@@ -12,11 +12,13 @@
  *   it through a proxy here whose controller-to-agents direction shares one
  *   bucket.
  *
- * The cap is small by default (4 MB/s): 32 agents × 4 MB/s is 128 MB/s of
- * TLS, gRPC and SHA-256 in total, which 2 shared cores carry without being
- * the bottleneck; at 25 MB/s the same wave would want 800 MB/s, far more
- * than grpc-js does on 2 cores (/work/shared/GRPC-NOTES.md), and the CPU,
- * not the links, would be measured.
+ * The cap is small by default (1 MB/s), so that the links and not these 2
+ * cores are the limit: at 4 MB/s the 32 agent processes (tsx, about 150 MiB
+ * each) already drove the load average to 33, peers starved of CPU stalled
+ * and were dropped, and the CPU was measured; at 1 MB/s the 32-agent wave
+ * runs at a load average of 3-7. At 25 MB/s the wave would want 800 MB/s of
+ * TLS, gRPC and SHA-256, far more than grpc-js does on 2 cores
+ * (/work/shared/GRPC-NOTES.md).
  *
  * Prints, per N: fleet time (first write_image start to last verified, from
  * the agents' own log lines), its ratio to the one agent's time, controller
@@ -51,7 +53,7 @@ export const options = {
   'max-agents': { default: 32, description: 'largest wave; waves of --min-agents, twice that, … up to it', integer: true },
   'min-agents': { default: 8, description: 'smallest wave', integer: true },
   'image-mib': { default: 16, description: 'image size in MiB', integer: true },
-  cap: { default: 4_000_000, description: 'bytes/s of every link: each agent down and up, the controller out', integer: true },
+  cap: { default: 1_000_000, description: 'bytes/s of every link: each agent down and up, the controller out', integer: true },
   'chunk-kib': { default: 512, description: 'manifest chunk size in KiB', integer: true },
   'controller-streams': { default: 0, description: "the controller's --fanout-controller-streams; 0: its default", integer: true },
   'skip-off': { default: 0, description: '1: skip the fan-out-off waves (a quicker look at fan-out alone)', integer: true },

@@ -264,7 +264,7 @@ export const CONTROLLER_OPTIONS = {
   fanout: {
     flag: 'fanout',
     description:
-      'fan-out (experimental, off until its 32-agent figures hold: docs/fanout.md): the agents of a deploy wave serve each other the verified chunks of their image, and this controller sends a chunk itself only when no peer has it; false: every agent reads the whole image from the controller. A deploy can turn it off for itself (node deploy --no-fanout)',
+      'fan-out (experimental, off by default; docs/fanout.md has its 32-agent figures): the agents of a deploy wave serve each other the verified chunks of their image, and this controller sends a chunk itself only when no peer has it; false: every agent reads the whole image from the controller. A deploy can turn it off for itself (node deploy --no-fanout)',
     defaultValue: 'false',
     parse: switchValue,
   },

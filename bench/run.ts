@@ -22,6 +22,7 @@ const BENCHMARKS: Record<string, () => Promise<Benchmark>> = {
   heartbeats: () => import('./heartbeats/heartbeats.js'),
   manifest: () => import('./manifest.js'),
   fanout: () => import('./fanout.js'),
+  'fanout-tracker': () => import('./fanout-tracker.js'),
 };
 
 interface Outcome {

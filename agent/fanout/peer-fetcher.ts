@@ -33,6 +33,12 @@ export interface FanoutOptions {
 }
 
 const PEER_STALL_CAP_MS = 10_000;
+/**
+ * An agent whose fetch slots are all busy still exchanges this often (asking
+ * for nothing): the tracker takes an agent silent for longer than a few of
+ * these as dead and hands out again what it was reading from the controller.
+ */
+const EXCHANGE_AT_LEAST_EVERY_MS = 2_000;
 
 class PeerFetchError extends Error {
   constructor(
@@ -84,6 +90,7 @@ export function createFanoutHook(options: FanoutOptions): FanoutHook {
       let controllerFailures = 0;
       let exchangeFailures = 0;
       let credential = '';
+      let lastExchangeAt = 0;
       const peerStallMs = Math.min(PEER_STALL_CAP_MS, context.stallTimeoutMs);
       const remaining = () => done.reduce((n, d) => n + (d ? 0 : 1), 0);
 
@@ -259,7 +266,8 @@ export function createFanoutHook(options: FanoutOptions): FanoutHook {
           }
           const free = options.parallel - fetching.size;
           let answer: ExchangeChunksResponse | undefined;
-          if (free > 0) {
+          if (free > 0 || Date.now() - lastExchangeAt >= EXCHANGE_AT_LEAST_EVERY_MS) {
+            lastExchangeAt = Date.now();
             const held = Buffer.alloc(bytes);
             const busy = Buffer.alloc(bytes);
             for (let index = 0; index < count; index++) if (done[index]) setBit(held, index);
@@ -268,7 +276,7 @@ export function createFanoutHook(options: FanoutOptions): FanoutHook {
               image: context.image,
               heldChunks: held,
               fetchingChunks: busy,
-              maxAssignments: free,
+              maxAssignments: Math.max(0, free),
               failures: failures.splice(0, failures.length),
               bytesFromPeers: fromPeers,
               bytesFromController: fromController,

@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import type { Logger } from '../../common/logging.js';
 import { type ChunkAssignment, type ChunkPeer, type PeerFailure, PeerFailureKind } from '../../gen/metalcast/v1/fanout.js';
+import { HolderCounts } from './holder-counts.js';
 
 /** Fan-out policy of one controller (docs/fanout.md); the flags that set it are in controller/config.ts. */
 export interface FanoutPolicy {
@@ -41,6 +42,15 @@ const INFLIGHT_TTL_MS = 60_000;
 /** A wave nobody exchanged with for this long is forgotten. */
 const WAVE_IDLE_MS = 10 * 60_000;
 const RETRY_AFTER_MS = 150;
+/**
+ * Chunks with holders looked at per exchange, at most: each costs a pass
+ * over the members. When that many are all at busy holders, the agent asks
+ * again shortly rather than have the tracker scan the whole image.
+ */
+const MAX_CHUNKS_LOOKED_AT = 256;
+const NO_CHUNKS = new Uint8Array(0);
+/** A lease whose agent has not exchanged for this long is handed out again: agents exchange every 2 s while they fetch. */
+const LEASE_SILENCE_MS = 10_000;
 
 /** An agent of a wave, as the tracker knows it. */
 interface Member {
@@ -52,6 +62,8 @@ interface Member {
   /** Bit i set: holds chunk i, verified. */
   held: Uint8Array;
   heldCount: number;
+  /** Whether `held` is in the wave's holder counts: members dropped, gone quiet or left are not. */
+  counted: boolean;
   seenAt: number;
   /** Chunks this member fetches now from a peer, as assigned: chunk → the first peer named, and when. */
   inflight: Map<number, { peer: string; at: number }>;
@@ -66,6 +78,8 @@ interface Wave {
   credential: string;
   chunkCount: number;
   members: Map<string, Member>;
+  /** Holders per chunk among the counted members. */
+  holders: HolderCounts;
   /** Chunk → the agent reading it from the controller now, and until when that holds. */
   leases: Map<number, { nodeUuid: string; until: number }>;
   /** Peers dropped for this wave: they served a wrong chunk, stalled or failed too often. */
@@ -143,9 +157,11 @@ export class FanoutTracker {
 
     for (const failure of input.failures) this.peerFailed(wave, input.nodeUuid, failure);
 
-    // Leases end when their agent holds the chunk or no longer fetches it, or when they time out.
+    // Leases end when their agent holds the chunk or no longer fetches it, when they time out, or
+    // when their agent has not exchanged for a while (it does every 2 s while it fetches): it died.
     for (const [chunk, lease] of wave.leases) {
-      if (lease.until <= now) wave.leases.delete(chunk);
+      const holder = wave.members.get(lease.nodeUuid);
+      if (lease.until <= now || !holder || now - holder.seenAt > LEASE_SILENCE_MS) wave.leases.delete(chunk);
       else if (lease.nodeUuid === input.nodeUuid && !bit(input.fetching, chunk)) wave.leases.delete(chunk);
     }
     // Likewise this agent's fetches from peers: the ones it no longer reports as fetching have ended.
@@ -153,9 +169,11 @@ export class FanoutTracker {
       if (!bit(input.fetching, chunk) || now - fetch.at > INFLIGHT_TTL_MS) member.inflight.delete(chunk);
     }
 
-    const live = [...wave.members.values()].filter(
-      (m) => m.nodeUuid !== member.nodeUuid && !wave.dropped.has(m.nodeUuid) && now - m.seenAt < this.policy.memberTtlMs && m.heldCount > 0,
-    );
+    // Members gone quiet leave the counts until they exchange again.
+    for (const m of wave.members.values()) {
+      if (m.counted && now - m.seenAt >= this.policy.memberTtlMs) this.uncount(wave, m);
+    }
+    const live = [...wave.members.values()].filter((m) => m.nodeUuid !== member.nodeUuid && m.counted && m.heldCount > 0);
     const load = this.uploads(wave, now);
     // The controller sends a few chunks at a time, each to one agent, so that each is whole
     // early and spreads among the peers while the next ones are sent. Leasing every chunk at
@@ -166,23 +184,15 @@ export class FanoutTracker {
     let members = 0;
     for (const m of wave.members.values()) if (!wave.dropped.has(m.nodeUuid) && now - m.seenAt < this.policy.memberTtlMs) members++;
     let ownLeasesLeft = Math.max(0, Math.ceil(this.policy.controllerStreams / members) - leasesOf(wave, member.nodeUuid));
-    // Holders per chunk this agent lacks.
-    const wanted: { chunk: number; holders: Member[]; tie: number }[] = [];
-    for (let chunk = 0; chunk < wave.chunkCount; chunk++) {
-      if (bit(input.held, chunk) || bit(input.fetching, chunk)) continue;
-      const holders = live.filter((m) => bit(m.held, chunk));
+    const assignments: ChunkAssignment[] = [];
+    let lookedAt = 0;
+    // Rarest first: the chunks few agents hold spread before the common ones; a chunk nobody holds is the rarest.
+    for (const chunk of wave.holders.rarestFirst((c) => !bit(input.held, c) && !bit(input.fetching, c))) {
+      if (assignments.length >= input.maxAssignments || lookedAt >= MAX_CHUNKS_LOOKED_AT) break;
+      const holders = wave.holders.count(chunk) > 0 ? live.filter((m) => bit(m.held, chunk)) : [];
       if (holders.length === 0) {
         const lease = wave.leases.get(chunk);
         if (lease && lease.nodeUuid !== member.nodeUuid) continue; // someone brings it from the controller: wait for them
-      }
-      wanted.push({ chunk, holders, tie: Math.random() });
-    }
-    // Rarest first: the chunks few agents hold spread before the common ones; a chunk nobody holds is the rarest.
-    wanted.sort((a, b) => a.holders.length - b.holders.length || a.tie - b.tie);
-    const assignments: ChunkAssignment[] = [];
-    for (const { chunk, holders } of wanted) {
-      if (assignments.length >= input.maxAssignments) break;
-      if (holders.length === 0) {
         if (leasesLeft === 0 || ownLeasesLeft === 0) continue; // the controller's streams are taken: wait for a peer to hold it
         leasesLeft--;
         ownLeasesLeft--;
@@ -190,6 +200,7 @@ export class FanoutTracker {
         assignments.push({ chunk, peers: [] });
         continue;
       }
+      lookedAt++;
       // Holders serving as many reads as they accept would answer RESOURCE_EXHAUSTED: another chunk, or later.
       const ranked = holders
         .filter((m) => (load.get(m.nodeUuid) ?? 0) < this.policy.maxUploads)
@@ -227,7 +238,10 @@ export class FanoutTracker {
    */
   leave(nodeUuid: string): void {
     for (const wave of this.waves.values()) {
-      if (!wave.members.delete(nodeUuid)) continue;
+      const member = wave.members.get(nodeUuid);
+      if (!member) continue;
+      this.uncount(wave, member);
+      wave.members.delete(nodeUuid);
       for (const [chunk, lease] of wave.leases) if (lease.nodeUuid === nodeUuid) wave.leases.delete(chunk);
     }
   }
@@ -247,6 +261,7 @@ export class FanoutTracker {
         credential: randomBytes(32).toString('base64url'),
         chunkCount,
         members: new Map(),
+        holders: new HolderCounts(chunkCount),
         leases: new Map(),
         dropped: new Set(),
         touchedAt: now,
@@ -269,6 +284,7 @@ export class FanoutTracker {
         zone: '',
         held: new Uint8Array(0),
         heldCount: 0,
+        counted: false,
         seenAt: now,
         inflight: new Map(),
         errors: 0,
@@ -281,6 +297,10 @@ export class FanoutTracker {
     member.certificatePem = input.certificatePem;
     member.rack = input.properties.rack ?? '';
     member.zone = input.properties.zone ?? '';
+    if (!wave.dropped.has(member.nodeUuid)) {
+      wave.holders.change(member.counted ? member.held : NO_CHUNKS, input.held);
+      member.counted = true;
+    }
     member.held = input.held;
     member.heldCount = popcount(input.held, wave.chunkCount);
     member.seenAt = now;
@@ -310,11 +330,19 @@ export class FanoutTracker {
       drop ? 'peer dropped from the fan-out wave' : 'a peer failed to serve a chunk',
     );
     if (drop) {
+      this.uncount(wave, peer);
       wave.dropped.add(failure.nodeUuid);
       this.events.peerDropped();
       // What it was reading from the controller is handed out again rather than waited for.
       for (const [chunk, lease] of wave.leases) if (lease.nodeUuid === failure.nodeUuid) wave.leases.delete(chunk);
     }
+  }
+
+  /** Takes a member's chunks out of the holder counts (dropped, gone quiet, left); its next exchange puts them back unless dropped. */
+  private uncount(wave: Wave, member: Member): void {
+    if (!member.counted) return;
+    wave.holders.change(member.held, NO_CHUNKS);
+    member.counted = false;
   }
 
   private forgetIdleWaves(now: number): void {

@@ -253,7 +253,9 @@ export async function runLab(options: LabOptions = {}): Promise<LabResult> {
       }
       const properties: Record<string, string> = {
         // The guest's own address needs no advertising on a bridge; behind QEMU's NAT the controller uses the port forward.
-        [KERNEL_ARGS_PROPERTY]: `quiet panic=-1 metalcast.lookup_backoff_max=2s${network ? '' : ` metalcast.advertise_address=127.0.0.1:${machine.forwardHostPort}`}`,
+        // no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can fail and panic at boot
+        // ("IO-APIC + timer doesn't work!"; seen on CI with the load average at 16), and the guest then network-boots.
+        [KERNEL_ARGS_PROPERTY]: `quiet panic=-1 no_timer_check metalcast.lookup_backoff_max=2s${network ? '' : ` metalcast.advertise_address=127.0.0.1:${machine.forwardHostPort}`}`,
       };
       const secrets: Record<string, string> = {};
       if (power === 'ipmi') {

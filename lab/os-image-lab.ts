@@ -172,7 +172,7 @@ export async function runOsImageLab(options: OsImageLabOptions = {}): Promise<Os
         [POWER_DRIVER_PROPERTY]: 'qemu',
         [QMP_SOCKET_PROPERTY]: join(work, `${name}.bmc`),
         [BOOT_MODE_PROPERTY]: 'uefi',
-        [KERNEL_ARGS_PROPERTY]: `quiet panic=-1 metalcast.advertise_address=${guest.forwardedAddress} metalcast.lookup_backoff_max=2s`,
+        [KERNEL_ARGS_PROPERTY]: `quiet panic=-1 no_timer_check metalcast.advertise_address=${guest.forwardedAddress} metalcast.lookup_backoff_max=2s`,
       },
     });
     const waitFor = async (state: ProvisionState, what: string): Promise<Node> => {

@@ -66,7 +66,7 @@ TIMEOUT 0
 LABEL metalcast-test-image
   KERNEL /vmlinuz
   INITRD /initrd.gz
-  APPEND console=tty0 console=ttyS0,115200 quiet panic=-1
+  APPEND console=tty0 console=ttyS0,115200 quiet panic=-1 no_timer_check
 `;
 
 export interface BuildTestImageOptions {

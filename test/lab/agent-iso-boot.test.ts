@@ -40,7 +40,7 @@ describe('the agent ISO boots under BIOS and UEFI', { skip, timeout: BOOT_TIMEOU
         controllerAddress: '10.0.2.2:9',
         insecure: false,
         ca: { fingerprint: `sha256:${'ab'.repeat(32)}`, url: 'http://10.0.2.2:9/ca.pem' },
-        extra: 'quiet panic=-1 metalcast.note="two words"',
+        extra: 'quiet panic=-1 no_timer_check metalcast.note="two words"',
       });
       const iso = await new AgentIsoBuilder(join(work, 'isos')).build({
         kernelPath: ramdisk.kernel.path,

@@ -170,7 +170,7 @@ describe('network boot through dnsmasq in a network namespace', { skip, timeout:
       await nodes.createNode({
         name,
         macAddresses: [guest.mac],
-        properties: { [KERNEL_ARGS_PROPERTY]: 'quiet panic=-1 metalcast.lookup_backoff_max=2s' },
+        properties: { [KERNEL_ARGS_PROPERTY]: 'quiet panic=-1 no_timer_check metalcast.lookup_backoff_max=2s' },
       });
       await nodes.setProvisionState({ node: name, action: ProvisionAction.PROVISION_ACTION_MANAGE });
       await nodes.setProvisionState({ node: name, action: ProvisionAction.PROVISION_ACTION_INSPECT });

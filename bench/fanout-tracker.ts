@@ -10,7 +10,7 @@
  * several times a second while it waits or fetches, so this is controller
  * CPU, and time its event loop is held, per agent.
  */
-import { DEFAULT_FANOUT_POLICY, type ExchangeInput, FanoutTracker } from '../controller/fanout/tracker.js';
+import { bit, DEFAULT_FANOUT_POLICY, type ExchangeInput, FanoutTracker } from '../controller/fanout/tracker.js';
 import { testLogger } from '../test/helpers/controller.js';
 import { type BenchCheck, type BenchResult, breathe, columns, parseNumberOptions } from './harness.js';
 
@@ -25,7 +25,6 @@ export const options = {
 
 const CHUNK_COUNTS = [768, 25_600];
 
-const bit = (bitmap: Uint8Array, index: number) => ((bitmap[index >> 3] ?? 0) & (1 << (index & 7))) !== 0;
 const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)] as number;
 
 /** What the tracker did per exchange before holder counts: holders per lacking chunk, all sorted, rarest first. */

@@ -181,8 +181,9 @@ export class FanoutTracker {
     // none could spread, until the whole image had been sent.
     let leasesLeft = Math.max(0, this.policy.controllerStreams - wave.leases.size);
     // Spread the streams over the wave's agents: one agent's own link would otherwise carry them all.
+    // The counted members are exactly those neither dropped nor gone quiet (this one included).
     let members = 0;
-    for (const m of wave.members.values()) if (!wave.dropped.has(m.nodeUuid) && now - m.seenAt < this.policy.memberTtlMs) members++;
+    for (const m of wave.members.values()) if (m.counted) members++;
     let ownLeasesLeft = Math.max(0, Math.ceil(this.policy.controllerStreams / members) - leasesOf(wave, member.nodeUuid));
     const assignments: ChunkAssignment[] = [];
     let lookedAt = 0;
@@ -242,7 +243,7 @@ export class FanoutTracker {
       if (!member) continue;
       this.uncount(wave, member);
       wave.members.delete(nodeUuid);
-      for (const [chunk, lease] of wave.leases) if (lease.nodeUuid === nodeUuid) wave.leases.delete(chunk);
+      releaseLeases(wave, nodeUuid);
     }
   }
 
@@ -334,7 +335,7 @@ export class FanoutTracker {
       wave.dropped.add(failure.nodeUuid);
       this.events.peerDropped();
       // What it was reading from the controller is handed out again rather than waited for.
-      for (const [chunk, lease] of wave.leases) if (lease.nodeUuid === failure.nodeUuid) wave.leases.delete(chunk);
+      releaseLeases(wave, failure.nodeUuid);
     }
   }
 
@@ -348,6 +349,10 @@ export class FanoutTracker {
   private forgetIdleWaves(now: number): void {
     for (const [key, wave] of this.waves) if (now - wave.touchedAt > WAVE_IDLE_MS) this.waves.delete(key);
   }
+}
+
+function releaseLeases(wave: Wave, nodeUuid: string): void {
+  for (const [chunk, lease] of wave.leases) if (lease.nodeUuid === nodeUuid) wave.leases.delete(chunk);
 }
 
 function leasesOf(wave: Wave, nodeUuid: string): number {

@@ -29,7 +29,22 @@ const MIB = 1024 * 1024;
 const run = promisify(execFile);
 const sha256 = (data: Uint8Array) => createHash('sha256').update(data).digest('hex');
 const fileSha256 = (path: string) => sha256(readFileSync(path));
-const qemuImg = (...args: string[]) => execFileSync('qemu-img', args, { stdio: ['ignore', 'pipe', 'pipe'] }).toString();
+/**
+ * Runs qemu-img for a fixture. Creating a LUKS image times PBKDF2 on the
+ * thread's CPU clock first, and qemu-img gives up ("Unable to get accurate
+ * CPU usage") when a round measured 0 ms, which a coarse CPU clock does now
+ * and then (seen once on CI): that one error is tried again, twice at most.
+ */
+function qemuImg(...args: string[]): string {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return execFileSync('qemu-img', args, { stdio: ['ignore', 'pipe', 'pipe'] }).toString();
+    } catch (error) {
+      const stderr = String((error as { stderr?: Buffer }).stderr ?? '');
+      if (attempt >= 3 || !stderr.includes('Unable to get accurate CPU usage')) throw error;
+    }
+  }
+}
 
 async function* uploadRequests(name: string, data: Buffer, header: { sha256?: string } = {}): AsyncGenerator<UploadImageRequest> {
   yield { part: { $case: 'header', value: { name, sha256: header.sha256 ?? '', sizeBytes: data.byteLength } } };

@@ -403,8 +403,10 @@ describe('image transfer faults between agent and controller', () => {
   });
 
   it('repeated faults on a slow, delayed link still give the right image', async (ctx) => {
-    // Twice the size, for room: up to a window of data is past the proxy when it fails, and progress comes with heartbeats.
-    const d = await h.startDeploy('rep', 503, { imageBytes: 2 * IMAGE_BYTES });
+    // Four times the size, for room: up to a 16 MiB window of data is past the proxy when it fails, and progress
+    // comes with heartbeats. With twice the size, the transfer once finished after the reset before the agent
+    // had reported the 2 MiB more that the third fault waits for (CI, 2026-12-06).
+    const d = await h.startDeploy('rep', 503, { imageBytes: 4 * IMAGE_BYTES });
     d.proxy.delay(30);
     let written = await h.writtenAtLeast(d, 2 * MIB);
     await h.blackhole(d, ctx);

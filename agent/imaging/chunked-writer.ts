@@ -131,7 +131,12 @@ export async function writeImageByChunks(
       }
       doneBytes = bytesSkipped;
     } else {
-      await scanDisk(device, manifest, signal, zeroDigestOf, (index, digest) => {
+      // A regular file with no blocks allocated (a new sparse disk image) reads as zeros: only the image's zero
+      // chunks can match, so only those are read. Sound whatever st_blocks says: a chunk not read is fetched.
+      const blank = await holdsNoData(device);
+      if (blank) logger.info({ device: target.devicePath }, 'the target is a file with no data blocks: scanning only the zero chunks');
+      const read = blank ? isZero : () => true;
+      await scanDisk(device, manifest, signal, zeroDigestOf, read, (index, digest) => {
         const length = chunkRange(manifest, index).length;
         if (digest.equals(chunkDigest(manifest, index))) {
           done[index] = 1;
@@ -428,22 +433,31 @@ function zeroDigests(): (length: number) => Buffer {
   };
 }
 
+/** True for a regular file with no data blocks allocated: it reads as zeros (st_blocks is 0 for block devices too, hence isFile). */
+async function holdsNoData(device: FileHandle): Promise<boolean> {
+  const stats = await device.stat().catch(() => undefined);
+  return stats?.isFile() === true && stats.blocks === 0 && stats.size > 0;
+}
+
 /**
- * Reads and hashes the disk's chunks within the image's length, two reads
- * in flight so that the disk and the hashing overlap; memory: two chunks.
+ * Reads and hashes the disk's chunks within the image's length for which
+ * `read` is true, two reads in flight so that the disk and the hashing
+ * overlap; memory: two chunks. Chunks not read are not reported.
  */
 async function scanDisk(
   device: FileHandle,
   manifest: ChunkManifest,
   signal: AbortSignal,
   zeroDigestOf: (length: number) => Buffer,
+  read: (index: number) => boolean,
   onChunk: (index: number, digest: Buffer) => void,
 ): Promise<void> {
-  const count = chunkCount(manifest.sizeBytes, manifest.chunkSize);
+  const indexes: number[] = [];
+  for (let index = 0; index < chunkCount(manifest.sizeBytes, manifest.chunkSize); index++) if (read(index)) indexes.push(index);
   const buffers = [Buffer.allocUnsafe(manifest.chunkSize), Buffer.allocUnsafe(manifest.chunkSize)];
-  const readChunk = async (index: number): Promise<Buffer> => {
-    const { offset, length } = chunkRange(manifest, index);
-    const buffer = (buffers[index % 2] as Buffer).subarray(0, length);
+  const readChunk = async (nth: number): Promise<Buffer> => {
+    const { offset, length } = chunkRange(manifest, indexes[nth] as number);
+    const buffer = (buffers[nth % 2] as Buffer).subarray(0, length);
     let got = 0;
     while (got < length) {
       const { bytesRead } = await device.read(buffer, got, length - got, offset + got);
@@ -452,12 +466,14 @@ async function scanDisk(
     }
     return got === length ? buffer : Buffer.alloc(0);
   };
+  const count = indexes.length;
   let pending = count > 0 ? readChunk(0) : undefined;
-  for (let index = 0; index < count; index++) {
+  for (let nth = 0; nth < count; nth++) {
     signal.throwIfAborted();
     const data = await (pending as Promise<Buffer>);
+    const index = indexes[nth] as number;
     // The next read goes into the other buffer while this one is hashed.
-    pending = index + 1 < count ? readChunk(index + 1) : undefined;
+    pending = nth + 1 < count ? readChunk(nth + 1) : undefined;
     pending?.catch(() => {});
     // A chunk of zeros on the disk (a fresh or cleaned disk is mostly that) is told by a memcmp, no hash:
     // it matches exactly the chunks whose digest is that of zeros.

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { open, stat, writeFile } from 'node:fs/promises';
+import { open, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { createChannel, createClient } from 'nice-grpc';
@@ -240,6 +240,47 @@ describe('image transfer against the chunk manifest', () => {
     assert.equal(delta.result.chunksFetched, changed);
     assert.ok(delta.sent < (3 * size) / 100, `a 1 %-changed redeploy sent ${delta.sent} bytes, 3 % is ${(3 * size) / 100}`);
     assert.equal(sha256(await diskStart(disk, size)), sha256(v2), 'the disk holds the new image');
+  });
+
+  it("a blank disk file (no data blocks) has only the image's zero chunks read before fetching, and ends bit-exact", async () => {
+    const size = 8 * MIB;
+    const chunks = size / MANIFEST_CHUNK;
+    const image = randomBytes(size);
+    // Every fourth chunk is zeros, as an OS image's unused space.
+    for (let i = 0; i < chunks; i += 4) image.fill(0, i * MANIFEST_CHUNK, (i + 1) * MANIFEST_CHUNK);
+    const zeroChunks = chunks / 4;
+    await addImage(t.controller, 'holes', image);
+    const disk = join(dirs.path, 'blank.disk');
+    await writeFile(disk, '');
+    await truncate(disk, size + MIB);
+    assert.equal((await stat(disk)).blocks, 0, 'the test needs a file system with sparse files');
+
+    /** Deploys 'holes' and counts the chunks the delta scan read (one 'scanning' report each). */
+    const deployCountingScans = async () => {
+      await deploying('holes');
+      let scanned = 0;
+      const result = await writeImage(
+        source,
+        { image: 'holes', devicePath: disk, deviceSizeBytes: size + MIB, expectedSha256: '', expectedSizeBytes: 0 },
+        OPTIONS,
+        (progress) => {
+          if (progress.phase === 'scanning') scanned++;
+        },
+        new AbortController().signal,
+        testLogger(),
+      );
+      return { result, scanned };
+    };
+    const first = await deployCountingScans();
+    assert.equal(first.scanned, zeroChunks, 'on a blank file only the zero chunks are read');
+    assert.equal(first.result.chunksSkipped, zeroChunks, 'a blank file already holds the zero chunks');
+    assert.equal(sha256(await diskStart(disk, size)), sha256(image), 'the disk holds the image');
+
+    // The file now holds data: nothing is assumed, every chunk is read and matches.
+    const again = await deployCountingScans();
+    assert.equal(again.scanned, chunks);
+    assert.equal(again.result.chunksSkipped, chunks);
+    assert.equal(again.result.chunksFetched, 0);
   });
 
   it('builds the manifest of an image stored before manifests on first use, and checks it against its sha256', async () => {

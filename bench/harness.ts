@@ -96,7 +96,9 @@ export async function withTempDir<T>(prefix: string, fn: (dir: string) => Promis
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
-    rmSync(dir, { recursive: true, force: true });
+    // BENCH_KEEP_DIR=1 keeps the files (process logs, --cpu-prof profiles) for a look afterwards.
+    if (process.env.BENCH_KEEP_DIR === '1') console.log(`  kept ${dir} (BENCH_KEEP_DIR=1)`);
+    else rmSync(dir, { recursive: true, force: true });
   }
 }
 

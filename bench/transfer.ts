@@ -33,7 +33,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { createHash, randomFillSync } from 'node:crypto';
 import { existsSync, readFileSync, statfsSync } from 'node:fs';
-import { mkdir, open, rm, truncate, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, open, rm, truncate, writeFile } from 'node:fs/promises';
 import { availableParallelism, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -43,6 +43,8 @@ import { byteSize } from '../common/config.js';
 import { type TLS_INIT_FILES, tlsInit } from '../common/tls-init.js';
 import { type FakeMachine, uniqueFakeMachine } from '../demo/fake-machine.js';
 import { ProvisionAction, ProvisionState } from '../gen/metalcast/v1/node.js';
+import { build } from '../scripts/build.js';
+import { packageAgent } from '../scripts/package-agent.js';
 import { seedImage } from '../test/helpers/images.js';
 import {
   type BenchCheck,
@@ -70,6 +72,22 @@ export const options = {
   plain: { default: 1, integer: true, description: '0: skip metalcast plaintext and its net socket baseline' },
   nginx: { default: 1, integer: true, description: '0: skip the nginx + python3-requests peer' },
   upload: { default: 1, integer: true, description: '0: skip metalcast image upload' },
+  artifacts: {
+    default: 1,
+    integer: true,
+    description:
+      '1: run what operators run, the compiled controller and CLI (npm run build, into dist/) and the packaged agent bundle (npm run package:agent); 0: bin/metalcast.js through tsx. BENCH_TRANSFER_METALCAST=<path to a metalcast.js> overrides both',
+  },
+  fleet: {
+    default: 4,
+    integer: true,
+    description: 'agents deploying at once over TLS in the fleet case (aggregate MB/s, controller peak RSS); 0 skips it',
+  },
+  delta: {
+    default: 1,
+    integer: true,
+    description: '0: skip the delta case (a redeploy of the same image, and of one with 1 % of its chunks changed)',
+  },
 } satisfies NumberOptions;
 
 /** The bars of issue 16, as paired-ratio medians. */
@@ -78,20 +96,34 @@ const BARS = {
   plainOverSocket: 0.9,
   tlsOverPeer: 1.5,
   uploadOverSocket: 0.7,
+  /** Image bytes on the wire: a redeploy of the same image, of one with 1 % of its chunks changed. */
+  deltaSameWireShare: 0.01,
+  deltaChangedWireShare: 0.03,
+  /**
+   * The controller's resident memory may grow by this much per concurrent
+   * transfer: its bound is the 16 MiB HTTP/2 window plus grpc-js's queue of
+   * 16 chunk messages (3.5 MiB each) for a stalled reader, about 72 MiB.
+   */
+  fleetRssPerAgentBytes: 96 * MIB,
   noisyTlsOverSocket: 0.7,
   controllerCpuOverSender: 2,
   agentCpuOverReceiver: 1.3,
 };
 
 const IMAGE_NAME = 'bench-os';
+/** The image with 1 % of its chunks changed, for the delta case. */
+const DELTA_IMAGE_NAME = 'bench-os-1pct';
+/** The manifest's chunk size, passed to the controller (its default, --image-manifest-chunk-size). */
+const MANIFEST_CHUNK_BYTES = MIB;
 const SOCKET_SCRIPT = join(REPO, 'bench', 'transfer-socket.ts');
 const REQUESTS_SCRIPT = join(REPO, 'bench', 'transfer-requests.py');
 const TIMEOUT_MS = 600_000;
 const STATE_TIMEOUT_MS = 180_000;
-const METALCAST_BIN = process.env.BENCH_TRANSFER_METALCAST || METALCAST;
 const NODE_FLAGS = (process.env.BENCH_TRANSFER_NODE_OPTIONS ?? '').split(/\s+/).filter((f) => f !== '');
 
-type CaseName = 'metalcast-tls' | 'tls-socket' | 'metalcast-plain' | 'net-socket' | 'nginx-requests' | 'upload-tls';
+type CaseName = 'metalcast-tls' | 'tls-socket' | 'metalcast-plain' | 'net-socket' | 'nginx-requests' | 'upload-tls' | 'fleet-tls' | 'delta';
+/** What a case's runs are filed under: its name, or one of the delta case's three deploys. */
+type SampleName = Exclude<CaseName, 'delta'> | 'delta-full' | 'delta-same' | 'delta-1pct';
 
 interface Sample {
   round: number;
@@ -100,24 +132,55 @@ interface Sample {
   /** CPU-seconds per GB of each side. */
   senderCpuPerGb: number;
   receiverCpuPerGb: number;
+  /** Delta cases: image bytes ReadImage carried. */
+  wireBytes?: number;
+  /** Fleet case: the controller's resident memory before the deploys and at its peak during them. */
+  rssBefore?: number;
+  rssPeak?: number;
+}
+
+/** One timed deploy (deployTimed). */
+interface DeployRun {
+  start: number;
+  end: number;
+  controllerCpuMs: number;
+  agentCpuMs: number;
+  wireBytes: number;
+}
+
+interface ImageFile {
+  file: string;
+  size: number;
+  sha256: string;
+}
+
+/** One node of a controller: a fake machine and its real agent process. */
+interface BenchNode {
+  name: string;
+  machine: FakeMachine;
+  disk: string;
+  agent: LoggedProcess;
 }
 
 interface Side {
+  label: 'tls' | 'plain';
+  tls: boolean;
   controller: LoggedProcess;
   dataDir: string;
   address: string;
   operator: OperatorClients;
-  machine: FakeMachine;
-  disk: string;
-  name: string;
-  agent: LoggedProcess;
+  /** The node of the one-agent cases (and the delta cases). */
+  node: BenchNode;
+  /** The nodes that deploy at once in the fleet case (TLS side only). */
+  fleet: BenchNode[];
 }
 
 type Options = ReturnType<typeof parseOptions>;
 
 export async function run(args: string[]): Promise<BenchResult> {
   const o = parseOptions(args);
-  const needed = o.size * 8 + GIB;
+  // Image files, blobs, disks (every agent's, sparse until written) and the delta image with its blob.
+  const needed = o.size * (8 + o.fleet + (o.delta ? 2 : 0)) + GIB;
   const fs = statfsSync(tmpdir());
   if (fs.bavail * fs.bsize < needed) {
     throw new BenchUsageError(
@@ -162,6 +225,7 @@ function parseOptions(args: string[]) {
   const raw = parseNumberOptions(rest, options);
   if (raw.size < MIB) throw new BenchUsageError('--size must be at least 1M');
   if (raw.runs < 1) throw new BenchUsageError('--runs must be at least 1');
+  if (raw.fleet < 0 || raw.fleet > 16) throw new BenchUsageError('--fleet must be 0 (skip) to 16 agents');
   return {
     size: Math.round(raw.size),
     runs: raw.runs,
@@ -169,6 +233,9 @@ function parseOptions(args: string[]) {
     plain: raw.plain > 0,
     nginx: raw.nginx > 0,
     upload: raw.upload > 0,
+    artifacts: raw.artifacts > 0,
+    fleet: raw.fleet,
+    delta: raw.delta > 0,
   };
 }
 
@@ -179,17 +246,19 @@ function findNginx(): string | undefined {
 class TransferBench {
   private readonly sampler = new ProcSampler(50);
   private readonly checks: BenchCheck[] = [];
-  private readonly samples = new Map<CaseName, Sample[]>();
+  private readonly samples = new Map<SampleName, Sample[]>();
   private tls!: Side;
   private plain: Side | undefined;
   private tlsFiles!: Record<keyof typeof TLS_INIT_FILES, string>;
-  private image = { sha256: '', size: 0, file: '' };
+  private image: ImageFile = { sha256: '', size: 0, file: '' };
+  private deltaImage: ImageFile | undefined;
   private nginx: ChildProcess | undefined;
   private nginxPort = 0;
   private noise: ChildProcess[] = [];
   private readonly diskSize: number;
   private readonly verifyFailed: string[] = [];
   private uploads = 0;
+  private programs!: Programs;
 
   constructor(
     private readonly o: Options,
@@ -210,6 +279,8 @@ class TransferBench {
         .join(' ')}`,
     );
     this.sampler.track(MACHINE);
+    this.programs = await programs(o.artifacts, this.dir);
+    console.log(`  programs: ${this.programs.what}`);
     await this.setup();
     const cases: CaseName[] = [
       'metalcast-tls',
@@ -217,6 +288,8 @@ class TransferBench {
       ...(o.plain ? (['metalcast-plain', 'net-socket'] as const) : []),
       ...(o.nginx ? (['nginx-requests'] as const) : []),
       ...(o.upload ? (['upload-tls'] as const) : []),
+      ...(o.fleet > 0 ? (['fleet-tls'] as const) : []),
+      ...(o.delta ? (['delta'] as const) : []),
     ];
     if (o.noise) this.startNoise();
     try {
@@ -224,9 +297,10 @@ class TransferBench {
         const line: string[] = [];
         for (let j = 0; j < cases.length; j++) {
           const name = cases[(round + j) % cases.length]!;
-          const sample = await this.once(name, round);
-          list(this.samples, name).push(sample);
-          line.push(`${name} ${fmt(sample.mbps)}`);
+          for (const [filed, sample] of await this.once(name, round)) {
+            list(this.samples, filed).push(sample);
+            line.push(`${filed} ${fmt(sample.mbps)}`);
+          }
           await breathe();
         }
         console.log(`  round ${round + 1}: ${line.join(', ')} MB/s`);
@@ -249,7 +323,7 @@ class TransferBench {
     for (const side of [this.tls, this.plain]) {
       if (!side) continue;
       side.operator.close();
-      await side.agent.stop(5000);
+      for (const node of [side.node, ...side.fleet]) await node.agent.stop(5000);
       await side.controller.stop(10_000);
     }
   }
@@ -268,7 +342,15 @@ class TransferBench {
       this.plain = await this.startSide('plain', false);
       await seedImage(this.plain.dataDir, IMAGE_NAME, fileChunks(this.image.file));
     }
-    for (const side of [this.tls, this.plain]) if (side) await this.makeAvailable(side);
+    if (this.o.delta) {
+      this.deltaImage = await this.writeChangedImage(join(this.dir, 'image-1pct.raw'));
+      await seedImage(this.tls.dataDir, DELTA_IMAGE_NAME, fileChunks(this.deltaImage.file));
+    }
+    for (let i = 0; i < this.o.fleet; i++) this.tls.fleet.push(await this.startNode(this.tls, `bench-fleet-${i + 1}`, 3 + i));
+    for (const side of [this.tls, this.plain]) {
+      if (!side) continue;
+      for (const node of [side.node, ...side.fleet]) await this.makeAvailable(side, node);
+    }
     if (this.o.nginx) await this.startNginx();
     console.log(`  set up: image sha256 ${this.image.sha256.slice(0, 12)}…, controllers and agents ready`);
   }
@@ -283,7 +365,7 @@ class TransferBench {
       `controller ${label}`,
       [
         ...NODE_FLAGS,
-        METALCAST_BIN,
+        ...this.programs.metalcast,
         'controller',
         `--listen=${address}`,
         `--metrics-listen=127.0.0.1:${metricsPort}`,
@@ -297,6 +379,7 @@ class TransferBench {
         '--clean-mode=quick',
         '--shutdown-timeout=5s',
         '--log-level=info',
+        `--image-manifest-chunk-size=${MANIFEST_CHUNK_BYTES}`,
         ...secure,
       ],
       join(this.dir, `controller-${label}.log`),
@@ -308,16 +391,22 @@ class TransferBench {
       readTokenFile(join(dataDir, 'admin.token')),
       tls ? { caPem: readFileSync(this.tlsFiles.ca, 'utf8') } : undefined,
     );
-    const name = `bench-${label}`;
-    const machine = await uniqueFakeMachine(join(this.dir, 'machines', name), tls ? 1 : 2, {
-      disks: [{ name: 'sda', sizeBytes: this.diskSize, model: 'BENCH DISK', serial: `BENCH${label}`, rotational: false }],
+    const side: Side = { label, tls, controller, dataDir, address, operator, node: undefined as unknown as BenchNode, fleet: [] };
+    side.node = await this.startNode(side, `bench-${label}`, tls ? 1 : 2);
+    return side;
+  }
+
+  /** A fake machine and a real agent process for it, against the side's controller. */
+  private async startNode(side: Side, name: string, index: number): Promise<BenchNode> {
+    const { tls, address } = side;
+    const machine = await uniqueFakeMachine(join(this.dir, 'machines', name), index, {
+      disks: [{ name: 'sda', sizeBytes: this.diskSize, model: 'BENCH DISK', serial: `BENCH${index}`, rotational: false }],
     });
     const agent = new LoggedProcess(
-      `agent ${label}`,
+      `agent ${name}`,
       [
         ...NODE_FLAGS,
-        METALCAST_BIN,
-        'agent',
+        ...this.programs.agent,
         `--controller=${address}`,
         '--listen=127.0.0.1:0',
         `--root=${machine.root}`,
@@ -330,18 +419,18 @@ class TransferBench {
         '--log-level=info',
         ...(tls ? [`--ca=${this.tlsFiles.ca}`] : ['--insecure']),
       ],
-      join(this.dir, `agent-${label}.log`),
+      join(this.dir, `agent-${name}.log`),
     );
     await agent.waitFor((l) => l.msg === 'agent API listening', 60_000);
-    return { controller, dataDir, address, operator, machine, disk: machine.disks[0]!.path, name, agent };
+    return { name, machine, disk: machine.disks[0]!.path, agent };
   }
 
-  private async makeAvailable(side: Side): Promise<void> {
+  private async makeAvailable(side: Side, node: BenchNode): Promise<void> {
     const { nodes } = side.operator;
-    await nodes.createNode({ name: side.name, macAddresses: [side.machine.macs[0]!] });
-    await nodes.setProvisionState({ node: side.name, action: ProvisionAction.PROVISION_ACTION_MANAGE });
-    await nodes.setProvisionState({ node: side.name, action: ProvisionAction.PROVISION_ACTION_PROVIDE });
-    await this.waitState(side, ProvisionState.PROVISION_STATE_AVAILABLE);
+    await nodes.createNode({ name: node.name, macAddresses: [node.machine.macs[0]!] });
+    await nodes.setProvisionState({ node: node.name, action: ProvisionAction.PROVISION_ACTION_MANAGE });
+    await nodes.setProvisionState({ node: node.name, action: ProvisionAction.PROVISION_ACTION_PROVIDE });
+    await this.waitState(side, node, ProvisionState.PROVISION_STATE_AVAILABLE);
   }
 
   private async startNginx(): Promise<void> {
@@ -426,20 +515,24 @@ http {
   // ---------------------------------------------------------------------------
   // Cases.
 
-  private once(name: CaseName, round: number): Promise<Sample> {
+  private async once(name: CaseName, round: number): Promise<[SampleName, Sample][]> {
     switch (name) {
       case 'metalcast-tls':
-        return this.deployOnce(this.tls, round);
+        return [[name, await this.deployOnce(this.tls, round)]];
       case 'metalcast-plain':
-        return this.deployOnce(this.plain!, round);
+        return [[name, await this.deployOnce(this.plain!, round)]];
       case 'tls-socket':
-        return this.socketOnce(true, round);
+        return [[name, await this.socketOnce(true, round)]];
       case 'net-socket':
-        return this.socketOnce(false, round);
+        return [[name, await this.socketOnce(false, round)]];
       case 'nginx-requests':
-        return this.peerOnce(round);
+        return [[name, await this.peerOnce(round)]];
       case 'upload-tls':
-        return this.uploadOnce(round);
+        return [[name, await this.uploadOnce(round)]];
+      case 'fleet-tls':
+        return [[name, await this.fleetOnce(round)]];
+      case 'delta':
+        return this.deltaOnce(round);
     }
   }
 
@@ -460,33 +553,171 @@ http {
   }
 
   private async deployOnce(side: Side, round: number): Promise<Sample> {
-    await truncate(side.disk, 0);
-    await truncate(side.disk, this.diskSize);
-    const from = side.agent.lines.length;
-    this.sampler.track(side.agent.pid);
+    const run = await this.deployTimed(side, side.node, IMAGE_NAME, true);
+    if (round === 0) await this.verifyFile(side.node.disk, `${side.node.agent.label}'s disk`, this.image);
+    await this.undeploy(side, [side.node]);
+    return this.sample(round, run.start, run.end, run.controllerCpuMs, run.agentCpuMs);
+  }
+
+  /**
+   * One deploy of `image` to `node`, timed by its agent's log lines; with
+   * `fresh` its disk is first emptied (a sparse file of zeros, as a new disk).
+   * Leaves the node ACTIVE.
+   */
+  private async deployTimed(side: Side, node: BenchNode, image: string, fresh: boolean): Promise<DeployRun> {
+    if (fresh) {
+      await truncate(node.disk, 0);
+      await truncate(node.disk, this.diskSize);
+    }
+    const from = node.agent.lines.length;
+    this.sampler.track(node.agent.pid);
     this.sampler.track(side.controller.pid);
     await side.operator.nodes.setProvisionState({
-      node: side.name,
+      node: node.name,
       action: ProvisionAction.PROVISION_ACTION_DEPLOY,
-      deploy: { image: IMAGE_NAME, target: undefined },
+      deploy: { image, target: undefined },
     });
-    const startLine = await side.agent.waitFor((l) => typeof l.msg === 'string' && l.msg.startsWith('writing image'), TIMEOUT_MS, from);
-    const endLine = await side.agent.waitFor(
+    const startLine = await node.agent.waitFor((l) => typeof l.msg === 'string' && l.msg.startsWith('writing image'), TIMEOUT_MS, from);
+    const endLine = await node.agent.waitFor(
       (l) => String(l.msg).startsWith('image written and verified') || l.msg === 'command failed',
       TIMEOUT_MS,
       from,
     );
     if (!String(endLine.msg).startsWith('image written and verified'))
-      throw new Error(`${side.agent.label}: write_image failed: ${String(endLine.error)}`);
+      throw new Error(`${node.agent.label}: write_image failed: ${String(endLine.error)}`);
     this.sampler.sampleAll();
     const start = lineTime(startLine);
     const end = lineTime(endLine);
-    const sample = this.sample(round, start, end, this.cpuMs(side.controller.pid, start, end), this.cpuMs(side.agent.pid, start, end));
-    await this.waitState(side, ProvisionState.PROVISION_STATE_ACTIVE);
-    if (round === 0) await this.verifyFile(side.disk, `${side.agent.label}'s disk`);
-    await side.operator.nodes.setProvisionState({ node: side.name, action: ProvisionAction.PROVISION_ACTION_UNDEPLOY });
-    await this.waitState(side, ProvisionState.PROVISION_STATE_AVAILABLE);
+    await this.waitState(side, node, ProvisionState.PROVISION_STATE_ACTIVE);
+    return {
+      start,
+      end,
+      controllerCpuMs: this.cpuMs(side.controller.pid, start, end),
+      agentCpuMs: this.cpuMs(node.agent.pid, start, end),
+      // The chunked writer counts the image bytes ReadImage brought; the stream writer has no such field.
+      wireBytes: typeof endLine.fromController === 'number' ? endLine.fromController : this.o.size,
+    };
+  }
+
+  private async undeploy(side: Side, nodes: BenchNode[]): Promise<void> {
+    for (const node of nodes) {
+      await side.operator.nodes.setProvisionState({ node: node.name, action: ProvisionAction.PROVISION_ACTION_UNDEPLOY });
+    }
+    for (const node of nodes) await this.waitState(side, node, ProvisionState.PROVISION_STATE_AVAILABLE);
+  }
+
+  /**
+   * The fleet case: every fleet node deploys the image at once over TLS.
+   * Aggregate MB/s over the window from the first agent's start line to the
+   * last one's end; CPU per GB moved; the controller's resident memory
+   * before and at its peak (sampled every 50 ms).
+   */
+  private async fleetOnce(round: number): Promise<Sample> {
+    const side = this.tls;
+    const nodes = side.fleet;
+    for (const node of nodes) {
+      await truncate(node.disk, 0);
+      await truncate(node.disk, this.diskSize);
+      this.sampler.track(node.agent.pid);
+    }
+    this.sampler.track(side.controller.pid);
+    const before = Date.now();
+    const froms = nodes.map((node) => node.agent.lines.length);
+    await Promise.all(
+      nodes.map((node) =>
+        side.operator.nodes.setProvisionState({
+          node: node.name,
+          action: ProvisionAction.PROVISION_ACTION_DEPLOY,
+          deploy: { image: IMAGE_NAME, target: undefined },
+        }),
+      ),
+    );
+    const windows = await Promise.all(
+      nodes.map(async (node, i) => {
+        const startLine = await node.agent.waitFor((l) => String(l.msg).startsWith('writing image'), TIMEOUT_MS, froms[i]);
+        const endLine = await node.agent.waitFor(
+          (l) => String(l.msg).startsWith('image written and verified') || l.msg === 'command failed',
+          TIMEOUT_MS,
+          froms[i],
+        );
+        if (!String(endLine.msg).startsWith('image written and verified'))
+          throw new Error(`${node.agent.label}: write_image failed: ${String(endLine.error)}`);
+        return { start: lineTime(startLine), end: lineTime(endLine) };
+      }),
+    );
+    this.sampler.sampleAll();
+    const start = Math.min(...windows.map((w) => w.start));
+    const end = Math.max(...windows.map((w) => w.end));
+    const bytes = nodes.length * this.o.size;
+    const agentsCpuMs = nodes.reduce((sum, node) => sum + this.cpuMs(node.agent.pid, start, end), 0);
+    const sample: Sample = {
+      round,
+      ms: end - start,
+      mbps: bytes / 1e6 / ((end - start) / 1000),
+      senderCpuPerGb: this.cpuMs(side.controller.pid, start, end) / 1000 / (bytes / 1e9),
+      receiverCpuPerGb: agentsCpuMs / 1000 / (bytes / 1e9),
+      rssBefore: this.sampler.rssAt(side.controller.pid, before),
+      rssPeak: this.sampler.peakRss(side.controller.pid, before, end),
+    };
+    for (const node of nodes) await this.waitState(side, node, ProvisionState.PROVISION_STATE_ACTIVE);
+    if (round === 0) for (const node of nodes) await this.verifyFile(node.disk, `${node.agent.label}'s disk`, this.image);
+    await this.undeploy(side, nodes);
     return sample;
+  }
+
+  /**
+   * The delta cases, in one sequence on the TLS node: a full deploy to an
+   * empty disk, a redeploy of the same image over it, then a deploy of the
+   * image with 1 % of its chunks changed. Undeploy (quick clean) runs between
+   * them as it would in a datacenter, so the chunks it zeroes travel again.
+   */
+  private async deltaOnce(round: number): Promise<[SampleName, Sample][]> {
+    const side = this.tls;
+    const node = side.node;
+    const delta = this.deltaImage!;
+    const asSample = (run: DeployRun): Sample => ({
+      ...this.sample(round, run.start, run.end, run.controllerCpuMs, run.agentCpuMs),
+      wireBytes: run.wireBytes,
+    });
+    const full = await this.deployTimed(side, node, IMAGE_NAME, true);
+    await this.undeploy(side, [node]);
+    const same = await this.deployTimed(side, node, IMAGE_NAME, false);
+    if (round === 0) await this.verifyFile(node.disk, `${node.agent.label}'s disk after a redeploy`, this.image);
+    await this.undeploy(side, [node]);
+    const changed = await this.deployTimed(side, node, DELTA_IMAGE_NAME, false);
+    if (round === 0) await this.verifyFile(node.disk, `${node.agent.label}'s disk after the 1 % changed image`, delta);
+    await this.undeploy(side, [node]);
+    return [
+      ['delta-full', asSample(full)],
+      ['delta-same', asSample(same)],
+      ['delta-1pct', asSample(changed)],
+    ];
+  }
+
+  /**
+   * The image with 1 % of its manifest chunks changed (one byte each, spread
+   * evenly), as a new build that differs in a few places.
+   */
+  private async writeChangedImage(path: string): Promise<ImageFile> {
+    const chunks = Math.ceil(this.o.size / MANIFEST_CHUNK_BYTES);
+    const changed = Math.max(1, Math.round(chunks / 100));
+    await copyFile(this.image.file, path);
+    const file = await open(path, 'r+');
+    try {
+      for (let k = 0; k < changed; k++) {
+        const chunk = Math.floor(((k + 0.5) * chunks) / changed);
+        const at = Math.min(this.o.size - 1, chunk * MANIFEST_CHUNK_BYTES + 4096);
+        const byte = Buffer.alloc(1);
+        await file.read(byte, 0, 1, at);
+        byte[0] = byte[0]! ^ 0xff;
+        await file.write(byte, 0, 1, at);
+      }
+    } finally {
+      await file.close();
+    }
+    const hash = createHash('sha256');
+    for await (const piece of fileChunks(path)) hash.update(piece);
+    return { file: path, size: this.o.size, sha256: hash.digest('hex') };
   }
 
   private async socketOnce(tls: boolean, round: number): Promise<Sample> {
@@ -558,7 +789,7 @@ http {
       'upload',
       [
         ...NODE_FLAGS,
-        METALCAST_BIN,
+        ...this.programs.metalcast,
         'image',
         'upload',
         this.image.file,
@@ -593,37 +824,37 @@ http {
   // ---------------------------------------------------------------------------
   // Helpers.
 
-  private async waitState(side: Side, state: ProvisionState): Promise<void> {
+  private async waitState(side: Side, target: BenchNode, state: ProvisionState): Promise<void> {
     const deadline = Date.now() + STATE_TIMEOUT_MS;
     for (;;) {
       let current = ProvisionState.PROVISION_STATE_UNSPECIFIED;
       let lastError = '';
       try {
-        const { node } = await side.operator.nodes.getNode({ node: side.name });
+        const { node } = await side.operator.nodes.getNode({ node: target.name });
         current = node?.provisionState ?? current;
         lastError = node?.lastError ?? '';
       } catch (error) {
         if (!(error instanceof ClientError && error.code === Status.UNAVAILABLE)) throw error;
       }
       if (current === state) return;
-      if (/FAILED/.test(ProvisionState[current] ?? '')) throw new Error(`node ${side.name} is ${ProvisionState[current]}: ${lastError}`);
-      if (Date.now() > deadline) throw new Error(`node ${side.name} not ${ProvisionState[state]} within ${STATE_TIMEOUT_MS / 1000}s`);
+      if (/FAILED/.test(ProvisionState[current] ?? '')) throw new Error(`node ${target.name} is ${ProvisionState[current]}: ${lastError}`);
+      if (Date.now() > deadline) throw new Error(`node ${target.name} not ${ProvisionState[state]} within ${STATE_TIMEOUT_MS / 1000}s`);
       await sleep(200);
     }
   }
 
   /** Hashes the first image-size bytes of a written disk: the agent's own check, checked from outside. */
-  private async verifyFile(path: string, what: string): Promise<void> {
+  private async verifyFile(path: string, what: string, image: ImageFile): Promise<void> {
     const hash = createHash('sha256');
     const file = await open(path, 'r');
     try {
-      for await (const chunk of file.createReadStream({ start: 0, end: this.o.size - 1, highWaterMark: 4 * MIB }))
+      for await (const chunk of file.createReadStream({ start: 0, end: image.size - 1, highWaterMark: 4 * MIB }))
         hash.update(chunk as Buffer);
     } finally {
       await file.close();
     }
     const digest = hash.digest('hex');
-    if (digest !== this.image.sha256) this.verifyFailed.push(`${what} hashes to ${digest.slice(0, 12)}…, not the image`);
+    if (digest !== image.sha256) this.verifyFailed.push(`${what} hashes to ${digest.slice(0, 12)}…, not the image`);
   }
 
   // ---------------------------------------------------------------------------
@@ -633,15 +864,17 @@ http {
     const o = this.o;
     const metrics: Record<string, number> = {};
     const rows = [['case', 'MB/s', 'min - max', 'sender CPU-s/GB', 'receiver CPU-s/GB']];
-    const labels: Record<CaseName, [string, string, string]> = {
+    const labels: Record<Exclude<CaseName, 'delta'>, [string, string, string]> = {
       'metalcast-tls': ['metalcast over TLS', 'controller', 'agent'],
       'tls-socket': ['TLS socket pair', 'sender', 'receiver'],
       'metalcast-plain': ['metalcast plaintext', 'controller', 'agent'],
       'net-socket': ['net socket pair', 'sender', 'receiver'],
       'nginx-requests': ['nginx + python3-requests', 'nginx', 'python'],
       'upload-tls': ['metalcast image upload, TLS', 'CLI', 'controller'],
+      'fleet-tls': [`metalcast over TLS, ${o.fleet} agents at once, aggregate`, 'controller', 'agents'],
     };
     for (const name of cases) {
+      if (name === 'delta') continue;
       const s = this.samples.get(name) ?? [];
       const key = name.replace(/-/g, '_');
       const m = median(s.map((x) => x.mbps));
@@ -662,7 +895,14 @@ http {
     for (const line of columns(rows, [false, true, true, true, true])) console.log(`    ${line}`);
 
     const pairedRows = [['paired ratio (same round)', 'median', 'min - max', 'bar']];
-    const pair = (label: string, key: string, over: CaseName, under: CaseName, bar: number | undefined, pick = (x: Sample) => x.mbps) => {
+    const pair = (
+      label: string,
+      key: string,
+      over: SampleName,
+      under: SampleName,
+      bar: number | undefined,
+      pick = (x: Sample) => x.mbps,
+    ) => {
       const a = this.samples.get(over);
       const b = this.samples.get(under);
       if (!a || !b) return;
@@ -714,8 +954,11 @@ http {
       (x) => x.receiverCpuPerGb,
     );
     pair('metalcast TLS / metalcast plaintext', 'tls_over_plain', 'metalcast-tls', 'metalcast-plain', undefined);
+    pair(`${o.fleet} agents at once (aggregate) / one agent, TLS`, 'fleet_over_one', 'fleet-tls', 'metalcast-tls', undefined);
     console.log('');
     for (const line of columns(pairedRows, [false, true, true, true])) console.log(`    ${line}`);
+    this.reportFleetMemory(metrics);
+    this.reportDelta(metrics);
     this.checks.push({
       name: 'every_copy_verified',
       ok: this.verifyFailed.length === 0,
@@ -724,6 +967,84 @@ http {
     const headline = `TLS ${fmt(metrics.metalcast_tls_mb_per_s ?? Number.NaN)} MB/s, ${fmtRatio(metrics.tls_over_socket_ratio)}× TLS socket, ${fmtRatio(metrics.tls_over_peer_ratio)}× nginx+requests`;
     return { headline, metrics, checks: this.checks };
   }
+
+  /** The fleet case's controller memory: before the deploys and at its peak, medians over rounds. */
+  private reportFleetMemory(metrics: Record<string, number>): void {
+    const s = this.samples.get('fleet-tls');
+    if (!s || s.length === 0) return;
+    const before = median(s.map((x) => x.rssBefore ?? Number.NaN));
+    const peak = median(s.map((x) => x.rssPeak ?? Number.NaN));
+    const bound = before + this.o.fleet * BARS.fleetRssPerAgentBytes;
+    metrics.fleet_controller_rss_before_mib = r1(before / MIB);
+    metrics.fleet_controller_rss_peak_mib = r1(peak / MIB);
+    console.log(
+      `\n    controller resident memory, ${this.o.fleet} agents at once: ${mib(before)} before, ${mib(peak)} at the peak (medians; bound ${mib(bound)})`,
+    );
+    this.checks.push({
+      name: 'fleet_controller_rss',
+      ok: peak <= bound,
+      detail: `controller peak RSS ${mib(peak)} with ${this.o.fleet} agents at once, started at ${mib(before)}; bound ${mib(bound)} (${mib(BARS.fleetRssPerAgentBytes)} per transfer)`,
+    });
+  }
+
+  /** The delta case: time and image bytes on the wire of a redeploy and of a 1 %-changed image, against the full deploy of the same round. */
+  private reportDelta(metrics: Record<string, number>): void {
+    const full = this.samples.get('delta-full');
+    if (!full || full.length === 0) return;
+    const rows = [['deploy (TLS)', 'seconds', 'image bytes on the wire', 'share of the image', 'time / full deploy']];
+    const kinds: [SampleName, string, string, number | undefined][] = [
+      ['delta-full', 'full, to an empty disk', 'full', undefined],
+      ['delta-same', 'the same image again', 'same', BARS.deltaSameWireShare],
+      ['delta-1pct', 'an image with 1 % of its chunks changed', 'changed', BARS.deltaChangedWireShare],
+    ];
+    for (const [name, label, key, bar] of kinds) {
+      const s = this.samples.get(name) ?? [];
+      const wire = median(s.map((x) => x.wireBytes ?? Number.NaN));
+      const share = wire / this.o.size;
+      const times = s.map((x) => x.ms / (full.find((f) => f.round === x.round)?.ms ?? Number.NaN));
+      const time = median(times);
+      rows.push([label, (median(s.map((x) => x.ms)) / 1000).toFixed(2), fmt(wire), `${(share * 100).toFixed(2)} %`, time.toFixed(3)]);
+      metrics[`delta_${key}_wire_share`] = Math.round(share * 1e5) / 1e5;
+      metrics[`delta_${key}_time_ratio`] = r3(time);
+      if (bar === undefined) continue;
+      this.checks.push({
+        name: `delta_${key}_wire_share`,
+        ok: share < bar,
+        detail: `${label}: ${(share * 100).toFixed(2)} % of the image on the wire (median), bar < ${bar * 100} %`,
+      });
+    }
+    console.log(`\n    delta, medians of ${full.length} rounds (time ratios paired with the full deploy of the same round):`);
+    for (const line of columns(rows, [false, true, true, true, true])) console.log(`    ${line}`);
+  }
+}
+
+// -----------------------------------------------------------------------------
+
+/** The command lines (after `node` and its flags) of the metalcast CLI and controller, and of the agent. */
+interface Programs {
+  metalcast: string[];
+  agent: string[];
+  what: string;
+}
+
+/**
+ * What the metalcast cases run. By default what operators run: the
+ * controller and CLI compiled by `npm run build` (plain Node.js, no tsx) and
+ * the agent bundle of `npm run package:agent` (what a ramdisk carries).
+ * Through tsx every module is compiled at start-up and its source map kept,
+ * which leaves a larger heap for each garbage collection to walk.
+ */
+async function programs(artifacts: boolean, dir: string): Promise<Programs> {
+  const override = process.env.BENCH_TRANSFER_METALCAST;
+  if (override) return { metalcast: [override], agent: [override, 'agent'], what: `${override} (BENCH_TRANSFER_METALCAST)` };
+  if (!artifacts) return { metalcast: [METALCAST], agent: [METALCAST, 'agent'], what: 'bin/metalcast.js through tsx (--artifacts 0)' };
+  const { outDir } = build();
+  const { bundle } = await packageAgent({ outDir: join(dir, 'agent-package'), sea: false });
+  return {
+    metalcast: [join(outDir, 'bin', 'metalcast.js')],
+    agent: [bundle.path],
+    what: `controller and CLI compiled (npm run build: ${join(outDir, 'bin', 'metalcast.js')}), agent packaged (${bundle.path})`,
+  };
 }
 
 // -----------------------------------------------------------------------------
@@ -792,5 +1113,6 @@ const fmtRatio = (x: number | undefined) => (x !== undefined && Number.isFinite(
 const size = (bytes: number) =>
   bytes >= GIB ? `${(bytes / GIB).toFixed(bytes % GIB === 0 ? 0 : 1)} GiB` : `${Math.round(bytes / MIB)} MiB`;
 const gib = (bytes: number) => `${(bytes / GIB).toFixed(1)} GiB`;
+const mib = (bytes: number) => `${Math.round(bytes / MIB)} MiB`;
 const r1 = (x: number) => (Number.isFinite(x) ? Math.round(x * 10) / 10 : -1);
 const r3 = (x: number) => (Number.isFinite(x) ? Math.round(x * 1000) / 1000 : -1);

@@ -41,6 +41,15 @@ import { Http2SubchannelCall } from '@grpc/grpc-js/build/src/subchannel-call.js'
  *    filter copies every request into a new buffer to put the frame header in
  *    front. A request registered with `markFramedRequest` carries room for
  *    it, and is sent as it is.
+ *
+ * 5. Tell when a server's response has been sent (`onResponseSent`), so that
+ *    the buffer a chunk was read into can be read into again (the
+ *    controller's chunk pool, common/read-image-codec.ts). grpc-js calls
+ *    sendMessage's callback from the HTTP/2 stream's write callback, and
+ *    Node's http2 completes a write only once every frame carrying its bytes
+ *    has been written to the socket (over TLS: encrypted into TLS's own
+ *    buffers): from then on nothing refers to the buffer. A failed write
+ *    never calls back, and its buffer is left to the garbage collector.
  */
 
 /** A hook that frames one kind of message in place, or returns undefined to leave it to grpc-js. */
@@ -156,6 +165,16 @@ class PartsDecoder {
 type SerializingCall = { serializeMessage(value: unknown): Buffer };
 type WindowedServer = { options: Record<string, unknown>; createHttp2Server(credentials: unknown): Http2Server | Http2SecureServer };
 
+/** Called with each response a server has finished sending (see 5. above); must not throw. */
+export type ResponseSentHook = (message: unknown) => void;
+
+const sentHooks: ResponseSentHook[] = [];
+
+/** Registers a hook told of every response once its bytes have been written out. */
+export function onResponseSent(hook: ResponseSentHook): void {
+  if (!sentHooks.includes(hook)) sentHooks.push(hook);
+}
+
 let installed = false;
 
 function install(): void {
@@ -174,6 +193,20 @@ function install(): void {
       if (framed !== undefined) return framed;
     }
     return serializeMessage.call(this, value);
+  };
+
+  const sendingPrototype = BaseServerInterceptingCall.prototype as unknown as {
+    sendMessage(message: unknown, callback: () => void): void;
+  };
+  const sendResponse = sendingPrototype.sendMessage;
+  if (typeof sendResponse !== 'function') {
+    throw new Error('@grpc/grpc-js has no BaseServerInterceptingCall.sendMessage: common/grpc-wire.ts needs updating for this version');
+  }
+  sendingPrototype.sendMessage = function sendAndTell(this: unknown, message: unknown, callback: () => void): void {
+    sendResponse.call(this, message, () => {
+      for (const hook of sentHooks) hook(message);
+      callback();
+    });
   };
 
   const serverPrototype = Server.prototype as unknown as WindowedServer;

@@ -19,7 +19,7 @@ import type {
   StatImageResponse,
 } from '../../gen/metalcast/v1/agent_gateway.js';
 import { DIGEST_BYTES, isZeroChunk } from '../../common/chunk-manifest.js';
-import { allocChunk } from '../../common/read-image-codec.js';
+import { ChunkPool } from '../../common/read-image-codec.js';
 import type { ControllerMetrics } from '../observability/metrics.js';
 import { authenticateAgent } from '../services/agent-auth.js';
 import type { ImageRecord, NodeRecord, Store } from '../store/store.js';
@@ -62,6 +62,8 @@ export function createImageServer(deps: ImageServerDeps) {
   let active = 0;
   let stopping = false;
   const zeroChunk = Buffer.alloc(deps.chunkSize);
+  const chunks = new ChunkPool(deps.chunkSize);
+  const takeChunk = (length: number) => chunks.take(length);
 
   async function authorise(context: CallContext, imageName: string): Promise<{ node: NodeRecord; image: ImageRecord }> {
     validateImageName(imageName, 'image');
@@ -158,10 +160,11 @@ export function createImageServer(deps: ImageServerDeps) {
     let offset = request.offset;
     let result = 'error';
     try {
-      // A fresh buffer per chunk (allocChunk, which the fast codec frames in place): grpc-js queues
-      // written messages unserialised while the reader is behind (up to its high-water mark), so a
-      // buffer handed to yield must never be reused. The next chunk is read while this one is sent.
-      for await (const chunk of blob.chunks(offset, end, deps.chunkSize, allocChunk)) {
+      // Buffers from the pool (allocChunk's, which the fast codec frames in place). grpc-js queues written
+      // messages unserialised while the reader is behind (up to its high-water mark), so a buffer handed to
+      // yield comes back to the pool only once its response has been sent. The next chunk is read while this
+      // one is sent.
+      for await (const chunk of blob.chunks(offset, end, deps.chunkSize, takeChunk)) {
         const length = chunk.length;
         const chunkOffset = offset;
         offset += length;
@@ -170,6 +173,7 @@ export function createImageServer(deps: ImageServerDeps) {
           throw unavailable('the controller is shutting down; resume from this offset with another controller or after the restart');
         const zero = chunk.equals(length === deps.chunkSize ? zeroChunk : zeroChunk.subarray(0, length));
         metrics.imageBytesServed.inc(length);
+        if (zero) chunks.giveBack(chunk); // not sent: only its length travels
         yield { offset: chunkOffset, length, zero, data: zero ? EMPTY : chunk };
       }
       if (timedOut.signal.aborted) {

@@ -6,7 +6,7 @@ import { BaseServerInterceptingCall } from '@grpc/grpc-js/build/src/server-inter
 import { createChannel, createClient, createServer, type Server } from 'nice-grpc';
 import { clientChannelOptions, serverChannelOptions } from '../../common/grpc-options.js';
 import { partsMessage } from '../../common/grpc-wire.js';
-import { allocChunk, chunkParts, FastAgentGatewayServiceDefinition } from '../../common/read-image-codec.js';
+import { allocChunk, ChunkPool, chunkParts, FastAgentGatewayServiceDefinition } from '../../common/read-image-codec.js';
 import { allocUploadChunk, FastImageServiceDefinition } from '../../common/upload-image-codec.js';
 import { UploadImageRequest } from '../../gen/metalcast/v1/image.js';
 import { CompressionFilter } from '@grpc/grpc-js/build/src/compression-filter.js';
@@ -104,6 +104,9 @@ describe('grpc-js overrides (common/grpc-wire.ts)', () => {
     let server: Server;
     let address = '';
     const chunks = [chunk(3.5 * MIB), chunk(MIB), chunk(1)];
+    /** The pooled case: POOLED chunks of 256 KiB, chunk n filled with the byte n, from a pool that keeps 2. */
+    const POOLED = 40;
+    const pool = new ChunkPool(256 * 1024, 2);
     before(async () => {
       server = createServer(serverChannelOptions(keepalive));
       server.add(FastAgentGatewayServiceDefinition, {
@@ -112,8 +115,16 @@ describe('grpc-js overrides (common/grpc-wire.ts)', () => {
           throw new Error('unused');
         },
         statImage: () => Promise.reject(new Error('unused')),
-        async *readImage() {
+        async *readImage(request) {
           let offset = 0;
+          if (request.image === 'pooled') {
+            for (let n = 0; n < POOLED; n++) {
+              const data = pool.take(pool.chunkSize).fill(n);
+              yield { offset, data, length: data.length, zero: false };
+              offset += data.length;
+            }
+            return;
+          }
           for (const data of chunks) {
             yield { offset, data, length: data.length, zero: false };
             offset += data.length;
@@ -129,6 +140,24 @@ describe('grpc-js overrides (common/grpc-wire.ts)', () => {
       address = `127.0.0.1:${await server.listen('127.0.0.1:0')}`;
     });
     after(() => server.forceShutdown());
+
+    it('reads into a pooled chunk buffer again only once its response has been sent: a slow reader gets every chunk intact', async () => {
+      const channel = createChannel(address, undefined, clientChannelOptions(keepalive));
+      try {
+        const client = createClient(FastAgentGatewayServiceDefinition, channel);
+        let n = 0;
+        for await (const message of client.readImage({ image: 'pooled', offset: 0, length: 0 })) {
+          assert.ok(Buffer.from(message.data).equals(Buffer.alloc(pool.chunkSize, n)), `chunk ${n} holds its own bytes`);
+          n++;
+          // A slow reader: the server's queue and the HTTP/2 window fill while buffers come back.
+          if (n % 4 === 0) await new Promise((resolve) => setTimeout(resolve, 25));
+        }
+        assert.equal(n, POOLED);
+        assert.ok(pool.allocated < POOLED, `${pool.allocated} buffers allocated for ${POOLED} chunks: none was read into again`);
+      } finally {
+        channel.close();
+      }
+    });
 
     for (const [label, definition] of [
       ['the generated codec', AgentGatewayServiceDefinition],

@@ -962,16 +962,12 @@ class TransferBench {
 
 /** Random data into the controller's data directory through ImageFiles (hashed, fsynced, renamed), and its database row. */
 async function seedRandomImage(dataDir: string, bytes: number): Promise<{ sha256: string; size: number; blob: string }> {
-  const block = Buffer.allocUnsafe(4 * MIB);
   return seedImage(
     dataDir,
     IMAGE_NAME,
     (function* () {
-      for (let at = 0; at < bytes; at += block.length) {
-        const part = block.subarray(0, Math.min(block.length, bytes - at));
-        randomFillSync(part);
-        yield part;
-      }
+      // A new buffer per part: ImageFiles.receive still writes a chunk while the next ones are hashed.
+      for (let at = 0; at < bytes; at += 4 * MIB) yield randomFillSync(Buffer.allocUnsafe(Math.min(4 * MIB, bytes - at)));
     })(),
   );
 }

@@ -24,8 +24,9 @@ export interface ReceivedContent {
 /** A blob open for reading; garbage collection leaves it alone until close(). */
 export interface BlobReader {
   /**
-   * The bytes [from, end) in chunks of at most `chunkSize`, each in a fresh
-   * buffer from `alloc` (a consumer may keep or queue it). The next chunk is
+   * The bytes [from, end) in chunks of at most `chunkSize`, each in a buffer
+   * from `alloc` (a new one each time, or one the consumer has given back to
+   * its pool: a consumer may keep or queue it until then). The next chunk is
    * read while the consumer handles the current one, so that the disk and
    * the network overlap. Throws {@link ShortBlobError} when the file ends early.
    */
@@ -123,7 +124,11 @@ export class ImageFiles {
     );
   }
 
-  /** Stores content from a stream of chunks; throws MetalcastError (INVALID_ARGUMENT) on a mismatch. */
+  /**
+   * Stores content from a stream of chunks; throws MetalcastError (INVALID_ARGUMENT) on a mismatch.
+   * Up to RECEIVE_WRITES_IN_FLIGHT chunks are being written while the next ones are hashed, so a
+   * source must not reuse a chunk's memory once it has yielded it.
+   */
   async receive(source: AsyncIterable<Uint8Array> | Iterable<Uint8Array>, options: ReceiveOptions = {}): Promise<ReceivedContent> {
     const temp = this.tempPath();
     const file = await open(temp, 'w');
@@ -134,6 +139,15 @@ export class ImageFiles {
     let size = 0;
     let committed = false;
     let converted: string | undefined;
+    // Positional writes, a few in flight: waiting for each write before taking the next chunk left the
+    // hashing idle for every write, and the sender's window waiting behind both (an upload ran at 0.55x
+    // a TLS socket's speed).
+    const writes = new Set<Promise<void>>();
+    let writeFailure: { error: unknown } | undefined;
+    const settleWrites = async () => {
+      await Promise.all(writes);
+      if (writeFailure) throw writeFailure.error;
+    };
     try {
       for await (const chunk of source) {
         options.signal?.throwIfAborted();
@@ -147,12 +161,20 @@ export class ImageFiles {
         if (builder) builder.update(chunk);
         else sha256?.update(chunk);
         extra?.update(chunk);
-        let written = 0;
-        while (written < chunk.byteLength) {
-          const { bytesWritten } = await file.write(chunk, written, chunk.byteLength - written);
-          written += bytesWritten;
-        }
+        while (writes.size >= RECEIVE_WRITES_IN_FLIGHT) await Promise.race(writes);
+        if (writeFailure) throw writeFailure.error;
+        const write: Promise<void> = writeFullyAt(file, chunk, size - chunk.byteLength).then(
+          () => {
+            writes.delete(write);
+          },
+          (error: unknown) => {
+            writes.delete(write);
+            writeFailure ??= { error };
+          },
+        );
+        writes.add(write);
       }
+      await settleWrites();
       const built = builder?.finish();
       const digest = built ? built.sha256 : (sha256 as Hash).digest('hex');
       if (options.expectedSize !== undefined && options.expectedSize > 0 && size !== options.expectedSize) {
@@ -201,6 +223,7 @@ export class ImageFiles {
       return { sha256: keep.sha256, sizeBytes: keep.sizeBytes, release, format, manifest };
     } finally {
       if (!committed) {
+        await Promise.all(writes); // settled, never rejected: nothing may still write into the file removed below
         await file.close().catch(() => {});
         await rm(temp, { force: true });
         if (converted) await rm(converted, { force: true });
@@ -284,6 +307,17 @@ export class ImageFiles {
   /** Blobs on disk, for consistency checks. */
   async list(): Promise<string[]> {
     return (await readdir(this.blobs)).filter((name) => /^[0-9a-f]{64}$/.test(name));
+  }
+}
+
+/** Chunks of a received content being written at once (each pins its chunk: 4 MiB at the CLI's 1 MiB messages). */
+const RECEIVE_WRITES_IN_FLIGHT = 4;
+
+async function writeFullyAt(file: FileHandle, chunk: Uint8Array, position: number): Promise<void> {
+  let written = 0;
+  while (written < chunk.byteLength) {
+    const { bytesWritten } = await file.write(chunk, written, chunk.byteLength - written, position + written);
+    written += bytesWritten;
   }
 }
 

@@ -51,17 +51,24 @@ export function allocChunk(length: number): Buffer {
  * has been sent (grpc-wire's onResponseSent: its bytes are written out, so
  * nothing refers to it any more) or with `giveBack` when it is not sent at
  * all. A response whose write failed never comes back: the collector takes
- * it, and the pool allocates another. At most `keep` buffers wait for reuse;
- * the ones in flight are bounded by grpc-js's queue per stream, as before.
+ * it, and the pool allocates another. The ones in flight are bounded by
+ * grpc-js's queue per stream (16 messages), as before. At most `keep` wait
+ * for reuse: enough for a stream's queue to come back whole (a pool of 8 still
+ * allocated 118 buffers for the 307 chunks of a GiB), and dropped after
+ * `idleMs` without a transfer, so that an idle controller does not hold them.
  */
 export class ChunkPool {
   private readonly free: Buffer[] = [];
   /** Buffers allocated (for tests and metrics: reuse shows as fewer allocations than chunks). */
   allocated = 0;
 
+  private lastUsed = 0;
+  private trimTimer: NodeJS.Timeout | undefined;
+
   constructor(
     readonly chunkSize: number,
-    private readonly keep = 8,
+    private readonly keep = 32,
+    private readonly idleMs = 10_000,
   ) {}
 
   /** A buffer for `length` bytes; only full-size ones are pooled (a last, shorter chunk is allocated alone). */
@@ -69,7 +76,25 @@ export class ChunkPool {
     if (length !== this.chunkSize) return allocChunk(length);
     const chunk = this.free.pop() ?? this.allocate();
     lent.set(chunk, this);
+    this.used();
     return chunk;
+  }
+
+  /** Buffers waiting for reuse. */
+  get idle(): number {
+    return this.free.length;
+  }
+
+  private used(): void {
+    this.lastUsed = Date.now();
+    this.trimTimer ??= setTimeout(() => this.trim(), this.idleMs).unref();
+  }
+
+  private trim(): void {
+    this.trimTimer = undefined;
+    const idleFor = Date.now() - this.lastUsed;
+    if (idleFor >= this.idleMs) this.free.length = 0;
+    else this.trimTimer = setTimeout(() => this.trim(), this.idleMs - idleFor).unref();
   }
 
   /** Returns a buffer that was taken and will not be sent (or has been). */
@@ -77,6 +102,7 @@ export class ChunkPool {
     if (lent.get(chunk) !== this) return;
     lent.delete(chunk);
     if (this.free.length < this.keep) this.free.push(chunk);
+    this.used();
   }
 
   private allocate(): Buffer {

@@ -182,7 +182,7 @@ export function createImageServer(deps: ImageServerDeps) {
         return;
       }
       result = context.signal.aborted ? 'cancelled' : 'ok';
-      log.info({ bytes: offset - request.offset, result }, 'image transfer ended');
+      log.info({ bytes: offset - request.offset, result, chunkBuffersAllocated: chunks.allocated }, 'image transfer ended');
     } catch (error) {
       throw explainShortBlob(error, image);
     } finally {

@@ -28,7 +28,6 @@ import {
   WRITES_IN_FLIGHT,
   WriteQueue,
   withRetries,
-  writeAllAt,
   writeFully,
 } from './disk-io.js';
 import { chunkParts } from '../../common/read-image-codec.js';
@@ -117,6 +116,7 @@ export async function writeImageByChunks(
       ...extra,
     });
 
+  const blocks = new BlockPool(WRITES_IN_FLIGHT + 1);
   const device = await open(target.devicePath, 'r+').catch((error: unknown) => {
     throw new Error(`opening ${target.devicePath} to write image '${target.image}' failed: ${describe(error)}`);
   });
@@ -221,9 +221,22 @@ export async function writeImageByChunks(
             if (message.offset !== offset || length === 0 || offset + length > range.end || (message.zero && length > zeros.length)) {
               throw new Error(`the controller sent a chunk at ${message.offset} of ${length} bytes where ${offset} was expected`);
             }
-            if (message.zero) parts.push(zeros.subarray(0, length));
+            // The received pieces are copied into a block used again once written: the HTTP/2 buffers they sit in
+            // are then garbage at once, not held until the disk write ends (the collector's cheap case), and the
+            // disk gets one buffer instead of a writev of ~220 pieces.
+            let block: Buffer | undefined;
+            if (message.zero) {
+              parts.push(zeros.subarray(0, length));
+            } else {
+              block = blocks.take(length);
+              let at = 0;
+              for (const part of parts) at += part.copy(block, at);
+              parts.length = 0;
+              parts.push(block.subarray(0, length));
+            }
             await writes.room();
-            writes.add(parts.length === 1 ? writeFully(device, parts[0] as Buffer, offset) : writeAllAt(device, parts, offset));
+            const written = writeFully(device, parts[0] as Buffer, offset);
+            writes.add(block ? written.finally(() => blocks.giveBack(block)) : written);
             receivedTotal += length;
             fromController += length;
             rate.add(length);
@@ -361,6 +374,22 @@ export async function writeImageByChunks(
     await device
       .close()
       .catch((error: unknown) => logger.warn({ err: error, device: target.devicePath }, 'closing the target disk failed'));
+  }
+}
+
+/** Buffers for received chunks, used again once written (at most `keep` wait); each at least 4 MiB. */
+class BlockPool {
+  private readonly free: Buffer[] = [];
+
+  constructor(private readonly keep: number) {}
+
+  take(length: number): Buffer {
+    const block = this.free.pop();
+    return block && block.length >= length ? block : Buffer.allocUnsafeSlow(Math.max(length, 4 * 1024 * 1024));
+  }
+
+  giveBack(block: Buffer): void {
+    if (this.free.length < this.keep) this.free.push(block);
   }
 }
 

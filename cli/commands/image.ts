@@ -121,23 +121,35 @@ async function uploadCommand(file: string, opts: { name: string; sha256?: string
       yield { part: { $case: 'header', value: { name: opts.name, sha256: opts.sha256 ?? '', sizeBytes: info.size } } };
       // Read to the end of the file, not to the size stat gave: a file that grew is refused by the size check.
       const handle = await open(file, 'r');
+      // Each chunk is read into the buffer it is sent from, with room for the frame (common/upload-image-codec.ts).
+      const readAt = async (position: number): Promise<Buffer> => {
+        const buffer = allocUploadChunk(UPLOAD_CHUNK_BYTES);
+        let filled = 0;
+        while (filled < buffer.length) {
+          const { bytesRead } = await handle.read(buffer, filled, buffer.length - filled, position + filled);
+          if (bytesRead === 0) break;
+          filled += bytesRead;
+        }
+        return filled === buffer.length ? buffer : buffer.subarray(0, filled);
+      };
+      // One read ahead: the next chunk comes off the disk while this one is hashed and sent. Its failure,
+      // should nothing await it any more (a cancelled upload), is handled here; it is thrown where awaited.
+      const readAhead = (position: number) => {
+        const read = readAt(position);
+        read.catch(() => {});
+        return read;
+      };
       try {
-        for (;;) {
-          // Each chunk is read into the buffer it is sent from, with room for the frame (common/upload-image-codec.ts).
-          const buffer = allocUploadChunk(UPLOAD_CHUNK_BYTES);
-          let filled = 0;
-          while (filled < buffer.length) {
-            const { bytesRead } = await handle.read(buffer, filled, buffer.length - filled, sent + filled);
-            if (bytesRead === 0) break;
-            filled += bytesRead;
-          }
-          if (filled === 0) break;
-          const chunk = filled === buffer.length ? buffer : buffer.subarray(0, filled);
+        let next: Promise<Buffer> | undefined = readAhead(0);
+        while (next) {
+          const chunk: Buffer = await next;
+          if (chunk.length === 0) break;
+          const last = chunk.length < UPLOAD_CHUNK_BYTES;
+          next = last ? undefined : readAhead(sent + chunk.length);
           hash.update(chunk);
-          sent += filled;
+          sent += chunk.length;
           progress.update(sent);
           yield { part: { $case: 'data', value: chunk } };
-          if (filled < buffer.length) break;
         }
       } finally {
         await handle.close();

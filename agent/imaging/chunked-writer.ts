@@ -26,10 +26,9 @@ import {
   type WriteImageOptions,
   type WriteImageTarget,
   WRITES_IN_FLIGHT,
-  WriteQueue,
   withRetries,
-  writeFully,
 } from './disk-io.js';
+import { WriteQueue, writeFully } from '../../common/positional-writes.js';
 import { chunkParts } from '../../common/read-image-codec.js';
 
 /**
@@ -216,7 +215,7 @@ export async function writeImageByChunks(
           for await (const message of source.read(target.image, range.offset, call.signal, range.end - range.offset)) {
             armStallTimer();
             // chunkParts, not message.data: reading `data` of a message received in parts joins them (a copy).
-            const parts: Buffer[] = message.zero ? [] : [...chunkParts(message)];
+            const parts = message.zero ? [] : chunkParts(message);
             const length = message.zero ? message.length : parts.reduce((sum, part) => sum + part.length, 0);
             if (message.offset !== offset || length === 0 || offset + length > range.end || (message.zero && length > zeros.length)) {
               throw new Error(`the controller sent a chunk at ${message.offset} of ${length} bytes where ${offset} was expected`);
@@ -224,32 +223,25 @@ export async function writeImageByChunks(
             // The received pieces are copied into a block used again once written: the HTTP/2 buffers they sit in
             // are then garbage at once, not held until the disk write ends (the collector's cheap case), and the
             // disk gets one buffer instead of a writev of ~220 pieces.
-            let block: Buffer | undefined;
-            if (message.zero) {
-              parts.push(zeros.subarray(0, length));
-            } else {
-              block = blocks.take(length);
+            const block = message.zero ? undefined : blocks.take(length);
+            if (block) {
               let at = 0;
               for (const part of parts) at += part.copy(block, at);
-              parts.length = 0;
-              parts.push(block.subarray(0, length));
             }
+            const data = block ? block.subarray(0, length) : zeros.subarray(0, length);
             await writes.room();
-            const written = writeFully(device, parts[0] as Buffer, offset);
+            const written = writeFully(device, data, offset);
             writes.add(block ? written.finally(() => blocks.giveBack(block)) : written);
             receivedTotal += length;
             fromController += length;
             rate.add(length);
-            // Hash the message's pieces chunk by chunk; a chunk is judged when its last byte arrives.
+            // Hash the message chunk by chunk; a chunk is judged when its last byte arrives.
             let at = 0;
-            let part = 0;
-            let inPart = 0;
             while (at < length) {
-              const data = parts[part] as Buffer;
               const index = Math.floor((offset + at) / manifest.chunkSize);
               const chunk = chunkRange(manifest, index);
               const within = offset + at - chunk.offset;
-              const take = Math.min(chunk.length - within, data.length - inPart);
+              const take = Math.min(chunk.length - within, length - at);
               let state = partial.get(index);
               if (within === 0) {
                 state = { hash: createHash('sha256'), received: 0 };
@@ -257,14 +249,9 @@ export async function writeImageByChunks(
               } else if (!state || state.received !== within) {
                 throw new Error(`chunk ${index} resumed at byte ${within} but ${state?.received ?? 0} were received`);
               }
-              state.hash.update(data.subarray(inPart, inPart + take));
+              state.hash.update(data.subarray(at, at + take));
               state.received += take;
               at += take;
-              inPart += take;
-              if (inPart === data.length) {
-                part++;
-                inPart = 0;
-              }
               if (state.received < chunk.length) continue;
               partial.delete(index);
               const digest = state.hash.digest();

@@ -19,6 +19,7 @@
  */
 import { createHash } from 'node:crypto';
 import { type FileHandle, open } from 'node:fs/promises';
+import { writeFully } from '../common/positional-writes.js';
 
 const [imagePath, targetPath, sizeArg, blockArg, startAtArg] = process.argv.slice(2);
 if (!imagePath || !targetPath || !sizeArg || !blockArg) {
@@ -36,14 +37,6 @@ async function readFully(file: FileHandle, buffer: Buffer, length: number, posit
     got += bytesRead;
   }
   return buffer.subarray(0, length);
-}
-
-async function writeFully(file: FileHandle, data: Buffer, position: number): Promise<void> {
-  let written = 0;
-  while (written < data.length) {
-    const { bytesWritten } = await file.write(data, written, data.length - written, position + written);
-    written += bytesWritten;
-  }
 }
 
 const source = await open(imagePath, 'r');

@@ -14,7 +14,8 @@ import {
   PeerFailureKind,
   PeerChunkServiceDefinition,
 } from '../../gen/metalcast/v1/fanout.js';
-import { isDiskError, writeFully } from '../imaging/disk-io.js';
+import { writeFully } from '../../common/positional-writes.js';
+import { isDiskError } from '../imaging/disk-io.js';
 import type { ChunkShare } from './chunk-share.js';
 import type { FanoutHook } from './fanout-hook.js';
 import type { TokenBucket } from './token-bucket.js';

@@ -19,11 +19,10 @@ import {
   type WriteImageOptions,
   type WriteImageTarget,
   WRITES_IN_FLIGHT,
-  WriteQueue,
   withRetries,
   writeAllAt,
-  writeFully,
 } from './disk-io.js';
+import { WriteQueue, writeFully } from '../../common/positional-writes.js';
 
 // What callers of writeImage import from here.
 export { DEFAULT_WRITE_OPTIONS, type WriteImageOptions, type WriteImageTarget } from './disk-io.js';

@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { Status } from 'nice-grpc-common';
 import { type ChunkManifest, ManifestBuilder } from '../../common/chunk-manifest.js';
 import { MetalcastError } from '../../common/errors.js';
+import { WriteQueue, writeFully } from '../../common/positional-writes.js';
 import type { ImageFormatInfo, PreparedImage } from './formats/prepare.js';
 
 export interface ReceivedContent {
@@ -142,12 +143,7 @@ export class ImageFiles {
     // Positional writes, a few in flight: waiting for each write before taking the next chunk left the
     // hashing idle for every write, and the sender's window waiting behind both (an upload ran at 0.55x
     // a TLS socket's speed).
-    const writes = new Set<Promise<void>>();
-    let writeFailure: { error: unknown } | undefined;
-    const settleWrites = async () => {
-      await Promise.all(writes);
-      if (writeFailure) throw writeFailure.error;
-    };
+    const writes = new WriteQueue(RECEIVE_WRITES_IN_FLIGHT);
     try {
       for await (const chunk of source) {
         options.signal?.throwIfAborted();
@@ -161,20 +157,10 @@ export class ImageFiles {
         if (builder) builder.update(chunk);
         else sha256?.update(chunk);
         extra?.update(chunk);
-        while (writes.size >= RECEIVE_WRITES_IN_FLIGHT) await Promise.race(writes);
-        if (writeFailure) throw writeFailure.error;
-        const write: Promise<void> = writeFullyAt(file, chunk, size - chunk.byteLength).then(
-          () => {
-            writes.delete(write);
-          },
-          (error: unknown) => {
-            writes.delete(write);
-            writeFailure ??= { error };
-          },
-        );
-        writes.add(write);
+        await writes.room();
+        writes.add(writeFully(file, chunk, size - chunk.byteLength));
       }
-      await settleWrites();
+      await writes.all();
       const built = builder?.finish();
       const digest = built ? built.sha256 : (sha256 as Hash).digest('hex');
       if (options.expectedSize !== undefined && options.expectedSize > 0 && size !== options.expectedSize) {
@@ -223,7 +209,7 @@ export class ImageFiles {
       return { sha256: keep.sha256, sizeBytes: keep.sizeBytes, release, format, manifest };
     } finally {
       if (!committed) {
-        await Promise.all(writes); // settled, never rejected: nothing may still write into the file removed below
+        await writes.all().catch(() => {}); // nothing may still write into the file removed below
         await file.close().catch(() => {});
         await rm(temp, { force: true });
         if (converted) await rm(converted, { force: true });
@@ -312,14 +298,6 @@ export class ImageFiles {
 
 /** Chunks of a received content being written at once (each pins its chunk: 4 MiB at the CLI's 1 MiB messages). */
 const RECEIVE_WRITES_IN_FLIGHT = 4;
-
-async function writeFullyAt(file: FileHandle, chunk: Uint8Array, position: number): Promise<void> {
-  let written = 0;
-  while (written < chunk.byteLength) {
-    const { bytesWritten } = await file.write(chunk, written, chunk.byteLength - written, position + written);
-    written += bytesWritten;
-  }
-}
 
 async function* readChunks(
   file: FileHandle,

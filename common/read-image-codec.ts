@@ -80,11 +80,6 @@ export class ChunkPool {
     return chunk;
   }
 
-  /** Buffers waiting for reuse. */
-  get idle(): number {
-    return this.free.length;
-  }
-
   private used(): void {
     this.lastUsed = Date.now();
     this.trimTimer ??= setTimeout(() => this.trim(), this.idleMs).unref();

@@ -182,7 +182,8 @@ export function createImageServer(deps: ImageServerDeps) {
         return;
       }
       result = context.signal.aborted ? 'cancelled' : 'ok';
-      log.info({ bytes: offset - request.offset, result, chunkBuffersAllocated: chunks.allocated }, 'image transfer ended');
+      // chunkPoolAllocations: buffers the controller's chunk pool has allocated since start, all transfers together.
+      log.info({ bytes: offset - request.offset, result, chunkPoolAllocations: chunks.allocated }, 'image transfer ended');
     } catch (error) {
       throw explainShortBlob(error, image);
     } finally {

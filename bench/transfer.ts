@@ -577,17 +577,8 @@ http {
       action: ProvisionAction.PROVISION_ACTION_DEPLOY,
       deploy: { image, target: undefined },
     });
-    const startLine = await node.agent.waitFor((l) => typeof l.msg === 'string' && l.msg.startsWith('writing image'), TIMEOUT_MS, from);
-    const endLine = await node.agent.waitFor(
-      (l) => String(l.msg).startsWith('image written and verified') || l.msg === 'command failed',
-      TIMEOUT_MS,
-      from,
-    );
-    if (!String(endLine.msg).startsWith('image written and verified'))
-      throw new Error(`${node.agent.label}: write_image failed: ${String(endLine.error)}`);
+    const { start, end, endLine } = await writeWindow(node, from);
     this.sampler.sampleAll();
-    const start = lineTime(startLine);
-    const end = lineTime(endLine);
     await this.waitState(side, node, ProvisionState.PROVISION_STATE_ACTIVE);
     return {
       start,
@@ -632,19 +623,7 @@ http {
         }),
       ),
     );
-    const windows = await Promise.all(
-      nodes.map(async (node, i) => {
-        const startLine = await node.agent.waitFor((l) => String(l.msg).startsWith('writing image'), TIMEOUT_MS, froms[i]);
-        const endLine = await node.agent.waitFor(
-          (l) => String(l.msg).startsWith('image written and verified') || l.msg === 'command failed',
-          TIMEOUT_MS,
-          froms[i],
-        );
-        if (!String(endLine.msg).startsWith('image written and verified'))
-          throw new Error(`${node.agent.label}: write_image failed: ${String(endLine.error)}`);
-        return { start: lineTime(startLine), end: lineTime(endLine) };
-      }),
-    );
+    const windows = await Promise.all(nodes.map((node, i) => writeWindow(node, froms[i] as number)));
     this.sampler.sampleAll();
     const start = Math.min(...windows.map((w) => w.start));
     const end = Math.max(...windows.map((w) => w.end));
@@ -1029,6 +1008,23 @@ http {
 }
 
 // -----------------------------------------------------------------------------
+
+/**
+ * When the agent wrote the image, from its own log after line `from`: its
+ * 'writing image' start line (after StatImage) to 'image written and
+ * verified' (after the fsync). Throws when write_image failed.
+ */
+async function writeWindow(node: BenchNode, from: number): Promise<{ start: number; end: number; endLine: LogLine }> {
+  const startLine = await node.agent.waitFor((l) => String(l.msg).startsWith('writing image'), TIMEOUT_MS, from);
+  const endLine = await node.agent.waitFor(
+    (l) => String(l.msg).startsWith('image written and verified') || l.msg === 'command failed',
+    TIMEOUT_MS,
+    from,
+  );
+  if (!String(endLine.msg).startsWith('image written and verified'))
+    throw new Error(`${node.agent.label}: write_image failed: ${String(endLine.error)}`);
+  return { start: lineTime(startLine), end: lineTime(endLine), endLine };
+}
 
 /** The command lines (after `node` and its flags) of the metalcast CLI and controller, and of the agent. */
 interface Programs {

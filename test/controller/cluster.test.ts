@@ -67,13 +67,37 @@ describe('three controllers sharing one PostgreSQL database', { skip: await post
   const eventsOf = async (name: string) => (await (alive()[0] as ControllerProcess).nodes.listNodeEvents({ node: name })).events;
 
   async function waitForAll(states: Set<ProvisionState>, what: string, timeoutMs: number): Promise<Node[]> {
-    return eventually(
-      async () => {
-        const nodes = await Promise.all(Array.from({ length: NODES }, (_, i) => nodeState(`n${i}`)));
-        return nodes.every((n) => n && states.has(n.provisionState)) ? (nodes as Node[]) : undefined;
-      },
-      { timeoutMs, intervalMs: 250, what },
-    );
+    let last: (Node | undefined)[] = [];
+    try {
+      return await eventually(
+        async () => {
+          last = await Promise.all(Array.from({ length: NODES }, (_, i) => nodeState(`n${i}`)));
+          return last.every((n) => n && states.has(n.provisionState)) ? (last as Node[]) : undefined;
+        },
+        { timeoutMs, intervalMs: 250, what },
+      );
+    } catch (error) {
+      // Say which nodes are stuck and what their agents and the controllers logged about them:
+      // a failure here is otherwise one line with nothing to go on.
+      const stuck = last.flatMap((n, i) => (n && states.has(n.provisionState) ? [] : [i]));
+      const report = stuck.map((i) => {
+        const node = last[i];
+        const agentTail = (agents[i]?.logs ?? []).slice(-12).map((l) => JSON.stringify(l));
+        const controllerLines = alive()
+          .flatMap((c) => c.logs)
+          .filter((l) => l.nodeName === `n${i}` || (node && (l.node === node.uuid || l.nodeUuid === node.uuid)))
+          .slice(-12)
+          .map((l) => JSON.stringify(l));
+        return [
+          `n${i}: ${node ? `${ProvisionState[node.provisionState]} (${node.lastError || 'no error'})` : 'not found'}`,
+          '  agent:',
+          ...agentTail.map((l) => `    ${l}`),
+          '  controllers:',
+          ...controllerLines.map((l) => `    ${l}`),
+        ].join('\n');
+      });
+      throw new Error(`${(error as Error).message}; stuck: ${stuck.map((i) => `n${i}`).join(', ')}\n${report.join('\n')}`);
+    }
   }
 
   it('deploys 30 nodes, survives a kill -9 of one controller mid-deploy without overlaps, and takes the restarted one back into the ring', {
@@ -113,6 +137,11 @@ describe('three controllers sharing one PostgreSQL database', { skip: await post
       Array.from({ length: NODES }, (_, i) => uniqueFakeMachine(join(dirs.path, `m${i}`), 700 + i)),
     );
     for (const machine of machines) agents.push(spawnAgent({ controller: addresses, root: machine.root, 'log-level': 'info' }));
+    // Thirty agent processes take many seconds to start on a small CI machine. A node enrolled before its
+    // agent runs would count that start-up against its 20 s heartbeat timeout and fail its cleaning: wait
+    // until every agent is up and looking, as a booted ramdisk would be.
+    await Promise.all(agents.map((agent) => agent.waitForLog((l) => l.msg === 'agent API listening', 120_000)));
+    mark('every agent started');
 
     // Enrol through every controller in turn, then make them available through real cleaning.
     for (const [i, machine] of machines.entries()) {

@@ -3,9 +3,10 @@ import { Server } from '@grpc/grpc-js';
 import { CompressionFilter } from '@grpc/grpc-js/build/src/compression-filter.js';
 import { BaseServerInterceptingCall } from '@grpc/grpc-js/build/src/server-interceptors.js';
 import { Http2SubchannelCall } from '@grpc/grpc-js/build/src/subchannel-call.js';
+import { PooledRequestDecoder } from './pooled-request-decoder.js';
 
 /**
- * Two small overrides of @grpc/grpc-js (1.14), installed once when this
+ * Small overrides of @grpc/grpc-js (1.14), installed once when this
  * module is imported, for the bulk paths (ReadImage, UploadImage). Both are
  * documented in docs/transfer.md and checked by test/common/grpc-wire.test.ts,
  * which fails if a grpc-js upgrade moves what they hook.
@@ -50,6 +51,22 @@ import { Http2SubchannelCall } from '@grpc/grpc-js/build/src/subchannel-call.js'
  *    has been written to the socket (over TLS: encrypted into TLS's own
  *    buffers): from then on nothing refers to the buffer. A failed write
  *    never calls back, and its buffer is left to the garbage collector.
+ *
+ * 6. Receive a large request into a pooled buffer (uploads). For a method
+ *    registered with `receiveRequestsIntoPool`, the server call's decoder is
+ *    a PooledRequestDecoder (common/pooled-request-decoder.ts): the same one
+ *    copy as grpc-js's Buffer.concat, into a buffer the handler gives back
+ *    once written, instead of a fresh MiB per MiB uploaded.
+ *
+ * 7. Tell when a pre-framed request (4. above) has been written out
+ *    (`onFramedRequestSent`), so that the client can read the next chunk of
+ *    the file into it (the CLI's upload pool). Told from the HTTP/2 stream's
+ *    write callback, as in 5. Sound only where grpc-js cannot send the
+ *    message again: its retrying call keeps a request for a retry only while
+ *    the call is uncommitted and the request fits the per-call retry buffer
+ *    (256 KiB); a larger request commits the call before it is sent, and a
+ *    committed call is never retried. So only requests of more than 256 KiB
+ *    are told, and only after a write that did not fail.
  */
 
 /** A hook that frames one kind of message in place, or returns undefined to leave it to grpc-js. */
@@ -78,6 +95,19 @@ const framedRequests = new WeakSet<ArrayBufferLike>();
  */
 export function markFramedRequest(buffer: ArrayBuffer): void {
   framedRequests.add(buffer);
+}
+
+/** grpc-js's default 'grpc.per_rpc_retry_buffer_size': a request larger than this is never sent twice (see 7.). */
+const RETRY_BUFFER_BYTES = 256 * 1024;
+
+/** Called with a pre-framed request's ArrayBuffer once it has been written out; must not throw. */
+export type RequestSentHook = (buffer: ArrayBufferLike) => void;
+
+const requestSentHooks: RequestSentHook[] = [];
+
+/** Registers a hook told of every pre-framed request larger than the retry buffer once its bytes are written. */
+export function onFramedRequestSent(hook: RequestSentHook): void {
+  if (!requestSentHooks.includes(hook)) requestSentHooks.push(hook);
 }
 
 const PARTS = Symbol('metalcast.grpcMessageParts');
@@ -160,6 +190,13 @@ class PartsDecoder {
     if (this.size < PARTS_MIN_BYTES || this.header[0] !== 0) return Buffer.concat([Buffer.from(this.header), ...parts], this.size + 5);
     return { [PARTS]: true, length: this.size, parts };
   }
+}
+
+const pooledRequestPaths = new Set<string>();
+
+/** Requests of this method ('/package.Service/Method') are received into pooled buffers (see 6. above). */
+export function receiveRequestsIntoPool(path: string): void {
+  pooledRequestPaths.add(path);
 }
 
 type SerializingCall = { serializeMessage(value: unknown): Buffer };
@@ -245,6 +282,47 @@ function install(): void {
         const path = this.http2Stream?.sentHeaders?.[':path'];
         const inParts = typeof path === 'string' && partsPaths.has(path) && typeof decoder.maxReadMessageLength === 'number';
         this[DECODER] = inParts ? new PartsDecoder(decoder.maxReadMessageLength as number) : decoder;
+      },
+    });
+  }
+  type SendingSubchannelCall = {
+    http2Stream: ClientHttp2Stream;
+    sendMessageWithContext(context: { callback?: () => void; flags?: number }, message: Buffer): void;
+  };
+  const subchannelPrototype = Http2SubchannelCall.prototype as unknown as SendingSubchannelCall;
+  const sendOnStream = subchannelPrototype.sendMessageWithContext;
+  if (typeof sendOnStream !== 'function') {
+    throw new Error('@grpc/grpc-js has no Http2SubchannelCall.sendMessageWithContext: common/grpc-wire.ts needs updating for this version');
+  }
+  subchannelPrototype.sendMessageWithContext = function sendAndTellClient(this: SendingSubchannelCall, context, message) {
+    const told = message.length > RETRY_BUFFER_BYTES && requestSentHooks.length > 0 && framedRequests.has(message.buffer);
+    if (!told) return sendOnStream.call(this, context, message);
+    sendOnStream.call(
+      this,
+      {
+        ...context,
+        callback: () => {
+          // grpc-js calls back after a failed write too (having ended the call): then the buffer is left alone.
+          if (!this.http2Stream.destroyed) for (const hook of requestSentHooks) hook(message.buffer);
+          context.callback?.();
+        },
+      },
+      message,
+    );
+  };
+
+  // The server call assigns `this.decoder` in its constructor, after `this.handler`: the same accessor trick.
+  type ServerDecodingCall = { handler?: { path?: string }; [DECODER]?: unknown };
+  if (Object.getOwnPropertyDescriptor(BaseServerInterceptingCall.prototype, 'decoder') === undefined) {
+    Object.defineProperty(BaseServerInterceptingCall.prototype, 'decoder', {
+      configurable: true,
+      get(this: ServerDecodingCall) {
+        return this[DECODER];
+      },
+      set(this: ServerDecodingCall, decoder: { maxReadMessageLength?: number }) {
+        const path = this.handler?.path;
+        const pooled = typeof path === 'string' && pooledRequestPaths.has(path) && typeof decoder.maxReadMessageLength === 'number';
+        this[DECODER] = pooled ? new PooledRequestDecoder(decoder.maxReadMessageLength as number) : decoder;
       },
     });
   }

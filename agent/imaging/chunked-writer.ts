@@ -1,3 +1,4 @@
+import { BufferPool } from '../../common/buffer-pool.js';
 import { createHash, type Hash } from 'node:crypto';
 import { type FileHandle, open } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -115,7 +116,8 @@ export async function writeImageByChunks(
       ...extra,
     });
 
-  const blocks = new BlockPool(WRITES_IN_FLIGHT + 1);
+  // Buffers for received chunks, used again once written; 4 MiB holds a chunk message of the default size.
+  const blocks = new BufferPool({ keep: WRITES_IN_FLIGHT + 1, minBytes: 4 * 1024 * 1024 });
   const device = await open(target.devicePath, 'r+').catch((error: unknown) => {
     throw new Error(`opening ${target.devicePath} to write image '${target.image}' failed: ${describe(error)}`);
   });
@@ -361,22 +363,6 @@ export async function writeImageByChunks(
     await device
       .close()
       .catch((error: unknown) => logger.warn({ err: error, device: target.devicePath }, 'closing the target disk failed'));
-  }
-}
-
-/** Buffers for received chunks, used again once written (at most `keep` wait); each at least 4 MiB. */
-class BlockPool {
-  private readonly free: Buffer[] = [];
-
-  constructor(private readonly keep: number) {}
-
-  take(length: number): Buffer {
-    const block = this.free.pop();
-    return block && block.length >= length ? block : Buffer.allocUnsafeSlow(Math.max(length, 4 * 1024 * 1024));
-  }
-
-  giveBack(block: Buffer): void {
-    if (this.free.length < this.keep) this.free.push(block);
   }
 }
 

@@ -7,7 +7,7 @@ import { SingleBar } from 'cli-progress';
 import { type Command, InvalidArgumentError } from 'commander';
 import { ClientError, Status, waitForChannelReady } from 'nice-grpc';
 import { describeError } from '../../common/errors.js';
-import { allocUploadChunk } from '../../common/upload-image-codec.js';
+import { UploadChunkPool } from '../../common/upload-image-codec.js';
 import { type Image, ImageFormat, ImageState, type UploadImageRequest } from '../../gen/metalcast/v1/image.js';
 import { type OperatorClients, withClient } from '../client.js';
 import { registerImageMakeTestCommand } from './image-make-test.js';
@@ -121,9 +121,11 @@ async function uploadCommand(file: string, opts: { name: string; sha256?: string
       yield { part: { $case: 'header', value: { name: opts.name, sha256: opts.sha256 ?? '', sizeBytes: info.size } } };
       // Read to the end of the file, not to the size stat gave: a file that grew is refused by the size check.
       const handle = await open(file, 'r');
-      // Each chunk is read into the buffer it is sent from, with room for the frame (common/upload-image-codec.ts).
+      // Each chunk is read into the buffer it is sent from, with room for the frame, and that buffer is read
+      // into again once grpc-js has written it out (common/upload-image-codec.ts).
+      const chunks = new UploadChunkPool(UPLOAD_CHUNK_BYTES);
       const readAt = async (position: number): Promise<Buffer> => {
-        const buffer = allocUploadChunk(UPLOAD_CHUNK_BYTES);
+        const buffer = chunks.take(UPLOAD_CHUNK_BYTES);
         let filled = 0;
         while (filled < buffer.length) {
           const { bytesRead } = await handle.read(buffer, filled, buffer.length - filled, position + filled);

@@ -65,6 +65,11 @@ export interface ReceiveOptions {
    * {@link prepare}, which keeps it when it keeps the bytes as they are, as for a raw image).
    */
   manifestChunkSize?: number;
+  /**
+   * Told of each chunk of the source once this no longer reads it: hashed, and its disk write settled
+   * (also when the write failed). An upload gives its pooled receive buffer back here.
+   */
+  onConsumed?: (chunk: Uint8Array) => void;
 }
 
 /** What arrived, as {@link ReceiveOptions.prepare} sees it. */
@@ -158,7 +163,9 @@ export class ImageFiles {
         else sha256?.update(chunk);
         extra?.update(chunk);
         await writes.room();
-        writes.add(writeFully(file, chunk, size - chunk.byteLength));
+        const written = writeFully(file, chunk, size - chunk.byteLength);
+        const onConsumed = options.onConsumed;
+        writes.add(onConsumed ? written.finally(() => onConsumed(chunk)) : written);
       }
       await writes.all();
       const built = builder?.finish();

@@ -39,6 +39,7 @@ import {
 import { prepareImage } from '../images/formats/prepare.js';
 import { withManifest } from '../images/manifest/build.js';
 import { type ChunkManifest, DIGEST_BYTES } from '../../common/chunk-manifest.js';
+import { releaseRequestBuffer, requestPoolAllocations } from '../../common/pooled-request-decoder.js';
 import type { ImageRecord, NewImage, Store } from '../store/store.js';
 
 export interface ImageServiceDeps {
@@ -315,6 +316,8 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
           signal: context.signal,
           prepare: formats()(context.signal),
           manifestChunkSize: config.imageManifestChunkSize,
+          // Each data message lies in a pooled receive buffer (common/pooled-request-decoder.ts): used again once written.
+          onConsumed: releaseRequestBuffer,
         });
         try {
           image = await catalog.commit(name, content);
@@ -322,7 +325,16 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
         } finally {
           content.release();
         }
-        log.info({ sha256: image.sha256, sizeBytes: image.sizeBytes, seconds: (Date.now() - startedAt) / 1000 }, 'image uploaded');
+        log.info(
+          {
+            sha256: image.sha256,
+            sizeBytes: image.sizeBytes,
+            seconds: (Date.now() - startedAt) / 1000,
+            // The receive pool's buffers since start (all uploads): far fewer than messages received when reuse works.
+            receivePoolAllocations: requestPoolAllocations(),
+          },
+          'image uploaded',
+        );
         // Every controller on the database copies the content now.
         await announceImageReady(store, name, log);
         return { image: imageToProto(image, manifest) };

@@ -7,8 +7,9 @@ import { createChannel, createClient, createServer, type Server } from 'nice-grp
 import { clientChannelOptions, serverChannelOptions } from '../../common/grpc-options.js';
 import { partsMessage } from '../../common/grpc-wire.js';
 import { allocChunk, ChunkPool, chunkParts, FastAgentGatewayServiceDefinition } from '../../common/read-image-codec.js';
-import { allocUploadChunk, FastImageServiceDefinition } from '../../common/upload-image-codec.js';
-import { UploadImageRequest } from '../../gen/metalcast/v1/image.js';
+import { allocUploadChunk, FastImageServiceDefinition, UploadChunkPool } from '../../common/upload-image-codec.js';
+import { PooledRequestDecoder, releaseRequestBuffer, requestPoolAllocations } from '../../common/pooled-request-decoder.js';
+import { type ImageServiceImplementation, UploadImageRequest } from '../../gen/metalcast/v1/image.js';
 import { CompressionFilter } from '@grpc/grpc-js/build/src/compression-filter.js';
 import { AgentGatewayServiceDefinition, ReadImageResponse } from '../../gen/metalcast/v1/agent_gateway.js';
 
@@ -98,6 +99,104 @@ describe('grpc-js overrides (common/grpc-wire.ts)', () => {
     const short = { part: { $case: 'data' as const, value: data.subarray(0, 10) } };
     const plain = FastImageServiceDefinition.methods.uploadImage.requestType.encode(short).finish();
     assert.ok(Buffer.from(plain).equals(Buffer.from(UploadImageRequest.encode(short).finish())));
+  });
+
+  it("receives a request split anywhere into one pooled buffer per message, with grpc-js's limit and error text", () => {
+    const framed = (body: Buffer) => {
+      const out = Buffer.concat([Buffer.alloc(5), body]);
+      out.writeUInt32BE(body.length, 1);
+      return out;
+    };
+    const bodies = [randomBytes(300_000), Buffer.alloc(0), randomBytes(10), randomBytes(70_000)];
+    const wire = Buffer.concat(bodies.map(framed));
+    for (const step of [1, 3, 5, 16_384, 65_536, wire.length]) {
+      const decoder = new PooledRequestDecoder(-1);
+      const got: Buffer[] = [];
+      for (let at = 0; at < wire.length; at += step) got.push(...decoder.write(wire.subarray(at, at + step)));
+      assert.deepEqual(
+        got.map((m) => m.toString('hex')),
+        bodies.map((b) => framed(b).toString('hex')),
+        `fed ${step} bytes at a time`,
+      );
+      for (const message of got) releaseRequestBuffer(message);
+    }
+    const before = requestPoolAllocations();
+    for (let n = 0; n < 5; n++) {
+      const [message] = new PooledRequestDecoder(-1).write(framed(randomBytes(200_000)));
+      releaseRequestBuffer((message as Buffer).subarray(5));
+    }
+    assert.equal(requestPoolAllocations(), before, 'a released buffer is received into again');
+    assert.throws(
+      () => new PooledRequestDecoder(1000).write(framed(randomBytes(1001))),
+      /^Error: Received message larger than max \(1001 vs 1000\)$/,
+    );
+  });
+
+  describe('uploads over a real server', () => {
+    let server: Server;
+    let address = '';
+    /** CHUNKS chunks of 512 KiB (over grpc-js's 256 KiB retry buffer), chunk n filled with the byte n. */
+    const CHUNKS = 40;
+    const CHUNK_BYTES = 512 * 1024;
+    const received: { intact: boolean[]; allocationsBefore: number; allocationsAfter: number } = {
+      intact: [],
+      allocationsBefore: 0,
+      allocationsAfter: 0,
+    };
+    before(async () => {
+      server = createServer(serverChannelOptions(keepalive));
+      const unused = () => Promise.reject(new Error('unused'));
+      const implementation = Object.fromEntries(
+        Object.keys(FastImageServiceDefinition.methods).map((name) => [name, unused]),
+      ) as unknown as ImageServiceImplementation;
+      implementation.uploadImage = async (requests) => {
+        received.allocationsBefore = requestPoolAllocations();
+        let n = 0;
+        const writes: Promise<void>[] = [];
+        for await (const request of requests) {
+          if (request.part?.$case !== 'data') continue;
+          const data = request.part.value;
+          received.intact.push(Buffer.from(data).equals(Buffer.alloc(CHUNK_BYTES, n)));
+          n++;
+          // A slow disk: each buffer comes back a little later, as an upload's write settles.
+          writes.push(new Promise((resolve) => setTimeout(resolve, 10)).then(() => releaseRequestBuffer(data)));
+        }
+        await Promise.all(writes);
+        received.allocationsAfter = requestPoolAllocations();
+        return {};
+      };
+      server.add(FastImageServiceDefinition, implementation);
+      address = `127.0.0.1:${await server.listen('127.0.0.1:0')}`;
+    });
+    after(() => server.forceShutdown());
+
+    it('reads into a pooled upload chunk again only once it has been written out, and receives into pooled buffers: every chunk arrives intact', async () => {
+      const channel = createChannel(address, undefined, clientChannelOptions(keepalive));
+      const pool = new UploadChunkPool(CHUNK_BYTES, 4);
+      try {
+        const client = createClient(FastImageServiceDefinition, channel);
+        async function* requests(): AsyncGenerator<UploadImageRequest> {
+          yield { part: { $case: 'header', value: { name: 'pooled', sha256: '', sizeBytes: CHUNKS * CHUNK_BYTES } } };
+          for (let n = 0; n < CHUNKS; n++) {
+            yield { part: { $case: 'data', value: pool.take(CHUNK_BYTES).fill(n) } };
+            // Now and then the reader is ahead of the wire: buffers come back while others wait in grpc-js's queue.
+            if (n % 8 === 7) await new Promise((resolve) => setTimeout(resolve, 20));
+          }
+        }
+        await client.uploadImage(requests());
+        assert.equal(received.intact.length, CHUNKS);
+        assert.deepEqual(
+          received.intact.flatMap((ok, n) => (ok ? [] : [n])),
+          [],
+          'chunks whose bytes were overwritten before they were sent or handled',
+        );
+        assert.ok(pool.allocated < CHUNKS, `${pool.allocated} upload buffers allocated for ${CHUNKS} chunks: none was read into again`);
+        const serverAllocations = received.allocationsAfter - received.allocationsBefore;
+        assert.ok(serverAllocations < CHUNKS, `${serverAllocations} receive buffers for ${CHUNKS} messages: none was received into again`);
+      } finally {
+        channel.close();
+      }
+    });
   });
 
   describe('over a real server', () => {

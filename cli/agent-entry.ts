@@ -5,8 +5,10 @@
  * same options as `metalcast agent`.
  */
 import { Command } from 'commander';
+import { tuneHeapForBulkTransfers } from '../common/v8-heap-tuning.js';
 import { defineAgentCommand } from './agent-command.js';
 
+tuneHeapForBulkTransfers();
 const program = defineAgentCommand(new Command('metalcast-agent')).showHelpAfterError('(run with --help for usage)');
 // No top-level await: the single executable application runs this bundled as CommonJS.
 program.parseAsync(process.argv).catch((error: unknown) => {

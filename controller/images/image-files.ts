@@ -6,6 +6,7 @@ import { type ChunkManifest, ManifestBuilder } from '../../common/chunk-manifest
 import { MetalcastError } from '../../common/errors.js';
 import { WriteQueue, writeFully } from '../../common/positional-writes.js';
 import type { ImageFormatInfo, PreparedImage } from './formats/prepare.js';
+import { dataRuns, HOLE_BLOCK_BYTES } from './sparse/data-runs.js';
 
 export interface ReceivedContent {
   sha256: string;
@@ -76,6 +77,11 @@ export interface ReceiveOptions {
 export interface ReceivedFile {
   sha256: string;
   sizeBytes: number;
+  /**
+   * Every whole block of zeros was left a hole (controller/images/sparse/data-runs.ts): true when every
+   * piece started on a block boundary, so that digging holes afterwards would find nothing more.
+   */
+  holesLeft: boolean;
   /** The manifest of the received bytes, when {@link ReceiveOptions.manifestChunkSize} asked for one. */
   manifest?: ChunkManifest;
 }
@@ -143,6 +149,7 @@ export class ImageFiles {
     const sha256 = builder ? undefined : createHash('sha256');
     const extra = options.extraDigest ? createHash(options.extraDigest.algorithm) : undefined;
     let size = 0;
+    let holesLeft = true;
     let committed = false;
     let converted: string | undefined;
     // Positional writes, a few in flight: waiting for each write before taking the next chunk left the
@@ -163,7 +170,13 @@ export class ImageFiles {
         else sha256?.update(chunk);
         extra?.update(chunk);
         await writes.room();
-        const written = writeFully(file, chunk, size - chunk.byteLength);
+        const at = size - chunk.byteLength;
+        // Blocks of zeros are not written: they stay holes (the file gets its size at the end). From the first
+        // piece that starts inside a block on, everything is written and prepare digs the holes afterwards, as
+        // before: a zero block written in two halves, alone between holes, is one that dig-holes leaves.
+        if (at % HOLE_BLOCK_BYTES !== 0) holesLeft = false;
+        const runs = holesLeft ? dataRuns(chunk, at) : [[0, chunk.byteLength] as const];
+        const written = settleAll(runs.map(([start, end]) => writeFully(file, chunk.subarray(start, end), at + start)));
         const onConsumed = options.onConsumed;
         writes.add(onConsumed ? written.finally(() => onConsumed(chunk)) : written);
       }
@@ -188,13 +201,15 @@ export class ImageFiles {
           );
         }
       }
+      // Trailing zeros were never written.
+      await file.truncate(size);
       await file.sync();
       await file.close();
       let keep = { path: temp, sha256: digest, sizeBytes: size };
       let format: ImageFormatInfo | undefined;
       let manifest: ChunkManifest | undefined;
       if (options.prepare) {
-        const prepared = await options.prepare(temp, { sha256: digest, sizeBytes: size, manifest: built?.manifest });
+        const prepared = await options.prepare(temp, { sha256: digest, sizeBytes: size, manifest: built?.manifest, holesLeft });
         if (prepared.path !== temp) {
           converted = prepared.path;
           await rm(temp, { force: true });
@@ -301,6 +316,16 @@ export class ImageFiles {
   async list(): Promise<string[]> {
     return (await readdir(this.blobs)).filter((name) => /^[0-9a-f]{64}$/.test(name));
   }
+}
+
+/**
+ * Settles once every write has: a piece's buffer may be given back only when nothing writes from it any
+ * more, so the first failure is reported after the others end, not as soon as it happens (Promise.all).
+ */
+async function settleAll(writes: Promise<void>[]): Promise<void> {
+  const results = await Promise.allSettled(writes);
+  const failed = results.find((result) => result.status === 'rejected');
+  if (failed) throw failed.reason;
 }
 
 /** Chunks of a received content being written at once (each pins its chunk: 4 MiB at the CLI's 1 MiB messages). */

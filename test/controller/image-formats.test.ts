@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { ManifestBuilder } from '../../common/chunk-manifest.js';
 import { execFile, execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { chmodSync, createReadStream, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, createReadStream, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
@@ -46,9 +46,14 @@ function qemuImg(...args: string[]): string {
   }
 }
 
-async function* uploadRequests(name: string, data: Buffer, header: { sha256?: string } = {}): AsyncGenerator<UploadImageRequest> {
+async function* uploadRequests(
+  name: string,
+  data: Buffer,
+  header: { sha256?: string } = {},
+  pieceBytes = MIB,
+): AsyncGenerator<UploadImageRequest> {
   yield { part: { $case: 'header', value: { name, sha256: header.sha256 ?? '', sizeBytes: data.byteLength } } };
-  for (let at = 0; at < data.byteLength; at += MIB) yield { part: { $case: 'data', value: data.subarray(at, at + MIB) } };
+  for (let at = 0; at < data.byteLength; at += pieceBytes) yield { part: { $case: 'data', value: data.subarray(at, at + pieceBytes) } };
 }
 
 /** A raw disk image of `size` bytes with random data in the given [offset, length] ranges and zeros elsewhere. */
@@ -87,7 +92,10 @@ describe('image formats: detection, qcow2 safety and conversion at import', () =
     work.remove();
   });
 
-  const upload = (name: string, data: Buffer, header: { sha256?: string } = {}) => t.images.uploadImage(uploadRequests(name, data, header));
+  const upload = (name: string, data: Buffer, header: { sha256?: string } = {}, pieceBytes = MIB) =>
+    t.images.uploadImage(uploadRequests(name, data, header, pieceBytes));
+  /** Bytes the stored blob of an image takes on disk (its holes take none). */
+  const blobDiskBytes = (sha: string) => statSync(join(t.dataDir, 'images', 'blobs', sha)).blocks * 512;
   const incoming = () => readdirSync(join(t.dataDir, 'images', 'incoming'));
   async function download(name: string): Promise<Buffer> {
     const parts: Buffer[] = [];
@@ -168,6 +176,34 @@ describe('image formats: detection, qcow2 safety and conversion at import', () =
       [MIB, MIB],
       [5 * MIB, 512 * 1024],
     ]);
+  });
+
+  it('stores a raw upload sparse whatever its pieces: zero blocks are left holes as they arrive, or dug out after unaligned pieces', async () => {
+    // Data that ends inside a block, and a zero block inside a data block's neighbourhood.
+    const raw = rawWithData(6 * MIB + 1000, [
+      [4096, 8192],
+      [3 * MIB + 100, 5000],
+      [6 * MIB, 1000],
+    ]);
+    const extents = [
+      [4096, 8192],
+      [3 * MIB, 8192],
+      [6 * MIB, 1000],
+    ];
+    for (const [name, pieceBytes] of [
+      ['sparse-aligned', MIB],
+      ['sparse-unaligned', 100_001],
+    ] as const) {
+      const { image } = await upload(name, raw, {}, pieceBytes);
+      assert.equal(image?.sha256, sha256(raw), name);
+      assert.equal(image?.sizeBytes, raw.length, name);
+      assert.deepEqual(await t.controller.store.getImageExtents(name), extents, `${name}: where the data lies`);
+      assert.equal(image?.allocatedBytes, 8192 + 8192 + 1000, name);
+      // Holes take no disk: the blob holds its three data ranges (whole blocks), not 6 MiB.
+      assert.ok(blobDiskBytes(sha256(raw)) <= 5 * 4096, `${name}: the blob takes ${blobDiskBytes(sha256(raw))} bytes on disk`);
+      assert.equal(sha256(await download(name)), sha256(raw), `${name}: what a node receives`);
+      await t.images.deleteImage({ name });
+    }
   });
 
   it('refuses a qcow2 with a backing file', async () => {

@@ -57,14 +57,15 @@ const refused = (message: string) => new MetalcastError(Status.INVALID_ARGUMENT,
  * no external data file, no encryption, not corrupt, virtual size within
  * the limit), asks `qemu-img info` the same under prlimit, converts it to a
  * sparse raw file with `qemu-img convert` and hashes that; for raw, punches
- * holes where it holds zeros (`fallocate --dig-holes`). Either way the
+ * holes where it holds zeros (`fallocate --dig-holes`), unless it was
+ * received with them left as holes already (`holesLeft`). Either way the
  * allocated extents come from `qemu-img map`. Throws MetalcastError:
  * INVALID_ARGUMENT for content that is refused, FAILED_PRECONDITION when
  * the controller lacks a tool.
  */
 export async function prepareImage(
   path: string,
-  source: { sha256: string; sizeBytes: number },
+  source: { sha256: string; sizeBytes: number; holesLeft?: boolean },
   options: PrepareOptions,
 ): Promise<PreparedImage> {
   const { head, tail } = await readEnds(path, source.sizeBytes);
@@ -78,9 +79,15 @@ export async function prepareImage(
   const tool = { binary: options.qemuImg, signal: options.signal };
   try {
     if (format === 'raw') {
-      await digHoles(path, options.signal);
+      // Received with its zero blocks left as holes (ImageFiles.receive), there is nothing left to dig.
+      if (!source.holesLeft) await digHoles(path, options.signal);
       const extents = limitExtents(await allocatedExtents(path, tool));
-      return { path, ...source, info: { format, sourceSha256: source.sha256, sourceSizeBytes: source.sizeBytes, ...summed(extents) } };
+      return {
+        path,
+        sha256: source.sha256,
+        sizeBytes: source.sizeBytes,
+        info: { format, sourceSha256: source.sha256, sourceSizeBytes: source.sizeBytes, ...summed(extents) },
+      };
     }
     const header = checkQcow2Header(head, options.maxVirtualSize);
     const info = await inspectQcow2(path, options.maxVirtualSize, tool);

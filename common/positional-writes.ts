@@ -51,3 +51,44 @@ export class WriteQueue {
     if (this.failure) throw this.failure.error;
   }
 }
+
+/**
+ * fdatasync in the background once every `everyBytes` written, one at a
+ * time, so that the disk writes while data still arrives and the final sync
+ * finds little left to do. Without it, nothing reached the disk before the
+ * end (the kernel starts writing back only at 10 % of memory dirty), and the
+ * final fsync of a GiB upload took 0.8 s in which nothing else happened.
+ * A failure is kept and thrown by settled(): an image whose flush failed is
+ * not committed.
+ */
+export class BackgroundFlush {
+  private flushing: Promise<void> | undefined;
+  private failure: { error: unknown } | undefined;
+  private flushedAt = 0;
+
+  constructor(
+    private readonly file: FileHandle,
+    private readonly everyBytes: number,
+  ) {}
+
+  /** Tells how many bytes have been handed to writes so far; starts a flush when enough are new. */
+  wrote(total: number): void {
+    if (this.flushing || this.failure || total - this.flushedAt < this.everyBytes) return;
+    this.flushedAt = total;
+    this.flushing = this.file.datasync().then(
+      () => {
+        this.flushing = undefined;
+      },
+      (error: unknown) => {
+        this.flushing = undefined;
+        this.failure ??= { error };
+      },
+    );
+  }
+
+  /** Waits for the flush in flight, if any; throws the first failure. */
+  async settled(): Promise<void> {
+    await this.flushing;
+    if (this.failure) throw this.failure.error;
+  }
+}

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { Status } from 'nice-grpc-common';
 import { type ChunkManifest, ManifestBuilder } from '../../common/chunk-manifest.js';
 import { MetalcastError } from '../../common/errors.js';
-import { WriteQueue, writeFully } from '../../common/positional-writes.js';
+import { BackgroundFlush, WriteQueue, writeFully } from '../../common/positional-writes.js';
 import type { ImageFormatInfo, PreparedImage } from './formats/prepare.js';
 import { dataRuns, HOLE_BLOCK_BYTES } from './sparse/data-runs.js';
 
@@ -156,6 +156,7 @@ export class ImageFiles {
     // hashing idle for every write, and the sender's window waiting behind both (an upload ran at 0.55x
     // a TLS socket's speed).
     const writes = new WriteQueue(RECEIVE_WRITES_IN_FLIGHT);
+    const flush = new BackgroundFlush(file, RECEIVE_FLUSH_EVERY_BYTES);
     try {
       for await (const chunk of source) {
         options.signal?.throwIfAborted();
@@ -179,8 +180,10 @@ export class ImageFiles {
         const written = settleAll(runs.map(([start, end]) => writeFully(file, chunk.subarray(start, end), at + start)));
         const onConsumed = options.onConsumed;
         writes.add(onConsumed ? written.finally(() => onConsumed(chunk)) : written);
+        flush.wrote(size);
       }
       await writes.all();
+      await flush.settled();
       const built = builder?.finish();
       const digest = built ? built.sha256 : (sha256 as Hash).digest('hex');
       if (options.expectedSize !== undefined && options.expectedSize > 0 && size !== options.expectedSize) {
@@ -232,6 +235,7 @@ export class ImageFiles {
     } finally {
       if (!committed) {
         await writes.all().catch(() => {}); // nothing may still write into the file removed below
+        await flush.settled().catch(() => {});
         await file.close().catch(() => {});
         await rm(temp, { force: true });
         if (converted) await rm(converted, { force: true });
@@ -327,6 +331,9 @@ async function settleAll(writes: Promise<void>[]): Promise<void> {
   const failed = results.find((result) => result.status === 'rejected');
   if (failed) throw failed.reason;
 }
+
+/** A received content is flushed to disk in the background every this many bytes (common/positional-writes.ts). */
+const RECEIVE_FLUSH_EVERY_BYTES = 64 * 1024 * 1024;
 
 /** Chunks of a received content being written at once (each pins its chunk: 4 MiB at the CLI's 1 MiB messages). */
 const RECEIVE_WRITES_IN_FLIGHT = 4;

@@ -351,7 +351,12 @@ class TransferBench {
       if (!side) continue;
       for (const node of [side.node, ...side.fleet]) await this.makeAvailable(side, node);
     }
-    if (this.o.nginx) await this.startNginx();
+    if (this.o.nginx) {
+      await this.startNginx();
+      console.log(
+        `  nginx: ${kernelTlsOffered() ? 'the kernel offers kTLS (/proc/net/tls_stat), so sendfile can serve TLS' : 'this kernel has no kTLS (no /proc/net/tls_stat): nginx encrypts through OpenSSL, without sendfile'}`,
+      );
+    }
     console.log(`  set up: image sha256 ${this.image.sha256.slice(0, 12)}…, controllers and agents ready`);
   }
 
@@ -1122,3 +1127,8 @@ const gib = (bytes: number) => `${(bytes / GIB).toFixed(1)} GiB`;
 const mib = (bytes: number) => `${Math.round(bytes / MIB)} MiB`;
 const r1 = (x: number) => (Number.isFinite(x) ? Math.round(x * 10) / 10 : -1);
 const r3 = (x: number) => (Number.isFinite(x) ? Math.round(x * 1000) / 1000 : -1);
+
+/** Whether the kernel's tls module is loaded, so that nginx's `ssl_conf_command Options KTLS` can take effect. */
+function kernelTlsOffered(): boolean {
+  return existsSync('/proc/net/tls_stat');
+}

@@ -28,6 +28,8 @@ export class BufferPool {
       minBytes: number;
       /** Drop the kept buffers after this long without a take. */
       idleMs?: number;
+      /** Allocate on SharedArrayBuffers, so that a worker thread can read a buffer without a copy. */
+      shared?: boolean;
     },
   ) {}
 
@@ -36,7 +38,8 @@ export class BufferPool {
     const block = this.free.pop();
     if (block && block.length >= length) return block;
     this.allocated++;
-    return Buffer.allocUnsafeSlow(Math.max(length, this.options.minBytes));
+    const bytes = Math.max(length, this.options.minBytes);
+    return this.options.shared ? Buffer.from(new SharedArrayBuffer(bytes)) : Buffer.allocUnsafeSlow(bytes);
   }
 
   giveBack(block: Buffer): void {

@@ -28,8 +28,6 @@ export class BufferPool {
       minBytes: number;
       /** Drop the kept buffers after this long without a take. */
       idleMs?: number;
-      /** Allocate on SharedArrayBuffers, so that a worker thread can read a buffer without a copy. */
-      shared?: boolean;
     },
   ) {}
 
@@ -38,8 +36,7 @@ export class BufferPool {
     const block = this.free.pop();
     if (block && block.length >= length) return block;
     this.allocated++;
-    const bytes = Math.max(length, this.options.minBytes);
-    return this.options.shared ? Buffer.from(new SharedArrayBuffer(bytes)) : Buffer.allocUnsafeSlow(bytes);
+    return Buffer.allocUnsafeSlow(Math.max(length, this.options.minBytes));
   }
 
   giveBack(block: Buffer): void {

@@ -1,5 +1,5 @@
 import { BufferPool } from '../../common/buffer-pool.js';
-import { createHash } from 'node:crypto';
+import { createHash, type Hash } from 'node:crypto';
 import { type FileHandle, open } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ClientError, Status } from 'nice-grpc';
@@ -16,7 +16,6 @@ import { describeError as describe } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import type { StatImageResponse } from '../../gen/metalcast/v1/agent_gateway.js';
 import type { CommandProgress, WriteImageResult } from '../../gen/metalcast/v1/command.js';
-import { ChunkHashers } from './chunk-hashers.js';
 import type { ImageSource } from './image-source.js';
 import {
   DiskWriteError,
@@ -40,8 +39,9 @@ import { chunkParts } from '../../common/read-image-codec.js';
  */
 export const MAX_CHUNK_FAILURES = 3;
 
-/** A chunk being received: its first `received` bytes are hashed (by the chunk hashers) and on their way to the disk. */
+/** A chunk being received: the hash of its first `received` bytes, which are on their way to the disk. */
 interface PartialChunk {
+  hash: Hash;
   received: number;
 }
 
@@ -116,10 +116,8 @@ export async function writeImageByChunks(
       ...extra,
     });
 
-  // Buffers for received chunks, used again once written and hashed; 4 MiB holds a chunk message of the default
-  // size. Shared, so that the chunk hashers read them in place.
-  const blocks = new BufferPool({ keep: WRITES_IN_FLIGHT + 1, minBytes: 4 * 1024 * 1024, shared: true });
-  let hashers: ChunkHashers | undefined;
+  // Buffers for received chunks, used again once written; 4 MiB holds a chunk message of the default size.
+  const blocks = new BufferPool({ keep: WRITES_IN_FLIGHT + 1, minBytes: 4 * 1024 * 1024 });
   const device = await open(target.devicePath, 'r+').catch((error: unknown) => {
     throw new Error(`opening ${target.devicePath} to write image '${target.image}' failed: ${describe(error)}`);
   });
@@ -150,9 +148,8 @@ export async function writeImageByChunks(
         progress('scanning', { doneBytes: Math.min(size, (index + 1) * manifest.chunkSize) });
       });
     }
-    // All-zero chunks the disk lacks need no transfer: the manifest says what they hold. (Shared: a zero message
-    // from the controller is hashed from this buffer by the chunk hashers.)
-    const zeros = Buffer.from(new SharedArrayBuffer(manifest.chunkSize));
+    // All-zero chunks the disk lacks need no transfer: the manifest says what they hold.
+    const zeros = Buffer.alloc(manifest.chunkSize);
     for (let index = 0; index < count; index++) {
       if (done[index] || !isZero(index)) continue;
       const { offset, length } = chunkRange(manifest, index);
@@ -193,36 +190,11 @@ export async function writeImageByChunks(
     }
 
     // 3. Fetch, verify, fetch again what failed.
-    hashers = remainingChunks(done) > 0 ? new ChunkHashers() : undefined;
-    /** A chunk that arrived whole: judged against the manifest once its hash is in. */
-    const judge = (index: number, digest: Buffer): void => {
-      const chunk = chunkRange(manifest, index);
-      if (digest.equals(chunkDigest(manifest, index))) {
-        done[index] = 1;
-        fetched++;
-        doneBytes += chunk.length;
-        return;
-      }
-      const failed = (failures.get(index) ?? 0) + 1;
-      failures.set(index, failed);
-      refetched++;
-      failedThisPass++;
-      logger.warn(
-        { chunk: index, offset: chunk.offset, length: chunk.length, failures: failed },
-        'a chunk failed verification against the manifest; fetching it again',
-      );
-      if (failed >= MAX_CHUNK_FAILURES) {
-        throw new ChunkVerificationError(
-          `chunk ${index} (bytes ${chunk.offset}-${chunk.offset + chunk.length - 1}) failed verification ${failed} times: it hashes to ${digest.toString('hex')}, the manifest says ${chunkDigest(manifest, index).toString('hex')}; the controller's copy of image '${target.image}' or the path to it corrupts data`,
-        );
-      }
-    };
-    let failedThisPass = 0;
     let attempts = 0;
     let fruitless = 0;
     let lastError = '';
     let receivedTotal = 0;
-    const remaining = () => remainingChunks(done);
+    const remaining = () => done.reduce((n, d) => n + (d ? 0 : 1), 0);
     while (remaining() > 0) {
       attempts++;
       const receivedBefore = receivedTotal;
@@ -237,9 +209,7 @@ export async function writeImageByChunks(
       // Writes queued as in the stream writer (image-writer.ts): a few in flight, and a failing one aborts
       // the read at once so that the catch below reports the write error.
       const writes = new WriteQueue(WRITES_IN_FLIGHT, (failure) => call.abort(new DiskWriteError(failure)));
-      // A chunk that failed verification too often, or a hashing worker that failed: ends the pass like a write error.
-      let verifyFailure: { error: unknown } | undefined;
-      failedThisPass = 0;
+      let failedThisPass = 0;
       try {
         armStallTimer();
         for (const range of rangesToFetch(manifest, done, partial)) {
@@ -261,55 +231,59 @@ export async function writeImageByChunks(
               for (const part of parts) at += part.copy(block, at);
             }
             const data = block ? block.subarray(0, length) : zeros.subarray(0, length);
-            // The message chunk by chunk: which chunk each piece belongs to, checked before anything is started.
-            const pieces: { index: number; at: number; take: number; first: boolean; last: boolean }[] = [];
-            for (let at = 0; at < length; ) {
+            await writes.room();
+            const written = writeFully(device, data, offset);
+            writes.add(block ? written.finally(() => blocks.giveBack(block)) : written);
+            receivedTotal += length;
+            fromController += length;
+            rate.add(length);
+            // Hash the message chunk by chunk; a chunk is judged when its last byte arrives.
+            let at = 0;
+            while (at < length) {
               const index = Math.floor((offset + at) / manifest.chunkSize);
               const chunk = chunkRange(manifest, index);
               const within = offset + at - chunk.offset;
               const take = Math.min(chunk.length - within, length - at);
               let state = partial.get(index);
               if (within === 0) {
-                state = { received: 0 };
+                state = { hash: createHash('sha256'), received: 0 };
                 partial.set(index, state);
               } else if (!state || state.received !== within) {
                 throw new Error(`chunk ${index} resumed at byte ${within} but ${state?.received ?? 0} were received`);
               }
-              const last = within + take === chunk.length;
-              pieces.push({ index, at, take, first: within === 0, last });
+              state.hash.update(data.subarray(at, at + take));
               state.received += take;
-              if (last) partial.delete(index);
               at += take;
+              if (state.received < chunk.length) continue;
+              partial.delete(index);
+              const digest = state.hash.digest();
+              if (digest.equals(chunkDigest(manifest, index))) {
+                done[index] = 1;
+                fetched++;
+                doneBytes += chunk.length;
+                continue;
+              }
+              const failed = (failures.get(index) ?? 0) + 1;
+              failures.set(index, failed);
+              refetched++;
+              failedThisPass++;
+              logger.warn(
+                { chunk: index, offset: chunk.offset, length: chunk.length, failures: failed },
+                'a chunk failed verification against the manifest; fetching it again',
+              );
+              if (failed >= MAX_CHUNK_FAILURES) {
+                throw new ChunkVerificationError(
+                  `chunk ${index} (bytes ${chunk.offset}-${chunk.offset + chunk.length - 1}) failed verification ${failed} times: it hashes to ${digest.toString('hex')}, the manifest says ${chunkDigest(manifest, index).toString('hex')}; the controller's copy of image '${target.image}' or the path to it corrupts data`,
+                );
+              }
             }
-            await writes.room();
-            const written = writeFully(device, data, offset);
-            // Hashed on the hashers while the disk writes; a chunk is judged when the digest of its last byte is in.
-            const hashed = pieces.map(({ index, at, take, first, last }) => {
-              const piece = (hashers as ChunkHashers).update(index, data.subarray(at, at + take), first, last);
-              return last ? piece.then((digest) => judge(index, digest as Buffer)) : piece.then(() => {});
-            });
-            const verified = Promise.all(hashed).then(
-              () => {},
-              (error: unknown) => {
-                verifyFailure ??= { error };
-                call.abort(error);
-              },
-            );
-            // The block goes back once both its write and its hashing are done; the queue bounds both.
-            const settled = Promise.all([written, verified]).then(() => {});
-            writes.add(block ? settled.finally(() => blocks.giveBack(block)) : settled);
-            receivedTotal += length;
-            fromController += length;
-            rate.add(length);
             offset += length;
             progress('writing', { rateBytesPerSecond: rate.perSecond(), etaSeconds: rate.eta(size - doneBytes) });
           }
           await writes.all();
-          if (verifyFailure) throw verifyFailure.error;
           if (offset < range.end) throw new Error(`the controller ended the stream at ${offset} of the range ending at ${range.end}`);
         }
         await writes.all();
-        if (verifyFailure) throw verifyFailure.error;
       } catch (error) {
         // A write still in flight when the stream broke may have failed: its chunk must not count as held.
         const writeError = await writes.all().then(
@@ -319,8 +293,6 @@ export async function writeImageByChunks(
         const where = `${doneBytes} of ${size} bytes`;
         if (signal.aborted) throw new Error(`write_image cancelled at ${where}: the agent is stopping`);
         if (writeError !== undefined) throw new Error(`writing ${target.devicePath} failed at ${where}: ${describe(writeError)}`);
-        if (verifyFailure?.error instanceof ChunkVerificationError) throw verifyFailure.error;
-        if (verifyFailure) throw new Error(`verifying chunks failed at ${where}: ${describe(verifyFailure.error)}`);
         if (error instanceof ChunkVerificationError) throw error;
         const reason = call.signal.reason instanceof StallError ? call.signal.reason : error;
         if (reason instanceof ClientError && FATAL_CODES.has(reason.code)) {
@@ -387,16 +359,11 @@ export async function writeImageByChunks(
       bytesFromController: fromController,
     };
   } finally {
-    await hashers?.close();
     // A device that failed or vanished may fail its close too; that must not hide the error that ended the write.
     await device
       .close()
       .catch((error: unknown) => logger.warn({ err: error, device: target.devicePath }, 'closing the target disk failed'));
   }
-}
-
-function remainingChunks(done: Uint8Array): number {
-  return done.reduce((n, d) => n + (d ? 0 : 1), 0);
 }
 
 class ChunkVerificationError extends Error {

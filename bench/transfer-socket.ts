@@ -11,7 +11,8 @@
  * taken them; the receiver has the socket read straight into 4 MiB batch
  * buffers (`onread`), hashes each read as it lands, writes full batches at
  * their positions, two in flight, pausing the socket beyond that (bounded
- * memory), and fsyncs once at the end. Neither allocates per block or per
+ * memory), with O_DIRECT from page-aligned buffers as the agent does, and
+ * fsyncs once at the end. Neither allocates per block or per
  * read: no garbage collection to pay for (metalcast's controller pools its
  * chunk buffers the same way). TLS uses the same certificate (ECDSA
  * P-256) and the same Node/OpenSSL as the controller.
@@ -25,6 +26,7 @@ import { readFileSync } from 'node:fs';
 import { open, readFile } from 'node:fs/promises';
 import { connect as netConnect, createServer as netServer, type Socket } from 'node:net';
 import { type ConnectionOptions, connect as tlsConnect, createServer as tlsServer } from 'node:tls';
+import { AlignedBlocks, DirectWriter } from '../agent/imaging/direct-writes.js';
 
 export interface SocketSend {
   tls: boolean;
@@ -109,15 +111,17 @@ async function send(setup: SocketSend): Promise<void> {
 }
 
 async function receive(setup: SocketReceive): Promise<void> {
-  const target = await open(setup.target, 'r+');
+  // Batches are written with O_DIRECT, as the agent writes (agent/imaging/direct-writes.ts): the fastest way
+  // to a disk file this machine has, so the baseline does not pay the page cache the agent no longer pays.
+  const blocks = new AlignedBlocks(5, BLOCK);
+  const target = await DirectWriter.open(setup.target, blocks);
   const hash = createHash('sha256');
   const cpu = process.cpuUsage();
   const startedAt = Date.now();
   // The socket reads straight into 4 MiB batch buffers (net's `onread`, which TLS sockets honour too): no
   // buffer per socket read for the garbage collector. A full batch is written at its position, two in
   // flight, the socket paused beyond that (bounded memory), and its buffer used again once written.
-  const free: Buffer[] = [];
-  const take = () => free.pop() ?? Buffer.allocUnsafeSlow(BLOCK);
+  const take = () => blocks.take(BLOCK);
   let batch = take();
   let filled = 0;
   let position = 0;
@@ -135,17 +139,11 @@ async function receive(setup: SocketReceive): Promise<void> {
     batch = take();
     filled = 0;
     inflight++;
-    const write = (async () => {
-      let done = 0;
-      while (done < length) {
-        const { bytesWritten } = await target.write(buffer, done, length - done, at + done);
-        done += bytesWritten;
-      }
-    })().then(
+    const write = target.write(buffer.subarray(0, length), at).then(
       () => {
         inflight--;
         writes.delete(write);
-        if (free.length < 4) free.push(buffer);
+        blocks.giveBack(buffer);
         if (paused && inflight < 2) {
           paused = false;
           socket?.resume();
@@ -186,7 +184,7 @@ async function receive(setup: SocketReceive): Promise<void> {
   if (filled > 0) flush();
   await Promise.all(writes);
   if (failure) throw failure;
-  await target.sync();
+  await target.file.sync();
   await target.close();
   const endedAt = Date.now();
   out({

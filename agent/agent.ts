@@ -92,7 +92,7 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<R
     : undefined;
   const handlers: CommandHandler[] = [
     getInventoryCommand(discover) as unknown as CommandHandler,
-    writeImageCommand(imageSource, discover, fanout) as unknown as CommandHandler,
+    writeImageCommand(imageSource, discover, fanout, config.imageStreams) as unknown as CommandHandler,
     writeConfigDriveCommand(
       controllerConfigDriveSource(link, () => identity, config.callTimeout),
       discover,

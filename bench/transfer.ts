@@ -83,6 +83,11 @@ export const options = {
     integer: true,
     description: 'agents deploying at once over TLS in the fleet case (aggregate MB/s, controller peak RSS); 0 skips it',
   },
+  streams: {
+    default: 0,
+    integer: true,
+    description: "the agents' --image-streams (connections per deploy, each on its own thread); 0: the agent's default, auto",
+  },
   delta: {
     default: 1,
     integer: true,
@@ -236,6 +241,7 @@ function parseOptions(args: string[]) {
     artifacts: raw.artifacts > 0,
     fleet: raw.fleet,
     delta: raw.delta > 0,
+    streams: raw.streams,
   };
 }
 
@@ -423,6 +429,7 @@ class TransferBench {
         '--min-heartbeat-gap=200ms',
         '--log-level=info',
         ...(tls ? [`--ca=${this.tlsFiles.ca}`] : ['--insecure']),
+        ...(this.o.streams > 0 ? [`--image-streams=${this.o.streams}`] : []),
       ],
       join(this.dir, `agent-${name}.log`),
     );

@@ -61,18 +61,60 @@ function versionConstant(version: string): Plugin {
   };
 }
 
-function esbuildOptions(version: string): BuildOptions {
+/**
+ * The image lanes' worker thread (agent/imaging/lanes/lane-worker.ts) runs
+ * from a file in the sources and in dist/; a one-file agent has no such file,
+ * so the bundle carries the worker, itself bundled as one CommonJS script,
+ * as the string agent/imaging/lanes/lane-worker-bundle.ts then returns, and
+ * starts it with `eval`.
+ */
+function laneWorkerInside(version: string): Plugin {
   return {
-    entryPoints: [join(REPO_ROOT, 'cli', 'agent-entry.ts')],
+    name: 'metalcast-lane-worker',
+    setup(b) {
+      b.onLoad({ filter: /[\\/]agent[\\/]imaging[\\/]lanes[\\/]lane-worker-bundle\.ts$/ }, async () => ({
+        contents: `export function laneWorkerScript() { return { source: ${JSON.stringify(await bundleLaneWorker(version))} }; }`,
+        loader: 'js',
+      }));
+    },
+  };
+}
+
+/** agent/imaging/lanes/lane-worker.ts and all it imports as one CommonJS script, for a worker started with `eval`. */
+export async function bundleLaneWorker(version = packageVersion()): Promise<string> {
+  const worker = await esbuild({
+    ...commonOptions(version),
+    entryPoints: [join(REPO_ROOT, 'agent', 'imaging', 'lanes', 'lane-worker.ts')],
+    format: 'cjs',
+    write: false,
+    // The worker's licences are those of the agent's own dependencies, already at the bundle's end.
+    legalComments: 'none',
+  });
+  const code = worker.outputFiles?.[0]?.text;
+  if (!code) throw new Error('bundling the image lane worker produced nothing');
+  return code;
+}
+
+/** What the agent's bundle and its lane worker's share. */
+function commonOptions(version: string): BuildOptions {
+  return {
     bundle: true,
     platform: 'node',
     target: 'node22',
     minify: true,
-    // Dependency licences stay in the file, at its end.
-    legalComments: 'eof',
     plugins: [versionConstant(version)],
     logLevel: 'warning',
     absWorkingDir: REPO_ROOT,
+  };
+}
+
+function esbuildOptions(version: string): BuildOptions {
+  return {
+    ...commonOptions(version),
+    entryPoints: [join(REPO_ROOT, 'cli', 'agent-entry.ts')],
+    // Dependency licences stay in the file, at its end.
+    legalComments: 'eof',
+    plugins: [versionConstant(version), laneWorkerInside(version)],
   };
 }
 

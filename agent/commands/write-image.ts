@@ -17,6 +17,8 @@ export function writeImageCommand(
   source: ImageSource,
   discover: () => Promise<Inventory>,
   fanout?: FanoutHook,
+  /** --image-streams: connections to fetch the image over at once. */
+  streams = 1,
 ): CommandHandler<'writeImage'> {
   return {
     name: 'writeImage',
@@ -58,6 +60,7 @@ export function writeImageCommand(
           verifyReadback: parameters.verifyReadback,
           diskIsZeroed: parameters.diskIsZeroed,
           fanout,
+          streams,
         },
         context.progress,
         context.signal,

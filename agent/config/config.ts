@@ -1,3 +1,4 @@
+import { availableParallelism } from 'node:os';
 import { resolve } from 'node:path';
 import {
   byteSize,
@@ -152,6 +153,13 @@ export const AGENT_OPTIONS = {
     defaultValue: '',
     parse: (raw: string) => (raw === '' ? '' : resolve(raw)),
   },
+  imageStreams: {
+    flag: 'image-streams',
+    description:
+      "connections a deploy fetches the image over at once, each decrypted, verified and written on its own thread (docs/transfer.md, parallel streams); 'auto': one per core, at most 4. The default, 1, is one stream on the agent's own thread: on 2 cores more streams moved no more and cost more CPU. Fewer than 2 segments of 64 manifest chunks (128 MiB by default) always use one",
+    defaultValue: '1',
+    parse: streamCount,
+  },
   fanout: {
     flag: 'fanout',
     description:
@@ -192,6 +200,12 @@ export const AGENT_OPTIONS = {
     parse: logLevel,
   },
 } satisfies Record<string, OptionSpec>;
+
+/** --image-streams: 'auto' (a stream per core, at most 4) or 1 to 16. */
+function streamCount(raw: string): number {
+  if (raw.trim() === 'auto') return Math.min(4, availableParallelism());
+  return integer({ min: 1, max: 16 })(raw);
+}
 
 /** The agent's validated configuration; durations are in milliseconds. */
 export type AgentConfig = ConfigOf<typeof AGENT_OPTIONS>;

@@ -7,6 +7,7 @@ import { FastAgentGatewayServiceDefinition } from '../../common/read-image-codec
 import { diagnoseConnectionFailure, nothingAnswered } from '../../common/endpoint-probe.js';
 import { tlsClient } from '../../common/tls.js';
 import type { AgentGatewayServiceDefinition } from '../../gen/metalcast/v1/agent_gateway.js';
+import type { LaneEndpoint } from '../imaging/lanes/lane-protocol.js';
 
 const factory = createClientFactory().use(deadlineMiddleware);
 type GatewayClient = ReturnType<typeof factory.create<typeof AgentGatewayServiceDefinition>>;
@@ -70,6 +71,11 @@ export class ControllerLink {
       this.channels.set(this.address, entry);
     }
     return entry.gateway;
+  }
+
+  /** What a lane worker needs to open its own connection to the current controller (agent/imaging/lanes). */
+  laneEndpoint(): LaneEndpoint {
+    return { address: this.address, caPem: this.tls?.caPem, keepalive: this.keepalive };
   }
 
   /** Moves to the next controller address after a connection error. */

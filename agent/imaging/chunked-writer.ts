@@ -1,6 +1,5 @@
-import { BufferPool } from '../../common/buffer-pool.js';
-import { createHash, type Hash } from 'node:crypto';
-import { type FileHandle, open } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import type { FileHandle } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ClientError, Status } from 'nice-grpc';
 import {
@@ -29,8 +28,10 @@ import {
   WRITES_IN_FLIGHT,
   withRetries,
 } from './disk-io.js';
-import { WriteQueue, writeFully } from '../../common/positional-writes.js';
-import { chunkParts } from '../../common/read-image-codec.js';
+import { WriteQueue } from '../../common/positional-writes.js';
+import { AlignedBlocks, DirectWriter } from './direct-writes.js';
+import { fetchInLanes, segmentCount } from './lanes/fetch-lanes.js';
+import { type FetchRange, type PartialChunk, type RangeReceiver, receiveRange } from './lanes/receive-range.js';
 
 /**
  * A chunk that fails verification this many times fails the deploy: one bad
@@ -39,17 +40,7 @@ import { chunkParts } from '../../common/read-image-codec.js';
  */
 export const MAX_CHUNK_FAILURES = 3;
 
-/** A chunk being received: the hash of its first `received` bytes, which are on their way to the disk. */
-interface PartialChunk {
-  hash: Hash;
-  received: number;
-}
-
-/** A byte range of the image made of chunks to fetch, [offset, end). */
-export interface FetchRange {
-  offset: number;
-  end: number;
-}
+export type { FetchRange } from './lanes/receive-range.js';
 
 /**
  * write_image against the image's chunk manifest (docs/chunk-manifest.md):
@@ -117,10 +108,12 @@ export async function writeImageByChunks(
     });
 
   // Buffers for received chunks, used again once written; 4 MiB holds a chunk message of the default size.
-  const blocks = new BufferPool({ keep: WRITES_IN_FLIGHT + 1, minBytes: 4 * 1024 * 1024 });
-  const device = await open(target.devicePath, 'r+').catch((error: unknown) => {
+  // Page-aligned, so that writes can bypass the page cache (direct-writes.ts).
+  const blocks = new AlignedBlocks(WRITES_IN_FLIGHT + 1, 4 * 1024 * 1024);
+  const writer = await DirectWriter.open(target.devicePath, blocks).catch((error: unknown) => {
     throw new Error(`opening ${target.devicePath} to write image '${target.image}' failed: ${describe(error)}`);
   });
+  const device = writer.file;
   try {
     // 2. What the disk already holds.
     if (options.diskIsZeroed) {
@@ -149,11 +142,10 @@ export async function writeImageByChunks(
       });
     }
     // All-zero chunks the disk lacks need no transfer: the manifest says what they hold.
-    const zeros = Buffer.alloc(manifest.chunkSize);
     for (let index = 0; index < count; index++) {
       if (done[index] || !isZero(index)) continue;
       const { offset, length } = chunkRange(manifest, index);
-      await writeFully(device, zeros.subarray(0, length), offset).catch((error: unknown) => {
+      await writer.write(blocks.zeros(length), offset).catch((error: unknown) => {
         throw new Error(`writing ${target.devicePath} failed at ${offset} of ${size} bytes (zeroing): ${describe(error)}`);
       });
       done[index] = 1;
@@ -195,115 +187,86 @@ export async function writeImageByChunks(
     let lastError = '';
     let receivedTotal = 0;
     const remaining = () => done.reduce((n, d) => n + (d ? 0 : 1), 0);
+    const lanes = source.lanes?.();
     while (remaining() > 0) {
       attempts++;
       const receivedBefore = receivedTotal;
-      const call = new AbortController();
-      const onAbort = () => call.abort(signal.reason);
-      signal.addEventListener('abort', onAbort);
-      let stallTimer: NodeJS.Timeout | undefined;
-      const armStallTimer = () => {
-        clearTimeout(stallTimer);
-        stallTimer = setTimeout(() => call.abort(new StallError(`no data for ${options.stallTimeoutMs / 1000}s`)), options.stallTimeoutMs);
-      };
-      // Writes queued as in the stream writer (image-writer.ts): a few in flight, and a failing one aborts
-      // the read at once so that the catch below reports the write error.
-      const writes = new WriteQueue(WRITES_IN_FLIGHT, (failure) => call.abort(new DiskWriteError(failure)));
       let failedThisPass = 0;
-      try {
-        armStallTimer();
-        for (const range of rangesToFetch(manifest, done, partial)) {
-          let offset = range.offset;
-          for await (const message of source.read(target.image, range.offset, call.signal, range.end - range.offset)) {
-            armStallTimer();
-            // chunkParts, not message.data: reading `data` of a message received in parts joins them (a copy).
-            const parts = message.zero ? [] : chunkParts(message);
-            const length = message.zero ? message.length : parts.reduce((sum, part) => sum + part.length, 0);
-            if (message.offset !== offset || length === 0 || offset + length > range.end || (message.zero && length > zeros.length)) {
-              throw new Error(`the controller sent a chunk at ${message.offset} of ${length} bytes where ${offset} was expected`);
-            }
-            // The received pieces are copied into a block used again once written: the HTTP/2 buffers they sit in
-            // are then garbage at once, not held until the disk write ends (the collector's cheap case), and the
-            // disk gets one buffer instead of a writev of ~220 pieces.
-            const block = message.zero ? undefined : blocks.take(length);
-            if (block) {
-              let at = 0;
-              for (const part of parts) at += part.copy(block, at);
-            }
-            const data = block ? block.subarray(0, length) : zeros.subarray(0, length);
-            await writes.room();
-            const written = writeFully(device, data, offset);
-            writes.add(block ? written.finally(() => blocks.giveBack(block)) : written);
-            receivedTotal += length;
-            fromController += length;
-            rate.add(length);
-            // Hash the message chunk by chunk; a chunk is judged when its last byte arrives.
-            let at = 0;
-            while (at < length) {
-              const index = Math.floor((offset + at) / manifest.chunkSize);
-              const chunk = chunkRange(manifest, index);
-              const within = offset + at - chunk.offset;
-              const take = Math.min(chunk.length - within, length - at);
-              let state = partial.get(index);
-              if (within === 0) {
-                state = { hash: createHash('sha256'), received: 0 };
-                partial.set(index, state);
-              } else if (!state || state.received !== within) {
-                throw new Error(`chunk ${index} resumed at byte ${within} but ${state?.received ?? 0} were received`);
-              }
-              state.hash.update(data.subarray(at, at + take));
-              state.received += take;
-              at += take;
-              if (state.received < chunk.length) continue;
-              partial.delete(index);
-              const digest = state.hash.digest();
-              if (digest.equals(chunkDigest(manifest, index))) {
-                done[index] = 1;
-                fetched++;
-                doneBytes += chunk.length;
-                continue;
-              }
-              const failed = (failures.get(index) ?? 0) + 1;
-              failures.set(index, failed);
-              refetched++;
-              failedThisPass++;
-              logger.warn(
-                { chunk: index, offset: chunk.offset, length: chunk.length, failures: failed },
-                'a chunk failed verification against the manifest; fetching it again',
-              );
-              if (failed >= MAX_CHUNK_FAILURES) {
-                throw new ChunkVerificationError(
-                  `chunk ${index} (bytes ${chunk.offset}-${chunk.offset + chunk.length - 1}) failed verification ${failed} times: it hashes to ${digest.toString('hex')}, the manifest says ${chunkDigest(manifest, index).toString('hex')}; the controller's copy of image '${target.image}' or the path to it corrupts data`,
-                );
-              }
-            }
-            offset += length;
-            progress('writing', { rateBytesPerSecond: rate.perSecond(), etaSeconds: rate.eta(size - doneBytes) });
-          }
-          await writes.all();
-          if (offset < range.end) throw new Error(`the controller ended the stream at ${offset} of the range ending at ${range.end}`);
+      const onReceived = (length: number) => {
+        receivedTotal += length;
+        fromController += length;
+        rate.add(length);
+        progress('writing', { rateBytesPerSecond: rate.perSecond(), etaSeconds: rate.eta(size - doneBytes) });
+      };
+      const judge = (index: number, ok: boolean, digest: Buffer) => {
+        if (done[index]) return;
+        if (ok) {
+          done[index] = 1;
+          fetched++;
+          doneBytes += chunkRange(manifest, index).length;
+          return;
         }
-        await writes.all();
-      } catch (error) {
-        // A write still in flight when the stream broke may have failed: its chunk must not count as held.
-        const writeError = await writes.all().then(
-          () => undefined,
-          (failure: unknown) => failure,
+        const chunk = chunkRange(manifest, index);
+        const failed = (failures.get(index) ?? 0) + 1;
+        failures.set(index, failed);
+        refetched++;
+        failedThisPass++;
+        logger.warn(
+          { chunk: index, offset: chunk.offset, length: chunk.length, failures: failed },
+          'a chunk failed verification against the manifest; fetching it again',
         );
+        if (failed >= MAX_CHUNK_FAILURES) {
+          throw new ChunkVerificationError(
+            `chunk ${index} (bytes ${chunk.offset}-${chunk.offset + chunk.length - 1}) failed verification ${failed} times: it hashes to ${digest.toString('hex')}, the manifest says ${chunkDigest(manifest, index).toString('hex')}; the controller's copy of image '${target.image}' or the path to it corrupts data`,
+          );
+        }
+      };
+      try {
+        const ranges = rangesToFetch(manifest, done, partial);
+        const laneCount = lanes ? Math.min(options.streams, segmentCount(ranges, manifest.chunkSize)) : 1;
+        if (lanes && laneCount > 1) {
+          // Several connections, each on its own thread (agent/imaging/lanes): a chunk begun in an earlier
+          // pass is fetched whole, as the lanes keep no partial hashes across calls.
+          partial.clear();
+          if (attempts === 1) logger.info({ streams: laneCount }, 'fetching over several connections at once, each on its own thread');
+          const failure = await fetchInLanes({
+            endpoint: lanes.endpoint,
+            metadata: lanes.metadata,
+            lanes: laneCount,
+            image: target.image,
+            devicePath: target.devicePath,
+            manifest,
+            stallTimeoutMs: options.stallTimeoutMs,
+            ranges: rangesToFetch(manifest, done, partial),
+            signal,
+            logger,
+            onReceived,
+            onChunk: judge,
+          });
+          if (failure !== undefined) throw failure;
+        } else {
+          await fetchOnThisThread(
+            source,
+            target.image,
+            ranges,
+            { manifest, blocks, partial, write: (data, position) => writer.write(data, position) },
+            options,
+            signal,
+            onReceived,
+            judge,
+          );
+        }
+      } catch (error) {
         const where = `${doneBytes} of ${size} bytes`;
         if (signal.aborted) throw new Error(`write_image cancelled at ${where}: the agent is stopping`);
-        if (writeError !== undefined) throw new Error(`writing ${target.devicePath} failed at ${where}: ${describe(writeError)}`);
+        if (error instanceof DiskWriteError) throw new Error(`writing ${target.devicePath} failed at ${where}: ${error.message}`);
         if (error instanceof ChunkVerificationError) throw error;
-        const reason = call.signal.reason instanceof StallError ? call.signal.reason : error;
-        if (reason instanceof ClientError && FATAL_CODES.has(reason.code)) {
-          throw new Error(`the controller refused the image read (${Status[reason.code]}: ${reason.details}) at ${where}`);
+        if (error instanceof ClientError && FATAL_CODES.has(error.code)) {
+          throw new Error(`the controller refused the image read (${Status[error.code]}: ${error.details}) at ${where}`);
         }
-        if (isDiskError(reason)) throw new Error(`writing ${target.devicePath} failed at ${where}: ${(reason as Error).message}`);
-        source.failed(reason);
-        lastError = describe(reason);
-      } finally {
-        clearTimeout(stallTimer);
-        signal.removeEventListener('abort', onAbort);
+        if (isDiskError(error)) throw new Error(`writing ${target.devicePath} failed at ${where}: ${(error as Error).message}`);
+        source.failed(error);
+        lastError = describe(error);
       }
       if (remaining() === 0) break;
       // A pass that ended cleanly with chunks to fetch again is no interruption: go again at once.
@@ -360,7 +323,7 @@ export async function writeImageByChunks(
     };
   } finally {
     // A device that failed or vanished may fail its close too; that must not hide the error that ended the write.
-    await device
+    await writer
       .close()
       .catch((error: unknown) => logger.warn({ err: error, device: target.devicePath }, 'closing the target disk failed'));
   }
@@ -368,6 +331,60 @@ export async function writeImageByChunks(
 
 class ChunkVerificationError extends Error {
   override name = 'ChunkVerificationError';
+}
+
+/**
+ * One pass over one connection on the agent's own thread: a ReadImage call
+ * per range, a few disk writes in flight, a stall timer per call. Throws a
+ * DiskWriteError when a write failed (also when the stream broke meanwhile),
+ * the StallError when the call stalled, else what broke the call.
+ */
+async function fetchOnThisThread(
+  source: ImageSource,
+  image: string,
+  ranges: FetchRange[],
+  on: Pick<RangeReceiver, 'manifest' | 'blocks' | 'partial' | 'write'>,
+  options: WriteImageOptions,
+  signal: AbortSignal,
+  onReceived: (bytes: number) => void,
+  judge: RangeReceiver['onChunk'],
+): Promise<void> {
+  const call = new AbortController();
+  const onAbort = () => call.abort(signal.reason);
+  signal.addEventListener('abort', onAbort);
+  let stallTimer: NodeJS.Timeout | undefined;
+  const armStallTimer = () => {
+    clearTimeout(stallTimer);
+    stallTimer = setTimeout(() => call.abort(new StallError(`no data for ${options.stallTimeoutMs / 1000}s`)), options.stallTimeoutMs);
+  };
+  // A few writes in flight, and a failing one aborts the read at once so that the write error is what is reported.
+  const writes = new WriteQueue(WRITES_IN_FLIGHT, (failure) => call.abort(new DiskWriteError(failure)));
+  try {
+    armStallTimer();
+    for (const range of ranges) {
+      await receiveRange(source.read(image, range.offset, call.signal, range.end - range.offset), range, {
+        ...on,
+        writes,
+        onMessage: (bytes) => {
+          armStallTimer();
+          onReceived(bytes);
+        },
+        onChunk: judge,
+      });
+      await writes.all();
+    }
+  } catch (error) {
+    // A write still in flight when the stream broke may have failed: its chunk must not count as held.
+    const writeError = await writes.all().then(
+      () => undefined,
+      (failure: unknown) => failure,
+    );
+    if (writeError !== undefined) throw new DiskWriteError(writeError);
+    throw call.signal.reason instanceof StallError ? call.signal.reason : error;
+  } finally {
+    clearTimeout(stallTimer);
+    signal.removeEventListener('abort', onAbort);
+  }
 }
 
 /**

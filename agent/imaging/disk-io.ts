@@ -44,6 +44,12 @@ export interface WriteImageOptions {
   backoffMaxMs: number;
   /** Fan-out (docs/fanout.md): fetch chunks from the peers of the deploy wave first; undefined: from the controller only. */
   fanout?: FanoutHook;
+  /**
+   * Connections to fetch a manifest image's chunks over at once, each on its
+   * own worker thread (agent/imaging/lanes); 1: one stream on the agent's
+   * thread. Used only when the source can open them and there is work for two.
+   */
+  streams: number;
 }
 
 export const DEFAULT_WRITE_OPTIONS: WriteImageOptions = {
@@ -54,6 +60,7 @@ export const DEFAULT_WRITE_OPTIONS: WriteImageOptions = {
   diskIsZeroed: false,
   backoffBaseMs: 1000,
   backoffMaxMs: 30_000,
+  streams: 1,
 };
 
 /** Answers that no retry can fix: the image is gone or not ours to read. */

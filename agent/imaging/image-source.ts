@@ -1,8 +1,9 @@
-import { agentMetadata } from '../../common/agent-metadata.js';
+import { agentMetadata, agentMetadataFields } from '../../common/agent-metadata.js';
 import type { GetImageManifestResponse, ReadImageResponse, StatImageResponse } from '../../gen/metalcast/v1/agent_gateway.js';
 import type { ExchangeChunksRequest, ExchangeChunksResponse } from '../../gen/metalcast/v1/fanout.js';
 import { type ControllerLink, isConnectionError } from '../controller/controller-link.js';
 import type { HeartbeatIdentity } from '../controller/heartbeat.js';
+import type { LaneEndpoint } from './lanes/lane-protocol.js';
 
 /** Where the image writer gets its bytes: the controller's StatImage and ReadImage, as the writer needs them. */
 export interface ImageSource {
@@ -15,6 +16,11 @@ export interface ImageSource {
   exchange?(request: ExchangeChunksRequest, signal: AbortSignal): Promise<ExchangeChunksResponse>;
   /** Told about a failed call, so that connection errors move to the next controller. */
   failed(error: unknown): void;
+  /**
+   * How a lane worker opens its own connection to the same controller
+   * (agent/imaging/lanes); absent: every read stays on the agent's thread.
+   */
+  lanes?(): { endpoint: LaneEndpoint; metadata: () => Record<string, string> };
 }
 
 /**
@@ -40,5 +46,13 @@ export function controllerImageSource(
     failed: (error) => {
       if (isConnectionError(error)) link.next('image transfer could not connect');
     },
+    lanes: () => ({
+      endpoint: link.laneEndpoint(),
+      metadata: () => {
+        const id = identity();
+        if (!id) throw new Error('the agent has no token (lookup has not finished)');
+        return agentMetadataFields(id.nodeUuid, id.token);
+      },
+    }),
   };
 }

@@ -4,7 +4,7 @@ import { open, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { createChannel, createClient } from 'nice-grpc';
-import { agentMetadata } from '../../common/agent-metadata.js';
+import { agentMetadata, agentMetadataFields } from '../../common/agent-metadata.js';
 import { ManifestBuilder } from '../../common/chunk-manifest.js';
 import { FastAgentGatewayServiceDefinition } from '../../common/read-image-codec.js';
 import type { ImageSource } from '../../agent/imaging/image-source.js';
@@ -39,6 +39,7 @@ const FLAGS: Record<string, string> = {
 };
 
 const OPTIONS = { ...DEFAULT_WRITE_OPTIONS, stallTimeoutMs: 5000, backoffBaseMs: 50, backoffMaxMs: 200 };
+const KEEPALIVE = { timeMs: 10_000, timeoutMs: 10_000 };
 
 describe('image transfer against the chunk manifest', () => {
   let t: TestController;
@@ -47,6 +48,8 @@ describe('image transfer against the chunk manifest', () => {
   let node: NodeRecord;
   let source: ImageSource;
   let channel: ReturnType<typeof createChannel>;
+  /** The call metadata as fields, for lane workers. */
+  let laneMetadata: Record<string, string> = {};
 
   /** Points the node's deploy at `image` (deploy_wait, as the conductor leaves it while the agent writes). */
   async function deploying(image: string): Promise<void> {
@@ -77,6 +80,7 @@ describe('image transfer against the chunk manifest', () => {
     channel = createChannel(proxy.address);
     const gateway = createClient(FastAgentGatewayServiceDefinition, channel);
     const metadata = agentMetadata(nodeUuid, agentToken);
+    laneMetadata = agentMetadataFields(nodeUuid, agentToken);
     source = {
       stat: (image, signal) => gateway.statImage({ image }, { metadata, signal }),
       read: (image, offset, signal, length = 0) => gateway.readImage({ image, offset, length }, { metadata, signal }),
@@ -178,6 +182,70 @@ describe('image transfer against the chunk manifest', () => {
     ]);
     assert.ok(sent < content.length + 2 * MANIFEST_CHUNK, `${sent} bytes sent for an ${content.length}-byte image with one bad chunk`);
     assert.ok((await diskStart(disk, content.length)).equals(content), 'the disk holds the image');
+  });
+
+  it('over several connections at once (--image-streams 3), each on its own thread: the disk ends bit-exact, one connection per lane', async () => {
+    // 40 MiB of 256 KiB chunks: three segments of 64 chunks (16 MiB) and a rest, spread over three lanes.
+    const content = randomBytes(40 * MIB);
+    content.fill(0, 20 * MIB, 21 * MIB); // a zero run: written locally, not fetched
+    const { sha256: digest } = await addImage(t.controller, 'lanes', content);
+    const disk = join(dirs.path, 'lanes.disk');
+    await writeFile(disk, Buffer.alloc(42 * MIB, 0xaa)); // old data, so that the zero run must be written too
+    const accepted = proxy.stats.acceptedConnections;
+    const inLanes: ImageSource = {
+      ...source,
+      read: () => {
+        throw new Error('a lane pass must not read on the agent thread');
+      },
+      lanes: () => ({ endpoint: { address: proxy.address, caPem: undefined, keepalive: KEEPALIVE }, metadata: () => laneMetadata }),
+    };
+    await deploying('lanes');
+    const result = await writeImage(
+      inLanes,
+      { image: 'lanes', devicePath: disk, deviceSizeBytes: 42 * MIB, expectedSha256: '', expectedSizeBytes: 0 },
+      { ...OPTIONS, streams: 3 },
+      () => {},
+      new AbortController().signal,
+      testLogger(),
+    );
+    assert.equal(result.sha256, digest);
+    assert.equal(result.chunksFetched, 160);
+    assert.equal(result.bytesFromController, 39 * MIB, 'every chunk but the zero run came over the lanes');
+    assert.equal(proxy.stats.acceptedConnections - accepted, 3, 'each lane opened its own connection');
+    assert.ok((await diskStart(disk, content.length)).equals(content), 'the disk holds the image');
+  });
+
+  it('a lane whose connection breaks mid-transfer: the other lanes go on, its rest is fetched again, the disk ends bit-exact', async () => {
+    const content = randomBytes(40 * MIB);
+    const { sha256: digest } = await addImage(t.controller, 'lanes-broken', content);
+    const disk = join(dirs.path, 'lanes-broken.disk');
+    await writeFile(disk, Buffer.alloc(40 * MIB));
+    proxy.throttle(8 * MIB);
+    const inLanes: ImageSource = {
+      ...source,
+      lanes: () => ({ endpoint: { address: proxy.address, caPem: undefined, keepalive: KEEPALIVE }, metadata: () => laneMetadata }),
+    };
+    await deploying('lanes-broken');
+    const reset = setTimeout(() => {
+      proxy.resetAll();
+      proxy.throttle(0);
+    }, 1500);
+    try {
+      const result = await writeImage(
+        inLanes,
+        { image: 'lanes-broken', devicePath: disk, deviceSizeBytes: 40 * MIB, expectedSha256: '', expectedSizeBytes: 0 },
+        { ...OPTIONS, streams: 2 },
+        () => {},
+        new AbortController().signal,
+        testLogger(),
+      );
+      assert.equal(result.sha256, digest);
+      assert.ok(result.resumes >= 1, 'the broken lanes were resumed');
+      assert.ok((await diskStart(disk, content.length)).equals(content), 'the disk holds the image');
+    } finally {
+      clearTimeout(reset);
+      proxy.throttle(0);
+    }
   });
 
   it('a chunk that is corrupt at every delivery fails the deploy with the chunk named, after three tries', async () => {

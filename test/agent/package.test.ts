@@ -1,14 +1,16 @@
 import assert from 'node:assert/strict';
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { copyFileSync, mkdirSync, readFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { createChannel, createClient } from 'nice-grpc';
+import { Worker } from 'node:worker_threads';
+import { createChannel, createClient, Status } from 'nice-grpc';
+import type { FromLane, LaneSetup, ToLane } from '../../agent/imaging/lanes/lane-protocol.js';
 import { onJsonLogLines } from '../../demo/processes.js';
 import { NodeServiceDefinition } from '../../gen/metalcast/v1/node.js';
 import { build, packageVersion, REPO_ROOT } from '../../scripts/build.js';
-import { type AgentArtifacts, packageAgent } from '../../scripts/package-agent.js';
+import { type AgentArtifacts, bundleLaneWorker, packageAgent } from '../../scripts/package-agent.js';
 import { createWaitingNode } from '../helpers/agent-client.js';
 import { eventually, operatorCallOptions, startTestController, type TestController, tempDir } from '../helpers/controller.js';
 import { uniqueFakeMachine } from '../helpers/fake-machine.js';
@@ -190,6 +192,32 @@ describe('the agent artifact (npm run package:agent)', () => {
       agent.child.kill('SIGKILL');
     }
   };
+
+  it('carries the image lane worker as one script: started with eval, it speaks the lane protocol', async () => {
+    // What the bundle starts for --image-streams above 1 (agent/imaging/lanes): no file of the checkout behind it.
+    const disk = join(dirs.path, 'lane-disk');
+    writeFileSync(disk, Buffer.alloc(1024 * 1024));
+    const setup: LaneSetup = {
+      endpoint: { address: '127.0.0.1:1', caPem: undefined, keepalive: { timeMs: 10_000, timeoutMs: 10_000 } },
+      lane: 0,
+      image: 'nothing-listens',
+      devicePath: disk,
+      chunkSize: 1024 * 1024,
+      sizeBytes: 1024 * 1024,
+      digests: new Uint8Array(32),
+      stallTimeoutMs: 5000,
+    };
+    const worker = new Worker(await bundleLaneWorker(), { eval: true, workerData: setup, execArgv: [] });
+    const said: FromLane[] = [];
+    worker.on('message', (message: FromLane) => said.push(message));
+    const exited = once(worker, 'exit');
+    worker.postMessage({ type: 'fetch', range: { offset: 0, end: 1024 * 1024 }, metadata: {} } satisfies ToLane);
+    const failed = await eventually(() => said.find((m) => m.type === 'failed'), { timeoutMs: 20_000, what: 'the lane to fail' });
+    assert.deepEqual(failed?.type === 'failed' && failed.failure.kind === 'grpc' && failed.failure.code, Status.UNAVAILABLE);
+    worker.postMessage({ type: 'close' } satisfies ToLane);
+    await exited;
+    assert.equal(said.at(-1)?.type, 'closed');
+  });
 
   it('is one .mjs file that prints its help with nothing but Node.js beside it', () => {
     assert.equal(artifacts.version, packageVersion());

@@ -13,7 +13,7 @@ import { writeImage } from '../../agent/imaging/write-image.js';
 import type { NodeRecord } from '../../controller/store/store.js';
 import type { WriteImageResult } from '../../gen/metalcast/v1/command.js';
 import { lookup } from '../helpers/agent-client.js';
-import { startTestController, type TestController, tempDir, testLogger } from '../helpers/controller.js';
+import { eventually, startTestController, type TestController, tempDir, testLogger } from '../helpers/controller.js';
 import { addImage, sha256 } from '../helpers/images.js';
 import { TcpProxy } from '../helpers/tcp-proxy.js';
 
@@ -246,6 +246,41 @@ describe('image transfer against the chunk manifest', () => {
       clearTimeout(reset);
       proxy.throttle(0);
     }
+  });
+
+  it('a deploy cancelled while its lanes fetch ends at once, its lanes stopped', async () => {
+    const content = randomBytes(40 * MIB);
+    await addImage(t.controller, 'lanes-cancelled', content);
+    const disk = join(dirs.path, 'lanes-cancelled.disk');
+    await writeFile(disk, Buffer.alloc(40 * MIB));
+    proxy.throttle(4 * MIB);
+    const inLanes: ImageSource = {
+      ...source,
+      lanes: () => ({ endpoint: { address: proxy.address, caPem: undefined, keepalive: KEEPALIVE }, metadata: () => laneMetadata }),
+    };
+    await deploying('lanes-cancelled');
+    const cancel = new AbortController();
+    const received: number[] = [];
+    setTimeout(() => cancel.abort(new Error('the test cancels')), 1000);
+    const started = Date.now();
+    try {
+      await assert.rejects(
+        writeImage(
+          inLanes,
+          { image: 'lanes-cancelled', devicePath: disk, deviceSizeBytes: 40 * MIB, expectedSha256: '', expectedSizeBytes: 0 },
+          { ...OPTIONS, streams: 2 },
+          (progress) => received.push(progress.bytesFromController ?? 0),
+          cancel.signal,
+          testLogger(),
+        ),
+        /write_image cancelled at \d+ of \d+ bytes/,
+      );
+    } finally {
+      proxy.throttle(0);
+    }
+    assert.ok(Date.now() - started < 5000, `ended ${Date.now() - started} ms after the start`);
+    assert.ok((received.at(-1) ?? 0) > 0, 'the lanes had started fetching');
+    await eventually(() => proxy.stats.connections <= 1 || undefined, { timeoutMs: 5000, what: "the lanes' connections to close" });
   });
 
   it('a chunk that is corrupt at every delivery fails the deploy with the chunk named, after three tries', async () => {

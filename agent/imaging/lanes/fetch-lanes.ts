@@ -1,4 +1,3 @@
-import type { Worker } from 'node:worker_threads';
 import { ClientError } from 'nice-grpc';
 import type { ChunkManifest } from '../../../common/chunk-manifest.js';
 import type { Logger } from '../../../common/logging.js';
@@ -70,9 +69,10 @@ export async function fetchInLanes(pass: LanePass): Promise<unknown> {
   const count = Math.max(1, Math.min(pass.lanes, queue.length));
   let firstFailure: unknown;
   let fatal: { error: unknown } | undefined;
-  const workers: Worker[] = [];
+  /** Each lane's way to be told to stop at once (and terminated if it does not end). */
+  const stops: (() => void)[] = [];
   const stopAll = () => {
-    for (const worker of workers) worker.postMessage({ type: 'abort' } satisfies ToLane);
+    for (const stop of stops) stop();
   };
   const onAbort = () => stopAll();
   pass.signal.addEventListener('abort', onAbort);
@@ -88,13 +88,15 @@ export async function fetchInLanes(pass: LanePass): Promise<unknown> {
       digests: pass.manifest.digests,
       stallTimeoutMs: pass.stallTimeoutMs,
     });
-    workers.push(worker);
     let closed = false;
+    let exited = false;
     let stopTimer: NodeJS.Timeout | undefined;
     const tell = (message: ToLane) => {
+      if (exited) return;
       if (message.type !== 'fetch') stopTimer ??= setTimeout(() => void worker.terminate(), LANE_STOP_TIMEOUT_MS);
       worker.postMessage(message);
     };
+    stops.push(() => tell({ type: 'abort' }));
     const next = () => {
       const segment = fatal || pass.signal.aborted ? undefined : queue.shift();
       if (segment) tell({ type: 'fetch', range: segment, metadata: pass.metadata() });
@@ -134,6 +136,7 @@ export async function fetchInLanes(pass: LanePass): Promise<unknown> {
     ended.push(
       new Promise<void>((resolve) =>
         worker.once('exit', () => {
+          exited = true;
           clearTimeout(stopTimer);
           if (!closed && !fatal && !pass.signal.aborted) fail(new Error(`image lane ${lane} ended before it was told to`));
           resolve();

@@ -187,7 +187,6 @@ export async function writeImageByChunks(
     let lastError = '';
     let receivedTotal = 0;
     const remaining = () => done.reduce((n, d) => n + (d ? 0 : 1), 0);
-    const lanes = source.lanes?.();
     while (remaining() > 0) {
       attempts++;
       const receivedBefore = receivedTotal;
@@ -223,6 +222,8 @@ export async function writeImageByChunks(
       };
       try {
         const ranges = rangesToFetch(manifest, done, partial);
+        // Asked at every pass: a connection error may have moved the agent to the next controller address.
+        const lanes = source.lanes?.();
         const laneCount = lanes ? Math.min(options.streams, segmentCount(ranges, manifest.chunkSize)) : 1;
         if (lanes && laneCount > 1) {
           // Several connections, each on its own thread (agent/imaging/lanes): a chunk begun in an earlier

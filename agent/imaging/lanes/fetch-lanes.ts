@@ -97,14 +97,23 @@ export async function fetchInLanes(pass: LanePass): Promise<unknown> {
       worker.postMessage(message);
     };
     stops.push(() => tell({ type: 'abort' }));
-    const next = () => {
-      const segment = fatal || pass.signal.aborted ? undefined : queue.shift();
-      if (segment) tell({ type: 'fetch', range: segment, metadata: pass.metadata() });
-      else tell({ type: 'close' });
-    };
     const fail = (error: unknown) => {
       firstFailure ??= error;
       pass.logger.warn({ lane, reason: describeFailure(error) }, 'an image lane failed; the other lanes go on, its rest is fetched again');
+    };
+    const next = () => {
+      const segment = fatal || pass.signal.aborted ? undefined : queue.shift();
+      if (!segment) return tell({ type: 'close' });
+      let metadata: Record<string, string>;
+      try {
+        metadata = pass.metadata();
+      } catch (error) {
+        // No token (a re-lookup under way): this pass ends here, the next one asks again.
+        queue.unshift(segment);
+        fail(error);
+        return tell({ type: 'close' });
+      }
+      tell({ type: 'fetch', range: segment, metadata });
     };
     worker.on('message', (message: FromLane) => {
       switch (message.type) {

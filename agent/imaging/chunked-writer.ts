@@ -19,16 +19,15 @@ import type { ImageSource } from './image-source.js';
 import {
   DiskWriteError,
   FATAL_CODES,
+  guardedCall,
   hashRange,
   isDiskError,
   RateMeter,
-  StallError,
   type WriteImageOptions,
   type WriteImageTarget,
   WRITES_IN_FLIGHT,
   withRetries,
 } from './disk-io.js';
-import { WriteQueue } from '../../common/positional-writes.js';
 import { AlignedBlocks, DirectWriter } from './direct-writes.js';
 import { fetchInLanes, segmentCount } from './lanes/fetch-lanes.js';
 import { type FetchRange, type PartialChunk, type RangeReceiver, receiveRange } from './lanes/receive-range.js';
@@ -39,8 +38,6 @@ import { type FetchRange, type PartialChunk, type RangeReceiver, receiveRange } 
  * controller whose copy is broken, and fetching it forever would hide that.
  */
 export const MAX_CHUNK_FAILURES = 3;
-
-export type { FetchRange } from './lanes/receive-range.js';
 
 /**
  * write_image against the image's chunk manifest (docs/chunk-manifest.md):
@@ -334,12 +331,7 @@ class ChunkVerificationError extends Error {
   override name = 'ChunkVerificationError';
 }
 
-/**
- * One pass over one connection on the agent's own thread: a ReadImage call
- * per range, a few disk writes in flight, a stall timer per call. Throws a
- * DiskWriteError when a write failed (also when the stream broke meanwhile),
- * the StallError when the call stalled, else what broke the call.
- */
+/** One pass over one connection on the agent's own thread: a guarded ReadImage call per range (disk-io.ts). */
 async function fetchOnThisThread(
   source: ImageSource,
   image: string,
@@ -350,42 +342,20 @@ async function fetchOnThisThread(
   onReceived: (bytes: number) => void,
   judge: RangeReceiver['onChunk'],
 ): Promise<void> {
-  const call = new AbortController();
-  const onAbort = () => call.abort(signal.reason);
-  signal.addEventListener('abort', onAbort);
-  let stallTimer: NodeJS.Timeout | undefined;
-  const armStallTimer = () => {
-    clearTimeout(stallTimer);
-    stallTimer = setTimeout(() => call.abort(new StallError(`no data for ${options.stallTimeoutMs / 1000}s`)), options.stallTimeoutMs);
-  };
-  // A few writes in flight, and a failing one aborts the read at once so that the write error is what is reported.
-  const writes = new WriteQueue(WRITES_IN_FLIGHT, (failure) => call.abort(new DiskWriteError(failure)));
-  try {
-    armStallTimer();
+  await guardedCall(signal, options.stallTimeoutMs, async (call) => {
     for (const range of ranges) {
       await receiveRange(source.read(image, range.offset, call.signal, range.end - range.offset), range, {
         ...on,
-        writes,
+        writes: call.writes,
         onMessage: (bytes) => {
-          armStallTimer();
+          call.alive();
           onReceived(bytes);
         },
         onChunk: judge,
       });
-      await writes.all();
+      await call.writes.all();
     }
-  } catch (error) {
-    // A write still in flight when the stream broke may have failed: its chunk must not count as held.
-    const writeError = await writes.all().then(
-      () => undefined,
-      (failure: unknown) => failure,
-    );
-    if (writeError !== undefined) throw new DiskWriteError(writeError);
-    throw call.signal.reason instanceof StallError ? call.signal.reason : error;
-  } finally {
-    clearTimeout(stallTimer);
-    signal.removeEventListener('abort', onAbort);
-  }
+  });
 }
 
 /**

@@ -4,6 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ClientError, Status } from 'nice-grpc';
 import { describeError as describe } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
+import { WriteQueue } from '../../common/positional-writes.js';
 import type { ImageSource } from './image-source.js';
 import type { FanoutHook } from '../fanout/fanout-hook.js';
 
@@ -140,6 +141,54 @@ export async function withRetries<T>(
       logger.warn({ attempt, delayMs: Math.round(delay), reason: describe(error) }, `${what} failed; retrying`);
       await sleep(delay, undefined, { signal }).catch(() => {});
     }
+  }
+}
+
+/** What a guarded read call gives its body. */
+export interface GuardedCall {
+  /** The call's signal: pass it to the read. */
+  signal: AbortSignal;
+  /** Disk writes of this call; a failing one aborts the call at once. */
+  writes: WriteQueue;
+  /** Data arrived: the stall timer starts again. */
+  alive(): void;
+}
+
+/**
+ * One read call the way every writer runs it (image-writer.ts, chunked-writer.ts,
+ * lanes/lane-worker.ts): aborted with `parent`, when no data came for
+ * `stallTimeoutMs`, or at once when a queued disk write fails, so that a stalled
+ * link cannot hide a full disk and a failing write never goes unhandled (an
+ * unhandled rejection ends the agent process). Up to WRITES_IN_FLIGHT writes
+ * are queued. Throws a DiskWriteError when a write failed (also when the stream
+ * broke meanwhile: the bytes of that write are counted as received, so it is
+ * the error that matters), the StallError when the call stalled, else what
+ * broke the call.
+ */
+export async function guardedCall(parent: AbortSignal, stallTimeoutMs: number, body: (call: GuardedCall) => Promise<void>): Promise<void> {
+  const call = new AbortController();
+  const onAbort = () => call.abort(parent.reason);
+  parent.addEventListener('abort', onAbort);
+  let stallTimer: NodeJS.Timeout | undefined;
+  const alive = () => {
+    clearTimeout(stallTimer);
+    stallTimer = setTimeout(() => call.abort(new StallError(`no data for ${stallTimeoutMs / 1000}s`)), stallTimeoutMs);
+  };
+  const writes = new WriteQueue(WRITES_IN_FLIGHT, (failure) => call.abort(new DiskWriteError(failure)));
+  try {
+    alive();
+    await body({ signal: call.signal, writes, alive });
+    await writes.all();
+  } catch (error) {
+    const writeError = await writes.all().then(
+      () => undefined,
+      (failure: unknown) => failure,
+    );
+    if (writeError !== undefined) throw new DiskWriteError(writeError);
+    throw call.signal.reason instanceof StallError ? call.signal.reason : error;
+  } finally {
+    clearTimeout(stallTimer);
+    parent.removeEventListener('abort', onAbort);
   }
 }
 

@@ -12,17 +12,16 @@ import { describeError as describe } from '../../common/errors.js';
 import {
   DiskWriteError,
   FATAL_CODES,
+  guardedCall,
   hashRange,
   isDiskError,
   RateMeter,
-  StallError,
   type WriteImageOptions,
   type WriteImageTarget,
-  WRITES_IN_FLIGHT,
   withRetries,
   writeAllAt,
 } from './disk-io.js';
-import { WriteQueue, writeFully } from '../../common/positional-writes.js';
+import { writeFully } from '../../common/positional-writes.js';
 
 // What callers of writeImage import from here.
 export { DEFAULT_WRITE_OPTIONS, type WriteImageOptions, type WriteImageTarget } from './disk-io.js';
@@ -92,76 +91,56 @@ export async function writeImageStream(
     while (offset < size) {
       attempts++;
       const offsetBefore = offset;
-      const call = new AbortController();
-      const onAbort = () => call.abort(signal.reason);
-      signal.addEventListener('abort', onAbort);
-      let stallTimer: NodeJS.Timeout | undefined;
-      const armStallTimer = () => {
-        clearTimeout(stallTimer);
-        stallTimer = setTimeout(() => call.abort(new StallError(`no data for ${options.stallTimeoutMs / 1000}s`)), options.stallTimeoutMs);
-      };
-      // Up to WRITES_IN_FLIGHT writes queued while the next chunks are received and hashed, so that one slow
-      // write does not stop the stream (memory: that many chunks). A write that fails while the loop waits
-      // for the next chunk must neither go unhandled (an unhandled rejection ends the agent process) nor
-      // wait for that chunk (a stalled link would hide a full disk for the whole stall timeout): the
-      // failure aborts the read at once, and the catch below reports the write error, not the abort.
-      const writes = new WriteQueue(WRITES_IN_FLIGHT, (failure) => call.abort(new DiskWriteError(failure)));
       try {
-        armStallTimer();
-        for await (const chunk of source.read(target.image, offset, call.signal)) {
-          armStallTimer();
-          // chunkParts, not chunk.data: reading `data` of a chunk received in parts joins them (a copy).
-          const parts = chunk.zero ? [] : chunkParts(chunk);
-          const length = chunk.zero ? chunk.length : parts.reduce((sum, part) => sum + part.length, 0);
-          if (chunk.offset !== offset || length === 0 || offset + length > size || (chunk.zero && length > zeros.length)) {
-            throw new Error(`the controller sent a chunk at ${chunk.offset} of ${length} bytes where ${offset} was expected`);
+        // Up to WRITES_IN_FLIGHT writes queued while the next chunks are received and hashed, so that one slow
+        // write does not stop the stream (memory: that many chunks); a failing one aborts the read at once
+        // (guardedCall, disk-io.ts).
+        await guardedCall(signal, options.stallTimeoutMs, async (call) => {
+          for await (const chunk of source.read(target.image, offset, call.signal)) {
+            call.alive();
+            // chunkParts, not chunk.data: reading `data` of a chunk received in parts joins them (a copy).
+            const parts = chunk.zero ? [] : chunkParts(chunk);
+            const length = chunk.zero ? chunk.length : parts.reduce((sum, part) => sum + part.length, 0);
+            if (chunk.offset !== offset || length === 0 || offset + length > size || (chunk.zero && length > zeros.length)) {
+              throw new Error(`the controller sent a chunk at ${chunk.offset} of ${length} bytes where ${offset} was expected`);
+            }
+            await call.writes.room();
+            if (chunk.zero) {
+              hash.update(zeros.subarray(0, length));
+              if (!options.diskIsZeroed) call.writes.add(writeFully(device, zeros.subarray(0, length), offset));
+            } else {
+              // The chunk as received (common/grpc-wire.ts): hashed and written without joining it into one buffer.
+              for (const part of parts) hash.update(part);
+              call.writes.add(parts.length === 1 ? writeFully(device, parts[0]!, offset) : writeAllAt(device, parts, offset));
+            }
+            offset += length;
+            rate.add(length);
+            report({
+              phase: 'writing',
+              doneBytes: offset,
+              totalBytes: size,
+              rateBytesPerSecond: rate.perSecond(),
+              etaSeconds: rate.eta(size - offset),
+              resumes,
+            });
           }
-          await writes.room();
-          if (chunk.zero) {
-            hash.update(zeros.subarray(0, length));
-            if (!options.diskIsZeroed) writes.add(writeFully(device, zeros.subarray(0, length), offset));
-          } else {
-            // The chunk as received (common/grpc-wire.ts): hashed and written without joining it into one buffer.
-            for (const part of parts) hash.update(part);
-            writes.add(parts.length === 1 ? writeFully(device, parts[0]!, offset) : writeAllAt(device, parts, offset));
-          }
-          offset += length;
-          rate.add(length);
-          report({
-            phase: 'writing',
-            doneBytes: offset,
-            totalBytes: size,
-            rateBytesPerSecond: rate.perSecond(),
-            etaSeconds: rate.eta(size - offset),
-            resumes,
-          });
-        }
-        await writes.all();
-        if (offset < size) throw new Error(`the controller ended the stream at ${offset} of ${size} bytes`);
+          await call.writes.all();
+          if (offset < size) throw new Error(`the controller ended the stream at ${offset} of ${size} bytes`);
+        });
       } catch (error) {
-        // A write still in flight when the stream broke may have failed too: its bytes are already
-        // counted in offset, so resuming past them would leave a hole that the hash cannot see.
-        const writeError = await writes.all().then(
-          () => undefined,
-          (failure: unknown) => failure,
-        );
         if (signal.aborted) throw new Error(`write_image cancelled at ${offset} of ${size} bytes: the agent is stopping`);
-        if (writeError !== undefined) {
-          throw new Error(`writing ${target.devicePath} failed at ${offset} of ${size} bytes: ${describe(writeError)}`);
+        // A write still in flight when the stream broke may have failed too (guardedCall reports that one): its
+        // bytes are already counted in offset, so resuming past them would leave a hole that the hash cannot see.
+        if (error instanceof DiskWriteError) {
+          throw new Error(`writing ${target.devicePath} failed at ${offset} of ${size} bytes: ${error.message}`);
         }
-        const reason = call.signal.reason instanceof StallError ? call.signal.reason : error;
-        if (reason instanceof ClientError && FATAL_CODES.has(reason.code)) {
-          throw new Error(
-            `the controller refused the image read (${Status[reason.code]}: ${reason.details}) at ${offset} of ${size} bytes`,
-          );
+        if (error instanceof ClientError && FATAL_CODES.has(error.code)) {
+          throw new Error(`the controller refused the image read (${Status[error.code]}: ${error.details}) at ${offset} of ${size} bytes`);
         }
-        if (isDiskError(reason))
-          throw new Error(`writing ${target.devicePath} failed at ${offset} of ${size} bytes: ${(reason as Error).message}`);
-        source.failed(reason);
-        lastError = describe(reason);
-      } finally {
-        clearTimeout(stallTimer);
-        signal.removeEventListener('abort', onAbort);
+        if (isDiskError(error))
+          throw new Error(`writing ${target.devicePath} failed at ${offset} of ${size} bytes: ${(error as Error).message}`);
+        source.failed(error);
+        lastError = describe(error);
       }
       if (offset >= size) break;
       const elapsed = Date.now() - started;

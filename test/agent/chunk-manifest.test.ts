@@ -11,7 +11,7 @@ import type { ImageSource } from '../../agent/imaging/image-source.js';
 import { DEFAULT_WRITE_OPTIONS } from '../../agent/imaging/image-writer.js';
 import { writeImage } from '../../agent/imaging/write-image.js';
 import type { NodeRecord } from '../../controller/store/store.js';
-import type { WriteImageResult } from '../../gen/metalcast/v1/command.js';
+import type { CommandProgress, WriteImageResult } from '../../gen/metalcast/v1/command.js';
 import { lookup } from '../helpers/agent-client.js';
 import { eventually, startTestController, type TestController, tempDir, testLogger } from '../helpers/controller.js';
 import { addImage, sha256 } from '../helpers/images.js';
@@ -95,20 +95,36 @@ describe('image transfer against the chunk manifest', () => {
     dirs.remove();
   });
 
-  /** Writes `image` onto `disk` through the proxy; returns the result and the bytes the controller sent. */
-  async function deploy(image: string, disk: string, from: ImageSource = source): Promise<{ result: WriteImageResult; sent: number }> {
+  /**
+   * Writes `image` onto `disk` through the proxy, over `how.streams` connections at once (1 by default), with
+   * `how.signal` and `how.report` when given; returns the result and the bytes the controller sent.
+   */
+  async function deploy(
+    image: string,
+    disk: string,
+    from: ImageSource = source,
+    how: { streams?: number; signal?: AbortSignal; report?: (progress: Partial<CommandProgress>) => void } = {},
+  ): Promise<{ result: WriteImageResult; sent: number }> {
     await deploying(image);
     const before = proxy.stats.bytesFromTarget;
     const { size } = await stat(disk);
     const result = await writeImage(
       from,
       { image, devicePath: disk, deviceSizeBytes: size, expectedSha256: '', expectedSizeBytes: 0 },
-      OPTIONS,
-      () => {},
-      new AbortController().signal,
+      { ...OPTIONS, streams: how.streams ?? OPTIONS.streams },
+      how.report ?? (() => {}),
+      how.signal ?? new AbortController().signal,
       testLogger(),
     );
     return { result, sent: proxy.stats.bytesFromTarget - before };
+  }
+
+  /** The test's source, offering lanes (agent/imaging/lanes): each worker connects through the proxy itself. */
+  function inLanesSource(): ImageSource {
+    return {
+      ...source,
+      lanes: () => ({ endpoint: { address: proxy.address, caPem: undefined, keepalive: KEEPALIVE }, metadata: () => laneMetadata }),
+    };
   }
 
   async function diskStart(disk: string, length: number): Promise<Buffer> {
@@ -193,21 +209,12 @@ describe('image transfer against the chunk manifest', () => {
     await writeFile(disk, Buffer.alloc(42 * MIB, 0xaa)); // old data, so that the zero run must be written too
     const accepted = proxy.stats.acceptedConnections;
     const inLanes: ImageSource = {
-      ...source,
+      ...inLanesSource(),
       read: () => {
         throw new Error('a lane pass must not read on the agent thread');
       },
-      lanes: () => ({ endpoint: { address: proxy.address, caPem: undefined, keepalive: KEEPALIVE }, metadata: () => laneMetadata }),
     };
-    await deploying('lanes');
-    const result = await writeImage(
-      inLanes,
-      { image: 'lanes', devicePath: disk, deviceSizeBytes: 42 * MIB, expectedSha256: '', expectedSizeBytes: 0 },
-      { ...OPTIONS, streams: 3 },
-      () => {},
-      new AbortController().signal,
-      testLogger(),
-    );
+    const { result } = await deploy('lanes', disk, inLanes, { streams: 3 });
     assert.equal(result.sha256, digest);
     assert.equal(result.chunksFetched, 160);
     assert.equal(result.bytesFromController, 39 * MIB, 'every chunk but the zero run came over the lanes');
@@ -221,24 +228,12 @@ describe('image transfer against the chunk manifest', () => {
     const disk = join(dirs.path, 'lanes-broken.disk');
     await writeFile(disk, Buffer.alloc(40 * MIB));
     proxy.throttle(8 * MIB);
-    const inLanes: ImageSource = {
-      ...source,
-      lanes: () => ({ endpoint: { address: proxy.address, caPem: undefined, keepalive: KEEPALIVE }, metadata: () => laneMetadata }),
-    };
-    await deploying('lanes-broken');
     const reset = setTimeout(() => {
       proxy.resetAll();
       proxy.throttle(0);
     }, 1500);
     try {
-      const result = await writeImage(
-        inLanes,
-        { image: 'lanes-broken', devicePath: disk, deviceSizeBytes: 40 * MIB, expectedSha256: '', expectedSizeBytes: 0 },
-        { ...OPTIONS, streams: 2 },
-        () => {},
-        new AbortController().signal,
-        testLogger(),
-      );
+      const { result } = await deploy('lanes-broken', disk, inLanesSource(), { streams: 2 });
       assert.equal(result.sha256, digest);
       assert.ok(result.resumes >= 1, 'the broken lanes were resumed');
       assert.ok((await diskStart(disk, content.length)).equals(content), 'the disk holds the image');
@@ -254,25 +249,17 @@ describe('image transfer against the chunk manifest', () => {
     const disk = join(dirs.path, 'lanes-cancelled.disk');
     await writeFile(disk, Buffer.alloc(40 * MIB));
     proxy.throttle(4 * MIB);
-    const inLanes: ImageSource = {
-      ...source,
-      lanes: () => ({ endpoint: { address: proxy.address, caPem: undefined, keepalive: KEEPALIVE }, metadata: () => laneMetadata }),
-    };
-    await deploying('lanes-cancelled');
     const cancel = new AbortController();
     const received: number[] = [];
     setTimeout(() => cancel.abort(new Error('the test cancels')), 1000);
     const started = Date.now();
     try {
       await assert.rejects(
-        writeImage(
-          inLanes,
-          { image: 'lanes-cancelled', devicePath: disk, deviceSizeBytes: 40 * MIB, expectedSha256: '', expectedSizeBytes: 0 },
-          { ...OPTIONS, streams: 2 },
-          (progress) => received.push(progress.bytesFromController ?? 0),
-          cancel.signal,
-          testLogger(),
-        ),
+        deploy('lanes-cancelled', disk, inLanesSource(), {
+          streams: 2,
+          signal: cancel.signal,
+          report: (progress) => received.push(progress.bytesFromController ?? 0),
+        }),
         /write_image cancelled at \d+ of \d+ bytes/,
       );
     } finally {

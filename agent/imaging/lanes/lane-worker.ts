@@ -15,11 +15,10 @@ import { Metadata } from 'nice-grpc-common';
 import type { ChunkManifest } from '../../../common/chunk-manifest.js';
 import { describeError } from '../../../common/errors.js';
 import { clientChannelOptions } from '../../../common/grpc-options.js';
-import { WriteQueue } from '../../../common/positional-writes.js';
 import { FastAgentGatewayServiceDefinition } from '../../../common/read-image-codec.js';
 import { tlsClient } from '../../../common/tls.js';
 import { AlignedBlocks, DirectWriter } from '../direct-writes.js';
-import { isDiskError, StallError, WRITES_IN_FLIGHT } from '../disk-io.js';
+import { DiskWriteError, guardedCall, isDiskError, StallError, WRITES_IN_FLIGHT } from '../disk-io.js';
 import type { FromLane, LaneFailure, LaneSetup, ToLane } from './lane-protocol.js';
 import { type PartialChunk, receiveRange } from './receive-range.js';
 
@@ -49,54 +48,43 @@ let closing = false;
 let working: Promise<void> = Promise.resolve();
 
 async function fetch(range: { offset: number; end: number }, metadata: Record<string, string>): Promise<void> {
-  const current = new AbortController();
-  call = current;
-  let stallTimer: NodeJS.Timeout | undefined;
-  const armStallTimer = () => {
-    clearTimeout(stallTimer);
-    stallTimer = setTimeout(() => current.abort(new StallError(`no data for ${setup.stallTimeoutMs / 1000}s`)), setup.stallTimeoutMs);
-  };
-  const writes = new WriteQueue(WRITES_IN_FLIGHT, (failure) => current.abort(failure));
+  const stop = new AbortController();
+  call = stop;
   // A range starts at a chunk boundary and is fetched whole: nothing of it is carried over from an earlier call.
   const partial = new Map<number, PartialChunk>();
   try {
     writer ??= await DirectWriter.open(setup.devicePath, blocks);
     const disk = writer;
-    armStallTimer();
-    const messages = gateway.readImage(
-      { image: setup.image, offset: range.offset, length: range.end - range.offset },
-      { metadata: Metadata(metadata), signal: current.signal },
-    );
-    await receiveRange(messages, range, {
-      manifest,
-      blocks,
-      partial,
-      write: (data, position) => disk.write(data, position),
-      writes,
-      onMessage: (bytes) => {
-        armStallTimer();
-        say({ type: 'received', bytes });
-      },
-      onChunk: (index, ok, digest) => say(ok ? { type: 'chunk', index, ok } : { type: 'chunk', index, ok, digest: digest.toString('hex') }),
+    await guardedCall(stop.signal, setup.stallTimeoutMs, async (guarded) => {
+      const messages = gateway.readImage(
+        { image: setup.image, offset: range.offset, length: range.end - range.offset },
+        { metadata: Metadata(metadata), signal: guarded.signal },
+      );
+      await receiveRange(messages, range, {
+        manifest,
+        blocks,
+        partial,
+        write: (data, position) => disk.write(data, position),
+        writes: guarded.writes,
+        onMessage: (bytes) => {
+          guarded.alive();
+          say({ type: 'received', bytes });
+        },
+        onChunk: (index, ok, digest) =>
+          say(ok ? { type: 'chunk', index, ok } : { type: 'chunk', index, ok, digest: digest.toString('hex') }),
+      });
     });
-    await writes.all();
     say({ type: 'fetched' });
   } catch (error) {
-    // A write still in flight when the stream broke may have failed: that is the error to report.
-    const writeError = await writes.all().then(
-      () => undefined,
-      (failure: unknown) => failure,
-    );
-    const reason = writeError ?? (current.signal.reason instanceof StallError ? current.signal.reason : error);
-    say({ type: 'failed', failure: failureOf(reason) });
+    say({ type: 'failed', failure: failureOf(error) });
   } finally {
-    clearTimeout(stallTimer);
     call = undefined;
   }
 }
 
 function failureOf(error: unknown): LaneFailure {
   if (error instanceof StallError) return { kind: 'stall', message: error.message };
+  if (error instanceof DiskWriteError) return { kind: 'disk', message: error.message, code: (error.cause as NodeJS.ErrnoException)?.code };
   if (error instanceof ClientError) return { kind: 'grpc', code: error.code, details: error.details, path: error.path };
   if (isDiskError(error)) {
     return { kind: 'disk', message: describeError(error), code: (error as NodeJS.ErrnoException).code };

@@ -19,7 +19,7 @@
  */
 import { createHash } from 'node:crypto';
 import { type FileHandle, open } from 'node:fs/promises';
-import { writeFully } from '../common/positional-writes.js';
+import { writeFully } from '../common/disk-writes/positional-writes.js';
 
 const [imagePath, targetPath, sizeArg, blockArg, startAtArg] = process.argv.slice(2);
 if (!imagePath || !targetPath || !sizeArg || !blockArg) {

@@ -26,7 +26,7 @@ import { readFileSync } from 'node:fs';
 import { open, readFile } from 'node:fs/promises';
 import { connect as netConnect, createServer as netServer, type Socket } from 'node:net';
 import { type ConnectionOptions, connect as tlsConnect, createServer as tlsServer } from 'node:tls';
-import { AlignedBlocks, DirectWriter } from '../agent/imaging/direct-writes.js';
+import { AlignedBlocks, DirectWriter } from '../common/disk-writes/direct-writes.js';
 
 export interface SocketSend {
   tls: boolean;
@@ -111,7 +111,7 @@ async function send(setup: SocketSend): Promise<void> {
 }
 
 async function receive(setup: SocketReceive): Promise<void> {
-  // Batches are written with O_DIRECT, as the agent writes (agent/imaging/direct-writes.ts): the fastest way
+  // Batches are written with O_DIRECT, as the agent writes (common/disk-writes/direct-writes.ts): the fastest way
   // to a disk file this machine has, so the baseline does not pay the page cache the agent no longer pays.
   const blocks = new AlignedBlocks(5, BLOCK);
   const target = await DirectWriter.open(setup.target, blocks);

@@ -14,7 +14,7 @@ import {
   PeerFailureKind,
   PeerChunkServiceDefinition,
 } from '../../gen/metalcast/v1/fanout.js';
-import { writeFully } from '../../common/positional-writes.js';
+import { writeFully } from '../../common/disk-writes/positional-writes.js';
 import { isDiskError } from '../imaging/disk-io.js';
 import type { ChunkShare } from './chunk-share.js';
 import type { FanoutHook } from './fanout-hook.js';

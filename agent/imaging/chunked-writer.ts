@@ -28,7 +28,7 @@ import {
   WRITES_IN_FLIGHT,
   withRetries,
 } from './disk-io.js';
-import { AlignedBlocks, DirectWriter } from './direct-writes.js';
+import { AlignedBlocks, DirectWriter } from '../../common/disk-writes/direct-writes.js';
 import { fetchInLanes, segmentCount } from './lanes/fetch-lanes.js';
 import { type FetchRange, type PartialChunk, type RangeReceiver, receiveRange } from './lanes/receive-range.js';
 
@@ -105,7 +105,7 @@ export async function writeImageByChunks(
     });
 
   // Buffers for received chunks, used again once written; 4 MiB holds a chunk message of the default size.
-  // Page-aligned, so that writes can bypass the page cache (direct-writes.ts).
+  // Page-aligned, so that writes can bypass the page cache (common/disk-writes/direct-writes.ts).
   const blocks = new AlignedBlocks(WRITES_IN_FLIGHT + 1, 4 * 1024 * 1024);
   const writer = await DirectWriter.open(target.devicePath, blocks).catch((error: unknown) => {
     throw new Error(`opening ${target.devicePath} to write image '${target.image}' failed: ${describe(error)}`);

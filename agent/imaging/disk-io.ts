@@ -4,7 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ClientError, Status } from 'nice-grpc';
 import { describeError as describe } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
-import { WriteQueue } from '../../common/positional-writes.js';
+import { WriteQueue } from '../../common/disk-writes/positional-writes.js';
 import type { ImageSource } from './image-source.js';
 import type { FanoutHook } from '../fanout/fanout-hook.js';
 

@@ -21,7 +21,7 @@ import {
   withRetries,
   writeAllAt,
 } from './disk-io.js';
-import { writeFully } from '../../common/positional-writes.js';
+import { writeFully } from '../../common/disk-writes/positional-writes.js';
 
 // What callers of writeImage import from here.
 export { DEFAULT_WRITE_OPTIONS, type WriteImageOptions, type WriteImageTarget } from './disk-io.js';

@@ -4,9 +4,8 @@ import { join } from 'node:path';
 import { Status } from 'nice-grpc-common';
 import { type ChunkManifest, ManifestBuilder } from '../../common/chunk-manifest.js';
 import { MetalcastError } from '../../common/errors.js';
-import { BackgroundFlush, WriteQueue, writeFully } from '../../common/positional-writes.js';
+import { BlobWriter } from './blob-writer.js';
 import type { ImageFormatInfo, PreparedImage } from './formats/prepare.js';
-import { dataRuns, HOLE_BLOCK_BYTES } from './sparse/data-runs.js';
 
 export interface ReceivedContent {
   sha256: string;
@@ -67,8 +66,8 @@ export interface ReceiveOptions {
    */
   manifestChunkSize?: number;
   /**
-   * Told of each chunk of the source once this no longer reads it: hashed, and its disk write settled
-   * (also when the write failed). An upload gives its pooled receive buffer back here.
+   * Told of each chunk of the source once this no longer reads it: hashed and copied for writing (also
+   * when that failed). An upload gives its pooled receive buffer back here.
    */
   onConsumed?: (chunk: Uint8Array) => void;
 }
@@ -77,11 +76,6 @@ export interface ReceiveOptions {
 export interface ReceivedFile {
   sha256: string;
   sizeBytes: number;
-  /**
-   * Every whole block of zeros was left a hole (controller/images/sparse/data-runs.ts): true when every
-   * piece started on a block boundary, so that digging holes afterwards would find nothing more.
-   */
-  holesLeft: boolean;
   /** The manifest of the received bytes, when {@link ReceiveOptions.manifestChunkSize} asked for one. */
   manifest?: ChunkManifest;
 }
@@ -138,25 +132,19 @@ export class ImageFiles {
 
   /**
    * Stores content from a stream of chunks; throws MetalcastError (INVALID_ARGUMENT) on a mismatch.
-   * Up to RECEIVE_WRITES_IN_FLIGHT chunks are being written while the next ones are hashed, so a
-   * source must not reuse a chunk's memory once it has yielded it.
+   * Each chunk is hashed and copied into the blob's write blocks (blob-writer.ts) before the next is
+   * asked for, so a source may reuse a chunk's memory then.
    */
   async receive(source: AsyncIterable<Uint8Array> | Iterable<Uint8Array>, options: ReceiveOptions = {}): Promise<ReceivedContent> {
     const temp = this.tempPath();
-    const file = await open(temp, 'w');
+    const blob = await BlobWriter.create(temp);
     // With a manifest wanted, its builder also yields the sha256: one pass hashes the chunks and the whole.
     const builder = options.manifestChunkSize ? new ManifestBuilder(options.manifestChunkSize) : undefined;
     const sha256 = builder ? undefined : createHash('sha256');
     const extra = options.extraDigest ? createHash(options.extraDigest.algorithm) : undefined;
     let size = 0;
-    let holesLeft = true;
     let committed = false;
     let converted: string | undefined;
-    // Positional writes, a few in flight: waiting for each write before taking the next chunk left the
-    // hashing idle for every write, and the sender's window waiting behind both (an upload ran at 0.55x
-    // a TLS socket's speed).
-    const writes = new WriteQueue(RECEIVE_WRITES_IN_FLIGHT);
-    const flush = new BackgroundFlush(file, RECEIVE_FLUSH_EVERY_BYTES);
     try {
       for await (const chunk of source) {
         options.signal?.throwIfAborted();
@@ -170,20 +158,15 @@ export class ImageFiles {
         if (builder) builder.update(chunk);
         else sha256?.update(chunk);
         extra?.update(chunk);
-        await writes.room();
-        const at = size - chunk.byteLength;
-        // Blocks of zeros are not written: they stay holes (the file gets its size at the end). From the first
-        // piece that starts inside a block on, everything is written and prepare digs the holes afterwards, as
-        // before: a zero block written in two halves, alone between holes, is one that dig-holes leaves.
-        if (at % HOLE_BLOCK_BYTES !== 0) holesLeft = false;
-        const runs = holesLeft ? dataRuns(chunk, at) : [[0, chunk.byteLength] as const];
-        const written = settleAll(runs.map(([start, end]) => writeFully(file, chunk.subarray(start, end), at + start)));
-        const onConsumed = options.onConsumed;
-        writes.add(onConsumed ? written.finally(() => onConsumed(chunk)) : written);
-        flush.wrote(size);
+        // Copied into the blob's aligned blocks (blob-writer.ts), whose writes run while the next chunks arrive.
+        try {
+          await blob.append(chunk);
+        } finally {
+          options.onConsumed?.(chunk);
+        }
       }
-      await writes.all();
-      await flush.settled();
+      await blob.finish(size);
+      await blob.close();
       const built = builder?.finish();
       const digest = built ? built.sha256 : (sha256 as Hash).digest('hex');
       if (options.expectedSize !== undefined && options.expectedSize > 0 && size !== options.expectedSize) {
@@ -204,15 +187,11 @@ export class ImageFiles {
           );
         }
       }
-      // Trailing zeros were never written.
-      await file.truncate(size);
-      await file.sync();
-      await file.close();
       let keep = { path: temp, sha256: digest, sizeBytes: size };
       let format: ImageFormatInfo | undefined;
       let manifest: ChunkManifest | undefined;
       if (options.prepare) {
-        const prepared = await options.prepare(temp, { sha256: digest, sizeBytes: size, manifest: built?.manifest, holesLeft });
+        const prepared = await options.prepare(temp, { sha256: digest, sizeBytes: size, manifest: built?.manifest });
         if (prepared.path !== temp) {
           converted = prepared.path;
           await rm(temp, { force: true });
@@ -234,9 +213,7 @@ export class ImageFiles {
       return { sha256: keep.sha256, sizeBytes: keep.sizeBytes, release, format, manifest };
     } finally {
       if (!committed) {
-        await writes.all().catch(() => {}); // nothing may still write into the file removed below
-        await flush.settled().catch(() => {});
-        await file.close().catch(() => {});
+        await blob.close().catch(() => {}); // waits for the writes still running: nothing may write into the file removed below
         await rm(temp, { force: true });
         if (converted) await rm(converted, { force: true });
       }
@@ -321,22 +298,6 @@ export class ImageFiles {
     return (await readdir(this.blobs)).filter((name) => /^[0-9a-f]{64}$/.test(name));
   }
 }
-
-/**
- * Settles once every write has: a piece's buffer may be given back only when nothing writes from it any
- * more, so the first failure is reported after the others end, not as soon as it happens (Promise.all).
- */
-async function settleAll(writes: Promise<void>[]): Promise<void> {
-  const results = await Promise.allSettled(writes);
-  const failed = results.find((result) => result.status === 'rejected');
-  if (failed) throw failed.reason;
-}
-
-/** A received content is flushed to disk in the background every this many bytes (common/positional-writes.ts). */
-const RECEIVE_FLUSH_EVERY_BYTES = 64 * 1024 * 1024;
-
-/** Chunks of a received content being written at once (each pins its chunk: 4 MiB at the CLI's 1 MiB messages). */
-const RECEIVE_WRITES_IN_FLIGHT = 4;
 
 async function* readChunks(
   file: FileHandle,

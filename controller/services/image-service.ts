@@ -111,7 +111,7 @@ export function createImageService(deps: ImageServiceDeps): ImageService {
     withManifest(
       await prepareImage(
         path,
-        { sha256: received.sha256, sizeBytes: received.sizeBytes, holesLeft: received.holesLeft },
+        { sha256: received.sha256, sizeBytes: received.sizeBytes },
         { maxVirtualSize: config.maxImageVirtualSize, tempPath: () => files.tempPath(), signal },
       ),
       config.imageManifestChunkSize,

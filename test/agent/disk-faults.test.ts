@@ -168,7 +168,7 @@ describe('disk write faults fail the command with the cause, and the agent lives
     rmSync(sda);
     symlinkSync(loop, sda);
 
-    // Writes that bypass the page cache (agent/imaging/direct-writes.ts) meet the fault at the write itself, and
+    // Writes that bypass the page cache (common/disk-writes/direct-writes.ts) meet the fault at the write itself, and
     // the loop driver passes its backing file's ENOSPC up (or EIO); a buffered write would meet EIO at the flush.
     await deployFails(
       'eio',

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import type { FileHandle } from 'node:fs/promises';
 import { describe, it } from 'node:test';
-import { BackgroundFlush } from '../../common/positional-writes.js';
+import { BackgroundFlush } from '../../common/disk-writes/positional-writes.js';
 
 /** A file whose datasync the test settles by hand (a real one cannot be made to fail on demand). */
 function fileWithManualSync() {
@@ -14,7 +14,7 @@ function fileWithManualSync() {
 
 const tick = () => new Promise((resolve) => setImmediate(resolve));
 
-describe('BackgroundFlush (common/positional-writes.ts)', () => {
+describe('BackgroundFlush (common/disk-writes/positional-writes.ts)', () => {
   it('syncs once every so many bytes, one sync at a time, skipping what arrived while one ran', async () => {
     const { file, syncs } = fileWithManualSync();
     const flush = new BackgroundFlush(file, 100);

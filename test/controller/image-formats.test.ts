@@ -178,7 +178,7 @@ describe('image formats: detection, qcow2 safety and conversion at import', () =
     ]);
   });
 
-  it('stores a raw upload sparse whatever its pieces: zero blocks are left holes as they arrive, or dug out after unaligned pieces', async () => {
+  it('stores a raw upload sparse whatever its pieces: zero blocks are left holes as they arrive, in pieces of any size', async () => {
     // Data that ends inside a block, and a zero block inside a data block's neighbourhood.
     const raw = rawWithData(6 * MIB + 1000, [
       [4096, 8192],

@@ -17,7 +17,7 @@ import { describeError } from '../../../common/errors.js';
 import { clientChannelOptions } from '../../../common/grpc-options.js';
 import { FastAgentGatewayServiceDefinition } from '../../../common/read-image-codec.js';
 import { tlsClient } from '../../../common/tls.js';
-import { AlignedBlocks, DirectWriter } from '../direct-writes.js';
+import { AlignedBlocks, DirectWriter } from '../../../common/disk-writes/direct-writes.js';
 import { DiskWriteError, guardedCall, isDiskError, StallError, WRITES_IN_FLIGHT } from '../disk-io.js';
 import type { FromLane, LaneFailure, LaneSetup, ToLane } from './lane-protocol.js';
 import { type PartialChunk, receiveRange } from './receive-range.js';

@@ -1,9 +1,9 @@
 import { createHash, type Hash } from 'node:crypto';
 import { type ChunkManifest, chunkDigest, chunkRange } from '../../../common/chunk-manifest.js';
-import type { WriteQueue } from '../../../common/positional-writes.js';
+import type { WriteQueue } from '../../../common/disk-writes/positional-writes.js';
 import { chunkParts } from '../../../common/read-image-codec.js';
 import type { ReadImageResponse } from '../../../gen/metalcast/v1/agent_gateway.js';
-import type { AlignedBlocks } from '../direct-writes.js';
+import type { AlignedBlocks } from '../../../common/disk-writes/direct-writes.js';
 
 /*
  * One ReadImage call's messages onto the disk, each manifest chunk hashed as
@@ -29,7 +29,7 @@ export interface RangeReceiver {
   manifest: ChunkManifest;
   /** Blocks the received pieces are copied into, given back once written; aligned zeros for zero runs. */
   blocks: Pick<AlignedBlocks, 'take' | 'giveBack' | 'zeros'>;
-  /** Writes at a position of the target disk, all of it (direct-writes.ts). */
+  /** Writes at a position of the target disk, all of it (common/disk-writes/direct-writes.ts). */
   write(data: Buffer, position: number): Promise<void>;
   /** Chunks received in part, by index: a range may resume inside one. */
   partial: Map<number, PartialChunk>;
@@ -59,7 +59,7 @@ export async function receiveRange(messages: AsyncIterable<ReadImageResponse>, r
     // The received pieces are copied into a block used again once written: the HTTP/2 buffers they sit in
     // are then garbage at once, not held until the disk write ends (the collector's cheap case), and the
     // disk gets one buffer instead of a writev of ~220 pieces, from aligned memory so that it can bypass the
-    // page cache (direct-writes.ts).
+    // page cache (common/disk-writes/direct-writes.ts).
     const block = message.zero ? undefined : blocks.take(length);
     if (block) {
       let at = 0;

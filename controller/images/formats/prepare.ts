@@ -56,16 +56,17 @@ const refused = (message: string) => new MetalcastError(Status.INVALID_ARGUMENT,
  * format from its content; for qcow2, checks the header (no backing file,
  * no external data file, no encryption, not corrupt, virtual size within
  * the limit), asks `qemu-img info` the same under prlimit, converts it to a
- * sparse raw file with `qemu-img convert` and hashes that; for raw, punches
- * holes where it holds zeros (`fallocate --dig-holes`), unless it was
- * received with them left as holes already (`holesLeft`). Either way the
- * allocated extents come from `qemu-img map`. Throws MetalcastError:
+ * sparse raw file with `qemu-img convert`, punches holes where that holds
+ * zeros (`fallocate --dig-holes`) and hashes it; a raw file is kept as it
+ * is (ImageFiles.receive left its zero blocks holes as they arrived:
+ * controller/images/blob-writer.ts). Either way the allocated extents come
+ * from `qemu-img map`. Throws MetalcastError:
  * INVALID_ARGUMENT for content that is refused, FAILED_PRECONDITION when
  * the controller lacks a tool.
  */
 export async function prepareImage(
   path: string,
-  source: { sha256: string; sizeBytes: number; holesLeft?: boolean },
+  source: { sha256: string; sizeBytes: number },
   options: PrepareOptions,
 ): Promise<PreparedImage> {
   const { head, tail } = await readEnds(path, source.sizeBytes);
@@ -79,8 +80,7 @@ export async function prepareImage(
   const tool = { binary: options.qemuImg, signal: options.signal };
   try {
     if (format === 'raw') {
-      // Received with its zero blocks left as holes (ImageFiles.receive), there is nothing left to dig.
-      if (!source.holesLeft) await digHoles(path, options.signal);
+      // Received with its zero blocks left as holes (blob-writer.ts): there is nothing to dig.
       const extents = limitExtents(await allocatedExtents(path, tool));
       return {
         path,

@@ -11,9 +11,9 @@
  *
  * Only whole blocks, aligned to their offset in the file, can be holes; a
  * piece that starts or ends inside a block writes that partial block as it
- * is, so the result is as sparse as dig-holes' only when every piece
- * starts on a block boundary (an upload's 1 MiB messages do; an HTTP
- * import's pieces need not, and the controller digs holes after those).
+ * is. The image store hands this the aligned 4 MiB blocks it writes
+ * (controller/images/blob-writer.ts), whatever the size of the pieces
+ * received, so every received blob is as sparse as dig-holes would leave it.
  */
 
 /** The file-system block: what a hole is made of (ext4, xfs and btrfs default to 4 KiB). */

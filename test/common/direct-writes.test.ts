@@ -3,11 +3,11 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
-import { AlignedBlocks, DIRECT_ALIGNMENT, DirectWriter } from '../../agent/imaging/direct-writes.js';
+import { AlignedBlocks, DIRECT_ALIGNMENT, DirectWriter } from '../../common/disk-writes/direct-writes.js';
 import { tempDir } from '../helpers/controller.js';
 
 /*
- * agent/imaging/direct-writes.ts against real files: the blocks are aligned
+ * common/disk-writes/direct-writes.ts against real files: the blocks are aligned
  * for O_DIRECT, aligned pieces bypass the page cache where the file system
  * allows it, unaligned ones go the ordinary way, and every byte lands.
  */

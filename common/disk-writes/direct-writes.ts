@@ -1,12 +1,13 @@
 import { constants } from 'node:fs';
 import { type FileHandle, open } from 'node:fs/promises';
-import { writeFully } from '../../common/positional-writes.js';
+import { writeFully } from './positional-writes.js';
 
 /*
- * Image writes that bypass the page cache (O_DIRECT).
+ * Image writes that bypass the page cache (O_DIRECT): the agent's writes to
+ * the target disk, and the controller's writes of a blob it receives.
  *
- * A deploy writes each byte of the image once and never reads it back, so a
- * buffered write only costs: the kernel copies every byte into the page
+ * A deploy writes each byte of the image once and never reads it back, and
+ * a controller receives a blob once, so a buffered write only costs: the kernel copies every byte into the page
  * cache, and once memory is full (a ramdisk machine's soon is), it must
  * reclaim a page for every page it fills. Measured here (1 GiB in 4 MiB
  * writes, four in flight, then fsync, Node 24 on ext4): buffered, 0.35 to
@@ -37,6 +38,8 @@ const WasmMemory = (globalThis as unknown as { WebAssembly: { Memory: new (size:
  */
 export class AlignedBlocks {
   readonly memory: ArrayBuffer;
+  /** False when no WebAssembly memory could be had: nothing is then written with O_DIRECT. */
+  readonly pageAligned: boolean = true;
   private readonly free: Buffer[] = [];
   private readonly zeroRegion: Buffer;
 
@@ -46,7 +49,14 @@ export class AlignedBlocks {
   ) {
     if (blockBytes % WASM_PAGE !== 0) throw new Error(`aligned blocks are multiples of 64 KiB, not ${blockBytes} bytes`);
     // One more block's worth at the end stays zero (WebAssembly memory starts zeroed): aligned zeros to write.
-    this.memory = new WasmMemory({ initial: ((count + 1) * blockBytes) / WASM_PAGE }).buffer;
+    const bytes = (count + 1) * blockBytes;
+    try {
+      this.memory = new WasmMemory({ initial: bytes / WASM_PAGE }).buffer;
+    } catch {
+      // V8 caps the address space that WebAssembly memories reserve: past it, ordinary memory and writes.
+      this.memory = new ArrayBuffer(bytes);
+      this.pageAligned = false;
+    }
     for (let n = 0; n < count; n++) this.free.push(Buffer.from(this.memory, n * blockBytes, blockBytes));
     this.zeroRegion = Buffer.from(this.memory, count * blockBytes, blockBytes);
   }
@@ -68,7 +78,12 @@ export class AlignedBlocks {
 
   /** True when `data` lies in this memory on an aligned address with an aligned length. */
   aligned(data: Uint8Array): boolean {
-    return data.buffer === this.memory && data.byteOffset % DIRECT_ALIGNMENT === 0 && data.byteLength % DIRECT_ALIGNMENT === 0;
+    return (
+      this.pageAligned &&
+      data.buffer === this.memory &&
+      data.byteOffset % DIRECT_ALIGNMENT === 0 &&
+      data.byteLength % DIRECT_ALIGNMENT === 0
+    );
   }
 }
 
@@ -89,8 +104,9 @@ export class DirectWriter {
     private readonly blocks: AlignedBlocks,
   ) {}
 
-  static async open(path: string, blocks: AlignedBlocks): Promise<DirectWriter> {
-    const file = await open(path, 'r+');
+  /** Opens an existing file (a disk); `create` makes a new empty one, or empties it (a blob being received). */
+  static async open(path: string, blocks: AlignedBlocks, options: { create?: boolean } = {}): Promise<DirectWriter> {
+    const file = await open(path, options.create ? 'w' : 'r+');
     const direct = await open(path, constants.O_RDWR | constants.O_DIRECT).catch(() => undefined);
     return new DirectWriter(file, direct, blocks);
   }

@@ -248,6 +248,18 @@ describe('image service: uploads, list, get, delete', () => {
       );
       assert.equal(refused.code, 1);
       assert.match(refused.stderr, /ALREADY_EXISTS/);
+
+      // With --sha256 the controller's check against it is the end-to-end one (the CLI does not hash again).
+      const named = await run(process.execPath, [BIN, 'image', 'upload', file, '--name', 'with-sha', '--sha256', sha256(data)], { env });
+      assert.match(named.stdout, new RegExp(`as image with-sha: .*sha256 ${sha256(data)}`));
+      const wrong = sha256(Buffer.from('another file'));
+      const mismatch = await run(process.execPath, [BIN, 'image', 'upload', file, '--name', 'wrong-sha', '--sha256', wrong], { env }).then(
+        () => assert.fail('an upload whose content differs from --sha256 should fail'),
+        (error: { code: number; stderr: string }) => error,
+      );
+      assert.notEqual(mismatch.code, 0);
+      assert.match(mismatch.stderr, new RegExp(`sha256 mismatch: expected ${wrong}, received content has ${sha256(data)}`));
+      await assertRejectsWith(images.getImage({ name: 'wrong-sha' }), Status.NOT_FOUND);
     } finally {
       dir.remove();
     }

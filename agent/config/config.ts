@@ -204,6 +204,7 @@ export const AGENT_OPTIONS = {
 /** --image-streams: 'auto' (a stream per core, at most 4) or 1 to 16. */
 function streamCount(raw: string): number {
   if (raw.trim() === 'auto') return Math.min(4, availableParallelism());
+  if (!/^\s*-?\d+\s*$/.test(raw)) throw new Error(`'${raw}' is neither 'auto' nor a whole number from 1 to 16`);
   return integer({ min: 1, max: 16 })(raw);
 }
 

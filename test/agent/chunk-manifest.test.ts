@@ -1,12 +1,14 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { open, stat, truncate, writeFile } from 'node:fs/promises';
+import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { createChannel, createClient } from 'nice-grpc';
 import { agentMetadata, agentMetadataFields } from '../../common/agent-metadata.js';
 import { ManifestBuilder } from '../../common/chunk-manifest.js';
 import { FastAgentGatewayServiceDefinition } from '../../common/read-image-codec.js';
+import { loadAgentConfig } from '../../agent/config/config.js';
 import type { ImageSource } from '../../agent/imaging/image-source.js';
 import { DEFAULT_WRITE_OPTIONS } from '../../agent/imaging/image-writer.js';
 import { writeImage } from '../../agent/imaging/write-image.js';
@@ -220,6 +222,14 @@ describe('image transfer against the chunk manifest', () => {
     assert.equal(result.bytesFromController, 39 * MIB, 'every chunk but the zero run came over the lanes');
     assert.equal(proxy.stats.acceptedConnections - accepted, 3, 'each lane opened its own connection');
     assert.ok((await diskStart(disk, content.length)).equals(content), 'the disk holds the image');
+  });
+
+  it("--image-streams takes 'auto' or 1 to 16, and a bad value is named with what it may be", () => {
+    const streams = (value: string) => loadAgentConfig({ imageStreams: value, controller: '127.0.0.1:1' }, {}).imageStreams;
+    assert.equal(streams('3'), 3);
+    assert.equal(streams('auto'), Math.min(4, availableParallelism()));
+    assert.throws(() => streams('lots'), /--image-streams: 'lots' is neither 'auto' nor a whole number from 1 to 16/);
+    assert.throws(() => streams('0'), /--image-streams: 0 is not between 1 and 16/);
   });
 
   it('a lane whose connection breaks mid-transfer: the other lanes go on, its rest is fetched again, the disk ends bit-exact', async () => {

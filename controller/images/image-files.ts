@@ -204,7 +204,10 @@ export class ImageFiles {
       const release = this.hold(keep.sha256);
       try {
         await this.removing.get(keep.sha256);
-        await rename(keep.path, this.blobPath(keep.sha256));
+        // The same content is here already (an image uploaded again under another name): a blob is always whole,
+        // so keep that one, which readers may hold open and the page cache may hold, and drop the new copy.
+        if (await this.has(keep.sha256)) await rm(keep.path, { force: true });
+        else await rename(keep.path, this.blobPath(keep.sha256));
       } catch (error) {
         release();
         throw error;

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
@@ -65,6 +65,21 @@ describe('image service: uploads, list, get, delete', () => {
     const { images: all } = await images.listImages({});
     assert.ok(all.some((i) => i.name === 'round-trip'));
     assert.deepEqual(incomingFiles(), []);
+  });
+
+  it('keeps the blob it has when the same content is uploaded again under another name, and drops the new copy', async () => {
+    const data = randomBytes(5 * 1024 * 1024 + 3);
+    await images.uploadImage(uploadRequests('first-name', data));
+    const before = statSync(join(blobs, sha256(data))).ino;
+    const { image } = await images.uploadImage(uploadRequests('second-name', data));
+    assert.equal(image?.sha256, sha256(data));
+    assert.equal(statSync(join(blobs, sha256(data))).ino, before, 'the same file: readers and the page cache keep it');
+    assert.deepEqual(incomingFiles(), [], 'the new copy is gone');
+    await images.deleteImage({ name: 'first-name' });
+    assert.ok(blobExists(sha256(data)), 'still used by second-name');
+    assert.equal(sha256(readFileSync(join(blobs, sha256(data)))), sha256(data));
+    await images.deleteImage({ name: 'second-name' });
+    assert.ok(!blobExists(sha256(data)), 'gone with its last image');
   });
 
   it('accepts an upload whose expected sha256 matches', async () => {
@@ -250,16 +265,20 @@ describe('image service: uploads, list, get, delete', () => {
       assert.match(refused.stderr, /ALREADY_EXISTS/);
 
       // With --sha256 the controller's check against it is the end-to-end one (the CLI does not hash again).
-      const named = await run(process.execPath, [BIN, 'image', 'upload', file, '--name', 'with-sha', '--sha256', sha256(data)], { env });
-      assert.match(named.stdout, new RegExp(`as image with-sha: .*sha256 ${sha256(data)}`));
+      const named = await run(process.execPath, [BIN, 'image', 'upload', file, '--name', 'cli-with-sha', '--sha256', sha256(data)], {
+        env,
+      });
+      assert.match(named.stdout, new RegExp(`as image cli-with-sha: .*sha256 ${sha256(data)}`));
       const wrong = sha256(Buffer.from('another file'));
-      const mismatch = await run(process.execPath, [BIN, 'image', 'upload', file, '--name', 'wrong-sha', '--sha256', wrong], { env }).then(
+      const mismatch = await run(process.execPath, [BIN, 'image', 'upload', file, '--name', 'cli-wrong-sha', '--sha256', wrong], {
+        env,
+      }).then(
         () => assert.fail('an upload whose content differs from --sha256 should fail'),
         (error: { code: number; stderr: string }) => error,
       );
       assert.notEqual(mismatch.code, 0);
       assert.match(mismatch.stderr, new RegExp(`sha256 mismatch: expected ${wrong}, received content has ${sha256(data)}`));
-      await assertRejectsWith(images.getImage({ name: 'wrong-sha' }), Status.NOT_FOUND);
+      await assertRejectsWith(images.getImage({ name: 'cli-wrong-sha' }), Status.NOT_FOUND);
     } finally {
       dir.remove();
     }

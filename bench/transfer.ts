@@ -343,18 +343,19 @@ class TransferBench {
     this.image.size = this.o.size;
     await writeRandomFile(this.image.file, this.o.size);
     this.tls = await this.startSide('tls', true);
-    // The controller stores blobs past the page cache (controller/images/blob-writer.ts); the baselines read an
-    // image file that is in it. Each blob is read once here, so that every sender starts from a cached file.
-    const seeded = await seedImage(this.tls.dataDir, IMAGE_NAME, fileChunks(this.image.file));
-    this.image.sha256 = seeded.sha256;
-    await readThrough(seeded.blob);
+    // Seeded with their chunk manifests, as an upload leaves them (else round 1's first deploy would build one).
+    // Building it reads the blob, which the controller stored past the page cache (controller/images/blob-writer.ts):
+    // every sender then starts from a cached file, as the baselines' image file is.
+    const seed = (side: Side, name: string, file: string) =>
+      seedImage(side.dataDir, name, fileChunks(file), undefined, MANIFEST_CHUNK_BYTES);
+    this.image.sha256 = (await seed(this.tls, IMAGE_NAME, this.image.file)).sha256;
     if (this.o.plain) {
       this.plain = await this.startSide('plain', false);
-      await readThrough((await seedImage(this.plain.dataDir, IMAGE_NAME, fileChunks(this.image.file))).blob);
+      await seed(this.plain, IMAGE_NAME, this.image.file);
     }
     if (this.o.delta) {
       this.deltaImage = await this.writeChangedImage(join(this.dir, 'image-1pct.raw'));
-      await readThrough((await seedImage(this.tls.dataDir, DELTA_IMAGE_NAME, fileChunks(this.deltaImage.file))).blob);
+      await seed(this.tls, DELTA_IMAGE_NAME, this.deltaImage.file);
     }
     for (let i = 0; i < this.o.fleet; i++) this.tls.fleet.push(await this.startNode(this.tls, `bench-fleet-${i + 1}`, 3 + i));
     for (const side of [this.tls, this.plain]) {
@@ -1083,11 +1084,6 @@ async function writeRandomFile(path: string, bytes: number): Promise<void> {
   } finally {
     await file.close();
   }
-}
-
-/** Reads a file to its end, into the page cache. */
-async function readThrough(path: string): Promise<void> {
-  for await (const _ of fileChunks(path));
 }
 
 async function* fileChunks(path: string): AsyncGenerator<Uint8Array> {

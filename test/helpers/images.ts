@@ -1,9 +1,11 @@
 import { join } from 'node:path';
 import { createHash, randomBytes } from 'node:crypto';
 import { open } from 'node:fs/promises';
+import type { ChunkManifest } from '../../common/chunk-manifest.js';
 import { clientChannelOptions } from '../../common/grpc-options.js';
 import type { RunningController } from '../../controller/controller.js';
 import { ImageFiles } from '../../controller/images/image-files.js';
+import { manifestOfFile } from '../../controller/images/manifest/build.js';
 import type { Store } from '../../controller/store/store.js';
 import { SqliteStore } from '../../controller/store/sqlite.js';
 
@@ -144,10 +146,13 @@ export async function seedImage(
   name: string,
   content: Iterable<Uint8Array> | AsyncIterable<Uint8Array>,
   store?: Store,
+  /** Also stores the chunk manifest, as an upload does (without it, the controller builds it at first use). */
+  manifestChunkSize?: number,
 ): Promise<{ sha256: string; size: number; blob: string }> {
-  const stored = await seedImageBlob(dataDir, content);
+  const stored = await seedImageBlob(dataDir, content, manifestChunkSize);
   const target = store ?? SqliteStore.open(join(dataDir, 'metalcast.db'));
   try {
+    if (stored.manifest) await target.putImageManifest(stored.sha256, stored.manifest);
     await target.createImage({
       name,
       state: 'ready',
@@ -167,9 +172,13 @@ export async function seedImage(
 export async function seedImageBlob(
   dataDir: string,
   content: Iterable<Uint8Array> | AsyncIterable<Uint8Array>,
-): Promise<{ sha256: string; size: number; blob: string }> {
+  manifestChunkSize?: number,
+): Promise<{ sha256: string; size: number; blob: string; manifest?: ChunkManifest }> {
   const files = new ImageFiles(join(dataDir, 'images'));
   await files.init();
   const stored = await files.receive(content);
-  return { sha256: stored.sha256, size: stored.sizeBytes, blob: files.blobPath(stored.sha256) };
+  const blob = files.blobPath(stored.sha256);
+  // Built from the stored file, as the controller builds one at first use (controller/images/manifest/).
+  const manifest = manifestChunkSize ? (await manifestOfFile(blob, manifestChunkSize)).manifest : undefined;
+  return { sha256: stored.sha256, size: stored.sizeBytes, blob, manifest };
 }

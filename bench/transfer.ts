@@ -803,10 +803,11 @@ http {
         TIMEOUT_MS,
         from,
       );
+      // Sampled now, while the CLI still waits for the answer: once it has exited, nothing would close its window.
+      this.sampler.sampleAll();
       if (line.msg !== 'image uploaded') throw new Error(`upload failed: ${String(line.msg)} ${String(line.reason ?? '')}`);
       const code = await cli.exited;
       if (code !== 0) throw new Error(`metalcast image upload exited with ${code}${cli.tail()}`);
-      this.sampler.sampleAll();
       if (line.sha256 !== this.image.sha256) this.verifyFailed.push(`upload stored sha256 ${String(line.sha256).slice(0, 12)}…`);
       const end = lineTime(line);
       const start = end - Number(line.seconds) * 1000;

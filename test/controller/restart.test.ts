@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
+import { type AddressInfo, createServer, type Socket } from 'node:net';
 import { DatabaseSync } from 'node:sqlite';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, it } from 'node:test';
@@ -209,8 +210,21 @@ describe('Controller restart', () => {
 
     it('does not wait for a call to an agent that stopped answering', async () => {
       const t = await start({ ...FAST_FLAGS, shutdownTimeout: '10s' });
-      // An agent API that accepts connections and then never answers: the controller's inventory call hangs.
-      const target = await TcpProxy.start(t.controller.grpcAddress);
+      // An agent API that accepts connections and then never answers: the controller's inventory call hangs. The proxy
+      // leads to a port that only accepts, not to the controller's own port: a silent socket there would sit in the
+      // controller's TLS handshake, which a stop gives the whole shutdown timeout (shutdown.test.ts tests that bound).
+      const silent = createServer((socket) => socket.on('error', () => {}));
+      const held = new Set<Socket>();
+      silent.on('connection', (socket) => {
+        held.add(socket);
+        socket.once('close', () => held.delete(socket));
+      });
+      await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
+      cleanups.push(() => {
+        for (const socket of held) socket.destroy();
+        silent.close();
+      });
+      const target = await TcpProxy.start(`127.0.0.1:${(silent.address() as AddressInfo).port}`);
       cleanups.push(() => target.close());
       target.blackhole();
       const node = await createWaitingNode(t.nodes, 'gs-hung-agent', ['02:00:00:00:36:01']);
@@ -221,6 +235,11 @@ describe('Controller restart', () => {
       const deadline = Date.now() + 5000;
       while ((await t.controller.store.getNode(node.uuid))?.reservation !== t.config.controllerId) {
         assert.ok(Date.now() < deadline, 'the controller did not start inspecting');
+        await sleep(20);
+      }
+      // ...and its call has reached the silent agent (the lock is taken a moment before the call starts).
+      while (target.stats.acceptedConnections === 0) {
+        assert.ok(Date.now() < deadline, 'the controller did not call the agent');
         await sleep(20);
       }
 

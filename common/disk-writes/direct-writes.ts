@@ -111,9 +111,9 @@ export class DirectWriter {
     return new DirectWriter(file, direct, blocks);
   }
 
-  /** Whether aligned pieces bypass the page cache (false on a file system without O_DIRECT). */
+  /** Whether aligned pieces bypass the page cache (false on a file system without O_DIRECT, or without aligned memory). */
   get bypassesPageCache(): boolean {
-    return this.direct !== undefined;
+    return this.direct !== undefined && this.blocks.pageAligned;
   }
 
   async write(data: Buffer, position: number): Promise<void> {

@@ -58,7 +58,7 @@ export class BlobWriter {
 
   /** Whether full blocks bypass the page cache (false on a file system without O_DIRECT). */
   get bypassesPageCache(): boolean {
-    return this.disk.bypassesPageCache && this.blocks.pageAligned;
+    return this.disk.bypassesPageCache;
   }
 
   /**
@@ -76,13 +76,13 @@ export class BlobWriter {
     }
   }
 
-  /** Writes what is left, waits for every write and the flush, sizes the file to `size` and syncs it. */
-  async finish(size: number): Promise<void> {
+  /** Writes what is left, waits for every write and the flush, sizes the file to what was appended and syncs it. */
+  async finish(): Promise<void> {
     if (this.filled > 0) await this.writeBlock();
     await this.writes.all();
     await this.flush.settled();
     // Trailing zeros were never written.
-    await this.disk.file.truncate(size);
+    await this.disk.file.truncate(this.blockAt);
     await this.disk.file.sync();
   }
 

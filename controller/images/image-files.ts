@@ -165,7 +165,7 @@ export class ImageFiles {
           options.onConsumed?.(chunk);
         }
       }
-      await blob.finish(size);
+      await blob.finish();
       await blob.close();
       const built = builder?.finish();
       const digest = built ? built.sha256 : (sha256 as Hash).digest('hex');

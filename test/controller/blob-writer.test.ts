@@ -34,7 +34,7 @@ describe('the file a blob is received into (controller/images/blob-writer.ts)', 
     if (process.env.CI) assert.ok(blob.bypassesPageCache, `${path} takes O_DIRECT`);
     try {
       for (let at = 0; at < content.length; at += 100_001) await blob.append(content.subarray(at, at + 100_001));
-      await blob.finish(content.length);
+      await blob.finish();
     } finally {
       await blob.close();
     }
@@ -58,7 +58,7 @@ describe('the file a blob is received into (controller/images/blob-writer.ts)', 
         await blob.append(reused.subarray(0, piece.length));
         reused.fill(0xee); // what the pool's next user would do while the writes still run
       }
-      await blob.finish(content.length);
+      await blob.finish();
     } finally {
       await blob.close();
     }
@@ -68,7 +68,7 @@ describe('the file a blob is received into (controller/images/blob-writer.ts)', 
   it('an empty blob is an empty file', async () => {
     const path = join(dirs.path, 'empty');
     const blob = await BlobWriter.create(path);
-    await blob.finish(0);
+    await blob.finish();
     await blob.close();
     assert.equal(statSync(path).size, 0);
   });
